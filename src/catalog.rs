@@ -1,0 +1,278 @@
+//! The SQLite catalog: images, packs, frames and the chunk index.
+//!
+//! Main items: [`open`] (a configured connection with the schema migrated),
+//! [`ImageRow`] and the queries the image operations share. The catalog
+//! knows where a chunk lives (pack, frame, slot) but never reads pack files.
+//!
+//! Settings: WAL journal, `synchronous=FULL` (a committed image survives a
+//! power cut), a 60 s busy timeout so that several vmdepot processes can
+//! work on one depot, and migrations versioned by `PRAGMA user_version`
+//! through `rusqlite_migration`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite_migration::{Migrations, M};
+
+use crate::error::{Error, Result};
+use crate::ids::{ChunkHash, ChunkId, ImageId};
+
+/// The schema, one entry per version. DO NOT edit a released entry: add one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE images (
+    id             TEXT PRIMARY KEY,            -- img-<16 hex>
+    name           TEXT NOT NULL,
+    type           TEXT NOT NULL CHECK (type IN ('public', 'marketplace', 'custom')),
+    state          TEXT NOT NULL CHECK (state IN ('importing', 'available')),
+    owner          TEXT NOT NULL,
+    description    TEXT NOT NULL DEFAULT '',
+    source_format  TEXT NOT NULL DEFAULT '',
+    virtual_size   INTEGER NOT NULL DEFAULT 0,
+    data_bytes     INTEGER NOT NULL DEFAULT 0,  -- bytes in non-zero blocks
+    content_digest TEXT,                        -- hex BLAKE3 of the raw content
+    created_at     INTEGER NOT NULL,            -- unix seconds
+    map            BLOB,                        -- format::encode_map, NULL while importing
+    map_digest     BLOB                         -- BLAKE3 of map
+);
+CREATE UNIQUE INDEX images_by_name ON images(name);
+
+CREATE TABLE packs (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    name   TEXT NOT NULL UNIQUE,                -- 32 hex; file packs/<2>/<name>.pack
+    state  TEXT NOT NULL CHECK (state IN ('pending', 'sealed')),
+    image  TEXT,                                -- the import writing it, while pending
+    size   INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE frames (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    pack    INTEGER NOT NULL REFERENCES packs(id),
+    offset  INTEGER NOT NULL,                   -- byte offset of the zstd frame in the pack
+    clen    INTEGER NOT NULL,                   -- compressed length
+    nchunks INTEGER NOT NULL                    -- chunks in the frame (decompressed = nchunks*4096)
+);
+CREATE INDEX frames_by_pack ON frames(pack);
+
+CREATE TABLE chunks (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,    -- never reused: maps refer to it
+    hash  BLOB NOT NULL UNIQUE,                 -- BLAKE3 of the 4096-byte chunk
+    frame INTEGER NOT NULL REFERENCES frames(id),
+    slot  INTEGER NOT NULL                      -- index of the chunk in its frame
+);
+"#];
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+}
+
+/// Opens (creating if needed) the catalog at `path`, configured and migrated.
+pub fn open(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    // journal_mode returns a row; pragma_update would reject it.
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Invalid(format!(
+            "{}: the filesystem does not support SQLite's WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.pragma_update(None, "cache_size", -16384)?; // 16 MiB
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Brings the schema to the newest version, serialised against other
+/// processes doing the same.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let m = migrations();
+    // Fast path: already current (no write lock needed).
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current as usize == MIGRATIONS.len() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?; // waits out a concurrent migrator
+    m.to_latest(conn)?;
+    Ok(())
+}
+
+/// One image as the catalog stores it (without the map blob).
+#[derive(Clone, Debug)]
+pub struct ImageRow {
+    pub id: ImageId,
+    pub name: String,
+    pub kind: String,
+    pub state: String,
+    pub owner: String,
+    pub description: String,
+    pub source_format: String,
+    pub virtual_size: u64,
+    pub data_bytes: u64,
+    pub content_digest: Option<String>,
+    pub created_at: i64,
+}
+
+const IMAGE_COLS: &str = "id, name, type, state, owner, description, source_format, \
+                          virtual_size, data_bytes, content_digest, created_at";
+
+fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        id: ImageId::from_db(r.get(0)?),
+        name: r.get(1)?,
+        kind: r.get(2)?,
+        state: r.get(3)?,
+        owner: r.get(4)?,
+        description: r.get(5)?,
+        source_format: r.get(6)?,
+        virtual_size: r.get::<_, i64>(7)? as u64,
+        data_bytes: r.get::<_, i64>(8)? as u64,
+        content_digest: r.get(9)?,
+        created_at: r.get(10)?,
+    })
+}
+
+/// Finds an image by id (`img-…`) or by name.
+pub fn find_image(conn: &Connection, reference: &str) -> Result<ImageRow> {
+    let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1 OR name = ?1");
+    conn.query_row(&sql, [reference], image_from_row)
+        .optional()?
+        .ok_or_else(|| Error::ImageNotFound(reference.to_owned()))
+}
+
+/// All images, oldest first.
+pub fn list_images(conn: &Connection) -> Result<Vec<ImageRow>> {
+    let sql = format!("SELECT {IMAGE_COLS} FROM images ORDER BY created_at, name");
+    let mut st = conn.prepare(&sql)?;
+    let rows = st.query_map([], image_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The encoded map of an available image, checked against its digest.
+pub fn image_map(conn: &Connection, id: &ImageId) -> Result<Vec<ChunkId>> {
+    let (blob, digest): (Option<Vec<u8>>, Option<Vec<u8>>) = conn.query_row(
+        "SELECT map, map_digest FROM images WHERE id = ?1",
+        [id.as_str()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (Some(blob), Some(digest)) = (blob, digest) else {
+        return Err(Error::StoreDamaged(format!("image {id} has no map")));
+    };
+    if blake3::hash(&blob).as_bytes()[..] != digest[..] {
+        return Err(Error::StoreDamaged(format!(
+            "image {id}: its block map does not match its recorded digest"
+        )));
+    }
+    crate::format::decode_map(&blob).map_err(|e| Error::StoreDamaged(format!("image {id}: {e}")))
+}
+
+/// Where a chunk lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub hash: ChunkHash,
+    pub frame: i64,
+    pub slot: u32,
+}
+
+/// Where a frame lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameLoc {
+    pub pack: i64,
+    pub offset: u64,
+    pub clen: u64,
+    pub nchunks: u32,
+}
+
+/// Looks up a chunk by id.
+pub fn chunk_loc(conn: &Connection, id: ChunkId) -> Result<Option<ChunkLoc>> {
+    let mut st = conn.prepare_cached("SELECT hash, frame, slot FROM chunks WHERE id = ?1")?;
+    Ok(st
+        .query_row([id], |r| {
+            let h: Vec<u8> = r.get(0)?;
+            Ok(ChunkLoc {
+                hash: ChunkHash(h.as_slice().try_into().unwrap_or([0; 32])),
+                frame: r.get(1)?,
+                slot: r.get::<_, i64>(2)? as u32,
+            })
+        })
+        .optional()?)
+}
+
+/// Looks up a frame by id.
+pub fn frame_loc(conn: &Connection, id: i64) -> Result<Option<FrameLoc>> {
+    let mut st =
+        conn.prepare_cached("SELECT pack, offset, clen, nchunks FROM frames WHERE id = ?1")?;
+    Ok(st
+        .query_row([id], |r| {
+            Ok(FrameLoc {
+                pack: r.get(0)?,
+                offset: r.get::<_, i64>(1)? as u64,
+                clen: r.get::<_, i64>(2)? as u64,
+                nchunks: r.get::<_, i64>(3)? as u32,
+            })
+        })
+        .optional()?)
+}
+
+/// Name of a pack by id.
+pub fn pack_name(conn: &Connection, id: i64) -> Result<Option<String>> {
+    let mut st = conn.prepare_cached("SELECT name FROM packs WHERE id = ?1")?;
+    Ok(st.query_row([id], |r| r.get(0)).optional()?)
+}
+
+/// The chunk id stored for a hash, if any.
+pub fn chunk_by_hash(conn: &Connection, hash: &ChunkHash) -> Result<Option<ChunkId>> {
+    let mut st = conn.prepare_cached("SELECT id FROM chunks WHERE hash = ?1")?;
+    Ok(st.query_row([&hash.0[..]], |r| r.get(0)).optional()?)
+}
+
+/// Registers a pack file that an import is about to write.
+pub fn insert_pending_pack(conn: &Connection, name: &str, image: &ImageId) -> Result<i64> {
+    conn.execute(
+        "INSERT INTO packs (name, state, image) VALUES (?1, 'pending', ?2)",
+        params![name, image.as_str()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Current unix time in seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().unwrap();
+        let n = MIGRATIONS.len();
+        let mut c = Connection::open_in_memory().unwrap();
+        migrations().to_latest(&mut c).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            v as usize, n,
+            "user_version must equal the number of migrations"
+        );
+    }
+
+    #[test]
+    fn open_twice_and_find() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("catalog.db");
+        let c = open(&p).unwrap();
+        drop(open(&p).unwrap());
+        assert!(matches!(
+            find_image(&c, "nope"),
+            Err(Error::ImageNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,104 @@
+//! The crate's error type.
+//!
+//! Policy: every public function returns [`Result`]. Messages name the image,
+//! file or byte offset involved and, where there is one, the fix. The binary
+//! wraps these with `anyhow` context and prints them with `{:#}`.
+
+use std::path::PathBuf;
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in vmdepot.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The filesystem holding the depot is full.
+    #[error("no space left on the device holding {path}: free some space (or run `vmdepot gc`) and retry; nothing was changed")]
+    NoSpace { path: PathBuf },
+    /// The SQLite catalog failed.
+    #[error("catalog: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A catalog schema migration failed.
+    #[error("catalog migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    /// No image has this id or name.
+    #[error("no image named or with id {0:?}: see `vmdepot image list`")]
+    ImageNotFound(String),
+    /// The image exists but is not in a state that allows the operation.
+    #[error("image {image} is {state}, not available")]
+    ImageNotAvailable { image: String, state: String },
+    /// An image name is already taken.
+    #[error("an image named {0:?} already exists: pick another --name or delete that image first")]
+    NameTaken(String),
+    /// An input file was refused before it was read as a disk.
+    #[error("refused {file}: {reason}")]
+    Refused { file: PathBuf, reason: String },
+    /// An input file is damaged or not what it claims to be.
+    #[error("{file}: {reason}")]
+    BadInput { file: PathBuf, reason: String },
+    /// Stored data does not match its hash.
+    #[error("image {image}: corrupt data at byte offset {offset}: {detail}")]
+    Corrupt {
+        image: String,
+        offset: u64,
+        detail: String,
+    },
+    /// The store is damaged outside of any one image.
+    #[error("store damaged: {0}")]
+    StoreDamaged(String),
+    /// An external tool (qemu-img) failed or is missing.
+    #[error("{tool}: {detail}")]
+    Tool { tool: String, detail: String },
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// Internal: a concurrent gc removed chunks this import referenced; the
+    /// import starts over (never escapes `Depot::import`).
+    #[error("chunks referenced by this import were collected by a concurrent gc")]
+    ChunksVanished,
+}
+
+impl Error {
+    /// Wraps an I/O error with the file it happened on, turning ENOSPC into
+    /// [`Error::NoSpace`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        let path = path.into();
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
+            Error::NoSpace { path }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
+    /// Exit code for scripts: 1 generic, 3 not found, 4 refused/bad input,
+    /// 5 corrupt store, 6 no space.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::ImageNotFound(_) => 3,
+            Error::Refused { .. } | Error::BadInput { .. } => 4,
+            Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
+            Error::NoSpace { .. } => 6,
+            _ => 1,
+        }
+    }
+}
+
+/// Extension to attach a path to `std::io::Result`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

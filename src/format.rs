@@ -1,0 +1,275 @@
+//! On-disk format constants and pure encoders/decoders (no I/O).
+//!
+//! docs/FORMAT.md is the byte-by-byte description; this module is its code.
+//! Main items: [`CHUNK_SIZE`], the pack header [`PackHeader`], and the image
+//! map codec ([`encode_map`] / [`decode_map`]) that turns an image's list of
+//! per-block chunk ids into the compact blob the catalog stores.
+//!
+//! DO NOT MODIFY the magic numbers or the encodings below: depots written by
+//! earlier builds must stay readable. A new layout gets a new versioned
+//! constant and a new code path.
+
+use crate::ids::ChunkId;
+
+/// Dedup granularity: images are cut into chunks of this size at offsets
+/// that are multiples of it. The last chunk of an image is zero-padded.
+pub const CHUNK_SIZE: usize = 4096;
+/// [`CHUNK_SIZE`] as u64, for offset arithmetic.
+pub const CHUNK: u64 = CHUNK_SIZE as u64;
+
+/// How many new chunks are compressed together into one zstd frame (the
+/// unit of decompression). Chosen by measurement (docs/BENCHMARKS.md);
+/// readers take the count from the catalog, so changing it needs no migration.
+pub const FRAME_CHUNKS: usize = 32;
+
+/// A pack file is sealed and a new one started once it reaches this size.
+pub const PACK_TARGET_BYTES: u64 = 64 << 20;
+
+/// zstd level for new frames.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Pack file magic, version 1.0: the first 8 bytes of
+/// BLAKE3("vmdepot pack file v1.0"). DO NOT MODIFY.
+pub const PACK_MAGIC_1_0: [u8; 8] = [0x07, 0x86, 0x69, 0xa9, 0x1c, 0x39, 0xad, 0xdb];
+
+/// Image map blob magic, version 1.0: the first 4 bytes of
+/// BLAKE3("vmdepot image map v1.0"). DO NOT MODIFY.
+pub const MAP_MAGIC_1_0: [u8; 4] = [0x5a, 0x83, 0x97, 0x51];
+
+/// The fixed 16-byte header at the start of every pack file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackHeader {
+    /// [`PACK_MAGIC_1_0`].
+    pub magic: [u8; 8],
+    /// Chunk size in bytes, little-endian (4096).
+    pub chunk_size: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<PackHeader>() == PackHeader::SIZE);
+
+impl PackHeader {
+    /// Size of the header on disk; frames start at this offset.
+    pub const SIZE: usize = 16;
+
+    pub fn new() -> PackHeader {
+        PackHeader {
+            magic: PACK_MAGIC_1_0,
+            chunk_size: CHUNK_SIZE as u32,
+            reserved: 0,
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..8].copy_from_slice(&self.magic);
+        b[8..12].copy_from_slice(&self.chunk_size.to_le_bytes());
+        b[12..16].copy_from_slice(&self.reserved.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks a header; the error says what is wrong.
+    pub fn parse(b: &[u8]) -> Result<PackHeader, String> {
+        if b.len() < Self::SIZE {
+            return Err(format!("pack shorter than its {}-byte header", Self::SIZE));
+        }
+        let h = PackHeader {
+            magic: b[..8].try_into().unwrap(),
+            chunk_size: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+            reserved: u32::from_le_bytes(b[12..16].try_into().unwrap()),
+        };
+        if h.magic != PACK_MAGIC_1_0 {
+            return Err("not a vmdepot pack file (bad magic)".into());
+        }
+        if h.chunk_size as usize != CHUNK_SIZE {
+            return Err(format!("unsupported chunk size {}", h.chunk_size));
+        }
+        Ok(h)
+    }
+}
+
+impl Default for PackHeader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One block of an image in a map: all zero, or a stored chunk.
+pub const ZERO_BLOCK: ChunkId = 0;
+
+/// Encodes an image map: one entry per 4 KiB block, [`ZERO_BLOCK`] for an
+/// all-zero block, else the chunk id (> 0).
+///
+/// Layout (docs/FORMAT.md, "Image map"): magic, then a zstd frame holding
+/// `varint(nblocks)` followed by runs `varint(zeros) varint(n) n×zigzag-varint(id
+/// delta)` until `nblocks` blocks are described.
+pub fn encode_map(blocks: &[ChunkId]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(blocks.len() / 2 + 16);
+    put_varint(&mut body, blocks.len() as u64);
+    let mut prev: i64 = 0;
+    let mut i = 0;
+    while i < blocks.len() {
+        let z = blocks[i..].iter().take_while(|&&b| b == ZERO_BLOCK).count();
+        i += z;
+        let n = blocks[i..].iter().take_while(|&&b| b != ZERO_BLOCK).count();
+        put_varint(&mut body, z as u64);
+        put_varint(&mut body, n as u64);
+        for &id in &blocks[i..i + n] {
+            put_varint(&mut body, zigzag(id - prev));
+            prev = id;
+        }
+        i += n;
+    }
+    let mut out = MAP_MAGIC_1_0.to_vec();
+    out.extend(zstd::bulk::compress(&body, ZSTD_LEVEL).expect("zstd compress to memory"));
+    out
+}
+
+/// Decodes [`encode_map`]'s output; the error says what is wrong.
+pub fn decode_map(blob: &[u8]) -> Result<Vec<ChunkId>, String> {
+    if blob.len() < 4 || blob[..4] != MAP_MAGIC_1_0 {
+        return Err("image map: bad magic".into());
+    }
+    let body = zstd::stream::decode_all(&blob[4..]).map_err(|e| format!("image map: {e}"))?;
+    let mut p = &body[..];
+    let n = get_varint(&mut p)? as usize;
+    if n > (1usize << 40) {
+        return Err("image map: absurd block count".into());
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut prev: i64 = 0;
+    while out.len() < n {
+        let z = get_varint(&mut p)? as usize;
+        let d = get_varint(&mut p)? as usize;
+        if out.len() + z + d > n || (z == 0 && d == 0) {
+            return Err("image map: runs overflow the block count".into());
+        }
+        out.resize(out.len() + z, ZERO_BLOCK);
+        for _ in 0..d {
+            let id = prev + unzigzag(get_varint(&mut p)?);
+            if id <= 0 {
+                return Err("image map: invalid chunk id".into());
+            }
+            out.push(id);
+            prev = id;
+        }
+    }
+    if !p.is_empty() {
+        return Err("image map: trailing bytes".into());
+    }
+    Ok(out)
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// LEB128 unsigned varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a LEB128 varint, advancing the slice.
+pub fn get_varint(p: &mut &[u8]) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = p.split_first().ok_or("image map: truncated")?;
+        *p = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("image map: varint too long".into())
+}
+
+/// Number of 4 KiB blocks covering `size` bytes.
+pub fn blocks_for(size: u64) -> u64 {
+    size.div_ceil(CHUNK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magics_are_derived_from_their_descriptions() {
+        let pack = blake3::hash(b"vmdepot pack file v1.0");
+        assert_eq!(PACK_MAGIC_1_0[..], pack.as_bytes()[..8]);
+        let map = blake3::hash(b"vmdepot image map v1.0");
+        assert_eq!(MAP_MAGIC_1_0[..], map.as_bytes()[..4]);
+    }
+
+    #[test]
+    fn pack_header_round_trip() {
+        let h = PackHeader::new();
+        assert_eq!(PackHeader::parse(&h.to_bytes()), Ok(h));
+        let mut bad = h.to_bytes();
+        bad[0] ^= 1;
+        assert!(PackHeader::parse(&bad).unwrap_err().contains("magic"));
+        assert!(PackHeader::parse(&bad[..10]).is_err());
+    }
+
+    #[test]
+    fn map_round_trip() {
+        let cases: Vec<Vec<ChunkId>> = vec![
+            vec![],
+            vec![0, 0, 0],
+            vec![1, 2, 3, 0, 0, 7, 7, 7, 0, 2],
+            (1..100_000).chain([0; 500]).chain(5..9).collect(),
+            vec![i64::MAX / 4, 1, 0],
+        ];
+        for c in cases {
+            assert_eq!(decode_map(&encode_map(&c)).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn sequential_map_is_small() {
+        let blocks: Vec<ChunkId> = (1..=524_288).collect();
+        assert!(encode_map(&blocks).len() < 4096);
+    }
+
+    #[test]
+    fn corrupt_maps_are_errors_not_panics() {
+        let good = encode_map(&[1, 2, 0, 3]);
+        assert!(decode_map(&good[..3]).is_err());
+        let mut bad_magic = good.clone();
+        bad_magic[0] ^= 0xff;
+        assert!(decode_map(&bad_magic).is_err());
+        let body = {
+            let mut b = Vec::new();
+            put_varint(&mut b, 2);
+            put_varint(&mut b, 5);
+            put_varint(&mut b, 0);
+            b
+        };
+        let mut blob = MAP_MAGIC_1_0.to_vec();
+        blob.extend(zstd::bulk::compress(&body, 1).unwrap());
+        assert!(decode_map(&blob).unwrap_err().contains("overflow"));
+    }
+
+    #[test]
+    fn varint_edges() {
+        for v in [0u64, 1, 127, 128, 300, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            let mut p = &b[..];
+            assert_eq!(get_varint(&mut p).unwrap(), v);
+            assert!(p.is_empty());
+        }
+        for v in [0i64, 1, -1, i64::MAX, i64::MIN] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! Import: cut an image into 4 KiB chunks, store the new ones, commit the
+//! image.
+//!
+//! The content is split into BLAKE3 subtree pieces ([`crate::digest`]);
+//! worker threads (one per core) take pieces and, for each 4 KiB block,
+//! skip holes (SEEK_DATA) and all-zero blocks, hash the block, look it up
+//! (this import's new chunks first, then the catalog), and batch new chunks
+//! into frames that they compress themselves. A writer thread appends the
+//! compressed frames to pending pack files. When all pieces are done the
+//! packs are fsynced and one catalog transaction inserts frames and chunks
+//! and flips the image to `available`.
+//!
+//! **Invariant**: the image row becomes `available` in the same transaction
+//! that inserts its chunks, after its pack files are durable; a reused chunk
+//! is checked to still exist inside that transaction (a concurrent gc may
+//! have collected it, in which case the import starts over).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+
+use rusqlite::{params, Connection, TransactionBehavior};
+
+use crate::catalog;
+use crate::depot::{Depot, ImportOptions};
+use crate::digest::{self, PieceHash, Pieces};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
+use crate::ids::{hex, ChunkHash, ChunkId, ImageId};
+use crate::progress::Progress;
+use crate::source::{self, RawSource};
+use crate::store::{self, PackWriter};
+
+/// Largest piece a worker takes at once.
+pub(crate) const PIECE_BYTES: u64 = 64 << 20;
+/// Read buffer per worker.
+const READ_BYTES: usize = 1 << 20;
+/// How many times an import restarts after a concurrent gc took its chunks.
+const ATTEMPTS: usize = 3;
+
+/// Entry of the in-progress map: 0 zero block, a positive chunk id, or a
+/// new chunk `NEW | seq << 8 | slot`.
+const NEW: u64 = 1 << 63;
+
+pub(crate) fn import(
+    depot: &Depot,
+    file: &Path,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ImageId> {
+    check_name(&opts.name)?;
+    // Everything about the input is checked before the catalog changes.
+    let ins = source::inspect(file, opts.format)?;
+    let id = ImageId::generate();
+    let _lock = depot.lock_import(&id)?;
+    let mut guard = Cleanup {
+        depot,
+        id: &id,
+        armed: true,
+    };
+    insert_importing_row(depot, &id, opts, ins.format.name())?;
+    progress.begin("convert", 0);
+    let raw = RawSource::prepare(&ins, &depot.tmp_path(&id));
+    progress.end();
+    let raw = raw?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ingest(depot, &id, &raw, progress) {
+            Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
+                tracing::info!(image = %id, "a concurrent gc collected reused chunks; starting over");
+                guard.drop_pending_packs()?;
+            }
+            Err(e) => return Err(e),
+            Ok(()) => break,
+        }
+    }
+    guard.armed = false;
+    drop(guard);
+    drop(raw);
+    let _ = std::fs::remove_file(depot.lock_path(&id));
+    Ok(id)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 200
+        || name.chars().any(|c| c.is_control() || c == '/')
+        || ImageId::parse(name).is_some()
+    {
+        return Err(Error::Invalid(format!(
+            "invalid image name {name:?}: use 1-200 printable characters without '/', not of the form img-<16 hex>"
+        )));
+    }
+    Ok(())
+}
+
+fn insert_importing_row(
+    depot: &Depot,
+    id: &ImageId,
+    opts: &ImportOptions,
+    fmt: &str,
+) -> Result<()> {
+    let insert = || {
+        depot.conn.execute(
+            "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at)
+             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7)",
+            params![
+                id.as_str(),
+                opts.name,
+                opts.kind.as_str(),
+                depot.account(),
+                opts.description,
+                fmt,
+                catalog::now()
+            ],
+        )
+    };
+    match insert() {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => {
+            // The name may belong to an import that was killed: reap it once.
+            if crate::maint::reap_abandoned(depot)? > 0 && insert().is_ok() {
+                return Ok(());
+            }
+            Err(Error::NameTaken(opts.name.clone()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Undoes a failed import: its row, its pending packs, its temp files.
+struct Cleanup<'a> {
+    depot: &'a Depot,
+    id: &'a ImageId,
+    armed: bool,
+}
+
+impl Cleanup<'_> {
+    fn drop_pending_packs(&self) -> Result<()> {
+        crate::maint::drop_import_leftovers(self.depot, self.id, false)
+    }
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = crate::maint::drop_import_leftovers(self.depot, self.id, true) {
+                tracing::warn!(image = %self.id, "cleaning up the failed import: {e}; `vmdepot gc` will finish it");
+            }
+        }
+    }
+}
+
+/// A compressed frame on its way to the writer.
+struct FrameMsg {
+    seq: u64,
+    data: Vec<u8>,
+    nchunks: u32,
+}
+
+/// Where the writer put a frame.
+struct Written {
+    seq: u64,
+    pack: i64,
+    offset: u64,
+    clen: u64,
+    nchunks: u32,
+}
+
+/// What a worker found in one piece.
+struct PieceResult {
+    entries: Vec<u64>,
+    hash: PieceHash,
+    data_blocks: u64,
+}
+
+/// Shared by the workers of one import.
+struct Shared<'a> {
+    raw: &'a File,
+    raw_path: &'a Path,
+    size: u64,
+    extents: Vec<(u64, u64)>,
+    pieces: Pieces,
+    next_piece: AtomicUsize,
+    next_seq: AtomicU64,
+    /// New chunks of this import: hash -> NEW entry.
+    new: Mutex<HashMap<ChunkHash, u64>>,
+    /// Chunks already in the catalog that this import reuses.
+    reused: Mutex<HashSet<ChunkId>>,
+    results: Mutex<Vec<Option<PieceResult>>>,
+    abort: AtomicBool,
+    progress: &'a dyn Progress,
+}
+
+fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress) -> Result<()> {
+    let file = File::open(&raw.path).at(&raw.path)?;
+    let extents = source::data_extents(&file, raw.size).at(&raw.path)?;
+    let pieces = digest::split(raw.size, PIECE_BYTES);
+    let npieces = pieces.leaves.len();
+    let shared = Shared {
+        raw: &file,
+        raw_path: &raw.path,
+        size: raw.size,
+        extents,
+        pieces,
+        next_piece: AtomicUsize::new(0),
+        next_seq: AtomicU64::new(0),
+        new: Mutex::new(HashMap::new()),
+        reused: Mutex::new(HashSet::new()),
+        results: Mutex::new((0..npieces).map(|_| None).collect()),
+        abort: AtomicBool::new(false),
+        progress,
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    let db_path = depot.root().join("catalog.db");
+    let root = depot.root();
+    progress.begin("import", raw.size);
+    let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
+    let (written, worker_errs) = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_frames(root, &db_path, id, rx));
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let tx = tx.clone();
+                let shared = &shared;
+                let db_path = &db_path;
+                s.spawn(move || {
+                    let r = work(shared, db_path, tx);
+                    if r.is_err() {
+                        shared.abort.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        drop(tx);
+        let errs: Vec<Error> = handles
+            .into_iter()
+            .filter_map(|h| h.join().expect("import worker panicked").err())
+            .collect();
+        (writer.join().expect("pack writer panicked"), errs)
+    });
+    progress.end();
+    // The writer's error (e.g. ENOSPC) is the root cause when there is one.
+    let written = written?;
+    if let Some(e) = worker_errs.into_iter().next() {
+        return Err(e);
+    }
+    let Shared {
+        new,
+        reused,
+        results,
+        pieces,
+        ..
+    } = shared;
+    let results: Vec<PieceResult> = results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("every piece processed"))
+        .collect();
+    let digest = pieces.root(&results.iter().map(|r| r.hash).collect::<Vec<_>>());
+    commit(
+        depot,
+        id,
+        raw.size,
+        digest,
+        results,
+        new.into_inner().unwrap(),
+        reused.into_inner().unwrap(),
+        written,
+    )
+}
+
+/// Pops pieces until none are left.
+fn work(sh: &Shared<'_>, db_path: &Path, tx: mpsc::SyncSender<FrameMsg>) -> Result<()> {
+    let conn = Connection::open(db_path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    let mut buf = vec![0u8; READ_BYTES];
+    let mut frame = FrameBuf::default();
+    loop {
+        if sh.abort.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let i = sh.next_piece.fetch_add(1, Ordering::Relaxed);
+        let Some(&piece) = sh.pieces.leaves.get(i) else {
+            return Ok(());
+        };
+        let mut hasher = digest::piece_hasher(&piece);
+        let nblocks = format::blocks_for(piece.len) as usize;
+        let mut entries = Vec::with_capacity(nblocks);
+        let mut data_blocks = 0u64;
+        let pend = piece.offset + piece.len;
+        let mut pos = piece.offset;
+        // Data ranges of this piece, widened to whole blocks.
+        let ranges = sh
+            .extents
+            .iter()
+            .filter(|&&(s, e)| e > piece.offset && s < pend)
+            .map(|&(s, e)| (s.max(piece.offset) / CHUNK * CHUNK, e.min(pend)));
+        for (s, e) in ranges {
+            let s = s.max(pos);
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                zero_run(&mut entries, &mut hasher, s - pos);
+                sh.progress.advance(s - pos);
+            }
+            let e = e.div_ceil(CHUNK).saturating_mul(CHUNK).min(pend);
+            let mut off = s;
+            while off < e {
+                let want = ((e - off) as usize).min(READ_BYTES);
+                let got = read_at_full(sh.raw, &mut buf[..want], off).at(sh.raw_path)?;
+                if got < want {
+                    return Err(Error::BadInput {
+                        file: sh.raw_path.to_owned(),
+                        reason: format!(
+                            "file ended at byte {} while {} bytes were expected",
+                            off + got as u64,
+                            sh.size
+                        ),
+                    });
+                }
+                hasher.update(&buf[..got]);
+                for block in buf[..got].chunks(CHUNK_SIZE) {
+                    let entry = classify(sh, &conn, block, &mut frame, &tx)?;
+                    data_blocks += u64::from(entry != 0);
+                    entries.push(entry);
+                }
+                sh.progress.advance(got as u64);
+                off += got as u64;
+            }
+            pos = e;
+        }
+        if pend > pos {
+            zero_run(&mut entries, &mut hasher, pend - pos);
+            sh.progress.advance(pend - pos);
+        }
+        frame.flush(sh, &tx)?;
+        debug_assert_eq!(entries.len(), nblocks);
+        let res = PieceResult {
+            entries,
+            hash: sh.pieces.finish(&hasher),
+            data_blocks,
+        };
+        sh.results.lock().unwrap()[i] = Some(res);
+    }
+}
+
+fn zero_run(entries: &mut Vec<u64>, hasher: &mut blake3::Hasher, len: u64) {
+    digest::update_zeros(hasher, len);
+    entries.resize(entries.len() + format::blocks_for(len) as usize, 0);
+}
+
+fn read_at_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                off += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+static ZERO_CHUNK: [u8; CHUNK_SIZE] = [0; CHUNK_SIZE];
+
+/// Decides what one block is: zero, a reused chunk, or a new chunk (which
+/// it adds to the worker's frame).
+fn classify(
+    sh: &Shared<'_>,
+    conn: &Connection,
+    block: &[u8],
+    frame: &mut FrameBuf,
+    tx: &mpsc::SyncSender<FrameMsg>,
+) -> Result<u64> {
+    if block == &ZERO_CHUNK[..block.len()] {
+        return Ok(0);
+    }
+    // The image's last block may be short: chunks are zero-padded.
+    let padded;
+    let block = if block.len() < CHUNK_SIZE {
+        let mut p = [0u8; CHUNK_SIZE];
+        p[..block.len()].copy_from_slice(block);
+        padded = p;
+        &padded[..]
+    } else {
+        block
+    };
+    let hash = ChunkHash::of(block);
+    if let Some(&e) = sh.new.lock().unwrap().get(&hash) {
+        return Ok(e);
+    }
+    if let Some(id) = catalog::chunk_by_hash(conn, &hash)? {
+        sh.reused.lock().unwrap().insert(id);
+        return Ok(id as u64);
+    }
+    let mut new = sh.new.lock().unwrap();
+    if let Some(&e) = new.get(&hash) {
+        return Ok(e);
+    }
+    let entry = frame.push(sh, block);
+    new.insert(hash, entry);
+    drop(new);
+    if frame.is_full() {
+        frame.flush(sh, tx)?;
+    }
+    Ok(entry)
+}
+
+/// New chunks waiting to be compressed as one frame.
+#[derive(Default)]
+struct FrameBuf {
+    seq: u64,
+    data: Vec<u8>,
+}
+
+impl FrameBuf {
+    fn nchunks(&self) -> usize {
+        self.data.len() / CHUNK_SIZE
+    }
+
+    fn is_full(&self) -> bool {
+        self.nchunks() >= FRAME_CHUNKS
+    }
+
+    fn push(&mut self, sh: &Shared<'_>, block: &[u8]) -> u64 {
+        if self.data.is_empty() {
+            self.seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
+            self.data.reserve(FRAME_CHUNKS * CHUNK_SIZE);
+        }
+        let slot = self.nchunks() as u64;
+        self.data.extend_from_slice(block);
+        NEW | (self.seq << 8) | slot
+    }
+
+    fn flush(&mut self, sh: &Shared<'_>, tx: &mpsc::SyncSender<FrameMsg>) -> Result<()> {
+        if self.data.is_empty() {
+            return Ok(());
+        }
+        let data = store::compress_frame(&self.data, ZSTD_LEVEL).at(sh.raw_path)?;
+        let msg = FrameMsg {
+            seq: self.seq,
+            data,
+            nchunks: self.nchunks() as u32,
+        };
+        self.data.clear();
+        // A closed channel means the writer failed; its error is reported.
+        tx.send(msg)
+            .map_err(|_| Error::StoreDamaged("pack writer stopped".into()))
+    }
+}
+
+/// The writer thread: appends frames to pending packs, seals them.
+fn write_frames(
+    root: &Path,
+    db_path: &Path,
+    id: &ImageId,
+    rx: mpsc::Receiver<FrameMsg>,
+) -> Result<Vec<Written>> {
+    let conn = Connection::open(db_path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    let mut out = Vec::new();
+    let mut cur: Option<(i64, PackWriter)> = None;
+    for msg in rx {
+        if cur
+            .as_ref()
+            .is_some_and(|(_, w)| w.len() >= PACK_TARGET_BYTES)
+        {
+            let (_, w) = cur.take().unwrap();
+            w.seal()?;
+        }
+        if cur.is_none() {
+            let name = store::new_pack_name();
+            // The row comes first: a pack file without a row is garbage.
+            let pid = catalog::insert_pending_pack(&conn, &name, id)?;
+            cur = Some((pid, PackWriter::create(root, &name)?));
+        }
+        let (pid, w) = cur.as_mut().unwrap();
+        let offset = w.append(&msg.data)?;
+        out.push(Written {
+            seq: msg.seq,
+            pack: *pid,
+            offset,
+            clen: msg.data.len() as u64,
+            nchunks: msg.nchunks,
+        });
+    }
+    if let Some((_, w)) = cur {
+        w.seal()?;
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    depot: &Depot,
+    id: &ImageId,
+    size: u64,
+    digest: blake3::Hash,
+    results: Vec<PieceResult>,
+    new: HashMap<ChunkHash, u64>,
+    reused: HashSet<ChunkId>,
+    mut written: Vec<Written>,
+) -> Result<()> {
+    let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
+    // Take the write lock now: nothing may change between check and insert.
+    let tx = rusqlite::Transaction::new_unchecked(&depot.conn, TransactionBehavior::Immediate)?;
+    {
+        let mut exists = tx.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?;
+        for &cid in &reused {
+            if !exists.exists([cid])? {
+                return Err(Error::ChunksVanished);
+            }
+        }
+    }
+    written.sort_by_key(|w| w.seq);
+    let mut frame_ids = HashMap::with_capacity(written.len());
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for w in &written {
+            ins.execute(params![w.pack, w.offset as i64, w.clen as i64, w.nchunks])?;
+            frame_ids.insert(w.seq, tx.last_insert_rowid());
+        }
+    }
+    // New chunks in frame order, so that ids follow the image's layout.
+    let mut new: Vec<(u64, ChunkHash)> = new.into_iter().map(|(h, e)| (e, h)).collect();
+    new.sort_unstable_by_key(|&(e, _)| e);
+    let mut ids: HashMap<u64, ChunkId> = HashMap::with_capacity(new.len());
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO chunks (hash, frame, slot) VALUES (?1, ?2, ?3) ON CONFLICT (hash) DO NOTHING",
+        )?;
+        for (e, h) in &new {
+            let seq = (e & !NEW) >> 8;
+            let slot = e & 0xff;
+            let fid = frame_ids[&seq];
+            let cid = if ins.execute(params![&h.0[..], fid, slot as i64])? == 1 {
+                tx.last_insert_rowid()
+            } else {
+                // A concurrent import stored the same content first.
+                catalog::chunk_by_hash(&tx, h)?.expect("conflicting chunk exists")
+            };
+            ids.insert(*e, cid);
+        }
+    }
+    let mut map: Vec<ChunkId> = Vec::with_capacity(format::blocks_for(size) as usize);
+    for r in &results {
+        map.extend(
+            r.entries
+                .iter()
+                .map(|&e| if e & NEW != 0 { ids[&e] } else { e as ChunkId }),
+        );
+    }
+    debug_assert_eq!(map.len() as u64, format::blocks_for(size));
+    let blob = format::encode_map(&map);
+    let map_digest = blake3::hash(&blob);
+    tx.execute(
+        "UPDATE images SET state = 'available', virtual_size = ?2, data_bytes = ?3,
+                content_digest = ?4, map = ?5, map_digest = ?6
+         WHERE id = ?1",
+        params![
+            id.as_str(),
+            size as i64,
+            (data_blocks * CHUNK) as i64,
+            hex(digest.as_bytes()),
+            blob,
+            &map_digest.as_bytes()[..]
+        ],
+    )?;
+    tx.execute(
+        "UPDATE packs SET state = 'sealed', image = NULL,
+                size = (SELECT COALESCE(MAX(offset + clen), 16) FROM frames WHERE frames.pack = packs.id)
+         WHERE image = ?1 AND state = 'pending'",
+        [id.as_str()],
+    )?;
+    tx.commit()?;
+    Ok(())
+}

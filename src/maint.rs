@@ -1,0 +1,652 @@
+//! Maintenance: garbage collection, fsck, whole-store verify and stats.
+//!
+//! Main items: [`gc`], [`fsck`], [`verify_all`], [`stats`], and [`usage`]
+//! (who refers to which stored bytes), plus the clean-up of imports that
+//! died ([`reap_abandoned`]).
+//!
+//! **gc × import**: gc marks and sweeps inside one `BEGIN IMMEDIATE`
+//! transaction, so no import commits while it decides. An import that reused
+//! a chunk gc then collected notices at its own commit (it re-checks every
+//! reused chunk inside its transaction) and starts over. A running import is
+//! recognised by its lock file (`locks/<image>.lock`, flocked by the
+//! importer); only imports whose lock is free are reaped.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::catalog;
+use crate::depot::Depot;
+use crate::error::{Error, Result};
+use crate::format::{self, PackHeader, CHUNK, CHUNK_SIZE, ZERO_BLOCK};
+use crate::ids::{ChunkHash, ImageId};
+use crate::progress::Progress;
+use crate::store::{pack_path, PackReader};
+
+/// Result of `verify`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub images: u64,
+    /// Chunks (4 KiB blocks) re-read and re-hashed.
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Result of `gc`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub abandoned_imports: u64,
+    pub chunks_removed: u64,
+    pub frames_removed: u64,
+    pub packs_removed: u64,
+    pub bytes_freed: u64,
+    /// Bytes of dead frames inside packs that still hold live frames.
+    pub bytes_in_partly_live_packs: u64,
+}
+
+/// Result of `fsck`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FsckReport {
+    /// Damage: something an image needs is missing or inconsistent.
+    pub problems: Vec<String>,
+    /// Leftovers that `gc` removes (killed imports, unreferenced packs).
+    pub garbage: Vec<String>,
+    pub images: u64,
+    pub packs: u64,
+    pub chunks: u64,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Per-image stored bytes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageStats {
+    pub id: String,
+    pub name: String,
+    pub virtual_size: u64,
+    pub data_bytes: u64,
+    pub unique_stored_bytes: u64,
+    pub shared_stored_bytes: u64,
+}
+
+/// Result of `stats`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub images: u64,
+    /// Sum of the images' virtual sizes.
+    pub logical_bytes: u64,
+    /// Sum of the images' non-zero 4 KiB blocks.
+    pub data_bytes: u64,
+    /// Distinct chunks stored, times 4 KiB.
+    pub unique_chunk_bytes: u64,
+    pub chunks: u64,
+    /// Bytes of pack files on disk.
+    pub stored_bytes: u64,
+    /// Bytes of the SQLite catalog (with its WAL).
+    pub catalog_bytes: u64,
+    /// data_bytes / unique_chunk_bytes.
+    pub dedup_ratio: f64,
+    /// unique_chunk_bytes / stored_bytes.
+    pub compression_ratio: f64,
+    /// logical_bytes / (stored_bytes + catalog_bytes).
+    pub overall_ratio: f64,
+    pub per_image: Vec<ImageStats>,
+}
+
+/// Who uses which stored bytes.
+pub struct Usage {
+    /// image -> (unique stored bytes, shared stored bytes)
+    pub per_image: HashMap<ImageId, (u64, u64)>,
+}
+
+/// Stored size of each chunk: its frame's compressed size shared equally
+/// among the frame's chunks.
+fn chunk_sizes(depot: &Depot) -> Result<HashMap<i64, f64>> {
+    let mut st = depot
+        .conn
+        .prepare("SELECT c.id, f.clen, f.nchunks FROM chunks c JOIN frames f ON c.frame = f.id")?;
+    let rows = st.query_map([], |r| {
+        let clen: i64 = r.get(1)?;
+        let n: i64 = r.get(2)?;
+        Ok((r.get::<_, i64>(0)?, clen as f64 / n.max(1) as f64))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Maps of all available images.
+fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, Vec<i64>)>> {
+    catalog::list_images(&depot.conn)?
+        .into_iter()
+        .filter(|r| r.state == "available")
+        .map(|r| {
+            let m = catalog::image_map(&depot.conn, &r.id)?;
+            Ok((r, m))
+        })
+        .collect()
+}
+
+pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
+    let maps = all_maps(depot)?;
+    let sizes = chunk_sizes(depot)?;
+    let mut refs: HashMap<i64, u32> = HashMap::new();
+    let distinct: Vec<HashSet<i64>> = maps
+        .iter()
+        .map(|(_, m)| m.iter().copied().filter(|&c| c != ZERO_BLOCK).collect())
+        .collect();
+    for set in &distinct {
+        for &c in set {
+            *refs.entry(c).or_default() += 1;
+        }
+    }
+    let mut per_image = HashMap::new();
+    for ((row, _), set) in maps.iter().zip(&distinct) {
+        let (mut u, mut s) = (0f64, 0f64);
+        for c in set {
+            let sz = sizes.get(c).copied().unwrap_or(0.0);
+            if refs[c] == 1 {
+                u += sz;
+            } else {
+                s += sz;
+            }
+        }
+        per_image.insert(row.id.clone(), (u.round() as u64, s.round() as u64));
+    }
+    Ok(Usage { per_image })
+}
+
+/// Removes what a dead import left: its pending packs and, when
+/// `remove_row`, its image row, temp file and lock file.
+pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<()> {
+    let tx = rusqlite::Transaction::new_unchecked(
+        &depot.conn,
+        rusqlite::TransactionBehavior::Immediate,
+    )?;
+    let names: Vec<String> = {
+        let mut st = tx.prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
+        let rows = st.query_map([id.as_str()], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute(
+        "DELETE FROM packs WHERE image = ?1 AND state = 'pending'",
+        [id.as_str()],
+    )?;
+    if remove_row {
+        tx.execute(
+            "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
+            [id.as_str()],
+        )?;
+    }
+    tx.commit()?;
+    for n in names {
+        remove_if_exists(&pack_path(depot.root(), &n))?;
+    }
+    if remove_row {
+        remove_if_exists(&depot.tmp_path(id))?;
+        remove_if_exists(&depot.lock_path(id))?;
+    }
+    Ok(())
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Imports whose process died (lock free).
+fn abandoned_imports(depot: &Depot) -> Result<Vec<ImageId>> {
+    Ok(catalog::list_images(&depot.conn)?
+        .into_iter()
+        .filter(|r| r.state == "importing" && !depot.import_alive(&r.id))
+        .map(|r| r.id)
+        .collect())
+}
+
+/// Cleans up every import whose process died; returns how many.
+pub(crate) fn reap_abandoned(depot: &Depot) -> Result<usize> {
+    let dead = abandoned_imports(depot)?;
+    for id in &dead {
+        drop_import_leftovers(depot, id, true)?;
+    }
+    Ok(dead.len())
+}
+
+/// Files under packs/ (name without extension -> path).
+fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
+    let mut out = HashMap::new();
+    let packs = root.join("packs");
+    let rd = std::fs::read_dir(&packs).map_err(|e| Error::io(&packs, e))?;
+    for sub in rd.flatten() {
+        let Ok(rd2) = std::fs::read_dir(sub.path()) else {
+            continue;
+        };
+        for f in rd2.flatten() {
+            let p = f.path();
+            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                out.insert(stem.to_owned(), p.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
+    let mut rep = GcReport {
+        dry_run,
+        ..Default::default()
+    };
+    // 1. Killed imports.
+    let dead = abandoned_imports(depot)?;
+    rep.abandoned_imports = dead.len() as u64;
+    if !dry_run {
+        for id in &dead {
+            drop_import_leftovers(depot, id, true)?;
+        }
+    }
+    // 2. Mark and sweep, with imports' commits held off.
+    let tx = rusqlite::Transaction::new_unchecked(
+        &depot.conn,
+        rusqlite::TransactionBehavior::Immediate,
+    )?;
+    let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+    let mut live = vec![false; max_id as usize + 1];
+    for (_, map) in all_maps(depot)? {
+        for c in map {
+            if let Some(l) = live.get_mut(c as usize) {
+                *l = true;
+            }
+        }
+    }
+    let dead_chunks: Vec<i64> = {
+        let mut st = tx.prepare("SELECT id FROM chunks")?;
+        let ids = st.query_map([], |r| r.get::<_, i64>(0))?;
+        let mut v = Vec::new();
+        for id in ids {
+            let id = id?;
+            if !live[id as usize] {
+                v.push(id);
+            }
+        }
+        v
+    };
+    rep.chunks_removed = dead_chunks.len() as u64;
+    {
+        let mut del = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
+        for id in &dead_chunks {
+            del.execute([id])?;
+        }
+    }
+    // Frames without chunks, then sealed packs without frames.
+    let dead_frames: Vec<(i64, i64)> = {
+        let mut st = tx.prepare(
+            "SELECT id, clen FROM frames f WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.frame = f.id)",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    rep.frames_removed = dead_frames.len() as u64;
+    {
+        let mut del = tx.prepare_cached("DELETE FROM frames WHERE id = ?1")?;
+        for (id, _) in &dead_frames {
+            del.execute([id])?;
+        }
+    }
+    let dead_packs: Vec<(String, i64)> = {
+        let mut st = tx.prepare(
+            "SELECT name, size FROM packs p WHERE state = 'sealed'
+             AND NOT EXISTS (SELECT 1 FROM frames f WHERE f.pack = p.id)",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute(
+        "DELETE FROM packs WHERE state = 'sealed' AND NOT EXISTS (SELECT 1 FROM frames f WHERE f.pack = packs.id)",
+        [],
+    )?;
+    rep.packs_removed = dead_packs.len() as u64;
+    let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
+    let dead_frame_bytes: i64 = dead_frames.iter().map(|(_, c)| *c).sum();
+    // Pack files on disk that the catalog does not know (rows are written
+    // before files, so these are garbage).
+    let known: HashSet<String> = {
+        let mut st = tx.prepare("SELECT name FROM packs")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let orphans: Vec<PathBuf> = pack_files(depot.root())?
+        .into_iter()
+        .filter(|(n, _)| !known.contains(n))
+        .map(|(_, p)| p)
+        .collect();
+    let orphan_bytes: u64 = orphans
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    rep.packs_removed += orphans.len() as u64;
+    rep.bytes_freed = freed_whole as u64 + orphan_bytes;
+    let whole_frames: i64 = {
+        // dead frames of whole dead packs are already counted in freed_whole
+        dead_packs
+            .iter()
+            .map(|(_, s)| (*s - PackHeader::SIZE as i64).max(0))
+            .sum()
+    };
+    rep.bytes_in_partly_live_packs = (dead_frame_bytes - whole_frames).max(0) as u64;
+    if dry_run {
+        tx.rollback()?;
+        return Ok(rep);
+    }
+    tx.commit()?;
+    for (n, _) in &dead_packs {
+        remove_if_exists(&pack_path(depot.root(), n))?;
+    }
+    for p in &orphans {
+        remove_if_exists(p)?;
+    }
+    // Temp files and lock files of imports that are no longer running.
+    for dir in ["tmp", "locks"] {
+        let d = depot.root().join(dir);
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for f in rd.flatten() {
+                let p = f.path();
+                let Some(id) = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(ImageId::parse)
+                else {
+                    continue;
+                };
+                if !depot.import_alive(&id) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    }
+    Ok(rep)
+}
+
+pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
+    let mut rep = FsckReport::default();
+    let conn = &depot.conn;
+    let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if ok != "ok" {
+        rep.problems
+            .push(format!("catalog: SQLite quick_check says {ok}"));
+    }
+    // Packs.
+    let packs: Vec<(i64, String, String, i64)> = {
+        let mut st = conn.prepare("SELECT id, name, state, size FROM packs")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let on_disk = pack_files(depot.root())?;
+    let mut pack_len: HashMap<i64, u64> = HashMap::new();
+    let alive_pending: HashSet<String> = {
+        let mut st = conn.prepare("SELECT name, image FROM packs WHERE state = 'pending'")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })?;
+        let mut s = HashSet::new();
+        for r in rows {
+            let (n, img) = r?;
+            if img
+                .as_deref()
+                .and_then(ImageId::parse)
+                .is_some_and(|i| depot.import_alive(&i))
+            {
+                s.insert(n);
+            }
+        }
+        s
+    };
+    for (id, name, state, size) in &packs {
+        rep.packs += 1;
+        if state == "pending" {
+            if !alive_pending.contains(name) {
+                rep.garbage
+                    .push(format!("pack {name}: left pending by an import that died"));
+            }
+            continue;
+        }
+        let p = pack_path(depot.root(), name);
+        match std::fs::metadata(&p) {
+            Err(_) => rep
+                .problems
+                .push(format!("pack {name}: file {} is missing", p.display())),
+            Ok(m) if m.len() < *size as u64 => rep.problems.push(format!(
+                "pack {name}: file is {} bytes, the catalog expects {size}",
+                m.len()
+            )),
+            Ok(m) => {
+                pack_len.insert(*id, m.len());
+                if let Err(e) = PackReader::open(&p) {
+                    rep.problems.push(format!("pack {name}: {e}"));
+                }
+            }
+        }
+    }
+    let known: HashSet<&String> = packs.iter().map(|(_, n, _, _)| n).collect();
+    for (n, p) in &on_disk {
+        if !known.contains(n) {
+            rep.garbage
+                .push(format!("{}: pack file unknown to the catalog", p.display()));
+        }
+    }
+    // Frames.
+    let mut frames: HashMap<i64, u32> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT f.id, f.pack, f.offset, f.clen, f.nchunks, p.state FROM frames f LEFT JOIN packs p ON p.id = f.pack")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (id, pack, off, clen, n): (i64, i64, i64, i64, i64) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            let state: Option<String> = r.get(5)?;
+            frames.insert(id, n as u32);
+            match state.as_deref() {
+                None => rep
+                    .problems
+                    .push(format!("frame {id}: its pack {pack} is missing")),
+                Some("sealed") => {
+                    if let Some(&len) = pack_len.get(&pack) {
+                        if (off + clen) as u64 > len || off < PackHeader::SIZE as i64 {
+                            rep.problems.push(format!(
+                                "frame {id}: bytes {off}..{} lie outside its pack ({len} bytes)",
+                                off + clen
+                            ));
+                        }
+                    }
+                }
+                Some(_) => rep.problems.push(format!(
+                    "frame {id}: committed but its pack {pack} is still pending"
+                )),
+            }
+        }
+    }
+    // Chunks.
+    let mut chunk_ids: HashSet<i64> = HashSet::new();
+    {
+        let mut st = conn.prepare("SELECT id, frame, slot FROM chunks")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (id, frame, slot): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            rep.chunks += 1;
+            chunk_ids.insert(id);
+            match frames.get(&frame) {
+                None => rep
+                    .problems
+                    .push(format!("chunk {id}: frame {frame} is missing")),
+                Some(&n) if slot as u32 >= n => rep.problems.push(format!(
+                    "chunk {id}: slot {slot} past the {n} chunks of frame {frame}"
+                )),
+                _ => {}
+            }
+        }
+    }
+    // Images.
+    for row in catalog::list_images(conn)? {
+        if row.state == "importing" {
+            if !depot.import_alive(&row.id) {
+                rep.garbage
+                    .push(format!("image {} ({}): import died", row.name, row.id));
+            }
+            continue;
+        }
+        rep.images += 1;
+        match catalog::image_map(conn, &row.id) {
+            Err(e) => rep
+                .problems
+                .push(format!("image {} ({}): {e}", row.name, row.id)),
+            Ok(map) => {
+                if map.len() as u64 != format::blocks_for(row.virtual_size) {
+                    rep.problems.push(format!(
+                        "image {} ({}): map has {} blocks for {} bytes",
+                        row.name,
+                        row.id,
+                        map.len(),
+                        row.virtual_size
+                    ));
+                }
+                if let Some((i, c)) = map
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &c)| c != ZERO_BLOCK && !chunk_ids.contains(&c))
+                {
+                    rep.problems.push(format!(
+                        "image {} ({}): chunk {c} at byte offset {} is missing",
+                        row.name,
+                        row.id,
+                        i as u64 * CHUNK
+                    ));
+                }
+            }
+        }
+    }
+    Ok(rep)
+}
+
+/// Re-reads every frame of every sealed pack and checks every chunk's hash;
+/// checks every image's map too.
+pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<VerifyReport> {
+    let conn = &depot.conn;
+    let fsck = fsck(depot)?;
+    if let Some(p) = fsck.problems.first() {
+        return Err(Error::StoreDamaged(p.clone()));
+    }
+    let mut by_frame: HashMap<i64, Vec<(u32, ChunkHash)>> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT frame, slot, hash FROM chunks")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let h: Vec<u8> = r.get(2)?;
+            by_frame.entry(r.get(0)?).or_default().push((
+                r.get::<_, i64>(1)? as u32,
+                ChunkHash(h.as_slice().try_into().unwrap_or([0; 32])),
+            ));
+        }
+    }
+    let frames: Vec<(i64, String, u64, u64, u32)> = {
+        let mut st = conn.prepare(
+            "SELECT f.id, p.name, f.offset, f.clen, f.nchunks FROM frames f JOIN packs p ON p.id = f.pack
+             ORDER BY p.id, f.offset",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u32,
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let total: u64 = frames.iter().map(|f| f.3).sum();
+    progress.begin("verify", total);
+    let mut rep = VerifyReport {
+        images: fsck.images,
+        ..Default::default()
+    };
+    let mut reader: Option<(String, PackReader)> = None;
+    let mut buf = Vec::new();
+    for (fid, pack, off, clen, n) in &frames {
+        if reader.as_ref().map(|(p, _)| p != pack).unwrap_or(true) {
+            reader = Some((
+                pack.clone(),
+                PackReader::open(&pack_path(depot.root(), pack))?,
+            ));
+        }
+        let r = &reader.as_ref().unwrap().1;
+        r.read_frame(*off, *clen, *n as usize, &mut buf)?;
+        for (slot, hash) in by_frame.get(fid).map(|v| v.as_slice()).unwrap_or(&[]) {
+            let s = *slot as usize * CHUNK_SIZE;
+            if ChunkHash::of(&buf[s..s + CHUNK_SIZE]) != *hash {
+                return Err(Error::StoreDamaged(format!(
+                    "pack {pack}: frame at offset {off}, slot {slot}: content does not match its hash {hash:?}; the images using it cannot be exported (see `vmdepot image verify IMAGE`)"
+                )));
+            }
+            rep.chunks += 1;
+            rep.bytes += CHUNK;
+        }
+        progress.advance(*clen);
+    }
+    progress.end();
+    Ok(rep)
+}
+
+pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
+    let conn = &depot.conn;
+    let rows: Vec<_> = catalog::list_images(conn)?
+        .into_iter()
+        .filter(|r| r.state == "available")
+        .collect();
+    let usage = usage(depot)?;
+    let chunks: i64 = conn.query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get(0))?;
+    let stored: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(size), 0) FROM packs WHERE state = 'sealed'",
+        [],
+        |r| r.get(0),
+    )?;
+    let catalog_bytes: u64 = ["catalog.db", "catalog.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(depot.root().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let logical: u64 = rows.iter().map(|r| r.virtual_size).sum();
+    let data: u64 = rows.iter().map(|r| r.data_bytes).sum();
+    let uniq = chunks as u64 * CHUNK;
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Ok(Stats {
+        images: rows.len() as u64,
+        logical_bytes: logical,
+        data_bytes: data,
+        unique_chunk_bytes: uniq,
+        chunks: chunks as u64,
+        stored_bytes: stored as u64,
+        catalog_bytes,
+        dedup_ratio: ratio(data, uniq),
+        compression_ratio: ratio(uniq, stored as u64),
+        overall_ratio: ratio(logical, stored as u64 + catalog_bytes),
+        per_image: rows
+            .into_iter()
+            .map(|r| {
+                let (u, s) = usage.per_image.get(&r.id).copied().unwrap_or((0, 0));
+                ImageStats {
+                    id: r.id.to_string(),
+                    name: r.name,
+                    virtual_size: r.virtual_size,
+                    data_bytes: r.data_bytes,
+                    unique_stored_bytes: u,
+                    shared_stored_bytes: s,
+                }
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,217 @@
+//! The chunk store on disk: pack files of zstd frames.
+//!
+//! Main types: [`PackWriter`] appends compressed frames to a new pack file;
+//! [`PackReader`] maps a sealed pack read-only and decompresses frames. The
+//! store knows nothing of images or of the catalog: which frame holds which
+//! chunk is the catalog's business.
+//!
+//! Paths: `DEPOT/packs/<first two hex digits>/<32 hex digits>.pack`.
+//! A pack is written once, fsynced, and never modified in place after that
+//! ("sealed"); gc deletes whole packs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::{PackHeader, CHUNK_SIZE};
+use crate::ids::random_hex;
+
+/// Path of a pack file given the depot root and the pack's name.
+pub fn pack_path(root: &Path, name: &str) -> PathBuf {
+    root.join("packs")
+        .join(&name[..2])
+        .join(format!("{name}.pack"))
+}
+
+/// A fresh random pack name (32 hex digits).
+pub fn new_pack_name() -> String {
+    random_hex(16)
+}
+
+/// Compresses a frame: `data` is a whole number of chunks.
+pub fn compress_frame(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    debug_assert_eq!(data.len() % CHUNK_SIZE, 0);
+    zstd::bulk::compress(data, level)
+}
+
+/// Appends frames to one new pack file.
+pub struct PackWriter {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl PackWriter {
+    /// Creates the pack file (and its fan-out directory) and writes the header.
+    pub fn create(root: &Path, name: &str) -> Result<PackWriter> {
+        let path = pack_path(root, name);
+        let dir = path.parent().expect("pack path has a parent");
+        if !dir.exists() {
+            fs::create_dir_all(dir).at(dir)?;
+            sync_dir(dir.parent().expect("packs dir"))?;
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .at(&path)?;
+        file.write_all(&PackHeader::new().to_bytes()).at(&path)?;
+        Ok(PackWriter {
+            file,
+            path,
+            len: PackHeader::SIZE as u64,
+        })
+    }
+
+    /// Appends one compressed frame; returns its offset in the pack.
+    pub fn append(&mut self, frame: &[u8]) -> Result<u64> {
+        let off = self.len;
+        self.file.write_all(frame).at(&self.path)?;
+        self.len += frame.len() as u64;
+        Ok(off)
+    }
+
+    /// Current size of the pack in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == PackHeader::SIZE as u64
+    }
+
+    /// Makes the pack durable: file data and its directory entry.
+    pub fn seal(self) -> Result<u64> {
+        self.file.sync_all().at(&self.path)?;
+        sync_dir(self.path.parent().expect("pack dir"))?;
+        Ok(self.len)
+    }
+}
+
+/// fsyncs a directory so that entries created in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// A sealed pack mapped read-only.
+pub struct PackReader {
+    map: memmap2::Mmap,
+    path: PathBuf,
+}
+
+impl PackReader {
+    /// Maps a sealed pack and checks its header.
+    pub fn open(path: &Path) -> Result<PackReader> {
+        let file = File::open(path).at(path)?;
+        let map = map_sealed_pack(&file).at(path)?;
+        PackHeader::parse(&map)
+            .map_err(|e| Error::StoreDamaged(format!("{}: {e}", path.display())))?;
+        Ok(PackReader {
+            map,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len() <= PackHeader::SIZE
+    }
+
+    /// The compressed bytes of a frame, checked against the pack's size.
+    pub fn frame_bytes(&self, offset: u64, clen: u64) -> Result<&[u8]> {
+        let end = offset.checked_add(clen).filter(|&e| e <= self.len());
+        match end {
+            Some(end) if offset >= PackHeader::SIZE as u64 => {
+                Ok(&self.map[offset as usize..end as usize])
+            }
+            _ => Err(Error::StoreDamaged(format!(
+                "{}: frame at offset {offset} (+{clen} bytes) lies outside the pack ({} bytes)",
+                self.path.display(),
+                self.len()
+            ))),
+        }
+    }
+
+    /// Decompresses a frame of `nchunks` chunks into `out` (resized).
+    pub fn read_frame(
+        &self,
+        offset: u64,
+        clen: u64,
+        nchunks: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let src = self.frame_bytes(offset, clen)?;
+        decompress_frame(src, nchunks, out).map_err(|e| {
+            Error::StoreDamaged(format!(
+                "{}: frame at offset {offset}: {e}",
+                self.path.display()
+            ))
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Decompresses a frame that must hold exactly `nchunks` chunks.
+pub fn decompress_frame(
+    src: &[u8],
+    nchunks: usize,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    let want = nchunks * CHUNK_SIZE;
+    out.clear();
+    out.reserve(want);
+    let mut d = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
+    let n = d
+        .decompress_to_buffer(src, out)
+        .map_err(|e| format!("zstd: {e}"))?;
+    if n != want {
+        return Err(format!("decompressed to {n} bytes, expected {want}"));
+    }
+    Ok(())
+}
+
+/// The only mmap in vmdepot.
+///
+/// # Safety (the promise this relies on)
+/// Sealed pack files are never modified in place: they are written once by a
+/// [`PackWriter`], fsynced, and afterwards only deleted whole (unlink keeps an
+/// existing mapping valid). So the mapped bytes cannot change under a reader.
+#[allow(unsafe_code)]
+fn map_sealed_pack(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: see the function's doc: sealed packs are immutable once written.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_seal_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = new_pack_name();
+        let mut w = PackWriter::create(dir.path(), &name).unwrap();
+        let data: Vec<u8> = (0..CHUNK_SIZE * 3).map(|i| (i % 7) as u8).collect();
+        let c = compress_frame(&data, 3).unwrap();
+        let off = w.append(&c).unwrap();
+        assert_eq!(off, PackHeader::SIZE as u64);
+        w.seal().unwrap();
+        let r = PackReader::open(&pack_path(dir.path(), &name)).unwrap();
+        let mut out = Vec::new();
+        r.read_frame(off, c.len() as u64, 3, &mut out).unwrap();
+        assert_eq!(out, data);
+        // a wrong chunk count or range is an error naming the pack
+        assert!(r.read_frame(off, c.len() as u64, 2, &mut out).is_err());
+        let e = r
+            .read_frame(off, c.len() as u64 + 1, 3, &mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains(&name), "{e}");
+    }
+}

@@ -107,7 +107,7 @@ pub struct Depot {
 impl Depot {
     /// Opens the depot at `root`, creating the directory and catalog if
     /// needed. Several processes may open one depot at once.
-    #[instrument(skip_all, err, fields(root = %root.as_ref().display()))]
+    #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
     pub fn open(root: impl AsRef<Path>) -> Result<Depot> {
         let root = root.as_ref().to_owned();
         for d in ["", "packs", "locks", "tmp"] {
@@ -157,7 +157,7 @@ impl Depot {
     /// Imports a disk image file (raw, qcow2, vmdk, vhdx, vhd: detected from
     /// the content). The image is visible as `available` only once all its
     /// data is durable; on any error the depot is left as it was.
-    #[instrument(skip_all, err, fields(file = %file.as_ref().display()))]
+    #[instrument(skip_all, err(level = "debug"), fields(file = %file.as_ref().display()))]
     pub fn import(
         &self,
         file: impl AsRef<Path>,
@@ -170,7 +170,7 @@ impl Depot {
 
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking
     /// every chunk's hash and the image's content digest on the way.
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn export(
         &self,
         image: &str,
@@ -184,7 +184,7 @@ impl Depot {
 
     /// Re-reads and re-hashes every chunk: of one image (and its content
     /// digest), or of the whole store when `image` is `None`.
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn verify(&self, image: Option<&str>, progress: &dyn Progress) -> Result<VerifyReport> {
         match image {
             Some(r) => {
@@ -197,13 +197,13 @@ impl Depot {
 
     /// Removes what no image refers to: chunks, frames, packs, and whatever
     /// a killed import left behind. `dry_run` only reports.
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
         maint::gc(self, dry_run)
     }
 
     /// Checks the structure of the catalog and the store.
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn fsck(&self) -> Result<FsckReport> {
         maint::fsck(self)
     }
@@ -232,7 +232,7 @@ impl Depot {
     }
 
     /// Deletes an image. Its chunks are freed by the next `gc`.
-    #[instrument(skip_all, err)]
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn delete_image(&self, reference: &str) -> Result<ImageInfo> {
         let info = self.image(reference)?;
         if info.state == "importing" {

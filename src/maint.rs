@@ -163,15 +163,26 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
 /// Removes what a dead import left: its pending packs and, when
 /// `remove_row`, its image row, temp file and lock file.
 pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<()> {
+    // Files first: on a full disk, deleting them is what lets SQLite write.
+    // Pending packs are read by nobody, and rows left behind by a crash here
+    // are removed by gc.
+    let names: Vec<String> = {
+        let mut st = depot
+            .conn
+            .prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
+        let rows = st.query_map([id.as_str()], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for n in &names {
+        remove_if_exists(&pack_path(depot.root(), n))?;
+    }
+    if remove_row {
+        remove_if_exists(&depot.tmp_path(id))?;
+    }
     let tx = rusqlite::Transaction::new_unchecked(
         &depot.conn,
         rusqlite::TransactionBehavior::Immediate,
     )?;
-    let names: Vec<String> = {
-        let mut st = tx.prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
-        let rows = st.query_map([id.as_str()], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
     tx.execute(
         "DELETE FROM packs WHERE image = ?1 AND state = 'pending'",
         [id.as_str()],
@@ -183,11 +194,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
         )?;
     }
     tx.commit()?;
-    for n in names {
-        remove_if_exists(&pack_path(depot.root(), &n))?;
-    }
     if remove_row {
-        remove_if_exists(&depot.tmp_path(id))?;
         remove_if_exists(&depot.lock_path(id))?;
     }
     Ok(())

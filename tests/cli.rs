@@ -1,0 +1,858 @@
+//! Integration tests: the real `vmdepot` binary on a real depot in a temp
+//! dir, real qemu-img, real Debian disk images from fixtures/.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmdepot")
+}
+
+/// A fresh depot in a temp dir.
+struct T {
+    dir: tempfile::TempDir,
+}
+
+impl T {
+    fn new() -> T {
+        T {
+            dir: tempfile::tempdir_in(scratch()).unwrap(),
+        }
+    }
+    fn depot(&self) -> PathBuf {
+        self.dir.path().join("depot")
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--depot").arg(self.depot()).args(args);
+        c.env_remove("VMDEPOT_DIR");
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    /// Runs and asserts success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vmdepot {args:?} failed ({:?}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// Runs and asserts failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let o = self.run(args);
+        assert!(!o.status.success(), "vmdepot {args:?} should have failed");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one-line error expected: {err}"
+        );
+        (o.status.code().unwrap(), err)
+    }
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+    fn import(&self, file: &Path, name: &str) -> Value {
+        self.json(&[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--json",
+            "-q",
+        ])
+    }
+    fn stats(&self) -> Value {
+        self.json(&["stats", "--json"])
+    }
+    fn assert_fsck_clean(&self) -> Value {
+        let r = self.json(&["fsck", "--json"]);
+        assert_eq!(r["problems"], Value::Array(vec![]), "fsck: {r}");
+        r
+    }
+    fn pack_files(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.depot().join("packs")) {
+            for d in rd.flatten() {
+                for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                    v.push(f.path());
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+/// Where test files go (same filesystem as the fixtures cache when possible).
+fn scratch() -> PathBuf {
+    let p = std::env::temp_dir();
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The Debian disk images A, B, B2 (512 MiB) from fixtures/.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build-disk-images.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .arg("512M")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fixtures/build-disk-images.sh failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A raw image with data, zero runs, a hole and a short tail.
+fn synthetic_raw(path: &Path, mib: u64, seed: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        if i % 4 == 3 {
+            // leave a hole
+            continue;
+        }
+        for (j, chunk) in buf.chunks_mut(8).enumerate() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // compressible: text-like bytes, with some all-zero 4 KiB blocks
+            let v = if (j / 512) % 5 == 0 {
+                0
+            } else {
+                (x >> 33) & 0x3f3f3f3f3f3f3f3f
+            };
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&buf, i << 20).unwrap();
+    }
+    f.set_len((mib << 20) + 1536).unwrap(); // not a multiple of 4 KiB
+    let mut tail = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    let _ = tail.flush();
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
+    if ma.len() != mb.len() {
+        return false;
+    }
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn raw_round_trip_is_identical_and_sparse() {
+    let t = T::new();
+    let a = fixtures().join("A.raw");
+    let img = t.import(&a, "debian-a");
+    assert_eq!(img["state"], "available");
+    assert_eq!(img["virtual_size"], 512 << 20);
+    assert_eq!(img["source_format"], "raw");
+    assert!(img["id"].as_str().unwrap().starts_with("img-"));
+    let out = t.path("a.out");
+    t.ok(&["image", "export", "debian-a", out.to_str().unwrap(), "-q"]);
+    assert!(same_content(&a, &out), "export differs from the import");
+    // Sparse: the export allocates no more than the source's data.
+    assert!(
+        allocated(&out) <= allocated(&a),
+        "{} > {}",
+        allocated(&out),
+        allocated(&a)
+    );
+    assert!(allocated(&out) < (512 << 20) / 2);
+    // id and name are interchangeable
+    let by_id = t.json(&["image", "show", img["id"].as_str().unwrap(), "--json"]);
+    assert_eq!(by_id["name"], "debian-a");
+    assert_eq!(by_id["content_digest"], img["content_digest"]);
+    t.assert_fsck_clean();
+}
+
+#[test]
+fn synthetic_raw_with_short_tail_round_trips() {
+    let t = T::new();
+    let src = t.path("syn.raw");
+    synthetic_raw(&src, 24, 7);
+    let img = t.import(&src, "syn");
+    let want = blake3::hash(&std::fs::read(&src).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(
+        img["content_digest"],
+        want.as_str(),
+        "digest is BLAKE3 of the raw content"
+    );
+    let out = t.path("syn.out");
+    t.ok(&["image", "export", "syn", out.to_str().unwrap()]);
+    assert!(same_content(&src, &out));
+    t.ok(&["image", "verify", "syn"]);
+}
+
+#[test]
+fn qcow2_import_has_the_raw_digest_and_adds_no_chunks() {
+    let t = T::new();
+    let a = fixtures().join("A.raw");
+    let q = t.path("a.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        a.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    let raw = t.import(&a, "a-raw");
+    let chunks_before = t.stats()["chunks"].clone();
+    let packs_before = t.pack_files();
+    let qc = t.import(&q, "a-qcow2");
+    assert_eq!(qc["source_format"], "qcow2");
+    assert_eq!(qc["content_digest"], raw["content_digest"]);
+    assert_eq!(
+        t.stats()["chunks"],
+        chunks_before,
+        "no new chunk for the same content"
+    );
+    assert_eq!(t.pack_files(), packs_before, "no new pack data");
+    // export qcow2 round-trips through qemu-img compare
+    let out = t.path("out.qcow2");
+    t.ok(&[
+        "image",
+        "export",
+        "a-qcow2",
+        out.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        a.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    // and the qcow2 export imports back to the same digest
+    let back = t.import(&out, "back");
+    assert_eq!(back["content_digest"], raw["content_digest"]);
+}
+
+#[test]
+fn vmdk_and_vhdx_import_to_the_same_digest() {
+    let t = T::new();
+    let src = t.path("syn.raw");
+    synthetic_raw(&src, 8, 3);
+    // foreign formats round to whole sectors/MiB: compare with a qemu-made raw
+    let base = t.path("base.raw");
+    std::fs::copy(&src, &base).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(9 << 20)
+        .unwrap();
+    let want = t.import(&base, "base")["content_digest"].clone();
+    for (fmt, opts) in [
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vhdx", "subformat=dynamic"),
+    ] {
+        let f = t.path(&format!("x-{}.{fmt}", opts.len()));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            "-o",
+            opts,
+            base.to_str().unwrap(),
+            f.to_str().unwrap(),
+        ]);
+        let img = t.import(&f, &format!("{fmt}-{}", opts.len()));
+        assert_eq!(img["source_format"], fmt);
+        assert_eq!(img["content_digest"], want, "{fmt} {opts}");
+    }
+}
+
+/// Every hostile or broken input is refused and leaves the depot as it was.
+#[test]
+fn hostile_images_are_refused_and_change_nothing() {
+    let t = T::new();
+    let secret = t.path("host-secret.raw");
+    std::fs::write(&secret, vec![0x42u8; 1 << 20]).unwrap();
+    let s = secret.to_str().unwrap();
+    let mk = |name: &str, args: &[&str]| {
+        let p = t.path(name);
+        let mut a: Vec<&str> = args.to_vec();
+        a.push(p.to_str().unwrap());
+        if args[0] == "create" {
+            a.push("1M");
+        }
+        let o = Command::new("qemu-img")
+            .args(&a)
+            .current_dir(t.dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p
+    };
+    let backing = mk(
+        "backing.qcow2",
+        &["create", "-f", "qcow2", "-b", s, "-F", "raw"],
+    );
+    let datafile = mk(
+        "datafile.qcow2",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={s},data_file_raw=on"),
+        ],
+    );
+    let flat = mk(
+        "flat.vmdk",
+        &["create", "-f", "vmdk", "-o", "subformat=monolithicFlat"],
+    );
+    let split = mk(
+        "split.vmdk",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+        ],
+    );
+    // a header that lies about its size
+    let liar = mk("liar.qcow2", &["create", "-f", "qcow2"]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&liar).unwrap();
+        f.write_all_at(&(1u64 << 40).to_be_bytes(), 24).unwrap();
+    }
+    // a truncated file
+    let full = t.path("full.raw");
+    synthetic_raw(&full, 4, 1);
+    let trunc = t.path("trunc.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        full.to_str().unwrap(),
+        trunc.to_str().unwrap(),
+    ]);
+    let len = std::fs::metadata(&trunc).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trunc)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let tiny = t.path("tiny.qcow2");
+    std::fs::write(&tiny, b"QFI\xfb\0\0\0\x03").unwrap();
+
+    t.import(&full, "keep"); // something in the depot that must survive
+    let before = (
+        t.json(&["image", "list", "--json"]),
+        t.pack_files(),
+        t.stats()["stored_bytes"].clone(),
+    );
+    let cases: Vec<(&Path, &str)> = vec![
+        (&backing, "backing file"),
+        (&datafile, "external data file"),
+        (&flat, "descriptor"),
+        (&split, "descriptor"),
+        (&liar, "lies about its size"),
+        (&trunc, ""),
+        (&tiny, "truncated"),
+    ];
+    for (file, why) in cases {
+        let (code, err) = t.fails(&[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            "evil",
+            "-q",
+        ]);
+        assert_eq!(code, 4, "{err}");
+        assert!(
+            err.contains(file.file_name().unwrap().to_str().unwrap()),
+            "names the file: {err}"
+        );
+        assert!(err.contains(why), "{file:?}: {err}");
+        let after = (
+            t.json(&["image", "list", "--json"]),
+            t.pack_files(),
+            t.stats()["stored_bytes"].clone(),
+        );
+        assert_eq!(before, after, "{file:?} changed the depot");
+    }
+    // content decides, not the name or the flag
+    let (code, err) = t.fails(&[
+        "image",
+        "import",
+        backing.to_str().unwrap(),
+        "--name",
+        "x",
+        "--format",
+        "raw",
+    ]);
+    assert_eq!(code, 4);
+    assert!(err.contains("content is qcow2"), "{err}");
+    t.assert_fsck_clean();
+    assert!(t.json(&["fsck", "--json"])["garbage"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// Flip one byte in stored chunk data: verify and export both catch it.
+#[test]
+fn flipped_byte_is_caught_by_verify_and_export() {
+    let t = T::new();
+    let src = t.path("syn.raw");
+    synthetic_raw(&src, 8, 11);
+    t.import(&src, "victim");
+    t.ok(&["image", "verify"]);
+    t.ok(&["image", "verify", "victim"]);
+    let packs = t.pack_files();
+    assert_eq!(packs.len(), 1);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&packs[0])
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        let off = len / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, off).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
+    }
+    let (code, err) = t.fails(&["image", "verify", "-q"]);
+    assert_eq!(code, 5, "{err}");
+    let (code, err) = t.fails(&["image", "verify", "victim", "-q"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("victim") && err.contains("byte offset"),
+        "{err}"
+    );
+    let out = t.path("out.raw");
+    let (code, err) = t.fails(&["image", "export", "victim", out.to_str().unwrap(), "-q"]);
+    assert_eq!(code, 5);
+    assert!(err.contains("corrupt data at byte offset"), "{err}");
+    assert!(!out.exists(), "a failed export leaves no file");
+}
+
+#[test]
+fn related_images_dedup_in_stats() {
+    let t = T::new();
+    let f = fixtures();
+    t.import(&f.join("A.raw"), "A");
+    let after_a = t.stats();
+    t.import(&f.join("B.raw"), "B");
+    t.import(&f.join("B2.raw"), "B2");
+    let s = t.stats();
+    let stored_a = after_a["stored_bytes"].as_u64().unwrap();
+    let stored = s["stored_bytes"].as_u64().unwrap();
+    // B (changed in place) and B2 (same files, fresh mkfs) add little.
+    assert!(
+        stored < stored_a * 13 / 10,
+        "A {stored_a} -> A+B+B2 {stored}"
+    );
+    assert!(s["dedup_ratio"].as_f64().unwrap() > 2.5, "{s}");
+    assert_eq!(s["logical_bytes"], 3 * (512u64 << 20));
+    let per: Vec<&Value> = s["per_image"].as_array().unwrap().iter().collect();
+    assert_eq!(per.len(), 3);
+    for p in &per {
+        let u = p["unique_stored_bytes"].as_u64().unwrap();
+        let sh = p["shared_stored_bytes"].as_u64().unwrap();
+        assert!(sh > 10 * u, "most of every image is shared: {p}");
+    }
+    // deleting B2 and gc frees B2's unique bytes only; the rest still exports
+    let b2_unique = per.iter().find(|p| p["name"] == "B2").unwrap()["unique_stored_bytes"]
+        .as_u64()
+        .unwrap();
+    t.ok(&["image", "delete", "B2"]);
+    let gc = t.json(&["gc", "--json"]);
+    assert!(gc["chunks_removed"].as_u64().unwrap() > 0);
+    let after = t.stats();
+    assert_eq!(after["images"], 2);
+    assert!(after["stored_bytes"].as_u64().unwrap() <= stored);
+    let _ = b2_unique;
+    t.assert_fsck_clean();
+    let out = t.path("b.out");
+    t.ok(&["image", "export", "B", out.to_str().unwrap(), "-q"]);
+    assert!(same_content(&f.join("B.raw"), &out));
+}
+
+#[test]
+fn names_ids_and_errors() {
+    let t = T::new();
+    let src = t.path("s.raw");
+    synthetic_raw(&src, 2, 5);
+    t.import(&src, "one");
+    let (code, err) = t.fails(&["image", "import", src.to_str().unwrap(), "--name", "one"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, err) = t.fails(&["image", "show", "nope"]);
+    assert_eq!(code, 3);
+    assert!(err.contains("nope"), "{err}");
+    let (_, err) = t.fails(&["image", "import", "/nonexistent/x.raw", "--name", "x"]);
+    assert!(err.contains("/nonexistent/x.raw"), "{err}");
+    let list = t.json(&["image", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    for k in [
+        "id",
+        "name",
+        "type",
+        "state",
+        "virtual_size",
+        "content_digest",
+        "created_at",
+        "unique_stored_bytes",
+    ] {
+        assert!(list[0].get(k).is_some(), "list --json lacks {k}");
+    }
+    // VMDEPOT_DIR is honoured
+    let o = Command::new(bin())
+        .args(["image", "list", "--json"])
+        .env("VMDEPOT_DIR", t.depot())
+        .output()
+        .unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&o.stdout).unwrap(), list);
+    // `| head` is not an error
+    let mut c = t
+        .cmd(&["image", "list"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    assert!(c.wait().unwrap().success() || cfg!(not(target_os = "linux")));
+}
+
+/// A big, poorly compressible raw file: imports take long enough to be killed
+/// at different points.
+fn slow_source(t: &T) -> PathBuf {
+    let p = t.path("slow.raw");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let mut x: u64 = 88172645463325252;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..384 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    p
+}
+
+#[test]
+fn kill_9_during_import_leaves_nothing_visible_and_gc_cleans() {
+    let t = T::new();
+    let small = t.path("small.raw");
+    synthetic_raw(&small, 4, 9);
+    t.import(&small, "survivor");
+    let base_stats = t.stats();
+    let src = slow_source(&t);
+    for (i, ms) in [5u64, 60, 250, 700, 1500].into_iter().enumerate() {
+        let mut child = t
+            .cmd(&[
+                "image",
+                "import",
+                src.to_str().unwrap(),
+                "--name",
+                "killed",
+                "-q",
+            ])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill(); // SIGKILL
+        let st = child.wait().unwrap();
+        let list = t.json(&["image", "list", "--json"]);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
+        if st.success() {
+            // finished before the kill: then it must be whole
+            assert!(names.contains(&"killed"));
+            t.ok(&["image", "verify", "killed", "-q"]);
+            t.ok(&["image", "delete", "killed"]);
+        } else {
+            assert_eq!(
+                names,
+                vec!["survivor"],
+                "kill {i} at {ms} ms left a visible image"
+            );
+        }
+        t.assert_fsck_clean();
+        t.ok(&["gc"]);
+        let f = t.assert_fsck_clean();
+        assert!(f["garbage"].as_array().unwrap().is_empty(), "after gc: {f}");
+        assert_eq!(
+            t.stats()["stored_bytes"],
+            base_stats["stored_bytes"],
+            "kill {i} at {ms} ms"
+        );
+        assert!(std::fs::read_dir(t.depot().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+    // the name is free again and a full import works
+    t.import(&src, "killed");
+    t.ok(&["image", "verify", "killed", "-q"]);
+}
+
+#[test]
+fn concurrent_imports_list_and_gc() {
+    let t = T::new();
+    let f = fixtures();
+    let q = t.path("a.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        f.join("A.raw").to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    let files = [
+        f.join("A.raw"),
+        f.join("B.raw"),
+        f.join("B2.raw"),
+        q.clone(),
+    ];
+    let children: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            t.cmd(&[
+                "image",
+                "import",
+                p.to_str().unwrap(),
+                "--name",
+                &format!("c{i}"),
+                "-q",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    // gc and list while they run
+    for _ in 0..5 {
+        t.ok(&["gc"]);
+        t.ok(&["image", "list"]);
+    }
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    t.ok(&["gc"]);
+    t.assert_fsck_clean();
+    t.ok(&["image", "verify"]);
+    let list = t.json(&["image", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 4);
+    assert_eq!(
+        list[0]["content_digest"],
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "c3")
+            .unwrap()["content_digest"]
+    );
+    for (i, p) in files[..3].iter().enumerate() {
+        let out = t.path(&format!("o{i}"));
+        t.ok(&[
+            "image",
+            "export",
+            &format!("c{i}"),
+            out.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(same_content(p, &out));
+    }
+}
+
+#[test]
+fn gc_racing_a_reusing_import_never_loses_chunks() {
+    // Image X is deleted while a second import reuses its chunks and gc runs
+    // over and over: the import must end complete and verifiable.
+    let t = T::new();
+    let src = slow_source(&t);
+    t.import(&src, "x");
+    let mut child = t
+        .cmd(&[
+            "image",
+            "import",
+            src.to_str().unwrap(),
+            "--name",
+            "y",
+            "-q",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    t.ok(&["image", "delete", "x"]);
+    while child.try_wait().unwrap().is_none() {
+        t.ok(&["gc"]);
+    }
+    t.ok(&["gc"]);
+    t.ok(&["image", "verify", "y", "-q"]);
+    t.assert_fsck_clean();
+}
+
+#[test]
+fn enospc_during_import_leaves_the_depot_usable() {
+    if !nix_is_root() {
+        eprintln!("enospc test needs root to mount a tmpfs; CI runs as root");
+        return;
+    }
+    let t = T::new();
+    let mnt = t.path("small-fs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let depot = mnt.join("depot");
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .arg("--depot")
+            .arg(&depot)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let small = t.path("small.raw");
+    synthetic_raw(&small, 4, 2);
+    assert!(run(&[
+        "image",
+        "import",
+        small.to_str().unwrap(),
+        "--name",
+        "small",
+        "-q"
+    ])
+    .status
+    .success());
+    let big = slow_source(&t); // 384 MiB of noise: cannot fit in 48 MiB
+    let o = run(&[
+        "image",
+        "import",
+        big.to_str().unwrap(),
+        "--name",
+        "big",
+        "-q",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no space left"), "{err}");
+    // usable: list, fsck, another import, export
+    let list: Value = serde_json::from_slice(&run(&["image", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let f: Value = serde_json::from_slice(&run(&["fsck", "--json"]).stdout).unwrap();
+    assert!(
+        f["problems"].as_array().unwrap().is_empty() && f["garbage"].as_array().unwrap().is_empty(),
+        "{f}"
+    );
+    let small2 = t.path("small2.raw");
+    synthetic_raw(&small2, 4, 3);
+    assert!(run(&[
+        "image",
+        "import",
+        small2.to_str().unwrap(),
+        "--name",
+        "small2",
+        "-q"
+    ])
+    .status
+    .success());
+    let out = t.path("small.out");
+    assert!(run(&["image", "export", "small", out.to_str().unwrap()])
+        .status
+        .success());
+    assert!(same_content(&small, &out));
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}

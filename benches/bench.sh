@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# vmdepot against its peers on the same Debian disk images (fixtures/):
+#   A   debootstrap minbase in a fresh ext4
+#   B   A changed in place (packages added, files edited)
+#   B2  B's files re-laid by a fresh mkfs.ext4
+# For each tool: ingest time of A, then B, then B2; store size (du -sb)
+# after each; re-ingest of an unchanged A; export (restore) time of A; peak
+# RSS over all its runs; allocated bytes of the exported A (sparseness).
+# Page cache is warm for every tool alike (the images are read once first).
+#
+# Usage: benches/bench.sh [SIZE] [OUT.md]    (SIZE 2G by default, as in the issue)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:-2G}
+out_md=${2:-}
+bash .ci/setup >/dev/null
+cargo build --release -q
+vmdepot=$PWD/target/release/vmdepot
+img=$(bash fixtures/build-disk-images.sh "$size")
+work=$(mktemp -d /var/tmp/vmdepot-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cat "$img"/A.raw "$img"/B.raw "$img"/B2.raw >/dev/null
+
+declare -A R   # R[tool,metric]
+tools=()
+
+# measure TOOL METRIC CMD...: wall seconds into R[TOOL,METRIC], peak RSS tracked.
+measure() {
+    local tool=$1 metric=$2; shift 2
+    local t0 t1
+    /usr/bin/time -f '%M' -o "$work/rss" "$@" >"$work/log" 2>&1 || { echo "bench: $tool $metric failed:" >&2; tail -5 "$work/log" >&2; R[$tool,$metric]=fail; return 0; }
+    R[$tool,$metric]=$(awk -v s="$(cat "$work/t")" 'BEGIN{print s}' 2>/dev/null || echo "?")
+    local rss; rss=$(tail -1 "$work/rss")
+    local prev=${R[$tool,rss]:-0}
+    (( rss > prev )) && R[$tool,rss]=$rss || true
+}
+# timed wrapper: writes elapsed seconds to $work/t
+timed() { local s e; s=$(date +%s.%N); "$@"; local rc=$?; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN{printf "%.2f", b-a}' >"$work/t"; return $rc; }
+export -f timed
+dub() { du -sb "$1" | cut -f1; }
+alloc() { echo $(( $(stat -c %b "$1") * 512 )); }
+
+run_tool() {  # run_tool NAME INGEST_FN REINGEST_FN EXPORT_FN STORE_PATH
+    local name=$1 ingest=$2 reingest=$3 export=$4 store=$5
+    tools+=("$name")
+    for i in A B B2; do
+        measure "$name" "in_$i" bash -c "timed $ingest $i"
+        R[$name,du_$i]=$(dub "$store")
+    done
+    measure "$name" "re_A" bash -c "timed $reingest A"
+    rm -f "$work/out.raw"
+    measure "$name" "ex_A" bash -c "timed $export"
+    if [ -f "$work/out.raw" ]; then
+        R[$name,sparse]=$(alloc "$work/out.raw")
+        cmp -s "$work/out.raw" "$img/A.raw" || R[$name,sparse]="DIFFERS"
+    else
+        R[$name,sparse]="-"
+    fi
+    rm -rf "$work/out.raw" "$work/restore"
+}
+export work img vmdepot
+
+# --- vmdepot
+mkdir -p "$work/vmdepot"
+vd_in() { "$vmdepot" --depot "$work/vmdepot/d" image import "$img/$1.raw" --name "$1" -q >/dev/null; }
+vd_re() { "$vmdepot" --depot "$work/vmdepot/d" image import "$img/$1.raw" --name "$1-again" -q >/dev/null; }
+vd_ex() { "$vmdepot" --depot "$work/vmdepot/d" image export A "$work/out.raw" -q; }
+export -f vd_in vd_re vd_ex
+run_tool vmdepot vd_in vd_re vd_ex "$work/vmdepot"
+
+# --- borg, fixed 4 MiB and default CDC (repo without encryption, default lz4)
+for mode in fixed cdc; do
+    repo=$work/borg-$mode
+    export BORG_REPO=$repo BORG_BASE_DIR=$work/borg-base-$mode BORG_MODE=$mode
+    export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+    borg init -e none "$repo" >/dev/null 2>&1
+    borg_in() { cd "$img"; if [ "$BORG_MODE" = fixed ]; then borg create --chunker-params fixed,4194304 --sparse "::$1" "$1.raw"; else borg create "::$1" "$1.raw"; fi; }
+    borg_re() { cd "$img"; if [ "$BORG_MODE" = fixed ]; then borg create --chunker-params fixed,4194304 --sparse "::$1-again" "$1.raw"; else borg create "::$1-again" "$1.raw"; fi; }
+    borg_ex() { mkdir -p "$work/restore" && cd "$work/restore" && borg extract --sparse ::A && mv A.raw "$work/out.raw"; }
+    export -f borg_in borg_re borg_ex
+    run_tool "borg ($mode)" borg_in borg_re borg_ex "$repo"
+done
+
+# --- restic (repository v2: zstd compression)
+export RESTIC_REPOSITORY=$work/restic RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$work/restic-cache
+restic init --repository-version 2 >/dev/null 2>&1
+rs_in() { cd "$img"; restic backup --quiet "$1.raw"; }
+rs_re() { cd "$img"; restic backup --quiet "$1.raw"; }
+rs_ex() { restic restore latest --quiet --target "$work/restore" --include /A.raw 2>/dev/null || true; f=$(find "$work/restore" -name A.raw | head -1); [ -n "$f" ] && mv "$f" "$work/out.raw"; }
+export -f rs_in rs_re rs_ex
+run_tool "restic" rs_in rs_re rs_ex "$work/restic"
+
+# --- casync (CDC 64 KiB average, zstd)
+mkdir -p "$work/casync"
+ca_in() { casync make --compression=zstd --store="$work/casync/store" "$work/casync/$1.caibx" "$img/$1.raw" >/dev/null; }
+ca_re() { casync make --compression=zstd --store="$work/casync/store" "$work/casync/$1-again.caibx" "$img/$1.raw" >/dev/null; }
+ca_ex() { casync extract --store="$work/casync/store" "$work/casync/A.caibx" "$work/out.raw"; }
+export -f ca_in ca_re ca_ex
+run_tool "casync" ca_in ca_re ca_ex "$work/casync"
+
+# --- zstd -3 -T2, one file per image
+mkdir -p "$work/zstd"
+zs_in() { zstd -q -3 -T2 -f "$img/$1.raw" -o "$work/zstd/$1.zst"; }
+zs_re() { zstd -q -3 -T2 -f "$img/$1.raw" -o "$work/zstd/$1-again.zst"; }
+zs_ex() { zstd -q -d --sparse -f "$work/zstd/A.zst" -o "$work/out.raw"; }
+export -f zs_in zs_re zs_ex
+run_tool "zstd -3 -T2" zs_in zs_re zs_ex "$work/zstd"
+
+# --- qemu-img convert to compressed qcow2, one file per image
+mkdir -p "$work/qcow2"
+qi_in() { qemu-img convert -c -f raw -O qcow2 "$img/$1.raw" "$work/qcow2/$1.qcow2"; }
+qi_re() { qemu-img convert -c -f raw -O qcow2 "$img/$1.raw" "$work/qcow2/$1-again.qcow2"; }
+qi_ex() { qemu-img convert -f qcow2 -O raw "$work/qcow2/A.qcow2" "$work/out.raw"; }
+export -f qi_in qi_re qi_ex
+run_tool "qemu-img convert -c" qi_in qi_re qi_ex "$work/qcow2"
+
+# --- cp --sparse=always: the export baseline
+mkdir -p "$work/cp"
+cp_in() { cp --sparse=always "$img/$1.raw" "$work/cp/$1.raw"; }
+cp_re() { cp --sparse=always "$img/$1.raw" "$work/cp/$1-again.raw"; }
+cp_ex() { cp --sparse=always "$work/cp/A.raw" "$work/out.raw"; }
+export -f cp_in cp_re cp_ex
+run_tool "cp --sparse=always" cp_in cp_re cp_ex "$work/cp"
+
+mib() { case $1 in ''|fail|-|DIFFERS) echo "$1";; *) awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}';; esac; }
+{
+    echo "Images: $size each (A: $(mib "$(alloc "$img/A.raw")") MiB allocated, B: $(mib "$(alloc "$img/B.raw")"), B2: $(mib "$(alloc "$img/B2.raw")")); $(nproc) cores; $(date -u +%Y-%m-%d)."
+    echo
+    echo "| tool | ingest A s | ingest B s | ingest B2 s | store after A MiB | after A+B MiB | after A+B+B2 MiB | re-ingest A s | export A s | peak RSS MiB | export allocated MiB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    for t in "${tools[@]}"; do
+        echo "| $t | ${R[$t,in_A]} | ${R[$t,in_B]} | ${R[$t,in_B2]} | $(mib "${R[$t,du_A]}") | $(mib "${R[$t,du_B]}") | $(mib "${R[$t,du_B2]}") | ${R[$t,re_A]} | ${R[$t,ex_A]} | $(awk -v k="${R[$t,rss]:-0}" 'BEGIN{printf "%.0f", k/1024}') | $(mib "${R[$t,sparse]}") |"
+    done
+    v=vmdepot
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "n/a"; else printf "%.2f", a/b }'; }
+    echo
+    echo "Targets (issue 2), this run:"
+    echo "- store after A+B+B2 vs casync: $(ratio "${R[$v,du_B2]}" "${R[casync,du_B2]}")x (target <= 0.8)"
+    echo "- store after A vs zstd -3: $(ratio "${R[$v,du_A]}" "${R[zstd -3 -T2,du_A]}")x (target <= 1.1)"
+    echo "- ingest A vs borg (fixed): $(ratio "${R[$v,in_A]}" "${R[borg (fixed),in_A]}")x (target <= 0.4)"
+    echo "- re-ingest A vs borg (fixed): $(ratio "${R[$v,re_A]}" "${R[borg (fixed),re_A]}")x (target <= 0.15)"
+    echo "- export A vs cp --sparse=always: $(ratio "${R[$v,ex_A]}" "${R[cp --sparse=always,ex_A]}")x (target <= 2)"
+    echo "- vmdepot peak RSS: $(awk -v k="${R[$v,rss]:-0}" 'BEGIN{printf "%.0f", k/1024}') MiB (target <= 128)"
+} | tee "$work/table.md"
+if [ -n "$out_md" ]; then
+    { echo "# Benchmarks"; echo; echo "Generated by \`benches/bench.sh $size\`; do not edit by hand."; echo; cat "$work/table.md"; } >"$out_md"
+fi

@@ -56,10 +56,15 @@ CREATE INDEX frames_by_pack ON frames(pack);
 
 CREATE TABLE chunks (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,    -- never reused: maps refer to it
-    hash  BLOB NOT NULL UNIQUE,                 -- BLAKE3 of the 4096-byte chunk
+    hkey  INTEGER NOT NULL,                     -- first 8 bytes of hash (LE, signed): the index key
+    hash  BLOB NOT NULL,                        -- BLAKE3 of the 4096-byte chunk; unique
     frame INTEGER NOT NULL REFERENCES frames(id),
     slot  INTEGER NOT NULL                      -- index of the chunk in its frame
 );
+-- An 8-byte key indexes a third of the bytes of the full 32-byte hash;
+-- lookups compare the full hash. Uniqueness of hash is kept by the importer
+-- (it checks before inserting, inside its write transaction).
+CREATE INDEX chunks_by_hkey ON chunks(hkey);
 "#];
 
 fn migrations() -> Migrations<'static> {
@@ -222,10 +227,17 @@ pub fn pack_name(conn: &Connection, id: i64) -> Result<Option<String>> {
     Ok(st.query_row([id], |r| r.get(0)).optional()?)
 }
 
+/// The index key of a hash: its first 8 bytes.
+pub fn hkey(hash: &ChunkHash) -> i64 {
+    i64::from_le_bytes(hash.0[..8].try_into().unwrap())
+}
+
 /// The chunk id stored for a hash, if any.
 pub fn chunk_by_hash(conn: &Connection, hash: &ChunkHash) -> Result<Option<ChunkId>> {
-    let mut st = conn.prepare_cached("SELECT id FROM chunks WHERE hash = ?1")?;
-    Ok(st.query_row([&hash.0[..]], |r| r.get(0)).optional()?)
+    let mut st = conn.prepare_cached("SELECT id FROM chunks WHERE hkey = ?1 AND hash = ?2")?;
+    Ok(st
+        .query_row(params![hkey(hash), &hash.0[..]], |r| r.get(0))
+        .optional()?)
 }
 
 /// Registers a pack file that an import is about to write.

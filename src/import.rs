@@ -547,17 +547,20 @@ fn commit(
     let mut ids: HashMap<u64, ChunkId> = HashMap::with_capacity(new.len());
     {
         let mut ins = tx.prepare_cached(
-            "INSERT INTO chunks (hash, frame, slot) VALUES (?1, ?2, ?3) ON CONFLICT (hash) DO NOTHING",
+            "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
         )?;
         for (e, h) in &new {
             let seq = (e & !NEW) >> 8;
             let slot = e & 0xff;
             let fid = frame_ids[&seq];
-            let cid = if ins.execute(params![&h.0[..], fid, slot as i64])? == 1 {
-                tx.last_insert_rowid()
-            } else {
-                // A concurrent import stored the same content first.
-                catalog::chunk_by_hash(&tx, h)?.expect("conflicting chunk exists")
+            // A concurrent import may have stored the same content first:
+            // then its chunk is used and this copy stays unreferenced.
+            let cid = match catalog::chunk_by_hash(&tx, h)? {
+                Some(cid) => cid,
+                None => {
+                    ins.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
+                    tx.last_insert_rowid()
+                }
             };
             ids.insert(*e, cid);
         }

@@ -9,6 +9,7 @@
 //! work on one depot, and migrations versioned by `PRAGMA user_version`
 //! through `rusqlite_migration`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 
 /// The schema, one entry per version. DO NOT edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE images (
     id             TEXT PRIMARY KEY,            -- img-<16 hex>
     name           TEXT NOT NULL,
@@ -65,7 +67,29 @@ CREATE TABLE chunks (
 -- lookups compare the full hash. Uniqueness of hash is kept by the importer
 -- (it checks before inserting, inside its write transaction).
 CREATE INDEX chunks_by_hkey ON chunks(hkey);
-"#];
+"#,
+    // v2: chaining values of all-zero digest leaves (see digest::ZeroCvs).
+    r#"
+CREATE TABLE zero_cvs (
+    offset INTEGER NOT NULL,
+    len    INTEGER NOT NULL,
+    cv     BLOB NOT NULL,                       -- BLAKE3 chaining value, 32 bytes
+    PRIMARY KEY (offset, len)
+) WITHOUT ROWID;
+
+-- Input files imported before: an unchanged file (same dev, inode, size,
+-- mtime, ctime) is re-imported from the image it became, without reading it.
+CREATE TABLE source_files (
+    dev      INTEGER NOT NULL,
+    ino      INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    image    TEXT NOT NULL,
+    PRIMARY KEY (dev, ino)
+) WITHOUT ROWID;
+"#,
+];
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
@@ -73,6 +97,18 @@ fn migrations() -> Migrations<'static> {
 
 /// Opens (creating if needed) the catalog at `path`, configured and migrated.
 pub fn open(path: &Path) -> Result<Connection> {
+    // Creating the catalog, switching it to WAL and migrating it are
+    // serialised between processes by a lock file beside it (SQLite gives
+    // "database is locked" without waiting for a journal-mode change).
+    let lock_path = path.with_extension("db.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io(&lock_path, e.into()))?;
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(60))?;
     // journal_mode returns a row; pragma_update would reject it.
@@ -90,17 +126,13 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Brings the schema to the newest version, serialised against other
-/// processes doing the same.
+/// Brings the schema to the newest version (the caller holds the lock).
 fn migrate(conn: &mut Connection) -> Result<()> {
-    let m = migrations();
-    // Fast path: already current (no write lock needed).
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current as usize == MIGRATIONS.len() {
         return Ok(());
     }
-    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?; // waits out a concurrent migrator
-    m.to_latest(conn)?;
+    migrations().to_latest(conn)?;
     Ok(())
 }
 
@@ -190,19 +222,33 @@ pub struct FrameLoc {
     pub nchunks: u32,
 }
 
-/// Looks up a chunk by id.
-pub fn chunk_loc(conn: &Connection, id: ChunkId) -> Result<Option<ChunkLoc>> {
-    let mut st = conn.prepare_cached("SELECT hash, frame, slot FROM chunks WHERE id = ?1")?;
-    Ok(st
-        .query_row([id], |r| {
-            let h: Vec<u8> = r.get(0)?;
-            Ok(ChunkLoc {
-                hash: ChunkHash(h.as_slice().try_into().unwrap_or([0; 32])),
-                frame: r.get(1)?,
-                slot: r.get::<_, i64>(2)? as u32,
-            })
-        })
-        .optional()?)
+/// Looks up chunks by id (`ids` sorted): one range query per run of
+/// consecutive ids, which is how images use them.
+pub fn chunk_locs(conn: &Connection, ids: &[ChunkId]) -> Result<HashMap<ChunkId, ChunkLoc>> {
+    let mut st =
+        conn.prepare_cached("SELECT id, hash, frame, slot FROM chunks WHERE id BETWEEN ?1 AND ?2")?;
+    let mut out = HashMap::with_capacity(ids.len());
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i + 1;
+        while j < ids.len() && ids[j] == ids[j - 1] + 1 {
+            j += 1;
+        }
+        let mut rows = st.query([ids[i], ids[j - 1]])?;
+        while let Some(r) = rows.next()? {
+            let h: Vec<u8> = r.get(1)?;
+            out.insert(
+                r.get(0)?,
+                ChunkLoc {
+                    hash: ChunkHash(h.as_slice().try_into().unwrap_or([0; 32])),
+                    frame: r.get(2)?,
+                    slot: r.get::<_, i64>(3)? as u32,
+                },
+            );
+        }
+        i = j;
+    }
+    Ok(out)
 }
 
 /// Looks up a frame by id.
@@ -247,6 +293,31 @@ pub fn insert_pending_pack(conn: &Connection, name: &str, image: &ImageId) -> Re
         params![name, image.as_str()],
     )?;
     Ok(conn.last_insert_rowid())
+}
+
+/// The known zero-leaf chaining values for content of `size` bytes.
+pub fn load_zero_cvs(conn: &Connection, size: u64) -> Result<crate::digest::ZeroCvs> {
+    let mut st = conn.prepare_cached("SELECT offset, len, cv FROM zero_cvs WHERE offset < ?1")?;
+    let rows = st.query_map([size as i64], |r| {
+        let cv: Vec<u8> = r.get(2)?;
+        Ok((
+            (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64),
+            cv.as_slice().try_into().unwrap_or([0u8; 32]),
+        ))
+    })?;
+    Ok(crate::digest::ZeroCvs::new(
+        rows.collect::<rusqlite::Result<_>>()?,
+    ))
+}
+
+/// Keeps newly computed zero-leaf chaining values.
+pub fn save_zero_cvs(conn: &Connection, cvs: &[(u64, u64, [u8; 32])]) -> Result<()> {
+    let mut st = conn
+        .prepare_cached("INSERT OR IGNORE INTO zero_cvs (offset, len, cv) VALUES (?1, ?2, ?3)")?;
+    for (o, l, cv) in cvs {
+        st.execute(params![*o as i64, *l as i64, &cv[..]])?;
+    }
+    Ok(())
 }
 
 /// Current unix time in seconds.

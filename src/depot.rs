@@ -59,6 +59,9 @@ pub struct ImportOptions {
     pub description: String,
     /// `None` detects the format from the content.
     pub format: Option<SourceFormat>,
+    /// Read the file even when it is unchanged (same device, inode, size,
+    /// mtime and ctime) since an earlier import whose image still exists.
+    pub reread: bool,
 }
 
 impl ImportOptions {
@@ -68,6 +71,7 @@ impl ImportOptions {
             kind: ImageType::Custom,
             description: String::new(),
             format: None,
+            reread: false,
         }
     }
 }

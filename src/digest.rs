@@ -9,6 +9,14 @@
 
 use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, HasherExt};
 use blake3::hazmat::{ChainingValue, Mode};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Leaves of the digest work: subtrees of at most 1 MiB. Import and export
+/// hand out runs of [`LEAVES_PER_UNIT`] leaves to their workers.
+pub const LEAF_BYTES: u64 = 1 << 20;
+/// Leaves per unit of work (16 MiB): keeps each worker's reads and frames local.
+pub const LEAVES_PER_UNIT: usize = 16;
 
 /// One piece of the content: a subtree of the BLAKE3 tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +125,46 @@ impl Pieces {
     }
 }
 
+/// Chaining values of all-zero leaves. They depend only on the leaf's
+/// offset and length, never on the image, so a depot keeps them (catalog
+/// table `zero_cvs`) and most zero leaves cost a lookup instead of hashing
+/// a MiB of zeros.
+pub struct ZeroCvs {
+    known: HashMap<(u64, u64), ChainingValue>,
+    added: Mutex<Vec<(u64, u64, ChainingValue)>>,
+}
+
+impl ZeroCvs {
+    pub fn new(known: HashMap<(u64, u64), ChainingValue>) -> ZeroCvs {
+        ZeroCvs {
+            known,
+            added: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The result of an all-zero leaf.
+    pub fn leaf(&self, pieces: &Pieces, p: &Piece) -> PieceHash {
+        if pieces.leaves.len() == 1 {
+            let mut h = piece_hasher(p);
+            update_zeros(&mut h, p.len);
+            return PieceHash::Root(h.finalize());
+        }
+        if let Some(cv) = self.known.get(&(p.offset, p.len)) {
+            return PieceHash::Cv(*cv);
+        }
+        let mut h = piece_hasher(p);
+        update_zeros(&mut h, p.len);
+        let cv = h.finalize_non_root();
+        self.added.lock().unwrap().push((p.offset, p.len, cv));
+        PieceHash::Cv(cv)
+    }
+
+    /// The values computed since [`ZeroCvs::new`], to be kept.
+    pub fn into_added(self) -> Vec<(u64, u64, ChainingValue)> {
+        self.added.into_inner().unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +218,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cached_zero_leaves_give_the_plain_blake3() {
+        let mut data = vec![0u8; 5 * 1024 * 1024 + 4096];
+        data[3 * 1024 * 1024 + 5] = 1;
+        let pieces = split(data.len() as u64, LEAF_BYTES);
+        let zc = ZeroCvs::new(HashMap::new());
+        let run = |zc: &ZeroCvs| {
+            let r: Vec<PieceHash> = pieces
+                .leaves
+                .iter()
+                .map(|p| {
+                    let s = &data[p.offset as usize..(p.offset + p.len) as usize];
+                    if s.iter().all(|&b| b == 0) {
+                        zc.leaf(&pieces, p)
+                    } else {
+                        let mut h = piece_hasher(p);
+                        h.update(s);
+                        pieces.finish(&h)
+                    }
+                })
+                .collect();
+            pieces.root(&r)
+        };
+        assert_eq!(run(&zc), blake3::hash(&data));
+        let added = zc.into_added();
+        assert_eq!(added.len(), pieces.leaves.len() - 1);
+        let zc2 = ZeroCvs::new(added.iter().map(|&(o, l, cv)| ((o, l), cv)).collect());
+        assert_eq!(run(&zc2), blake3::hash(&data));
+        assert!(zc2.into_added().is_empty(), "second run hashes no zeros");
+        // a single-leaf input of zeros
+        let small = vec![0u8; 8192];
+        let p1 = split(8192, LEAF_BYTES);
+        let r = ZeroCvs::new(HashMap::new()).leaf(&p1, &p1.leaves[0]);
+        assert_eq!(p1.root(&[r]), blake3::hash(&small));
     }
 
     #[test]

@@ -34,8 +34,6 @@ use crate::progress::Progress;
 use crate::source::{self, RawSource};
 use crate::store::{self, PackWriter};
 
-/// Largest piece a worker takes at once.
-pub(crate) const PIECE_BYTES: u64 = 64 << 20;
 /// Read buffer per worker.
 const READ_BYTES: usize = 1 << 20;
 /// How many times an import restarts after a concurrent gc took its chunks.
@@ -62,6 +60,15 @@ pub(crate) fn import(
         armed: true,
     };
     insert_importing_row(depot, &id, opts, ins.format.name())?;
+    let before = FileIdent::of(file);
+    if let Some(f) = before.as_ref().filter(|_| !opts.reread) {
+        if reuse_unchanged(depot, &id, f)? {
+            guard.armed = false;
+            drop(guard);
+            let _ = std::fs::remove_file(depot.lock_path(&id));
+            return Ok(id);
+        }
+    }
     progress.begin("convert", 0);
     let raw = RawSource::prepare(&ins, &depot.tmp_path(&id));
     progress.end();
@@ -81,8 +88,83 @@ pub(crate) fn import(
     guard.armed = false;
     drop(guard);
     drop(raw);
+    // Remember the file only if it did not change while it was read.
+    if let Some(f) = before.filter(|b| FileIdent::of(file).as_ref() == Some(b)) {
+        f.remember(depot, &id)?;
+    }
     let _ = std::fs::remove_file(depot.lock_path(&id));
     Ok(id)
+}
+
+/// Identity of an input file: if all of it is unchanged, so is its content
+/// (ctime moves on every write and cannot be set by a user).
+#[derive(Debug, PartialEq, Eq)]
+struct FileIdent {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl FileIdent {
+    /// Regular files only: a block device changes without its times moving.
+    fn of(path: &Path) -> Option<FileIdent> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        m.is_file().then(|| FileIdent {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        })
+    }
+
+    fn remember(&self, depot: &Depot, image: &ImageId) -> Result<()> {
+        depot.conn.execute(
+            "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                self.dev as i64,
+                self.ino as i64,
+                self.size as i64,
+                self.mtime_ns,
+                self.ctime_ns,
+                image.as_str()
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// If `file` was imported before, is unchanged, and that image still
+/// exists, the new image takes its content (map and digest) without reading
+/// the file. One transaction: the earlier image's chunks cannot be collected
+/// in between.
+fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
+    let tx = rusqlite::Transaction::new_unchecked(&depot.conn, TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "UPDATE images SET (state, virtual_size, data_bytes, content_digest, map, map_digest) =
+            (SELECT 'available', o.virtual_size, o.data_bytes, o.content_digest, o.map, o.map_digest
+             FROM source_files s JOIN images o ON o.id = s.image
+             WHERE s.dev = ?2 AND s.ino = ?3 AND s.size = ?4 AND s.mtime_ns = ?5
+               AND s.ctime_ns = ?6 AND o.state = 'available')
+         WHERE id = ?1 AND EXISTS (
+             SELECT 1 FROM source_files s JOIN images o ON o.id = s.image
+             WHERE s.dev = ?2 AND s.ino = ?3 AND s.size = ?4 AND s.mtime_ns = ?5
+               AND s.ctime_ns = ?6 AND o.state = 'available')",
+        params![
+            id.as_str(),
+            f.dev as i64,
+            f.ino as i64,
+            f.size as i64,
+            f.mtime_ns,
+            f.ctime_ns
+        ],
+    )?;
+    tx.commit()?;
+    Ok(n == 1)
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -196,6 +278,7 @@ struct Shared<'a> {
     /// Chunks already in the catalog that this import reuses.
     reused: Mutex<HashSet<ChunkId>>,
     results: Mutex<Vec<Option<PieceResult>>>,
+    zero_cvs: digest::ZeroCvs,
     abort: AtomicBool,
     progress: &'a dyn Progress,
 }
@@ -203,7 +286,8 @@ struct Shared<'a> {
 fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress) -> Result<()> {
     let file = File::open(&raw.path).at(&raw.path)?;
     let extents = source::data_extents(&file, raw.size).at(&raw.path)?;
-    let pieces = digest::split(raw.size, PIECE_BYTES);
+    let pieces = digest::split(raw.size, digest::LEAF_BYTES);
+    let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
         raw: &file,
@@ -216,6 +300,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         new: Mutex::new(HashMap::new()),
         reused: Mutex::new(HashSet::new()),
         results: Mutex::new((0..npieces).map(|_| None).collect()),
+        zero_cvs,
         abort: AtomicBool::new(false),
         progress,
     };
@@ -261,6 +346,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         reused,
         results,
         pieces,
+        zero_cvs,
         ..
     } = shared;
     let results: Vec<PieceResult> = results
@@ -279,83 +365,113 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         new.into_inner().unwrap(),
         reused.into_inner().unwrap(),
         written,
+        zero_cvs.into_added(),
     )
 }
 
-/// Pops pieces until none are left.
+/// Takes units of leaves until none are left.
 fn work(sh: &Shared<'_>, db_path: &Path, tx: mpsc::SyncSender<FrameMsg>) -> Result<()> {
     let conn = Connection::open(db_path)?;
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
     let mut buf = vec![0u8; READ_BYTES];
     let mut frame = FrameBuf::default();
+    let nleaves = sh.pieces.leaves.len();
     loop {
         if sh.abort.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let i = sh.next_piece.fetch_add(1, Ordering::Relaxed);
-        let Some(&piece) = sh.pieces.leaves.get(i) else {
-            return Ok(());
-        };
-        let mut hasher = digest::piece_hasher(&piece);
-        let nblocks = format::blocks_for(piece.len) as usize;
-        let mut entries = Vec::with_capacity(nblocks);
-        let mut data_blocks = 0u64;
-        let pend = piece.offset + piece.len;
-        let mut pos = piece.offset;
-        // Data ranges of this piece, widened to whole blocks.
-        let ranges = sh
-            .extents
-            .iter()
-            .filter(|&&(s, e)| e > piece.offset && s < pend)
-            .map(|&(s, e)| (s.max(piece.offset) / CHUNK * CHUNK, e.min(pend)));
-        for (s, e) in ranges {
-            let s = s.max(pos);
-            if s >= e {
-                continue;
-            }
-            if s > pos {
-                zero_run(&mut entries, &mut hasher, s - pos);
-                sh.progress.advance(s - pos);
-            }
-            let e = e.div_ceil(CHUNK).saturating_mul(CHUNK).min(pend);
-            let mut off = s;
-            while off < e {
-                let want = ((e - off) as usize).min(READ_BYTES);
-                let got = read_at_full(sh.raw, &mut buf[..want], off).at(sh.raw_path)?;
-                if got < want {
-                    return Err(Error::BadInput {
-                        file: sh.raw_path.to_owned(),
-                        reason: format!(
-                            "file ended at byte {} while {} bytes were expected",
-                            off + got as u64,
-                            sh.size
-                        ),
-                    });
-                }
-                hasher.update(&buf[..got]);
-                for block in buf[..got].chunks(CHUNK_SIZE) {
-                    let entry = classify(sh, &conn, block, &mut frame, &tx)?;
-                    data_blocks += u64::from(entry != 0);
-                    entries.push(entry);
-                }
-                sh.progress.advance(got as u64);
-                off += got as u64;
-            }
-            pos = e;
+        let u = sh.next_piece.fetch_add(1, Ordering::Relaxed);
+        let first = u * digest::LEAVES_PER_UNIT;
+        if first >= nleaves {
+            break;
         }
-        if pend > pos {
-            zero_run(&mut entries, &mut hasher, pend - pos);
-            sh.progress.advance(pend - pos);
+        // One read transaction per unit: SQLite's file locks are taken once,
+        // not per lookup. (A chunk committed meanwhile by another import is
+        // compressed again; the commit still keeps one chunk row per hash.)
+        let rtx = conn.unchecked_transaction()?;
+        for i in first..(first + digest::LEAVES_PER_UNIT).min(nleaves) {
+            let res = leaf(sh, &rtx, i, &mut buf, &mut frame, &tx)?;
+            sh.results.lock().unwrap()[i] = Some(res);
         }
-        frame.flush(sh, &tx)?;
-        debug_assert_eq!(entries.len(), nblocks);
-        let res = PieceResult {
-            entries,
-            hash: sh.pieces.finish(&hasher),
-            data_blocks,
-        };
-        sh.results.lock().unwrap()[i] = Some(res);
+        rtx.finish()?;
     }
+    frame.flush(sh, &tx)
+}
+
+/// Reads, hashes and classifies the blocks of leaf `i`.
+fn leaf(
+    sh: &Shared<'_>,
+    conn: &Connection,
+    i: usize,
+    buf: &mut [u8],
+    frame: &mut FrameBuf,
+    tx: &mpsc::SyncSender<FrameMsg>,
+) -> Result<PieceResult> {
+    let piece = sh.pieces.leaves[i];
+    let nblocks = format::blocks_for(piece.len) as usize;
+    let pend = piece.offset + piece.len;
+    // Data ranges of this leaf, widened to whole blocks.
+    let first = sh.extents.partition_point(|&(_, e)| e <= piece.offset);
+    let ranges: Vec<(u64, u64)> = sh.extents[first..]
+        .iter()
+        .take_while(|&&(s, _)| s < pend)
+        .map(|&(s, e)| (s.max(piece.offset) / CHUNK * CHUNK, e.min(pend)))
+        .collect();
+    if ranges.is_empty() {
+        sh.progress.advance(piece.len);
+        return Ok(PieceResult {
+            entries: vec![0; nblocks],
+            hash: sh.zero_cvs.leaf(&sh.pieces, &piece),
+            data_blocks: 0,
+        });
+    }
+    let mut hasher = digest::piece_hasher(&piece);
+    let mut entries = Vec::with_capacity(nblocks);
+    let mut data_blocks = 0u64;
+    let mut pos = piece.offset;
+    for (s, e) in ranges {
+        let s = s.max(pos);
+        if s >= e {
+            continue;
+        }
+        if s > pos {
+            zero_run(&mut entries, &mut hasher, s - pos);
+        }
+        let e = e.div_ceil(CHUNK).saturating_mul(CHUNK).min(pend);
+        let mut off = s;
+        while off < e {
+            let want = ((e - off) as usize).min(buf.len());
+            let got = read_at_full(sh.raw, &mut buf[..want], off).at(sh.raw_path)?;
+            if got < want {
+                return Err(Error::BadInput {
+                    file: sh.raw_path.to_owned(),
+                    reason: format!(
+                        "file ended at byte {} while {} bytes were expected",
+                        off + got as u64,
+                        sh.size
+                    ),
+                });
+            }
+            hasher.update(&buf[..got]);
+            for block in buf[..got].chunks(CHUNK_SIZE) {
+                let entry = classify(sh, conn, block, frame, tx)?;
+                data_blocks += u64::from(entry != 0);
+                entries.push(entry);
+            }
+            off += got as u64;
+        }
+        pos = e;
+    }
+    if pend > pos {
+        zero_run(&mut entries, &mut hasher, pend - pos);
+    }
+    sh.progress.advance(piece.len);
+    debug_assert_eq!(entries.len(), nblocks);
+    Ok(PieceResult {
+        entries,
+        hash: sh.pieces.finish(&hasher),
+        data_blocks,
+    })
 }
 
 fn zero_run(entries: &mut Vec<u64>, hasher: &mut blake3::Hasher, len: u64) {
@@ -518,6 +634,7 @@ fn commit(
     new: HashMap<ChunkHash, u64>,
     reused: HashSet<ChunkId>,
     mut written: Vec<Written>,
+    zero_cvs: Vec<(u64, u64, [u8; 32])>,
 ) -> Result<()> {
     let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
     // Take the write lock now: nothing may change between check and insert.
@@ -595,6 +712,7 @@ fn commit(
          WHERE image = ?1 AND state = 'pending'",
         [id.as_str()],
     )?;
+    catalog::save_zero_cvs(&tx, &zero_cvs)?;
     tx.commit()?;
     Ok(())
 }

@@ -72,6 +72,9 @@ enum ImageCmd {
         kind: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// Read the file even if it is unchanged since an earlier import
+        #[arg(long)]
+        reread: bool,
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             format,
             kind,
             description,
+            reread,
             json,
         }) => {
             let opts = ImportOptions {
@@ -165,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 kind: ImageType::parse(&kind)?,
                 description,
                 format: SourceFormat::parse(&format)?,
+                reread,
             };
             let info = depot.import(&file, &opts, &progress)?;
             if json {

@@ -856,3 +856,50 @@ fn nix_is_root() -> bool {
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
 }
+
+#[test]
+fn reimport_trusts_only_an_unchanged_file() {
+    let t = T::new();
+    let src = t.path("s.raw");
+    synthetic_raw(&src, 6, 21);
+    let one = t.import(&src, "one");
+    // unchanged: same content (taken without reading), no new data
+    let packs = t.pack_files();
+    let two = t.import(&src, "two");
+    assert_eq!(two["content_digest"], one["content_digest"]);
+    assert_eq!(t.pack_files(), packs);
+    // the same size, another content: must be read again
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(b"changed!", 3 << 20).unwrap();
+    }
+    let three = t.import(&src, "three");
+    let want = blake3::hash(&std::fs::read(&src).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(three["content_digest"], want.as_str());
+    assert_ne!(three["content_digest"], one["content_digest"]);
+    // the image it was taken from is gone: read again, still right
+    t.ok(&["image", "delete", "three"]);
+    t.ok(&["gc"]);
+    let four = t.import(&src, "four");
+    assert_eq!(four["content_digest"], want.as_str());
+    t.ok(&["image", "verify", "four"]);
+    t.ok(&["image", "verify", "two"]);
+    let out = t.path("four.out");
+    t.ok(&["image", "export", "four", out.to_str().unwrap()]);
+    assert!(same_content(&src, &out));
+    // --reread reads even an unchanged file
+    let five = t.json(&[
+        "image",
+        "import",
+        src.to_str().unwrap(),
+        "--name",
+        "five",
+        "--reread",
+        "--json",
+        "-q",
+    ]);
+    assert_eq!(five["content_digest"], want.as_str());
+}

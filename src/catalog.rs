@@ -188,7 +188,7 @@ pub fn list_images(conn: &Connection) -> Result<Vec<ImageRow>> {
 }
 
 /// The encoded map of an available image, checked against its digest.
-pub fn image_map(conn: &Connection, id: &ImageId) -> Result<Vec<ChunkId>> {
+pub fn image_map(conn: &Connection, id: &ImageId) -> Result<crate::format::BlockMap> {
     let (blob, digest): (Option<Vec<u8>>, Option<Vec<u8>>) = conn.query_row(
         "SELECT map, map_digest FROM images WHERE id = ?1",
         [id.as_str()],

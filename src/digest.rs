@@ -23,7 +23,13 @@ pub const LEAVES_PER_UNIT: usize = 16;
 pub struct Piece {
     pub offset: u64,
     pub len: u64,
+    /// Known to be all zero (its value comes from [`ZeroCvs`]).
+    pub zero: bool,
 }
+
+/// Zero pieces are cut to at most this size, so that computing the value of
+/// a large zero region the first time is shared among workers.
+pub const MAX_ZERO_PIECE: u64 = 64 << 30;
 
 /// The tree of pieces covering an image.
 #[derive(Debug)]
@@ -36,17 +42,35 @@ pub struct Pieces {
 /// Splits `[0, len)` into subtree pieces of at most `max_piece` bytes
 /// (`max_piece` ≥ 4 KiB). An empty or single-chunk input is one piece.
 pub fn split(len: u64, max_piece: u64) -> Pieces {
-    let mut leaves = Vec::new();
-    fn rec(off: u64, len: u64, max: u64, out: &mut Vec<Piece>) {
-        if len <= max || len <= blake3::CHUNK_LEN as u64 {
-            out.push(Piece { offset: off, len });
+    split_sparse(len, max_piece, |_, _| true)
+}
+
+/// Like [`split`], but a subtree for which `has_data(offset, len)` is false
+/// becomes one zero piece (of at most [`MAX_ZERO_PIECE`]) however large:
+/// the number of pieces follows the data, not the size.
+pub fn split_sparse(len: u64, max_piece: u64, has_data: impl Fn(u64, u64) -> bool) -> Pieces {
+    fn rec(
+        off: u64,
+        len: u64,
+        max: u64,
+        has_data: &dyn Fn(u64, u64) -> bool,
+        out: &mut Vec<Piece>,
+    ) {
+        let data = has_data(off, len);
+        if (!data && len <= MAX_ZERO_PIECE) || len <= max || len <= blake3::CHUNK_LEN as u64 {
+            out.push(Piece {
+                offset: off,
+                len,
+                zero: !data,
+            });
         } else {
             let left = left_subtree_len(len);
-            rec(off, left, max, out);
-            rec(off + left, len - left, max, out);
+            rec(off, left, max, has_data, out);
+            rec(off + left, len - left, max, has_data, out);
         }
     }
-    rec(0, len, max_piece.max(4096), &mut leaves);
+    let mut leaves = Vec::new();
+    rec(0, len, max_piece.max(4096), &has_data, &mut leaves);
     Pieces { leaves, total: len }
 }
 

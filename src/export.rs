@@ -129,7 +129,7 @@ pub(crate) fn verify_image(
 
 /// Everything a worker needs to find a chunk's bytes.
 struct Plan {
-    map: Vec<ChunkId>,
+    map: crate::format::BlockMap,
     chunks: HashMap<ChunkId, ChunkLoc>,
     frames: HashMap<i64, FrameLoc>,
     packs: HashMap<i64, String>,
@@ -139,13 +139,13 @@ fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
     // One read transaction: one snapshot, and SQLite's file locks taken once.
     let tx = depot.conn.unchecked_transaction()?;
     let map = catalog::image_map(&tx, &row.id)?;
-    let mut ids: Vec<ChunkId> = map.iter().copied().filter(|&c| c != ZERO_BLOCK).collect();
+    let mut ids: Vec<ChunkId> = map.data().map(|(_, c)| c).collect();
     ids.sort_unstable();
     ids.dedup();
     let chunks = catalog::chunk_locs(&tx, &ids)?;
     let missing = |what: String, cid: ChunkId| Error::Corrupt {
         image: format!("{} ({})", row.name, row.id),
-        offset: map.iter().position(|&c| c == cid).unwrap_or(0) as u64 * CHUNK,
+        offset: map.data().find(|&(_, c)| c == cid).map_or(0, |(b, _)| b) * CHUNK,
         detail: what,
     };
     if let Some(&cid) = ids.iter().find(|c| !chunks.contains_key(c)) {
@@ -185,10 +185,11 @@ fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
 /// Rebuilds the image into `out` (pre-sized, sparse) or just checks it.
 /// Returns the number of data blocks read.
 ///
-/// The content digest, computed over everything that was rebuilt, is what
-/// proves the content right: BLAKE3's tree covers every byte. Only when it
-/// does not match is a second pass made that checks every chunk against its
-/// own hash, to name the first bad byte offset.
+/// Export checks every chunk against its hash as it writes it, then the
+/// content digest of the written file. `verify IMAGE` checks the digest
+/// (which covers every byte); only when it does not match is a second pass
+/// made that checks every chunk against its own hash, to name the first bad
+/// byte offset.
 fn materialise(
     depot: &Depot,
     row: &ImageRow,
@@ -283,16 +284,12 @@ fn scatter(
     progress: &dyn Progress,
 ) -> Result<u64> {
     // frame -> (slot, block) pairs, frames in pack order.
-    let mut uses: HashMap<i64, Vec<(u32, u32)>> = HashMap::new();
-    for (blk, &cid) in plan.map.iter().enumerate() {
-        if cid != ZERO_BLOCK {
-            let loc = &plan.chunks[&cid];
-            uses.entry(loc.frame)
-                .or_default()
-                .push((loc.slot, blk as u32));
-        }
+    let mut uses: HashMap<i64, Vec<(u32, u64)>> = HashMap::new();
+    for (blk, cid) in plan.map.data() {
+        let loc = &plan.chunks[&cid];
+        uses.entry(loc.frame).or_default().push((loc.slot, blk));
     }
-    let mut order: Vec<(i64, Vec<(u32, u32)>)> = uses.into_iter().collect();
+    let mut order: Vec<(i64, Vec<(u32, u64)>)> = uses.into_iter().collect();
     order.sort_by_key(|(f, _)| {
         let l = &plan.frames[f];
         (l.pack, l.offset)
@@ -305,7 +302,7 @@ fn scatter(
     );
     let r = par_for(order.len(), Vec::new, |buf: &mut Vec<u8>, i| {
         let (frame, blocks) = &order[i];
-        let first_off = u64::from(blocks.iter().map(|b| b.1).min().unwrap_or(0)) * CHUNK;
+        let first_off = blocks.iter().map(|b| b.1).min().unwrap_or(0) * CHUNK;
         read_frame(plan, root, &readers, *frame, buf).map_err(|e| Error::Corrupt {
             image: label.to_owned(),
             offset: first_off,
@@ -316,20 +313,35 @@ fn scatter(
             // a run of consecutive blocks stored in consecutive slots
             let (slot0, blk0) = blocks[k];
             let mut n = 1;
-            while k + n < blocks.len() && blocks[k + n] == (slot0 + n as u32, blk0 + n as u32) {
+            while k + n < blocks.len() && blocks[k + n] == (slot0 + n as u32, blk0 + n as u64) {
                 n += 1;
             }
-            let off = u64::from(blk0) * CHUNK;
+            let off = blk0 * CHUNK;
             let len = (n as u64 * CHUNK).min(size - off) as usize;
             let s = slot0 as usize * CHUNK_SIZE;
-            let Some(data) = buf.get(s..s + len) else {
+            let Some(data) = buf.get(s..s + n * CHUNK_SIZE) else {
                 return Err(Error::Corrupt {
                     image: label.to_owned(),
                     offset: off,
                     detail: format!("frame {frame}: slot {slot0} outside the frame"),
                 });
             };
-            file.write_all_at(data, off).at(path)?;
+            // Every chunk against its own hash, before it is written.
+            for (j, c) in data.chunks(CHUNK_SIZE).enumerate() {
+                let cid = plan.map.get(blk0 + j as u64);
+                let want = &plan.chunks[&cid].hash;
+                if ChunkHash::of(c) != *want {
+                    return Err(Error::Corrupt {
+                        image: label.to_owned(),
+                        offset: off + j as u64 * CHUNK,
+                        detail: format!(
+                            "chunk {cid} (frame {frame}, slot {}) does not match its hash {want:?}: the pack file was damaged; run `vmdepot fsck`",
+                            slot0 as usize + j
+                        ),
+                    });
+                }
+            }
+            file.write_all_at(&data[..len], off).at(path)?;
             progress.advance(len as u64);
             k += n;
         }
@@ -349,7 +361,7 @@ fn digest_file(
     zero_cvs: &digest::ZeroCvs,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let pieces = digest::split(size, digest::LEAF_BYTES);
+    let pieces = sparse_pieces(&plan.map, size);
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; pieces.leaves.len()]);
     progress.begin("digest", size);
     let r = par_for(
@@ -357,9 +369,7 @@ fn digest_file(
         || vec![0u8; digest::LEAF_BYTES as usize],
         |buf, i| {
             let leaf = &pieces.leaves[i];
-            let first = (leaf.offset / CHUNK) as usize;
-            let last = (leaf.offset + leaf.len).div_ceil(CHUNK) as usize;
-            let h = if plan.map[first..last].iter().all(|&c| c == ZERO_BLOCK) {
+            let h = if leaf.zero {
                 zero_cvs.leaf(&pieces, leaf)
             } else {
                 let b = &mut buf[..leaf.len as usize];
@@ -382,6 +392,13 @@ fn digest_file(
         .map(|r| r.expect("every leaf done"))
         .collect();
     Ok(hex(pieces.root(&results).as_bytes()))
+}
+
+/// The digest pieces of an image: zero regions as single pieces.
+fn sparse_pieces(map: &crate::format::BlockMap, size: u64) -> digest::Pieces {
+    digest::split_sparse(size, digest::LEAF_BYTES, |off, len| {
+        map.has_data(off / CHUNK, (off + len).div_ceil(CHUNK))
+    })
 }
 
 /// Decompresses `frame` into `out`, opening its pack once per export.
@@ -419,7 +436,7 @@ fn rebuild(
     check_chunks: bool,
     progress: &dyn Progress,
 ) -> Result<(String, u64)> {
-    let pieces = digest::split(row.virtual_size, digest::LEAF_BYTES);
+    let pieces = sparse_pieces(&plan.map, row.virtual_size);
     let nleaves = pieces.leaves.len();
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
@@ -522,9 +539,7 @@ impl Worker<'_> {
         zero_cvs: &digest::ZeroCvs,
     ) -> Result<(PieceHash, u64)> {
         let end = piece.offset + piece.len;
-        let first = (piece.offset / CHUNK) as usize;
-        let last = end.div_ceil(CHUNK) as usize;
-        if self.plan.map[first..last].iter().all(|&c| c == ZERO_BLOCK) {
+        if piece.zero {
             return Ok((zero_cvs.leaf(pieces, piece), 0));
         }
         let mut h = digest::piece_hasher(piece);
@@ -532,9 +547,8 @@ impl Worker<'_> {
         let mut off = piece.offset;
         let mut zeros = 0u64;
         while off < end {
-            let blk = (off / CHUNK) as usize;
             let len = (end - off).min(CHUNK) as usize;
-            let cid = self.plan.map[blk];
+            let cid = self.plan.map.get(off / CHUNK);
             if cid == ZERO_BLOCK {
                 zeros += len as u64;
             } else {

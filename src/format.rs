@@ -103,28 +103,131 @@ impl Default for PackHeader {
 /// One block of an image in a map: all zero, or a stored chunk.
 pub const ZERO_BLOCK: ChunkId = 0;
 
-/// Encodes an image map: one entry per 4 KiB block, [`ZERO_BLOCK`] for an
-/// all-zero block, else the chunk id (> 0).
+/// A run of consecutive stored blocks of an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Index of the first block.
+    pub start: u64,
+    /// Chunk id of each block of the run (all > 0).
+    pub ids: Vec<ChunkId>,
+}
+
+/// An image map in memory: the runs of stored blocks; every other block is
+/// zero. Memory is proportional to the data, not to the virtual size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockMap {
+    /// Blocks in the image.
+    pub nblocks: u64,
+    /// Runs in block order, not overlapping, not empty.
+    pub runs: Vec<Run>,
+}
+
+impl BlockMap {
+    /// Builds a map from one entry per block ([`ZERO_BLOCK`] or a chunk id).
+    pub fn from_blocks(blocks: &[ChunkId]) -> BlockMap {
+        let mut b = MapBuilder::default();
+        for &id in blocks {
+            b.push(id);
+        }
+        b.finish()
+    }
+
+    /// The chunk of block `blk` ([`ZERO_BLOCK`] for a zero block).
+    pub fn get(&self, blk: u64) -> ChunkId {
+        let i = self.runs.partition_point(|r| r.start <= blk);
+        match i.checked_sub(1).map(|i| &self.runs[i]) {
+            Some(r) if blk < r.start + r.ids.len() as u64 => r.ids[(blk - r.start) as usize],
+            _ => ZERO_BLOCK,
+        }
+    }
+
+    /// Whether any block in `first..last` is stored.
+    pub fn has_data(&self, first: u64, last: u64) -> bool {
+        let i = self
+            .runs
+            .partition_point(|r| r.start + r.ids.len() as u64 <= first);
+        self.runs.get(i).is_some_and(|r| r.start < last)
+    }
+
+    /// `(block, chunk id)` of every stored block, in order.
+    pub fn data(&self) -> impl Iterator<Item = (u64, ChunkId)> + '_ {
+        self.runs.iter().flat_map(|r| {
+            r.ids
+                .iter()
+                .enumerate()
+                .map(move |(i, &id)| (r.start + i as u64, id))
+        })
+    }
+
+    /// Number of stored blocks.
+    pub fn data_blocks(&self) -> u64 {
+        self.runs.iter().map(|r| r.ids.len() as u64).sum()
+    }
+
+    /// One entry per block (for tests and small images).
+    pub fn to_blocks(&self) -> Vec<ChunkId> {
+        let mut v = vec![ZERO_BLOCK; self.nblocks as usize];
+        for (b, id) in self.data() {
+            v[b as usize] = id;
+        }
+        v
+    }
+}
+
+/// Builds a [`BlockMap`] block by block; zero runs cost nothing.
+#[derive(Default)]
+pub struct MapBuilder {
+    map: BlockMap,
+}
+
+impl MapBuilder {
+    pub fn push(&mut self, id: ChunkId) {
+        if id == ZERO_BLOCK {
+            self.map.nblocks += 1;
+            return;
+        }
+        let blk = self.map.nblocks;
+        match self.map.runs.last_mut() {
+            Some(r) if r.start + r.ids.len() as u64 == blk => r.ids.push(id),
+            _ => self.map.runs.push(Run {
+                start: blk,
+                ids: vec![id],
+            }),
+        }
+        self.map.nblocks += 1;
+    }
+
+    pub fn push_zeros(&mut self, n: u64) {
+        self.map.nblocks += n;
+    }
+
+    pub fn finish(self) -> BlockMap {
+        self.map
+    }
+}
+
+/// Encodes an image map.
 ///
 /// Layout (docs/FORMAT.md, "Image map"): magic, then a zstd frame holding
 /// `varint(nblocks)` followed by runs `varint(zeros) varint(n) n×zigzag-varint(id
 /// delta)` until `nblocks` blocks are described.
-pub fn encode_map(blocks: &[ChunkId]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(blocks.len() / 2 + 16);
-    put_varint(&mut body, blocks.len() as u64);
+pub fn encode_map(map: &BlockMap) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_varint(&mut body, map.nblocks);
     let mut prev: i64 = 0;
-    let mut i = 0;
-    while i < blocks.len() {
-        let z = blocks[i..].iter().take_while(|&&b| b == ZERO_BLOCK).count();
-        i += z;
-        let n = blocks[i..].iter().take_while(|&&b| b != ZERO_BLOCK).count();
-        put_varint(&mut body, z as u64);
-        put_varint(&mut body, n as u64);
-        for &id in &blocks[i..i + n] {
+    let mut pos = 0u64;
+    for r in &map.runs {
+        put_varint(&mut body, r.start - pos);
+        put_varint(&mut body, r.ids.len() as u64);
+        for &id in &r.ids {
             put_varint(&mut body, zigzag(id - prev));
             prev = id;
         }
-        i += n;
+        pos = r.start + r.ids.len() as u64;
+    }
+    if pos < map.nblocks {
+        put_varint(&mut body, map.nblocks - pos);
+        put_varint(&mut body, 0);
     }
     let mut out = MAP_MAGIC_1_0.to_vec();
     out.extend(zstd::bulk::compress(&body, ZSTD_LEVEL).expect("zstd compress to memory"));
@@ -132,38 +235,52 @@ pub fn encode_map(blocks: &[ChunkId]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_map`]'s output; the error says what is wrong.
-pub fn decode_map(blob: &[u8]) -> Result<Vec<ChunkId>, String> {
+pub fn decode_map(blob: &[u8]) -> Result<BlockMap, String> {
     if blob.len() < 4 || blob[..4] != MAP_MAGIC_1_0 {
         return Err("image map: bad magic".into());
     }
     let body = zstd::stream::decode_all(&blob[4..]).map_err(|e| format!("image map: {e}"))?;
     let mut p = &body[..];
-    let n = get_varint(&mut p)? as usize;
-    if n > (1usize << 40) {
+    let n = get_varint(&mut p)?;
+    if n > (1u64 << 40) {
         return Err("image map: absurd block count".into());
     }
-    let mut out = Vec::with_capacity(n);
+    let mut map = BlockMap {
+        nblocks: n,
+        runs: Vec::new(),
+    };
+    let mut pos = 0u64;
     let mut prev: i64 = 0;
-    while out.len() < n {
-        let z = get_varint(&mut p)? as usize;
-        let d = get_varint(&mut p)? as usize;
-        if out.len() + z + d > n || (z == 0 && d == 0) {
+    while pos < n {
+        let z = get_varint(&mut p)?;
+        let d = get_varint(&mut p)?;
+        if z.checked_add(d)
+            .and_then(|x| x.checked_add(pos))
+            .is_none_or(|e| e > n)
+            || (z == 0 && d == 0)
+            || d as usize > p.len()
+        {
             return Err("image map: runs overflow the block count".into());
         }
-        out.resize(out.len() + z, ZERO_BLOCK);
-        for _ in 0..d {
-            let id = prev + unzigzag(get_varint(&mut p)?);
-            if id <= 0 {
-                return Err("image map: invalid chunk id".into());
+        pos += z;
+        if d > 0 {
+            let mut ids = Vec::with_capacity(d as usize);
+            for _ in 0..d {
+                let id = prev + unzigzag(get_varint(&mut p)?);
+                if id <= 0 {
+                    return Err("image map: invalid chunk id".into());
+                }
+                ids.push(id);
+                prev = id;
             }
-            out.push(id);
-            prev = id;
+            map.runs.push(Run { start: pos, ids });
+            pos += d;
         }
     }
     if !p.is_empty() {
         return Err("image map: trailing bytes".into());
     }
-    Ok(out)
+    Ok(map)
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -234,19 +351,25 @@ mod tests {
             vec![i64::MAX / 4, 1, 0],
         ];
         for c in cases {
-            assert_eq!(decode_map(&encode_map(&c)).unwrap(), c);
+            let m = BlockMap::from_blocks(&c);
+            let back = decode_map(&encode_map(&m)).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(back.to_blocks(), c);
+            for (i, &id) in c.iter().enumerate() {
+                assert_eq!(back.get(i as u64), id);
+            }
         }
     }
 
     #[test]
     fn sequential_map_is_small() {
         let blocks: Vec<ChunkId> = (1..=524_288).collect();
-        assert!(encode_map(&blocks).len() < 4096);
+        assert!(encode_map(&BlockMap::from_blocks(&blocks)).len() < 4096);
     }
 
     #[test]
     fn corrupt_maps_are_errors_not_panics() {
-        let good = encode_map(&[1, 2, 0, 3]);
+        let good = encode_map(&BlockMap::from_blocks(&[1, 2, 0, 3]));
         assert!(decode_map(&good[..3]).is_err());
         let mut bad_magic = good.clone();
         bad_magic[0] ^= 0xff;
@@ -261,6 +384,26 @@ mod tests {
         let mut blob = MAP_MAGIC_1_0.to_vec();
         blob.extend(zstd::bulk::compress(&body, 1).unwrap());
         assert!(decode_map(&blob).unwrap_err().contains("overflow"));
+    }
+
+    #[test]
+    fn huge_sparse_maps_are_small() {
+        let mut b = MapBuilder::default();
+        b.push_zeros(1 << 28); // 1 TiB of zeros
+        b.push(7);
+        b.push(8);
+        b.push_zeros(1 << 20);
+        let m = b.finish();
+        assert_eq!(m.nblocks, (1 << 28) + 2 + (1 << 20));
+        assert_eq!(m.runs.len(), 1);
+        assert!(m.has_data(0, (1 << 28) + 1));
+        assert!(!m.has_data(0, 1 << 28));
+        assert!(!m.has_data((1 << 28) + 2, m.nblocks));
+        assert_eq!(m.get(1 << 28), 7);
+        assert_eq!(m.get(0), ZERO_BLOCK);
+        assert_eq!(m.data_blocks(), 2);
+        let back = decode_map(&encode_map(&m)).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

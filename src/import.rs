@@ -259,7 +259,9 @@ struct Written {
 
 /// What a worker found in one piece.
 struct PieceResult {
+    /// One entry per block; empty for a zero piece.
     entries: Vec<u64>,
+    nblocks: u64,
     hash: PieceHash,
     data_blocks: u64,
 }
@@ -286,7 +288,10 @@ struct Shared<'a> {
 fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress) -> Result<()> {
     let file = File::open(&raw.path).at(&raw.path)?;
     let extents = source::data_extents(&file, raw.size).at(&raw.path)?;
-    let pieces = digest::split(raw.size, digest::LEAF_BYTES);
+    let pieces = digest::split_sparse(raw.size, digest::LEAF_BYTES, |off, len| {
+        let i = extents.partition_point(|&(_, e)| e <= off);
+        extents.get(i).is_some_and(|&(s, _)| s < off + len)
+    });
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
@@ -417,10 +422,11 @@ fn leaf(
         .take_while(|&&(s, _)| s < pend)
         .map(|&(s, e)| (s.max(piece.offset) / CHUNK * CHUNK, e.min(pend)))
         .collect();
-    if ranges.is_empty() {
+    if piece.zero || ranges.is_empty() {
         sh.progress.advance(piece.len);
         return Ok(PieceResult {
-            entries: vec![0; nblocks],
+            entries: Vec::new(),
+            nblocks: nblocks as u64,
             hash: sh.zero_cvs.leaf(&sh.pieces, &piece),
             data_blocks: 0,
         });
@@ -469,6 +475,7 @@ fn leaf(
     debug_assert_eq!(entries.len(), nblocks);
     Ok(PieceResult {
         entries,
+        nblocks: nblocks as u64,
         hash: sh.pieces.finish(&hasher),
         data_blocks,
     })
@@ -682,15 +689,17 @@ fn commit(
             ids.insert(*e, cid);
         }
     }
-    let mut map: Vec<ChunkId> = Vec::with_capacity(format::blocks_for(size) as usize);
+    let mut b = format::MapBuilder::default();
     for r in &results {
-        map.extend(
-            r.entries
-                .iter()
-                .map(|&e| if e & NEW != 0 { ids[&e] } else { e as ChunkId }),
-        );
+        if r.entries.is_empty() {
+            b.push_zeros(r.nblocks);
+        }
+        for &e in &r.entries {
+            b.push(if e & NEW != 0 { ids[&e] } else { e as ChunkId });
+        }
     }
-    debug_assert_eq!(map.len() as u64, format::blocks_for(size));
+    let map = b.finish();
+    debug_assert_eq!(map.nblocks, format::blocks_for(size));
     let blob = format::encode_map(&map);
     let map_digest = blake3::hash(&blob);
     tx.execute(

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::catalog;
 use crate::depot::Depot;
 use crate::error::{Error, Result};
-use crate::format::{self, PackHeader, CHUNK, CHUNK_SIZE, ZERO_BLOCK};
+use crate::format::{self, PackHeader, CHUNK, CHUNK_SIZE};
 use crate::ids::{ChunkHash, ImageId};
 use crate::progress::Progress;
 use crate::store::{pack_path, PackReader};
@@ -120,7 +120,7 @@ fn chunk_sizes(depot: &Depot) -> Result<HashMap<i64, f64>> {
 }
 
 /// Maps of all available images.
-fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, Vec<i64>)>> {
+fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, format::BlockMap)>> {
     catalog::list_images(&depot.conn)?
         .into_iter()
         .filter(|r| r.state == "available")
@@ -137,7 +137,7 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
     let mut refs: HashMap<i64, u32> = HashMap::new();
     let distinct: Vec<HashSet<i64>> = maps
         .iter()
-        .map(|(_, m)| m.iter().copied().filter(|&c| c != ZERO_BLOCK).collect())
+        .map(|(_, m)| m.data().map(|(_, c)| c).collect())
         .collect();
     for set in &distinct {
         for &c in set {
@@ -265,7 +265,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
     let mut live = vec![false; max_id as usize + 1];
     for (_, map) in all_maps(depot)? {
-        for c in map {
+        for (_, c) in map.data() {
             if let Some(l) = live.get_mut(c as usize) {
                 *l = true;
             }
@@ -512,25 +512,18 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
                 .problems
                 .push(format!("image {} ({}): {e}", row.name, row.id)),
             Ok(map) => {
-                if map.len() as u64 != format::blocks_for(row.virtual_size) {
+                if map.nblocks != format::blocks_for(row.virtual_size) {
                     rep.problems.push(format!(
                         "image {} ({}): map has {} blocks for {} bytes",
-                        row.name,
-                        row.id,
-                        map.len(),
-                        row.virtual_size
+                        row.name, row.id, map.nblocks, row.virtual_size
                     ));
                 }
-                if let Some((i, c)) = map
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &c)| c != ZERO_BLOCK && !chunk_ids.contains(&c))
-                {
+                if let Some((i, c)) = map.data().find(|(_, c)| !chunk_ids.contains(c)) {
                     rep.problems.push(format!(
                         "image {} ({}): chunk {c} at byte offset {} is missing",
                         row.name,
                         row.id,
-                        i as u64 * CHUNK
+                        i * CHUNK
                     ));
                 }
             }

@@ -903,3 +903,56 @@ fn reimport_trusts_only_an_unchanged_file() {
     ]);
     assert_eq!(five["content_digest"], want.as_str());
 }
+
+#[test]
+fn thin_64_gib_image_round_trips_touching_only_its_data() {
+    use std::os::unix::fs::FileExt;
+    let t = T::new();
+    let src = t.path("thin.raw");
+    let size: u64 = 64 << 30;
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    f.write_all_at(&data, (40 << 30) + 4096).unwrap();
+    f.write_all_at(&[7u8; 1024], size - 1024).unwrap();
+    drop(f);
+    let img = t.import(&src, "thin");
+    assert_eq!(img["virtual_size"], size);
+    assert!(img["data_bytes"].as_u64().unwrap() <= (3 << 20) + 2 * 4096);
+    let out = t.path("thin.out");
+    t.ok(&["image", "export", "thin", out.to_str().unwrap(), "-q"]);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
+    assert!(
+        allocated(&out) < 8 << 20,
+        "export is sparse: {}",
+        allocated(&out)
+    );
+    let o = std::fs::File::open(&out).unwrap();
+    let mut got = vec![0u8; data.len()];
+    o.read_exact_at(&mut got, (40 << 30) + 4096).unwrap();
+    assert!(got == data);
+    let mut tail = [0u8; 2048];
+    o.read_exact_at(&mut tail, size - 2048).unwrap();
+    assert_eq!(&tail[..1024], &[0u8; 1024][..]);
+    assert_eq!(&tail[1024..], &[7u8; 1024][..]);
+    t.ok(&["image", "verify", "thin", "-q"]);
+    // the digest is the BLAKE3 of the whole 64 GiB
+    let mut h = blake3::Hasher::new();
+    let z = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    for (off, bytes) in [
+        ((40u64 << 30) + 4096, &data[..]),
+        (size - 1024, &[7u8; 1024][..]),
+    ] {
+        while pos < off {
+            let n = (off - pos).min(z.len() as u64) as usize;
+            h.update(&z[..n]);
+            pos += n as u64;
+        }
+        h.update(bytes);
+        pos += bytes.len() as u64;
+    }
+    assert_eq!(img["content_digest"], h.finalize().to_hex().as_str());
+}

@@ -318,6 +318,11 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         [],
     )?;
     rep.packs_removed = dead_packs.len() as u64;
+    // Remembered input files whose image is gone.
+    tx.execute(
+        "DELETE FROM source_files WHERE image NOT IN (SELECT id FROM images)",
+        [],
+    )?;
     let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
     let dead_frame_bytes: i64 = dead_frames.iter().map(|(_, c)| *c).sum();
     // Pack files on disk that the catalog does not know (rows are written

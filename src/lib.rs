@@ -7,6 +7,37 @@
 //! the [`Progress`] trait, and every failure is an [`Error`] that names the
 //! image, file or offset involved.
 //!
+//! A test harness's use of the library, end to end:
+//!
+//! ```
+//! use vmdepot::{Depot, ExportFormat, ImportOptions, NoProgress};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // a small raw disk: 1 MiB of data, then 3 MiB of zeros
+//! let disk = dir.path().join("disk.raw");
+//! let mut content: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+//! content.resize(4 << 20, 0);
+//! std::fs::write(&disk, &content)?;
+//!
+//! let depot = Depot::open(dir.path().join("depot"))?;
+//! let img = depot.import(&disk, &ImportOptions::new("base"), &NoProgress)?;
+//! assert_eq!(img.content_digest.as_deref(), Some(blake3::hash(&content).to_hex().as_str()));
+//! assert_eq!(img.data_bytes, 1 << 20);
+//!
+//! let out = dir.path().join("out.raw");
+//! depot.export("base", &out, ExportFormat::Raw, &NoProgress)?;
+//! assert_eq!(std::fs::read(&out)?, content);
+//! depot.verify(Some(&img.id), &NoProgress)?;
+//! assert!(depot.fsck()?.is_clean());
+//!
+//! depot.delete_image("base")?;
+//! let freed = depot.gc(false)?;
+//! assert_eq!(freed.chunks_removed, 256);
+//! assert_eq!(depot.stats()?.stored_bytes, 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Module direction (nothing points backwards): `format` (no I/O) → `digest`
 //! → `store` (pack files) → `catalog` (SQLite) → `source` / `import` /
 //! `export` / `maint` (image operations) → `depot` (the public face) → CLI.

@@ -622,6 +622,7 @@ fn kill_9_during_import_leaves_nothing_visible_and_gc_cleans() {
                 "killed",
                 "-q",
             ])
+            .stdout(Stdio::null())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(ms));
@@ -752,6 +753,7 @@ fn gc_racing_a_reusing_import_never_loses_chunks() {
             "y",
             "-q",
         ])
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));

@@ -293,6 +293,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         extents.get(i).is_some_and(|&(s, _)| s < off + len)
     });
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
+    // If no chunk is inserted by anyone between now and the commit, the
+    // commit needs no uniqueness look-ups (ids only grow: AUTOINCREMENT).
+    let chunk_seq = chunk_sequence(&depot.conn)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
         raw: &file,
@@ -371,7 +374,21 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         reused.into_inner().unwrap(),
         written,
         zero_cvs.into_added(),
+        chunk_seq,
     )
+}
+
+/// The highest chunk id ever allocated.
+fn chunk_sequence(conn: &Connection) -> Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'chunks'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// Takes units of leaves until none are left.
@@ -642,6 +659,7 @@ fn commit(
     reused: HashSet<ChunkId>,
     mut written: Vec<Written>,
     zero_cvs: Vec<(u64, u64, [u8; 32])>,
+    chunk_seq: i64,
 ) -> Result<()> {
     let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
     // Take the write lock now: nothing may change between check and insert.
@@ -669,6 +687,7 @@ fn commit(
     let mut new: Vec<(u64, ChunkHash)> = new.into_iter().map(|(h, e)| (e, h)).collect();
     new.sort_unstable_by_key(|&(e, _)| e);
     let mut ids: HashMap<u64, ChunkId> = HashMap::with_capacity(new.len());
+    let others_inserted = chunk_sequence(&tx)? != chunk_seq;
     {
         let mut ins = tx.prepare_cached(
             "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
@@ -679,7 +698,12 @@ fn commit(
             let fid = frame_ids[&seq];
             // A concurrent import may have stored the same content first:
             // then its chunk is used and this copy stays unreferenced.
-            let cid = match catalog::chunk_by_hash(&tx, h)? {
+            let existing = if others_inserted {
+                catalog::chunk_by_hash(&tx, h)?
+            } else {
+                None
+            };
+            let cid = match existing {
                 Some(cid) => cid,
                 None => {
                     ins.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;

@@ -255,12 +255,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 writeln!(
                     out,
-                    "{}{} chunks, {} frames, {} packs, {} abandoned imports; {} freed ({} dead in packs still in use)",
+                    "{}{} chunks, {} frames, {} packs, {} abandoned imports; repacked {} packs; {} freed ({} dead in packs still in use)",
                     if dry_run { "would remove " } else { "removed " },
                     r.chunks_removed,
                     r.frames_removed,
                     r.packs_removed,
                     r.abandoned_imports,
+                    r.packs_repacked,
                     human(r.bytes_freed),
                     human(r.bytes_in_partly_live_packs)
                 )?;

@@ -41,8 +41,10 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub frames_removed: u64,
     pub packs_removed: u64,
+    /// Packs less than half live whose live frames were copied to new packs.
+    pub packs_repacked: u64,
     pub bytes_freed: u64,
-    /// Bytes of dead frames inside packs that still hold live frames.
+    /// Dead bytes left in packs that are at least half live.
     pub bytes_in_partly_live_packs: u64,
 }
 
@@ -324,7 +326,6 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         [],
     )?;
     let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
-    let dead_frame_bytes: i64 = dead_frames.iter().map(|(_, c)| *c).sum();
     // Pack files on disk that the catalog does not know (rows are written
     // before files, so these are garbage).
     let known: HashSet<String> = {
@@ -344,20 +345,84 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         .sum();
     rep.packs_removed += orphans.len() as u64;
     rep.bytes_freed = freed_whole as u64 + orphan_bytes;
-    let whole_frames: i64 = {
-        // dead frames of whole dead packs are already counted in freed_whole
-        dead_packs
-            .iter()
-            .map(|(_, s)| (*s - PackHeader::SIZE as i64).max(0))
-            .sum()
-    };
-    rep.bytes_in_partly_live_packs = (dead_frame_bytes - whole_frames).max(0) as u64;
+    // Repack: copy the live frames of packs that are less than half live
+    // into new packs (compressed bytes as they are), then drop the old ones.
+    let mut old_packs: Vec<String> = Vec::new();
+    {
+        let packs: Vec<(i64, String, i64, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT p.id, p.name, p.size, COALESCE(SUM(f.clen), 0) FROM packs p
+                 JOIN frames f ON f.pack = p.id WHERE p.state = 'sealed' GROUP BY p.id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut writer: Option<(i64, crate::store::PackWriter)> = None;
+        for (pid, name, size, live) in packs {
+            let dead = (size - PackHeader::SIZE as i64 - live).max(0) as u64;
+            if live * 2 >= size {
+                rep.bytes_in_partly_live_packs += dead;
+                continue;
+            }
+            rep.packs_repacked += 1;
+            rep.bytes_freed += dead;
+            if dry_run {
+                continue;
+            }
+            let reader = PackReader::open(&pack_path(depot.root(), &name))?;
+            let frames: Vec<(i64, u64, u64)> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
+                )?;
+                let rows = st.query_map([pid], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for (fid, off, clen) in frames {
+                if writer
+                    .as_ref()
+                    .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
+                {
+                    let (id, w) = writer.take().unwrap();
+                    seal_repacked(&tx, id, w)?;
+                }
+                if writer.is_none() {
+                    let n = crate::store::new_pack_name();
+                    tx.execute(
+                        "INSERT INTO packs (name, state) VALUES (?1, 'pending')",
+                        [&n],
+                    )?;
+                    writer = Some((
+                        tx.last_insert_rowid(),
+                        crate::store::PackWriter::create(depot.root(), &n)?,
+                    ));
+                }
+                let (new_id, w) = writer.as_mut().unwrap();
+                let new_off = w.append(reader.frame_bytes(off, clen)?)?;
+                tx.execute(
+                    "UPDATE frames SET pack = ?2, offset = ?3 WHERE id = ?1",
+                    rusqlite::params![fid, *new_id, new_off as i64],
+                )?;
+            }
+            tx.execute("DELETE FROM packs WHERE id = ?1", [pid])?;
+            old_packs.push(name);
+        }
+        if let Some((id, w)) = writer {
+            seal_repacked(&tx, id, w)?;
+        }
+    }
     if dry_run {
         tx.rollback()?;
         return Ok(rep);
     }
     tx.commit()?;
-    for (n, _) in &dead_packs {
+    // Readers that mapped an old pack keep their mapping (unlink).
+    for n in dead_packs.iter().map(|(n, _)| n).chain(&old_packs) {
         remove_if_exists(&pack_path(depot.root(), n))?;
     }
     for p in &orphans {
@@ -383,6 +448,20 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         }
     }
     Ok(rep)
+}
+
+/// Makes a repacked pack durable and marks it sealed (in gc's transaction).
+fn seal_repacked(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    w: crate::store::PackWriter,
+) -> Result<()> {
+    let size = w.seal()?;
+    tx.execute(
+        "UPDATE packs SET state = 'sealed', size = ?2 WHERE id = ?1",
+        rusqlite::params![id, size as i64],
+    )?;
+    Ok(())
 }
 
 pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {

@@ -958,3 +958,45 @@ fn thin_64_gib_image_round_trips_touching_only_its_data() {
     }
     assert_eq!(img["content_digest"], h.finalize().to_hex().as_str());
 }
+
+#[test]
+fn gc_repacks_mostly_dead_packs() {
+    use std::os::unix::fs::FileExt;
+    let t = T::new();
+    // P: 8 MiB of data; Q: the first 2 MiB of the same data, then zeros.
+    let p = t.path("p.raw");
+    synthetic_raw(&p, 8, 31);
+    let q = t.path("q.raw");
+    let f = std::fs::File::create(&q).unwrap();
+    let mut head = vec![0u8; 2 << 20];
+    std::fs::File::open(&p)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    f.write_all_at(&head, 0).unwrap();
+    f.set_len(8 << 20).unwrap();
+    drop(f);
+    t.import(&p, "p");
+    t.import(&q, "q");
+    let before = t.stats()["stored_bytes"].as_u64().unwrap();
+    t.ok(&["image", "delete", "p"]);
+    let dry = t.json(&["gc", "--dry-run", "--json"]);
+    assert_eq!(dry["packs_repacked"], 1, "{dry}");
+    assert_eq!(
+        t.stats()["stored_bytes"].as_u64().unwrap(),
+        before,
+        "dry run changes nothing"
+    );
+    let gc = t.json(&["gc", "--json"]);
+    assert_eq!(gc["packs_repacked"], 1, "{gc}");
+    let after = t.stats()["stored_bytes"].as_u64().unwrap();
+    assert!(after * 2 < before, "repacked: {before} -> {after}");
+    let f = t.assert_fsck_clean();
+    assert!(f["garbage"].as_array().unwrap().is_empty(), "{f}");
+    t.ok(&["image", "verify"]);
+    let out = t.path("q.out");
+    t.ok(&["image", "export", "q", out.to_str().unwrap()]);
+    assert!(same_content(&q, &out));
+    // nothing left to do
+    assert_eq!(t.json(&["gc", "--json"])["packs_repacked"], 0);
+}

@@ -1000,3 +1000,50 @@ fn gc_repacks_mostly_dead_packs() {
     // nothing left to do
     assert_eq!(t.json(&["gc", "--json"])["packs_repacked"], 0);
 }
+
+/// A flip that zstd cannot notice (in stored, incompressible data) is
+/// caught by the digest and located to the exact 4 KiB block.
+#[test]
+fn silent_corruption_is_located_to_its_block() {
+    use std::os::unix::fs::FileExt;
+    let t = T::new();
+    let src = t.path("noise.raw");
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let data: Vec<u8> = (0..16 * 4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    t.import(&src, "noise");
+    let packs = t.pack_files();
+    assert_eq!(packs.len(), 1);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&packs[0])
+        .unwrap();
+    let last = f.metadata().unwrap().len() - 1; // last byte of the last chunk
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, last).unwrap();
+    f.write_all_at(&[b[0] ^ 1], last).unwrap();
+    drop(f);
+    let out = t.path("noise.out");
+    for args in [
+        vec!["image", "export", "noise", out.to_str().unwrap()],
+        vec!["image", "verify", "noise"],
+    ] {
+        let (code, err) = t.fails(&args);
+        assert_eq!(code, 5, "{err}");
+        assert!(
+            err.contains("noise") && err.contains("byte offset 61440"),
+            "{err}"
+        );
+    }
+    assert!(!out.exists());
+    let (code, _) = t.fails(&["image", "verify"]);
+    assert_eq!(code, 5);
+}

@@ -79,6 +79,11 @@ CREATE TABLE zero_cvs (
 
 -- Input files imported before: an unchanged file (same dev, inode, size,
 -- mtime, ctime) is re-imported from the image it became, without reading it.
+-- A chunk entered by a running import, before the commit that makes it
+-- part of the store: the image id of that import (NULL once committed).
+ALTER TABLE chunks ADD COLUMN pending TEXT;
+CREATE INDEX chunks_pending ON chunks(pending) WHERE pending IS NOT NULL;
+
 CREATE TABLE source_files (
     dev      INTEGER NOT NULL,
     ino      INTEGER NOT NULL,
@@ -278,11 +283,22 @@ pub fn hkey(hash: &ChunkHash) -> i64 {
     i64::from_le_bytes(hash.0[..8].try_into().unwrap())
 }
 
-/// The chunk id stored for a hash, if any.
-pub fn chunk_by_hash(conn: &Connection, hash: &ChunkHash) -> Result<Option<ChunkId>> {
-    let mut st = conn.prepare_cached("SELECT id FROM chunks WHERE hkey = ?1 AND hash = ?2")?;
+/// The chunk id stored for a hash, if any: a committed chunk, or one that
+/// the import of `image` entered and has not committed yet. (Other imports'
+/// pending chunks are not durable yet and are never shared.)
+pub fn chunk_by_hash(
+    conn: &Connection,
+    hash: &ChunkHash,
+    image: &ImageId,
+) -> Result<Option<ChunkId>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id FROM chunks WHERE hkey = ?1 AND hash = ?2
+         AND (pending IS NULL OR pending = ?3)",
+    )?;
     Ok(st
-        .query_row(params![hkey(hash), &hash.0[..]], |r| r.get(0))
+        .query_row(params![hkey(hash), &hash.0[..], image.as_str()], |r| {
+            r.get(0)
+        })
         .optional()?)
 }
 

@@ -24,7 +24,7 @@ pub enum Error {
     NoSpace { path: PathBuf },
     /// The SQLite catalog failed.
     #[error("catalog: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// A catalog schema migration failed.
     #[error("catalog migration: {0}")]
     Migration(#[from] rusqlite_migration::Error),
@@ -63,6 +63,17 @@ pub enum Error {
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]
     ChunksVanished,
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Error::NoSpace {
+                path: "the depot's catalog".into(),
+            },
+            _ => Error::Sqlite(e),
+        }
+    }
 }
 
 impl Error {

@@ -15,7 +15,7 @@
 //! is checked to still exist inside that transaction (a concurrent gc may
 //! have collected it, in which case the import starts over).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -245,16 +245,27 @@ impl Drop for Cleanup<'_> {
 struct FrameMsg {
     seq: u64,
     data: Vec<u8>,
-    nchunks: u32,
+    hashes: Vec<ChunkHash>,
 }
 
-/// Where the writer put a frame.
-struct Written {
-    seq: u64,
-    pack: i64,
-    offset: u64,
-    clen: u64,
-    nchunks: u32,
+/// The chunk ids the writer gave a frame's slots: consecutive from
+/// `first`, except slots whose content was already in the catalog.
+#[derive(Default)]
+struct FrameIds {
+    first: ChunkId,
+    /// Chunks inserted for this frame (ids `first..first + inserted`).
+    inserted: i64,
+    /// (slot, existing chunk id), by slot.
+    existing: Vec<(u8, ChunkId)>,
+}
+
+impl FrameIds {
+    fn id(&self, slot: u8) -> ChunkId {
+        match self.existing.binary_search_by_key(&slot, |&(s, _)| s) {
+            Ok(i) => self.existing[i].1,
+            Err(before) => self.first + i64::from(slot) - before as i64,
+        }
+    }
 }
 
 /// What a worker found in one piece.
@@ -268,6 +279,7 @@ struct PieceResult {
 
 /// Shared by the workers of one import.
 struct Shared<'a> {
+    image: &'a ImageId,
     raw: &'a File,
     raw_path: &'a Path,
     size: u64,
@@ -275,10 +287,10 @@ struct Shared<'a> {
     pieces: Pieces,
     next_piece: AtomicUsize,
     next_seq: AtomicU64,
-    /// New chunks of this import: hash -> NEW entry.
+    /// New chunks of this import that the writer has not yet entered in
+    /// the catalog: hash -> NEW entry. Bounded: the writer removes what it
+    /// commits (as `pending` rows that only this import can see).
     new: Mutex<HashMap<ChunkHash, u64>>,
-    /// Chunks already in the catalog that this import reuses.
-    reused: Mutex<HashSet<ChunkId>>,
     results: Mutex<Vec<Option<PieceResult>>>,
     zero_cvs: digest::ZeroCvs,
     abort: AtomicBool,
@@ -293,11 +305,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         extents.get(i).is_some_and(|&(s, _)| s < off + len)
     });
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
-    // If no chunk is inserted by anyone between now and the commit, the
-    // commit needs no uniqueness look-ups (ids only grow: AUTOINCREMENT).
-    let chunk_seq = chunk_sequence(&depot.conn)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
+        image: id,
         raw: &file,
         raw_path: &raw.path,
         size: raw.size,
@@ -306,7 +316,6 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         next_piece: AtomicUsize::new(0),
         next_seq: AtomicU64::new(0),
         new: Mutex::new(HashMap::new()),
-        reused: Mutex::new(HashSet::new()),
         results: Mutex::new((0..npieces).map(|_| None).collect()),
         zero_cvs,
         abort: AtomicBool::new(false),
@@ -321,7 +330,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
     progress.begin("import", raw.size);
     let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
     let (written, worker_errs) = std::thread::scope(|s| {
-        let writer = s.spawn(|| write_frames(root, &db_path, id, rx));
+        let writer = s.spawn(|| write_frames(root, &db_path, id, rx, &shared.new));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let tx = tx.clone();
@@ -350,8 +359,6 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         return Err(e);
     }
     let Shared {
-        new,
-        reused,
         results,
         pieces,
         zero_cvs,
@@ -370,25 +377,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         raw.size,
         digest,
         results,
-        new.into_inner().unwrap(),
-        reused.into_inner().unwrap(),
         written,
         zero_cvs.into_added(),
-        chunk_seq,
     )
-}
-
-/// The highest chunk id ever allocated.
-fn chunk_sequence(conn: &Connection) -> Result<i64> {
-    use rusqlite::OptionalExtension;
-    Ok(conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'chunks'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0))
 }
 
 /// Takes units of leaves until none are left.
@@ -547,15 +538,14 @@ fn classify(
     if let Some(&e) = sh.new.lock().unwrap().get(&hash) {
         return Ok(e);
     }
-    if let Some(id) = catalog::chunk_by_hash(conn, &hash)? {
-        sh.reused.lock().unwrap().insert(id);
+    if let Some(id) = catalog::chunk_by_hash(conn, &hash, sh.image)? {
         return Ok(id as u64);
     }
     let mut new = sh.new.lock().unwrap();
     if let Some(&e) = new.get(&hash) {
         return Ok(e);
     }
-    let entry = frame.push(sh, block);
+    let entry = frame.push(sh, block, hash);
     new.insert(hash, entry);
     drop(new);
     if frame.is_full() {
@@ -569,6 +559,7 @@ fn classify(
 struct FrameBuf {
     seq: u64,
     data: Vec<u8>,
+    hashes: Vec<ChunkHash>,
 }
 
 impl FrameBuf {
@@ -580,13 +571,14 @@ impl FrameBuf {
         self.nchunks() >= FRAME_CHUNKS
     }
 
-    fn push(&mut self, sh: &Shared<'_>, block: &[u8]) -> u64 {
+    fn push(&mut self, sh: &Shared<'_>, block: &[u8], hash: ChunkHash) -> u64 {
         if self.data.is_empty() {
             self.seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
             self.data.reserve(FRAME_CHUNKS * CHUNK_SIZE);
         }
         let slot = self.nchunks() as u64;
         self.data.extend_from_slice(block);
+        self.hashes.push(hash);
         NEW | (self.seq << 8) | slot
     }
 
@@ -598,7 +590,7 @@ impl FrameBuf {
         let msg = FrameMsg {
             seq: self.seq,
             data,
-            nchunks: self.nchunks() as u32,
+            hashes: std::mem::take(&mut self.hashes),
         };
         self.data.clear();
         // A closed channel means the writer failed; its error is reported.
@@ -607,17 +599,25 @@ impl FrameBuf {
     }
 }
 
-/// The writer thread: appends frames to pending packs, seals them.
+/// Frames whose chunks the writer enters in the catalog at once.
+const BATCH_FRAMES: usize = 256;
+
+/// The writer thread: appends frames to pending packs, enters their frames
+/// and chunks in the catalog as rows pending for this import (batch by
+/// batch, so that the import's table of new chunks stays small), seals the
+/// packs. Returns the chunk ids of every frame, by frame sequence number.
 fn write_frames(
     root: &Path,
     db_path: &Path,
     id: &ImageId,
     rx: mpsc::Receiver<FrameMsg>,
-) -> Result<Vec<Written>> {
+    new: &Mutex<HashMap<ChunkHash, u64>>,
+) -> Result<HashMap<u64, FrameIds>> {
     let conn = Connection::open(db_path)?;
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
-    let mut out = Vec::new();
+    let mut out = HashMap::new();
     let mut cur: Option<(i64, PackWriter)> = None;
+    let mut batch: Vec<Entered> = Vec::new();
     for msg in rx {
         if cur
             .as_ref()
@@ -634,83 +634,146 @@ fn write_frames(
         }
         let (pid, w) = cur.as_mut().unwrap();
         let offset = w.append(&msg.data)?;
-        out.push(Written {
+        batch.push(Entered {
             seq: msg.seq,
+            hashes: msg.hashes,
             pack: *pid,
             offset,
             clen: msg.data.len() as u64,
-            nchunks: msg.nchunks,
         });
+        if batch.len() >= BATCH_FRAMES {
+            enter_batch(&conn, id, &mut batch, &mut out, new)?;
+        }
     }
+    enter_batch(&conn, id, &mut batch, &mut out, new)?;
     if let Some((_, w)) = cur {
         w.seal()?;
     }
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A frame written to a pack, to be entered in the catalog.
+struct Entered {
+    seq: u64,
+    hashes: Vec<ChunkHash>,
+    pack: i64,
+    offset: u64,
+    clen: u64,
+}
+
+/// One transaction: the batch's frames, and its chunks as pending rows.
+fn enter_batch(
+    conn: &Connection,
+    id: &ImageId,
+    batch: &mut Vec<Entered>,
+    out: &mut HashMap<u64, FrameIds>,
+    new: &Mutex<HashMap<ChunkHash, u64>>,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    {
+        let mut frame = tx.prepare_cached(
+            "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut chunk = tx.prepare_cached(
+            "INSERT INTO chunks (hkey, hash, frame, slot, pending) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for msg in batch.iter() {
+            frame.execute(params![
+                msg.pack,
+                msg.offset as i64,
+                msg.clen as i64,
+                msg.hashes.len() as i64
+            ])?;
+            let fid = tx.last_insert_rowid();
+            let mut ids = FrameIds::default();
+            for (slot, h) in msg.hashes.iter().enumerate() {
+                // Committed by another import meanwhile, or met twice by this
+                // one across a batch boundary: use that chunk; this slot's
+                // bytes stay unused.
+                if let Some(c) = catalog::chunk_by_hash(&tx, h, id)? {
+                    ids.existing.push((slot as u8, c));
+                    continue;
+                }
+                chunk.execute(params![
+                    catalog::hkey(h),
+                    &h.0[..],
+                    fid,
+                    slot as i64,
+                    id.as_str()
+                ])?;
+                ids.inserted += 1;
+                if ids.first == 0 {
+                    ids.first = tx.last_insert_rowid() - (slot - ids.existing.len()) as i64;
+                }
+            }
+            out.insert(msg.seq, ids);
+        }
+    }
+    tx.commit()?;
+    // Entered: workers find these in the catalog from now on.
+    let mut new = new.lock().unwrap();
+    for msg in batch.drain(..) {
+        for h in &msg.hashes {
+            new.remove(h);
+        }
+    }
+    Ok(())
+}
+
 fn commit(
     depot: &Depot,
     id: &ImageId,
     size: u64,
     digest: blake3::Hash,
     results: Vec<PieceResult>,
-    new: HashMap<ChunkHash, u64>,
-    reused: HashSet<ChunkId>,
-    mut written: Vec<Written>,
+    frames: HashMap<u64, FrameIds>,
     zero_cvs: Vec<(u64, u64, [u8; 32])>,
-    chunk_seq: i64,
 ) -> Result<()> {
     let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
-    // Take the write lock now: nothing may change between check and insert.
+    let chunk_id = |e: u64| -> ChunkId {
+        if e & NEW != 0 {
+            frames[&((e & !NEW) >> 8)].id((e & 0xff) as u8)
+        } else {
+            e as ChunkId
+        }
+    };
+    // Runs of consecutive chunk ids the image uses.
+    let mut runs: Vec<(ChunkId, ChunkId)> = Vec::new();
+    for e in results.iter().flat_map(|r| r.entries.iter()) {
+        if *e == 0 {
+            continue;
+        }
+        let c = chunk_id(*e);
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == c || *end == c => *end = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    runs.sort_unstable();
+    let mut merged: Vec<(ChunkId, ChunkId)> = Vec::with_capacity(runs.len());
+    for (a, b) in runs {
+        match merged.last_mut() {
+            Some((_, end)) if a <= *end + 1 => *end = (*end).max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    // Take the write lock now: nothing may change between check and commit.
     let tx = rusqlite::Transaction::new_unchecked(&depot.conn, TransactionBehavior::Immediate)?;
     {
-        let mut exists = tx.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?;
-        for &cid in &reused {
-            if !exists.exists([cid])? {
+        // Every chunk used must still exist (a concurrent gc may have taken
+        // a reused one) and be committed or this import's own.
+        let mut count = tx.prepare_cached(
+            "SELECT COUNT(*) FROM chunks WHERE id BETWEEN ?1 AND ?2
+             AND (pending IS NULL OR pending = ?3)",
+        )?;
+        for &(a, b) in &merged {
+            let n: i64 = count.query_row(params![a, b, id.as_str()], |r| r.get(0))?;
+            if n != b - a + 1 {
                 return Err(Error::ChunksVanished);
             }
-        }
-    }
-    written.sort_by_key(|w| w.seq);
-    let mut frame_ids = HashMap::with_capacity(written.len());
-    {
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for w in &written {
-            ins.execute(params![w.pack, w.offset as i64, w.clen as i64, w.nchunks])?;
-            frame_ids.insert(w.seq, tx.last_insert_rowid());
-        }
-    }
-    // New chunks in frame order, so that ids follow the image's layout.
-    let mut new: Vec<(u64, ChunkHash)> = new.into_iter().map(|(h, e)| (e, h)).collect();
-    new.sort_unstable_by_key(|&(e, _)| e);
-    let mut ids: HashMap<u64, ChunkId> = HashMap::with_capacity(new.len());
-    let others_inserted = chunk_sequence(&tx)? != chunk_seq;
-    {
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for (e, h) in &new {
-            let seq = (e & !NEW) >> 8;
-            let slot = e & 0xff;
-            let fid = frame_ids[&seq];
-            // A concurrent import may have stored the same content first:
-            // then its chunk is used and this copy stays unreferenced.
-            let existing = if others_inserted {
-                catalog::chunk_by_hash(&tx, h)?
-            } else {
-                None
-            };
-            let cid = match existing {
-                Some(cid) => cid,
-                None => {
-                    ins.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
-                    tx.last_insert_rowid()
-                }
-            };
-            ids.insert(*e, cid);
         }
     }
     let mut b = format::MapBuilder::default();
@@ -719,7 +782,7 @@ fn commit(
             b.push_zeros(r.nblocks);
         }
         for &e in &r.entries {
-            b.push(if e & NEW != 0 { ids[&e] } else { e as ChunkId });
+            b.push(if e == 0 { 0 } else { chunk_id(e) });
         }
     }
     let map = b.finish();
@@ -739,6 +802,16 @@ fn commit(
             &map_digest.as_bytes()[..]
         ],
     )?;
+    {
+        // By id ranges: one pass over the table, no set of row ids in memory
+        // (a single `WHERE pending = ?` update of 1.5 M rows took 140 MB).
+        let mut done = tx.prepare_cached(
+            "UPDATE chunks SET pending = NULL WHERE id BETWEEN ?1 AND ?2 AND pending = ?3",
+        )?;
+        for f in frames.values().filter(|f| f.inserted > 0) {
+            done.execute(params![f.first, f.first + f.inserted - 1, id.as_str()])?;
+        }
+    }
     tx.execute(
         "UPDATE packs SET state = 'sealed', image = NULL,
                 size = (SELECT COALESCE(MAX(offset + clen), 16) FROM frames WHERE frames.pack = packs.id)

@@ -94,44 +94,49 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
-/// A sealed pack mapped read-only.
+/// A sealed pack, open for reading frames. Each frame is mapped only while
+/// it is decompressed, so a reader's memory is one frame, not the pack.
 pub struct PackReader {
-    map: memmap2::Mmap,
+    file: File,
+    len: u64,
     path: PathBuf,
 }
 
 impl PackReader {
-    /// Maps a sealed pack and checks its header.
+    /// Opens a sealed pack and checks its header.
     pub fn open(path: &Path) -> Result<PackReader> {
         let file = File::open(path).at(path)?;
-        let map = map_sealed_pack(&file).at(path)?;
-        PackHeader::parse(&map)
+        let len = file.metadata().at(path)?.len();
+        let mut head = [0u8; PackHeader::SIZE];
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).at(path)?;
+        PackHeader::parse(&head[..n])
             .map_err(|e| Error::StoreDamaged(format!("{}: {e}", path.display())))?;
         Ok(PackReader {
-            map,
+            file,
+            len,
             path: path.to_owned(),
         })
     }
 
     pub fn len(&self) -> u64 {
-        self.map.len() as u64
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.len() <= PackHeader::SIZE
+        self.len <= PackHeader::SIZE as u64
     }
 
-    /// The compressed bytes of a frame, checked against the pack's size.
-    pub fn frame_bytes(&self, offset: u64, clen: u64) -> Result<&[u8]> {
-        let end = offset.checked_add(clen).filter(|&e| e <= self.len());
+    /// Maps the compressed bytes of a frame, checked against the pack's size.
+    pub fn frame_bytes(&self, offset: u64, clen: u64) -> Result<FrameBytes> {
+        let end = offset.checked_add(clen).filter(|&e| e <= self.len);
         match end {
-            Some(end) if offset >= PackHeader::SIZE as u64 => {
-                Ok(&self.map[offset as usize..end as usize])
+            Some(_) if offset >= PackHeader::SIZE as u64 => {
+                FrameBytes::map(&self.file, offset, clen).at(&self.path)
             }
             _ => Err(Error::StoreDamaged(format!(
                 "{}: frame at offset {offset} (+{clen} bytes) lies outside the pack ({} bytes)",
                 self.path.display(),
-                self.len()
+                self.len
             ))),
         }
     }
@@ -145,7 +150,7 @@ impl PackReader {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let src = self.frame_bytes(offset, clen)?;
-        decompress_frame(src, nchunks, out).map_err(|e| {
+        decompress_frame(&src, nchunks, out).map_err(|e| {
             Error::StoreDamaged(format!(
                 "{}: frame at offset {offset}: {e}",
                 self.path.display()
@@ -155,6 +160,29 @@ impl PackReader {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The bytes of one frame, mapped from its sealed pack.
+pub struct FrameBytes {
+    map: memmap2::Mmap,
+    skip: usize,
+}
+
+impl FrameBytes {
+    fn map(file: &File, offset: u64, len: u64) -> std::io::Result<FrameBytes> {
+        let page = 4096u64;
+        let start = offset / page * page;
+        let skip = (offset - start) as usize;
+        let map = map_sealed_pack(file, start, skip + len as usize)?;
+        Ok(FrameBytes { map, skip })
+    }
+}
+
+impl std::ops::Deref for FrameBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.skip..]
     }
 }
 
@@ -184,9 +212,14 @@ pub fn decompress_frame(
 /// [`PackWriter`], fsynced, and afterwards only deleted whole (unlink keeps an
 /// existing mapping valid). So the mapped bytes cannot change under a reader.
 #[allow(unsafe_code)]
-fn map_sealed_pack(file: &File) -> std::io::Result<memmap2::Mmap> {
+fn map_sealed_pack(file: &File, offset: u64, len: usize) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: see the function's doc: sealed packs are immutable once written.
-    unsafe { memmap2::Mmap::map(file) }
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)
+    }
 }
 
 #[cfg(test)]

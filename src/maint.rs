@@ -107,20 +107,6 @@ pub struct Usage {
     pub per_image: HashMap<ImageId, (u64, u64)>,
 }
 
-/// Stored size of each chunk: its frame's compressed size shared equally
-/// among the frame's chunks.
-fn chunk_sizes(depot: &Depot) -> Result<HashMap<i64, f64>> {
-    let mut st = depot
-        .conn
-        .prepare("SELECT c.id, f.clen, f.nchunks FROM chunks c JOIN frames f ON c.frame = f.id")?;
-    let rows = st.query_map([], |r| {
-        let clen: i64 = r.get(1)?;
-        let n: i64 = r.get(2)?;
-        Ok((r.get::<_, i64>(0)?, clen as f64 / n.max(1) as f64))
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
 /// Maps of all available images.
 fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, format::BlockMap)>> {
     catalog::list_images(&depot.conn)?
@@ -133,31 +119,61 @@ fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, format::BlockMap)>>
         .collect()
 }
 
+/// Per image: stored bytes no other image uses, and stored bytes shared.
+/// A chunk's stored size is its frame's compressed size shared equally by
+/// the frame's chunks. Memory: 16 bytes per (image, distinct chunk).
 pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
-    let maps = all_maps(depot)?;
-    let sizes = chunk_sizes(depot)?;
-    let mut refs: HashMap<i64, u32> = HashMap::new();
-    let distinct: Vec<HashSet<i64>> = maps
-        .iter()
-        .map(|(_, m)| m.data().map(|(_, c)| c).collect())
-        .collect();
-    for set in &distinct {
-        for &c in set {
-            *refs.entry(c).or_default() += 1;
+    let conn = &depot.conn;
+    // Distinct chunk ids of each image, sorted; maps decoded one at a time.
+    let mut per: Vec<(ImageId, Vec<i64>)> = Vec::new();
+    for r in catalog::list_images(conn)? {
+        if r.state != "available" {
+            continue;
         }
+        let mut ids: Vec<i64> = catalog::image_map(conn, &r.id)?
+            .data()
+            .map(|(_, c)| c)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        per.push((r.id, ids));
     }
+    // Every image's ids together: a chunk is shared if it appears twice.
+    let mut all: Vec<i64> = per.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    all.sort_unstable();
+    let users = |c: i64| all.partition_point(|&x| x <= c) - all.partition_point(|&x| x < c);
+    let frame_size: HashMap<i64, f64> = {
+        let mut st = conn.prepare("SELECT id, clen, nchunks FROM frames")?;
+        let rows = st.query_map([], |r| {
+            let clen: i64 = r.get(1)?;
+            let n: i64 = r.get(2)?;
+            Ok((r.get::<_, i64>(0)?, clen as f64 / n.max(1) as f64))
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut st = conn.prepare_cached("SELECT id, frame FROM chunks WHERE id BETWEEN ?1 AND ?2")?;
     let mut per_image = HashMap::new();
-    for ((row, _), set) in maps.iter().zip(&distinct) {
-        let (mut u, mut s) = (0f64, 0f64);
-        for c in set {
-            let sz = sizes.get(c).copied().unwrap_or(0.0);
-            if refs[c] == 1 {
-                u += sz;
-            } else {
-                s += sz;
+    for (img, ids) in &per {
+        let (mut unique, mut shared) = (0f64, 0f64);
+        let mut i = 0;
+        while i < ids.len() {
+            let mut j = i + 1;
+            while j < ids.len() && ids[j] == ids[j - 1] + 1 {
+                j += 1;
             }
+            let mut rows = st.query([ids[i], ids[j - 1]])?;
+            while let Some(r) = rows.next()? {
+                let (c, f): (i64, i64) = (r.get(0)?, r.get(1)?);
+                let sz = frame_size.get(&f).copied().unwrap_or(0.0);
+                if users(c) == 1 {
+                    unique += sz;
+                } else {
+                    shared += sz;
+                }
+            }
+            i = j;
         }
-        per_image.insert(row.id.clone(), (u.round() as u64, s.round() as u64));
+        per_image.insert(img.clone(), (unique.round() as u64, shared.round() as u64));
     }
     Ok(Usage { per_image })
 }

@@ -79,10 +79,15 @@ CREATE TABLE zero_cvs (
 
 -- Input files imported before: an unchanged file (same dev, inode, size,
 -- mtime, ctime) is re-imported from the image it became, without reading it.
--- A chunk entered by a running import, before the commit that makes it
--- part of the store: the image id of that import (NULL once committed).
-ALTER TABLE chunks ADD COLUMN pending TEXT;
-CREATE INDEX chunks_pending ON chunks(pending) WHERE pending IS NOT NULL;
+-- Chunks entered by a running import, before the commit that makes them
+-- part of the store (`import` = ImageId::key of that import). Kept apart
+-- from `chunks` so that committing deletes rows here instead of rewriting
+-- chunk rows.
+CREATE TABLE pending_chunks (
+    id     INTEGER PRIMARY KEY,                 -- chunks.id
+    import INTEGER NOT NULL
+);
+CREATE INDEX pending_by_import ON pending_chunks(import);
 
 CREATE TABLE source_files (
     dev      INTEGER NOT NULL,
@@ -115,7 +120,13 @@ pub fn open(path: &Path) -> Result<Connection> {
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::io(&lock_path, e.into()))?;
     let mut conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
+        // Only possible before the file is initialised: lets
+        // `vacuum_free_pages` give freed pages back to the filesystem.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     // journal_mode returns a row; pragma_update would reject it.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -233,13 +244,8 @@ pub fn chunk_locs(conn: &Connection, ids: &[ChunkId]) -> Result<HashMap<ChunkId,
     let mut st =
         conn.prepare_cached("SELECT id, hash, frame, slot FROM chunks WHERE id BETWEEN ?1 AND ?2")?;
     let mut out = HashMap::with_capacity(ids.len());
-    let mut i = 0;
-    while i < ids.len() {
-        let mut j = i + 1;
-        while j < ids.len() && ids[j] == ids[j - 1] + 1 {
-            j += 1;
-        }
-        let mut rows = st.query([ids[i], ids[j - 1]])?;
+    for (first, last) in crate::format::id_runs(ids) {
+        let mut rows = st.query([first, last])?;
         while let Some(r) = rows.next()? {
             let h: Vec<u8> = r.get(1)?;
             out.insert(
@@ -251,7 +257,6 @@ pub fn chunk_locs(conn: &Connection, ids: &[ChunkId]) -> Result<HashMap<ChunkId,
                 },
             );
         }
-        i = j;
     }
     Ok(out)
 }
@@ -292,8 +297,8 @@ pub fn chunk_by_hash(
     image: &ImageId,
 ) -> Result<Option<ChunkId>> {
     let mut st = conn.prepare_cached(
-        "SELECT id FROM chunks WHERE hkey = ?1 AND hash = ?2
-         AND (pending IS NULL OR pending = ?3)",
+        "SELECT c.id FROM chunks c WHERE c.hkey = ?1 AND c.hash = ?2 AND NOT EXISTS
+         (SELECT 1 FROM pending_chunks p WHERE p.id = c.id AND p.import != ?3)",
     )?;
     Ok(st
         .query_row(params![hkey(hash), &hash.0[..], image.as_str()], |r| {
@@ -302,13 +307,52 @@ pub fn chunk_by_hash(
         .optional()?)
 }
 
+/// Runs `f` in a write transaction taken at once (`BEGIN IMMEDIATE`).
+///
+/// Every write goes through here or another IMMEDIATE transaction: an
+/// autocommit write starts as a read and, in WAL mode, fails at once with
+/// "database is locked" (no busy wait) when another process committed
+/// between its read and its write.
+pub fn write<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    let tx = begin_write(conn)?;
+    let v = f(&tx)?;
+    tx.commit()?;
+    Ok(v)
+}
+
+/// `BEGIN IMMEDIATE`, waiting for other writers. SQLite's busy handler
+/// covers most waits, but under concurrent writers and gc it was measured to
+/// return a plain SQLITE_BUSY at once now and then (WAL mode, several
+/// processes): those are retried here, for up to the same 60 s.
+pub fn begin_write(conn: &Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        match rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate) {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long a writer waits for others.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Registers a pack file that an import is about to write.
 pub fn insert_pending_pack(conn: &Connection, name: &str, image: &ImageId) -> Result<i64> {
-    conn.execute(
-        "INSERT INTO packs (name, state, image) VALUES (?1, 'pending', ?2)",
-        params![name, image.as_str()],
-    )?;
-    Ok(conn.last_insert_rowid())
+    write(conn, |c| {
+        c.execute(
+            "INSERT INTO packs (name, state, image) VALUES (?1, 'pending', ?2)",
+            params![name, image.as_str()],
+        )?;
+        Ok(c.last_insert_rowid())
+    })
 }
 
 /// The known zero-leaf chaining values for content of `size` bytes.
@@ -334,6 +378,22 @@ pub fn save_zero_cvs(conn: &Connection, cvs: &[(u64, u64, [u8; 32])]) -> Result<
         st.execute(params![*o as i64, *l as i64, &cv[..]])?;
     }
     Ok(())
+}
+
+/// Returns the catalog's free pages to the filesystem (best effort).
+pub fn vacuum_free_pages(conn: &Connection) {
+    // The pragma frees one page per step: step it to the end.
+    let run = || {
+        write(conn, |c| {
+            let mut st = c.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+            Ok(())
+        })
+    };
+    if let Err(e) = run() {
+        tracing::debug!("incremental vacuum: {e}");
+    }
 }
 
 /// Current unix time in seconds.

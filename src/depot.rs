@@ -245,8 +245,9 @@ impl Depot {
                 state: info.state,
             });
         }
-        self.conn
-            .execute("DELETE FROM images WHERE id = ?1", [&info.id])?;
+        catalog::write(&self.conn, |c| {
+            Ok(c.execute("DELETE FROM images WHERE id = ?1", [&info.id])?)
+        })?;
         Ok(info)
     }
 
@@ -299,15 +300,38 @@ impl Depot {
         }
     }
 
+    /// Takes the lock that lets one gc run at a time (held until drop);
+    /// waits for a gc that runs.
+    pub(crate) fn lock_gc(&self) -> Result<Flock<File>> {
+        let p = self.root.join("gc.lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .at(&p)?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::io(&p, e.into()))
+    }
+
+    /// Whether a gc is running (its lock is held).
+    pub(crate) fn gc_running(&self) -> bool {
+        held(&self.root.join("gc.lock"))
+    }
+
     /// Whether the import of `id` is still running (its lock is held).
     pub(crate) fn import_alive(&self, id: &ImageId) -> bool {
-        let Ok(f) = File::open(self.lock_path(id)) else {
-            return false;
-        };
-        match Flock::lock(f, FlockArg::LockSharedNonblock) {
-            Ok(_) => false,
-            Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
-        }
+        held(&self.lock_path(id))
+    }
+}
+
+/// Whether some process holds an exclusive flock on the file at `p`.
+fn held(p: &Path) -> bool {
+    let Ok(f) = File::open(p) else {
+        return false;
+    };
+    match Flock::lock(f, FlockArg::LockSharedNonblock) {
+        Ok(_) => false,
+        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
     }
 }
 

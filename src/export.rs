@@ -209,19 +209,19 @@ fn materialise(
             let digest = digest_file(&plan, file, path, row.virtual_size, &zero_cvs, progress)?;
             (digest, blocks)
         }
-        None => rebuild(depot, &plan, &label, row, None, &zero_cvs, false, progress)?,
+        None => rebuild(depot, &plan, &label, row, &zero_cvs, false, progress)?,
     };
     let added = zero_cvs.into_added();
     if !added.is_empty() {
         // Best effort: a read-only depot still exports.
-        let _ = catalog::save_zero_cvs(&depot.conn, &added);
+        let _ = catalog::write(&depot.conn, |c| catalog::save_zero_cvs(c, &added));
     }
     if row.content_digest.as_deref() == Some(digest.as_str()) {
         return Ok(blocks);
     }
     // Find the first chunk that does not match its hash.
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
-    rebuild(depot, &plan, &label, row, None, &zero_cvs, true, progress)?;
+    rebuild(depot, &plan, &label, row, &zero_cvs, true, progress)?;
     Err(Error::Corrupt {
         image: label,
         offset: 0,
@@ -372,13 +372,7 @@ fn digest_file(
     );
     progress.end();
     r?;
-    let results: Vec<PieceHash> = results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.expect("every leaf done"))
-        .collect();
-    Ok(hex(pieces.root(&results).as_bytes()))
+    Ok(root_hex(&pieces, results))
 }
 
 /// The digest pieces of an image: zero regions as single pieces.
@@ -411,95 +405,62 @@ fn read_frame(
     reader.read_frame(f.offset, f.clen, f.nchunks as usize, out)
 }
 
-/// One pass over the image by parallel workers; returns the hex digest.
-#[allow(clippy::too_many_arguments)]
+/// Rebuilds the image in memory, leaf by leaf, on parallel workers (verify:
+/// nothing is written); returns the hex digest and the data blocks read.
+/// With `check_chunks`, every chunk is also checked against its own hash.
 fn rebuild(
     depot: &Depot,
     plan: &Plan,
     label: &str,
     row: &ImageRow,
-    out: Option<(&File, &Path)>,
     zero_cvs: &digest::ZeroCvs,
     check_chunks: bool,
     progress: &dyn Progress,
 ) -> Result<(String, u64)> {
     let pieces = sparse_pieces(&plan.map, row.virtual_size);
     let nleaves = pieces.leaves.len();
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; nleaves]);
     let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
     let blocks = std::sync::atomic::AtomicU64::new(0);
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 8);
     let root = depot.root();
-    progress.begin(
-        if check_chunks {
-            "locate"
-        } else {
-            "materialise"
+    let phase = if check_chunks { "locate" } else { "verify" };
+    progress.begin(phase, row.virtual_size);
+    let r = par_for(
+        nleaves.div_ceil(digest::LEAVES_PER_UNIT),
+        || Worker {
+            plan,
+            label,
+            root,
+            readers: &readers,
+            cache: Vec::new(),
+            check_chunks,
         },
-        row.virtual_size,
+        |w, unit| {
+            let first = unit * digest::LEAVES_PER_UNIT;
+            for i in first..(first + digest::LEAVES_PER_UNIT).min(nleaves) {
+                let leaf = &pieces.leaves[i];
+                let (h, n) = w.leaf(leaf, &pieces, zero_cvs)?;
+                progress.advance(leaf.len);
+                blocks.fetch_add(n, Ordering::Relaxed);
+                results.lock().unwrap()[i] = Some(h);
+            }
+            Ok(())
+        },
     );
-    let errs: Vec<Error> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut w = Worker {
-                        plan,
-                        label,
-                        root,
-                        readers: &readers,
-                        cache: Vec::new(),
-                        wbuf: Vec::with_capacity(1 << 20),
-                        wstart: 0,
-                        out,
-                        check_chunks,
-                    };
-                    loop {
-                        if abort.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        let first = next.fetch_add(1, Ordering::Relaxed) * digest::LEAVES_PER_UNIT;
-                        if first >= nleaves {
-                            return Ok(());
-                        }
-                        for i in first..(first + digest::LEAVES_PER_UNIT).min(nleaves) {
-                            let leaf = &pieces.leaves[i];
-                            let r = w.leaf(leaf, &pieces, zero_cvs);
-                            progress.advance(leaf.len);
-                            match r {
-                                Ok((h, n)) => {
-                                    blocks.fetch_add(n, Ordering::Relaxed);
-                                    results.lock().unwrap()[i] = Some(h);
-                                }
-                                Err(e) => {
-                                    abort.store(true, Ordering::Relaxed);
-                                    return Err(e);
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .filter_map(|h| h.join().expect("materialise worker panicked").err())
-            .collect()
-    });
     progress.end();
-    if let Some(e) = errs.into_iter().next() {
-        return Err(e);
-    }
+    r?;
+    Ok((root_hex(&pieces, results), blocks.into_inner()))
+}
+
+/// The digest from every piece's result, in hex.
+fn root_hex(pieces: &digest::Pieces, results: Mutex<Vec<Option<PieceHash>>>) -> String {
     let results: Vec<PieceHash> = results
         .into_inner()
         .unwrap()
         .into_iter()
-        .map(|r| r.expect("every leaf done"))
+        .map(|r| r.expect("every piece done"))
         .collect();
-    Ok((hex(pieces.root(&results).as_bytes()), blocks.into_inner()))
+    hex(pieces.root(&results).as_bytes())
 }
 
 /// Decompressed frames a worker keeps (most recent last).
@@ -511,9 +472,6 @@ struct Worker<'a> {
     root: &'a Path,
     readers: &'a Mutex<HashMap<i64, Arc<PackReader>>>,
     cache: Vec<(i64, Vec<u8>)>,
-    wbuf: Vec<u8>,
-    wstart: u64,
-    out: Option<(&'a File, &'a Path)>,
     check_chunks: bool,
 }
 
@@ -544,18 +502,7 @@ impl Worker<'_> {
                     zeros = 0;
                 }
                 let (fi, s) = self.chunk(cid, off)?;
-                let data = &self.cache[fi].1[s..s + len];
-                h.update(data);
-                if let Some((f, p)) = self.out {
-                    if self.wstart + self.wbuf.len() as u64 != off || self.wbuf.len() >= 1 << 20 {
-                        if !self.wbuf.is_empty() {
-                            f.write_all_at(&self.wbuf, self.wstart).at(p)?;
-                        }
-                        self.wbuf.clear();
-                        self.wstart = off;
-                    }
-                    self.wbuf.extend_from_slice(data);
-                }
+                h.update(&self.cache[fi].1[s..s + len]);
                 blocks += 1;
             }
             off += len as u64;
@@ -563,18 +510,7 @@ impl Worker<'_> {
         if zeros > 0 {
             digest::update_zeros(&mut h, zeros);
         }
-        self.flush()?;
         Ok((pieces.finish(&h), blocks))
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some((f, p)) = self.out {
-            if !self.wbuf.is_empty() {
-                f.write_all_at(&self.wbuf, self.wstart).at(p)?;
-            }
-        }
-        self.wbuf.clear();
-        Ok(())
     }
 
     /// Finds chunk `cid` (used at image offset `off`, for error messages):

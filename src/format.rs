@@ -314,6 +314,21 @@ pub fn get_varint(p: &mut &[u8]) -> Result<u64, String> {
     Err("image map: varint too long".into())
 }
 
+/// Runs of consecutive values in sorted `ids`, as inclusive `(first, last)`.
+pub fn id_runs(ids: &[ChunkId]) -> impl Iterator<Item = (ChunkId, ChunkId)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *ids.get(i)?;
+        let mut j = i + 1;
+        while j < ids.len() && ids[j] == ids[j - 1] + 1 {
+            j += 1;
+        }
+        let last = ids[j - 1];
+        i = j;
+        Some((first, last))
+    })
+}
+
 /// Number of 4 KiB blocks covering `size` bytes.
 pub fn blocks_for(size: u64) -> u64 {
     size.div_ceil(CHUNK)
@@ -404,6 +419,13 @@ mod tests {
         assert_eq!(m.data_blocks(), 2);
         let back = decode_map(&encode_map(&m)).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn id_runs_split_at_gaps() {
+        let runs: Vec<_> = id_runs(&[1, 2, 3, 7, 9, 10]).collect();
+        assert_eq!(runs, vec![(1, 3), (7, 7), (9, 10)]);
+        assert_eq!(id_runs(&[]).count(), 0);
     }
 
     #[test]

@@ -25,6 +25,12 @@ impl ImageId {
         &self.0
     }
 
+    /// The id's 64 bits as an integer: how the catalog marks what this
+    /// image's running import owns (`chunks.pending`).
+    pub fn key(&self) -> i64 {
+        u64::from_str_radix(&self.0[4..], 16).unwrap_or(0) as i64
+    }
+
     pub(crate) fn from_db(s: String) -> ImageId {
         ImageId(s)
     }

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection};
 
 use crate::catalog;
 use crate::depot::{Depot, ImportOptions};
@@ -122,19 +122,21 @@ impl FileIdent {
     }
 
     fn remember(&self, depot: &Depot, image: &ImageId) -> Result<()> {
-        depot.conn.execute(
-            "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                self.dev as i64,
-                self.ino as i64,
-                self.size as i64,
-                self.mtime_ns,
-                self.ctime_ns,
-                image.as_str()
-            ],
-        )?;
-        Ok(())
+        catalog::write(&depot.conn, |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    self.dev as i64,
+                    self.ino as i64,
+                    self.size as i64,
+                    self.mtime_ns,
+                    self.ctime_ns,
+                    image.as_str()
+                ],
+            )?;
+            Ok(())
+        })
     }
 }
 
@@ -143,7 +145,7 @@ impl FileIdent {
 /// the file. One transaction: the earlier image's chunks cannot be collected
 /// in between.
 fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
-    let tx = rusqlite::Transaction::new_unchecked(&depot.conn, TransactionBehavior::Immediate)?;
+    let tx = catalog::begin_write(&depot.conn)?;
     let n = tx.execute(
         "UPDATE images SET (state, virtual_size, data_bytes, content_digest, map, map_digest) =
             (SELECT 'available', o.virtual_size, o.data_bytes, o.content_digest, o.map, o.map_digest
@@ -186,8 +188,10 @@ fn insert_importing_row(
     opts: &ImportOptions,
     fmt: &str,
 ) -> Result<()> {
-    let insert = || {
-        depot.conn.execute(
+    // Not `catalog::write`: the caller looks at the SQLite error itself.
+    let insert = || -> rusqlite::Result<()> {
+        let tx = catalog::begin_write(&depot.conn)?;
+        tx.execute(
             "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at)
              VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7)",
             params![
@@ -199,7 +203,8 @@ fn insert_importing_row(
                 fmt,
                 catalog::now()
             ],
-        )
+        )?;
+        tx.commit()
     };
     match insert() {
         Ok(_) => Ok(()),
@@ -305,6 +310,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
         extents.get(i).is_some_and(|&(s, _)| s < off + len)
     });
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
+    // Taken before any look-up: chunks allocated after it may have been
+    // missed by the workers.
+    let start_seq = chunk_sequence(&depot.conn)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
         image: id,
@@ -330,7 +338,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
     progress.begin("import", raw.size);
     let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
     let (written, worker_errs) = std::thread::scope(|s| {
-        let writer = s.spawn(|| write_frames(root, &db_path, id, rx, &shared.new));
+        let writer = s.spawn(|| write_frames(root, &db_path, id, rx, &shared.new, start_seq));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let tx = tx.clone();
@@ -385,7 +393,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
 /// Takes units of leaves until none are left.
 fn work(sh: &Shared<'_>, db_path: &Path, tx: mpsc::SyncSender<FrameMsg>) -> Result<()> {
     let conn = Connection::open(db_path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    conn.busy_timeout(catalog::BUSY_TIMEOUT)?;
     let mut buf = vec![0u8; READ_BYTES];
     let mut frame = FrameBuf::default();
     let nleaves = sh.pieces.leaves.len();
@@ -398,15 +406,13 @@ fn work(sh: &Shared<'_>, db_path: &Path, tx: mpsc::SyncSender<FrameMsg>) -> Resu
         if first >= nleaves {
             break;
         }
-        // One read transaction per unit: SQLite's file locks are taken once,
-        // not per lookup. (A chunk committed meanwhile by another import is
-        // compressed again; the commit still keeps one chunk row per hash.)
-        let rtx = conn.unchecked_transaction()?;
+        // Look-ups are not grouped in a read transaction: a lookup must see
+        // every batch the writer entered before it dropped those chunks from
+        // `new` (see `classify`).
         for i in first..(first + digest::LEAVES_PER_UNIT).min(nleaves) {
-            let res = leaf(sh, &rtx, i, &mut buf, &mut frame, &tx)?;
+            let res = leaf(sh, &conn, i, &mut buf, &mut frame, &tx)?;
             sh.results.lock().unwrap()[i] = Some(res);
         }
-        rtx.finish()?;
     }
     frame.flush(sh, &tx)
 }
@@ -535,6 +541,9 @@ fn classify(
         block
     };
     let hash = ChunkHash::of(block);
+    // `new` first, then the catalog: the writer enters a batch in the
+    // catalog before it drops it from `new`, so a chunk of this import is
+    // found by one or the other and never stored twice.
     if let Some(&e) = sh.new.lock().unwrap().get(&hash) {
         return Ok(e);
     }
@@ -612,12 +621,14 @@ fn write_frames(
     id: &ImageId,
     rx: mpsc::Receiver<FrameMsg>,
     new: &Mutex<HashMap<ChunkHash, u64>>,
-) -> Result<HashMap<u64, FrameIds>> {
+    mut seen_seq: i64,
+) -> Result<Written> {
     let conn = Connection::open(db_path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    conn.busy_timeout(catalog::BUSY_TIMEOUT)?;
     let mut out = HashMap::new();
     let mut cur: Option<(i64, PackWriter)> = None;
     let mut batch: Vec<Entered> = Vec::new();
+    let mut pending = false;
     for msg in rx {
         if cur
             .as_ref()
@@ -642,14 +653,46 @@ fn write_frames(
             clen: msg.data.len() as u64,
         });
         if batch.len() >= BATCH_FRAMES {
-            enter_batch(&conn, id, &mut batch, &mut out, new)?;
+            enter_batch(&conn, id, &mut batch, &mut out, new, &mut seen_seq)?;
+            pending = true;
         }
     }
-    enter_batch(&conn, id, &mut batch, &mut out, new)?;
     if let Some((_, w)) = cur {
         w.seal()?;
     }
-    Ok(out)
+    // The last batch is entered by the commit itself, as committed rows.
+    Ok(Written {
+        ids: out,
+        last: batch,
+        seen_seq,
+        pending,
+    })
+}
+
+/// What the writer leaves to the commit.
+struct Written {
+    /// Chunk ids of the frames entered so far, by frame sequence number.
+    ids: HashMap<u64, FrameIds>,
+    /// Frames written but not entered yet.
+    last: Vec<Entered>,
+    /// The chunk sequence after the writer's last batch (or when the
+    /// import started).
+    seen_seq: i64,
+    /// Whether any batch was entered as pending rows.
+    pending: bool,
+}
+
+/// The highest chunk id ever allocated.
+fn chunk_sequence(conn: &Connection) -> Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'chunks'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// A frame written to a pack, to be entered in the catalog.
@@ -668,50 +711,14 @@ fn enter_batch(
     batch: &mut Vec<Entered>,
     out: &mut HashMap<u64, FrameIds>,
     new: &Mutex<HashMap<ChunkHash, u64>>,
+    seen_seq: &mut i64,
 ) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
-    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    {
-        let mut frame = tx.prepare_cached(
-            "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        let mut chunk = tx.prepare_cached(
-            "INSERT INTO chunks (hkey, hash, frame, slot, pending) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for msg in batch.iter() {
-            frame.execute(params![
-                msg.pack,
-                msg.offset as i64,
-                msg.clen as i64,
-                msg.hashes.len() as i64
-            ])?;
-            let fid = tx.last_insert_rowid();
-            let mut ids = FrameIds::default();
-            for (slot, h) in msg.hashes.iter().enumerate() {
-                // Committed by another import meanwhile, or met twice by this
-                // one across a batch boundary: use that chunk; this slot's
-                // bytes stay unused.
-                if let Some(c) = catalog::chunk_by_hash(&tx, h, id)? {
-                    ids.existing.push((slot as u8, c));
-                    continue;
-                }
-                chunk.execute(params![
-                    catalog::hkey(h),
-                    &h.0[..],
-                    fid,
-                    slot as i64,
-                    id.as_str()
-                ])?;
-                ids.inserted += 1;
-                if ids.first == 0 {
-                    ids.first = tx.last_insert_rowid() - (slot - ids.existing.len()) as i64;
-                }
-            }
-            out.insert(msg.seq, ids);
-        }
-    }
+    let tx = catalog::begin_write(conn)?;
+    enter_rows(&tx, id, batch, out, *seen_seq, true)?;
+    *seen_seq = chunk_sequence(&tx)?;
     tx.commit()?;
     // Entered: workers find these in the catalog from now on.
     let mut new = new.lock().unwrap();
@@ -723,16 +730,83 @@ fn enter_batch(
     Ok(())
 }
 
+/// Inserts the frames of `batch` and their new chunks (pending for this
+/// import when `pending`), and records each frame's chunk ids in `out`.
+fn enter_rows(
+    tx: &rusqlite::Transaction<'_>,
+    id: &ImageId,
+    batch: &[Entered],
+    out: &mut HashMap<u64, FrameIds>,
+    seen_seq: i64,
+    pending: bool,
+) -> Result<()> {
+    // Chunk ids only grow (AUTOINCREMENT): if none was allocated since our
+    // last batch, no other import committed content the workers missed.
+    let others = chunk_sequence(tx)? != seen_seq;
+    let mut frame = tx.prepare_cached(
+        "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut chunk =
+        tx.prepare_cached("INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut mark = tx.prepare_cached("INSERT INTO pending_chunks (id, import) VALUES (?1, ?2)")?;
+    for msg in batch {
+        frame.execute(params![
+            msg.pack,
+            msg.offset as i64,
+            msg.clen as i64,
+            msg.hashes.len() as i64
+        ])?;
+        let fid = tx.last_insert_rowid();
+        let mut ids = FrameIds::default();
+        for (slot, h) in msg.hashes.iter().enumerate() {
+            // Committed by another import meanwhile, or met twice by this
+            // one across a batch boundary: use that chunk; this slot's
+            // bytes stay unused.
+            if others {
+                if let Some(c) = catalog::chunk_by_hash(tx, h, id)? {
+                    ids.existing.push((slot as u8, c));
+                    continue;
+                }
+            }
+            chunk.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
+            let cid = tx.last_insert_rowid();
+            if pending {
+                mark.execute(params![cid, id.key()])?;
+            }
+            ids.inserted += 1;
+            if ids.first == 0 {
+                ids.first = cid - (slot - ids.existing.len()) as i64;
+            }
+        }
+        out.insert(msg.seq, ids);
+    }
+    Ok(())
+}
+
 fn commit(
     depot: &Depot,
     id: &ImageId,
     size: u64,
     digest: blake3::Hash,
     results: Vec<PieceResult>,
-    frames: HashMap<u64, FrameIds>,
+    written: Written,
     zero_cvs: Vec<(u64, u64, [u8; 32])>,
 ) -> Result<()> {
     let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
+    // Take the write lock now: nothing may change between check and commit.
+    let tx = catalog::begin_write(&depot.conn)?;
+    let Written {
+        ids: mut frames,
+        last,
+        seen_seq,
+        pending,
+    } = written;
+    let pending_ranges: Vec<(ChunkId, i64)> = frames
+        .values()
+        .filter(|f| f.inserted > 0)
+        .map(|f| (f.first, f.inserted))
+        .collect();
+    enter_rows(&tx, id, &last, &mut frames, seen_seq, false)?;
     let chunk_id = |e: u64| -> ChunkId {
         if e & NEW != 0 {
             frames[&((e & !NEW) >> 8)].id((e & 0xff) as u8)
@@ -760,17 +834,15 @@ fn commit(
             _ => merged.push((a, b)),
         }
     }
-    // Take the write lock now: nothing may change between check and commit.
-    let tx = rusqlite::Transaction::new_unchecked(&depot.conn, TransactionBehavior::Immediate)?;
     {
         // Every chunk used must still exist (a concurrent gc may have taken
         // a reused one) and be committed or this import's own.
         let mut count = tx.prepare_cached(
-            "SELECT COUNT(*) FROM chunks WHERE id BETWEEN ?1 AND ?2
-             AND (pending IS NULL OR pending = ?3)",
+            "SELECT COUNT(*) FROM chunks c WHERE c.id BETWEEN ?1 AND ?2 AND NOT EXISTS
+             (SELECT 1 FROM pending_chunks p WHERE p.id = c.id AND p.import != ?3)",
         )?;
         for &(a, b) in &merged {
-            let n: i64 = count.query_row(params![a, b, id.as_str()], |r| r.get(0))?;
+            let n: i64 = count.query_row(params![a, b, id.key()], |r| r.get(0))?;
             if n != b - a + 1 {
                 return Err(Error::ChunksVanished);
             }
@@ -803,13 +875,11 @@ fn commit(
         ],
     )?;
     {
-        // By id ranges: one pass over the table, no set of row ids in memory
-        // (a single `WHERE pending = ?` update of 1.5 M rows took 140 MB).
-        let mut done = tx.prepare_cached(
-            "UPDATE chunks SET pending = NULL WHERE id BETWEEN ?1 AND ?2 AND pending = ?3",
-        )?;
-        for f in frames.values().filter(|f| f.inserted > 0) {
-            done.execute(params![f.first, f.first + f.inserted - 1, id.as_str()])?;
+        // By id ranges: one pass, no set of row ids in memory.
+        let mut done =
+            tx.prepare_cached("DELETE FROM pending_chunks WHERE id BETWEEN ?1 AND ?2")?;
+        for (first, n) in pending_ranges {
+            done.execute(params![first, first + n - 1])?;
         }
     }
     tx.execute(
@@ -820,5 +890,8 @@ fn commit(
     )?;
     catalog::save_zero_cvs(&tx, &zero_cvs)?;
     tx.commit()?;
+    if pending {
+        catalog::vacuum_free_pages(&depot.conn);
+    }
     Ok(())
 }

@@ -4,12 +4,15 @@
 //! (who refers to which stored bytes), plus the clean-up of imports that
 //! died ([`reap_abandoned`]).
 //!
-//! **gc × import**: gc marks and sweeps inside one `BEGIN IMMEDIATE`
-//! transaction, so no import commits while it decides. An import that reused
-//! a chunk gc then collected notices at its own commit (it re-checks every
-//! reused chunk inside its transaction) and starts over. A running import is
-//! recognised by its lock file (`locks/<image>.lock`, flocked by the
-//! importer); only imports whose lock is free are reaped.
+//! **gc × import**: gc marks in a read snapshot (nobody waits for it), then
+//! sweeps in one short `BEGIN IMMEDIATE` transaction in which images that
+//! became available after the snapshot keep their chunks, and chunks entered
+//! after it are not candidates. An import that reused a chunk gc then
+//! collected notices at its own commit (it re-checks every reused chunk
+//! inside its transaction) and starts over. A running import is recognised
+//! by its lock file (`locks/<image>.lock`, flocked by the importer); only
+//! imports whose lock is free are reaped. One gc runs at a time
+//! (`gc.lock`); repacking copies frames outside any catalog lock.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -107,18 +110,6 @@ pub struct Usage {
     pub per_image: HashMap<ImageId, (u64, u64)>,
 }
 
-/// Maps of all available images.
-fn all_maps(depot: &Depot) -> Result<Vec<(catalog::ImageRow, format::BlockMap)>> {
-    catalog::list_images(&depot.conn)?
-        .into_iter()
-        .filter(|r| r.state == "available")
-        .map(|r| {
-            let m = catalog::image_map(&depot.conn, &r.id)?;
-            Ok((r, m))
-        })
-        .collect()
-}
-
 /// Per image: stored bytes no other image uses, and stored bytes shared.
 /// A chunk's stored size is its frame's compressed size shared equally by
 /// the frame's chunks. Memory: 16 bytes per (image, distinct chunk).
@@ -155,13 +146,8 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
     let mut per_image = HashMap::new();
     for (img, ids) in &per {
         let (mut unique, mut shared) = (0f64, 0f64);
-        let mut i = 0;
-        while i < ids.len() {
-            let mut j = i + 1;
-            while j < ids.len() && ids[j] == ids[j - 1] + 1 {
-                j += 1;
-            }
-            let mut rows = st.query([ids[i], ids[j - 1]])?;
+        for (first, last) in format::id_runs(ids) {
+            let mut rows = st.query([first, last])?;
             while let Some(r) = rows.next()? {
                 let (c, f): (i64, i64) = (r.get(0)?, r.get(1)?);
                 let sz = frame_size.get(&f).copied().unwrap_or(0.0);
@@ -171,7 +157,6 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
                     shared += sz;
                 }
             }
-            i = j;
         }
         per_image.insert(img.clone(), (unique.round() as u64, shared.round() as u64));
     }
@@ -181,46 +166,65 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
 /// Removes what a dead import left: its pending packs and, when
 /// `remove_row`, its image row, temp file and lock file.
 pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<()> {
-    // Files first: on a full disk, deleting them is what lets SQLite write.
-    // Pending packs are read by nobody, and rows left behind by a crash here
-    // are removed by gc.
-    let names: Vec<String> = {
-        let mut st = depot
-            .conn
-            .prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
-        let rows = st.query_map([id.as_str()], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
+    let names = match forget_import(depot, id, remove_row) {
+        Ok(names) => names,
+        Err(Error::NoSpace { .. }) => {
+            // A full disk: SQLite needs room to write. The import's pending
+            // packs are read by nobody; delete their files and try again.
+            for n in pending_pack_names(depot, id)? {
+                remove_if_exists(&pack_path(depot.root(), &n))?;
+            }
+            remove_if_exists(&depot.tmp_path(id))?;
+            forget_import(depot, id, remove_row)?
+        }
+        Err(e) => return Err(e),
     };
+    // Only files whose rows this transaction removed: never a pack that an
+    // import committed meanwhile.
     for n in &names {
         remove_if_exists(&pack_path(depot.root(), n))?;
     }
     if remove_row {
         remove_if_exists(&depot.tmp_path(id))?;
-    }
-    let tx = rusqlite::Transaction::new_unchecked(
-        &depot.conn,
-        rusqlite::TransactionBehavior::Immediate,
-    )?;
-    tx.execute("DELETE FROM chunks WHERE pending = ?1", [id.as_str()])?;
-    tx.execute(
-        "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image = ?1 AND state = 'pending')",
-        [id.as_str()],
-    )?;
-    tx.execute(
-        "DELETE FROM packs WHERE image = ?1 AND state = 'pending'",
-        [id.as_str()],
-    )?;
-    if remove_row {
-        tx.execute(
-            "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
-            [id.as_str()],
-        )?;
-    }
-    tx.commit()?;
-    if remove_row {
         remove_if_exists(&depot.lock_path(id))?;
     }
     Ok(())
+}
+
+fn pending_pack_names(depot: &Depot, id: &ImageId) -> Result<Vec<String>> {
+    let mut st = depot
+        .conn
+        .prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
+    let rows = st.query_map([id.as_str()], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// One transaction: the import's pending chunks, frames and packs (and its
+/// row); returns the names of the packs removed.
+fn forget_import(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<Vec<String>> {
+    catalog::write(&depot.conn, |tx| {
+        tx.execute(
+            "DELETE FROM chunks WHERE id IN (SELECT id FROM pending_chunks WHERE import = ?1)",
+            [id.key()],
+        )?;
+        tx.execute("DELETE FROM pending_chunks WHERE import = ?1", [id.key()])?;
+        tx.execute(
+            "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image = ?1 AND state = 'pending')",
+            [id.as_str()],
+        )?;
+        let names = pending_pack_names(depot, id)?;
+        tx.execute(
+            "DELETE FROM packs WHERE image = ?1 AND state = 'pending'",
+            [id.as_str()],
+        )?;
+        if remove_row {
+            tx.execute(
+                "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
+                [id.as_str()],
+            )?;
+        }
+        Ok(names)
+    })
 }
 
 fn remove_if_exists(p: &Path) -> Result<()> {
@@ -268,66 +272,63 @@ fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
 }
 
 pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
+    let _one_gc = depot.lock_gc()?;
     let mut rep = GcReport {
         dry_run,
         ..Default::default()
     };
-    // 1. Killed imports.
+    // 1. Killed imports, and packs a killed gc was writing (only gc writes
+    //    pending packs of no image, and no other gc runs).
     let dead = abandoned_imports(depot)?;
     rep.abandoned_imports = dead.len() as u64;
     if !dry_run {
         for id in &dead {
             drop_import_leftovers(depot, id, true)?;
         }
+        drop_repack_leftovers(depot)?;
     }
-    // 2. Mark and sweep, with imports' commits held off.
-    let tx = rusqlite::Transaction::new_unchecked(
-        &depot.conn,
-        rusqlite::TransactionBehavior::Immediate,
-    )?;
-    let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
-    let mut live = vec![false; max_id as usize + 1];
-    for (_, map) in all_maps(depot)? {
-        for (_, c) in map.data() {
-            if let Some(l) = live.get_mut(c as usize) {
-                *l = true;
-            }
-        }
-    }
-    let dead_chunks: Vec<i64> = {
-        // Chunks pending for a running import are its own business.
-        let mut st = tx.prepare("SELECT id FROM chunks WHERE pending IS NULL")?;
-        let ids = st.query_map([], |r| r.get::<_, i64>(0))?;
-        let mut v = Vec::new();
-        for id in ids {
-            let id = id?;
-            if !live[id as usize] {
-                v.push(id);
-            }
-        }
-        v
+    // 2. Mark in a read snapshot: imports go on writing meanwhile.
+    let marked = {
+        let tx = depot.conn.unchecked_transaction()?;
+        let m = mark(&tx)?;
+        tx.commit()?;
+        m
     };
-    rep.chunks_removed = dead_chunks.len() as u64;
+    // 3. Sweep under the write lock. Images that became available after the
+    //    snapshot keep what they use; chunks entered since are not
+    //    candidates. An import that reuses a swept chunk finds out at its
+    //    commit (it re-checks) and starts over.
+    let tx = catalog::begin_write(&depot.conn)?;
+    let mut rescued = IdSet::new(marked.max_id);
+    for r in catalog::list_images(&tx)? {
+        if r.state == "available" && !marked.images.contains(&r.id) {
+            for (_, c) in catalog::image_map(&tx, &r.id)?.data() {
+                rescued.insert(c);
+            }
+        }
+    }
+    let mut dead_in_frame: HashMap<i64, u32> = HashMap::new();
     {
         let mut del = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
-        for id in &dead_chunks {
-            del.execute([id])?;
+        for &(id, frame) in &marked.candidates {
+            if !rescued.contains(id) {
+                del.execute([id])?;
+                rep.chunks_removed += 1;
+                *dead_in_frame.entry(frame).or_default() += 1;
+            }
         }
     }
-    // Frames without chunks, then sealed packs without frames.
-    let dead_frames: Vec<(i64, i64)> = {
-        let mut st = tx.prepare(
-            "SELECT f.id, f.clen FROM frames f JOIN packs p ON p.id = f.pack
-             WHERE p.state = 'sealed' AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.frame = f.id)",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    rep.frames_removed = dead_frames.len() as u64;
+    // Frames left without chunks (chunks never move between frames), then
+    // sealed packs left without frames.
     {
-        let mut del = tx.prepare_cached("DELETE FROM frames WHERE id = ?1")?;
-        for (id, _) in &dead_frames {
-            del.execute([id])?;
+        let mut del = tx.prepare_cached(
+            "DELETE FROM frames WHERE id = ?1
+             AND pack IN (SELECT id FROM packs WHERE state = 'sealed')",
+        )?;
+        for (f, n) in &dead_in_frame {
+            if marked.frame_chunks.get(f) == Some(n) {
+                rep.frames_removed += del.execute([f])? as u64;
+            }
         }
     }
     let dead_packs: Vec<(String, i64)> = {
@@ -350,7 +351,8 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     )?;
     let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
     // Pack files on disk that the catalog does not know (rows are written
-    // before files, so these are garbage).
+    // before files, and no row is added while we hold the write lock, so
+    // these are garbage).
     let known: HashSet<String> = {
         let mut st = tx.prepare("SELECT name FROM packs")?;
         let rows = st.query_map([], |r| r.get(0))?;
@@ -368,75 +370,25 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         .sum();
     rep.packs_removed += orphans.len() as u64;
     rep.bytes_freed = freed_whole as u64 + orphan_bytes;
-    // Repack: copy the live frames of packs that are less than half live
-    // into new packs (compressed bytes as they are), then drop the old ones.
-    let mut old_packs: Vec<String> = Vec::new();
+    // Packs less than half live are repacked (below).
+    let mut sparse_packs: Vec<(i64, String)> = Vec::new();
     {
-        let packs: Vec<(i64, String, i64, i64)> = {
-            let mut st = tx.prepare(
-                "SELECT p.id, p.name, p.size, COALESCE(SUM(f.clen), 0) FROM packs p
-                 JOIN frames f ON f.pack = p.id WHERE p.state = 'sealed' GROUP BY p.id",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let mut writer: Option<(i64, crate::store::PackWriter)> = None;
-        for (pid, name, size, live) in packs {
+        let mut st = tx.prepare(
+            "SELECT p.id, p.name, p.size, COALESCE(SUM(f.clen), 0) FROM packs p
+             JOIN frames f ON f.pack = p.id WHERE p.state = 'sealed' GROUP BY p.id",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (pid, name, size, live): (i64, String, i64, i64) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
             let dead = (size - PackHeader::SIZE as i64 - live).max(0) as u64;
             if live * 2 >= size {
                 rep.bytes_in_partly_live_packs += dead;
-                continue;
+            } else {
+                rep.packs_repacked += 1;
+                rep.bytes_freed += dead;
+                sparse_packs.push((pid, name));
             }
-            rep.packs_repacked += 1;
-            rep.bytes_freed += dead;
-            if dry_run {
-                continue;
-            }
-            let reader = PackReader::open(&pack_path(depot.root(), &name))?;
-            let frames: Vec<(i64, u64, u64)> = {
-                let mut st = tx.prepare_cached(
-                    "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
-                )?;
-                let rows = st.query_map([pid], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get::<_, i64>(1)? as u64,
-                        r.get::<_, i64>(2)? as u64,
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            for (fid, off, clen) in frames {
-                if writer
-                    .as_ref()
-                    .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
-                {
-                    let (id, w) = writer.take().unwrap();
-                    seal_repacked(&tx, id, w)?;
-                }
-                if writer.is_none() {
-                    let n = crate::store::new_pack_name();
-                    tx.execute(
-                        "INSERT INTO packs (name, state) VALUES (?1, 'pending')",
-                        [&n],
-                    )?;
-                    writer = Some((
-                        tx.last_insert_rowid(),
-                        crate::store::PackWriter::create(depot.root(), &n)?,
-                    ));
-                }
-                let (new_id, w) = writer.as_mut().unwrap();
-                let new_off = w.append(&reader.frame_bytes(off, clen)?)?;
-                tx.execute(
-                    "UPDATE frames SET pack = ?2, offset = ?3 WHERE id = ?1",
-                    rusqlite::params![fid, *new_id, new_off as i64],
-                )?;
-            }
-            tx.execute("DELETE FROM packs WHERE id = ?1", [pid])?;
-            old_packs.push(name);
-        }
-        if let Some((id, w)) = writer {
-            seal_repacked(&tx, id, w)?;
         }
     }
     if dry_run {
@@ -445,12 +397,14 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     }
     tx.commit()?;
     // Readers that mapped an old pack keep their mapping (unlink).
-    for n in dead_packs.iter().map(|(n, _)| n).chain(&old_packs) {
+    for n in dead_packs.iter().map(|(n, _)| n) {
         remove_if_exists(&pack_path(depot.root(), n))?;
     }
     for p in &orphans {
         remove_if_exists(p)?;
     }
+    repack(depot, &sparse_packs)?;
+    catalog::vacuum_free_pages(&depot.conn);
     // Temp files and lock files of imports that are no longer running.
     for dir in ["tmp", "locks"] {
         let d = depot.root().join(dir);
@@ -473,17 +427,182 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     Ok(rep)
 }
 
-/// Makes a repacked pack durable and marks it sealed (in gc's transaction).
-fn seal_repacked(
-    tx: &rusqlite::Transaction<'_>,
-    id: i64,
-    w: crate::store::PackWriter,
-) -> Result<()> {
-    let size = w.seal()?;
-    tx.execute(
-        "UPDATE packs SET state = 'sealed', size = ?2 WHERE id = ?1",
-        rusqlite::params![id, size as i64],
-    )?;
+/// A set of chunk ids up to a maximum, one bit each.
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn new(max_id: i64) -> IdSet {
+        IdSet(vec![0; (max_id.max(0) as usize >> 6) + 1])
+    }
+
+    /// Ids above the maximum are ignored.
+    fn insert(&mut self, id: i64) {
+        if let Some(w) = self.0.get_mut(id as usize >> 6) {
+            *w |= 1 << (id & 63);
+        }
+    }
+
+    fn contains(&self, id: i64) -> bool {
+        self.0
+            .get(id as usize >> 6)
+            .is_some_and(|w| w & (1 << (id & 63)) != 0)
+    }
+}
+
+/// What gc's mark phase found in one snapshot.
+struct Marked {
+    /// Available images whose chunks were marked.
+    images: HashSet<ImageId>,
+    max_id: i64,
+    /// Committed chunks no image uses: (chunk, frame).
+    candidates: Vec<(i64, i64)>,
+    /// Chunks per frame, for frames with a candidate.
+    frame_chunks: HashMap<i64, u32>,
+}
+
+fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
+    let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+    let mut keep = IdSet::new(max_id);
+    let mut images = HashSet::new();
+    for r in catalog::list_images(tx)? {
+        if r.state == "available" {
+            for (_, c) in catalog::image_map(tx, &r.id)?.data() {
+                keep.insert(c);
+            }
+            images.insert(r.id);
+        }
+    }
+    // Chunks pending for a running import are its own business.
+    {
+        let mut st = tx.prepare("SELECT id FROM pending_chunks")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            keep.insert(r.get(0)?);
+        }
+    }
+    let mut candidates = Vec::new();
+    let mut frame_chunks: HashMap<i64, u32> = HashMap::new();
+    {
+        let mut st = tx.prepare("SELECT id, frame FROM chunks")?;
+        let mut rows = st.query([])?;
+        let mut all: HashMap<i64, u32> = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let (id, frame): (i64, i64) = (r.get(0)?, r.get(1)?);
+            *all.entry(frame).or_default() += 1;
+            if !keep.contains(id) {
+                candidates.push((id, frame));
+            }
+        }
+        for &(_, f) in &candidates {
+            frame_chunks.insert(f, all[&f]);
+        }
+    }
+    Ok(Marked {
+        images,
+        max_id,
+        candidates,
+        frame_chunks,
+    })
+}
+
+/// Copies the live frames of `packs` into new packs (compressed bytes as
+/// they are), then points the frames there and drops the old packs. Only
+/// gc moves or deletes frames of sealed packs, and one gc runs at a time,
+/// so the copying needs no catalog lock; the switch is one short write
+/// transaction. New packs are registered (pending, no image) before their
+/// files exist; a gc killed meanwhile leaves them to the next gc.
+fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
+    if packs.is_empty() {
+        return Ok(());
+    }
+    let mut moves: Vec<(i64, i64, u64)> = Vec::new(); // frame, new pack row, offset
+    let mut sealed: Vec<(i64, u64)> = Vec::new(); // new pack row, size
+    let mut writer: Option<(i64, crate::store::PackWriter)> = None;
+    for (pid, name) in packs {
+        let reader = PackReader::open(&pack_path(depot.root(), name))?;
+        let frames: Vec<(i64, u64, u64)> = {
+            let mut st = depot.conn.prepare_cached(
+                "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
+            )?;
+            let rows = st.query_map([pid], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (fid, off, clen) in frames {
+            if writer
+                .as_ref()
+                .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
+            {
+                let (id, w) = writer.take().unwrap();
+                sealed.push((id, w.seal()?));
+            }
+            if writer.is_none() {
+                let n = crate::store::new_pack_name();
+                let id = catalog::write(&depot.conn, |c| {
+                    c.execute(
+                        "INSERT INTO packs (name, state) VALUES (?1, 'pending')",
+                        [&n],
+                    )?;
+                    Ok(c.last_insert_rowid())
+                })?;
+                writer = Some((id, crate::store::PackWriter::create(depot.root(), &n)?));
+            }
+            let (new_id, w) = writer.as_mut().unwrap();
+            moves.push((fid, *new_id, w.append(&reader.frame_bytes(off, clen)?)?));
+        }
+    }
+    if let Some((id, w)) = writer {
+        sealed.push((id, w.seal()?));
+    }
+    catalog::write(&depot.conn, |tx| {
+        let mut mv = tx.prepare_cached("UPDATE frames SET pack = ?2, offset = ?3 WHERE id = ?1")?;
+        for (fid, pack, off) in &moves {
+            mv.execute(rusqlite::params![fid, pack, *off as i64])?;
+        }
+        let mut seal =
+            tx.prepare_cached("UPDATE packs SET state = 'sealed', size = ?2 WHERE id = ?1")?;
+        for (id, size) in &sealed {
+            seal.execute(rusqlite::params![id, *size as i64])?;
+        }
+        let mut del = tx.prepare_cached("DELETE FROM packs WHERE id = ?1")?;
+        for (pid, _) in packs {
+            del.execute([pid])?;
+        }
+        Ok(())
+    })?;
+    for (_, name) in packs {
+        remove_if_exists(&pack_path(depot.root(), name))?;
+    }
+    Ok(())
+}
+
+/// Removes the pending packs of a gc that was killed while repacking.
+fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
+    let names: Vec<String> = catalog::write(&depot.conn, |tx| {
+        let names = {
+            let mut st =
+                tx.prepare("SELECT name FROM packs WHERE state = 'pending' AND image IS NULL")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<Vec<String>>>()?
+        };
+        tx.execute(
+            "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE state = 'pending' AND image IS NULL)",
+            [],
+        )?;
+        tx.execute(
+            "DELETE FROM packs WHERE state = 'pending' AND image IS NULL",
+            [],
+        )?;
+        Ok(names)
+    })?;
+    for n in &names {
+        remove_if_exists(&pack_path(depot.root(), n))?;
+    }
     Ok(())
 }
 
@@ -511,11 +630,11 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
         let mut s = HashSet::new();
         for r in rows {
             let (n, img) = r?;
-            if img
-                .as_deref()
-                .and_then(ImageId::parse)
-                .is_some_and(|i| depot.import_alive(&i))
-            {
+            let writer_alive = match img.as_deref() {
+                Some(i) => ImageId::parse(i).is_some_and(|i| depot.import_alive(&i)),
+                None => depot.gc_running(), // gc repacking
+            };
+            if writer_alive {
                 s.insert(n);
             }
         }
@@ -525,8 +644,9 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
         rep.packs += 1;
         if state == "pending" {
             if !alive_pending.contains(name) {
-                rep.garbage
-                    .push(format!("pack {name}: left pending by an import that died"));
+                rep.garbage.push(format!(
+                    "pack {name}: left pending by an import or gc that died"
+                ));
             }
             continue;
         }
@@ -647,7 +767,9 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
     }
     let mut by_frame: HashMap<i64, Vec<(u32, ChunkHash)>> = HashMap::new();
     {
-        let mut st = conn.prepare("SELECT frame, slot, hash FROM chunks WHERE pending IS NULL")?;
+        let mut st = conn.prepare(
+            "SELECT frame, slot, hash FROM chunks WHERE id NOT IN (SELECT id FROM pending_chunks)",
+        )?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let h: Vec<u8> = r.get(2)?;
@@ -715,7 +837,7 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         .collect();
     let usage = usage(depot)?;
     let chunks: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM chunks WHERE pending IS NULL",
+        "SELECT COUNT(*) FROM chunks WHERE id NOT IN (SELECT id FROM pending_chunks)",
         [],
         |r| r.get(0),
     )?;

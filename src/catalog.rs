@@ -99,6 +99,29 @@ CREATE TABLE source_files (
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
 "#,
+    // v3: instances (see instance.rs).
+    r#"
+CREATE TABLE instances (
+    id         TEXT PRIMARY KEY,                -- ins-<16 hex>
+    name       TEXT NOT NULL UNIQUE,
+    image      TEXT NOT NULL,                   -- images.id launched from (may be deleted since)
+    image_name TEXT NOT NULL,                   -- its name at launch
+    owner      TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'running', 'stopped', 'failed')),
+    disk       TEXT NOT NULL CHECK (disk IN ('overlay', 'copy')),
+    cpus       INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    accel      TEXT NOT NULL,                   -- requested: auto, kvm, tcg
+    accel_used TEXT NOT NULL DEFAULT '',        -- what the last start used
+    hostname   TEXT NOT NULL,
+    forwards   TEXT NOT NULL DEFAULT '[]',      -- JSON list of qemu::Forward
+    ssh_port   INTEGER,                         -- host port forwarded to guest port 22
+    pid        INTEGER,                         -- QEMU's pid while running
+    created_at INTEGER NOT NULL,
+    error      TEXT NOT NULL DEFAULT ''         -- why it failed
+);
+CREATE INDEX instances_by_image ON instances(image);
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {

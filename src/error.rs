@@ -31,6 +31,9 @@ pub enum Error {
     /// No image has this id or name.
     #[error("no image named or with id {0:?}: see `vmdepot image list`")]
     ImageNotFound(String),
+    /// No instance has this id or name.
+    #[error("no instance named or with id {0:?}: see `vmdepot instance list`")]
+    InstanceNotFound(String),
     /// The image exists but is not in a state that allows the operation.
     #[error("image {image} is {state}, not available")]
     ImageNotAvailable { image: String, state: String },
@@ -94,7 +97,7 @@ impl Error {
     /// 5 corrupt store, 6 no space.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::ImageNotFound(_) => 3,
+            Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } => 6,

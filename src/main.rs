@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+mod cli_instance;
 use vmdepot::{Depot, ExportFormat, ImageType, ImportOptions, Progress, SourceFormat};
 
 #[derive(Parser)]
@@ -37,6 +39,9 @@ enum Cmd {
     /// Manage images
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Run and manage instances (QEMU virtual machines) of images
+    #[command(subcommand)]
+    Instance(cli_instance::InstanceCmd),
     /// Remove chunks and packs that no image uses, and leftovers of killed imports
     Gc {
         /// Only report what would be removed
@@ -146,6 +151,20 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `key value` line per field (the plain form of `show`).
+fn print_fields<T: serde::Serialize>(out: &mut impl Write, v: &T) -> anyhow::Result<()> {
+    let v = serde_json::to_value(v)?;
+    for (k, v) in v.as_object().into_iter().flatten() {
+        let v = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        };
+        writeln!(out, "{k:<20} {v}")?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
     let mut depot = Depot::open(&dir)?;
@@ -155,6 +174,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let progress = CliProgress::new(cli.quiet);
     let mut out = std::io::stdout().lock();
     match cli.cmd {
+        Cmd::Instance(cmd) => {
+            drop(out);
+            return cli_instance::run(&depot, cmd, &progress);
+        }
         Cmd::Image(ImageCmd::Import {
             file,
             name,
@@ -208,15 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 print_json(&i)?;
             } else {
-                let v = serde_json::to_value(&i)?;
-                for (k, v) in v.as_object().into_iter().flatten() {
-                    let v = match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        serde_json::Value::Null => "-".into(),
-                        other => other.to_string(),
-                    };
-                    writeln!(out, "{k:<20} {v}")?;
-                }
+                print_fields(&mut out, &i)?;
             }
         }
         Cmd::Image(ImageCmd::Export {
@@ -255,14 +270,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 writeln!(
                     out,
-                    "{}{} chunks, {} frames, {} packs, {} abandoned imports; repacked {} packs; {} freed ({} dead in packs still in use)",
+                    "{}{} chunks, {} frames, {} packs, {} abandoned imports, {} unused launch bases; repacked {} packs; {} freed ({} dead in packs still in use)",
                     if dry_run { "would remove " } else { "removed " },
                     r.chunks_removed,
                     r.frames_removed,
                     r.packs_removed,
                     r.abandoned_imports,
+                    r.bases_evicted,
                     r.packs_repacked,
-                    human(r.bytes_freed),
+                    human(r.bytes_freed + r.base_bytes_freed),
                     human(r.bytes_in_partly_live_packs)
                 )?;
             }

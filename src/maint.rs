@@ -49,6 +49,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Dead bytes left in packs that are at least half live.
     pub bytes_in_partly_live_packs: u64,
+    /// Raw bases (launch cache) that no instance uses, and their bytes.
+    pub bases_evicted: u64,
+    pub base_bytes_freed: u64,
 }
 
 /// Result of `fsck`.
@@ -393,6 +396,8 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     }
     if dry_run {
         tx.rollback()?;
+        (rep.bases_evicted, rep.base_bytes_freed) =
+            crate::instance::evict_unused_bases(depot, true)?;
         return Ok(rep);
     }
     tx.commit()?;
@@ -404,6 +409,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         remove_if_exists(p)?;
     }
     repack(depot, &sparse_packs)?;
+    (rep.bases_evicted, rep.base_bytes_freed) = crate::instance::evict_unused_bases(depot, false)?;
     catalog::vacuum_free_pages(&depot.conn);
     // Temp files and lock files of imports that are no longer running.
     for dir in ["tmp", "locks"] {

@@ -1,0 +1,365 @@
+//! `vmdepot instance …`: the CLI side of instances (argument parsing,
+//! printing, signals, the interactive console). The work is the library's
+//! (`vmdepot::instance`).
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use vmdepot::instance::{press_power_button, STOP_TIMEOUT};
+use vmdepot::{Accel, Depot, DiskMode, Forward, InstanceInfo, LaunchOptions, Progress};
+
+#[derive(Subcommand)]
+pub enum InstanceCmd {
+    /// Launch instances of an image (detached unless --foreground)
+    Run {
+        image: String,
+        /// Instance name; with --count N: NAME-1 … NAME-N
+        #[arg(long)]
+        name: Option<String>,
+        /// How many instances (batch launch)
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Guest memory, e.g. 512M or 2G
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        /// overlay (qcow2 over a shared base) or copy (private raw disk)
+        #[arg(long, default_value = "overlay")]
+        disk: String,
+        /// auto (KVM if it really works here, else TCG), kvm or tcg
+        #[arg(long, default_value = "auto")]
+        accel: String,
+        /// Guest hostname (NoCloud local-hostname) [default: the instance name]
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Public key file to authorise (generated user-data)
+        #[arg(long = "ssh-key", value_name = "FILE")]
+        ssh_keys: Vec<PathBuf>,
+        /// User-data file for cloud-init (replaces the generated one)
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<PathBuf>,
+        /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST
+        #[arg(long = "forward", value_name = "HOST:GUEST")]
+        forwards: Vec<String>,
+        /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
+        #[arg(long)]
+        foreground: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List instances
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one instance (id or name)
+    Show {
+        instance: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop: ACPI power button through QMP, then kill after --timeout
+    Stop {
+        instance: String,
+        /// Kill at once
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to power off
+        #[arg(long, default_value_t = STOP_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
+    /// Start a stopped instance
+    Start {
+        instance: String,
+        /// Keep QEMU as a child (for systemd units: Type=notify)
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop and start
+    Restart {
+        instance: String,
+        #[arg(long, default_value_t = STOP_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
+    /// Delete an instance (its disk, seed, sockets and logs)
+    Delete {
+        instance: String,
+        /// Kill it first if it is running
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the serial console log
+    Logs {
+        instance: String,
+        /// Keep printing while the instance runs
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Attach to the serial console (Ctrl-] to detach)
+    Console { instance: String },
+    /// Print a systemd unit that runs the instance
+    Unit { instance: String },
+}
+
+fn read_file(p: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::Result<i32> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        InstanceCmd::Run {
+            image,
+            name,
+            count,
+            cpus,
+            memory,
+            disk,
+            accel,
+            hostname,
+            ssh_keys,
+            user_data,
+            forwards,
+            foreground,
+            json,
+        } => {
+            if foreground && count != 1 {
+                anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
+            }
+            let mut opts = LaunchOptions::new(image);
+            opts.name = name;
+            opts.count = count;
+            opts.cpus = cpus;
+            opts.memory_mib = vmdepot::qemu::parse_memory(&memory)?;
+            opts.disk = DiskMode::parse(&disk)?;
+            opts.accel = Accel::parse(&accel)?;
+            opts.hostname = hostname;
+            opts.ssh_keys = ssh_keys.iter().map(read_file).collect::<Result<_, _>>()?;
+            opts.user_data = user_data.as_ref().map(read_file).transpose()?;
+            opts.forwards = forwards
+                .iter()
+                .map(|f| Forward::parse(f))
+                .collect::<Result<_, _>>()?;
+            opts.no_start = foreground;
+            let launched = depot.launch(&opts, progress)?;
+            if let Some(n) = &launched.notice {
+                eprintln!("vmdepot: {n}");
+            }
+            if foreground {
+                let id = launched.instances[0].id().to_owned();
+                return foreground_run(depot, &id);
+            }
+            let infos: Vec<&InstanceInfo> = launched.instances.iter().map(|i| i.info()).collect();
+            if json {
+                crate::print_json(&infos)?;
+            } else {
+                for i in infos {
+                    writeln!(out, "{}  {}  {}", i.id, i.name, ssh_hint(i))?;
+                }
+            }
+        }
+        InstanceCmd::List { json } => {
+            let list = depot.list_instances()?;
+            if json {
+                crate::print_json(&list)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
+                    "ID", "NAME", "IMAGE", "STATE", "ACCEL", "PID", "SSH"
+                )?;
+                for i in list {
+                    writeln!(
+                        out,
+                        "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
+                        i.id,
+                        i.name,
+                        i.image_name,
+                        i.state,
+                        i.accel,
+                        i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                        i.ssh_port.map(|p| p.to_string()).unwrap_or("-".into()),
+                    )?;
+                }
+            }
+        }
+        InstanceCmd::Show { instance, json } => {
+            let i = depot.instance(&instance)?;
+            if json {
+                crate::print_json(&i)?;
+            } else {
+                crate::print_fields(&mut out, &i)?;
+            }
+        }
+        InstanceCmd::Stop {
+            instance,
+            force,
+            timeout,
+        } => {
+            let i = depot.stop_instance(&instance, force, Duration::from_secs(timeout))?;
+            writeln!(out, "{} ({}) {}", i.name, i.id, i.state)?;
+        }
+        InstanceCmd::Start {
+            instance,
+            foreground,
+        } => {
+            if foreground {
+                return foreground_run(depot, &instance);
+            }
+            let (i, notice) = depot.start_instance(&instance)?;
+            if let Some(n) = notice {
+                eprintln!("vmdepot: {n}");
+            }
+            writeln!(out, "{} ({}) {}  {}", i.name, i.id, i.state, ssh_hint(&i))?;
+        }
+        InstanceCmd::Restart { instance, timeout } => {
+            let (i, notice) = depot.restart_instance(&instance, Duration::from_secs(timeout))?;
+            if let Some(n) = notice {
+                eprintln!("vmdepot: {n}");
+            }
+            writeln!(out, "{} ({}) {}", i.name, i.id, i.state)?;
+        }
+        InstanceCmd::Delete { instance, force } => {
+            let i = depot.delete_instance(&instance, force)?;
+            writeln!(out, "deleted {} ({})", i.name, i.id)?;
+        }
+        InstanceCmd::Logs { instance, follow } => {
+            let i = depot.instance(&instance)?;
+            let mut pos = 0u64;
+            loop {
+                pos += copy_from(&i.serial_log, pos, &mut out)?;
+                out.flush()?;
+                if !follow {
+                    break;
+                }
+                if depot.instance(&i.id)?.state != "running" {
+                    copy_from(&i.serial_log, pos, &mut out)?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        InstanceCmd::Console { instance } => {
+            let i = depot.instance(&instance)?;
+            if i.state != "running" {
+                anyhow::bail!(
+                    "instance {} ({}) is {}: start it first",
+                    i.name,
+                    i.id,
+                    i.state
+                );
+            }
+            console(&i)?;
+        }
+        InstanceCmd::Unit { instance } => {
+            write!(out, "{}", depot.instance_unit(&instance)?)?;
+        }
+    }
+    Ok(0)
+}
+
+fn ssh_hint(i: &InstanceInfo) -> String {
+    match i.ssh_port {
+        Some(p) => format!("ssh -p {p} <user>@127.0.0.1"),
+        None => String::new(),
+    }
+}
+
+/// Appends the file's bytes from `pos` to `out`; returns how many.
+fn copy_from(path: &PathBuf, pos: u64, out: &mut impl Write) -> anyhow::Result<u64> {
+    use std::io::Seek;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    f.seek(std::io::SeekFrom::Start(pos))?;
+    Ok(std::io::copy(&mut f, out)?)
+}
+
+/// Runs the instance with QEMU as our child: READY=1 to systemd once QEMU
+/// is up; SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
+/// if it still runs STOP_TIMEOUT later. Exits with QEMU's code.
+fn foreground_run(depot: &Depot, reference: &str) -> anyhow::Result<i32> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let (fg, notice) = depot.start_foreground(reference)?;
+    if let Some(n) = notice {
+        eprintln!("vmdepot: {n}");
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let qmp = fg.qmp_socket().to_owned();
+    let pid = fg.pid() as i32;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!("signal {sig}: pressing the power button");
+            if press_power_button(&qmp).is_err() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            std::thread::sleep(STOP_TIMEOUT);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    });
+    vmdepot::qemu::sd_notify_ready()?;
+    eprintln!("vmdepot: instance {} running (QEMU pid {pid})", fg.id());
+    Ok(fg.wait()?)
+}
+
+/// Bridges the terminal and the serial console socket.
+fn console(i: &InstanceInfo) -> anyhow::Result<()> {
+    use nix::sys::termios;
+    let sock = std::os::unix::net::UnixStream::connect(&i.console_socket)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", i.console_socket.display()))?;
+    let stdin = std::io::stdin();
+    let saved = if stdin.is_terminal() {
+        let t = termios::tcgetattr(&stdin)?;
+        let mut raw = t.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw)?;
+        Some(t)
+    } else {
+        None
+    };
+    eprint!(
+        "Connected to the serial console of {} ({}); Ctrl-] detaches.\r\n",
+        i.name, i.id
+    );
+    let mut rd = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let mut o = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf) {
+            if n == 0 || o.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = o.flush();
+        }
+    });
+    let mut wr = sock;
+    let mut buf = [0u8; 1024];
+    let mut input = stdin.lock();
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(k) = buf[..n].iter().position(|&b| b == 0x1d) {
+            wr.write_all(&buf[..k])?;
+            break;
+        }
+        wr.write_all(&buf[..n])?;
+    }
+    if let Some(t) = saved {
+        termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &t)?;
+    }
+    eprintln!();
+    Ok(())
+}

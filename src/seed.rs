@@ -1,0 +1,158 @@
+//! The NoCloud seed of an instance: a small FAT volume labelled `CIDATA`
+//! holding `meta-data` (instance-id, local-hostname) and `user-data`, that
+//! cloud-init (or the test guest) reads on first boot. Made in pure Rust
+//! ([`write_seed`]); attached read-only as the instance's second disk.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+/// Size of the seed volume: plenty for user-data scripts and keys.
+const SEED_BYTES: u64 = 2 << 20;
+
+/// What goes into the seed.
+#[derive(Clone, Debug)]
+pub struct Seed {
+    pub instance_id: String,
+    pub hostname: String,
+    /// The user-data document (a `#cloud-config`, a script, …).
+    pub user_data: String,
+}
+
+impl Seed {
+    /// `user_data` when given, else a `#cloud-config` that installs the SSH
+    /// keys for the default user (or nothing).
+    pub fn new(
+        instance_id: &str,
+        hostname: &str,
+        user_data: Option<String>,
+        ssh_keys: &[String],
+    ) -> Seed {
+        let user_data = user_data.unwrap_or_else(|| {
+            let mut s = String::from("#cloud-config\n");
+            s.push_str(&format!("hostname: {hostname}\n"));
+            if !ssh_keys.is_empty() {
+                s.push_str("ssh_authorized_keys:\n");
+                for k in ssh_keys {
+                    s.push_str(&format!("  - {}\n", yaml_quote(k.trim())));
+                }
+            }
+            s
+        });
+        Seed {
+            instance_id: instance_id.to_owned(),
+            hostname: hostname.to_owned(),
+            user_data,
+        }
+    }
+
+    pub fn meta_data(&self) -> String {
+        format!(
+            "instance-id: {}\nlocal-hostname: {}\n",
+            self.instance_id, self.hostname
+        )
+    }
+}
+
+/// A YAML double-quoted scalar.
+fn yaml_quote(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if c.is_control() => o.push_str(&format!("\\x{:02x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Writes the seed volume to `path` (a raw FAT image).
+pub fn write_seed(path: &Path, seed: &Seed) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .at(path)?;
+    file.set_len(SEED_BYTES).at(path)?;
+    let mut label = [b' '; 11];
+    label[..6].copy_from_slice(b"CIDATA");
+    // A volume serial from the instance id: distinct per instance.
+    let serial = u32::from_str_radix(
+        seed.instance_id
+            .trim_start_matches("ins-")
+            .get(..8)
+            .unwrap_or("0"),
+        16,
+    )
+    .unwrap_or(0x5eed_0001);
+    fatfs::format_volume(
+        &file,
+        fatfs::FormatVolumeOptions::new()
+            .volume_label(label)
+            .volume_id(serial),
+    )
+    .at(path)?;
+    let mut disk = &file;
+    std::io::Seek::rewind(&mut disk).at(path)?;
+    let fs = fatfs::FileSystem::new(disk, fatfs::FsOptions::new()).at(path)?;
+    {
+        let root = fs.root_dir();
+        for (name, body) in [
+            ("meta-data", seed.meta_data()),
+            ("user-data", seed.user_data.clone()),
+        ] {
+            let mut f = root.create_file(name).at(path)?;
+            f.truncate().at(path)?;
+            f.write_all(body.as_bytes()).at(path)?;
+            f.flush().at(path)?;
+        }
+    }
+    fs.unmount().at(path)?;
+    file.sync_all().at(path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn seed_volume_reads_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("seed.img");
+        let s = Seed::new(
+            "ins-0123456789abcdef",
+            "web-1",
+            None,
+            &["ssh-ed25519 AAAA test@host".into()],
+        );
+        write_seed(&p, &s).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label().trim_end(), "CIDATA");
+        let mut md = String::new();
+        fs.root_dir()
+            .open_file("meta-data")
+            .unwrap()
+            .read_to_string(&mut md)
+            .unwrap();
+        assert_eq!(
+            md,
+            "instance-id: ins-0123456789abcdef\nlocal-hostname: web-1\n"
+        );
+        let mut ud = String::new();
+        fs.root_dir()
+            .open_file("user-data")
+            .unwrap()
+            .read_to_string(&mut ud)
+            .unwrap();
+        assert!(ud.starts_with("#cloud-config\n"));
+        assert!(ud.contains("  - \"ssh-ed25519 AAAA test@host\"\n"), "{ud}");
+    }
+}

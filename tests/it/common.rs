@@ -1,0 +1,236 @@
+//! Helpers shared by the integration tests: a fresh depot per test ([`T`]),
+//! the real binary, the fixtures (Debian disk images, the tiny test guest).
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmdepot")
+}
+
+/// A fresh depot in a temp dir.
+pub struct T {
+    pub dir: tempfile::TempDir,
+}
+
+impl T {
+    pub fn new() -> T {
+        T {
+            dir: tempfile::tempdir_in(scratch()).unwrap(),
+        }
+    }
+    pub fn depot(&self) -> PathBuf {
+        self.dir.path().join("depot")
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--depot").arg(self.depot()).args(args);
+        c.env_remove("VMDEPOT_DIR");
+        c
+    }
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vmdepot {args:?} failed ({:?}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// Runs and asserts failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> (i32, String) {
+        let o = self.run(args);
+        assert!(!o.status.success(), "vmdepot {args:?} should have failed");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one-line error expected: {err}"
+        );
+        (o.status.code().unwrap(), err)
+    }
+    /// Starts an import in the background.
+    pub fn spawn_import(&self, file: &Path, name: &str) -> std::process::Child {
+        self.cmd(&[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "-q",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+    }
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+    pub fn import(&self, file: &Path, name: &str) -> Value {
+        self.json(&[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--json",
+            "-q",
+        ])
+    }
+    pub fn stats(&self) -> Value {
+        self.json(&["stats", "--json"])
+    }
+    pub fn assert_fsck_clean(&self) -> Value {
+        let r = self.json(&["fsck", "--json"]);
+        assert_eq!(r["problems"], Value::Array(vec![]), "fsck: {r}");
+        r
+    }
+    pub fn pack_files(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.depot().join("packs")) {
+            for d in rd.flatten() {
+                for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                    v.push(f.path());
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+/// Where test files go (same filesystem as the fixtures cache when possible).
+pub fn scratch() -> PathBuf {
+    let p = std::env::temp_dir();
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The Debian disk images A, B, B2 (512 MiB) from fixtures/.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| fixture_script("build-disk-images.sh", &["512M"]))
+}
+
+/// The tiny bootable test guest (a raw disk; see fixtures/build-test-guest.sh).
+pub fn test_guest() -> &'static Path {
+    static DISK: OnceLock<PathBuf> = OnceLock::new();
+    DISK.get_or_init(|| fixture_script("build-test-guest.sh", &[]))
+}
+
+/// Runs a fixtures/ script; returns the path it prints.
+fn fixture_script(name: &str, args: &[&str]) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fixtures/{name} failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A raw image with data, zero runs, a hole and a short tail.
+pub fn synthetic_raw(path: &Path, mib: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        if i % 4 == 3 {
+            // leave a hole
+            continue;
+        }
+        for (j, chunk) in buf.chunks_mut(8).enumerate() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // compressible: text-like bytes, with some all-zero 4 KiB blocks
+            let v = if (j / 512) % 5 == 0 {
+                0
+            } else {
+                (x >> 33) & 0x3f3f3f3f3f3f3f3f
+            };
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&buf, i << 20).unwrap();
+    }
+    // a short, non-zero tail: the size is not a multiple of 4 KiB
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0xa5u8; 1536], mib << 20).unwrap();
+}
+
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
+    if ma.len() != mb.len() {
+        return false;
+    }
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+pub fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+pub fn slow_source(t: &T) -> PathBuf {
+    let p = t.path("slow.raw");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let mut x: u64 = 88172645463325252;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..384 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    p
+}
+
+pub fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}

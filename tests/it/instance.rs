@@ -1,0 +1,436 @@
+//! Instances: real QEMU boots (TCG here) of the tiny test guest from
+//! fixtures/build-test-guest.sh, checked by reading the guest's serial
+//! console. The guest prints what it read from its own disk and from its
+//! NoCloud seed, writes a file on its disk, and powers off on the ACPI power
+//! button.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// Generous: a TCG boot takes a few seconds, more with parallel tests.
+const BOOT: Duration = Duration::from_secs(120);
+
+/// A depot holding the test guest as image "tiny".
+fn depot_with_guest() -> T {
+    let t = T::new();
+    t.import(test_guest(), "tiny");
+    t
+}
+
+fn serial(t: &T, inst: &str) -> String {
+    t.ok(&["instance", "logs", inst])
+}
+
+/// Waits for a serial console line containing `needle`; returns it.
+fn wait_serial(t: &T, inst: &str, needle: &str) -> String {
+    let end = Instant::now() + BOOT;
+    loop {
+        let log = serial(t, inst);
+        if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+            return l.trim_end_matches('\r').to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "{inst}: {needle:?} not on the serial console after {BOOT:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn show(t: &T, inst: &str) -> Value {
+    t.json(&["instance", "show", inst, "--json"])
+}
+
+fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn instance_dirs(t: &T) -> Vec<PathBuf> {
+    match std::fs::read_dir(t.depot().join("instances")) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn no_tcg_kvm() -> bool {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    !cpu.split_whitespace().any(|f| f == "vmx" || f == "svm")
+}
+
+#[test]
+fn instance_boots_from_the_stored_image_and_reads_its_seed() {
+    let t = depot_with_guest();
+    let o = t
+        .cmd(&[
+            "instance",
+            "run",
+            "tiny",
+            "--name",
+            "web",
+            "--hostname",
+            "web-host",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    if no_tcg_kvm() {
+        // the one-line notice of the fallback
+        assert!(err.contains("using TCG"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let launched: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = launched[0]["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ins-"));
+
+    // It booted from the stored image and read its own disk and its seed.
+    wait_serial(&t, "web", "VMDEPOT-GUEST: ready");
+    let log = serial(&t, "web");
+    assert!(
+        log.contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"),
+        "{log}"
+    );
+    assert!(log.contains("VMDEPOT-WRITTEN: none"), "{log}");
+    assert!(log.contains(&format!("VMDEPOT-INSTANCE-ID: {id}")), "{log}");
+    assert!(log.contains("VMDEPOT-HOSTNAME: web-host"), "{log}");
+
+    // What `list` and `show` say.
+    let list = t.json(&["instance", "list", "--json"]);
+    let i = &list[0];
+    for k in ["id", "name", "image", "state", "accel", "pid", "ssh_port"] {
+        assert!(i.get(k).is_some(), "{k} missing: {i}");
+    }
+    assert_eq!(i["name"], "web");
+    assert_eq!(i["state"], "running");
+    let img = t.json(&["image", "show", "tiny", "--json"]);
+    assert_eq!(i["image"], img["id"]);
+    let pid = i["pid"].as_i64().unwrap();
+    assert!(alive(pid));
+    let ssh = i["ssh_port"].as_u64().unwrap() as u16;
+    // the SSH forward listens on the host
+    assert!(std::net::TcpStream::connect(("127.0.0.1", ssh)).is_ok());
+    assert_eq!(show(&t, &id)["name"], "web");
+
+    // stop = ACPI power button: the guest sees it and powers off.
+    t.ok(&["instance", "stop", "web"]);
+    assert!(serial(&t, "web").contains("VMDEPOT-GUEST: power button"));
+    assert_eq!(show(&t, "web")["state"], "stopped");
+    assert!(!alive(pid));
+
+    // start again: its own write from the first boot is on its disk.
+    t.ok(&["instance", "start", "web"]);
+    wait_serial(&t, "web", &format!("VMDEPOT-WRITTEN: written-by {id}"));
+    // a QEMU killed behind our back is never shown as running
+    let pid = show(&t, "web")["pid"].as_i64().unwrap();
+    nix_kill9(pid);
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(show(&t, "web")["state"], "stopped");
+    let list = t.json(&["instance", "list", "--json"]);
+    assert_eq!(list[0]["state"], "stopped");
+    assert_eq!(list[0]["pid"], Value::Null);
+
+    // delete removes its files and nothing else; the image is untouched
+    let dir = PathBuf::from(show(&t, "web")["dir"].as_str().unwrap());
+    assert!(dir.join("disk.qcow2").exists() && dir.join("seed.img").exists());
+    t.ok(&["instance", "delete", "web"]);
+    assert!(!dir.exists());
+    assert_eq!(
+        t.json(&["instance", "list", "--json"]),
+        Value::Array(vec![])
+    );
+    t.ok(&["image", "verify", "tiny", "-q"]);
+    // the unused base is evictable
+    assert_eq!(t.json(&["gc", "--json"])["bases_evicted"], 1);
+    t.assert_fsck_clean();
+}
+
+fn nix_kill9(pid: i64) {
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
+    let t = depot_with_guest();
+    let started = Instant::now();
+    let out: Value = t.json(&[
+        "instance", "run", "tiny", "--count", "3", "--name", "b", "--json",
+    ]);
+    eprintln!("3 instances launched in {:?}", started.elapsed());
+    let names: Vec<&str> = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b-1", "b-2", "b-3"]);
+    // one base, shared; each instance adds little at launch
+    let bases: Vec<_> = std::fs::read_dir(t.depot().join("bases"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "raw"))
+        .collect();
+    assert_eq!(bases.len(), 1);
+    let mut ports = Vec::new();
+    for n in &names {
+        let i = show(&t, n);
+        let overlay = PathBuf::from(i["dir"].as_str().unwrap()).join("disk.qcow2");
+        assert!(
+            allocated(&overlay) < 1 << 20,
+            "{n}: {}",
+            allocated(&overlay)
+        );
+        ports.push(i["ssh_port"].as_u64().unwrap());
+    }
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "distinct ssh ports");
+    for n in &names {
+        wait_serial(&t, n, "VMDEPOT-GUEST: ready");
+        assert!(serial(&t, n).contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"));
+    }
+    // Each wrote to its own disk. A new instance sees none of it, nor does
+    // the image.
+    t.ok(&["instance", "run", "tiny", "--name", "late"]);
+    wait_serial(&t, "late", "VMDEPOT-GUEST: ready");
+    assert!(serial(&t, "late").contains("VMDEPOT-WRITTEN: none"));
+    let digest = t.json(&["image", "show", "tiny", "--json"])["content_digest"].clone();
+    t.ok(&["image", "verify", "tiny", "-q"]);
+    assert_eq!(
+        t.json(&["image", "show", "tiny", "--json"])["content_digest"],
+        digest
+    );
+    // gc keeps a base that instances use
+    assert_eq!(t.json(&["gc", "--json"])["bases_evicted"], 0);
+    // a running instance needs --force to be deleted
+    let (_, err) = t.fails(&["instance", "delete", "b-1"]);
+    assert!(err.contains("is running"), "{err}");
+    for n in ["b-1", "b-2", "b-3", "late"] {
+        t.ok(&["instance", "delete", n, "--force"]);
+    }
+    assert!(instance_dirs(&t).is_empty());
+    assert_eq!(t.json(&["gc", "--json"])["bases_evicted"], 1);
+}
+
+#[test]
+fn bad_launches_are_refused_and_leave_nothing() {
+    let t = depot_with_guest();
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "taken", "--accel", "tcg",
+    ]);
+    let before = t.json(&["instance", "list", "--json"]);
+    let dirs_before = instance_dirs(&t).len();
+    let check_unchanged = |what: &str| {
+        assert_eq!(
+            t.json(&["instance", "list", "--json"])
+                .as_array()
+                .unwrap()
+                .len(),
+            1,
+            "{what}"
+        );
+        assert_eq!(instance_dirs(&t).len(), dirs_before, "{what}");
+    };
+    // unknown image
+    let (code, err) = t.fails(&["instance", "run", "nope"]);
+    assert_eq!(code, 3);
+    assert!(err.contains("nope"), "{err}");
+    check_unchanged("unknown image");
+    // name collision
+    let (_, err) = t.fails(&["instance", "run", "tiny", "--name", "taken"]);
+    assert!(err.contains("already exists"), "{err}");
+    check_unchanged("name collision");
+    // a memory size QEMU refuses
+    let (_, err) = t.fails(&[
+        "instance",
+        "run",
+        "tiny",
+        "--name",
+        "m",
+        "--memory",
+        "100000000G",
+    ]);
+    assert!(err.contains("memory"), "{err}");
+    check_unchanged("memory");
+    let (_, err) = t.fails(&["instance", "run", "tiny", "--name", "m", "--memory", "lots"]);
+    assert!(err.contains("memory size"), "{err}");
+    // a host port already in use
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (_, err) = t.fails(&[
+        "instance",
+        "run",
+        "tiny",
+        "--name",
+        "p",
+        "--forward",
+        &format!("{port}:80"),
+    ]);
+    assert!(
+        err.contains(&port.to_string()) && err.contains("not available"),
+        "{err}"
+    );
+    check_unchanged("port");
+    // no qemu-system binary: the error names the Debian package
+    let o = t
+        .cmd(&["instance", "run", "tiny", "--name", "q"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("qemu-system-x86"));
+    check_unchanged("no qemu");
+    // an image still importing cannot be launched
+    let slow = slow_source(&t);
+    let mut child = t
+        .cmd(&[
+            "image",
+            "import",
+            slow.to_str().unwrap(),
+            "--name",
+            "busy",
+            "-q",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut saw = false;
+    while Instant::now() < end && child.try_wait().unwrap().is_none() {
+        let o = t.run(&["instance", "run", "busy", "--name", "early"]);
+        if !o.status.success() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            if err.contains("importing") {
+                saw = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait().unwrap();
+    assert!(saw, "never saw the importing image refused");
+    check_unchanged("importing image");
+    // forced KVM where KVM cannot run guests: a clear error, no hang
+    if no_tcg_kvm() {
+        let (_, err) = t.fails(&["instance", "run", "tiny", "--name", "k", "--accel", "kvm"]);
+        assert!(err.contains("KVM"), "{err}");
+        check_unchanged("kvm");
+    }
+    assert_eq!(t.json(&["instance", "list", "--json"]), before);
+    t.ok(&["instance", "delete", "taken", "--force"]);
+}
+
+#[test]
+fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let t = depot_with_guest();
+    let sock_path = t.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = t
+        .cmd(&[
+            "instance",
+            "run",
+            "tiny",
+            "--name",
+            "fg",
+            "--foreground",
+            "-q",
+        ])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 from vmdepot");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    let i = show(&t, "fg");
+    assert_eq!(i["state"], "running");
+    wait_serial(&t, "fg", "VMDEPOT-GUEST: ready");
+    // systemd stops a unit with SIGTERM: the guest gets the power button
+    // and vmdepot exits with QEMU.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "vmdepot --foreground did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.success(), "{st:?}");
+    assert!(serial(&t, "fg").contains("VMDEPOT-GUEST: power button"));
+    assert_eq!(show(&t, "fg")["state"], "stopped");
+    // the unit that does the same under systemd
+    let unit = t.ok(&["instance", "unit", "fg"]);
+    assert!(unit.contains("Type=notify"), "{unit}");
+    assert!(
+        unit.contains(&format!(
+            "instance start {} --foreground",
+            i["id"].as_str().unwrap()
+        )),
+        "{unit}"
+    );
+    t.ok(&["instance", "delete", "fg"]);
+}
+
+#[test]
+fn library_harness_launches_waits_and_drops() {
+    use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};
+    let dir = tempfile::tempdir_in(scratch()).unwrap();
+    let depot = Depot::open(dir.path().join("depot")).unwrap();
+    depot
+        .import(test_guest(), &ImportOptions::new("tiny"), &NoProgress)
+        .unwrap();
+    let mut opts = LaunchOptions::new("tiny");
+    opts.ephemeral = true;
+    opts.disk = DiskMode::Copy;
+    let pid;
+    let inst_dir;
+    {
+        let launched = depot.launch(&opts, &NoProgress).unwrap();
+        let vm = &launched.instances[0];
+        pid = vm.info().pid.unwrap();
+        inst_dir = vm.info().dir.clone();
+        // a private sparse copy, not an overlay
+        let disk = inst_dir.join("disk.raw");
+        assert!(disk.exists());
+        assert!(allocated(&disk) < std::fs::metadata(&disk).unwrap().len());
+        let line = vm.wait_for_serial("VMDEPOT-DISK:", BOOT).unwrap();
+        assert!(line.contains("marker 7f3a"), "{line}");
+        vm.wait_for_serial("VMDEPOT-GUEST: ready", BOOT).unwrap();
+        // a timeout is an error naming the instance, not a hang
+        let e = vm
+            .wait_for_serial("never printed", Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(vm.id()) && e.contains("timed out"), "{e}");
+    } // dropped: QEMU killed, instance deleted
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid as i64) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid as i64));
+    assert!(!inst_dir.exists());
+    assert!(depot.list_instances().unwrap().is_empty());
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real `vmdepot` binary on a real depot in a temp
+//! dir, real qemu-img, real Debian disk images and a real QEMU guest built
+//! by fixtures/. One test binary; one module per area.
+
+mod common;
+mod image;
+mod instance;

@@ -118,6 +118,9 @@ impl Depot {
             let p = root.join(d);
             fs::create_dir_all(&p).at(&p)?;
         }
+        // Absolute from here on: overlays name their base by this path, and
+        // QEMU runs with another working directory.
+        let root = fs::canonicalize(&root).at(&root)?;
         let conn = catalog::open(&root.join("catalog.db"))?;
         Ok(Depot {
             root,

@@ -426,6 +426,7 @@ impl Depot {
         };
 
         // Disks and seeds.
+        let mut ports_taken = std::collections::HashSet::new();
         for id in &ids {
             let row = self.row(id)?;
             let p = Paths::new(self.root(), id);
@@ -457,11 +458,17 @@ impl Depot {
             write_seed(&p.seed(), &seed)?;
             let mut forwards = opts.forwards.clone();
             if opts.ssh_forward && !forwards.iter().any(|f| f.guest == 22) {
+                // distinct within this launch too (the kernel may hand the
+                // same free port out twice)
+                let mut port = qemu::free_port()?;
+                while !ports_taken.insert(port) {
+                    port = qemu::free_port()?;
+                }
                 forwards.insert(
                     0,
                     Forward {
                         addr: "127.0.0.1".into(),
-                        host: qemu::free_port()?,
+                        host: port,
                         guest: 22,
                     },
                 );
@@ -770,11 +777,20 @@ impl Depot {
         let r = self.refresh_forwards(r)?;
         let cfg = vm_config(self.root(), &r, accel);
         clean_runtime_files(&cfg.files);
+        // QEMU's messages go to a file: a pipe nobody reads would block a
+        // long-running QEMU once full.
+        let log_path = p.dir.join("qemu.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .at(&log_path)?;
+        let log_start = log.metadata().at(&log_path)?.len();
         let mut child = Command::new(&qemu_bin)
             .args(cfg.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .process_group(0)
             .spawn()
             .at(&qemu_bin)?;
@@ -783,8 +799,10 @@ impl Depot {
         let up = Qmp::connect_retry(&cfg.files.qmp, Duration::from_secs(30));
         if let Err(e) = up.and_then(|mut q| watch_accel(&mut q, accel)) {
             let _ = child.kill();
-            let out = child.wait_with_output().at(&qemu_bin)?;
-            let msg = first_lines(&out.stderr).unwrap_or_else(|| e.to_string());
+            let _ = child.wait();
+            let said = fs::read(&log_path).unwrap_or_default();
+            let msg = first_lines(said.get(log_start as usize..).unwrap_or_default())
+                .unwrap_or_else(|| e.to_string());
             self.set_failed(&r.id, &msg)?;
             return Err(start_error(&r, &msg));
         }

@@ -68,6 +68,8 @@ fn no_tcg_kvm() -> bool {
 #[test]
 fn instance_boots_from_the_stored_image_and_reads_its_seed() {
     let t = depot_with_guest();
+    let ud = t.path("user-data");
+    std::fs::write(&ud, "#!/bin/sh user-data marker 51c\necho hi\n").unwrap();
     let o = t
         .cmd(&[
             "instance",
@@ -77,6 +79,8 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
             "web",
             "--hostname",
             "web-host",
+            "--user-data",
+            ud.to_str().unwrap(),
             "--json",
         ])
         .output()
@@ -102,6 +106,36 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
     assert!(log.contains("VMDEPOT-WRITTEN: none"), "{log}");
     assert!(log.contains(&format!("VMDEPOT-INSTANCE-ID: {id}")), "{log}");
     assert!(log.contains("VMDEPOT-HOSTNAME: web-host"), "{log}");
+    assert!(
+        log.contains("VMDEPOT-USER-DATA: #!/bin/sh user-data marker 51c"),
+        "{log}"
+    );
+
+    // The interactive console reaches the guest's serial port both ways.
+    let mut con = t
+        .cmd(&["instance", "console", "web"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = con.stdin.as_mut().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        stdin.write_all(b"hello console\n").unwrap();
+        stdin.flush().unwrap();
+        wait_serial(&t, "web", "VMDEPOT-ECHO: hello console");
+        std::thread::sleep(Duration::from_millis(300));
+        stdin.write_all(&[0x1d]).unwrap(); // Ctrl-]
+    }
+    let o = con.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("VMDEPOT-ECHO: hello console"),
+        "console output: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 
     // What `list` and `show` say.
     let list = t.json(&["instance", "list", "--json"]);
@@ -167,11 +201,18 @@ fn nix_kill9(pid: i64) {
 #[test]
 fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     let t = depot_with_guest();
-    let started = Instant::now();
+    // Two launches of the same image at once, on a depot without its base:
+    // the base is made once and both work.
+    let other = t
+        .cmd(&["instance", "run", "tiny", "--name", "c", "-q"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let out: Value = t.json(&[
         "instance", "run", "tiny", "--count", "3", "--name", "b", "--json",
     ]);
-    eprintln!("3 instances launched in {:?}", started.elapsed());
+    assert!(other.wait_with_output().unwrap().status.success());
+    t.ok(&["instance", "delete", "c", "--force"]);
     let names: Vec<&str> = out
         .as_array()
         .unwrap()
@@ -220,7 +261,16 @@ fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     // a running instance needs --force to be deleted
     let (_, err) = t.fails(&["instance", "delete", "b-1"]);
     assert!(err.contains("is running"), "{err}");
-    for n in ["b-1", "b-2", "b-3", "late"] {
+    // deleting one touches nothing of the others
+    let b2 = show(&t, "b-2");
+    t.ok(&["instance", "delete", "b-1", "--force"]);
+    let b2_dir = PathBuf::from(b2["dir"].as_str().unwrap());
+    for f in ["disk.qcow2", "seed.img", "qmp.sock", "serial.log"] {
+        assert!(b2_dir.join(f).exists(), "{f}");
+    }
+    assert_eq!(show(&t, "b-2")["state"], "running");
+    assert!(alive(b2["pid"].as_i64().unwrap()));
+    for n in ["b-2", "b-3", "late"] {
         t.ok(&["instance", "delete", n, "--force"]);
     }
     assert!(instance_dirs(&t).is_empty());

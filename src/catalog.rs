@@ -122,6 +122,49 @@ CREATE TABLE instances (
 );
 CREATE INDEX instances_by_image ON instances(image);
 "#,
+    // v4: the image lifecycle (lineage, protection, deprecation,
+    // marketplace fields, tags, shares).
+    r#"
+ALTER TABLE images ADD COLUMN parent TEXT;                      -- image captured or copied from
+ALTER TABLE images ADD COLUMN parent_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE images ADD COLUMN source_instance TEXT;             -- instance captured from
+ALTER TABLE images ADD COLUMN copied_from TEXT NOT NULL DEFAULT ''; -- "DEPOT img-…" of a copy's origin
+ALTER TABLE images ADD COLUMN protected INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE images ADD COLUMN deprecated INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE images ADD COLUMN vendor TEXT NOT NULL DEFAULT '';
+ALTER TABLE images ADD COLUMN application TEXT NOT NULL DEFAULT '';
+ALTER TABLE images ADD COLUMN app_version TEXT NOT NULL DEFAULT '';
+
+CREATE TABLE image_tags (
+    image TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (image, key)
+) WITHOUT ROWID;
+
+CREATE TABLE image_shares (
+    image      TEXT NOT NULL,
+    account    TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (image, account)
+) WITHOUT ROWID;
+CREATE INDEX shares_by_account ON image_shares(account);
+
+-- Copies of an image made into other depots (lineage, `image history`).
+CREATE TABLE image_copies (
+    image     TEXT NOT NULL,
+    depot     TEXT NOT NULL,
+    copy_id   TEXT NOT NULL,
+    copied_at INTEGER NOT NULL
+);
+CREATE INDEX copies_by_image ON image_copies(image);
+
+-- Names are unique per owner: an account learns nothing of others' custom
+-- images from a name it picks.
+DROP INDEX images_by_name;
+CREATE UNIQUE INDEX images_by_owner_name ON images(owner, name);
+CREATE INDEX images_by_name ON images(name);
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -189,10 +232,21 @@ pub struct ImageRow {
     pub data_bytes: u64,
     pub content_digest: Option<String>,
     pub created_at: i64,
+    pub parent: Option<String>,
+    pub parent_name: String,
+    pub source_instance: Option<String>,
+    pub copied_from: String,
+    pub protected: bool,
+    pub deprecated: bool,
+    pub vendor: String,
+    pub application: String,
+    pub app_version: String,
 }
 
 const IMAGE_COLS: &str = "id, name, type, state, owner, description, source_format, \
-                          virtual_size, data_bytes, content_digest, created_at";
+                          virtual_size, data_bytes, content_digest, created_at, parent, \
+                          parent_name, source_instance, copied_from, protected, deprecated, \
+                          vendor, application, app_version";
 
 fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
     Ok(ImageRow {
@@ -207,7 +261,24 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
         data_bytes: r.get::<_, i64>(8)? as u64,
         content_digest: r.get(9)?,
         created_at: r.get(10)?,
+        parent: r.get(11)?,
+        parent_name: r.get(12)?,
+        source_instance: r.get(13)?,
+        copied_from: r.get(14)?,
+        protected: r.get(15)?,
+        deprecated: r.get(16)?,
+        vendor: r.get(17)?,
+        application: r.get(18)?,
+        app_version: r.get(19)?,
     })
+}
+
+/// Every image with this id or name (names are unique per owner).
+pub fn find_images(conn: &Connection, reference: &str) -> Result<Vec<ImageRow>> {
+    let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1 OR name = ?1");
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st.query_map([reference], image_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Finds an image by id (`img-…`) or by name.
@@ -324,9 +395,7 @@ pub fn chunk_by_hash(
          (SELECT 1 FROM pending_chunks p WHERE p.id = c.id AND p.import != ?3)",
     )?;
     Ok(st
-        .query_row(params![hkey(hash), &hash.0[..], image.as_str()], |r| {
-            r.get(0)
-        })
+        .query_row(params![hkey(hash), &hash.0[..], image.key()], |r| r.get(0))
         .optional()?)
 }
 

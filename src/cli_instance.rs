@@ -102,6 +102,23 @@ pub enum InstanceCmd {
     Console { instance: String },
     /// Print a systemd unit that runs the instance
     Unit { instance: String },
+    /// Capture the instance as a backup image (tagged backup-of=ID)
+    Backup {
+        instance: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep only the N newest backups of this instance
+        #[arg(long)]
+        keep: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the instance's disk an image's content again (restarts it if running)
+    Restore {
+        instance: String,
+        #[arg(long = "from", value_name = "IMAGE")]
+        from: String,
+    },
 }
 
 fn read_file(p: &PathBuf) -> anyhow::Result<String> {
@@ -252,7 +269,36 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
                     i.state
                 );
             }
+            drop(out); // the console's output thread writes to stdout
             console(&i)?;
+            return Ok(0);
+        }
+        InstanceCmd::Backup {
+            instance,
+            name,
+            keep,
+            json,
+        } => {
+            let (info, pruned) = depot.backup_instance(&instance, name, keep, progress)?;
+            if json {
+                crate::print_json(&serde_json::json!({ "backup": info, "pruned": pruned }))?;
+            } else {
+                writeln!(out, "{}  {}", info.id, info.name)?;
+                for p in pruned {
+                    writeln!(out, "pruned {p}")?;
+                }
+            }
+        }
+        InstanceCmd::Restore { instance, from } => {
+            let (i, notice) = depot.restore_instance(&instance, &from, progress)?;
+            if let Some(n) = notice {
+                eprintln!("vmdepot: {n}");
+            }
+            writeln!(
+                out,
+                "{} ({}) restored from {} ({}); {}",
+                i.name, i.id, i.image_name, i.image, i.state
+            )?;
         }
         InstanceCmd::Unit { instance } => {
             write!(out, "{}", depot.instance_unit(&instance)?)?;
@@ -333,7 +379,7 @@ fn console(i: &InstanceInfo) -> anyhow::Result<()> {
         i.name, i.id
     );
     let mut rd = sock.try_clone()?;
-    std::thread::spawn(move || {
+    let output = std::thread::spawn(move || {
         let mut o = std::io::stdout();
         let mut buf = [0u8; 4096];
         while let Ok(n) = rd.read(&mut buf) {
@@ -357,6 +403,10 @@ fn console(i: &InstanceInfo) -> anyhow::Result<()> {
         }
         wr.write_all(&buf[..n])?;
     }
+    // Let the output side finish what QEMU already sent, then stop it.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let _ = wr.shutdown(std::net::Shutdown::Both);
+    let _ = output.join();
     if let Some(t) = saved {
         termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &t)?;
     }

@@ -9,10 +9,11 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use rusqlite::Connection;
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use tracing::instrument;
 
+use crate::access::{Access, Op};
 use crate::catalog::{self, ImageRow};
 use crate::error::{Error, IoContext, Result};
 use crate::export::{self, ExportFormat};
@@ -62,6 +63,15 @@ pub struct ImportOptions {
     /// Read the file even when it is unchanged (same device, inode, size,
     /// mtime and ctime) since an earlier import whose image still exists.
     pub reread: bool,
+    /// Marketplace images: vendor, application and its version.
+    pub vendor: String,
+    pub application: String,
+    pub app_version: String,
+    /// Tags (key, value) set on the new image.
+    pub tags: Vec<(String, String)>,
+    /// Lineage of a captured image (set by capture, not by users).
+    pub(crate) parent: Option<(String, String)>,
+    pub(crate) source_instance: Option<String>,
 }
 
 impl ImportOptions {
@@ -72,8 +82,38 @@ impl ImportOptions {
             description: String::new(),
             format: None,
             reread: false,
+            vendor: String::new(),
+            application: String::new(),
+            app_version: String::new(),
+            tags: Vec::new(),
+            parent: None,
+            source_instance: None,
         }
     }
+}
+
+/// What `image update` changes (`None`: unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct ImageUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub protected: Option<bool>,
+    pub deprecated: Option<bool>,
+    /// Tags to set (key, value); an empty value removes the tag.
+    pub tags: Vec<(String, String)>,
+}
+
+/// One step of an image's lineage (`image history`).
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryEntry {
+    /// `self`, `parent`, `source-instance`, `copied-from`, `copy`, `child`.
+    pub relation: String,
+    pub id: String,
+    pub name: String,
+    /// Where it lives: a depot directory, or empty for this depot.
+    pub depot: String,
+    /// Whether it still exists (as far as this depot knows).
+    pub exists: bool,
 }
 
 /// An image as users see it (`image show --json`).
@@ -99,6 +139,22 @@ pub struct ImageInfo {
     pub unique_stored_bytes: u64,
     /// Stored bytes this image shares with other images.
     pub shared_stored_bytes: u64,
+    /// Image it was captured or copied from (lineage), and its name then.
+    pub parent: Option<String>,
+    pub parent_name: String,
+    /// Instance it was captured from.
+    pub source_instance: Option<String>,
+    /// For a copy: `DEPOT img-…` of the image it was copied from.
+    pub copied_from: String,
+    pub protected: bool,
+    pub deprecated: bool,
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Marketplace images: vendor, application, version.
+    pub vendor: String,
+    pub application: String,
+    pub app_version: String,
+    /// Accounts it is shared with (shown to its owner only).
+    pub shared_with: Vec<String>,
 }
 
 /// An open depot.
@@ -185,7 +241,7 @@ impl Depot {
         format: ExportFormat,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let row = self.available_image(image)?;
+        let (row, _) = self.available_for(image, Op::Export)?;
         export::export(self, &row, out.as_ref(), format, progress)
     }
 
@@ -195,7 +251,7 @@ impl Depot {
     pub fn verify(&self, image: Option<&str>, progress: &dyn Progress) -> Result<VerifyReport> {
         match image {
             Some(r) => {
-                let row = self.available_image(r)?;
+                let (row, _) = self.available_for(r, Op::Verify)?;
                 export::verify_image(self, &row, progress)
             }
             None => maint::verify_all(self, progress),
@@ -220,57 +276,331 @@ impl Depot {
         maint::stats(self)
     }
 
-    /// All images (running imports included; abandoned ones hidden).
+    /// The images this account can see (its own, public and marketplace
+    /// ones, and those shared with it, shown with type `shared`), running
+    /// imports included, abandoned ones hidden.
     pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
         let rows = catalog::list_images(&self.conn)?;
         let usage = maint::usage(self)?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| r.state != "importing" || self.import_alive(&r.id))
-            .map(|r| info_from_row(r, &usage))
-            .collect())
+        let mut out = Vec::new();
+        for r in rows {
+            if r.state == "importing" && !self.import_alive(&r.id) {
+                continue;
+            }
+            if let Some(a) = self.access(&r)? {
+                out.push(self.info_from_row(r, a, &usage)?);
+            }
+        }
+        Ok(out)
     }
 
-    /// One image by id or name.
+    /// One image by id or name (among those this account can see).
     pub fn image(&self, reference: &str) -> Result<ImageInfo> {
-        let row = self.visible_image(reference)?;
+        let (row, access) = self.image_for(reference, Op::Show)?;
         let usage = maint::usage(self)?;
-        Ok(info_from_row(row, &usage))
+        self.info_from_row(row, access, &usage)
     }
 
-    /// Deletes an image. Its chunks are freed by the next `gc`.
+    /// Deletes an image (its chunks are freed by the next `gc`). Refused for
+    /// a protected image; for one that is shared or that instances use,
+    /// unless `force`.
     #[instrument(skip_all, err(level = "debug"))]
-    pub fn delete_image(&self, reference: &str) -> Result<ImageInfo> {
+    pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
         let info = self.image(reference)?;
+        self.image_for(reference, Op::Delete)?;
+        let what = format!("image {} ({})", info.name, info.id);
         if info.state == "importing" {
             return Err(Error::ImageNotAvailable {
-                image: format!("{} ({})", info.name, info.id),
+                image: what,
                 state: info.state,
             });
         }
+        if info.protected {
+            return Err(Error::NotPermitted(format!(
+                "{what} is protected: `vmdepot image update {} --unprotect` first",
+                info.id
+            )));
+        }
+        let users: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM instances WHERE image = ?1",
+            [&info.id],
+            |r| r.get(0),
+        )?;
+        if !force && !info.shared_with.is_empty() {
+            return Err(Error::NotPermitted(format!(
+                "{what} is shared with {}: unshare it first, or delete with --force",
+                info.shared_with.join(", ")
+            )));
+        }
+        if !force && users > 0 {
+            return Err(Error::NotPermitted(format!(
+                "{what} is used by {users} instance(s): delete them first, or delete with --force \
+                 (they keep running from their base)"
+            )));
+        }
         catalog::write(&self.conn, |c| {
-            Ok(c.execute("DELETE FROM images WHERE id = ?1", [&info.id])?)
+            c.execute("DELETE FROM images WHERE id = ?1", [&info.id])?;
+            c.execute("DELETE FROM image_tags WHERE image = ?1", [&info.id])?;
+            c.execute("DELETE FROM image_shares WHERE image = ?1", [&info.id])?;
+            Ok(())
         })?;
         Ok(info)
     }
 
-    fn visible_image(&self, reference: &str) -> Result<ImageRow> {
-        let row = catalog::find_image(&self.conn, reference)?;
-        if row.state == "importing" && !self.import_alive(&row.id) {
-            return Err(Error::ImageNotFound(reference.to_owned()));
+    /// Changes an image's name, description, protection, deprecation or
+    /// tags (owner only).
+    pub fn update_image(&self, reference: &str, u: &ImageUpdate) -> Result<ImageInfo> {
+        let (row, _) = self.image_for(reference, Op::Update)?;
+        if let Some(n) = &u.name {
+            crate::import::check_name(n)?;
         }
-        Ok(row)
+        for (k, _) in &u.tags {
+            if k.is_empty() || k.contains('=') {
+                return Err(Error::Invalid(format!(
+                    "bad tag key {k:?}: use --tag KEY=VALUE"
+                )));
+            }
+        }
+        let r = catalog::write(&self.conn, |tx| {
+            if let Some(n) = &u.name {
+                tx.execute(
+                    "UPDATE images SET name = ?2 WHERE id = ?1",
+                    params![row.id.as_str(), n],
+                )?;
+            }
+            if let Some(d) = &u.description {
+                tx.execute(
+                    "UPDATE images SET description = ?2 WHERE id = ?1",
+                    params![row.id.as_str(), d],
+                )?;
+            }
+            if let Some(p) = u.protected {
+                tx.execute(
+                    "UPDATE images SET protected = ?2 WHERE id = ?1",
+                    params![row.id.as_str(), p],
+                )?;
+            }
+            if let Some(p) = u.deprecated {
+                tx.execute(
+                    "UPDATE images SET deprecated = ?2 WHERE id = ?1",
+                    params![row.id.as_str(), p],
+                )?;
+            }
+            set_tags(tx, row.id.as_str(), &u.tags)?;
+            Ok(())
+        });
+        match r {
+            Err(Error::Sqlite(e)) if is_unique(&e) => {
+                Err(Error::NameTaken(u.name.clone().unwrap_or_default()))
+            }
+            r => r,
+        }?;
+        self.image(row.id.as_str())
     }
 
-    pub(crate) fn available_image(&self, reference: &str) -> Result<ImageRow> {
-        let row = self.visible_image(reference)?;
-        if row.state != "available" {
-            return Err(Error::ImageNotAvailable {
-                image: format!("{} ({})", row.name, row.id),
-                state: row.state,
+    /// Shares a custom image with another account: it sees it as type
+    /// `shared` and may only launch it (owner only).
+    pub fn share_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        let (row, _) = self.available_for(reference, Op::Share)?;
+        if row.kind != "custom" {
+            return Err(Error::Invalid(format!(
+                "image {} ({}) is {}: every account can already use it; only custom images are shared",
+                row.name, row.id, row.kind
+            )));
+        }
+        if account.is_empty() || account == self.account() {
+            return Err(Error::Invalid(format!(
+                "share with another account than yourself ({account:?})"
+            )));
+        }
+        catalog::write(&self.conn, |tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO image_shares (image, account, created_at) VALUES (?1, ?2, ?3)",
+                params![row.id.as_str(), account, catalog::now()],
+            )?;
+            Ok(())
+        })?;
+        self.image(row.id.as_str())
+    }
+
+    /// Stops sharing an image with an account (owner only).
+    pub fn unshare_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        let (row, _) = self.image_for(reference, Op::Share)?;
+        let n = catalog::write(&self.conn, |tx| {
+            Ok(tx.execute(
+                "DELETE FROM image_shares WHERE image = ?1 AND account = ?2",
+                params![row.id.as_str(), account],
+            )?)
+        })?;
+        if n == 0 {
+            return Err(Error::Invalid(format!(
+                "image {} ({}) is not shared with {account:?}",
+                row.name, row.id
+            )));
+        }
+        self.image(row.id.as_str())
+    }
+
+    /// The accounts an image is shared with (owner only).
+    pub fn image_shares(&self, reference: &str) -> Result<Vec<String>> {
+        let (row, _) = self.image_for(reference, Op::Share)?;
+        shares_of(&self.conn, row.id.as_str())
+    }
+
+    /// The image's lineage: itself, its parent chain, the instance it was
+    /// captured from, where it was copied from, copies made of it, and
+    /// images captured from it.
+    pub fn image_history(&self, reference: &str) -> Result<Vec<HistoryEntry>> {
+        let (row, _) = self.image_for(reference, Op::Show)?;
+        let mut out = vec![HistoryEntry {
+            relation: "self".into(),
+            id: row.id.to_string(),
+            name: row.name.clone(),
+            depot: String::new(),
+            exists: true,
+        }];
+        if let Some(i) = &row.source_instance {
+            let name: Option<String> = self
+                .conn
+                .query_row("SELECT name FROM instances WHERE id = ?1", [i], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            out.push(HistoryEntry {
+                relation: "source-instance".into(),
+                id: i.clone(),
+                exists: name.is_some(),
+                name: name.unwrap_or_default(),
+                depot: String::new(),
             });
         }
-        Ok(row)
+        if !row.copied_from.is_empty() {
+            let (d, id) = row
+                .copied_from
+                .rsplit_once(' ')
+                .unwrap_or(("", &row.copied_from));
+            out.push(HistoryEntry {
+                relation: "copied-from".into(),
+                id: id.to_owned(),
+                name: row.parent_name.clone(),
+                depot: d.to_owned(),
+                exists: true,
+            });
+        }
+        // Parent chain (within this depot).
+        let mut next = if row.copied_from.is_empty() {
+            row.parent.clone().map(|p| (p, row.parent_name.clone()))
+        } else {
+            None
+        };
+        let mut guard = 0;
+        while let Some((pid, pname)) = next.take() {
+            guard += 1;
+            if guard > 1000 {
+                break;
+            }
+            let p = catalog::find_images(&self.conn, &pid)?.into_iter().next();
+            out.push(HistoryEntry {
+                relation: "parent".into(),
+                id: pid,
+                name: p.as_ref().map(|p| p.name.clone()).unwrap_or(pname),
+                depot: String::new(),
+                exists: p.is_some(),
+            });
+            next = p.and_then(|p| p.parent.map(|q| (q, p.parent_name)));
+        }
+        {
+            let mut st = self.conn.prepare(
+                "SELECT depot, copy_id FROM image_copies WHERE image = ?1 ORDER BY copied_at",
+            )?;
+            let rows = st.query_map([row.id.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            for r in rows {
+                let (d, id) = r?;
+                out.push(HistoryEntry {
+                    relation: "copy".into(),
+                    id,
+                    name: String::new(),
+                    depot: d,
+                    exists: true,
+                });
+            }
+        }
+        {
+            let mut st = self
+                .conn
+                .prepare("SELECT id, name FROM images WHERE parent = ?1 AND copied_from = '' ORDER BY created_at")?;
+            let rows = st.query_map([row.id.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            for r in rows {
+                let (id, name) = r?;
+                out.push(HistoryEntry {
+                    relation: "child".into(),
+                    id,
+                    name,
+                    depot: String::new(),
+                    exists: true,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn info_from_row(
+        &self,
+        r: ImageRow,
+        access: Access,
+        usage: &maint::Usage,
+    ) -> Result<ImageInfo> {
+        let (unique, shared) = usage.per_image.get(&r.id).copied().unwrap_or((0, 0));
+        let tags = {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT key, value FROM image_tags WHERE image = ?1")?;
+            let rows = st.query_map([r.id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let shared_with = if access == Access::Owner {
+            shares_of(&self.conn, r.id.as_str())?
+        } else {
+            Vec::new()
+        };
+        Ok(ImageInfo {
+            id: r.id.to_string(),
+            name: r.name,
+            kind: if access == Access::Shared {
+                "shared".into()
+            } else {
+                r.kind
+            },
+            state: if r.state == "available" && r.deprecated {
+                "deprecated".into()
+            } else {
+                r.state
+            },
+            owner: r.owner,
+            description: r.description,
+            source_format: r.source_format,
+            virtual_size: r.virtual_size,
+            data_bytes: r.data_bytes,
+            content_digest: r.content_digest,
+            created_at: rfc3339(r.created_at),
+            unique_stored_bytes: unique,
+            shared_stored_bytes: shared,
+            parent: r.parent,
+            parent_name: r.parent_name,
+            source_instance: r.source_instance,
+            copied_from: r.copied_from,
+            protected: r.protected,
+            deprecated: r.deprecated,
+            tags,
+            vendor: r.vendor,
+            application: r.application,
+            app_version: r.app_version,
+            shared_with,
+        })
     }
 
     pub(crate) fn lock_path(&self, id: &ImageId) -> PathBuf {
@@ -338,23 +668,33 @@ fn held(p: &Path) -> bool {
     }
 }
 
-fn info_from_row(r: ImageRow, usage: &maint::Usage) -> ImageInfo {
-    let (unique, shared) = usage.per_image.get(&r.id).copied().unwrap_or((0, 0));
-    ImageInfo {
-        id: r.id.to_string(),
-        name: r.name,
-        kind: r.kind,
-        state: r.state,
-        owner: r.owner,
-        description: r.description,
-        source_format: r.source_format,
-        virtual_size: r.virtual_size,
-        data_bytes: r.data_bytes,
-        content_digest: r.content_digest,
-        created_at: rfc3339(r.created_at),
-        unique_stored_bytes: unique,
-        shared_stored_bytes: shared,
+fn shares_of(conn: &Connection, image: &str) -> Result<Vec<String>> {
+    let mut st =
+        conn.prepare_cached("SELECT account FROM image_shares WHERE image = ?1 ORDER BY account")?;
+    let rows = st.query_map([image], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Sets tags in a write transaction; an empty value removes the tag.
+pub(crate) fn set_tags(tx: &Connection, image: &str, tags: &[(String, String)]) -> Result<()> {
+    for (k, v) in tags {
+        if v.is_empty() {
+            tx.execute(
+                "DELETE FROM image_tags WHERE image = ?1 AND key = ?2",
+                params![image, k],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT OR REPLACE INTO image_tags (image, key, value) VALUES (?1, ?2, ?3)",
+                params![image, k, v],
+            )?;
+        }
     }
+    Ok(())
+}
+
+fn is_unique(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
 /// The acting account: `VMDEPOT_ACCOUNT`, else the Unix user's name.

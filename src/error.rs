@@ -59,6 +59,9 @@ pub enum Error {
     /// An external tool (qemu-img) failed or is missing.
     #[error("{tool}: {detail}")]
     Tool { tool: String, detail: String },
+    /// The acting account may not do this (the message names the rule).
+    #[error("{0}")]
+    NotPermitted(String),
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
@@ -94,13 +97,14 @@ impl Error {
     }
 
     /// Exit code for scripts: 1 generic, 3 not found, 4 refused/bad input,
-    /// 5 corrupt store, 6 no space.
+    /// 5 corrupt store, 6 no space, 7 not permitted for this account.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } => 6,
+            Error::NotPermitted(_) => 7,
             _ => 1,
         }
     }

@@ -128,14 +128,14 @@ pub(crate) fn verify_image(
 }
 
 /// Everything a worker needs to find a chunk's bytes.
-struct Plan {
-    map: crate::format::BlockMap,
-    chunks: HashMap<ChunkId, ChunkLoc>,
-    frames: HashMap<i64, FrameLoc>,
-    packs: HashMap<i64, String>,
+pub(crate) struct Plan {
+    pub(crate) map: crate::format::BlockMap,
+    pub(crate) chunks: HashMap<ChunkId, ChunkLoc>,
+    pub(crate) frames: HashMap<i64, FrameLoc>,
+    pub(crate) packs: HashMap<i64, String>,
 }
 
-fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
+pub(crate) fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
     // One read transaction: one snapshot, and SQLite's file locks taken once.
     let tx = depot.conn.unchecked_transaction()?;
     let map = catalog::image_map(&tx, &row.id)?;

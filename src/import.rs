@@ -73,10 +73,11 @@ pub(crate) fn import(
     let raw = RawSource::prepare(&ins, &depot.tmp_path(&id));
     progress.end();
     let raw = raw?;
+    let input = Input::plain(&raw.path, raw.size)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match ingest(depot, &id, &raw, progress) {
+        match ingest(depot, &id, &input, progress) {
             Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
                 tracing::info!(image = %id, "a concurrent gc collected reused chunks; starting over");
                 guard.drop_pending_packs()?;
@@ -87,6 +88,7 @@ pub(crate) fn import(
     }
     guard.armed = false;
     drop(guard);
+    drop(input);
     drop(raw);
     // Remember the file only if it did not change while it was read.
     if let Some(f) = before.filter(|b| FileIdent::of(file).as_ref() == Some(b)) {
@@ -94,6 +96,260 @@ pub(crate) fn import(
     }
     let _ = std::fs::remove_file(depot.lock_path(&id));
     Ok(id)
+}
+
+/// Imports content that is not a plain file (a captured instance disk).
+/// Same guarantees as [`import`]: visible only when complete, nothing left
+/// on failure.
+pub(crate) fn import_input(
+    depot: &Depot,
+    input: &Input,
+    opts: &ImportOptions,
+    format_name: &str,
+    progress: &dyn Progress,
+) -> Result<ImageId> {
+    check_name(&opts.name)?;
+    let id = ImageId::generate();
+    let _lock = depot.lock_import(&id)?;
+    let mut guard = Cleanup {
+        depot,
+        id: &id,
+        armed: true,
+    };
+    insert_importing_row(depot, &id, opts, format_name)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ingest(depot, &id, input, progress) {
+            Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
+                guard.drop_pending_packs()?;
+            }
+            Err(e) => return Err(e),
+            Ok(()) => break,
+        }
+    }
+    guard.armed = false;
+    drop(guard);
+    let _ = std::fs::remove_file(depot.lock_path(&id));
+    Ok(id)
+}
+
+/// What an import reads: a raw file, or a raw base with the ranges a qcow2
+/// overlay changed (`patches`) laid over it.
+pub(crate) struct Input {
+    pub path: std::path::PathBuf,
+    pub size: u64,
+    file: File,
+    overlay: Option<Overlay>,
+}
+
+struct Overlay {
+    path: std::path::PathBuf,
+    file: File,
+    /// Sorted, disjoint, 4 KiB-aligned `(start, end, at)`: guest bytes
+    /// `start..end` are the overlay file's bytes from `at`, or zeros.
+    patches: Vec<(u64, u64, Option<u64>)>,
+    /// The base's image map, when that image still exists: blocks outside
+    /// every patch are the base's, so they keep its chunks.
+    parent: Option<crate::format::BlockMap>,
+}
+
+impl Input {
+    pub(crate) fn plain(path: &Path, size: u64) -> Result<Input> {
+        Ok(Input {
+            path: path.to_owned(),
+            size,
+            file: File::open(path).at(path)?,
+            overlay: None,
+        })
+    }
+
+    /// A raw base (the parent's content) plus a qcow2 overlay on it. Only
+    /// the overlay's own clusters are read from it (`qemu-img map`);
+    /// `--force-share` lets a paused QEMU keep the image open.
+    pub(crate) fn overlay(
+        base: &Path,
+        overlay: &Path,
+        parent: Option<crate::format::BlockMap>,
+    ) -> Result<Input> {
+        let out = source::qemu_img(&[
+            "map",
+            "--force-share",
+            "--output=json",
+            "-f",
+            "qcow2",
+            overlay.to_str().ok_or_else(|| {
+                Error::Invalid(format!("{}: path is not UTF-8", overlay.display()))
+            })?,
+        ])?;
+        let map: Vec<serde_json::Value> =
+            serde_json::from_slice(&out).map_err(|e| Error::Tool {
+                tool: "qemu-img map".into(),
+                detail: format!("{}: {e}", overlay.display()),
+            })?;
+        let mut size = 0u64;
+        let mut patches: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        for m in &map {
+            let num = |k: &str| m.get(k).and_then(serde_json::Value::as_u64);
+            let flag = |k: &str| {
+                m.get(k)
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false)
+            };
+            let (Some(start), Some(len)) = (num("start"), num("length")) else {
+                continue;
+            };
+            size = size.max(start + len);
+            if num("depth") != Some(0) {
+                continue; // the base's bytes
+            }
+            if start % CHUNK != 0 || (len % CHUNK != 0 && start + len != size) {
+                return Err(Error::BadInput {
+                    file: overlay.to_owned(),
+                    reason: format!("cluster at byte {start} is not 4 KiB aligned"),
+                });
+            }
+            let at = if flag("zero") && !flag("data") {
+                None
+            } else if flag("data") {
+                Some(num("offset").ok_or_else(|| Error::BadInput {
+                    file: overlay.to_owned(),
+                    reason: format!(
+                        "cluster at byte {start} has no plain offset (compressed?): not supported"
+                    ),
+                })?)
+            } else {
+                continue; // unallocated at depth 0: the base's
+            };
+            patches.push((start, start + len, at));
+        }
+        patches.sort_unstable_by_key(|p| p.0);
+        Ok(Input {
+            path: base.to_owned(),
+            size,
+            file: File::open(base).at(base)?,
+            overlay: Some(Overlay {
+                path: overlay.to_owned(),
+                file: File::open(overlay).at(overlay)?,
+                patches,
+                parent,
+            }),
+        })
+    }
+
+    /// Data ranges (holes and zero patches left out).
+    fn extents(&self) -> Result<Vec<(u64, u64)>> {
+        let base = source::data_extents(&self.file, self.size).at(&self.path)?;
+        let Some(ov) = &self.overlay else {
+            return Ok(base);
+        };
+        // base minus every patch, plus the data patches
+        let mut out = Vec::new();
+        let mut pi = 0;
+        for (s, e) in base {
+            let mut pos = s;
+            while pi < ov.patches.len() && ov.patches[pi].1 <= pos {
+                pi += 1;
+            }
+            let mut k = pi;
+            while pos < e {
+                match ov.patches.get(k) {
+                    Some(&(ps, pe, _)) if ps < e => {
+                        if ps > pos {
+                            out.push((pos, ps));
+                        }
+                        pos = pos.max(pe);
+                        k += 1;
+                    }
+                    _ => {
+                        out.push((pos, e));
+                        pos = e;
+                    }
+                }
+            }
+        }
+        out.extend(
+            ov.patches
+                .iter()
+                .filter(|p| p.2.is_some())
+                .map(|&(s, e, _)| (s, e)),
+        );
+        out.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
+        for (s, e) in out {
+            match merged.last_mut() {
+                Some((_, pe)) if s <= *pe => *pe = (*pe).max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Reads guest bytes at `off` (a short read only at the end).
+    fn read_at_full(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        let Some(ov) = &self.overlay else {
+            return read_at_full(&self.file, buf, off).at(&self.path);
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            if pos >= self.size {
+                break;
+            }
+            let rest = &mut buf[done..];
+            let i = ov.patches.partition_point(|p| p.1 <= pos);
+            let n = match ov.patches.get(i) {
+                Some(&(s, e, at)) if s <= pos => {
+                    let n = rest.len().min((e - pos) as usize);
+                    match at {
+                        Some(at) => {
+                            let got = read_at_full(&ov.file, &mut rest[..n], at + (pos - s))
+                                .at(&ov.path)?;
+                            if got < n {
+                                return Err(Error::BadInput {
+                                    file: ov.path.clone(),
+                                    reason: format!(
+                                        "cluster data at byte {} is missing",
+                                        at + (pos - s)
+                                    ),
+                                });
+                            }
+                        }
+                        None => rest[..n].fill(0),
+                    }
+                    n
+                }
+                next => {
+                    let lim = next.map_or(self.size, |p| p.0).min(self.size);
+                    let n = rest.len().min((lim - pos) as usize);
+                    let got = read_at_full(&self.file, &mut rest[..n], pos).at(&self.path)?;
+                    if got < n {
+                        // the base is shorter than the overlay: zeros
+                        rest[got..n].fill(0);
+                    }
+                    n
+                }
+            };
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// The map entry of a block the overlay did not change, when the base's
+    /// map is known.
+    fn known(&self, block: u64) -> Option<u64> {
+        let ov = self.overlay.as_ref()?;
+        let parent = ov.parent.as_ref()?;
+        let off = block * CHUNK;
+        let i = ov.patches.partition_point(|p| p.1 <= off);
+        if ov.patches.get(i).is_some_and(|p| p.0 <= off) {
+            return None;
+        }
+        if block >= parent.nblocks {
+            return None;
+        }
+        Some(parent.get(block) as u64)
+    }
 }
 
 /// Identity of an input file: if all of it is unchanged, so is its content
@@ -169,7 +425,7 @@ fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
     Ok(n == 1)
 }
 
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 200
         || name.chars().any(|c| c.is_control() || c == '/')
@@ -182,7 +438,7 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn insert_importing_row(
+pub(crate) fn insert_importing_row(
     depot: &Depot,
     id: &ImageId,
     opts: &ImportOptions,
@@ -191,9 +447,11 @@ fn insert_importing_row(
     // Not `catalog::write`: the caller looks at the SQLite error itself.
     let insert = || -> rusqlite::Result<()> {
         let tx = catalog::begin_write(&depot.conn)?;
+        let (parent, parent_name) = opts.parent.clone().unzip();
         tx.execute(
-            "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at)
-             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7)",
+            "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at,
+                                 vendor, application, app_version, parent, parent_name, source_instance)
+             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 id.as_str(),
                 opts.name,
@@ -201,9 +459,21 @@ fn insert_importing_row(
                 depot.account(),
                 opts.description,
                 fmt,
-                catalog::now()
+                catalog::now(),
+                opts.vendor,
+                opts.application,
+                opts.app_version,
+                parent,
+                parent_name.unwrap_or_default(),
+                opts.source_instance,
             ],
         )?;
+        for (k, v) in &opts.tags {
+            tx.execute(
+                "INSERT OR REPLACE INTO image_tags (image, key, value) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), k, v],
+            )?;
+        }
         tx.commit()
     };
     match insert() {
@@ -224,10 +494,10 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 /// Undoes a failed import: its row, its pending packs, its temp files.
-struct Cleanup<'a> {
-    depot: &'a Depot,
-    id: &'a ImageId,
-    armed: bool,
+pub(crate) struct Cleanup<'a> {
+    pub(crate) depot: &'a Depot,
+    pub(crate) id: &'a ImageId,
+    pub(crate) armed: bool,
 }
 
 impl Cleanup<'_> {
@@ -285,7 +555,7 @@ struct PieceResult {
 /// Shared by the workers of one import.
 struct Shared<'a> {
     image: &'a ImageId,
-    raw: &'a File,
+    input: &'a Input,
     raw_path: &'a Path,
     size: u64,
     extents: Vec<(u64, u64)>,
@@ -302,9 +572,8 @@ struct Shared<'a> {
     progress: &'a dyn Progress,
 }
 
-fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress) -> Result<()> {
-    let file = File::open(&raw.path).at(&raw.path)?;
-    let extents = source::data_extents(&file, raw.size).at(&raw.path)?;
+fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Result<()> {
+    let extents = raw.extents()?;
     let pieces = digest::split_sparse(raw.size, digest::LEAF_BYTES, |off, len| {
         let i = extents.partition_point(|&(_, e)| e <= off);
         extents.get(i).is_some_and(|&(s, _)| s < off + len)
@@ -316,7 +585,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &RawSource, progress: &dyn Progress)
     let npieces = pieces.leaves.len();
     let shared = Shared {
         image: id,
-        raw: &file,
+        input: raw,
         raw_path: &raw.path,
         size: raw.size,
         extents,
@@ -461,7 +730,7 @@ fn leaf(
         let mut off = s;
         while off < e {
             let want = ((e - off) as usize).min(buf.len());
-            let got = read_at_full(sh.raw, &mut buf[..want], off).at(sh.raw_path)?;
+            let got = sh.input.read_at_full(&mut buf[..want], off)?;
             if got < want {
                 return Err(Error::BadInput {
                     file: sh.raw_path.to_owned(),
@@ -473,8 +742,14 @@ fn leaf(
                 });
             }
             hasher.update(&buf[..got]);
-            for block in buf[..got].chunks(CHUNK_SIZE) {
-                let entry = classify(sh, conn, block, frame, tx)?;
+            for (k, block) in buf[..got].chunks(CHUNK_SIZE).enumerate() {
+                // A block the capture knows unchanged keeps its chunk: no
+                // hash, no look-up, no compression.
+                let known = sh.input.known(off / CHUNK + k as u64);
+                let entry = match known {
+                    Some(e) => e,
+                    None => classify(sh, conn, block, frame, tx)?,
+                };
                 data_blocks += u64::from(entry != 0);
                 entries.push(entry);
             }

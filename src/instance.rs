@@ -163,24 +163,24 @@ pub struct Instance {
 }
 
 #[derive(Clone, Debug)]
-struct Row {
-    id: String,
-    name: String,
-    image: String,
-    image_name: String,
-    owner: String,
-    state: String,
-    disk: DiskMode,
-    cpus: u32,
-    memory_mib: u64,
-    accel: String,
-    accel_used: String,
-    hostname: String,
-    forwards: Vec<Forward>,
-    ssh_port: Option<u16>,
-    pid: Option<i32>,
-    created_at: i64,
-    error: String,
+pub(crate) struct Row {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) image: String,
+    pub(crate) image_name: String,
+    pub(crate) owner: String,
+    pub(crate) state: String,
+    pub(crate) disk: DiskMode,
+    pub(crate) cpus: u32,
+    pub(crate) memory_mib: u64,
+    pub(crate) accel: String,
+    pub(crate) accel_used: String,
+    pub(crate) hostname: String,
+    pub(crate) forwards: Vec<Forward>,
+    pub(crate) ssh_port: Option<u16>,
+    pub(crate) pid: Option<i32>,
+    pub(crate) created_at: i64,
+    pub(crate) error: String,
 }
 
 const COLS: &str = "id, name, image, image_name, owner, state, disk, cpus, memory_mib, accel, \
@@ -215,17 +215,17 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 /// Paths of an instance's files.
-struct Paths {
-    dir: PathBuf,
+pub(crate) struct Paths {
+    pub(crate) dir: PathBuf,
 }
 
 impl Paths {
-    fn new(root: &Path, id: &str) -> Paths {
+    pub(crate) fn new(root: &Path, id: &str) -> Paths {
         Paths {
             dir: root.join("instances").join(id),
         }
     }
-    fn disk(&self, mode: DiskMode) -> PathBuf {
+    pub(crate) fn disk(&self, mode: DiskMode) -> PathBuf {
         self.dir.join(match mode {
             DiskMode::Overlay => "disk.qcow2",
             DiskMode::Copy => "disk.raw",
@@ -234,10 +234,10 @@ impl Paths {
     fn seed(&self) -> PathBuf {
         self.dir.join("seed.img")
     }
-    fn lock(&self) -> PathBuf {
+    pub(crate) fn lock(&self) -> PathBuf {
         self.dir.join("lock")
     }
-    fn files(&self) -> VmFiles {
+    pub(crate) fn files(&self) -> VmFiles {
         VmFiles {
             qmp: self.dir.join("qmp.sock"),
             console: self.dir.join("console.sock"),
@@ -256,7 +256,7 @@ pub(crate) fn base_lock_path(root: &Path, image: &str) -> PathBuf {
     root.join("bases").join(format!("{image}.lock"))
 }
 
-fn flock(p: &Path, how: FlockArg) -> Result<Flock<File>> {
+pub(crate) fn flock(p: &Path, how: FlockArg) -> Result<Flock<File>> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -316,7 +316,7 @@ impl Depot {
     /// is left behind.
     pub fn launch(&self, opts: &LaunchOptions, progress: &dyn Progress) -> Result<Launched> {
         let qemu_bin = qemu::qemu_binary()?;
-        let img = self.available_image(&opts.image)?;
+        let (img, _) = self.available_for(&opts.image, crate::access::Op::Launch)?;
         if opts.count == 0 || opts.count > 1000 {
             return Err(Error::Invalid(format!(
                 "--count {}: launch 1 to 1000 instances at once",
@@ -519,17 +519,19 @@ impl Depot {
         })
     }
 
-    fn row(&self, reference: &str) -> Result<Row> {
-        let sql = format!("SELECT {COLS} FROM instances WHERE id = ?1 OR name = ?1");
+    pub(crate) fn row(&self, reference: &str) -> Result<Row> {
+        // An account sees its own instances only.
+        let sql =
+            format!("SELECT {COLS} FROM instances WHERE (id = ?1 OR name = ?1) AND owner = ?2");
         self.conn
-            .query_row(&sql, [reference], row_from)
+            .query_row(&sql, params![reference, self.account()], row_from)
             .optional()?
             .ok_or_else(|| Error::InstanceNotFound(reference.to_owned()))
     }
 
     /// Re-reads a row and records a QEMU that died (or a launch that was
     /// interrupted): never a stale `running`.
-    fn fresh_row(&self, reference: &str) -> Result<Row> {
+    pub(crate) fn fresh_row(&self, reference: &str) -> Result<Row> {
         let r = self.row(reference)?;
         let dead_qemu = r.state == "running" && !r.pid.is_some_and(|p| qemu::pid_alive(p, &r.id));
         let dead_launch =
@@ -591,13 +593,13 @@ impl Depot {
         Ok(self.info(r))
     }
 
-    /// All instances, oldest first, with their true states.
+    /// This account's instances, oldest first, with their true states.
     pub fn list_instances(&self) -> Result<Vec<InstanceInfo>> {
         let ids: Vec<String> = {
             let mut st = self
                 .conn
-                .prepare("SELECT id FROM instances ORDER BY created_at, name")?;
-            let rows = st.query_map([], |r| r.get(0))?;
+                .prepare("SELECT id FROM instances WHERE owner = ?1 ORDER BY created_at, name")?;
+            let rows = st.query_map([self.account()], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let mut out = Vec::with_capacity(ids.len());
@@ -883,7 +885,7 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
-fn path_str(p: &Path) -> Result<&str> {
+pub(crate) fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", p.display())))
 }
@@ -899,7 +901,11 @@ fn lock_held(p: &Path) -> bool {
 }
 
 /// The raw base of an image, made once (callers hold the base's lock).
-fn ensure_base(depot: &Depot, img: &catalog::ImageRow, progress: &dyn Progress) -> Result<PathBuf> {
+pub(crate) fn ensure_base(
+    depot: &Depot,
+    img: &catalog::ImageRow,
+    progress: &dyn Progress,
+) -> Result<PathBuf> {
     let p = base_path(depot.root(), img.id.as_str());
     if !p.exists() {
         crate::export::export(depot, img, &p, ExportFormat::Raw, progress)?;

@@ -30,7 +30,7 @@
 //! depot.verify(Some(&img.id), &NoProgress)?;
 //! assert!(depot.fsck()?.is_clean());
 //!
-//! depot.delete_image("base")?;
+//! depot.delete_image("base", false)?;
 //! let freed = depot.gc(false)?;
 //! assert_eq!(freed.chunks_removed, 256);
 //! assert_eq!(depot.stats()?.stored_bytes, 0);
@@ -43,7 +43,9 @@
 //! `export` / `maint` (image operations) → `depot` (the public face) → CLI.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod catalog;
+pub mod copy;
 pub mod depot;
 pub mod digest;
 pub mod error;
@@ -52,6 +54,7 @@ pub mod format;
 pub mod ids;
 pub mod import;
 pub mod instance;
+pub mod lifecycle;
 pub mod maint;
 pub mod progress;
 pub mod qemu;
@@ -59,7 +62,7 @@ pub mod seed;
 pub mod source;
 pub mod store;
 
-pub use depot::{Depot, ImageInfo, ImageType, ImportOptions};
+pub use depot::{Depot, HistoryEntry, ImageInfo, ImageType, ImageUpdate, ImportOptions};
 pub use error::{Error, Result};
 pub use export::ExportFormat;
 pub use ids::{ChunkHash, ImageId};

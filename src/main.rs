@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod cli_instance;
-use vmdepot::{Depot, ExportFormat, ImageType, ImportOptions, Progress, SourceFormat};
+use vmdepot::lifecycle::CaptureOptions;
+use vmdepot::{Depot, ExportFormat, ImageType, ImageUpdate, ImportOptions, Progress, SourceFormat};
 
 #[derive(Parser)]
 #[command(
@@ -80,11 +81,104 @@ enum ImageCmd {
         /// Read the file even if it is unchanged since an earlier import
         #[arg(long)]
         reread: bool,
+        /// Marketplace images: the vendor
+        #[arg(long, default_value = "")]
+        vendor: String,
+        /// Marketplace images: the application
+        #[arg(long, default_value = "")]
+        application: String,
+        /// Marketplace images: the application's version
+        #[arg(long = "app-version", default_value = "")]
+        app_version: String,
+        /// A tag KEY=VALUE (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
         #[arg(long)]
         json: bool,
     },
-    /// List images
+    /// Create a custom image from an instance's disk
+    Create {
+        #[arg(long = "from-instance", value_name = "INSTANCE")]
+        from_instance: String,
+        #[arg(long)]
+        name: String,
+        /// Capture a running instance: pause it while its disk is read
+        #[arg(long)]
+        live: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images (deprecated ones only with --all)
     List {
+        /// public, marketplace, custom or shared
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Only images with this tag KEY=VALUE (repeatable: all must match)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Include deprecated images
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an image's name, description, protection, tags or deprecation
+    Update {
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Refuse deletion until --unprotect
+        #[arg(long, conflicts_with = "unprotect")]
+        protect: bool,
+        #[arg(long)]
+        unprotect: bool,
+        /// Set a tag KEY=VALUE (KEY= removes it; repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Hide from default listings (still launchable)
+        #[arg(long, conflicts_with = "undeprecate")]
+        deprecate: bool,
+        #[arg(long)]
+        undeprecate: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Share a custom image with another account (it may only launch it)
+    Share {
+        image: String,
+        #[arg(long = "with", value_name = "ACCOUNT")]
+        with: String,
+    },
+    /// Stop sharing an image with an account
+    Unshare {
+        image: String,
+        #[arg(long = "with", value_name = "ACCOUNT")]
+        with: String,
+    },
+    /// The accounts an image is shared with
+    Shares {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy an image into another depot (only the chunks it lacks travel)
+    Copy {
+        image: String,
+        #[arg(long = "to-depot", value_name = "DIR")]
+        to_depot: PathBuf,
+        /// Name in the target [default: the same]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lineage: parent images, source instance, copies, children
+    History {
+        image: String,
         #[arg(long)]
         json: bool,
     },
@@ -103,7 +197,12 @@ enum ImageCmd {
         format: String,
     },
     /// Delete an image (its data is freed by `gc`)
-    Delete { image: String },
+    Delete {
+        image: String,
+        /// Even if it is shared or instances use it
+        #[arg(long)]
+        force: bool,
+    },
     /// Re-read and re-hash stored data: one image (with its digest), or all chunks
     Verify {
         image: Option<String>,
@@ -151,6 +250,25 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `KEY=VALUE` arguments.
+fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let v = parse_tags_allow_empty(tags)?;
+    if let Some((k, _)) = v.iter().find(|(_, v)| v.is_empty()) {
+        anyhow::bail!("--tag {k}= has no value: use --tag KEY=VALUE");
+    }
+    Ok(v)
+}
+
+/// `KEY=VALUE` arguments; `KEY=` (empty value) allowed.
+fn parse_tags_allow_empty(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    tags.iter()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => anyhow::bail!("bad --tag {t:?}: use KEY=VALUE"),
+        })
+        .collect()
+}
+
 /// One `key value` line per field (the plain form of `show`).
 fn print_fields<T: serde::Serialize>(out: &mut impl Write, v: &T) -> anyhow::Result<()> {
     let v = serde_json::to_value(v)?;
@@ -185,15 +303,34 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             kind,
             description,
             reread,
+            vendor,
+            application,
+            app_version,
+            tags,
             json,
         }) => {
-            let opts = ImportOptions {
-                name,
-                kind: ImageType::parse(&kind)?,
-                description,
-                format: SourceFormat::parse(&format)?,
-                reread,
-            };
+            let mut opts = ImportOptions::new(name);
+            opts.kind = ImageType::parse(&kind)?;
+            opts.description = description;
+            opts.format = SourceFormat::parse(&format)?;
+            opts.reread = reread;
+            if opts.kind != ImageType::Marketplace
+                && !(vendor.is_empty() && application.is_empty() && app_version.is_empty())
+            {
+                anyhow::bail!(
+                    "--vendor, --application and --app-version are for --type marketplace"
+                );
+            }
+            if opts.kind == ImageType::Marketplace && (vendor.is_empty() || application.is_empty())
+            {
+                anyhow::bail!(
+                    "a marketplace image needs --vendor and --application (and --app-version)"
+                );
+            }
+            opts.vendor = vendor;
+            opts.application = application;
+            opts.app_version = app_version;
+            opts.tags = parse_tags(&tags)?;
             let info = depot.import(&file, &opts, &progress)?;
             if json {
                 print_json(&info)?;
@@ -201,8 +338,138 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 writeln!(out, "{}", info.id)?;
             }
         }
-        Cmd::Image(ImageCmd::List { json }) => {
-            let list = depot.list_images()?;
+        Cmd::Image(ImageCmd::Create {
+            from_instance,
+            name,
+            live,
+            description,
+            json,
+        }) => {
+            let mut opts = CaptureOptions::new(name);
+            opts.live = live;
+            opts.description = description;
+            let info = depot.capture(&from_instance, &opts, &progress)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                writeln!(out, "{}", info.id)?;
+            }
+        }
+        Cmd::Image(ImageCmd::Update {
+            image,
+            name,
+            description,
+            protect,
+            unprotect,
+            tags,
+            deprecate,
+            undeprecate,
+            json,
+        }) => {
+            let u = ImageUpdate {
+                name,
+                description,
+                protected: (protect || unprotect).then_some(protect),
+                deprecated: (deprecate || undeprecate).then_some(deprecate),
+                tags: parse_tags_allow_empty(&tags)?,
+            };
+            let info = depot.update_image(&image, &u)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                print_fields(&mut out, &info)?;
+            }
+        }
+        Cmd::Image(ImageCmd::Share { image, with }) => {
+            let i = depot.share_image(&image, &with)?;
+            writeln!(
+                out,
+                "{} ({}) is shared with {}",
+                i.name,
+                i.id,
+                i.shared_with.join(", ")
+            )?;
+        }
+        Cmd::Image(ImageCmd::Unshare { image, with }) => {
+            let i = depot.unshare_image(&image, &with)?;
+            writeln!(out, "{} ({}) is no longer shared with {with}", i.name, i.id)?;
+        }
+        Cmd::Image(ImageCmd::Shares { image, json }) => {
+            let v = depot.image_shares(&image)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                for a in v {
+                    writeln!(out, "{a}")?;
+                }
+            }
+        }
+        Cmd::Image(ImageCmd::Copy {
+            image,
+            to_depot,
+            name,
+            json,
+        }) => {
+            let r = depot.copy_image(&image, &to_depot, name.as_deref(), &progress)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}  {} in {}: {} of {} chunks sent ({}), {} already there",
+                    r.image.id,
+                    r.image.name,
+                    to_depot.display(),
+                    r.chunks_sent,
+                    r.chunks,
+                    human(r.bytes_sent),
+                    r.chunks_present
+                )?;
+            }
+        }
+        Cmd::Image(ImageCmd::History { image, json }) => {
+            let h = depot.image_history(&image)?;
+            if json {
+                print_json(&h)?;
+            } else {
+                for e in h {
+                    writeln!(
+                        out,
+                        "{:<16} {:<20}  {:<30}{}{}",
+                        e.relation,
+                        e.id,
+                        e.name,
+                        if e.depot.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  in {}", e.depot)
+                        },
+                        if e.exists { "" } else { "  (deleted)" }
+                    )?;
+                }
+            }
+        }
+        Cmd::Image(ImageCmd::List {
+            kind,
+            tags,
+            all,
+            json,
+        }) => {
+            if let Some(k) = &kind {
+                if !["public", "marketplace", "custom", "shared"].contains(&k.as_str()) {
+                    anyhow::bail!(
+                        "unknown --type {k:?}: use public, marketplace, custom or shared"
+                    );
+                }
+            }
+            let want = parse_tags(&tags)?;
+            let list: Vec<_> = depot
+                .list_images()?
+                .into_iter()
+                .filter(|i| all || !i.deprecated)
+                .filter(|i| kind.as_ref().is_none_or(|k| &i.kind == k))
+                .filter(|i| want.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+                .collect();
             if json {
                 print_json(&list)?;
             } else {
@@ -241,8 +508,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }) => {
             depot.export(&image, &path, ExportFormat::parse(&format)?, &progress)?;
         }
-        Cmd::Image(ImageCmd::Delete { image }) => {
-            let i = depot.delete_image(&image)?;
+        Cmd::Image(ImageCmd::Delete { image, force }) => {
+            let i = depot.delete_image(&image, force)?;
             writeln!(
                 out,
                 "deleted {} ({}); run `vmdepot gc` to free its data",

@@ -225,6 +225,10 @@ fn forget_import(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<Vec<St
                 "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
                 [id.as_str()],
             )?;
+            tx.execute(
+                "DELETE FROM image_tags WHERE image = ?1 AND NOT EXISTS (SELECT 1 FROM images WHERE id = ?1)",
+                [id.as_str()],
+            )?;
         }
         Ok(names)
     })
@@ -348,10 +352,12 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     )?;
     rep.packs_removed = dead_packs.len() as u64;
     // Remembered input files whose image is gone.
-    tx.execute(
-        "DELETE FROM source_files WHERE image NOT IN (SELECT id FROM images)",
-        [],
-    )?;
+    for t in ["source_files", "image_tags", "image_shares"] {
+        tx.execute(
+            &format!("DELETE FROM {t} WHERE image NOT IN (SELECT id FROM images)"),
+            [],
+        )?;
+    }
     let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
     // Pack files on disk that the catalog does not know (rows are written
     // before files, and no row is added while we hold the write lock, so

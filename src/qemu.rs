@@ -467,6 +467,20 @@ impl Qmp {
             .map_err(|e| qmp_err(Path::new("QMP"), e))
     }
 
+    /// Pauses the guest's CPUs; QEMU drains and flushes its disks first, so
+    /// the disk files are consistent until [`Qmp::resume`].
+    pub fn pause(&mut self) -> Result<()> {
+        self.execute("stop", json!({}))
+            .map(drop)
+            .map_err(|e| qmp_err(Path::new("QMP"), e))
+    }
+
+    pub fn resume(&mut self) -> Result<()> {
+        self.execute("cont", json!({}))
+            .map(drop)
+            .map_err(|e| qmp_err(Path::new("QMP"), e))
+    }
+
     /// Makes QEMU exit at once.
     pub fn quit(&mut self) {
         let _ = self.execute("quit", json!({}));

@@ -816,3 +816,31 @@ fn silent_corruption_is_located_to_its_block() {
     let (code, _) = t.fails(&["image", "verify"]);
     assert_eq!(code, 5);
 }
+
+#[test]
+fn content_repeated_after_a_catalog_batch_is_stored_once() {
+    // 384 MiB of new data is more than one batch of frames entered as
+    // pending rows; its first 8 MiB come again at the end, after that batch
+    // left the importer's memory: they must be found in the catalog.
+    let t = T::new();
+    let src = slow_source(&t);
+    let head = {
+        use std::io::Read;
+        let mut b = vec![0u8; 8 << 20];
+        std::fs::File::open(&src)
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+        f.write_all(&head).unwrap();
+    }
+    let img = t.import(&src, "rep");
+    assert_eq!(img["data_bytes"], 392u64 << 20);
+    let s = t.stats();
+    assert_eq!(s["chunks"], (384u64 << 20) / 4096, "{s}");
+    t.ok(&["image", "verify", "rep", "-q"]);
+}

@@ -1,0 +1,351 @@
+//! Copying an image to another depot (another "region"): the target gets an
+//! independent image (same content digest, its own id, lineage recorded on
+//! both sides). Only chunks the target lacks travel; a frame whose chunks
+//! are all needed and all missing travels as its compressed bytes, others
+//! are recompressed from the missing chunks only.
+//!
+//! **Resumable**: what arrives is stored in sealed packs and entered as
+//! committed chunks batch by batch, so a copy killed at any point leaves
+//! them in the target and the next copy does not send them again (unless a
+//! `gc` in the target collected them in between: they belong to no image
+//! yet). The image itself becomes visible in the target only at the end,
+//! in one transaction, like an import.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::access::Op;
+use crate::catalog;
+use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
+use crate::ids::{ChunkHash, ChunkId, ImageId};
+use crate::import::{insert_importing_row, Cleanup};
+use crate::progress::Progress;
+use crate::store::{self, pack_path, PackReader, PackWriter};
+
+/// What a copy did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CopyReport {
+    /// The new image in the target depot.
+    pub image: ImageInfo,
+    /// Distinct chunks the image uses.
+    pub chunks: u64,
+    /// Chunks the target already had (not sent).
+    pub chunks_present: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Compressed bytes written to the target's packs.
+    pub bytes_sent: u64,
+    /// Frames sent as they were (no recompression).
+    pub frames_whole: u64,
+}
+
+impl Depot {
+    /// Copies an image into the depot at `target` (created if needed) as an
+    /// image of the acting account there.
+    pub fn copy_image(
+        &self,
+        image: &str,
+        target: &Path,
+        name: Option<&str>,
+        progress: &dyn Progress,
+    ) -> Result<CopyReport> {
+        let (row, _) = self.available_for(image, Op::Copy)?;
+        let dst = Depot::open(target)?.with_account(self.account());
+        if dst.root() == self.root() {
+            return Err(Error::Invalid(format!(
+                "{} is this depot: copy to another depot directory",
+                target.display()
+            )));
+        }
+        let plan = crate::export::plan(self, &row)?;
+        // Distinct chunks in map order (the order frames were written in).
+        let mut seen = HashSet::new();
+        let order: Vec<ChunkId> = plan
+            .map
+            .data()
+            .map(|(_, c)| c)
+            .filter(|c| seen.insert(*c))
+            .collect();
+        let id = ImageId::generate();
+        let present: HashSet<ChunkId> = {
+            let tx = dst.conn.unchecked_transaction()?;
+            let mut p = HashSet::new();
+            for &c in &order {
+                if catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, &id)?.is_some() {
+                    p.insert(c);
+                }
+            }
+            tx.finish()?;
+            p
+        };
+        let mut opts = ImportOptions::new(name.unwrap_or(&row.name));
+        opts.kind = ImageType::parse(&row.kind)?;
+        opts.description = row.description.clone();
+        opts.vendor = row.vendor.clone();
+        opts.application = row.application.clone();
+        opts.app_version = row.app_version.clone();
+        opts.parent = Some((row.id.to_string(), row.name.clone()));
+        let _lock = dst.lock_import(&id)?;
+        let mut guard = Cleanup {
+            depot: &dst,
+            id: &id,
+            armed: true,
+        };
+        insert_importing_row(&dst, &id, &opts, &row.source_format)?;
+        dst.conn.execute(
+            "UPDATE images SET copied_from = ?2 WHERE id = ?1",
+            params![id.as_str(), format!("{} {}", self.root().display(), row.id)],
+        )?;
+
+        // Send what is missing, frame by frame of the source.
+        let missing: Vec<ChunkId> = order
+            .iter()
+            .copied()
+            .filter(|c| !present.contains(c))
+            .collect();
+        let needed: HashSet<ChunkId> = missing.iter().copied().collect();
+        let mut by_frame: Vec<(i64, Vec<ChunkId>)> = Vec::new();
+        {
+            let mut idx: HashMap<i64, usize> = HashMap::new();
+            for &c in &missing {
+                let f = plan.chunks[&c].frame;
+                let i = *idx.entry(f).or_insert_with(|| {
+                    by_frame.push((f, Vec::new()));
+                    by_frame.len() - 1
+                });
+                by_frame[i].1.push(c);
+            }
+        }
+        // A frame's slots that this image uses (to know whether every chunk
+        // of it is needed).
+        let mut slots_used: HashMap<i64, usize> = HashMap::new();
+        for &c in &order {
+            *slots_used.entry(plan.chunks[&c].frame).or_default() += 1;
+        }
+        progress.begin("copy", missing.len() as u64 * CHUNK);
+        let mut readers: HashMap<i64, Arc<PackReader>> = HashMap::new();
+        let mut out = Outgoing::new(&dst, &id);
+        let mut rep = CopyReport {
+            image: self.image(row.id.as_str())?,
+            chunks: order.len() as u64,
+            chunks_present: present.len() as u64,
+            chunks_sent: 0,
+            bytes_sent: 0,
+            frames_whole: 0,
+        };
+        let mut buf = Vec::new();
+        let mut fresh = FrameAcc::default();
+        let who = format!("{} ({})", row.name, row.id);
+        for (frame, chunks) in &by_frame {
+            let f = &plan.frames[frame];
+            let reader = match readers.get(&f.pack) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Arc::new(PackReader::open(&pack_path(
+                        self.root(),
+                        &plan.packs[&f.pack],
+                    ))?);
+                    readers.insert(f.pack, r.clone());
+                    r
+                }
+            };
+            reader.read_frame(f.offset, f.clen, f.nchunks as usize, &mut buf)?;
+            // Every chunk sent is checked against its hash first.
+            for &c in chunks {
+                let loc = &plan.chunks[&c];
+                let s = loc.slot as usize * CHUNK_SIZE;
+                if ChunkHash::of(&buf[s..s + CHUNK_SIZE]) != loc.hash {
+                    return Err(Error::Corrupt {
+                        image: who.clone(),
+                        offset: plan.map.data().find(|&(_, x)| x == c).map_or(0, |(b, _)| b)
+                            * CHUNK,
+                        detail: format!("stored chunk {c} does not match its hash; not copied"),
+                    });
+                }
+            }
+            let whole = chunks.len() == f.nchunks as usize
+                && slots_used.get(frame) == Some(&(f.nchunks as usize))
+                && chunks.iter().all(|c| needed.contains(c));
+            if whole {
+                let mut hashes = vec![ChunkHash([0; 32]); f.nchunks as usize];
+                for &c in chunks {
+                    let loc = &plan.chunks[&c];
+                    hashes[loc.slot as usize] = loc.hash;
+                }
+                let bytes = reader.frame_bytes(f.offset, f.clen)?.to_vec();
+                rep.bytes_sent += bytes.len() as u64;
+                out.push(bytes, hashes)?;
+                rep.frames_whole += 1;
+            } else {
+                for &c in chunks {
+                    let loc = &plan.chunks[&c];
+                    let s = loc.slot as usize * CHUNK_SIZE;
+                    fresh.data.extend_from_slice(&buf[s..s + CHUNK_SIZE]);
+                    fresh.hashes.push(loc.hash);
+                    if fresh.hashes.len() >= FRAME_CHUNKS {
+                        rep.bytes_sent += fresh.flush(&mut out)?;
+                    }
+                }
+            }
+            rep.chunks_sent += chunks.len() as u64;
+            progress.advance(chunks.len() as u64 * CHUNK);
+        }
+        rep.bytes_sent += fresh.flush(&mut out)?;
+        out.finish()?;
+        progress.end();
+
+        // The image, in one transaction, if every chunk is there.
+        let tx = catalog::begin_write(&dst.conn)?;
+        let mut ids: HashMap<ChunkId, ChunkId> = HashMap::with_capacity(order.len());
+        for &c in &order {
+            match catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, &id)? {
+                Some(t) => ids.insert(c, t),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "copy of {who}: a chunk vanished from {} meanwhile (a gc there?): run the copy again",
+                        dst.root().display()
+                    )))
+                }
+            };
+        }
+        let mut b = format::MapBuilder::default();
+        let mut next = 0u64;
+        for (blk, c) in plan.map.data() {
+            b.push_zeros(blk - next);
+            b.push(ids[&c]);
+            next = blk + 1;
+        }
+        b.push_zeros(plan.map.nblocks - next);
+        let map = b.finish();
+        let blob = format::encode_map(&map);
+        let map_digest = blake3::hash(&blob);
+        tx.execute(
+            "UPDATE images SET state = 'available', virtual_size = ?2, data_bytes = ?3,
+                    content_digest = ?4, map = ?5, map_digest = ?6
+             WHERE id = ?1",
+            params![
+                id.as_str(),
+                row.virtual_size as i64,
+                row.data_bytes as i64,
+                row.content_digest,
+                blob,
+                &map_digest.as_bytes()[..]
+            ],
+        )?;
+        tx.commit()?;
+        guard.armed = false;
+        drop(guard);
+        let _ = std::fs::remove_file(dst.lock_path(&id));
+        catalog::write(&self.conn, |tx| {
+            tx.execute(
+                "INSERT INTO image_copies (image, depot, copy_id, copied_at) VALUES (?1, ?2, ?3, ?4)",
+                params![row.id.as_str(), dst.root().display().to_string(), id.as_str(), catalog::now()],
+            )?;
+            Ok(())
+        })?;
+        // The digest is the source's, as recorded: every chunk sent was
+        // checked against its hash, and materialisation checks the digest.
+        rep.image = dst.image(id.as_str())?;
+        Ok(rep)
+    }
+}
+
+/// New chunks gathered for one recompressed frame.
+#[derive(Default)]
+struct FrameAcc {
+    data: Vec<u8>,
+    hashes: Vec<ChunkHash>,
+}
+
+impl FrameAcc {
+    fn flush(&mut self, out: &mut Outgoing<'_>) -> Result<u64> {
+        if self.hashes.is_empty() {
+            return Ok(0);
+        }
+        let c = store::compress_frame(&self.data, ZSTD_LEVEL).at(out.depot.root())?;
+        let n = c.len() as u64;
+        out.push(c, std::mem::take(&mut self.hashes))?;
+        self.data.clear();
+        Ok(n)
+    }
+}
+
+/// Frames on their way into the target: one pack at a time, sealed and
+/// entered (as committed chunks) when it is full and at the end.
+struct Outgoing<'a> {
+    depot: &'a Depot,
+    id: &'a ImageId,
+    pack: Option<(i64, PackWriter)>,
+    frames: Vec<(u64, u64, Vec<ChunkHash>)>,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(depot: &'a Depot, id: &'a ImageId) -> Outgoing<'a> {
+        Outgoing {
+            depot,
+            id,
+            pack: None,
+            frames: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bytes: Vec<u8>, hashes: Vec<ChunkHash>) -> Result<()> {
+        if self.pack.is_none() {
+            let name = store::new_pack_name();
+            // The row comes first: a pack file without a row is garbage.
+            let pid = catalog::insert_pending_pack(&self.depot.conn, &name, self.id)?;
+            self.pack = Some((pid, PackWriter::create(self.depot.root(), &name)?));
+        }
+        let (_, w) = self.pack.as_mut().unwrap();
+        let off = w.append(&bytes)?;
+        self.frames.push((off, bytes.len() as u64, hashes));
+        if w.len() >= PACK_TARGET_BYTES {
+            self.seal_and_enter()?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the pack, then one transaction: its frames, their chunks
+    /// (committed; content that arrived meanwhile is skipped), the pack
+    /// sealed.
+    fn seal_and_enter(&mut self) -> Result<()> {
+        let Some((pid, w)) = self.pack.take() else {
+            return Ok(());
+        };
+        let size = w.seal()?;
+        let frames = std::mem::take(&mut self.frames);
+        catalog::write(&self.depot.conn, |tx| {
+            let mut fr = tx.prepare_cached(
+                "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut ch = tx.prepare_cached(
+                "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (off, clen, hashes) in &frames {
+                fr.execute(params![pid, *off as i64, *clen as i64, hashes.len() as i64])?;
+                let fid = tx.last_insert_rowid();
+                for (slot, h) in hashes.iter().enumerate() {
+                    if h.0 == [0; 32] || catalog::chunk_by_hash(tx, h, self.id)?.is_some() {
+                        continue; // a slot this copy does not need, or already there
+                    }
+                    ch.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
+                }
+            }
+            tx.execute(
+                "UPDATE packs SET state = 'sealed', image = NULL, size = ?2 WHERE id = ?1",
+                params![pid, size as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.seal_and_enter()
+    }
+}

@@ -6,6 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -233,4 +234,45 @@ pub fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+/// Generous: a TCG boot takes a few seconds, more with parallel tests.
+pub const BOOT: Duration = Duration::from_secs(120);
+
+/// A depot holding the test guest as image "tiny".
+pub fn depot_with_guest() -> T {
+    let t = T::new();
+    t.import(test_guest(), "tiny");
+    t
+}
+
+pub fn serial(t: &T, inst: &str) -> String {
+    t.ok(&["instance", "logs", inst])
+}
+
+/// Waits for a serial console line containing `needle`; returns it.
+pub fn wait_serial(t: &T, inst: &str, needle: &str) -> String {
+    let end = Instant::now() + BOOT;
+    loop {
+        let log = serial(t, inst);
+        if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+            return l.trim_end_matches('\r').to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "{inst}: {needle:?} not on the serial console after {BOOT:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn show(t: &T, inst: &str) -> Value {
+    t.json(&["instance", "show", inst, "--json"])
+}
+
+pub fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
 }

@@ -4,54 +4,13 @@
 //! NoCloud seed, writes a file on its disk, and powers off on the ACPI power
 //! button.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::common::*;
-
-/// Generous: a TCG boot takes a few seconds, more with parallel tests.
-const BOOT: Duration = Duration::from_secs(120);
-
-/// A depot holding the test guest as image "tiny".
-fn depot_with_guest() -> T {
-    let t = T::new();
-    t.import(test_guest(), "tiny");
-    t
-}
-
-fn serial(t: &T, inst: &str) -> String {
-    t.ok(&["instance", "logs", inst])
-}
-
-/// Waits for a serial console line containing `needle`; returns it.
-fn wait_serial(t: &T, inst: &str, needle: &str) -> String {
-    let end = Instant::now() + BOOT;
-    loop {
-        let log = serial(t, inst);
-        if let Some(l) = log.lines().find(|l| l.contains(needle)) {
-            return l.trim_end_matches('\r').to_owned();
-        }
-        assert!(
-            Instant::now() < end,
-            "{inst}: {needle:?} not on the serial console after {BOOT:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn show(t: &T, inst: &str) -> Value {
-    t.json(&["instance", "show", inst, "--json"])
-}
-
-fn alive(pid: i64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
 
 fn instance_dirs(t: &T) -> Vec<PathBuf> {
     match std::fs::read_dir(t.depot().join("instances")) {

@@ -137,7 +137,7 @@ impl Depot {
         if row.state != "available" {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),
-                state: row.state,
+                state: crate::depot::shown_state(&row.state, row.deprecated),
             });
         }
         Ok((row, access))

@@ -436,6 +436,34 @@ pub fn begin_write(conn: &Connection) -> rusqlite::Result<rusqlite::Transaction<
 /// How long a writer waits for others.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Makes an image available with its content (in the caller's write
+/// transaction): size, data bytes, digest, map and the map's digest.
+pub fn set_available(
+    tx: &Connection,
+    id: &ImageId,
+    size: u64,
+    data_bytes: u64,
+    digest_hex: &str,
+    map: &crate::format::BlockMap,
+) -> Result<()> {
+    let blob = crate::format::encode_map(map);
+    let map_digest = blake3::hash(&blob);
+    tx.execute(
+        "UPDATE images SET state = 'available', virtual_size = ?2, data_bytes = ?3,
+                content_digest = ?4, map = ?5, map_digest = ?6
+         WHERE id = ?1",
+        params![
+            id.as_str(),
+            size as i64,
+            data_bytes as i64,
+            digest_hex,
+            blob,
+            &map_digest.as_bytes()[..]
+        ],
+    )?;
+    Ok(())
+}
+
 /// Registers a pack file that an import is about to write.
 pub fn insert_pending_pack(conn: &Connection, name: &str, image: &ImageId) -> Result<i64> {
     write(conn, |c| {

@@ -223,20 +223,13 @@ impl Depot {
         }
         b.push_zeros(plan.map.nblocks - next);
         let map = b.finish();
-        let blob = format::encode_map(&map);
-        let map_digest = blake3::hash(&blob);
-        tx.execute(
-            "UPDATE images SET state = 'available', virtual_size = ?2, data_bytes = ?3,
-                    content_digest = ?4, map = ?5, map_digest = ?6
-             WHERE id = ?1",
-            params![
-                id.as_str(),
-                row.virtual_size as i64,
-                row.data_bytes as i64,
-                row.content_digest,
-                blob,
-                &map_digest.as_bytes()[..]
-            ],
+        catalog::set_available(
+            &tx,
+            &id,
+            row.virtual_size,
+            row.data_bytes,
+            row.content_digest.as_deref().unwrap_or_default(),
+            &map,
         )?;
         tx.commit()?;
         guard.armed = false;

@@ -309,7 +309,7 @@ impl Depot {
         let info = self.image(reference)?;
         self.image_for(reference, Op::Delete)?;
         let what = format!("image {} ({})", info.name, info.id);
-        if info.state == "importing" {
+        if info.state == "creating" {
             return Err(Error::ImageNotAvailable {
                 image: what,
                 state: info.state,
@@ -509,41 +509,32 @@ impl Depot {
             });
             next = p.and_then(|p| p.parent.map(|q| (q, p.parent_name)));
         }
+        let pairs = |sql: &str| -> Result<Vec<(String, String)>> {
+            let mut st = self.conn.prepare(sql)?;
+            let rows = st.query_map([row.id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        for (depot, id) in
+            pairs("SELECT depot, copy_id FROM image_copies WHERE image = ?1 ORDER BY copied_at")?
         {
-            let mut st = self.conn.prepare(
-                "SELECT depot, copy_id FROM image_copies WHERE image = ?1 ORDER BY copied_at",
-            )?;
-            let rows = st.query_map([row.id.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            for r in rows {
-                let (d, id) = r?;
-                out.push(HistoryEntry {
-                    relation: "copy".into(),
-                    id,
-                    name: String::new(),
-                    depot: d,
-                    exists: true,
-                });
-            }
+            out.push(HistoryEntry {
+                relation: "copy".into(),
+                id,
+                name: String::new(),
+                depot,
+                exists: true,
+            });
         }
-        {
-            let mut st = self
-                .conn
-                .prepare("SELECT id, name FROM images WHERE parent = ?1 AND copied_from = '' ORDER BY created_at")?;
-            let rows = st.query_map([row.id.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            for r in rows {
-                let (id, name) = r?;
-                out.push(HistoryEntry {
-                    relation: "child".into(),
-                    id,
-                    name,
-                    depot: String::new(),
-                    exists: true,
-                });
-            }
+        for (id, name) in pairs(
+            "SELECT id, name FROM images WHERE parent = ?1 AND copied_from = '' ORDER BY created_at",
+        )? {
+            out.push(HistoryEntry {
+                relation: "child".into(),
+                id,
+                name,
+                depot: String::new(),
+                exists: true,
+            });
         }
         Ok(out)
     }
@@ -575,11 +566,7 @@ impl Depot {
             } else {
                 r.kind
             },
-            state: if r.state == "available" && r.deprecated {
-                "deprecated".into()
-            } else {
-                r.state
-            },
+            state: shown_state(&r.state, r.deprecated),
             owner: r.owner,
             description: r.description,
             source_format: r.source_format,
@@ -665,6 +652,16 @@ fn held(p: &Path) -> bool {
     match Flock::lock(f, FlockArg::LockSharedNonblock) {
         Ok(_) => false,
         Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
+    }
+}
+
+/// The state users see (the cloud services' names): `creating` while the
+/// import or capture runs, `available`, or `deprecated`.
+pub(crate) fn shown_state(state: &str, deprecated: bool) -> String {
+    match state {
+        "importing" => "creating".into(),
+        "available" if deprecated => "deprecated".into(),
+        s => s.into(),
     }
 }
 

@@ -26,7 +26,7 @@ impl ImageId {
     }
 
     /// The id's 64 bits as an integer: how the catalog marks what this
-    /// image's running import owns (`chunks.pending`).
+    /// image's running import owns (`pending_chunks.import`).
     pub fn key(&self) -> i64 {
         u64::from_str_radix(&self.0[4..], 16).unwrap_or(0) as i64
     }

@@ -74,18 +74,7 @@ pub(crate) fn import(
     progress.end();
     let raw = raw?;
     let input = Input::plain(&raw.path, raw.size)?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match ingest(depot, &id, &input, progress) {
-            Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
-                tracing::info!(image = %id, "a concurrent gc collected reused chunks; starting over");
-                guard.drop_pending_packs()?;
-            }
-            Err(e) => return Err(e),
-            Ok(()) => break,
-        }
-    }
+    ingest_retrying(depot, &guard, &input, progress)?;
     guard.armed = false;
     drop(guard);
     drop(input);
@@ -117,21 +106,32 @@ pub(crate) fn import_input(
         armed: true,
     };
     insert_importing_row(depot, &id, opts, format_name)?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match ingest(depot, &id, input, progress) {
-            Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
-                guard.drop_pending_packs()?;
-            }
-            Err(e) => return Err(e),
-            Ok(()) => break,
-        }
-    }
+    ingest_retrying(depot, &guard, input, progress)?;
     guard.armed = false;
     drop(guard);
     let _ = std::fs::remove_file(depot.lock_path(&id));
     Ok(id)
+}
+
+/// [`ingest`], started over (a few times) when a concurrent gc collected
+/// chunks it reused.
+fn ingest_retrying(
+    depot: &Depot,
+    guard: &Cleanup<'_>,
+    input: &Input,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ingest(depot, guard.id, input, progress) {
+            Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
+                tracing::info!(image = %guard.id, "a concurrent gc collected reused chunks; starting over");
+                guard.drop_pending_packs()?;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// What an import reads: a raw file, or a raw base with the ranges a qcow2
@@ -1134,20 +1134,13 @@ fn commit(
     }
     let map = b.finish();
     debug_assert_eq!(map.nblocks, format::blocks_for(size));
-    let blob = format::encode_map(&map);
-    let map_digest = blake3::hash(&blob);
-    tx.execute(
-        "UPDATE images SET state = 'available', virtual_size = ?2, data_bytes = ?3,
-                content_digest = ?4, map = ?5, map_digest = ?6
-         WHERE id = ?1",
-        params![
-            id.as_str(),
-            size as i64,
-            (data_blocks * CHUNK) as i64,
-            hex(digest.as_bytes()),
-            blob,
-            &map_digest.as_bytes()[..]
-        ],
+    catalog::set_available(
+        &tx,
+        id,
+        size,
+        data_blocks * CHUNK,
+        &hex(digest.as_bytes()),
+        &map,
     )?;
     {
         // By id ranges: one pass, no set of row ids in memory.

@@ -324,7 +324,7 @@ fn bad_launches_are_refused_and_leave_nothing() {
         let o = t.run(&["instance", "run", "busy", "--name", "early"]);
         if !o.status.success() {
             let err = String::from_utf8_lossy(&o.stderr);
-            if err.contains("importing") {
+            if err.contains("is creating, not available") {
                 saw = true;
                 break;
             }

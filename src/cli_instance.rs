@@ -167,7 +167,14 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             }
             if foreground {
                 let id = launched.instances[0].id().to_owned();
-                return foreground_run(depot, &id);
+                return run_foreground(|| {
+                    let started = depot.start_foreground(&id);
+                    if started.is_err() {
+                        // `run` leaves nothing behind when the VM does not start.
+                        let _ = depot.delete_instance(&id, true);
+                    }
+                    started
+                });
             }
             let infos: Vec<&InstanceInfo> = launched.instances.iter().map(|i| i.info()).collect();
             if json {
@@ -224,7 +231,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             foreground,
         } => {
             if foreground {
-                return foreground_run(depot, &instance);
+                return run_foreground(|| depot.start_foreground(&instance));
             }
             let (i, notice) = depot.start_instance(&instance)?;
             if let Some(n) = notice {
@@ -326,16 +333,19 @@ fn copy_from(path: &PathBuf, pos: u64, out: &mut impl Write) -> anyhow::Result<u
     Ok(std::io::copy(&mut f, out)?)
 }
 
-/// Runs the instance with QEMU as our child: READY=1 to systemd once QEMU
-/// is up; SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
+/// Waits for a QEMU started as our child: READY=1 to systemd (QEMU is up); SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
 /// if it still runs STOP_TIMEOUT later. Exits with QEMU's code.
-fn foreground_run(depot: &Depot, reference: &str) -> anyhow::Result<i32> {
+fn run_foreground(
+    start: impl FnOnce() -> vmdepot::Result<(vmdepot::Foreground, Option<String>)>,
+) -> anyhow::Result<i32> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let (fg, notice) = depot.start_foreground(reference)?;
+    // Registered before QEMU starts: a SIGTERM meanwhile waits in `signals`
+    // and powers the guest off as soon as it runs (QEMU is never orphaned).
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let (fg, notice) = start()?;
     if let Some(n) = notice {
         eprintln!("vmdepot: {n}");
     }
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let qmp = fg.qmp_socket().to_owned();
     let pid = fg.pid() as i32;
     std::thread::spawn(move || {
@@ -354,7 +364,10 @@ fn foreground_run(depot: &Depot, reference: &str) -> anyhow::Result<i32> {
             );
         }
     });
-    vmdepot::qemu::sd_notify_ready()?;
+    // QEMU runs now: a failing notification must not orphan it.
+    if let Err(e) = vmdepot::qemu::sd_notify_ready() {
+        eprintln!("vmdepot: could not notify systemd: {e}");
+    }
     eprintln!("vmdepot: instance {} running (QEMU pid {pid})", fg.id());
     Ok(fg.wait()?)
 }

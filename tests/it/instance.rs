@@ -276,6 +276,19 @@ fn bad_launches_are_refused_and_leave_nothing() {
     ]);
     assert!(err.contains("memory"), "{err}");
     check_unchanged("memory");
+    // the same in the foreground (systemd's way): nothing is left either
+    let (_, err) = t.fails(&[
+        "instance",
+        "run",
+        "tiny",
+        "--name",
+        "mf",
+        "--memory",
+        "100000000G",
+        "--foreground",
+    ]);
+    assert!(err.contains("memory"), "{err}");
+    check_unchanged("memory, foreground");
     let (_, err) = t.fails(&["instance", "run", "tiny", "--name", "m", "--memory", "lots"]);
     assert!(err.contains("memory size"), "{err}");
     // a host port already in use

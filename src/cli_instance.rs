@@ -162,7 +162,8 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
                 .collect::<Result<_, _>>()?;
             opts.no_start = foreground;
             let launched = depot.launch(&opts, progress)?;
-            if let Some(n) = &launched.notice {
+            // (in the foreground the start says it again)
+            if let Some(n) = launched.notice.as_ref().filter(|_| !foreground) {
                 eprintln!("vmdepot: {n}");
             }
             if foreground {

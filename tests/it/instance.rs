@@ -286,6 +286,8 @@ fn bad_launches_are_refused_and_leave_nothing() {
         "--memory",
         "100000000G",
         "--foreground",
+        "--accel",
+        "tcg",
     ]);
     assert!(err.contains("memory"), "{err}");
     check_unchanged("memory, foreground");

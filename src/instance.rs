@@ -289,6 +289,27 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// A hostname the guest can take (RFC 1123 labels); it goes into the
+/// seed's meta-data as is.
+fn check_hostname(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "bad --hostname {h:?}: use letters, digits and '-' in dot-separated labels of 1-63"
+        )))
+    }
+}
+
 /// A hostname from a name: lowercase letters, digits and '-'.
 fn hostname_from(name: &str) -> String {
     let h: String = name
@@ -352,6 +373,9 @@ impl Depot {
         };
         for n in &names {
             check_name(n)?;
+        }
+        if let Some(h) = &opts.hostname {
+            check_hostname(h)?;
         }
         let (accel, notice) = qemu::choose_accel(&qemu_bin, opts.accel, self.root())?;
         for d in ["instances", "bases"] {
@@ -1245,5 +1269,9 @@ mod tests {
         assert!(check_name(&"x".repeat(64)).is_err());
         assert_eq!(hostname_from("Web_Server.1"), "web-server-1");
         assert_eq!(hostname_from("__"), "vmdepot");
+        assert!(check_hostname("web-1.example").is_ok());
+        for bad in ["", "a b", "-a", "a-", "a..b", "x\ninstance-id: evil"] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
     }
 }

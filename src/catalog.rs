@@ -436,6 +436,19 @@ pub fn begin_write(conn: &Connection) -> rusqlite::Result<rusqlite::Transaction<
 /// How long a writer waits for others.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Replaces the map of an available image by one of the same content (gc
+/// merging chunks of equal hash); in the caller's write transaction.
+/// Returns whether the image was still there.
+pub fn replace_map(tx: &Connection, id: &ImageId, map: &crate::format::BlockMap) -> Result<bool> {
+    let blob = crate::format::encode_map(map);
+    let map_digest = blake3::hash(&blob);
+    let n = tx.execute(
+        "UPDATE images SET map = ?2, map_digest = ?3 WHERE id = ?1 AND state = 'available'",
+        params![id.as_str(), blob, &map_digest.as_bytes()[..]],
+    )?;
+    Ok(n == 1)
+}
+
 /// Makes an image available with its content (in the caller's write
 /// transaction): size, data bytes, digest, map and the map's digest.
 pub fn set_available(

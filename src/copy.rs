@@ -22,7 +22,7 @@ use crate::access::Op;
 use crate::catalog;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
+use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 use crate::import::{insert_importing_row, Cleanup};
 use crate::progress::Progress;
@@ -214,15 +214,7 @@ impl Depot {
                 }
             };
         }
-        let mut b = format::MapBuilder::default();
-        let mut next = 0u64;
-        for (blk, c) in plan.map.data() {
-            b.push_zeros(blk - next);
-            b.push(ids[&c]);
-            next = blk + 1;
-        }
-        b.push_zeros(plan.map.nblocks - next);
-        let map = b.finish();
+        let map = plan.map.map_ids(|c| ids[&c]);
         catalog::set_available(
             &tx,
             &id,

@@ -149,6 +149,23 @@ impl BlockMap {
         self.runs.get(i).is_some_and(|r| r.start < last)
     }
 
+    /// The same map with every chunk id replaced by `f(id)` (another
+    /// depot's ids for the same content, or one chunk for two with the same
+    /// hash). `f` must not return [`ZERO_BLOCK`].
+    pub fn map_ids(&self, mut f: impl FnMut(ChunkId) -> ChunkId) -> BlockMap {
+        BlockMap {
+            nblocks: self.nblocks,
+            runs: self
+                .runs
+                .iter()
+                .map(|r| Run {
+                    start: r.start,
+                    ids: r.ids.iter().map(|&c| f(c)).collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// `(block, chunk id)` of every stored block, in order.
     pub fn data(&self) -> impl Iterator<Item = (u64, ChunkId)> + '_ {
         self.runs.iter().flat_map(|r| {

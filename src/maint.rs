@@ -42,6 +42,9 @@ pub struct GcReport {
     pub dry_run: bool,
     pub abandoned_imports: u64,
     pub chunks_removed: u64,
+    /// Chunks that held the same content as another (two imports running
+    /// at once each stored it): images now use one, the other is removed.
+    pub chunks_merged: u64,
     pub frames_removed: u64,
     pub packs_removed: u64,
     /// Packs less than half live whose live frames were copied to new packs.
@@ -314,6 +317,18 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
             }
         }
     }
+    // Images that named a duplicate now name the chunk kept (same content,
+    // so the same digest); the duplicates are candidates like any other.
+    for img in &marked.remap {
+        let map = catalog::image_map(&tx, img)?;
+        let map = map.map_ids(|c| marked.dups.get(&c).copied().unwrap_or(c));
+        catalog::replace_map(&tx, img, &map)?;
+    }
+    rep.chunks_merged = marked
+        .candidates
+        .iter()
+        .filter(|(id, _)| marked.dups.contains_key(id) && !rescued.contains(*id))
+        .count() as u64;
     let mut dead_in_frame: HashMap<i64, u32> = HashMap::new();
     {
         let mut del = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
@@ -470,16 +485,32 @@ struct Marked {
     candidates: Vec<(i64, i64)>,
     /// Chunks per frame, for frames with a candidate.
     frame_chunks: HashMap<i64, u32>,
+    /// Duplicate chunk -> the chunk of the same content that is kept.
+    dups: HashMap<i64, i64>,
+    /// Images whose maps name a duplicate (rewritten by the sweep).
+    remap: Vec<ImageId>,
 }
 
 fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
     let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+    let dups = duplicate_chunks(tx)?;
     let mut keep = IdSet::new(max_id);
     let mut images = HashSet::new();
+    let mut remap = Vec::new();
     for r in catalog::list_images(tx)? {
         if r.state == "available" {
+            let mut uses_dup = false;
             for (_, c) in catalog::image_map(tx, &r.id)?.data() {
-                keep.insert(c);
+                match dups.get(&c) {
+                    Some(&kept) => {
+                        keep.insert(kept);
+                        uses_dup = true;
+                    }
+                    None => keep.insert(c),
+                }
+            }
+            if uses_dup {
+                remap.push(r.id.clone());
             }
             images.insert(r.id);
         }
@@ -514,7 +545,40 @@ fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
         max_id,
         candidates,
         frame_chunks,
+        dups,
+        remap,
     })
+}
+
+/// Committed chunks whose content another committed chunk holds too:
+/// duplicate id -> the (lowest) id kept. Found through the `hkey` index.
+fn duplicate_chunks(tx: &rusqlite::Transaction<'_>) -> Result<HashMap<i64, i64>> {
+    let mut out = HashMap::new();
+    let keys: Vec<i64> = {
+        let mut st = tx.prepare("SELECT hkey FROM chunks GROUP BY hkey HAVING COUNT(*) > 1")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut st = tx.prepare(
+        "SELECT c.id, c.hash FROM chunks c WHERE c.hkey = ?1
+         AND NOT EXISTS (SELECT 1 FROM pending_chunks p WHERE p.id = c.id) ORDER BY c.id",
+    )?;
+    for k in keys {
+        let mut first: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut rows = st.query([k])?;
+        while let Some(r) = rows.next()? {
+            let (id, hash): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
+            match first.get(&hash) {
+                Some(&kept) => {
+                    out.insert(id, kept);
+                }
+                None => {
+                    first.insert(hash, id);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Copies the live frames of `packs` into new packs (compressed bytes as

@@ -844,3 +844,42 @@ fn content_repeated_after_a_catalog_batch_is_stored_once() {
     assert_eq!(s["chunks"], (384u64 << 20) / 4096, "{s}");
     t.ok(&["image", "verify", "rep", "-q"]);
 }
+
+#[test]
+fn concurrent_imports_of_the_same_content_are_merged_by_gc() {
+    // Two imports of one file at once: neither sees the other's chunks
+    // before they commit, so both may store them; gc then keeps one of each.
+    let t = T::new();
+    let src = slow_source(&t);
+    let a = t.spawn_import(&src, "one");
+    let b = t.spawn_import(&src, "two");
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+    let before = t.stats();
+    let r = t.json(&["gc", "--json"]);
+    let s = t.stats();
+    let unique = (384u64 << 20) / 4096;
+    assert_eq!(s["chunks"], unique, "after gc: {s}");
+    assert_eq!(
+        r["chunks_merged"].as_u64().unwrap(),
+        before["chunks"].as_u64().unwrap() - unique
+    );
+    // Whole dead packs are gone and mostly dead ones repacked; packs at
+    // least half live keep their dead frames (gc's repack policy).
+    let (b0, b1) = (
+        before["stored_bytes"].as_u64().unwrap(),
+        s["stored_bytes"].as_u64().unwrap(),
+    );
+    if r["chunks_merged"].as_u64().unwrap() > unique / 4 {
+        assert!(b1 < b0 * 9 / 10, "{b0} -> {b1}");
+    }
+    assert!(b1 <= 2 * (384u64 << 20) + (1 << 20), "{s}");
+    t.ok(&["image", "verify", "-q"]);
+    let one = t.json(&["image", "show", "one", "--json"]);
+    let two = t.json(&["image", "show", "two", "--json"]);
+    assert_eq!(one["content_digest"], two["content_digest"]);
+    let out = t.path("out.raw");
+    t.ok(&["image", "export", "two", out.to_str().unwrap(), "-q"]);
+    assert!(same_content(&src, &out));
+    t.assert_fsck_clean();
+}

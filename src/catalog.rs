@@ -165,6 +165,16 @@ DROP INDEX images_by_name;
 CREATE UNIQUE INDEX images_by_owner_name ON images(owner, name);
 CREATE INDEX images_by_name ON images(name);
 "#,
+    // v5: chunks that an unfinished copy into this depot brought (kept by
+    // gc for a grace period, so that a killed copy resumes).
+    r#"
+CREATE TABLE copy_chunks (
+    id   INTEGER PRIMARY KEY,                   -- chunks.id
+    job  TEXT NOT NULL,                         -- "<source depot> <source img-id>"
+    at   INTEGER NOT NULL                       -- unix seconds
+);
+CREATE INDEX copy_chunks_by_job ON copy_chunks(job);
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {

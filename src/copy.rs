@@ -6,9 +6,10 @@
 //!
 //! **Resumable**: what arrives is stored in sealed packs and entered as
 //! committed chunks batch by batch, so a copy killed at any point leaves
-//! them in the target and the next copy does not send them again (unless a
-//! `gc` in the target collected them in between: they belong to no image
-//! yet). The image itself becomes visible in the target only at the end,
+//! them in the target and the next copy does not send them again. They
+//! belong to no image yet: `copy_chunks` names them, and gc keeps them for
+//! [`crate::maint::COPY_GRACE_SECS`] (then a copy never resumed is
+//! collected). The image itself becomes visible in the target only at the end,
 //! in one transaction, like an import.
 
 use std::collections::{HashMap, HashSet};
@@ -98,10 +99,13 @@ impl Depot {
             armed: true,
         };
         insert_importing_row(&dst, &id, &opts, &row.source_format)?;
-        dst.conn.execute(
-            "UPDATE images SET copied_from = ?2 WHERE id = ?1",
-            params![id.as_str(), format!("{} {}", self.root().display(), row.id)],
-        )?;
+        catalog::write(&dst.conn, |tx| {
+            tx.execute(
+                "UPDATE images SET copied_from = ?2 WHERE id = ?1",
+                params![id.as_str(), format!("{} {}", self.root().display(), row.id)],
+            )?;
+            Ok(())
+        })?;
 
         // Send what is missing, frame by frame of the source.
         let missing: Vec<ChunkId> = order
@@ -130,7 +134,8 @@ impl Depot {
         }
         progress.begin("copy", missing.len() as u64 * CHUNK);
         let mut readers: HashMap<i64, Arc<PackReader>> = HashMap::new();
-        let mut out = Outgoing::new(&dst, &id);
+        let job = format!("{} {}", self.root().display(), row.id);
+        let mut out = Outgoing::new(&dst, &id, &job);
         let mut rep = CopyReport {
             image: self.image(row.id.as_str())?,
             chunks: order.len() as u64,
@@ -215,6 +220,8 @@ impl Depot {
             };
         }
         let map = plan.map.map_ids(|c| ids[&c]);
+        // The image holds them now; gc needs no reminder.
+        tx.execute("DELETE FROM copy_chunks WHERE job = ?1", [&job])?;
         catalog::set_available(
             &tx,
             &id,
@@ -266,15 +273,17 @@ impl FrameAcc {
 struct Outgoing<'a> {
     depot: &'a Depot,
     id: &'a ImageId,
+    job: &'a str,
     pack: Option<(i64, PackWriter)>,
     frames: Vec<(u64, u64, Vec<ChunkHash>)>,
 }
 
 impl<'a> Outgoing<'a> {
-    fn new(depot: &'a Depot, id: &'a ImageId) -> Outgoing<'a> {
+    fn new(depot: &'a Depot, id: &'a ImageId, job: &'a str) -> Outgoing<'a> {
         Outgoing {
             depot,
             id,
+            job,
             pack: None,
             frames: Vec::new(),
         }
@@ -312,6 +321,10 @@ impl<'a> Outgoing<'a> {
             let mut ch = tx.prepare_cached(
                 "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut mine = tx.prepare_cached(
+                "INSERT OR REPLACE INTO copy_chunks (id, job, at) VALUES (?1, ?2, ?3)",
+            )?;
+            let now = catalog::now();
             for (off, clen, hashes) in &frames {
                 fr.execute(params![pid, *off as i64, *clen as i64, hashes.len() as i64])?;
                 let fid = tx.last_insert_rowid();
@@ -320,6 +333,7 @@ impl<'a> Outgoing<'a> {
                         continue; // a slot this copy does not need, or already there
                     }
                     ch.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
+                    mine.execute(params![tx.last_insert_rowid(), self.job, now])?;
                 }
             }
             tx.execute(

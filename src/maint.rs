@@ -367,6 +367,10 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     )?;
     rep.packs_removed = dead_packs.len() as u64;
     // Remembered input files whose image is gone.
+    tx.execute(
+        "DELETE FROM copy_chunks WHERE id NOT IN (SELECT id FROM chunks) OR at <= ?1",
+        [catalog::now() - COPY_GRACE_SECS],
+    )?;
     for t in ["source_files", "image_tags", "image_shares"] {
         tx.execute(
             &format!("DELETE FROM {t} WHERE image NOT IN (SELECT id FROM images)"),
@@ -454,6 +458,10 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     Ok(rep)
 }
 
+/// How long gc keeps the chunks of a copy that did not finish (so that it
+/// can resume without sending them again): 7 days.
+pub const COPY_GRACE_SECS: i64 = 7 * 24 * 3600;
+
 /// A set of chunk ids up to a maximum, one bit each.
 struct IdSet(Vec<u64>);
 
@@ -515,10 +523,13 @@ fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
             images.insert(r.id);
         }
     }
-    // Chunks pending for a running import are its own business.
+    // Chunks pending for a running import are its own business; those an
+    // unfinished copy brought wait for it to resume (for a while).
     {
-        let mut st = tx.prepare("SELECT id FROM pending_chunks")?;
-        let mut rows = st.query([])?;
+        let mut st = tx.prepare(
+            "SELECT id FROM pending_chunks UNION ALL SELECT id FROM copy_chunks WHERE at > ?1",
+        )?;
+        let mut rows = st.query([catalog::now() - COPY_GRACE_SECS])?;
         while let Some(r) = rows.next()? {
             keep.insert(r.get(0)?);
         }

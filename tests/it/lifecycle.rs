@@ -436,6 +436,12 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
     // no half image is visible in the target
     let l = in_region(&["image", "list", "--json"]);
     assert!(l.as_array().unwrap().is_empty(), "{l}");
+    // a gc there meanwhile keeps what arrived (the copy may resume)
+    let g = in_region(&["gc", "--json"]);
+    assert_eq!(g["chunks_removed"], 0, "{g}");
+    assert_eq!(g["abandoned_imports"], 1, "{g}");
+    let fsck = in_region(&["fsck", "--json"]);
+    assert_eq!(fsck["problems"], Value::Array(vec![]), "{fsck}");
     let rep = t.json(&["image", "copy", "big", "--to-depot", r, "--json", "-q"]);
     let (chunks, present, sent) = (
         rep["chunks"].as_u64().unwrap(),

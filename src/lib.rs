@@ -3,7 +3,11 @@
 //! The library is the product; the `vmdepot` binary is a thin shell over it.
 //! The main type is [`Depot`]: open a directory, then [`Depot::import`],
 //! [`Depot::export`], [`Depot::verify`], [`Depot::gc`], [`Depot::fsck`] and
-//! [`Depot::stats`]. The library never prints: long operations report through
+//! [`Depot::stats`]; instances with [`Depot::launch`] (an [`Instance`] handle
+//! waits for serial output and, if ephemeral, dies with its QEMU); the image
+//! lifecycle with [`Depot::capture`], [`Depot::backup_instance`],
+//! [`Depot::restore_instance`], [`Depot::copy_image`] and sharing, under the
+//! rules of [`access`]. The library never prints: long operations report through
 //! the [`Progress`] trait, and every failure is an [`Error`] that names the
 //! image, file or offset involved.
 //!
@@ -40,7 +44,8 @@
 //!
 //! Module direction (nothing points backwards): `format` (no I/O) → `digest`
 //! → `store` (pack files) → `catalog` (SQLite) → `source` / `import` /
-//! `export` / `maint` (image operations) → `depot` (the public face) → CLI.
+//! `export` / `maint` (image operations) → `depot` + `access` (the public
+//! face) → `qemu`, `seed` → `instance` → `lifecycle`, `copy` → CLI.
 #![deny(unsafe_code)]
 
 pub mod access;

@@ -197,6 +197,13 @@ impl Depot {
         {
             let p = Paths::new(self.root(), &r.id);
             let _lock = instance::flock(&p.lock(), FlockArg::LockExclusive)?;
+            if self.fresh_row(&r.id)?.state == "running" {
+                return Err(Error::Invalid(format!(
+                    "instance {} ({}) was started again meanwhile: its disk is in use; \
+                     stop it and restore again",
+                    r.name, r.id
+                )));
+            }
             let disk = p.disk(r.disk);
             let fresh = p.dir.join(format!(
                 "{}.restore",

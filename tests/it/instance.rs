@@ -19,7 +19,7 @@ fn instance_dirs(t: &T) -> Vec<PathBuf> {
     }
 }
 
-fn no_tcg_kvm() -> bool {
+fn no_kvm_cpu() -> bool {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     !cpu.split_whitespace().any(|f| f == "vmx" || f == "svm")
 }
@@ -46,7 +46,7 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    if no_tcg_kvm() {
+    if no_kvm_cpu() {
         // the one-line notice of the fallback
         assert!(err.contains("using TCG"), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -350,7 +350,7 @@ fn bad_launches_are_refused_and_leave_nothing() {
     assert!(saw, "never saw the importing image refused");
     check_unchanged("importing image");
     // forced KVM where KVM cannot run guests: a clear error, no hang
-    if no_tcg_kvm() {
+    if no_kvm_cpu() {
         let (_, err) = t.fails(&["instance", "run", "tiny", "--name", "k", "--accel", "kvm"]);
         assert!(err.contains("KVM"), "{err}");
         check_unchanged("kvm");

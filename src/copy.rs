@@ -25,7 +25,7 @@ use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
-use crate::import::{insert_importing_row, Cleanup};
+use crate::import::create_image;
 use crate::progress::Progress;
 use crate::store::{self, pack_path, PackReader, PackWriter};
 
@@ -73,18 +73,6 @@ impl Depot {
             .map(|(_, c)| c)
             .filter(|c| seen.insert(*c))
             .collect();
-        let id = ImageId::generate();
-        let present: HashSet<ChunkId> = {
-            let tx = dst.conn.unchecked_transaction()?;
-            let mut p = HashSet::new();
-            for &c in &order {
-                if catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, &id)?.is_some() {
-                    p.insert(c);
-                }
-            }
-            tx.finish()?;
-            p
-        };
         let mut opts = ImportOptions::new(name.unwrap_or(&row.name));
         opts.kind = ImageType::parse(&row.kind)?;
         opts.description = row.description.clone();
@@ -92,13 +80,47 @@ impl Depot {
         opts.application = row.application.clone();
         opts.app_version = row.app_version.clone();
         opts.parent = Some((row.id.to_string(), row.name.clone()));
-        let _lock = dst.lock_import(&id)?;
-        let mut guard = Cleanup {
-            depot: &dst,
-            id: &id,
-            armed: true,
+        let mut report = None;
+        let id = create_image(&dst, &opts, &row.source_format, |guard| {
+            report = Some(self.send(&dst, &row, &plan, &order, guard.id, progress)?);
+            Ok(())
+        })?;
+        let mut rep = report.expect("set by a successful copy");
+        catalog::write(&self.conn, |tx| {
+            tx.execute(
+                "INSERT INTO image_copies (image, depot, copy_id, copied_at) VALUES (?1, ?2, ?3, ?4)",
+                params![row.id.as_str(), dst.root().display().to_string(), id.as_str(), catalog::now()],
+            )?;
+            Ok(())
+        })?;
+        // The digest is the source's, as recorded: every chunk sent was
+        // checked against its hash, and materialisation checks the digest.
+        rep.image = dst.image(id.as_str())?;
+        Ok(rep)
+    }
+
+    /// Sends what the target lacks and makes the new image `id` available
+    /// there (one transaction); the caller's guard undoes a failure.
+    fn send(
+        &self,
+        dst: &Depot,
+        row: &catalog::ImageRow,
+        plan: &crate::export::Plan,
+        order: &[ChunkId],
+        id: &ImageId,
+        progress: &dyn Progress,
+    ) -> Result<CopyReport> {
+        let present: HashSet<ChunkId> = {
+            let tx = dst.conn.unchecked_transaction()?;
+            let mut p = HashSet::new();
+            for &c in order {
+                if catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)?.is_some() {
+                    p.insert(c);
+                }
+            }
+            tx.finish()?;
+            p
         };
-        insert_importing_row(&dst, &id, &opts, &row.source_format)?;
         catalog::write(&dst.conn, |tx| {
             tx.execute(
                 "UPDATE images SET copied_from = ?2 WHERE id = ?1",
@@ -113,7 +135,6 @@ impl Depot {
             .copied()
             .filter(|c| !present.contains(c))
             .collect();
-        let needed: HashSet<ChunkId> = missing.iter().copied().collect();
         let mut by_frame: Vec<(i64, Vec<ChunkId>)> = Vec::new();
         {
             let mut idx: HashMap<i64, usize> = HashMap::new();
@@ -126,16 +147,10 @@ impl Depot {
                 by_frame[i].1.push(c);
             }
         }
-        // A frame's slots that this image uses (to know whether every chunk
-        // of it is needed).
-        let mut slots_used: HashMap<i64, usize> = HashMap::new();
-        for &c in &order {
-            *slots_used.entry(plan.chunks[&c].frame).or_default() += 1;
-        }
         progress.begin("copy", missing.len() as u64 * CHUNK);
         let mut readers: HashMap<i64, Arc<PackReader>> = HashMap::new();
         let job = format!("{} {}", self.root().display(), row.id);
-        let mut out = Outgoing::new(&dst, &id, &job);
+        let mut out = Outgoing::new(dst, id, &job);
         let mut rep = CopyReport {
             image: self.image(row.id.as_str())?,
             chunks: order.len() as u64,
@@ -174,9 +189,9 @@ impl Depot {
                     });
                 }
             }
-            let whole = chunks.len() == f.nchunks as usize
-                && slots_used.get(frame) == Some(&(f.nchunks as usize))
-                && chunks.iter().all(|c| needed.contains(c));
+            // Every slot of the frame is a chunk this image needs and the
+            // target lacks (`chunks` are distinct): send the frame as it is.
+            let whole = chunks.len() == f.nchunks as usize;
             if whole {
                 let mut hashes = vec![ChunkHash([0; 32]); f.nchunks as usize];
                 for &c in chunks {
@@ -208,42 +223,29 @@ impl Depot {
         // The image, in one transaction, if every chunk is there.
         let tx = catalog::begin_write(&dst.conn)?;
         let mut ids: HashMap<ChunkId, ChunkId> = HashMap::with_capacity(order.len());
-        for &c in &order {
-            match catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, &id)? {
-                Some(t) => ids.insert(c, t),
-                None => {
-                    return Err(Error::Invalid(format!(
-                        "copy of {who}: a chunk vanished from {} meanwhile (a gc there?): run the copy again",
-                        dst.root().display()
-                    )))
-                }
-            };
+        for &c in order {
+            match catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)? {
+            Some(t) => ids.insert(c, t),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "copy of {who}: a chunk vanished from {} meanwhile (a gc there?): run the copy again",
+                    dst.root().display()
+                )))
+            }
+        };
         }
         let map = plan.map.map_ids(|c| ids[&c]);
         // The image holds them now; gc needs no reminder.
         tx.execute("DELETE FROM copy_chunks WHERE job = ?1", [&job])?;
         catalog::set_available(
             &tx,
-            &id,
+            id,
             row.virtual_size,
             row.data_bytes,
             row.content_digest.as_deref().unwrap_or_default(),
             &map,
         )?;
         tx.commit()?;
-        guard.armed = false;
-        drop(guard);
-        let _ = std::fs::remove_file(dst.lock_path(&id));
-        catalog::write(&self.conn, |tx| {
-            tx.execute(
-                "INSERT INTO image_copies (image, depot, copy_id, copied_at) VALUES (?1, ?2, ?3, ?4)",
-                params![row.id.as_str(), dst.root().display().to_string(), id.as_str(), catalog::now()],
-            )?;
-            Ok(())
-        })?;
-        // The digest is the source's, as recorded: every chunk sent was
-        // checked against its hash, and materialisation checks the digest.
-        rep.image = dst.image(id.as_str())?;
         Ok(rep)
     }
 }

@@ -52,38 +52,23 @@ pub(crate) fn import(
     check_name(&opts.name)?;
     // Everything about the input is checked before the catalog changes.
     let ins = source::inspect(file, opts.format)?;
-    let id = ImageId::generate();
-    let _lock = depot.lock_import(&id)?;
-    let mut guard = Cleanup {
-        depot,
-        id: &id,
-        armed: true,
-    };
-    insert_importing_row(depot, &id, opts, ins.format.name())?;
     let before = FileIdent::of(file);
-    if let Some(f) = before.as_ref().filter(|_| !opts.reread) {
-        if reuse_unchanged(depot, &id, f)? {
-            guard.armed = false;
-            drop(guard);
-            let _ = std::fs::remove_file(depot.lock_path(&id));
-            return Ok(id);
+    let id = create_image(depot, opts, ins.format.name(), |guard| {
+        if let Some(f) = before.as_ref().filter(|_| !opts.reread) {
+            if reuse_unchanged(depot, guard.id, f)? {
+                return Ok(());
+            }
         }
-    }
-    progress.begin("convert", 0);
-    let raw = RawSource::prepare(&ins, &depot.tmp_path(&id));
-    progress.end();
-    let raw = raw?;
-    let input = Input::plain(&raw.path, raw.size)?;
-    ingest_retrying(depot, &guard, &input, progress)?;
-    guard.armed = false;
-    drop(guard);
-    drop(input);
-    drop(raw);
+        progress.begin("convert", 0);
+        let raw = RawSource::prepare(&ins, &depot.tmp_path(guard.id));
+        progress.end();
+        let raw = raw?;
+        ingest_retrying(depot, guard, &Input::plain(&raw.path, raw.size)?, progress)
+    })?;
     // Remember the file only if it did not change while it was read.
     if let Some(f) = before.filter(|b| FileIdent::of(file).as_ref() == Some(b)) {
         f.remember(depot, &id)?;
     }
-    let _ = std::fs::remove_file(depot.lock_path(&id));
     Ok(id)
 }
 
@@ -97,6 +82,20 @@ pub(crate) fn import_input(
     format_name: &str,
     progress: &dyn Progress,
 ) -> Result<ImageId> {
+    create_image(depot, opts, format_name, |guard| {
+        ingest_retrying(depot, guard, input, progress)
+    })
+}
+
+/// A new image: its row is entered as `importing` (hidden from others, and
+/// from gc while its lock is held), `fill` must make it available; if
+/// `fill` fails, the row and whatever it stored are removed.
+pub(crate) fn create_image(
+    depot: &Depot,
+    opts: &ImportOptions,
+    format_name: &str,
+    fill: impl FnOnce(&Cleanup<'_>) -> Result<()>,
+) -> Result<ImageId> {
     check_name(&opts.name)?;
     let id = ImageId::generate();
     let _lock = depot.lock_import(&id)?;
@@ -106,7 +105,7 @@ pub(crate) fn import_input(
         armed: true,
     };
     insert_importing_row(depot, &id, opts, format_name)?;
-    ingest_retrying(depot, &guard, input, progress)?;
+    fill(&guard)?;
     guard.armed = false;
     drop(guard);
     let _ = std::fs::remove_file(depot.lock_path(&id));

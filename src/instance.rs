@@ -563,21 +563,50 @@ impl Depot {
         if !dead_qemu && !dead_launch {
             return Ok(r);
         }
-        catalog::write(&self.conn, |tx| {
-            if dead_qemu {
-                tx.execute(
-                    "UPDATE instances SET state = 'stopped', pid = NULL WHERE id = ?1 AND state = 'running' AND pid IS ?2",
-                    params![r.id, r.pid],
-                )?;
-            } else {
+        if dead_qemu {
+            set_stopped(&self.conn, &r.id, r.pid)?;
+        } else {
+            catalog::write(&self.conn, |tx| {
                 tx.execute(
                     "UPDATE instances SET state = 'failed', error = 'its launch was interrupted' WHERE id = ?1 AND state = 'pending'",
                     [&r.id],
                 )?;
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
+        }
         self.row(&r.id)
+    }
+
+    /// Takes the instance's lock (waiting for another state change) and
+    /// reads its true state.
+    pub(crate) fn hold(&self, reference: &str) -> Result<Held> {
+        let id = self.row(reference)?.id;
+        let p = Paths::new(self.root(), &id);
+        let lock = flock(&p.lock(), FlockArg::LockExclusive)?;
+        let r = self.fresh_row(&id)?;
+        Ok(Held { r, p, _lock: lock })
+    }
+
+    /// What every start does first: hold the instance, refuse if it runs,
+    /// choose the accelerator, make sure its host ports are free.
+    fn prepare_start(&self, reference: &str) -> Result<Starting> {
+        let qemu_bin = qemu::qemu_binary()?;
+        let mut h = self.hold(reference)?;
+        if h.r.state == "running" {
+            return Err(Error::Invalid(format!(
+                "instance {} ({}) is already running",
+                h.r.name, h.r.id
+            )));
+        }
+        let (accel, notice) =
+            qemu::choose_accel(&qemu_bin, Accel::parse(&h.r.accel)?, self.root())?;
+        h.r = self.refresh_forwards(h.r)?;
+        Ok(Starting {
+            held: h,
+            qemu_bin,
+            accel,
+            notice,
+        })
     }
 
     fn info(&self, r: Row) -> InstanceInfo {
@@ -639,22 +668,11 @@ impl Depot {
 
     /// Starts a stopped (or failed) instance, detached.
     pub fn start_instance(&self, reference: &str) -> Result<(InstanceInfo, Option<String>)> {
-        let qemu_bin = qemu::qemu_binary()?;
-        let r = self.row(reference)?;
-        let p = Paths::new(self.root(), &r.id);
-        let _lock = flock(&p.lock(), FlockArg::LockExclusive)?;
-        let r = self.fresh_row(&r.id)?;
-        if r.state == "running" {
-            return Err(Error::Invalid(format!(
-                "instance {} ({}) is already running",
-                r.name, r.id
-            )));
-        }
-        let (accel, notice) = qemu::choose_accel(&qemu_bin, Accel::parse(&r.accel)?, self.root())?;
-        let r = self.refresh_forwards(r)?;
-        let child = spawn_detached(self.root(), &qemu_bin, &r, accel)?;
-        finish_start(self, &r, child, accel)?;
-        Ok((self.instance(&r.id)?, notice))
+        let s = self.prepare_start(reference)?;
+        let r = &s.held.r;
+        let child = spawn_detached(self.root(), &s.qemu_bin, r, s.accel)?;
+        finish_start(self, r, child, s.accel)?;
+        Ok((self.instance(&r.id)?, s.notice))
     }
 
     /// Re-picks a free host port for an automatic SSH forward whose port was
@@ -662,13 +680,13 @@ impl Depot {
     fn refresh_forwards(&self, mut r: Row) -> Result<Row> {
         let mut changed = false;
         for f in r.forwards.iter_mut() {
-            if f.check_free().is_err() {
-                if f.guest == 22 && Some(f.host) == r.ssh_port && f.addr == "127.0.0.1" {
+            let automatic = f.guest == 22 && Some(f.host) == r.ssh_port && f.addr == "127.0.0.1";
+            match f.check_free() {
+                Err(_) if automatic => {
                     f.host = qemu::free_port()?;
                     changed = true;
-                } else {
-                    f.check_free()?;
                 }
+                r => r?,
             }
         }
         if changed {
@@ -694,21 +712,12 @@ impl Depot {
         force: bool,
         timeout: Duration,
     ) -> Result<InstanceInfo> {
-        let r = self.row(reference)?;
-        let p = Paths::new(self.root(), &r.id);
-        let _lock = flock(&p.lock(), FlockArg::LockExclusive)?;
-        let r = self.fresh_row(&r.id)?;
+        let Held { r, p, .. } = &self.hold(reference)?;
         if r.state == "running" {
             if let Some(pid) = r.pid {
-                stop_qemu(&p, pid, &r.id, force, timeout);
+                stop_qemu(p, pid, &r.id, force, timeout);
             }
-            catalog::write(&self.conn, |tx| {
-                tx.execute(
-                    "UPDATE instances SET state = 'stopped', pid = NULL WHERE id = ?1",
-                    [&r.id],
-                )?;
-                Ok(())
-            })?;
+            set_stopped(&self.conn, &r.id, r.pid)?;
         }
         self.instance(&r.id)
     }
@@ -726,10 +735,7 @@ impl Depot {
     /// Deletes an instance: its disk, seed, sockets, logs and row. A running
     /// instance needs `force` (it is killed).
     pub fn delete_instance(&self, reference: &str, force: bool) -> Result<InstanceInfo> {
-        let r = self.row(reference)?;
-        let p = Paths::new(self.root(), &r.id);
-        let _lock = flock(&p.lock(), FlockArg::LockExclusive)?;
-        let r = self.fresh_row(&r.id)?;
+        let Held { r, p, .. } = &self.hold(reference)?;
         if r.state == "running" {
             if !force {
                 return Err(Error::Invalid(format!(
@@ -738,7 +744,7 @@ impl Depot {
                 )));
             }
             if let Some(pid) = r.pid {
-                stop_qemu(&p, pid, &r.id, true, Duration::ZERO);
+                stop_qemu(p, pid, &r.id, true, Duration::ZERO);
             }
         }
         let info = self.info(r.clone());
@@ -755,7 +761,6 @@ impl Depot {
     pub fn instance_unit(&self, reference: &str) -> Result<String> {
         let r = self.row(reference)?;
         let exe = std::env::current_exe().unwrap_or_else(|_| "vmdepot".into());
-        let root = fs::canonicalize(self.root()).unwrap_or_else(|_| self.root().to_owned());
         Ok(format!(
             "# vmdepot instance {name} ({id}), image {image_name} ({image})\n\
              [Unit]\n\
@@ -778,7 +783,7 @@ impl Depot {
             image = r.image,
             image_name = r.image_name,
             exe = exe.display(),
-            root = root.display(),
+            root = self.root().display(),
             account = r.owner,
             stop_secs = STOP_TIMEOUT.as_secs(),
             unit_stop = STOP_TIMEOUT.as_secs() + 15,
@@ -788,19 +793,12 @@ impl Depot {
     /// Starts a stopped instance with QEMU as a child of this process (for
     /// systemd units and `--foreground`).
     pub fn start_foreground(&self, reference: &str) -> Result<(Foreground, Option<String>)> {
-        let qemu_bin = qemu::qemu_binary()?;
-        let r = self.row(reference)?;
-        let p = Paths::new(self.root(), &r.id);
-        let lock = flock(&p.lock(), FlockArg::LockExclusive)?;
-        let r = self.fresh_row(&r.id)?;
-        if r.state == "running" {
-            return Err(Error::Invalid(format!(
-                "instance {} ({}) is already running",
-                r.name, r.id
-            )));
-        }
-        let (accel, notice) = qemu::choose_accel(&qemu_bin, Accel::parse(&r.accel)?, self.root())?;
-        let r = self.refresh_forwards(r)?;
+        let Starting {
+            held: Held { r, p, _lock },
+            qemu_bin,
+            accel,
+            notice,
+        } = self.prepare_start(reference)?;
         let cfg = vm_config(self.root(), &r, accel);
         clean_runtime_files(&cfg.files);
         // QEMU's messages go to a file: a pipe nobody reads would block a
@@ -832,14 +830,7 @@ impl Depot {
             self.set_failed(&r.id, &msg)?;
             return Err(start_error(&r, &msg));
         }
-        catalog::write(&self.conn, |tx| {
-            tx.execute(
-                "UPDATE instances SET state = 'running', pid = ?2, accel_used = ?3, error = '' WHERE id = ?1",
-                params![r.id, pid, accel.as_str()],
-            )?;
-            Ok(())
-        })?;
-        drop(lock);
+        set_running(&self.conn, &r.id, pid, accel)?;
         Ok((
             Foreground {
                 root: self.root().to_owned(),
@@ -882,6 +873,45 @@ impl Depot {
 
 /// How long `stop` waits for the guest to power off before killing QEMU.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An instance held for a change of state (see [`Depot::hold`]).
+pub(crate) struct Held {
+    pub(crate) r: Row,
+    pub(crate) p: Paths,
+    _lock: Flock<File>,
+}
+
+/// An instance ready to start (see `Depot::prepare_start`).
+struct Starting {
+    held: Held,
+    qemu_bin: PathBuf,
+    accel: Accel,
+    notice: Option<String>,
+}
+
+/// Records a QEMU that runs.
+fn set_running(conn: &rusqlite::Connection, id: &str, pid: i32, accel: Accel) -> Result<()> {
+    catalog::write(conn, |tx| {
+        tx.execute(
+            "UPDATE instances SET state = 'running', pid = ?2, accel_used = ?3, error = '' WHERE id = ?1",
+            params![id, pid, accel.as_str()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Records that the QEMU `pid` of a running instance is gone (a row that
+/// another start changed meanwhile is left alone).
+fn set_stopped(conn: &rusqlite::Connection, id: &str, pid: Option<i32>) -> Result<()> {
+    catalog::write(conn, |tx| {
+        tx.execute(
+            "UPDATE instances SET state = 'stopped', pid = NULL
+             WHERE id = ?1 AND state = 'running' AND pid IS ?2",
+            params![id, pid],
+        )?;
+        Ok(())
+    })
+}
 
 /// Removes the rows, directories of a launch that did not finish.
 struct LaunchGuard<'a> {
@@ -1015,13 +1045,7 @@ fn finish_start(depot: &Depot, r: &Row, child: std::process::Child, accel: Accel
         }
     };
     match result {
-        Ok(pid) => catalog::write(&depot.conn, |tx| {
-            tx.execute(
-                "UPDATE instances SET state = 'running', pid = ?2, accel_used = ?3, error = '' WHERE id = ?1",
-                params![r.id, pid, accel.as_str()],
-            )?;
-            Ok(())
-        }),
+        Ok(pid) => set_running(&depot.conn, &r.id, pid, accel),
         Err(msg) => {
             depot.set_failed(&r.id, &msg)?;
             Err(start_error(r, &msg))
@@ -1120,13 +1144,7 @@ impl Foreground {
     pub fn wait(mut self) -> Result<i32> {
         let st = self.child.wait().at(&self.qmp)?;
         let depot = Depot::open(&self.root)?;
-        catalog::write(&depot.conn, |tx| {
-            tx.execute(
-                "UPDATE instances SET state = 'stopped', pid = NULL WHERE id = ?1 AND pid IS ?2",
-                params![self.id, self.child.id() as i32],
-            )?;
-            Ok(())
-        })?;
+        set_stopped(&depot.conn, &self.id, Some(self.child.id() as i32))?;
         clean_runtime_files(&Paths::new(&self.root, &self.id).files());
         Ok(st.code().unwrap_or(1))
     }

@@ -17,7 +17,7 @@ use crate::catalog;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::import::{self, Input};
-use crate::instance::{self, DiskMode, InstanceInfo, Paths};
+use crate::instance::{self, DiskMode, InstanceInfo};
 use crate::progress::Progress;
 use crate::qemu::Qmp;
 
@@ -64,10 +64,7 @@ impl Depot {
         opts: &CaptureOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
-        let r = self.row(instance)?;
-        let p = Paths::new(self.root(), &r.id);
-        let _lock = instance::flock(&p.lock(), FlockArg::LockExclusive)?;
-        let r = self.fresh_row(&r.id)?;
+        let instance::Held { r, p, .. } = &self.hold(instance)?;
         // The parent: a shared image may only be launched, not captured over.
         let parent = match self.image_for(&r.image, Op::Capture) {
             Ok((row, _)) => Some(row),
@@ -195,9 +192,8 @@ impl Depot {
             self.stop_instance(&r.id, false, instance::STOP_TIMEOUT)?;
         }
         {
-            let p = Paths::new(self.root(), &r.id);
-            let _lock = instance::flock(&p.lock(), FlockArg::LockExclusive)?;
-            if self.fresh_row(&r.id)?.state == "running" {
+            let instance::Held { r: now, p, .. } = &self.hold(&r.id)?;
+            if now.state == "running" {
                 return Err(Error::Invalid(format!(
                     "instance {} ({}) was started again meanwhile: its disk is in use; \
                      stop it and restore again",

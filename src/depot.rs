@@ -306,8 +306,8 @@ impl Depot {
     /// unless `force`.
     #[instrument(skip_all, err(level = "debug"))]
     pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
-        let info = self.image(reference)?;
-        self.image_for(reference, Op::Delete)?;
+        let (row, access) = self.image_for(reference, Op::Delete)?;
+        let info = self.info_from_row(row, access, &maint::usage(self)?)?;
         let what = format!("image {} ({})", info.name, info.id);
         if info.state == "creating" {
             return Err(Error::ImageNotAvailable {

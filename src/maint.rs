@@ -177,7 +177,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
         Err(Error::NoSpace { .. }) => {
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
-            for n in pending_pack_names(depot, id)? {
+            for n in pending_pack_names(&depot.conn, Some(id.as_str()))? {
                 remove_if_exists(&pack_path(depot.root(), &n))?;
             }
             remove_if_exists(&depot.tmp_path(id))?;
@@ -197,12 +197,27 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
     Ok(())
 }
 
-fn pending_pack_names(depot: &Depot, id: &ImageId) -> Result<Vec<String>> {
-    let mut st = depot
-        .conn
-        .prepare("SELECT name FROM packs WHERE image = ?1 AND state = 'pending'")?;
-    let rows = st.query_map([id.as_str()], |r| r.get(0))?;
+/// Names of the pending packs of a writer: an import (its image id) or,
+/// for `None`, gc's repack.
+fn pending_pack_names(conn: &rusqlite::Connection, writer: Option<&str>) -> Result<Vec<String>> {
+    let mut st = conn.prepare("SELECT name FROM packs WHERE image IS ?1 AND state = 'pending'")?;
+    let rows = st.query_map([writer], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Removes a writer's pending packs and their frames (in the caller's
+/// write transaction); returns the names of the pack files to delete.
+fn drop_pending_packs(tx: &rusqlite::Connection, writer: Option<&str>) -> Result<Vec<String>> {
+    let names = pending_pack_names(tx, writer)?;
+    tx.execute(
+        "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image IS ?1 AND state = 'pending')",
+        [writer],
+    )?;
+    tx.execute(
+        "DELETE FROM packs WHERE image IS ?1 AND state = 'pending'",
+        [writer],
+    )?;
+    Ok(names)
 }
 
 /// One transaction: the import's pending chunks, frames and packs (and its
@@ -214,15 +229,7 @@ fn forget_import(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<Vec<St
             [id.key()],
         )?;
         tx.execute("DELETE FROM pending_chunks WHERE import = ?1", [id.key()])?;
-        tx.execute(
-            "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image = ?1 AND state = 'pending')",
-            [id.as_str()],
-        )?;
-        let names = pending_pack_names(depot, id)?;
-        tx.execute(
-            "DELETE FROM packs WHERE image = ?1 AND state = 'pending'",
-            [id.as_str()],
-        )?;
+        let names = drop_pending_packs(tx, Some(id.as_str()))?;
         if remove_row {
             tx.execute(
                 "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
@@ -670,23 +677,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
 
 /// Removes the pending packs of a gc that was killed while repacking.
 fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
-    let names: Vec<String> = catalog::write(&depot.conn, |tx| {
-        let names = {
-            let mut st =
-                tx.prepare("SELECT name FROM packs WHERE state = 'pending' AND image IS NULL")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<Vec<String>>>()?
-        };
-        tx.execute(
-            "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE state = 'pending' AND image IS NULL)",
-            [],
-        )?;
-        tx.execute(
-            "DELETE FROM packs WHERE state = 'pending' AND image IS NULL",
-            [],
-        )?;
-        Ok(names)
-    })?;
+    let names = catalog::write(&depot.conn, |tx| drop_pending_packs(tx, None))?;
     for n in &names {
         remove_if_exists(&pack_path(depot.root(), n))?;
     }

@@ -457,27 +457,7 @@ impl Depot {
             for f in [p.files().qmp, p.files().console] {
                 qemu::check_socket_path(&f)?;
             }
-            match &base {
-                Some(b) => crate::source::qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    path_str(b)?,
-                    "-F",
-                    "raw",
-                    path_str(&p.disk(DiskMode::Overlay))?,
-                ])
-                .map(drop)?,
-                None => crate::export::export(
-                    self,
-                    &img,
-                    &p.disk(DiskMode::Copy),
-                    ExportFormat::Raw,
-                    progress,
-                )?,
-            }
+            make_disk(self, &img, base.as_deref(), &p.disk(opts.disk), progress)?;
             let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &opts.ssh_keys);
             write_seed(&p.seed(), &seed)?;
             let mut forwards = opts.forwards.clone();
@@ -939,7 +919,7 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
-pub(crate) fn path_str(p: &Path) -> Result<&str> {
+fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", p.display())))
 }
@@ -952,6 +932,32 @@ fn lock_held(p: &Path) -> bool {
         Flock::lock(f, FlockArg::LockSharedNonblock),
         Err((_, nix::errno::Errno::EWOULDBLOCK))
     )
+}
+
+/// An instance disk at `dest`: a qcow2 overlay on `base`, or without a
+/// base a private sparse raw copy of the image.
+pub(crate) fn make_disk(
+    depot: &Depot,
+    img: &catalog::ImageRow,
+    base: Option<&Path>,
+    dest: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    match base {
+        Some(b) => crate::source::qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            path_str(b)?,
+            "-F",
+            "raw",
+            path_str(dest)?,
+        ])
+        .map(drop),
+        None => crate::export::export(depot, img, dest, ExportFormat::Raw, progress),
+    }
 }
 
 /// The raw base of an image, made once (callers hold the base's lock).

@@ -212,31 +212,11 @@ impl Depot {
                 &instance::base_lock_path(self.root(), img.id.as_str()),
                 FlockArg::LockExclusive,
             )?;
-            match r.disk {
-                DiskMode::Overlay => {
-                    let base = instance::ensure_base(self, &img, progress)?;
-                    crate::source::qemu_img(&[
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        instance::path_str(&base)?,
-                        "-F",
-                        "raw",
-                        instance::path_str(&fresh)?,
-                    ])?;
-                }
-                DiskMode::Copy => {
-                    crate::export::export(
-                        self,
-                        &img,
-                        &fresh,
-                        crate::export::ExportFormat::Raw,
-                        progress,
-                    )?;
-                }
-            }
+            let base = match r.disk {
+                DiskMode::Overlay => Some(instance::ensure_base(self, &img, progress)?),
+                DiskMode::Copy => None,
+            };
+            instance::make_disk(self, &img, base.as_deref(), &fresh, progress)?;
             std::fs::rename(&fresh, &disk).at(&disk)?;
             catalog::write(&self.conn, |tx| {
                 tx.execute(

@@ -290,19 +290,8 @@ fn flipped_byte_is_caught_by_verify_and_export() {
     t.ok(&["image", "verify", "victim"]);
     let packs = t.pack_files();
     assert_eq!(packs.len(), 1);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&packs[0])
-            .unwrap();
-        let len = f.metadata().unwrap().len();
-        let off = len / 2;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, off).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
-    }
+    let len = std::fs::metadata(&packs[0]).unwrap().len();
+    flip_bits(&packs[0], len / 2, 0x10);
     let (code, err) = t.fails(&["image", "verify", "-q"]);
     assert_eq!(code, 5, "{err}");
     let (code, err) = t.fails(&["image", "verify", "victim", "-q"]);
@@ -774,7 +763,6 @@ fn gc_repacks_mostly_dead_packs() {
 /// caught by the digest and located to the exact 4 KiB block.
 #[test]
 fn silent_corruption_is_located_to_its_block() {
-    use std::os::unix::fs::FileExt;
     let t = T::new();
     let src = t.path("noise.raw");
     let mut x: u64 = 0x9e3779b97f4a7c15;
@@ -790,16 +778,9 @@ fn silent_corruption_is_located_to_its_block() {
     t.import(&src, "noise");
     let packs = t.pack_files();
     assert_eq!(packs.len(), 1);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&packs[0])
-        .unwrap();
-    let last = f.metadata().unwrap().len() - 1; // last byte of the last chunk
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, last).unwrap();
-    f.write_all_at(&[b[0] ^ 1], last).unwrap();
-    drop(f);
+    // the last byte of the last chunk
+    let last = std::fs::metadata(&packs[0]).unwrap().len() - 1;
+    flip_bits(&packs[0], last, 1);
     let out = t.path("noise.out");
     for args in [
         vec!["image", "export", "noise", out.to_str().unwrap()],
@@ -882,4 +863,17 @@ fn concurrent_imports_of_the_same_content_are_merged_by_gc() {
     t.ok(&["image", "export", "two", out.to_str().unwrap(), "-q"]);
     assert!(same_content(&src, &out));
     t.assert_fsck_clean();
+}
+
+/// Flips bits of the byte at `off` in `file` (corruption on disk).
+fn flip_bits(file: &Path, off: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ mask], off).unwrap();
 }

@@ -31,7 +31,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{hex, ChunkHash, ChunkId, ImageId};
 use crate::progress::Progress;
-use crate::source::{self, RawSource};
+use crate::source::{self, FileIdent, Opened, Reader};
 use crate::store::{self, PackWriter};
 
 /// Read buffer per worker.
@@ -50,24 +50,30 @@ pub(crate) fn import(
     progress: &dyn Progress,
 ) -> Result<ImageId> {
     check_name(&opts.name)?;
-    // Everything about the input is checked before the catalog changes.
-    let ins = source::inspect(file, opts.format)?;
-    let before = FileIdent::of(file);
+    // The input is opened once; everything about it is checked, on that
+    // open file, before the catalog changes.
+    let opened = source::open_input(file)?;
+    let ins = source::inspect(&opened, opts.format)?;
     let id = create_image(depot, opts, ins.format.name(), |guard| {
-        if let Some(f) = before.as_ref().filter(|_| !opts.reread) {
+        if let Some(f) = opened.ident.as_ref().filter(|_| !opts.reread) {
             if reuse_unchanged(depot, guard.id, f)? {
                 return Ok(());
             }
         }
-        progress.begin("convert", 0);
-        let raw = RawSource::prepare(&ins, &depot.tmp_path(guard.id));
-        progress.end();
-        let raw = raw?;
-        ingest_retrying(depot, guard, &Input::plain(&raw.path, raw.size)?, progress)
+        let reader = Reader::open(&opened, &ins, &depot.root().join("tmp"))?;
+        let input = Input {
+            path: file.to_owned(),
+            size: ins.virtual_size,
+            file: reader,
+            overlay: None,
+            source: Some(&opened),
+        };
+        ingest_retrying(depot, guard, &input, progress)
     })?;
-    // Remember the file only if it did not change while it was read.
-    if let Some(f) = before.filter(|b| FileIdent::of(file).as_ref() == Some(b)) {
-        f.remember(depot, &id)?;
+    // Remember the file (it did not change while it was read: checked
+    // before the commit).
+    if let Some(f) = &opened.ident {
+        remember(f, depot, &id)?;
     }
     Ok(id)
 }
@@ -135,11 +141,13 @@ fn ingest_retrying(
 
 /// What an import reads: a raw file, or a raw base with the ranges a qcow2
 /// overlay changed (`patches`) laid over it.
-pub(crate) struct Input {
+pub(crate) struct Input<'a> {
     pub path: std::path::PathBuf,
     pub size: u64,
-    file: File,
+    file: Reader,
     overlay: Option<Overlay>,
+    /// The opened input file, checked to be unchanged before the commit.
+    source: Option<&'a Opened>,
 }
 
 struct Overlay {
@@ -153,13 +161,15 @@ struct Overlay {
     parent: Option<crate::format::BlockMap>,
 }
 
-impl Input {
-    pub(crate) fn plain(path: &Path, size: u64) -> Result<Input> {
+impl Input<'_> {
+    /// A raw file (an instance's private disk copy).
+    pub(crate) fn plain(path: &Path, size: u64) -> Result<Input<'static>> {
         Ok(Input {
             path: path.to_owned(),
             size,
-            file: File::open(path).at(path)?,
+            file: Reader::File(File::open(path).at(path)?),
             overlay: None,
+            source: None,
         })
     }
 
@@ -170,7 +180,7 @@ impl Input {
         base: &Path,
         overlay: &Path,
         parent: Option<crate::format::BlockMap>,
-    ) -> Result<Input> {
+    ) -> Result<Input<'static>> {
         let out = source::qemu_img(&[
             "map",
             "--force-share",
@@ -226,7 +236,8 @@ impl Input {
         Ok(Input {
             path: base.to_owned(),
             size,
-            file: File::open(base).at(base)?,
+            file: Reader::File(File::open(base).at(base)?),
+            source: None,
             overlay: Some(Overlay {
                 path: overlay.to_owned(),
                 file: File::open(overlay).at(overlay)?,
@@ -238,7 +249,7 @@ impl Input {
 
     /// Data ranges (holes and zero patches left out).
     fn extents(&self) -> Result<Vec<(u64, u64)>> {
-        let base = source::data_extents(&self.file, self.size).at(&self.path)?;
+        let base = self.file.data_extents(self.size).at(&self.path)?;
         let Some(ov) = &self.overlay else {
             return Ok(base);
         };
@@ -287,7 +298,7 @@ impl Input {
     /// Reads guest bytes at `off` (a short read only at the end).
     fn read_at_full(&self, buf: &mut [u8], off: u64) -> Result<usize> {
         let Some(ov) = &self.overlay else {
-            return read_at_full(&self.file, buf, off).at(&self.path);
+            return self.file.read_at(buf, off).at(&self.path);
         };
         let mut done = 0usize;
         while done < buf.len() {
@@ -321,7 +332,7 @@ impl Input {
                 next => {
                     let lim = next.map_or(self.size, |p| p.0).min(self.size);
                     let n = rest.len().min((lim - pos) as usize);
-                    let got = read_at_full(&self.file, &mut rest[..n], pos).at(&self.path)?;
+                    let got = self.file.read_at(&mut rest[..n], pos).at(&self.path)?;
                     if got < n {
                         // the base is shorter than the overlay: zeros
                         rest[got..n].fill(0);
@@ -351,48 +362,24 @@ impl Input {
     }
 }
 
-/// Identity of an input file: if all of it is unchanged, so is its content
-/// (ctime moves on every write and cannot be set by a user).
-#[derive(Debug, PartialEq, Eq)]
-struct FileIdent {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-}
-
-impl FileIdent {
-    /// Regular files only: a block device changes without its times moving.
-    fn of(path: &Path) -> Option<FileIdent> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        m.is_file().then(|| FileIdent {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-        })
-    }
-
-    fn remember(&self, depot: &Depot, image: &ImageId) -> Result<()> {
-        catalog::write(&depot.conn, |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    self.dev as i64,
-                    self.ino as i64,
-                    self.size as i64,
-                    self.mtime_ns,
-                    self.ctime_ns,
-                    image.as_str()
-                ],
-            )?;
-            Ok(())
-        })
-    }
+/// Remembers an imported file by its identity, so an unchanged file
+/// imported again takes this image's content without being read.
+fn remember(f: &FileIdent, depot: &Depot, image: &ImageId) -> Result<()> {
+    catalog::write(&depot.conn, |c| {
+        c.execute(
+            "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                f.dev as i64,
+                f.ino as i64,
+                f.size as i64,
+                f.mtime_ns,
+                f.ctime_ns,
+                image.as_str()
+            ],
+        )?;
+        Ok(())
+    })
 }
 
 /// If `file` was imported before, is unchanged, and that image still
@@ -554,7 +541,7 @@ struct PieceResult {
 /// Shared by the workers of one import.
 struct Shared<'a> {
     image: &'a ImageId,
-    input: &'a Input,
+    input: &'a Input<'a>,
     raw_path: &'a Path,
     size: u64,
     extents: Vec<(u64, u64)>,
@@ -647,6 +634,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> 
         .map(|r| r.expect("every piece processed"))
         .collect();
     let digest = pieces.root(&results.iter().map(|r| r.hash).collect::<Vec<_>>());
+    if let Some(src) = raw.source {
+        src.check_unchanged()?;
+    }
     commit(
         depot,
         id,

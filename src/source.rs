@@ -12,10 +12,9 @@
 //! the attack behind OSSA-2024-001 / CVE-2024-32498.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -29,6 +28,8 @@ pub enum SourceFormat {
     Vhdx,
     /// VHD (Virtual PC), qemu's `vpc`.
     Vhd,
+    /// VirtualBox disk image (dynamic or fixed; differencing ones refused).
+    Vdi,
 }
 
 impl SourceFormat {
@@ -39,6 +40,7 @@ impl SourceFormat {
             SourceFormat::Vmdk => "vmdk",
             SourceFormat::Vhdx => "vhdx",
             SourceFormat::Vhd => "vhd",
+            SourceFormat::Vdi => "vdi",
         }
     }
 
@@ -58,9 +60,10 @@ impl SourceFormat {
             "vmdk" => SourceFormat::Vmdk,
             "vhdx" => SourceFormat::Vhdx,
             "vhd" | "vpc" => SourceFormat::Vhd,
+            "vdi" => SourceFormat::Vdi,
             other => {
                 return Err(Error::Invalid(format!(
-                    "unknown format {other:?}: use auto, raw, qcow2, vmdk, vhdx or vhd"
+                    "unknown format {other:?}: use auto, raw, qcow2, vmdk, vhdx, vhd or vdi"
                 )))
             }
         }))
@@ -78,8 +81,135 @@ pub struct Inspected {
     pub file_size: u64,
 }
 
-/// Largest virtual size accepted (64 TiB): anything bigger is a lie.
-const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+/// Largest virtual size accepted (4 TiB). Every byte of a disk is hashed
+/// once for its content id, zeros too (BLAKE3 values depend on the offset):
+/// about 60 s per TiB of zeros on two cores, shown as progress, and only
+/// once per depot and size (the values of zero regions are kept). A bigger
+/// claim is refused before anything is hashed.
+pub const MAX_VIRTUAL_SIZE: u64 = 4 << 40;
+
+/// Identity of an opened input: if all of it is unchanged, so is its
+/// content (ctime moves on every write and cannot be set by a user).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileIdent {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl FileIdent {
+    fn of(m: &std::fs::Metadata) -> FileIdent {
+        use std::os::unix::fs::MetadataExt;
+        FileIdent {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+}
+
+/// An input opened once, by vmdepot: every check and every qemu tool reads
+/// this same open file (qemu through `/proc/PID/fd/N` with its drivers
+/// fixed), so no name, prefix or rename can change what is read.
+#[derive(Debug)]
+pub struct Opened {
+    /// The name the user gave (for messages only; never reopened).
+    pub path: PathBuf,
+    pub file: File,
+    /// Size of the file or block device.
+    pub size: u64,
+    /// `None` for a block device (its times do not move when it is written).
+    pub ident: Option<FileIdent>,
+}
+
+/// Opens an input: a regular file or a block device. FIFOs, sockets,
+/// character devices and directories are refused at once, without
+/// blocking on them.
+pub fn open_input(path: &Path) -> Result<Opened> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .at(path)?;
+    let meta = file.metadata().at(path)?;
+    let ft = meta.file_type();
+    let (size, ident) = if ft.is_file() {
+        (meta.len(), Some(FileIdent::of(&meta)))
+    } else if ft.is_block_device() {
+        (block_device_size(&file).at(path)?, None)
+    } else {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else {
+            "not a regular file"
+        };
+        return Err(refused(
+            path,
+            format!("{what}: an image is imported from a regular file or a block device"),
+        ));
+    };
+    // Reads block normally from here on.
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| Error::io(path, e.into()))?;
+    Ok(Opened {
+        path: path.to_owned(),
+        file,
+        size,
+        ident,
+    })
+}
+
+impl Opened {
+    /// The path by which a child process (qemu-img, qemu-nbd) opens this
+    /// very file: our own descriptor, through /proc.
+    fn proc_path(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd())
+    }
+
+    /// A `json:` description of this file as `format` for qemu tools:
+    /// every driver is fixed (no protocol prefix, no format probing), and
+    /// backing files are disabled for the formats that have them.
+    pub fn qemu_spec(&self, format: SourceFormat) -> String {
+        let mut v = serde_json::json!({
+            "driver": format.qemu_name(),
+            "file": { "driver": "file", "filename": self.proc_path() },
+        });
+        if matches!(format, SourceFormat::Qcow2 | SourceFormat::Vmdk) {
+            v["backing"] = serde_json::Value::Null;
+        }
+        format!("json:{v}")
+    }
+
+    /// Refuses the input if it changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let Some(before) = &self.ident else {
+            return Ok(());
+        };
+        let now = FileIdent::of(&self.file.metadata().at(&self.path)?);
+        if &now != before {
+            return Err(refused(
+                &self.path,
+                "the file changed while it was imported: nothing was stored; import it again once it is complete",
+            ));
+        }
+        Ok(())
+    }
+}
 
 fn refused(path: &Path, reason: impl Into<String>) -> Error {
     Error::Refused {
@@ -95,20 +225,15 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Detects the format of `path` from its content and checks its headers.
-/// `expected` is the user's `--format`, which must agree with the content.
-pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected> {
-    let mut file = File::open(path).at(path)?;
-    let meta = file.metadata().at(path)?;
-    let file_size = if meta.file_type().is_block_device() {
-        block_device_size(&file).at(path)?
-    } else if meta.is_file() {
-        meta.len()
-    } else {
-        return Err(bad(path, "not a regular file or block device"));
-    };
+/// Detects the format of an opened input from its content and checks its
+/// headers by the rules qemu applies when it opens them. `expected` is the
+/// user's `--format`, which must agree with the content.
+pub fn inspect(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspected> {
+    let path = input.path.as_path();
+    let file = &input.file;
+    let file_size = input.size;
     let mut head = vec![0u8; 4096];
-    let n = read_full(&mut file, &mut head).at(path)?;
+    let n = read_full_at(file, &mut head, 0).at(path)?;
     head.truncate(n);
     let mut tail = [0u8; 512];
     let has_tail = file_size >= 512 && file.read_exact_at(&mut tail, file_size - 512).is_ok();
@@ -121,15 +246,12 @@ pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected>
         SourceFormat::Vhdx
     } else if head.starts_with(b"conectix") || (has_tail && tail.starts_with(b"conectix")) {
         SourceFormat::Vhd
+    } else if head.len() >= 68 && head[64..68] == VDI_SIGNATURE {
+        SourceFormat::Vdi
     } else if head.starts_with(b"COWD") {
         return Err(refused(path, "VMware ESX sparse (COWD) images are not supported: convert it to raw or qcow2 with qemu-img first"));
     } else if head.starts_with(b"QED\0") {
         return Err(refused(path, "QED images are not supported (they may refer to a backing file): convert it with qemu-img first"));
-    } else if head.len() >= 68 && head[64..68] == [0x7f, 0x10, 0xda, 0xbe] {
-        return Err(refused(
-            path,
-            "VDI images are not supported: convert it to raw or qcow2 with qemu-img first",
-        ));
     } else {
         SourceFormat::Raw
     };
@@ -148,11 +270,15 @@ pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected>
     }
     let virtual_size = match format {
         SourceFormat::Raw => file_size,
-        SourceFormat::Qcow2 => check_qcow2(path, &file, file_size)?,
-        SourceFormat::Vmdk => check_vmdk(path, &file, &head, file_size)?,
+        SourceFormat::Qcow2 => check_qcow2(path, file, file_size)?,
+        SourceFormat::Vmdk => check_vmdk(path, file, &head, file_size)?,
         SourceFormat::Vhd => check_vhd(path, &head, &tail)?,
-        SourceFormat::Vhdx => 0, // checked by qemu-img info below
+        SourceFormat::Vhdx => check_vhdx(path, file, file_size)?,
+        SourceFormat::Vdi => check_vdi(path, &head)?,
     };
+    if virtual_size > MAX_VIRTUAL_SIZE {
+        return Err(too_big(path, virtual_size));
+    }
     let mut ins = Inspected {
         path: path.to_owned(),
         format,
@@ -160,33 +286,44 @@ pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected>
         file_size,
     };
     if format != SourceFormat::Raw {
-        let qsize = qemu_img_info_check(&ins)?;
-        if format == SourceFormat::Vhdx {
-            ins.virtual_size = qsize;
-        } else if format != SourceFormat::Vhd && qsize != virtual_size {
-            return Err(bad(
-                path,
-                format!("header says {virtual_size} bytes but qemu-img reads {qsize}: refused"),
-            ));
-        } else if format == SourceFormat::Vhd {
-            ins.virtual_size = qsize;
+        let qsize = qemu_img_info_check(input, &ins)?;
+        match format {
+            // qemu rounds a VHD's size to its CHS geometry; a VHDX's size
+            // lives in its metadata region, which qemu reads.
+            SourceFormat::Vhd | SourceFormat::Vhdx => ins.virtual_size = qsize,
+            _ if qsize != virtual_size => {
+                return Err(bad(
+                    path,
+                    format!("header says {virtual_size} bytes but qemu-img reads {qsize}: refused"),
+                ))
+            }
+            _ => {}
         }
         if ins.virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(refused(
-                path,
-                format!("virtual size {} is larger than 64 TiB", ins.virtual_size),
-            ));
+            return Err(too_big(path, ins.virtual_size));
         }
     }
     Ok(ins)
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn too_big(path: &Path, size: u64) -> Error {
+    refused(
+        path,
+        format!(
+            "virtual size {size} bytes is over the limit of {} bytes (4 TiB)",
+            MAX_VIRTUAL_SIZE
+        ),
+    )
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(n)
@@ -202,10 +339,11 @@ fn le64(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
 }
 
-/// Checks a qcow2 header; returns the virtual size.
+/// Checks a qcow2 header (and its extensions, which qemu reads up to the
+/// end of the first cluster); returns the virtual size.
 fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     let mut h = vec![0u8; 4096];
-    let n = file.read_at(&mut h, 0).at(path)?;
+    let n = read_full_at(file, &mut h, 0).at(path)?;
     if n < 72 {
         return Err(bad(
             path,
@@ -264,6 +402,12 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     if !within(rt_off, rt_clusters * cluster) {
         return Err(bad(path, format!("truncated qcow2: the refcount table at offset {rt_off} ends past the end of the file ({file_size} bytes)")));
     }
+    if cluster as usize > h.len() {
+        h.resize(cluster as usize, 0);
+        let more = read_full_at(file, &mut h[4096..], 4096).at(path)?;
+        h.truncate(4096 + more);
+    }
+    let n = h.len();
     let mut ext_start = 72usize;
     if version == 3 {
         if n < 104 {
@@ -306,75 +450,154 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     Ok(size)
 }
 
-/// Checks a VMDK: only a self-contained sparse file with one extent.
+/// Checks a VMDK by the rules of qemu's vmdk driver. A file that does
+/// not start with the sparse magic is a descriptor naming extent files:
+/// refused. A sparse (`KDMV`) file is one self-contained extent, except
+/// that qemu (a) reads an embedded descriptor as a descriptor file, opening
+/// the extents it names, when the header's capacity is 0, and (b) takes a
+/// parent from the first `parentFileNameHint` anywhere in the 10 KiB after
+/// the first sector (a C `strstr`, comments and tabs included): both refused.
 fn check_vmdk(path: &Path, file: &File, head: &[u8], file_size: u64) -> Result<u64> {
-    if head.starts_with(b"# Disk DescriptorFile") {
+    if !head.starts_with(b"KDMV") {
         return Err(refused(path, "this is a VMDK descriptor file: it refers to other files (extents) on the host; import the monolithic image instead"));
     }
     if head.len() < 80 {
         return Err(bad(path, "truncated VMDK header"));
     }
     let capacity = le64(head, 12);
-    let desc_off = le64(head, 28);
-    let desc_len = le64(head, 36);
     let gd_off = le64(head, 56);
+    if capacity == 0 {
+        return Err(refused(path, "VMDK sparse header with a capacity of 0: qemu would read its embedded descriptor and open the extent files it names"));
+    }
     let size = capacity
         .checked_mul(512)
         .filter(|&s| s <= MAX_VIRTUAL_SIZE)
-        .ok_or_else(|| {
-            refused(
-                path,
-                format!("VMDK header claims {capacity} sectors (over 64 TiB)"),
-            )
-        })?;
+        .ok_or_else(|| too_big(path, capacity.saturating_mul(512)))?;
     if gd_off != u64::MAX && gd_off.saturating_mul(512) >= file_size {
         return Err(bad(path, format!("truncated VMDK: the grain directory (sector {gd_off}) is past the end of the file ({file_size} bytes)")));
     }
-    if desc_off == 0 || desc_len == 0 {
-        return Err(refused(path, "VMDK has no embedded descriptor"));
-    }
-    if desc_len > 2048 || (desc_off + desc_len).saturating_mul(512) > file_size {
-        return Err(bad(path, "VMDK embedded descriptor lies outside the file"));
-    }
-    let mut desc = vec![0u8; (desc_len * 512) as usize];
-    file.read_exact_at(&mut desc, desc_off * 512).at(path)?;
-    let text = String::from_utf8_lossy(&desc);
-    let text = text.trim_end_matches('\0');
-    let mut extents = 0;
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("createType") {
-            let v = v.trim_start_matches([' ', '=']).trim_matches('"');
-            if v != "monolithicSparse" && v != "streamOptimized" {
-                return Err(refused(path, format!("VMDK createType {v:?} refers to other files; only monolithicSparse and streamOptimized are accepted")));
-            }
-        } else if line.starts_with("parentFileNameHint") {
-            return Err(refused(
-                path,
-                "VMDK is a delta disk with a parent file: an image must be self-contained",
-            ));
-        } else if let Some(v) = line.strip_prefix("parentCID") {
-            let v = v.trim_start_matches([' ', '=']);
-            if !v.eq_ignore_ascii_case("ffffffff") {
-                return Err(refused(path, "VMDK is a delta disk with a parent (parentCID set): an image must be self-contained"));
-            }
-        } else if line.starts_with("RW ")
-            || line.starts_with("RDONLY ")
-            || line.starts_with("NOACCESS ")
-        {
-            extents += 1;
-            let typ = line.split_whitespace().nth(2).unwrap_or("");
-            if typ != "SPARSE" {
-                return Err(refused(
-                    path,
-                    format!("VMDK extent {line:?} refers to another file on the host"),
-                ));
-            }
-        }
-    }
-    if extents != 1 {
-        return Err(refused(path, format!("VMDK descriptor lists {extents} extents; exactly one (the file itself) is accepted")));
+    let mut desc = vec![0u8; VMDK_DESC_SIZE];
+    let n = read_full_at(file, &mut desc, 512).at(path)?;
+    desc.truncate(n);
+    if find(&desc, b"parentFileNameHint").is_some() {
+        return Err(refused(
+            path,
+            "VMDK is a delta disk with a parent file (parentFileNameHint): an image must be self-contained",
+        ));
     }
     Ok(size)
+}
+
+/// What qemu's vmdk driver reads as the descriptor of a sparse file
+/// (`DESC_SIZE`: 20 sectors from byte 512).
+const VMDK_DESC_SIZE: usize = 20 * 512;
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Bytes 64..68 of a VDI header (`0xbeda107f`, little-endian).
+const VDI_SIGNATURE: [u8; 4] = [0x7f, 0x10, 0xda, 0xbe];
+
+/// Checks a VDI header as qemu's vdi driver does: version 1.1, dynamic or
+/// fixed (a differencing or undo image names a parent: refused).
+fn check_vdi(path: &Path, head: &[u8]) -> Result<u64> {
+    if head.len() < 512 {
+        return Err(bad(path, "truncated VDI header"));
+    }
+    let le32 = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    if le32(68) != 0x0001_0001 {
+        return Err(refused(
+            path,
+            format!("unsupported VDI version {:#x}", le32(68)),
+        ));
+    }
+    match le32(76) {
+        1 | 2 => Ok(le64(head, 368)),
+        t @ (3 | 4) => Err(refused(
+            path,
+            format!("VDI image of type {t} (undo/differencing) has a parent: an image must be self-contained"),
+        )),
+        t => Err(bad(path, format!("unknown VDI image type {t}"))),
+    }
+}
+
+/// VHDX GUIDs as stored (the first three fields little-endian).
+const VHDX_METADATA_REGION: [u8; 16] = guid(
+    0x8B7C_A206,
+    0x4790,
+    0x4B9A,
+    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
+);
+const VHDX_FILE_PARAMETERS: [u8; 16] = guid(
+    0xCAA1_6737,
+    0xFA36,
+    0x4D43,
+    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
+);
+const VHDX_PARENT_LOCATOR: [u8; 16] = guid(
+    0xA8D3_5F2D,
+    0xB30B,
+    0x454D,
+    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
+);
+
+const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
+    let a = a.to_le_bytes();
+    let b = b.to_le_bytes();
+    let c = c.to_le_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6],
+        d[7],
+    ]
+}
+
+/// Checks a VHDX: a differencing disk (the file parameters' HasParent bit,
+/// or a parent locator in the metadata) names a parent file: refused (qemu
+/// refuses it too, but the reason is ours to give). Walks the region table
+/// at 192 KiB to the metadata table. Returns 0: the size is qemu's.
+fn check_vhdx(path: &Path, file: &File, file_size: u64) -> Result<u64> {
+    let mut rt = vec![0u8; 64 << 10];
+    if read_full_at(file, &mut rt, 192 << 10).at(path)? < 16 || &rt[0..4] != b"regi" {
+        return Err(bad(path, "truncated VHDX: no region table at 192 KiB"));
+    }
+    let count = (u32::from_le_bytes(rt[8..12].try_into().unwrap()) as usize).min(2047);
+    for i in 0..count {
+        let e = &rt[16 + i * 32..16 + (i + 1) * 32];
+        if e[0..16] != VHDX_METADATA_REGION {
+            continue;
+        }
+        let off = le64(e, 16);
+        let len = u32::from_le_bytes(e[24..28].try_into().unwrap()) as u64;
+        if off.checked_add(len).is_none_or(|end| end > file_size) || len < 32 {
+            return Err(bad(path, "VHDX metadata region lies outside the file"));
+        }
+        let mut md = vec![0u8; len.min(64 << 10) as usize];
+        read_full_at(file, &mut md, off).at(path)?;
+        if &md[0..8] != b"metadata" {
+            return Err(bad(path, "VHDX metadata table has a bad signature"));
+        }
+        let entries = (u16::from_le_bytes([md[10], md[11]]) as usize).min(md.len() / 32 - 1);
+        for k in 0..entries {
+            let m = &md[32 + k * 32..32 + (k + 1) * 32];
+            if m[0..16] == VHDX_PARENT_LOCATOR {
+                return Err(refused(path, "VHDX is a differencing disk with a parent locator: an image must be self-contained"));
+            }
+            if m[0..16] == VHDX_FILE_PARAMETERS {
+                let item = u32::from_le_bytes(m[16..20].try_into().unwrap()) as u64;
+                let mut fp = [0u8; 8];
+                file.read_exact_at(&mut fp, off + item).at(path)?;
+                if u32::from_le_bytes(fp[4..8].try_into().unwrap()) & 2 != 0 {
+                    return Err(refused(
+                        path,
+                        "VHDX is a differencing disk (HasParent): an image must be self-contained",
+                    ));
+                }
+            }
+        }
+        return Ok(0);
+    }
+    Err(bad(path, "VHDX has no metadata region"))
 }
 
 /// Checks a VHD footer: differencing disks are refused.
@@ -397,12 +620,13 @@ fn check_vhd(path: &Path, head: &[u8], tail: &[u8]) -> Result<u64> {
     }
 }
 
-/// Runs `qemu-img info` (which does not open backing files) and
-/// `qemu-img check`, refusing anything that refers to another file.
-/// Returns qemu's virtual size.
-fn qemu_img_info_check(ins: &Inspected) -> Result<u64> {
-    let fmt = ins.format.qemu_name();
-    let out = qemu_img(&["info", "--output=json", "-f", fmt, path_arg(&ins.path)?])?;
+/// Runs `qemu-img info` and `qemu-img check` on the opened input (its
+/// drivers fixed, backing files disabled), refusing anything that still
+/// names another file. Returns qemu's virtual size.
+fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
+    let spec = input.qemu_spec(ins.format);
+    let out = qemu_img(&["info", "--output=json", &spec])
+        .map_err(|e| unreadable(&ins.path, ins.format, e))?;
     let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| Error::Tool {
         tool: "qemu-img info".into(),
         detail: e.to_string(),
@@ -422,6 +646,15 @@ fn qemu_img_info_check(ins: &Inspected) -> Result<u64> {
             format!("image uses an external data file ({d:?}): an image must be self-contained"),
         ));
     }
+    if let Some(children) = v.get("children").and_then(|c| c.as_array()) {
+        // A self-contained image has one child: the file itself.
+        if children.len() > 1 {
+            return Err(refused(
+                &ins.path,
+                "image refers to other files (extents): an image must be self-contained",
+            ));
+        }
+    }
     let size = v
         .get("virtual-size")
         .and_then(|s| s.as_u64())
@@ -431,11 +664,11 @@ fn qemu_img_info_check(ins: &Inspected) -> Result<u64> {
         })?;
     if matches!(
         ins.format,
-        SourceFormat::Qcow2 | SourceFormat::Vhdx | SourceFormat::Vmdk
+        SourceFormat::Qcow2 | SourceFormat::Vhdx | SourceFormat::Vmdk | SourceFormat::Vdi
     ) {
         let st = Command::new("qemu-img")
-            .args(["check", "-q", "-f", fmt])
-            .arg(&ins.path)
+            .args(["check", "-q", &spec])
+            .stdin(Stdio::null())
             .output()
             .map_err(qemu_img_missing)?;
         // 0 clean, 3 leaked clusters only, 63 check unsupported for this format.
@@ -451,9 +684,14 @@ fn qemu_img_info_check(ins: &Inspected) -> Result<u64> {
     Ok(size)
 }
 
-fn path_arg(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", p.display())))
+fn unreadable(path: &Path, format: SourceFormat, e: Error) -> Error {
+    match e {
+        Error::Tool { tool, detail } => bad(
+            path,
+            format!("{tool} could not read it as {}: {detail}", format.name()),
+        ),
+        e => e,
+    }
 }
 
 fn qemu_img_missing(e: std::io::Error) -> Error {
@@ -467,6 +705,7 @@ fn qemu_img_missing(e: std::io::Error) -> Error {
 pub fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new("qemu-img")
         .args(args)
+        .stdin(Stdio::null())
         .output()
         .map_err(qemu_img_missing)?;
     if !out.status.success() {
@@ -479,67 +718,129 @@ pub fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// A raw view of the image to read: the input itself, or a sparse temporary
-/// conversion (deleted on drop).
-pub struct RawSource {
-    pub path: PathBuf,
-    pub size: u64,
-    temp: bool,
+/// The raw view of an input that import reads: the opened file itself, or
+/// for a foreign format the disk qemu decodes from it, served by `qemu-nbd`
+/// and read block by block (no temporary copy, whatever its size).
+pub enum Reader {
+    File(File),
+    Nbd {
+        served: crate::nbd::Served,
+        /// Ranges that may hold data (from `qemu-img map`); the rest reads
+        /// as zeros and is never read.
+        extents: Vec<(u64, u64)>,
+    },
 }
 
-impl RawSource {
-    /// Gives the raw view of an inspected image; foreign formats are
-    /// converted by qemu-img into `tmp_path` (sparse: zero clusters are holes).
-    pub fn prepare(ins: &Inspected, tmp_path: &Path) -> Result<RawSource> {
+/// Gaps of zeros shorter than this between data ranges are read rather
+/// than skipped: the range list stays at most one entry per MiB.
+const EXTENT_GAP: u64 = 1 << 20;
+
+impl Reader {
+    /// The raw view of an inspected input; `tmp` is a private directory for
+    /// the server's socket.
+    pub fn open(input: &Opened, ins: &Inspected, tmp: &Path) -> Result<Reader> {
         if ins.format == SourceFormat::Raw {
-            return Ok(RawSource {
-                path: ins.path.clone(),
-                size: ins.virtual_size,
-                temp: false,
-            });
+            return Ok(Reader::File(input.file.try_clone().at(&input.path)?));
         }
-        let src = RawSource {
-            path: tmp_path.to_owned(),
-            size: ins.virtual_size,
-            temp: true,
-        };
-        let res = qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            ins.format.qemu_name(),
-            "-O",
-            "raw",
-            "-S",
-            "4k",
-            path_arg(&ins.path)?,
-            path_arg(tmp_path)?,
-        ]);
-        match res {
-            Ok(_) => Ok(src),
-            Err(Error::Tool { detail, .. }) if detail.contains("No space left") => {
-                Err(Error::NoSpace {
-                    path: tmp_path.to_owned(),
-                })
-            }
-            Err(Error::Tool { tool, detail }) => Err(bad(
+        let spec = input.qemu_spec(ins.format);
+        let extents = qemu_data_extents(&spec, ins)?;
+        let served = crate::nbd::Served::serve(&spec, tmp, &ins.path)?;
+        if served.client.size() != ins.virtual_size {
+            return Err(bad(
                 &ins.path,
                 format!(
-                    "{tool} could not read it as {}: {detail}",
-                    ins.format.name()
+                    "qemu-nbd serves {} bytes, qemu-img info said {}: refused",
+                    served.client.size(),
+                    ins.virtual_size
                 ),
-            )),
-            Err(e) => Err(e),
+            ));
+        }
+        Ok(Reader::Nbd { served, extents })
+    }
+
+    /// Reads `buf.len()` bytes at `off` (fewer only at the end).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        match self {
+            Reader::File(f) => read_full_at(f, buf, off),
+            Reader::Nbd { served, .. } => served.client.read_at(buf, off),
+        }
+    }
+
+    /// The ranges of `[0, size)` that may hold data, in order.
+    pub fn data_extents(&self, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        match self {
+            Reader::File(f) => data_extents(f, size),
+            Reader::Nbd { extents, .. } => Ok(extents.clone()),
         }
     }
 }
 
-impl Drop for RawSource {
-    fn drop(&mut self) {
-        if self.temp {
-            let _ = std::fs::remove_file(&self.path);
+/// `qemu-img map` of the image, read line by line: the ranges holding
+/// data, with gaps under [`EXTENT_GAP`] merged.
+fn qemu_data_extents(spec: &str, ins: &Inspected) -> Result<Vec<(u64, u64)>> {
+    use std::io::BufRead;
+    let mut child = Command::new("qemu-img")
+        .args(["map", "--output=json", spec])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(qemu_img_missing)?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut parse_err = None;
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.at(&ins.path)?;
+        let line = line
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches([',', ']']);
+        if line.is_empty() {
+            continue;
+        }
+        let m: serde_json::Value = match serde_json::from_str(line) {
+            Ok(m) => m,
+            Err(e) => {
+                parse_err.get_or_insert(e.to_string());
+                continue;
+            }
+        };
+        let num = |k: &str| m.get(k).and_then(serde_json::Value::as_u64);
+        let flag = |k: &str| m.get(k).and_then(serde_json::Value::as_bool);
+        let (Some(start), Some(len)) = (num("start"), num("length")) else {
+            continue;
+        };
+        // Reads as zeros (with backing files disabled, unallocated is zero).
+        if flag("zero") == Some(true) {
+            continue;
+        }
+        let end = start.saturating_add(len).min(ins.virtual_size);
+        match out.last_mut() {
+            Some((_, e)) if start <= e.saturating_add(EXTENT_GAP) => *e = (*e).max(end),
+            _ => out.push((start, end)),
         }
     }
+    let st = child.wait().at(&ins.path)?;
+    if !st.success() || parse_err.is_some() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let detail = err
+            .trim()
+            .lines()
+            .last()
+            .map(str::to_owned)
+            .or(parse_err)
+            .unwrap_or_else(|| "failed".into());
+        return Err(bad(
+            &ins.path,
+            format!(
+                "qemu-img map could not read it as {}: {detail}",
+                ins.format.name()
+            ),
+        ));
+    }
+    Ok(out)
 }
 
 /// The byte ranges of `file` (of `size` bytes) that hold data, in order;

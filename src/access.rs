@@ -1,13 +1,30 @@
 //! Who may do what with an image: the acting account against the image's
-//! owner, type and shares. Enforced here, in the library, so a harness using
-//! the Rust API gets the same rules as the CLI.
+//! owner, type and shares, and whether its content is launch-only. Enforced
+//! here, in the library, so a harness using the Rust API gets the same
+//! rules as the CLI. [`allowed`] is the whole rule.
 //!
-//! | relation of the account | sees it | launch | export, copy, capture, verify | update, share, delete |
-//! |---|---|---|---|---|
-//! | owner | yes | yes | yes | yes |
-//! | any account, public or marketplace image | yes | yes | yes | no |
-//! | receiver of a shared custom image (type `shared`) | yes | yes | no | no |
-//! | anyone else | no ("not found", as if it did not exist) | – | – | – |
+//! | relation of the account | sees it | launch, capture | export, copy | verify | update, delete | share |
+//! |---|---|---|---|---|---|---|
+//! | owner | yes | yes | yes | yes | yes | yes |
+//! | owner of a launch-only image | yes | yes | no | yes | yes | no |
+//! | any account, public or marketplace image | yes | yes | yes | yes | no | no |
+//! | receiver of a shared custom image (type `shared`) | yes | yes | no | no | no | no |
+//! | anyone else | no ("not found", as if it did not exist) | – | – | – | – | – |
+//!
+//! **Launch-only is a property of the content**, not of the share: an
+//! instance launched (or restored) from an image shared with its account
+//! carries the origin (`restricted_from` = "<owner> <img-id>" of the shared
+//! image), and so does every image captured or backed up from it, and
+//! every capture of an instance of such an image, transitively. Unsharing
+//! or deleting the origin lifts nothing. The receiver can still back up and
+//! restore its servers; it can never get the bytes out (export, copy to
+//! another depot, share; a future push or pull is a copy).
+//!
+//! Names: a reference that is the name of several images the account sees
+//! is an error listing them ([`Error::AmbiguousName`]), never a silent
+//! pick, even when the account owns one of them. Public and marketplace
+//! names are unique across owners (a partial unique index), so nobody can
+//! publish under another's public name.
 
 use rusqlite::params;
 
@@ -55,13 +72,48 @@ impl Op {
     }
 }
 
-/// The rule itself (pure; unit-tested).
-pub fn allowed(access: Access, op: Op) -> bool {
-    match access {
+/// The rule itself (pure; unit-tested). `launch_only`: the image's content
+/// came from an image shared with its owner (see the module doc).
+pub fn allowed(access: Access, launch_only: bool, op: Op) -> bool {
+    let by_relation = match access {
         Access::Owner => true,
         Access::Everyone => !matches!(op, Op::Update | Op::Share | Op::Delete),
-        Access::Shared => matches!(op, Op::Show | Op::Launch),
+        // Capturing makes a launch-only image of the receiver's own.
+        Access::Shared => matches!(op, Op::Show | Op::Launch | Op::Capture),
+    };
+    by_relation && !(launch_only && matches!(op, Op::Export | Op::Copy | Op::Share))
+}
+
+/// The launch-only origin that an instance launched or restored by
+/// `account` from an image carries, and hence every capture of it: the
+/// image's own origin, or the image itself when it is another account's
+/// custom image (shared with `account`); empty when the content is free.
+/// Pure.
+pub fn carried_restriction(
+    image_id: &str,
+    kind: &str,
+    owner: &str,
+    restricted_from: &str,
+    account: &str,
+) -> String {
+    if !restricted_from.is_empty() {
+        restricted_from.to_owned()
+    } else if kind == "custom" && owner != account {
+        format!("{owner} {image_id}")
+    } else {
+        String::new()
     }
+}
+
+/// [`carried_restriction`] of a catalog row.
+pub(crate) fn restriction_of(row: &ImageRow, account: &str) -> String {
+    carried_restriction(
+        row.id.as_str(),
+        &row.kind,
+        &row.owner,
+        &row.restricted_from,
+        account,
+    )
 }
 
 impl Depot {
@@ -81,40 +133,71 @@ impl Depot {
         Ok(shared.then_some(Access::Shared))
     }
 
-    /// Finds an image by id or name among those this account can see (its
-    /// own name first), hiding imports that died.
+    /// Finds an image by id or name among those this account can see,
+    /// hiding imports that died. A name that several of them have is an
+    /// error listing them all (use the id), whoever owns them.
     pub(crate) fn find_visible(&self, reference: &str) -> Result<(ImageRow, Access)> {
-        let mut best: Option<(ImageRow, Access)> = None;
+        let mut found: Vec<(ImageRow, Access)> = Vec::new();
         for row in catalog::find_images(&self.conn, reference)? {
             if row.state == "importing" && !self.import_alive(&row.id) {
                 continue;
             }
-            let Some(a) = self.access(&row)? else {
-                continue;
-            };
-            let rank = |a: Access| match a {
-                Access::Owner => 0,
-                Access::Shared => 1,
-                Access::Everyone => 2,
-            };
-            if best.as_ref().is_none_or(|(_, b)| rank(a) < rank(*b)) {
-                best = Some((row, a));
+            if let Some(a) = self.access(&row)? {
+                found.push((row, a));
             }
         }
-        best.ok_or_else(|| Error::ImageNotFound(reference.to_owned()))
+        if found.len() > 1 {
+            found.sort_by_key(|(r, _)| (r.created_at, r.id.to_string()));
+            let list: Vec<String> = found
+                .iter()
+                .map(|(r, a)| {
+                    let kind = if *a == Access::Shared {
+                        "shared"
+                    } else {
+                        &r.kind
+                    };
+                    let whose = if *a == Access::Owner {
+                        "yours".to_owned()
+                    } else {
+                        format!("owner {}", r.owner)
+                    };
+                    format!("{} ({kind}, {whose})", r.id)
+                })
+                .collect();
+            return Err(Error::AmbiguousName {
+                name: reference.to_owned(),
+                matches: list.join(", "),
+            });
+        }
+        found
+            .pop()
+            .ok_or_else(|| Error::ImageNotFound(reference.to_owned()))
     }
 
     /// The image, if this account may do `op` with it; a refusal names the
     /// rule.
     pub(crate) fn image_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
         let (row, access) = self.find_visible(reference)?;
-        if !allowed(access, op) {
+        let launch_only = !row.restricted_from.is_empty();
+        if !allowed(access, launch_only, op) {
             let what = format!("image {} ({})", row.name, row.id);
             let rule = match access {
                 Access::Shared => format!(
-                    "it is shared with you by {}: a shared image can only be launched",
+                    "it is shared with you by {}: a shared image can only be launched \
+                     (and captured, as a launch-only image)",
                     row.owner
                 ),
+                _ if launch_only => {
+                    let (owner, origin) = row
+                        .restricted_from
+                        .rsplit_once(' ')
+                        .unwrap_or(("another account", &row.restricted_from));
+                    format!(
+                        "it is launch-only: it holds the content of image {origin} that {owner} \
+                         shared with you; it can be launched, captured and backed up, never \
+                         exported, copied or shared"
+                    )
+                }
                 _ => format!(
                     "it is a {} image owned by {}: only its owner may {} it",
                     row.kind,
@@ -156,16 +239,74 @@ mod tests {
             Show, Launch, Export, Copy, Capture, Verify, Update, Share, Delete,
         ];
         for op in all {
-            assert!(allowed(Owner, op));
+            assert!(allowed(Owner, false, op));
         }
         for op in [Show, Launch, Export, Copy, Capture, Verify] {
-            assert!(allowed(Everyone, op), "{op:?}");
+            assert!(allowed(Everyone, false, op), "{op:?}");
         }
         for op in [Update, Share, Delete] {
-            assert!(!allowed(Everyone, op), "{op:?}");
+            assert!(!allowed(Everyone, false, op), "{op:?}");
         }
         for op in all {
-            assert_eq!(allowed(Shared, op), matches!(op, Show | Launch), "{op:?}");
+            assert_eq!(
+                allowed(Shared, false, op),
+                matches!(op, Show | Launch | Capture),
+                "{op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn launch_only_content_never_leaves() {
+        use Access::*;
+        use Op::*;
+        let all = [
+            Show, Launch, Export, Copy, Capture, Verify, Update, Share, Delete,
+        ];
+        for access in [Owner, Everyone, Shared] {
+            for op in [Export, Copy, Share] {
+                assert!(!allowed(access, true, op), "{access:?} {op:?}");
+            }
+        }
+        // its owner keeps everything else: launch, capture (backups),
+        // verify, rename, protect, delete (backup --keep prunes)
+        for op in all {
+            assert_eq!(
+                allowed(Owner, true, op),
+                !matches!(op, Export | Copy | Share),
+                "{op:?}"
+            );
+        }
+        // never more than without the restriction
+        for access in [Owner, Everyone, Shared] {
+            for op in all {
+                assert!(!allowed(access, true, op) || allowed(access, false, op));
+            }
+        }
+    }
+
+    #[test]
+    fn restriction_is_carried_and_inherited() {
+        let id = "img-0123456789abcdef";
+        // another account's custom image (shared with bob): its content
+        assert_eq!(
+            carried_restriction(id, "custom", "alice", "", "bob"),
+            format!("alice {id}")
+        );
+        // a launch-only image keeps its first origin, whoever launches it
+        let origin = "alice img-fedcba9876543210";
+        assert_eq!(
+            carried_restriction(id, "custom", "bob", origin, "bob"),
+            origin
+        );
+        assert_eq!(
+            carried_restriction(id, "custom", "alice", origin, "bob"),
+            origin
+        );
+        // free content: one's own custom image, anyone's public one
+        assert_eq!(carried_restriction(id, "custom", "bob", "", "bob"), "");
+        for kind in ["public", "marketplace"] {
+            assert_eq!(carried_restriction(id, kind, "alice", "", "bob"), "");
         }
     }
 }

@@ -175,6 +175,47 @@ CREATE TABLE copy_chunks (
 );
 CREATE INDEX copy_chunks_by_job ON copy_chunks(job);
 "#,
+    // v6: launch-only content. `restricted_from` = "<owner> <img-id>" of
+    // the shared image whose content an image or instance carries ('' =
+    // none): set at launch, restore and capture, never lifted (see
+    // access.rs). Backfilled from the lineage recorded so far: an instance
+    // of another account's custom image, a capture over such an image or
+    // over a launch-only one.
+    r#"
+ALTER TABLE images ADD COLUMN restricted_from TEXT NOT NULL DEFAULT '';
+ALTER TABLE instances ADD COLUMN restricted_from TEXT NOT NULL DEFAULT '';
+
+WITH RECURSIVE lo(id, origin) AS (
+    SELECT c.id, p.owner || ' ' || p.id
+      FROM images c JOIN images p ON p.id = c.parent
+     WHERE c.source_instance IS NOT NULL AND c.copied_from = ''
+       AND p.type = 'custom' AND p.owner != c.owner
+    UNION
+    SELECT c.id, lo.origin
+      FROM images c JOIN lo ON c.parent = lo.id
+     WHERE c.source_instance IS NOT NULL AND c.copied_from = ''
+)
+UPDATE images SET restricted_from = (SELECT origin FROM lo WHERE lo.id = images.id LIMIT 1)
+ WHERE id IN (SELECT id FROM lo);
+
+UPDATE instances SET restricted_from = COALESCE((
+    SELECT CASE WHEN i.restricted_from != '' THEN i.restricted_from
+                WHEN i.type = 'custom' AND i.owner != instances.owner THEN i.owner || ' ' || i.id
+                ELSE '' END
+      FROM images i WHERE i.id = instances.image), '');
+"#,
+    // v7: public and marketplace names are unique across owners (nobody
+    // publishes under another's public name). Duplicates from before keep
+    // the oldest's name; the newer ones are renamed "<name>-<img-id>".
+    r#"
+UPDATE images SET name = name || '-' || id
+ WHERE type IN ('public', 'marketplace') AND EXISTS (
+       SELECT 1 FROM images o
+        WHERE o.type IN ('public', 'marketplace') AND o.name = images.name
+          AND (o.created_at < images.created_at
+               OR (o.created_at = images.created_at AND o.rowid < images.rowid)));
+CREATE UNIQUE INDEX images_public_name ON images(name) WHERE type IN ('public', 'marketplace');
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -251,12 +292,15 @@ pub struct ImageRow {
     pub vendor: String,
     pub application: String,
     pub app_version: String,
+    /// `"<owner> <img-id>"` of the shared image whose content this image
+    /// carries (launch-only for its owner), or empty.
+    pub restricted_from: String,
 }
 
 const IMAGE_COLS: &str = "id, name, type, state, owner, description, source_format, \
                           virtual_size, data_bytes, content_digest, created_at, parent, \
                           parent_name, source_instance, copied_from, protected, deprecated, \
-                          vendor, application, app_version";
+                          vendor, application, app_version, restricted_from";
 
 fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
     Ok(ImageRow {
@@ -280,10 +324,12 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
         vendor: r.get(17)?,
         application: r.get(18)?,
         app_version: r.get(19)?,
+        restricted_from: r.get(20)?,
     })
 }
 
-/// Every image with this id or name (names are unique per owner).
+/// Every image with this id or name (names are unique per owner, and
+/// public and marketplace names across owners).
 pub fn find_images(conn: &Connection, reference: &str) -> Result<Vec<ImageRow>> {
     let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1 OR name = ?1");
     let mut st = conn.prepare_cached(&sql)?;
@@ -291,12 +337,23 @@ pub fn find_images(conn: &Connection, reference: &str) -> Result<Vec<ImageRow>> 
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Finds an image by id (`img-…`) or by name.
+/// Finds an image by id (`img-…`) or by name, whoever owns it (the
+/// account's view is `Depot::find_visible`). A name that several images
+/// have is an error listing them.
 pub fn find_image(conn: &Connection, reference: &str) -> Result<ImageRow> {
-    let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1 OR name = ?1");
-    conn.query_row(&sql, [reference], image_from_row)
-        .optional()?
-        .ok_or_else(|| Error::ImageNotFound(reference.to_owned()))
+    let mut rows = find_images(conn, reference)?;
+    match rows.len() {
+        0 => Err(Error::ImageNotFound(reference.to_owned())),
+        1 => Ok(rows.remove(0)),
+        _ => Err(Error::AmbiguousName {
+            name: reference.to_owned(),
+            matches: rows
+                .iter()
+                .map(|r| format!("{} ({}, owner {})", r.id, r.kind, r.owner))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
 }
 
 /// All images, oldest first.
@@ -564,6 +621,82 @@ mod tests {
             v as usize, n,
             "user_version must equal the number of migrations"
         );
+    }
+
+    /// v6 marks what leaked before it (captures over another account's
+    /// custom image, transitively, and instances of such images); v7 keeps
+    /// the oldest public name and renames newer duplicates.
+    #[test]
+    fn v6_and_v7_fix_existing_catalogs() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrations().to_version(&mut c, 5).unwrap();
+        let img = |id: &str, name: &str, kind: &str, owner: &str, at: i64, parent: Option<&str>| {
+            let captured = parent.map(|_| "ins-0");
+            c.execute(
+                "INSERT INTO images (id, name, type, state, owner, created_at, parent, source_instance)
+                 VALUES (?1, ?2, ?3, 'available', ?4, ?5, ?6, ?7)",
+                params![id, name, kind, owner, at, parent, captured],
+            )
+            .unwrap();
+        };
+        img("img-s", "secret", "custom", "alice", 1, None);
+        img("img-b1", "b1", "custom", "bob", 2, Some("img-s"));
+        img("img-b2", "b2", "custom", "bob", 3, Some("img-b1"));
+        img("img-own", "own", "custom", "bob", 4, None);
+        img("img-b3", "b3", "custom", "bob", 5, Some("img-own"));
+        img("img-a2", "a2", "custom", "alice", 6, Some("img-s"));
+        img("img-p1", "debian", "public", "alice", 7, None);
+        img("img-p2", "debian", "public", "eve", 8, None);
+        img("img-p3", "debian", "marketplace", "mallory", 9, None);
+        img("img-c", "debian", "custom", "bob", 10, None);
+        for (id, image, owner) in [
+            ("ins-1", "img-s", "bob"),
+            ("ins-2", "img-b2", "bob"),
+            ("ins-3", "img-own", "bob"),
+            ("ins-4", "img-gone", "bob"),
+        ] {
+            c.execute(
+                "INSERT INTO instances (id, name, image, image_name, owner, state, disk, cpus,
+                                        memory_mib, accel, hostname, created_at)
+                 VALUES (?1, ?1, ?2, '', ?3, 'stopped', 'overlay', 1, 512, 'auto', 'h', 0)",
+                params![id, image, owner],
+            )
+            .unwrap();
+        }
+        migrations().to_latest(&mut c).unwrap();
+        let col = |table: &str, col: &str, id: &str| -> String {
+            c.query_row(
+                &format!("SELECT {col} FROM {table} WHERE id = ?1"),
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for id in ["img-b1", "img-b2"] {
+            assert_eq!(col("images", "restricted_from", id), "alice img-s", "{id}");
+        }
+        for id in ["img-s", "img-own", "img-b3", "img-a2", "img-p1", "img-c"] {
+            assert_eq!(col("images", "restricted_from", id), "", "{id}");
+        }
+        for (id, want) in [
+            ("ins-1", "alice img-s"),
+            ("ins-2", "alice img-s"),
+            ("ins-3", ""),
+            ("ins-4", ""),
+        ] {
+            assert_eq!(col("instances", "restricted_from", id), want, "{id}");
+        }
+        assert_eq!(col("images", "name", "img-p1"), "debian");
+        assert_eq!(col("images", "name", "img-p2"), "debian-img-p2");
+        assert_eq!(col("images", "name", "img-p3"), "debian-img-p3");
+        assert_eq!(col("images", "name", "img-c"), "debian");
+        // from now on the index refuses a second public "debian"
+        let dup = c.execute(
+            "INSERT INTO images (id, name, type, state, owner, created_at)
+             VALUES ('img-x', 'debian', 'marketplace', 'importing', 'trudy', 11)",
+            [],
+        );
+        assert!(dup.is_err());
     }
 
     #[test]

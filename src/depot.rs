@@ -72,6 +72,8 @@ pub struct ImportOptions {
     /// Lineage of a captured image (set by capture, not by users).
     pub(crate) parent: Option<(String, String)>,
     pub(crate) source_instance: Option<String>,
+    /// Launch-only origin of the content (set by capture; see access.rs).
+    pub(crate) restricted_from: String,
 }
 
 impl ImportOptions {
@@ -88,6 +90,7 @@ impl ImportOptions {
             tags: Vec::new(),
             parent: None,
             source_instance: None,
+            restricted_from: String::new(),
         }
     }
 }
@@ -155,6 +158,11 @@ pub struct ImageInfo {
     pub app_version: String,
     /// Accounts it is shared with (shown to its owner only).
     pub shared_with: Vec<String>,
+    /// Its content came from an image shared with its owner: it can be
+    /// launched and captured, never exported, copied or shared.
+    pub launch_only: bool,
+    /// For a launch-only image: `"<owner> <img-id>"` of that shared image.
+    pub restricted_from: String,
 }
 
 /// An open depot.
@@ -390,9 +398,12 @@ impl Depot {
             Ok(())
         });
         match r {
-            Err(Error::Sqlite(e)) if is_unique(&e) => {
-                Err(Error::NameTaken(u.name.clone().unwrap_or_default()))
-            }
+            Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::import::name_clash(
+                &self.conn,
+                self.account(),
+                u.name.as_deref().unwrap_or_default(),
+                &row.kind,
+            )),
             r => r,
         }?;
         self.image(row.id.as_str())
@@ -587,6 +598,8 @@ impl Depot {
             application: r.application,
             app_version: r.app_version,
             shared_with,
+            launch_only: !r.restricted_from.is_empty(),
+            restricted_from: r.restricted_from,
         })
     }
 

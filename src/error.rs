@@ -37,9 +37,17 @@ pub enum Error {
     /// The image exists but is not in a state that allows the operation.
     #[error("image {image} is {state}, not available")]
     ImageNotAvailable { image: String, state: String },
-    /// An image name is already taken.
-    #[error("an image named {0:?} already exists: pick another --name or delete that image first")]
-    NameTaken(String),
+    /// An image name is already taken by one of the account's images
+    /// (`existing`: that image).
+    #[error("an image named {name:?} already exists ({existing}): pick another --name or delete that image first")]
+    NameTaken { name: String, existing: String },
+    /// A public or marketplace name is taken by another public or
+    /// marketplace image (of any owner).
+    #[error("the name {name:?} is taken by {existing}: public and marketplace names are unique across accounts; pick another --name")]
+    PublicNameTaken { name: String, existing: String },
+    /// A name matches several images the account sees.
+    #[error("the name {name:?} matches several images: {matches}; use the id")]
+    AmbiguousName { name: String, matches: String },
     /// An input file was refused before it was read as a disk.
     #[error("refused {file}: {reason}")]
     Refused { file: PathBuf, reason: String },
@@ -96,10 +104,13 @@ impl Error {
         }
     }
 
-    /// Exit code for scripts: 1 generic, 3 not found, 4 refused/bad input,
-    /// 5 corrupt store, 6 no space, 7 not permitted for this account.
+    /// Exit code for scripts: 1 generic (a taken name too), 2 usage (a
+    /// name that matches several images), 3 not found, 4 refused/bad
+    /// input, 5 corrupt store, 6 no space, 7 not permitted for this
+    /// account.
     pub fn exit_code(&self) -> i32 {
         match self {
+            Error::AmbiguousName { .. } => 2,
             Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,

@@ -436,8 +436,9 @@ pub(crate) fn insert_importing_row(
         let (parent, parent_name) = opts.parent.clone().unzip();
         tx.execute(
             "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at,
-                                 vendor, application, app_version, parent, parent_name, source_instance)
-             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                 vendor, application, app_version, parent, parent_name, source_instance,
+                                 restricted_from)
+             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 id.as_str(),
                 opts.name,
@@ -452,6 +453,7 @@ pub(crate) fn insert_importing_row(
                 parent,
                 parent_name.unwrap_or_default(),
                 opts.source_instance,
+                opts.restricted_from,
             ],
         )?;
         for (k, v) in &opts.tags {
@@ -469,9 +471,52 @@ pub(crate) fn insert_importing_row(
             if crate::maint::reap_abandoned(depot)? > 0 && insert().is_ok() {
                 return Ok(());
             }
-            Err(Error::NameTaken(opts.name.clone()))
+            Err(name_clash(
+                &depot.conn,
+                depot.account(),
+                &opts.name,
+                opts.kind.as_str(),
+            ))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The error for a name that the catalog's unique indexes refused for an
+/// image of `owner` and type `kind`: the account's own image of that name,
+/// else the public or marketplace image holding it (names are unique per
+/// owner, and public and marketplace names across owners).
+pub(crate) fn name_clash(conn: &Connection, owner: &str, name: &str, kind: &str) -> Error {
+    let holder = |sql: &str, args: &[&str]| -> Option<(String, String, String)> {
+        conn.query_row(sql, rusqlite::params_from_iter(args), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .ok()
+    };
+    if let Some((id, kind, _)) = holder(
+        "SELECT id, type, owner FROM images WHERE owner = ?1 AND name = ?2",
+        &[owner, name],
+    ) {
+        return Error::NameTaken {
+            name: name.to_owned(),
+            existing: format!("{id}, {kind}"),
+        };
+    }
+    if matches!(kind, "public" | "marketplace") {
+        if let Some((id, kind, owner)) = holder(
+            "SELECT id, type, owner FROM images
+             WHERE name = ?1 AND type IN ('public', 'marketplace')",
+            &[name],
+        ) {
+            return Error::PublicNameTaken {
+                name: name.to_owned(),
+                existing: format!("{kind} image {id} of {owner}"),
+            };
+        }
+    }
+    Error::NameTaken {
+        name: name.to_owned(),
+        existing: "it was deleted meanwhile: retry".to_owned(),
     }
 }
 

@@ -181,10 +181,13 @@ pub(crate) struct Row {
     pub(crate) pid: Option<i32>,
     pub(crate) created_at: i64,
     pub(crate) error: String,
+    /// Launch-only origin of the disk's content (see access.rs), or empty.
+    pub(crate) restricted_from: String,
 }
 
 const COLS: &str = "id, name, image, image_name, owner, state, disk, cpus, memory_mib, accel, \
-                    accel_used, hostname, forwards, ssh_port, pid, created_at, error";
+                    accel_used, hostname, forwards, ssh_port, pid, created_at, error, \
+                    restricted_from";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let disk: String = r.get(6)?;
@@ -211,6 +214,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         pid: r.get(14)?,
         created_at: r.get(15)?,
         error: r.get(16)?,
+        restricted_from: r.get(17)?,
     })
 }
 
@@ -409,9 +413,10 @@ impl Depot {
             catalog::write(&self.conn, |tx| {
                 let mut ins = tx.prepare_cached(
                     "INSERT INTO instances (id, name, image, image_name, owner, state, disk, cpus,
-                     memory_mib, accel, hostname, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11)",
+                     memory_mib, accel, hostname, created_at, restricted_from)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?;
+                let restricted_from = crate::access::restriction_of(&img, self.account());
                 for (i, (id, name)) in ids.iter().zip(&names).enumerate() {
                     let host = match &opts.hostname {
                         Some(h) if opts.count == 1 => h.clone(),
@@ -429,7 +434,8 @@ impl Depot {
                         opts.memory_mib as i64,
                         opts.accel.as_str(),
                         host,
-                        now
+                        now,
+                        restricted_from
                     ]);
                     if let Err(e) = r {
                         if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {

@@ -65,11 +65,24 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
         let instance::Held { r, p, .. } = &self.hold(instance)?;
-        // The parent: a shared image may only be launched, not captured over.
+        // The parent, for its chunks: gone (deleted or unshared since)
+        // means no shortcut.
         let parent = match self.image_for(&r.image, Op::Capture) {
             Ok((row, _)) => Some(row),
-            Err(Error::ImageNotFound(_)) => None, // deleted since: no shortcut
+            Err(Error::ImageNotFound(_)) => None,
             Err(e) => return Err(e),
+        };
+        // Launch-only content stays launch-only: what the instance carries
+        // (set at launch and restore), else what its image, still in the
+        // catalog whoever may see it now, would give it.
+        let restricted_from = if r.restricted_from.is_empty() {
+            catalog::find_images(&self.conn, &r.image)?
+                .iter()
+                .find(|row| row.id.as_str() == r.image)
+                .map(|row| crate::access::restriction_of(row, self.account()))
+                .unwrap_or_default()
+        } else {
+            r.restricted_from.clone()
         };
         let running = r.state == "running";
         if running && !opts.live {
@@ -110,6 +123,7 @@ impl Depot {
             io.tags = opts.tags.clone();
             io.parent = Some((r.image.clone(), r.image_name.clone()));
             io.source_instance = Some(r.id.clone());
+            io.restricted_from = restricted_from;
             import::import_input(self, &input, &io, "instance", progress)
         })();
         if let Some(mut q) = paused {
@@ -219,9 +233,16 @@ impl Depot {
             instance::make_disk(self, &img, base.as_deref(), &fresh, progress)?;
             std::fs::rename(&fresh, &disk).at(&disk)?;
             catalog::write(&self.conn, |tx| {
+                // The disk is the image's content now, launch-only or not.
                 tx.execute(
-                    "UPDATE instances SET image = ?2, image_name = ?3 WHERE id = ?1",
-                    params![r.id, img.id.as_str(), img.name],
+                    "UPDATE instances SET image = ?2, image_name = ?3, restricted_from = ?4
+                     WHERE id = ?1",
+                    params![
+                        r.id,
+                        img.id.as_str(),
+                        img.name,
+                        crate::access::restriction_of(&img, self.account())
+                    ],
                 )?;
                 Ok(())
             })?;

@@ -276,3 +276,29 @@ pub fn alive(pid: i64) -> bool {
             .unwrap_or_default()
             .contains(") Z ")
 }
+
+/// `vmdepot --account WHO …`.
+pub fn as_(t: &T, who: &str, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["--account", who];
+    a.extend_from_slice(args);
+    t.run(&a)
+}
+
+pub fn ok_as(t: &T, who: &str, args: &[&str]) -> String {
+    let o = as_(t, who, args);
+    assert!(
+        o.status.success(),
+        "{who}: {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Asserts a refusal with `code`; returns the one-line message.
+pub fn refused_as(t: &T, who: &str, args: &[&str], code: i32) -> String {
+    let o = as_(t, who, args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{who}: {args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    err
+}

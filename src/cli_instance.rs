@@ -121,8 +121,44 @@ pub enum InstanceCmd {
     },
 }
 
-fn read_file(p: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+/// Reads a small text input (user-data, an SSH key) of at most `cap`
+/// bytes: a regular file or a pipe; never blocks on a FIFO without a
+/// writer, never reads a device without end.
+fn read_file(p: &PathBuf, cap: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let refuse = |why: String| {
+        vmdepot::Error::Refused {
+            file: p.clone(),
+            reason: why,
+        }
+        .into()
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let ft = f
+        .metadata()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        .file_type();
+    if !(ft.is_file() || ft.is_fifo()) {
+        return Err(refuse("not a regular file or a pipe".into()));
+    }
+    nix::fcntl::fcntl(
+        &f,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let mut buf = Vec::new();
+    f.take(cap as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    if buf.len() > cap {
+        return Err(refuse(format!("larger than the limit of {cap} bytes")));
+    }
+    String::from_utf8(buf).map_err(|_| refuse("not UTF-8 text".into()))
 }
 
 pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::Result<i32> {
@@ -154,8 +190,14 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             opts.disk = DiskMode::parse(&disk)?;
             opts.accel = Accel::parse(&accel)?;
             opts.hostname = hostname;
-            opts.ssh_keys = ssh_keys.iter().map(read_file).collect::<Result<_, _>>()?;
-            opts.user_data = user_data.as_ref().map(read_file).transpose()?;
+            opts.ssh_keys = ssh_keys
+                .iter()
+                .map(|p| read_file(p, vmdepot::seed::MAX_SSH_KEY))
+                .collect::<Result<_, _>>()?;
+            opts.user_data = user_data
+                .as_ref()
+                .map(|p| read_file(p, vmdepot::seed::MAX_USER_DATA))
+                .transpose()?;
             opts.forwards = forwards
                 .iter()
                 .map(|f| Forward::parse(f))

@@ -378,6 +378,7 @@ impl Depot {
         for n in &names {
             check_name(n)?;
         }
+        crate::seed::check_sizes(opts.user_data.as_deref(), &opts.ssh_keys)?;
         if let Some(h) = &opts.hostname {
             check_hostname(h)?;
         }

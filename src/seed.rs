@@ -156,3 +156,23 @@ mod tests {
         assert!(ud.contains("  - \"ssh-ed25519 AAAA test@host\"\n"), "{ud}");
     }
 }
+
+/// Largest user-data accepted (the seed volume is 2 MiB).
+pub const MAX_USER_DATA: usize = 1 << 20;
+/// Largest SSH public key file accepted.
+pub const MAX_SSH_KEY: usize = 16 << 10;
+
+/// Refuses user-data and SSH keys over their caps.
+pub fn check_sizes(user_data: Option<&str>, ssh_keys: &[String]) -> crate::Result<()> {
+    if user_data.is_some_and(|u| u.len() > MAX_USER_DATA) {
+        return Err(crate::Error::Invalid(format!(
+            "user-data is larger than {MAX_USER_DATA} bytes (1 MiB): keep it smaller, e.g. fetch big files from cloud-init"
+        )));
+    }
+    if ssh_keys.iter().any(|k| k.len() > MAX_SSH_KEY) {
+        return Err(crate::Error::Invalid(format!(
+            "an SSH key is larger than {MAX_SSH_KEY} bytes: pass a public key file"
+        )));
+    }
+    Ok(())
+}

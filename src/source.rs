@@ -378,10 +378,7 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     let cluster = 1u64 << cluster_bits;
     let size = be64(&h, 24);
     if size > MAX_VIRTUAL_SIZE {
-        return Err(refused(
-            path,
-            format!("qcow2 header claims a virtual size of {size} bytes (over 64 TiB)"),
-        ));
+        return Err(too_big(path, size));
     }
     if be32(&h, 32) != 0 {
         return Err(refused(path, "encrypted qcow2 images are not supported"));

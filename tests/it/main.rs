@@ -7,3 +7,4 @@ mod image;
 mod instance;
 mod lifecycle;
 mod security_access;
+mod security_input;

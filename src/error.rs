@@ -65,6 +65,10 @@ pub enum Error {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// A malformed argument (an account name, `--group` on an existing
+    /// depot): exit code 2, as for command-line usage errors.
+    #[error("{0}")]
+    Usage(String),
     /// Internal: a concurrent gc removed chunks this import referenced; the
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]
@@ -96,7 +100,7 @@ impl Error {
         }
     }
 
-    /// Exit code for scripts: 1 generic, 3 not found, 4 refused/bad input,
+    /// Exit code for scripts: 1 generic, 2 usage, 3 not found, 4 refused/bad input,
     /// 5 corrupt store, 6 no space, 7 not permitted for this account.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -105,6 +109,7 @@ impl Error {
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } => 6,
             Error::NotPermitted(_) => 7,
+            Error::Usage(_) => 2,
             _ => 1,
         }
     }

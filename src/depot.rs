@@ -3,7 +3,9 @@
 //!
 //! Layout of a depot directory (docs/FORMAT.md has the details):
 //! `catalog.db` (SQLite), `packs/` (chunk data), `locks/` (one lock file per
-//! running import), `tmp/` (qemu-img conversions of foreign formats).
+//! running import), `tmp/` (qemu-img conversions of foreign formats),
+//! `group` (only in a depot shared by a group: the group's name). Modes:
+//! [`crate::perms`] (private 0700/0600, or 2770/0660 for a group depot).
 
 use std::fs::{self, File};
 use std::os::unix::fs::DirBuilderExt;

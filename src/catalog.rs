@@ -223,7 +223,10 @@ fn migrations() -> Migrations<'static> {
 }
 
 /// Opens (creating if needed) the catalog at `path`, configured and migrated.
-pub fn open(path: &Path) -> Result<Connection> {
+/// A new catalog and its lock file are created with `file_mode` (SQLite gives
+/// its `-wal` and `-shm` files the catalog's mode).
+pub fn open(path: &Path, file_mode: u32) -> Result<Connection> {
+    use std::os::unix::fs::OpenOptionsExt;
     // Creating the catalog, switching it to WAL and migrating it are
     // serialised between processes by a lock file beside it (SQLite gives
     // "database is locked" without waiting for a journal-mode change).
@@ -232,10 +235,18 @@ pub fn open(path: &Path) -> Result<Connection> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(file_mode)
         .open(&lock_path)
         .map_err(|e| Error::io(&lock_path, e))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::io(&lock_path, e.into()))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(file_mode)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -703,8 +714,8 @@ mod tests {
     fn open_twice_and_find() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("catalog.db");
-        let c = open(&p).unwrap();
-        drop(open(&p).unwrap());
+        let c = open(&p, 0o600).unwrap();
+        drop(open(&p, 0o600).unwrap());
         assert!(matches!(
             find_image(&c, "nope"),
             Err(Error::ImageNotFound(_))

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
+
+use crate::esc;
 use vmdepot::instance::{press_power_button, STOP_TIMEOUT};
 use vmdepot::{Accel, Depot, DiskMode, Forward, InstanceInfo, LaunchOptions, Progress};
 
@@ -206,7 +208,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             let launched = depot.launch(&opts, progress)?;
             // (in the foreground the start says it again)
             if let Some(n) = launched.notice.as_ref().filter(|_| !foreground) {
-                eprintln!("vmdepot: {n}");
+                eprintln!("vmdepot: {}", esc(n));
             }
             if foreground {
                 let id = launched.instances[0].id().to_owned();
@@ -224,7 +226,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
                 crate::print_json(&infos)?;
             } else {
                 for i in infos {
-                    writeln!(out, "{}  {}  {}", i.id, i.name, ssh_hint(i))?;
+                    writeln!(out, "{}  {}  {}", i.id, esc(&i.name), ssh_hint(i))?;
                 }
             }
         }
@@ -243,8 +245,8 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
                         out,
                         "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
                         i.id,
-                        i.name,
-                        i.image_name,
+                        esc(&i.name),
+                        esc(&i.image_name),
                         i.state,
                         i.accel,
                         i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
@@ -267,7 +269,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             timeout,
         } => {
             let i = depot.stop_instance(&instance, force, Duration::from_secs(timeout))?;
-            writeln!(out, "{} ({}) {}", i.name, i.id, i.state)?;
+            writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
         }
         InstanceCmd::Start {
             instance,
@@ -278,20 +280,27 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             }
             let (i, notice) = depot.start_instance(&instance)?;
             if let Some(n) = notice {
-                eprintln!("vmdepot: {n}");
+                eprintln!("vmdepot: {}", esc(&n));
             }
-            writeln!(out, "{} ({}) {}  {}", i.name, i.id, i.state, ssh_hint(&i))?;
+            writeln!(
+                out,
+                "{} ({}) {}  {}",
+                esc(&i.name),
+                i.id,
+                i.state,
+                ssh_hint(&i)
+            )?;
         }
         InstanceCmd::Restart { instance, timeout } => {
             let (i, notice) = depot.restart_instance(&instance, Duration::from_secs(timeout))?;
             if let Some(n) = notice {
-                eprintln!("vmdepot: {n}");
+                eprintln!("vmdepot: {}", esc(&n));
             }
-            writeln!(out, "{} ({}) {}", i.name, i.id, i.state)?;
+            writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
         }
         InstanceCmd::Delete { instance, force } => {
             let i = depot.delete_instance(&instance, force)?;
-            writeln!(out, "deleted {} ({})", i.name, i.id)?;
+            writeln!(out, "deleted {} ({})", esc(&i.name), i.id)?;
         }
         InstanceCmd::Logs { instance, follow } => {
             let i = depot.instance(&instance)?;
@@ -333,21 +342,25 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             if json {
                 crate::print_json(&serde_json::json!({ "backup": info, "pruned": pruned }))?;
             } else {
-                writeln!(out, "{}  {}", info.id, info.name)?;
+                writeln!(out, "{}  {}", info.id, esc(&info.name))?;
                 for p in pruned {
-                    writeln!(out, "pruned {p}")?;
+                    writeln!(out, "pruned {}", esc(&p))?;
                 }
             }
         }
         InstanceCmd::Restore { instance, from } => {
             let (i, notice) = depot.restore_instance(&instance, &from, progress)?;
             if let Some(n) = notice {
-                eprintln!("vmdepot: {n}");
+                eprintln!("vmdepot: {}", esc(&n));
             }
             writeln!(
                 out,
                 "{} ({}) restored from {} ({}); {}",
-                i.name, i.id, i.image_name, i.image, i.state
+                esc(&i.name),
+                i.id,
+                esc(&i.image_name),
+                i.image,
+                i.state
             )?;
         }
         InstanceCmd::Unit { instance } => {
@@ -387,7 +400,7 @@ fn run_foreground(
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let (fg, notice) = start()?;
     if let Some(n) = notice {
-        eprintln!("vmdepot: {n}");
+        eprintln!("vmdepot: {}", esc(&n));
     }
     let qmp = fg.qmp_socket().to_owned();
     let pid = fg.pid() as i32;
@@ -432,7 +445,8 @@ fn console(i: &InstanceInfo) -> anyhow::Result<()> {
     };
     eprint!(
         "Connected to the serial console of {} ({}); Ctrl-] detaches.\r\n",
-        i.name, i.id
+        esc(&i.name),
+        i.id
     );
     let mut rd = sock.try_clone()?;
     let output = std::thread::spawn(move || {

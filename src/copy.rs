@@ -57,7 +57,7 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<CopyReport> {
         let (row, _) = self.available_for(image, Op::Copy)?;
-        let dst = Depot::open(target)?.with_account(self.account());
+        let dst = Depot::open(target)?.with_account(self.account())?;
         if dst.root() == self.root() {
             return Err(Error::Invalid(format!(
                 "{} is this depot: copy to another depot directory",
@@ -296,7 +296,10 @@ impl<'a> Outgoing<'a> {
             let name = store::new_pack_name();
             // The row comes first: a pack file without a row is garbage.
             let pid = catalog::insert_pending_pack(&self.depot.conn, &name, self.id)?;
-            self.pack = Some((pid, PackWriter::create(self.depot.root(), &name)?));
+            self.pack = Some((
+                pid,
+                PackWriter::create(self.depot.root(), &name, self.depot.perms())?,
+            ));
         }
         let (_, w) = self.pack.as_mut().unwrap();
         let off = w.append(&bytes)?;

@@ -3,9 +3,12 @@
 //!
 //! Layout of a depot directory (docs/FORMAT.md has the details):
 //! `catalog.db` (SQLite), `packs/` (chunk data), `locks/` (one lock file per
-//! running import), `tmp/` (qemu-img conversions of foreign formats).
+//! running import), `tmp/` (qemu-img conversions of foreign formats),
+//! `group` (only in a depot shared by a group: the group's name). Modes:
+//! [`crate::perms`] (private 0700/0600, or 2770/0660 for a group depot).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -19,6 +22,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::export::{self, ExportFormat};
 use crate::ids::ImageId;
 use crate::maint::{self, FsckReport, GcReport, Stats, VerifyReport};
+use crate::perms::{self, Perms};
 use crate::progress::Progress;
 use crate::source::SourceFormat;
 
@@ -165,39 +169,159 @@ pub struct ImageInfo {
     pub restricted_from: String,
 }
 
+/// How a depot is opened (see [`Depot::open_with`]).
+#[derive(Clone, Debug, Default)]
+pub struct DepotOptions {
+    /// Act as this account (default: `VMDEPOT_ACCOUNT`, else the Unix user).
+    pub account: Option<String>,
+    /// Create the depot shared by this Unix group (directories 2770, files
+    /// 0660) instead of private to its owner. Only when the depot is
+    /// created; the choice is kept in `DEPOT/group`.
+    pub group: Option<String>,
+}
+
+/// The file in a depot that names the group sharing it.
+const GROUP_FILE: &str = "group";
+
 /// An open depot.
 pub struct Depot {
     root: PathBuf,
     pub(crate) conn: Connection,
     account: String,
+    perms: Perms,
 }
 
 impl Depot {
     /// Opens the depot at `root`, creating the directory and catalog if
-    /// needed. Several processes may open one depot at once.
-    #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
+    /// needed (private to the owner). Several processes may open one depot
+    /// at once. Sets the process umask (see [`crate::perms`]).
     pub fn open(root: impl AsRef<Path>) -> Result<Depot> {
+        Depot::open_with(root, &DepotOptions::default())
+    }
+
+    /// Opens (or creates) the depot at `root` as [`Depot::open`] does, with
+    /// an account and, for a new depot, a sharing group.
+    ///
+    /// Permissions: the process umask becomes 0077 (0007 for a group
+    /// depot), and everything the library creates gets explicit modes
+    /// (see [`crate::perms`]). An existing depot whose root directory is
+    /// more open than that is closed again (root chmod 0700, or 2770) when
+    /// its owner opens it: the root's mode alone closes access to
+    /// everything below it.
+    #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
+    pub fn open_with(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<Depot> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let account = match &opts.account {
+            Some(a) => {
+                check_account(a)?;
+                a.clone()
+            }
+            None => {
+                let a = default_account();
+                check_account(&a).map_err(|e| {
+                    Error::Usage(format!(
+                        "{e} (from VMDEPOT_ACCOUNT or the Unix user name): pass --account NAME"
+                    ))
+                })?;
+                a
+            }
+        };
         let root = root.as_ref().to_owned();
-        for d in ["", "packs", "locks", "tmp"] {
-            let p = root.join(d);
-            fs::create_dir_all(&p).at(&p)?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).at(parent)?;
+        }
+        let stored = read_group(&root)?;
+        let fresh = !root.join("catalog.db").exists();
+        let group = match (&opts.group, &stored) {
+            (Some(g), Some(s)) if g == s => Some(s.clone()),
+            (Some(g), None) if fresh => Some(g.clone()),
+            (Some(g), _) => {
+                return Err(Error::Usage(format!(
+                    "--group {g}: the depot {} already exists ({}); --group applies only when a depot is created",
+                    root.display(),
+                    match &stored {
+                        Some(s) => format!("shared with group {s}"),
+                        None => "private".into(),
+                    }
+                )))
+            }
+            (None, s) => s.clone(),
+        };
+        let perms = if group.is_some() {
+            Perms::GROUP
+        } else {
+            Perms::PRIVATE
+        };
+        perms::apply_umask(perms);
+        match fs::DirBuilder::new()
+            .mode(perms.dir() & 0o777)
+            .create(&root)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.at(&root)?,
+        }
+        if let (Some(g), None) = (&group, &stored) {
+            // A new group depot: the root takes the group and setgid (all
+            // below inherit the group), then the choice is recorded.
+            let gid = nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--group {g}: no such group on this host: pick an existing group (getent group)"
+                    ))
+                })?
+                .gid;
+            nix::unistd::chown(&root, None, Some(gid)).map_err(|e| Error::io(&root, e.into()))?;
+            fs::set_permissions(&root, fs::Permissions::from_mode(perms.dir())).at(&root)?;
+            let p = root.join(GROUP_FILE);
+            let mut f = perms
+                .open_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .at(&p)?;
+            std::io::Write::write_all(&mut f, format!("{g}\n").as_bytes()).at(&p)?;
+        }
+        // An existing depot opened by its owner: close its root again.
+        let meta = fs::metadata(&root).at(&root)?;
+        if meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o7777 != perms.dir() {
+            fs::set_permissions(&root, fs::Permissions::from_mode(perms.dir())).at(&root)?;
+        }
+        for d in ["packs", "locks", "tmp"] {
+            perms.mkdir_all(&root.join(d))?;
         }
         // Absolute from here on: overlays name their base by this path, and
         // QEMU runs with another working directory.
         let root = fs::canonicalize(&root).at(&root)?;
-        let conn = catalog::open(&root.join("catalog.db"))?;
+        let conn = catalog::open(&root.join("catalog.db"), perms.file())?;
         Ok(Depot {
             root,
             conn,
-            account: default_account(),
+            account,
+            perms,
         })
     }
 
     /// Acts as `account` from now on (default: the Unix user, or
-    /// `VMDEPOT_ACCOUNT`).
-    pub fn with_account(mut self, account: impl Into<String>) -> Depot {
-        self.account = account.into();
-        self
+    /// `VMDEPOT_ACCOUNT`). The name must be a valid account name
+    /// ([`check_account`]).
+    pub fn with_account(mut self, account: impl Into<String>) -> Result<Depot> {
+        let account = account.into();
+        check_account(&account)?;
+        self.account = account;
+        Ok(self)
+    }
+
+    /// The modes of this depot's files and directories.
+    pub fn perms(&self) -> Perms {
+        self.perms
+    }
+
+    /// The group sharing this depot, if it is a group depot.
+    pub fn group(&self) -> Result<Option<String>> {
+        read_group(&self.root)
     }
 
     pub fn account(&self) -> &str {
@@ -249,8 +373,14 @@ impl Depot {
         format: ExportFormat,
         progress: &dyn Progress,
     ) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let (row, _) = self.available_for(image, Op::Export)?;
-        export::export(self, &row, out.as_ref(), format, progress)
+        let out = out.as_ref();
+        export::export(self, &row, out, format, progress)?;
+        // Written under the depot's umask (0600): the caller's file gets the
+        // caller's own umask.
+        let mode = 0o666 & !perms::caller_umask();
+        fs::set_permissions(out, fs::Permissions::from_mode(mode)).at(out)
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content
@@ -419,7 +549,8 @@ impl Depot {
                 row.name, row.id, row.kind
             )));
         }
-        if account.is_empty() || account == self.account() {
+        check_account(account)?;
+        if account == self.account() {
             return Err(Error::Invalid(format!(
                 "share with another account than yourself ({account:?})"
             )));
@@ -436,6 +567,7 @@ impl Depot {
 
     /// Stops sharing an image with an account (owner only).
     pub fn unshare_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        check_account(account)?;
         let (row, _) = self.image_for(reference, Op::Share)?;
         let n = catalog::write(&self.conn, |tx| {
             Ok(tx.execute(
@@ -616,7 +748,9 @@ impl Depot {
         use std::os::unix::fs::MetadataExt;
         let p = self.lock_path(id);
         loop {
-            let f = OpenOptions::new()
+            let f = self
+                .perms
+                .open_options()
                 .create(true)
                 .truncate(false)
                 .write(true)
@@ -637,7 +771,9 @@ impl Depot {
     /// waits for a gc that runs.
     pub(crate) fn lock_gc(&self) -> Result<Flock<File>> {
         let p = self.root.join("gc.lock");
-        let f = OpenOptions::new()
+        let f = self
+            .perms
+            .open_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -720,6 +856,40 @@ fn default_account() -> String {
         .flatten()
         .map(|u| u.name)
         .unwrap_or_else(|| format!("uid{uid}"))
+}
+
+/// The group recorded in a depot (`DEPOT/group`), if any.
+fn read_group(root: &Path) -> Result<Option<String>> {
+    let p = root.join(GROUP_FILE);
+    match fs::read_to_string(&p) {
+        Ok(s) => Ok(Some(s.trim().to_owned()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&p, e)),
+    }
+}
+
+/// Checks an account name: the rules of a Unix user name (`useradd`'s
+/// default): 1 to 32 characters, a lowercase letter or `_` first, then
+/// lowercase letters, digits, `_` or `-`, optionally ending in `$`.
+/// Anything else (empty, upper case, spaces, `/`, control characters) is an
+/// [`Error::Usage`].
+pub fn check_account(a: &str) -> Result<()> {
+    let b = a.as_bytes();
+    let body = b.strip_suffix(b"$").unwrap_or(b);
+    let ok = !body.is_empty()
+        && b.len() <= 32
+        && (body[0].is_ascii_lowercase() || body[0] == b'_')
+        && body
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "invalid account name {a:?}: use 1-32 characters, a lowercase letter or '_' first, \
+             then lowercase letters, digits, '_' or '-' (a Unix user name)"
+        )))
+    }
 }
 
 /// Unix seconds as RFC 3339 UTC (`2026-11-27T10:38:21Z`).

@@ -73,6 +73,10 @@ pub enum Error {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// A malformed argument (an account name, `--group` on an existing
+    /// depot): exit code 2, as for command-line usage errors.
+    #[error("{0}")]
+    Usage(String),
     /// Internal: a concurrent gc removed chunks this import referenced; the
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]
@@ -116,6 +120,7 @@ impl Error {
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } => 6,
             Error::NotPermitted(_) => 7,
+            Error::Usage(_) => 2,
             _ => 1,
         }
     }

@@ -635,10 +635,12 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> 
         .clamp(1, 8);
     let db_path = depot.root().join("catalog.db");
     let root = depot.root();
+    let perms = depot.perms();
     progress.begin("import", raw.size);
     let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
     let (written, worker_errs) = std::thread::scope(|s| {
-        let writer = s.spawn(|| write_frames(root, &db_path, id, rx, &shared.new, start_seq));
+        let writer =
+            s.spawn(|| write_frames(root, perms, &db_path, id, rx, &shared.new, start_seq));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let tx = tx.clone();
@@ -926,6 +928,7 @@ const BATCH_FRAMES: usize = 256;
 /// packs. Returns the chunk ids of every frame, by frame sequence number.
 fn write_frames(
     root: &Path,
+    perms: crate::perms::Perms,
     db_path: &Path,
     id: &ImageId,
     rx: mpsc::Receiver<FrameMsg>,
@@ -950,7 +953,7 @@ fn write_frames(
             let name = store::new_pack_name();
             // The row comes first: a pack file without a row is garbage.
             let pid = catalog::insert_pending_pack(&conn, &name, id)?;
-            cur = Some((pid, PackWriter::create(root, &name)?));
+            cur = Some((pid, PackWriter::create(root, &name, perms)?));
         }
         let (pid, w) = cur.as_mut().unwrap();
         let offset = w.append(&msg.data)?;

@@ -20,7 +20,7 @@
 //! read of an instance checks the pid (and that the pid is our QEMU) and
 //! records a death as `stopped`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,6 +35,7 @@ use crate::depot::{rfc3339, Depot};
 use crate::error::{Error, IoContext, Result};
 use crate::export::ExportFormat;
 use crate::ids::random_hex;
+use crate::perms::Perms;
 use crate::progress::Progress;
 use crate::qemu::{self, Accel, Forward, Qmp, VmConfig, VmFiles};
 use crate::seed::{write_seed, Seed};
@@ -260,8 +261,9 @@ pub(crate) fn base_lock_path(root: &Path, image: &str) -> PathBuf {
     root.join("bases").join(format!("{image}.lock"))
 }
 
-pub(crate) fn flock(p: &Path, how: FlockArg) -> Result<Flock<File>> {
-    let f = OpenOptions::new()
+pub(crate) fn flock(p: &Path, how: FlockArg, perms: Perms) -> Result<Flock<File>> {
+    let f = perms
+        .open_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -382,10 +384,10 @@ impl Depot {
         if let Some(h) = &opts.hostname {
             check_hostname(h)?;
         }
-        let (accel, notice) = qemu::choose_accel(&qemu_bin, opts.accel, self.root())?;
+        let (accel, notice) =
+            qemu::choose_accel(&qemu_bin, opts.accel, self.root(), self.perms().file())?;
         for d in ["instances", "bases"] {
-            let p = self.root().join(d);
-            fs::create_dir_all(&p).at(&p)?;
+            self.perms().mkdir_all(&self.root().join(d))?;
         }
 
         // Rows first (pending), under the base's lock, so that gc sees the
@@ -403,11 +405,14 @@ impl Depot {
             let _base_lock = flock(
                 &base_lock_path(self.root(), img.id.as_str()),
                 FlockArg::LockExclusive,
+                self.perms(),
             )?;
             for id in &ids {
                 let p = Paths::new(self.root(), id);
-                fs::create_dir_all(&p.dir).at(&p.dir)?;
-                guard.locks.push(flock(&p.lock(), FlockArg::LockExclusive)?);
+                self.perms().mkdir_all(&p.dir)?;
+                guard
+                    .locks
+                    .push(flock(&p.lock(), FlockArg::LockExclusive, self.perms())?);
                 guard.ids.push(id.clone());
             }
             let now = catalog::now();
@@ -466,7 +471,7 @@ impl Depot {
             }
             make_disk(self, &img, base.as_deref(), &p.disk(opts.disk), progress)?;
             let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &opts.ssh_keys);
-            write_seed(&p.seed(), &seed)?;
+            write_seed(&p.seed(), &seed, self.perms().file())?;
             let mut forwards = opts.forwards.clone();
             if opts.ssh_forward && !forwards.iter().any(|f| f.guest == 22) {
                 // distinct within this launch too (the kernel may hand the
@@ -569,7 +574,7 @@ impl Depot {
     pub(crate) fn hold(&self, reference: &str) -> Result<Held> {
         let id = self.row(reference)?.id;
         let p = Paths::new(self.root(), &id);
-        let lock = flock(&p.lock(), FlockArg::LockExclusive)?;
+        let lock = flock(&p.lock(), FlockArg::LockExclusive, self.perms())?;
         let r = self.fresh_row(&id)?;
         Ok(Held { r, p, _lock: lock })
     }
@@ -585,8 +590,12 @@ impl Depot {
                 h.r.name, h.r.id
             )));
         }
-        let (accel, notice) =
-            qemu::choose_accel(&qemu_bin, Accel::parse(&h.r.accel)?, self.root())?;
+        let (accel, notice) = qemu::choose_accel(
+            &qemu_bin,
+            Accel::parse(&h.r.accel)?,
+            self.root(),
+            self.perms().file(),
+        )?;
         h.r = self.refresh_forwards(h.r)?;
         Ok(Starting {
             held: h,
@@ -745,19 +754,38 @@ impl Depot {
 
     /// A systemd unit that runs the instance in the foreground
     /// (`Type=notify`: ready once QEMU is up; stop = ACPI power button).
+    /// Every word of `ExecStart=` is quoted and every value escaped per
+    /// systemd.syntax(7) ([`systemd_word`], [`systemd_text`]).
     pub fn instance_unit(&self, reference: &str) -> Result<String> {
         let r = self.row(reference)?;
         let exe = std::env::current_exe().unwrap_or_else(|_| "vmdepot".into());
+        let exe = path_str(&exe)?;
+        let root = path_str(self.root())?;
+        let exec = [
+            exe,
+            "--depot",
+            root,
+            "--account",
+            &r.owner,
+            "instance",
+            "start",
+            &r.id,
+            "--foreground",
+        ]
+        .iter()
+        .map(|w| systemd_word(w))
+        .collect::<Result<Vec<_>>>()?
+        .join(" ");
         Ok(format!(
-            "# vmdepot instance {name} ({id}), image {image_name} ({image})\n\
+            "# vmdepot instance {name}, image {image_name} ({image})\n\
              [Unit]\n\
-             Description=vmdepot instance {name}\n\
+             Description=vmdepot instance {name} ({id})\n\
              After=network.target\n\
              \n\
              [Service]\n\
              Type=notify\n\
              NotifyAccess=main\n\
-             ExecStart={exe} --depot {root} --account {account} instance start {id} --foreground\n\
+             ExecStart={exec}\n\
              # SIGTERM presses the ACPI power button; QEMU is killed {stop_secs} s later.\n\
              KillMode=mixed\n\
              TimeoutStopSec={unit_stop}\n\
@@ -765,13 +793,10 @@ impl Depot {
              \n\
              [Install]\n\
              WantedBy=multi-user.target\n",
-            name = r.name,
-            id = r.id,
-            image = r.image,
-            image_name = r.image_name,
-            exe = exe.display(),
-            root = self.root().display(),
-            account = r.owner,
+            name = systemd_text(&r.name)?,
+            id = systemd_text(&r.id)?,
+            image = systemd_text(&r.image)?,
+            image_name = systemd_text(&r.image_name)?,
             stop_secs = STOP_TIMEOUT.as_secs(),
             unit_stop = STOP_TIMEOUT.as_secs() + 15,
         ))
@@ -791,7 +816,9 @@ impl Depot {
         // QEMU's messages go to a file: a pipe nobody reads would block a
         // long-running QEMU once full.
         let log_path = p.dir.join("qemu.log");
-        let log = OpenOptions::new()
+        let log = self
+            .perms()
+            .open_options()
             .create(true)
             .append(true)
             .open(&log_path)
@@ -817,6 +844,7 @@ impl Depot {
             self.set_failed(&r.id, &msg)?;
             return Err(start_error(&r, &msg));
         }
+        fix_runtime_modes(self.perms(), &cfg.files);
         set_running(&self.conn, &r.id, pid, accel)?;
         Ok((
             Foreground {
@@ -926,6 +954,45 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
+/// Refuses what no systemd unit line can hold.
+fn systemd_refuse(s: &str) -> Result<()> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "{s:?} has the control character {c:?}, which a systemd unit cannot hold: \
+             rename it (or move the depot) to use `instance unit`"
+        )));
+    }
+    Ok(())
+}
+
+/// One word of an `ExecStart=` command line, per systemd.syntax(7) and
+/// systemd.service(5): in double quotes, with `\` and `"` escaped by a
+/// backslash, `%` (specifiers) as `%%` and `$` (variables) as `$$`. Control
+/// characters (newlines: a new directive) are refused.
+pub fn systemd_word(s: &str) -> Result<String> {
+    systemd_refuse(s)?;
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '%' => o.push_str("%%"),
+            '$' => o.push_str("$$"),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    Ok(o)
+}
+
+/// Text in a unit setting (`Description=`) or comment: `%` as `%%`,
+/// control characters refused.
+pub fn systemd_text(s: &str) -> Result<String> {
+    systemd_refuse(s)?;
+    Ok(s.replace('%', "%%"))
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", p.display())))
@@ -1011,6 +1078,18 @@ fn clean_runtime_files(f: &VmFiles) {
     }
 }
 
+/// Gives the files QEMU made (sockets, serial log, pid file) the depot's
+/// file mode: QEMU makes sockets 0777 & !umask, and a daemonized QEMU sets
+/// its umask to 027 before it opens them. (The instance directory is 0700
+/// or 2770 in any case.)
+fn fix_runtime_modes(perms: Perms, f: &VmFiles) {
+    for p in [&f.qmp, &f.console, &f.serial_log, &f.pidfile] {
+        if let Err(e) = perms.fix(p) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
 /// Starts QEMU with `-daemonize` (returns once the VM is set up).
 fn spawn_detached(
     root: &Path,
@@ -1058,7 +1137,10 @@ fn finish_start(depot: &Depot, r: &Row, child: std::process::Child, accel: Accel
         }
     };
     match result {
-        Ok(pid) => set_running(&depot.conn, &r.id, pid, accel),
+        Ok(pid) => {
+            fix_runtime_modes(depot.perms(), &files);
+            set_running(&depot.conn, &r.id, pid, accel)
+        }
         Err(msg) => {
             depot.set_failed(&r.id, &msg)?;
             Err(start_error(r, &msg))
@@ -1270,6 +1352,7 @@ pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u
         let Ok(_l) = flock(
             &base_lock_path(depot.root(), &img),
             FlockArg::LockExclusiveNonblock,
+            depot.perms(),
         ) else {
             continue;
         };
@@ -1290,6 +1373,23 @@ pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn systemd_quoting() {
+        assert_eq!(
+            systemd_word("/usr/bin/vmdepot").unwrap(),
+            "\"/usr/bin/vmdepot\""
+        );
+        assert_eq!(
+            systemd_word(r#"/d ep%n$HOME\"x"#).unwrap(),
+            r#""/d ep%%n$$HOME\\\"x""#
+        );
+        assert_eq!(systemd_text("50% off").unwrap(), "50%% off");
+        for bad in ["m\nExecStartPre=/bin/touch /x", "a\rb", "\x1b[31m", "a\0"] {
+            assert!(systemd_word(bad).is_err(), "{bad:?}");
+            assert!(systemd_text(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn names_and_hostnames() {

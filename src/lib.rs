@@ -62,13 +62,17 @@ pub mod instance;
 pub mod lifecycle;
 pub mod maint;
 pub mod nbd;
+pub mod perms;
 pub mod progress;
 pub mod qemu;
 pub mod seed;
 pub mod source;
 pub mod store;
 
-pub use depot::{Depot, HistoryEntry, ImageInfo, ImageType, ImageUpdate, ImportOptions};
+pub use depot::{
+    check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageType, ImageUpdate,
+    ImportOptions,
+};
 pub use error::{Error, Result};
 pub use export::ExportFormat;
 pub use ids::{ChunkHash, ImageId};

@@ -225,6 +225,7 @@ impl Depot {
             let _base_lock = instance::flock(
                 &instance::base_lock_path(self.root(), img.id.as_str()),
                 FlockArg::LockExclusive,
+                self.perms(),
             )?;
             let base = match r.disk {
                 DiskMode::Overlay => Some(instance::ensure_base(self, &img, progress)?),

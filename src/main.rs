@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 
 mod cli_instance;
 use vmdepot::lifecycle::CaptureOptions;
-use vmdepot::{Depot, ExportFormat, ImageType, ImageUpdate, ImportOptions, Progress, SourceFormat};
+use vmdepot::{
+    Depot, DepotOptions, ExportFormat, ImageType, ImageUpdate, ImportOptions, Progress,
+    SourceFormat,
+};
 
 #[derive(Parser)]
 #[command(
@@ -25,9 +28,12 @@ struct Cli {
     /// Depot directory [default: $VMDEPOT_DIR, /var/lib/vmdepot as root, else $XDG_DATA_HOME/vmdepot]
     #[arg(long, global = true, value_name = "DIR")]
     depot: Option<PathBuf>,
-    /// Act as this account [default: $VMDEPOT_ACCOUNT, else the Unix user]
+    /// Act as this account (a Unix user name: [a-z_][a-z0-9_-]*$?, at most 32) [default: $VMDEPOT_ACCOUNT, else the Unix user]
     #[arg(long, global = true, value_name = "NAME")]
     account: Option<String>,
+    /// Create the depot shared by this Unix group (dirs 2770, files 0660) instead of private (0700/0600); only when the depot is created
+    #[arg(long, global = true, value_name = "GROUP")]
+    group: Option<String>,
     /// No progress output
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -226,7 +232,7 @@ fn main() {
             if is_broken_pipe(&e) {
                 std::process::exit(0);
             }
-            eprintln!("vmdepot: {e:#}");
+            eprintln!("vmdepot: {}", esc(&format!("{e:#}")));
             let code = e
                 .downcast_ref::<vmdepot::Error>()
                 .map(|e| e.exit_code())
@@ -269,26 +275,66 @@ fn parse_tags_allow_empty(tags: &[String]) -> anyhow::Result<Vec<(String, String
         .collect()
 }
 
-/// One `key value` line per field (the plain form of `show`).
+/// One `key value` line per field (the plain form of `show`), values
+/// escaped ([`esc`]; lists and maps as JSON, which escapes on its own).
 fn print_fields<T: serde::Serialize>(out: &mut impl Write, v: &T) -> anyhow::Result<()> {
     let v = serde_json::to_value(v)?;
     for (k, v) in v.as_object().into_iter().flatten() {
         let v = match v {
-            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::String(s) => esc(s).into_owned(),
             serde_json::Value::Null => "-".into(),
-            other => other.to_string(),
+            other => escape(&other.to_string(), false).into_owned(),
         };
         writeln!(out, "{k:<20} {v}")?;
     }
     Ok(())
 }
 
+/// A catalog string (name, description, tag, vendor field, account, error
+/// message) made safe for a terminal, as `ls -b` does: control characters
+/// as escapes (`\n`, `\t`, `\r`, `\x1b`, `\u{85}`), Unicode line
+/// separators and bidirectional controls as `\u{…}`, and `\` as `\\`; so
+/// a description cannot forge output lines or drive the terminal. Every
+/// catalog string the CLI prints outside JSON goes through it.
+pub(crate) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, true)
+}
+
+/// [`esc`]; `backslash: false` leaves `\` alone (for JSON text, whose own
+/// escapes use it).
+fn escape(s: &str, backslash: bool) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| {
+        (backslash && c == '\\')
+            || c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(special) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if !special(c) => o.push(c),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x80 => o.push_str(&format!("\\x{:02x}", c as u32)),
+            c => o.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(o)
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
-    let mut depot = Depot::open(&dir)?;
-    if let Some(a) = &cli.account {
-        depot = depot.with_account(a.clone());
-    }
+    let depot = Depot::open_with(
+        &dir,
+        &DepotOptions {
+            account: cli.account.clone(),
+            group: cli.group.clone(),
+        },
+    )?;
     let progress = CliProgress::new(cli.quiet);
     let mut out = std::io::stdout().lock();
     match cli.cmd {
@@ -385,14 +431,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             writeln!(
                 out,
                 "{} ({}) is shared with {}",
-                i.name,
+                esc(&i.name),
                 i.id,
-                i.shared_with.join(", ")
+                esc(&i.shared_with.join(", "))
             )?;
         }
         Cmd::Image(ImageCmd::Unshare { image, with }) => {
             let i = depot.unshare_image(&image, &with)?;
-            writeln!(out, "{} ({}) is no longer shared with {with}", i.name, i.id)?;
+            writeln!(
+                out,
+                "{} ({}) is no longer shared with {}",
+                esc(&i.name),
+                i.id,
+                esc(&with)
+            )?;
         }
         Cmd::Image(ImageCmd::Shares { image, json }) => {
             let v = depot.image_shares(&image)?;
@@ -400,7 +452,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&v)?;
             } else {
                 for a in v {
-                    writeln!(out, "{a}")?;
+                    writeln!(out, "{}", esc(&a))?;
                 }
             }
         }
@@ -418,8 +470,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     out,
                     "{}  {} in {}: {} of {} chunks sent ({}), {} already there",
                     r.image.id,
-                    r.image.name,
-                    to_depot.display(),
+                    esc(&r.image.name),
+                    esc(&to_depot.display().to_string()),
                     r.chunks_sent,
                     r.chunks,
                     human(r.bytes_sent),
@@ -437,12 +489,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         out,
                         "{:<16} {:<20}  {:<30}{}{}",
                         e.relation,
-                        e.id,
-                        e.name,
+                        esc(&e.id),
+                        esc(&e.name),
                         if e.depot.is_empty() {
                             String::new()
                         } else {
-                            format!("  in {}", e.depot)
+                            format!("  in {}", esc(&e.depot))
                         },
                         if e.exists { "" } else { "  (deleted)" }
                     )?;
@@ -483,7 +535,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         out,
                         "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  {}",
                         i.id,
-                        i.name,
+                        esc(&i.name),
                         i.kind,
                         i.state,
                         human(i.virtual_size),
@@ -513,7 +565,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             writeln!(
                 out,
                 "deleted {} ({}); run `vmdepot gc` to free its data",
-                i.name, i.id
+                esc(&i.name),
+                i.id
             )?;
         }
         Cmd::Image(ImageCmd::Verify { image, json }) => {
@@ -556,10 +609,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&r)?;
             } else {
                 for p in &r.problems {
-                    writeln!(out, "problem: {p}")?;
+                    writeln!(out, "problem: {}", esc(p))?;
                 }
                 for g in &r.garbage {
-                    writeln!(out, "garbage (gc removes it): {g}")?;
+                    writeln!(out, "garbage (gc removes it): {}", esc(g))?;
                 }
                 writeln!(
                     out,
@@ -619,7 +672,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         out,
                         "  {:<20} {:<24} unique {:>10}  shared {:>10}",
                         i.id,
-                        i.name,
+                        esc(&i.name),
                         human(i.unique_stored_bytes),
                         human(i.shared_stored_bytes)
                     )?;
@@ -748,5 +801,28 @@ impl Progress for CliProgress {
                 bar.finish_and_clear();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn esc_shows_control_characters_as_escapes() {
+        assert_eq!(esc("plain name-1.2 é"), "plain name-1.2 é");
+        assert!(matches!(esc("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            esc("x\nowner              alice\x1b[31m"),
+            "x\\nowner              alice\\x1b[31m"
+        );
+        assert_eq!(esc("a\tb\rc\\d\x7f\0"), "a\\tb\\rc\\\\d\\x7f\\x00");
+        assert_eq!(
+            esc("\u{9b}2J \u{202e}abc \u{2028}"),
+            "\\u{9b}2J \\u{202e}abc \\u{2028}"
+        );
+        // JSON text keeps its own backslash escapes
+        assert_eq!(escape(r#"{"k":"a\u001b"}"#, false), r#"{"k":"a\u001b"}"#);
+        assert_eq!(escape("[\"\u{9b}\"]", false), "[\"\\u{9b}\"]");
     }
 }

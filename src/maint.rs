@@ -644,7 +644,10 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
                     )?;
                     Ok(c.last_insert_rowid())
                 })?;
-                writer = Some((id, crate::store::PackWriter::create(depot.root(), &n)?));
+                writer = Some((
+                    id,
+                    crate::store::PackWriter::create(depot.root(), &n, depot.perms())?,
+                ));
             }
             let (new_id, w) = writer.as_mut().unwrap();
             moves.push((fid, *new_id, w.append(&reader.frame_bytes(off, clen)?)?));

@@ -90,16 +90,18 @@ struct KvmVerdict {
 }
 
 /// Decides the accelerator for `requested`. For `auto`, returns TCG with a
-/// one-line notice saying why when KVM cannot run a guest here.
+/// one-line notice saying why when KVM cannot run a guest here. The probe's
+/// verdict is cached in `cache_dir/kvm-probe.json`, a file of `file_mode`.
 pub fn choose_accel(
     qemu: &Path,
     requested: Accel,
     cache_dir: &Path,
+    file_mode: u32,
 ) -> Result<(Accel, Option<String>)> {
     match requested {
         Accel::Kvm | Accel::Tcg => Ok((requested, None)),
         Accel::Auto => {
-            let (works, reason) = kvm_verdict(qemu, cache_dir)?;
+            let (works, reason) = kvm_verdict(qemu, cache_dir, file_mode)?;
             if works {
                 Ok((Accel::Kvm, None))
             } else {
@@ -114,7 +116,7 @@ pub fn choose_accel(
     }
 }
 
-fn kvm_verdict(qemu: &Path, cache_dir: &Path) -> Result<(bool, String)> {
+fn kvm_verdict(qemu: &Path, cache_dir: &Path, file_mode: u32) -> Result<(bool, String)> {
     // Cheap checks first: they decide on most hosts without starting QEMU.
     if nix::unistd::access("/dev/kvm", nix::unistd::AccessFlags::W_OK).is_err() {
         return Ok((false, "/dev/kvm is missing or not writable".into()));
@@ -153,7 +155,17 @@ fn kvm_verdict(qemu: &Path, cache_dir: &Path) -> Result<(bool, String)> {
         reason: reason.clone(),
     };
     let tmp = cache_dir.join(format!("kvm-probe.json.{}", std::process::id()));
-    if std::fs::write(&tmp, serde_json::to_vec(&v).unwrap_or_default()).is_ok() {
+    let written = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(file_mode)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&serde_json::to_vec(&v).unwrap_or_default()))
+    };
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, &cache);
     }
     Ok((works, reason))
@@ -241,11 +253,14 @@ impl Forward {
         };
         let host: u16 = host.parse().map_err(|_| bad())?;
         let guest: u16 = guest.parse().map_err(|_| bad())?;
-        if guest == 0 || addr.is_empty() {
+        let addr = addr.trim_matches(['[', ']']);
+        // An IP address only: anything else would reach QEMU's -netdev
+        // option string.
+        if guest == 0 || addr.parse::<std::net::IpAddr>().is_err() {
             return Err(bad());
         }
         Ok(Forward {
-            addr: addr.trim_matches(['[', ']']).to_owned(),
+            addr: addr.to_owned(),
             host,
             guest,
         })
@@ -312,16 +327,18 @@ impl VmConfig {
         }
         push(&["-smp", &self.cpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
+        // Paths inside option strings have their commas doubled (QEMU's
+        // option syntax); `-pidfile` takes a plain path.
         push(&[
             "-qmp",
-            &format!("unix:{},server=on,wait=off", self.files.qmp.display()),
+            &format!("unix:{},server=on,wait=off", opt_value(&self.files.qmp)),
         ]);
         push(&[
             "-chardev",
             &format!(
                 "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
-                self.files.console.display(),
-                self.files.serial_log.display()
+                opt_value(&self.files.console),
+                opt_value(&self.files.serial_log)
             ),
         ]);
         push(&["-serial", "chardev:console"]);
@@ -330,24 +347,35 @@ impl VmConfig {
             "-drive",
             &format!(
                 "file={},format={},if=virtio,cache=writeback,discard=unmap",
-                self.disk.0.display(),
+                opt_value(&self.disk.0),
                 self.disk.1
             ),
         ]);
         if let Some(seed) = &self.seed {
             push(&[
                 "-drive",
-                &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
+                &format!("file={},format=raw,if=virtio,readonly=on", opt_value(seed)),
             ]);
         }
         let mut net = "user,id=net0".to_string();
         for f in &self.forwards {
-            net.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", f.addr, f.host, f.guest));
+            net.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                f.addr.replace(',', ",,"),
+                f.host,
+                f.guest
+            ));
         }
         push(&["-netdev", &net]);
         push(&["-device", "virtio-net-pci,netdev=net0"]);
         a
     }
+}
+
+/// A path as the value of a QEMU option (`file=`, `path=`, …): commas are
+/// doubled, since a single one would start the next option.
+pub fn opt_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
 }
 
 /// Checks that a Unix socket path fits `sun_path` (108 bytes).
@@ -566,6 +594,8 @@ mod tests {
         assert!(Forward::parse("80").is_err());
         assert!(Forward::parse("x:80").is_err());
         assert!(Forward::parse("80:0").is_err());
+        assert!(Forward::parse("127.0.0.1,smb=/:80:22").is_err());
+        assert!(Forward::parse("localhost:80:22").is_err());
     }
 
     #[test]
@@ -599,6 +629,38 @@ mod tests {
             "-display none",
         ] {
             assert!(a.contains(want), "{want} missing from {a}");
+        }
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled_in_options() {
+        assert_eq!(opt_value(Path::new("/a,b/c,,d")), "/a,,b/c,,,,d");
+        let d = PathBuf::from("/dep,ot x");
+        let c = VmConfig {
+            tag: "ins-0123456789abcdef".into(),
+            accel: Accel::Tcg,
+            cpus: 1,
+            memory_mib: 256,
+            disk: (d.join("disk.qcow2"), "qcow2"),
+            seed: Some(d.join("seed.img")),
+            forwards: vec![],
+            files: VmFiles {
+                qmp: d.join("qmp.sock"),
+                console: d.join("console.sock"),
+                serial_log: d.join("serial.log"),
+                pidfile: d.join("qemu.pid"),
+            },
+        };
+        let a = c.args();
+        for want in [
+            "unix:/dep,,ot x/qmp.sock,server=on,wait=off",
+            "socket,id=console,path=/dep,,ot x/console.sock,server=on,wait=off,logfile=/dep,,ot x/serial.log,logappend=on",
+            "file=/dep,,ot x/disk.qcow2,format=qcow2,if=virtio,cache=writeback,discard=unmap",
+            "file=/dep,,ot x/seed.img,format=raw,if=virtio,readonly=on",
+            // a plain path, not an option string
+            "/dep,ot x/qemu.pid",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Size of the seed volume: plenty for user-data scripts and keys.
 const SEED_BYTES: u64 = 2 << 20;
@@ -31,7 +31,7 @@ impl Seed {
     ) -> Seed {
         let user_data = user_data.unwrap_or_else(|| {
             let mut s = String::from("#cloud-config\n");
-            s.push_str(&format!("hostname: {hostname}\n"));
+            s.push_str(&format!("hostname: {}\n", yaml_quote(hostname)));
             if !ssh_keys.is_empty() {
                 s.push_str("ssh_authorized_keys:\n");
                 for k in ssh_keys {
@@ -63,6 +63,8 @@ fn yaml_quote(s: &str) -> String {
             '"' => o.push_str("\\\""),
             '\\' => o.push_str("\\\\"),
             c if c.is_control() => o.push_str(&format!("\\x{:02x}", c as u32)),
+            // line and paragraph separators are line breaks to YAML 1.1
+            '\u{2028}' | '\u{2029}' | '\u{feff}' => o.push_str(&format!("\\u{:04x}", c as u32)),
             c => o.push(c),
         }
     }
@@ -70,9 +72,31 @@ fn yaml_quote(s: &str) -> String {
     o
 }
 
-/// Writes the seed volume to `path` (a raw FAT image).
-pub fn write_seed(path: &Path, seed: &Seed) -> Result<()> {
+/// A plain YAML scalar for meta-data: letters, digits, `.` and `-` (a
+/// hostname, an instance id) and nothing else.
+fn plain_scalar(what: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && !v.starts_with(['-', '.'])
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} {v:?} cannot go into the NoCloud meta-data: use letters, digits, '.' and '-'"
+        )))
+    }
+}
+
+/// Writes the seed volume to `path` (a raw FAT image, a new file of `mode`).
+/// The meta-data values are refused unless plain (see [`plain_scalar`]);
+/// generated user-data quotes every value.
+pub fn write_seed(path: &Path, seed: &Seed, mode: u32) -> Result<()> {
+    plain_scalar("hostname", &seed.hostname)?;
+    plain_scalar("instance id", &seed.instance_id)?;
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
+        .mode(mode)
         .read(true)
         .write(true)
         .create_new(true)
@@ -117,6 +141,26 @@ pub fn write_seed(path: &Path, seed: &Seed) -> Result<()> {
     Ok(())
 }
 
+/// Largest user-data accepted (the seed volume is 2 MiB).
+pub const MAX_USER_DATA: usize = 1 << 20;
+/// Largest SSH public key file accepted.
+pub const MAX_SSH_KEY: usize = 16 << 10;
+
+/// Refuses user-data and SSH keys over their caps.
+pub fn check_sizes(user_data: Option<&str>, ssh_keys: &[String]) -> crate::Result<()> {
+    if user_data.is_some_and(|u| u.len() > MAX_USER_DATA) {
+        return Err(crate::Error::Invalid(format!(
+            "user-data is larger than {MAX_USER_DATA} bytes (1 MiB): keep it smaller, e.g. fetch big files from cloud-init"
+        )));
+    }
+    if ssh_keys.iter().any(|k| k.len() > MAX_SSH_KEY) {
+        return Err(crate::Error::Invalid(format!(
+            "an SSH key is larger than {MAX_SSH_KEY} bytes: pass a public key file"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +176,7 @@ mod tests {
             None,
             &["ssh-ed25519 AAAA test@host".into()],
         );
-        write_seed(&p, &s).unwrap();
+        write_seed(&p, &s, 0o600).unwrap();
         let f = std::fs::File::open(&p).unwrap();
         let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim_end(), "CIDATA");
@@ -154,25 +198,28 @@ mod tests {
             .unwrap();
         assert!(ud.starts_with("#cloud-config\n"));
         assert!(ud.contains("  - \"ssh-ed25519 AAAA test@host\"\n"), "{ud}");
+        assert!(ud.contains("hostname: \"web-1\"\n"), "{ud}");
     }
-}
 
-/// Largest user-data accepted (the seed volume is 2 MiB).
-pub const MAX_USER_DATA: usize = 1 << 20;
-/// Largest SSH public key file accepted.
-pub const MAX_SSH_KEY: usize = 16 << 10;
-
-/// Refuses user-data and SSH keys over their caps.
-pub fn check_sizes(user_data: Option<&str>, ssh_keys: &[String]) -> crate::Result<()> {
-    if user_data.is_some_and(|u| u.len() > MAX_USER_DATA) {
-        return Err(crate::Error::Invalid(format!(
-            "user-data is larger than {MAX_USER_DATA} bytes (1 MiB): keep it smaller, e.g. fetch big files from cloud-init"
-        )));
+    #[test]
+    fn yaml_values_are_quoted_and_meta_data_refuses_the_rest() {
+        assert_eq!(yaml_quote("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(
+            yaml_quote("k\nhostname: evil\u{2028}x"),
+            r#""k\x0ahostname: evil\u2028x""#
+        );
+        let s = Seed::new(
+            "ins-0123456789abcdef",
+            "web-1",
+            None,
+            &["ssh-ed25519 AAAA a\nruncmd: [touch, /x]".into()],
+        );
+        assert!(!s.user_data.contains("\nruncmd"), "{}", s.user_data);
+        let d = tempfile::tempdir().unwrap();
+        for bad in ["a\ninstance-id: x", "a b", "a:b", "-a", ""] {
+            let s = Seed::new("ins-0123456789abcdef", bad, None, &[]);
+            let e = write_seed(&d.path().join("s.img"), &s, 0o600).unwrap_err();
+            assert!(e.to_string().contains("meta-data"), "{e}");
+        }
     }
-    if ssh_keys.iter().any(|k| k.len() > MAX_SSH_KEY) {
-        return Err(crate::Error::Invalid(format!(
-            "an SSH key is larger than {MAX_SSH_KEY} bytes: pass a public key file"
-        )));
-    }
-    Ok(())
 }

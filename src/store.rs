@@ -9,13 +9,14 @@
 //! A pack is written once, fsynced, and never modified in place after that
 //! ("sealed"); gc deletes whole packs.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{PackHeader, CHUNK_SIZE};
 use crate::ids::random_hex;
+use crate::perms::Perms;
 
 /// Path of a pack file given the depot root and the pack's name.
 pub fn pack_path(root: &Path, name: &str) -> PathBuf {
@@ -43,15 +44,17 @@ pub struct PackWriter {
 }
 
 impl PackWriter {
-    /// Creates the pack file (and its fan-out directory) and writes the header.
-    pub fn create(root: &Path, name: &str) -> Result<PackWriter> {
+    /// Creates the pack file (and its fan-out directory) with the depot's
+    /// modes and writes the header.
+    pub fn create(root: &Path, name: &str, perms: Perms) -> Result<PackWriter> {
         let path = pack_path(root, name);
         let dir = path.parent().expect("pack path has a parent");
         if !dir.exists() {
-            fs::create_dir_all(dir).at(dir)?;
+            perms.mkdir_all(dir)?;
             sync_dir(dir.parent().expect("packs dir"))?;
         }
-        let mut file = OpenOptions::new()
+        let mut file = perms
+            .open_options()
             .write(true)
             .create_new(true)
             .open(&path)
@@ -242,7 +245,7 @@ mod tests {
     fn write_seal_read() {
         let dir = tempfile::tempdir().unwrap();
         let name = new_pack_name();
-        let mut w = PackWriter::create(dir.path(), &name).unwrap();
+        let mut w = PackWriter::create(dir.path(), &name, Perms::PRIVATE).unwrap();
         let data: Vec<u8> = (0..CHUNK_SIZE * 3).map(|i| (i % 7) as u8).collect();
         let c = compress_frame(&data, 3).unwrap();
         let off = w.append(&c).unwrap();

@@ -410,7 +410,7 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
     assert!(unit.contains("Type=notify"), "{unit}");
     assert!(
         unit.contains(&format!(
-            "instance start {} --foreground",
+            "\"instance\" \"start\" \"{}\" \"--foreground\"",
             i["id"].as_str().unwrap()
         )),
         "{unit}"

@@ -8,3 +8,4 @@ mod instance;
 mod lifecycle;
 mod security_access;
 mod security_input;
+mod security_local;

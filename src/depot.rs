@@ -169,6 +169,8 @@ impl Depot {
     /// needed. Several processes may open one depot at once.
     #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
     pub fn open(root: impl AsRef<Path>) -> Result<Depot> {
+        // The caller's umask, before anything changes it: exports use it.
+        export::caller_umask();
         let root = root.as_ref().to_owned();
         for d in ["", "packs", "locks", "tmp"] {
             let p = root.join(d);
@@ -232,7 +234,13 @@ impl Depot {
     }
 
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking
-    /// every chunk's hash and the image's content digest on the way.
+    /// the image's content digest of what was written.
+    ///
+    /// A file is written as a new file (mode [`export::export_file_mode`])
+    /// and renamed over `out`, never through a link planted there; a block
+    /// device is written in place (every block, zeros included). Refused:
+    /// a destination inside the depot, a symlink, a directory, a FIFO, a
+    /// socket or a character device (see [`Depot::export_to`] for streams).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn export(
         &self,
@@ -242,7 +250,21 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<()> {
         let (row, _) = self.available_for(image, Op::Export)?;
-        export::export(self, &row, out.as_ref(), format, progress)
+        export::export_user(self, &row, out.as_ref(), format, progress)
+    }
+
+    /// Streams an image's raw content to `w` in order (zeros written as
+    /// zeros), checking its content digest on the way: a mismatch is an
+    /// error, reported after the bytes were written.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn export_to(
+        &self,
+        image: &str,
+        w: &mut dyn std::io::Write,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let (row, _) = self.available_for(image, Op::Export)?;
+        export::export_stream(self, &row, w, progress)
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content

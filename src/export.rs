@@ -890,7 +890,7 @@ fn read_frame(
         match r.get(&f.pack) {
             Some(x) => x.clone(),
             None => {
-                let x = Arc::new(PackReader::open(&pack_path(root, &plan.packs[&f.pack]))?);
+                let x = Arc::new(PackReader::open(&pack_path(root, &plan.packs[&f.pack])?)?);
                 r.insert(f.pack, x.clone());
                 x
             }

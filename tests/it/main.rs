@@ -6,3 +6,4 @@ mod common;
 mod image;
 mod instance;
 mod lifecycle;
+mod security_store;

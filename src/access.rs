@@ -217,6 +217,7 @@ impl Depot {
     /// Like [`Depot::image_for`], and the image must be available.
     pub(crate) fn available_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
         let (row, access) = self.image_for(reference, op)?;
+        row.check_sound()?;
         if row.state != "available" {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),

@@ -225,7 +225,12 @@ fn migrations() -> Migrations<'static> {
 /// Opens (creating if needed) the catalog at `path`, configured and migrated.
 /// A new catalog and its lock file are created with `file_mode` (SQLite gives
 /// its `-wal` and `-shm` files the catalog's mode).
-pub fn open(path: &Path, file_mode: u32) -> Result<Connection> {
+///
+/// `existing` says why the depot is known to exist already (its marker,
+/// pack files): then a missing or empty catalog (no schema, `user_version`
+/// 0) is not created afresh but refused, since the depot's images would
+/// silently vanish and gc would delete every pack.
+pub fn open(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Connection> {
     use std::os::unix::fs::OpenOptionsExt;
     // Creating the catalog, switching it to WAL and migrating it are
     // serialised between processes by a lock file beside it (SQLite gives
@@ -240,6 +245,16 @@ pub fn open(path: &Path, file_mode: u32) -> Result<Connection> {
         .map_err(|e| Error::io(&lock_path, e))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::io(&lock_path, e.into()))?;
+    let lost = |what: &str| {
+        Error::StoreDamaged(format!(
+            "{}: the catalog is {what}, but {}: the depot's images are unknown without it; restore catalog.db (and catalog.db-wal if the backup has one) from a backup; nothing was changed",
+            path.display(),
+            existing.unwrap_or_default()
+        ))
+    };
+    if existing.is_some() && !path.exists() {
+        return Err(lost("missing"));
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -250,6 +265,9 @@ pub fn open(path: &Path, file_mode: u32) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 && existing.is_some() {
+        return Err(lost("empty (no schema)"));
+    }
     if version == 0 {
         // Only possible before the file is initialised: lets
         // `vacuum_free_pages` give freed pages back to the filesystem.
@@ -306,6 +324,22 @@ pub struct ImageRow {
     /// `"<owner> <img-id>"` of the shared image whose content this image
     /// carries (launch-only for its owner), or empty.
     pub restricted_from: String,
+    /// What is wrong with the row, if it is damaged (then it may only be
+    /// shown, listed as damaged, and deleted).
+    pub damage: Option<String>,
+}
+
+impl ImageRow {
+    /// Refuses a damaged row (exit 5), naming it.
+    pub fn check_sound(&self) -> Result<()> {
+        match &self.damage {
+            Some(d) => Err(Error::StoreDamaged(format!(
+                "image {} ({}): {d}; run `vmdepot fsck`, and delete the image or restore catalog.db from a backup",
+                self.name, self.id
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 const IMAGE_COLS: &str = "id, name, type, state, owner, description, source_format, \
@@ -313,30 +347,113 @@ const IMAGE_COLS: &str = "id, name, type, state, owner, description, source_form
                           parent_name, source_instance, copied_from, protected, deprecated, \
                           vendor, application, app_version, restricted_from";
 
-fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
-    Ok(ImageRow {
-        id: ImageId::from_db(r.get(0)?),
-        name: r.get(1)?,
-        kind: r.get(2)?,
-        state: r.get(3)?,
-        owner: r.get(4)?,
-        description: r.get(5)?,
-        source_format: r.get(6)?,
-        virtual_size: r.get::<_, i64>(7)? as u64,
-        data_bytes: r.get::<_, i64>(8)? as u64,
-        content_digest: r.get(9)?,
-        created_at: r.get(10)?,
-        parent: r.get(11)?,
-        parent_name: r.get(12)?,
-        source_instance: r.get(13)?,
-        copied_from: r.get(14)?,
-        protected: r.get(15)?,
-        deprecated: r.get(16)?,
-        vendor: r.get(17)?,
-        application: r.get(18)?,
-        app_version: r.get(19)?,
-        restricted_from: r.get(20)?,
+/// Reads a row's columns leniently, noting what is wrong with them instead
+/// of failing: one damaged row must not hide the others.
+struct Lenient<'a, 'b> {
+    r: &'a rusqlite::Row<'b>,
+    bad: Vec<String>,
+}
+
+impl Lenient<'_, '_> {
+    fn text(&mut self, i: usize, col: &str) -> rusqlite::Result<String> {
+        let (s, ok) = text_lossy(self.r, i)?;
+        if !ok {
+            self.bad.push(format!("column {col} is not UTF-8 text"));
+        }
+        Ok(s)
+    }
+
+    fn opt_text(&mut self, i: usize, col: &str) -> rusqlite::Result<Option<String>> {
+        match self.r.get_ref(i)? {
+            rusqlite::types::ValueRef::Null => Ok(None),
+            _ => self.text(i, col).map(Some),
+        }
+    }
+
+    fn int(&mut self, i: usize, col: &str) -> rusqlite::Result<i64> {
+        match self.r.get_ref(i)? {
+            rusqlite::types::ValueRef::Integer(v) => Ok(v),
+            _ => {
+                self.bad.push(format!("column {col} is not an integer"));
+                Ok(0)
+            }
+        }
+    }
+
+    fn size(&mut self, i: usize, col: &str) -> rusqlite::Result<u64> {
+        let v = self.int(i, col)?;
+        if v < 0 {
+            self.bad.push(format!("column {col} is negative ({v})"));
+        }
+        Ok(v.max(0) as u64)
+    }
+}
+
+/// The text of column `i`, and whether it was valid UTF-8 text (anything
+/// else is shown lossily).
+pub fn text_lossy(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<(String, bool)> {
+    use rusqlite::types::ValueRef;
+    Ok(match r.get_ref(i)? {
+        ValueRef::Text(b) => match std::str::from_utf8(b) {
+            Ok(s) => (s.to_owned(), true),
+            Err(_) => (String::from_utf8_lossy(b).into_owned(), false),
+        },
+        ValueRef::Blob(b) => (String::from_utf8_lossy(b).into_owned(), false),
+        ValueRef::Integer(v) => (v.to_string(), false),
+        ValueRef::Real(v) => (v.to_string(), false),
+        ValueRef::Null => (String::new(), false),
     })
+}
+
+fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    let mut l = Lenient { r, bad: Vec::new() };
+    let id = l.text(0, "id")?;
+    if ImageId::parse(&id).is_none() {
+        l.bad.push(format!("id {id:?} is not img-<16 hex digits>"));
+    }
+    let kind = l.text(2, "type")?;
+    if !matches!(kind.as_str(), "public" | "marketplace" | "custom") {
+        l.bad.push(format!(
+            "type {kind:?} is not public, marketplace or custom"
+        ));
+    }
+    let state = l.text(3, "state")?;
+    if !matches!(state.as_str(), "importing" | "available") {
+        l.bad
+            .push(format!("state {state:?} is not importing or available"));
+    }
+    let mut row = ImageRow {
+        id: ImageId::from_db(id),
+        name: l.text(1, "name")?,
+        kind,
+        state,
+        owner: l.text(4, "owner")?,
+        description: l.text(5, "description")?,
+        source_format: l.text(6, "source_format")?,
+        virtual_size: l.size(7, "virtual_size")?,
+        data_bytes: l.size(8, "data_bytes")?,
+        content_digest: l.opt_text(9, "content_digest")?,
+        created_at: l.int(10, "created_at")?,
+        parent: l.opt_text(11, "parent")?,
+        parent_name: l.text(12, "parent_name")?,
+        source_instance: l.opt_text(13, "source_instance")?,
+        copied_from: l.text(14, "copied_from")?,
+        protected: l.int(15, "protected")? != 0,
+        deprecated: l.int(16, "deprecated")? != 0,
+        vendor: l.text(17, "vendor")?,
+        application: l.text(18, "application")?,
+        app_version: l.text(19, "app_version")?,
+        restricted_from: l.text(20, "restricted_from")?,
+        damage: None,
+    };
+    if !l.bad.is_empty() {
+        row.damage = Some(format!(
+            "catalog table images, row {}: {}",
+            row.id,
+            l.bad.join(", ")
+        ));
+    }
+    Ok(row)
 }
 
 /// Every image with this id or name (names are unique per owner, and
@@ -383,14 +500,20 @@ pub fn image_map(conn: &Connection, id: &ImageId) -> Result<crate::format::Block
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let (Some(blob), Some(digest)) = (blob, digest) else {
-        return Err(Error::StoreDamaged(format!("image {id} has no map")));
+        return Err(Error::StoreDamaged(format!(
+            "catalog table images, image {id}: it has no block map"
+        )));
     };
     if blake3::hash(&blob).as_bytes()[..] != digest[..] {
         return Err(Error::StoreDamaged(format!(
-            "image {id}: its block map does not match its recorded digest"
+            "catalog table images, image {id}: its block map does not match its recorded digest"
         )));
     }
-    crate::format::decode_map(&blob).map_err(|e| Error::StoreDamaged(format!("image {id}: {e}")))
+    crate::format::decode_map(&blob).map_err(|e| {
+        Error::StoreDamaged(format!(
+            "catalog table images, image {id}: its block map cannot be decoded: {e}"
+        ))
+    })
 }
 
 /// Where a chunk lives.
@@ -449,10 +572,35 @@ pub fn frame_loc(conn: &Connection, id: i64) -> Result<Option<FrameLoc>> {
         .optional()?)
 }
 
-/// Name of a pack by id.
+/// Name of a pack by id (checked: a damaged row is an error naming it).
 pub fn pack_name(conn: &Connection, id: i64) -> Result<Option<String>> {
     let mut st = conn.prepare_cached("SELECT name FROM packs WHERE id = ?1")?;
-    Ok(st.query_row([id], |r| r.get(0)).optional()?)
+    let Some((name, utf8)) = st.query_row([id], |r| text_lossy(r, 0)).optional()? else {
+        return Ok(None);
+    };
+    check_pack_name(id, &name, utf8)?;
+    Ok(Some(name))
+}
+
+/// A pack row's name must be what [`crate::store::new_pack_name`] makes.
+pub fn check_pack_name(id: i64, name: &str, utf8: bool) -> Result<()> {
+    if utf8 && crate::store::valid_pack_name(name) {
+        return Ok(());
+    }
+    Err(Error::StoreDamaged(format!(
+        "catalog table packs, row {id}: pack name {name:?} is not 32 lowercase hex digits; run `vmdepot fsck`, and restore catalog.db from a backup"
+    )))
+}
+
+/// Every pack row's name checked (gc runs only on sound pack rows).
+pub fn check_pack_names(conn: &Connection) -> Result<()> {
+    let mut st = conn.prepare("SELECT id, name FROM packs")?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        let (name, utf8) = text_lossy(r, 1)?;
+        check_pack_name(r.get(0)?, &name, utf8)?;
+    }
+    Ok(())
 }
 
 /// The index key of a hash: its first 8 bytes.
@@ -714,8 +862,8 @@ mod tests {
     fn open_twice_and_find() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("catalog.db");
-        let c = open(&p, 0o600).unwrap();
-        drop(open(&p, 0o600).unwrap());
+        let c = open(&p, 0o600, None).unwrap();
+        drop(open(&p, 0o600, Some("test")).unwrap());
         assert!(matches!(
             find_image(&c, "nope"),
             Err(Error::ImageNotFound(_))

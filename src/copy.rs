@@ -170,7 +170,7 @@ impl Depot {
                     let r = Arc::new(PackReader::open(&pack_path(
                         self.root(),
                         &plan.packs[&f.pack],
-                    ))?);
+                    )?)?);
                     readers.insert(f.pack, r.clone());
                     r
                 }

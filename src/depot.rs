@@ -167,6 +167,10 @@ pub struct ImageInfo {
     pub launch_only: bool,
     /// For a launch-only image: `"<owner> <img-id>"` of that shared image.
     pub restricted_from: String,
+    /// Why the image is damaged (its catalog row or block map), if it is:
+    /// then its state is `damaged`, and it can only be shown and deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damage: Option<String>,
 }
 
 /// How a depot is opened (see [`Depot::open_with`]).
@@ -295,7 +299,25 @@ impl Depot {
         // Absolute from here on: overlays name their base by this path, and
         // QEMU runs with another working directory.
         let root = fs::canonicalize(&root).at(&root)?;
-        let conn = catalog::open(&root.join("catalog.db"), perms.file())?;
+        let marker = read_marker(&root)?;
+        let existing = match &marker {
+            Some(id) => Some(format!(
+                "the depot's marker {} (depot {id}) exists",
+                root.join(MARKER).display()
+            )),
+            None => has_pack_files(&root)
+                .then(|| format!("pack files exist in {}", root.join("packs").display())),
+        };
+        let conn = catalog::open(&root.join("catalog.db"), perms.file(), existing.as_deref())?;
+        if marker.is_none() {
+            // A new depot, or one made before markers (migration).
+            if let Err(e) = write_marker(&root, perms) {
+                if existing.is_none() {
+                    return Err(e);
+                }
+                tracing::warn!("could not write the depot marker: {e}");
+            }
+        }
         Ok(Depot {
             root,
             conn,
@@ -364,7 +386,13 @@ impl Depot {
     }
 
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking
-    /// every chunk's hash and the image's content digest on the way.
+    /// the image's content digest of what was written.
+    ///
+    /// A file is written as a new file (mode [`export::export_file_mode`])
+    /// and renamed over `out`, never through a link planted there; a block
+    /// device is written in place (every block, zeros included). Refused:
+    /// a destination inside the depot, a symlink, a directory, a FIFO, a
+    /// socket or a character device (see [`Depot::export_to`] for streams).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn export(
         &self,
@@ -373,14 +401,22 @@ impl Depot {
         format: ExportFormat,
         progress: &dyn Progress,
     ) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
         let (row, _) = self.available_for(image, Op::Export)?;
-        let out = out.as_ref();
-        export::export(self, &row, out, format, progress)?;
-        // Written under the depot's umask (0600): the caller's file gets the
-        // caller's own umask.
-        let mode = 0o666 & !perms::caller_umask();
-        fs::set_permissions(out, fs::Permissions::from_mode(mode)).at(out)
+        export::export_user(self, &row, out.as_ref(), format, progress)
+    }
+
+    /// Streams an image's raw content to `w` in order (zeros written as
+    /// zeros), checking its content digest on the way: a mismatch is an
+    /// error, reported after the bytes were written.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn export_to(
+        &self,
+        image: &str,
+        w: &mut dyn std::io::Write,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let (row, _) = self.available_for(image, Op::Export)?;
+        export::export_stream(self, &row, w, progress)
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content
@@ -689,6 +725,10 @@ impl Depot {
         usage: &maint::Usage,
     ) -> Result<ImageInfo> {
         let (unique, shared) = usage.per_image.get(&r.id).copied().unwrap_or((0, 0));
+        let damage = r
+            .damage
+            .clone()
+            .or_else(|| usage.damaged.get(&r.id).cloned());
         let tags = {
             let mut st = self
                 .conn
@@ -709,7 +749,11 @@ impl Depot {
             } else {
                 r.kind
             },
-            state: shown_state(&r.state, r.deprecated),
+            state: if damage.is_some() {
+                "damaged".into()
+            } else {
+                shown_state(&r.state, r.deprecated)
+            },
             owner: r.owner,
             description: r.description,
             source_format: r.source_format,
@@ -732,6 +776,7 @@ impl Depot {
             shared_with,
             launch_only: !r.restricted_from.is_empty(),
             restricted_from: r.restricted_from,
+            damage,
         })
     }
 
@@ -791,6 +836,94 @@ impl Depot {
     pub(crate) fn import_alive(&self, id: &ImageId) -> bool {
         held(&self.lock_path(id))
     }
+}
+
+/// The depot marker file (docs/FORMAT.md): written once, when the depot is
+/// created (or first opened by a vmdepot that knows markers).
+pub const MARKER: &str = "VMDEPOT";
+
+/// The first line of the marker.
+const MARKER_MAGIC: &str = "vmdepot-depot";
+
+/// The depot format version the marker names.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The depot id from the marker, if there is a marker.
+fn read_marker(root: &Path) -> Result<Option<String>> {
+    let p = root.join(MARKER);
+    let text = match fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&p, e)),
+    };
+    let bad = |why: &str| {
+        Error::StoreDamaged(format!(
+            "{}: not a vmdepot depot marker ({why}); it should hold `{MARKER_MAGIC}`, `format=N` and `id=<32 hex>` lines",
+            p.display()
+        ))
+    };
+    let text = std::str::from_utf8(&text).map_err(|_| bad("not UTF-8"))?;
+    let mut lines = text.split_terminator('\n');
+    if lines.next() != Some(MARKER_MAGIC) {
+        return Err(bad("bad first line"));
+    }
+    let format: u32 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("format="))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("bad format line"))?;
+    if format > FORMAT_VERSION {
+        return Err(Error::Invalid(format!(
+            "{}: the depot has format {format}, this vmdepot knows format {FORMAT_VERSION} at most: use a newer vmdepot",
+            p.display()
+        )));
+    }
+    let id = lines
+        .next()
+        .and_then(|l| l.strip_prefix("id="))
+        .filter(|id| crate::store::valid_pack_name(id))
+        .ok_or_else(|| bad("bad id line"))?;
+    Ok(Some(id.to_owned()))
+}
+
+/// Writes the marker with a fresh depot id, atomically and durably: a
+/// fsynced temporary hard-linked to the name (a concurrent first open that
+/// won keeps its own), then the directory fsynced.
+fn write_marker(root: &Path, perms: Perms) -> Result<()> {
+    use std::io::Write;
+    let id = crate::ids::random_hex(16);
+    let text = format!("{MARKER_MAGIC}\nformat={FORMAT_VERSION}\nid={id}\n");
+    let tmp = root.join(format!("{MARKER}.tmp-{}", crate::ids::random_hex(8)));
+    let r = (|| {
+        let mut f = perms
+            .open_options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .at(&tmp)?;
+        f.write_all(text.as_bytes()).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+        let m = root.join(MARKER);
+        match fs::hard_link(&tmp, &m) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(Error::io(&m, e)),
+            _ => Ok(()),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    r?;
+    crate::store::sync_dir(root)
+}
+
+/// Whether any pack file exists under `root/packs`.
+fn has_pack_files(root: &Path) -> bool {
+    let Ok(rd) = fs::read_dir(root.join("packs")) else {
+        return false;
+    };
+    rd.flatten().any(|sub| {
+        fs::read_dir(sub.path()).is_ok_and(|mut rd2| {
+            rd2.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|e| e == "pack")))
+        })
+    })
 }
 
 /// Whether some process holds an exclusive flock on the file at `p`.

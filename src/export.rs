@@ -8,11 +8,22 @@
 //! never written.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::fcntl::{
+    fallocate, openat, renameat, AtFlags, FallocateFlags, Flock, FlockArg, OFlag, AT_FDCWD,
+};
+use nix::sys::stat::{fstatat, Mode};
+use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
 use crate::catalog::{self, ChunkLoc, FrameLoc, ImageRow};
 use crate::depot::Depot;
@@ -43,23 +54,336 @@ impl ExportFormat {
     }
 }
 
-/// Removes a file on drop unless disarmed.
-struct TempFile(Option<PathBuf>);
+/// Mode of the files `image export` creates: `0666 & !caller_umask()`.
+pub fn export_file_mode() -> u32 {
+    0o666 & !crate::perms::caller_umask()
+}
 
-impl Drop for TempFile {
+/// The process umask now (from /proc, which does not change it).
+fn current_umask() -> u32 {
+    if let Ok(s) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(u) = s
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        {
+            return u;
+        }
+    }
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+    nix::sys::stat::umask(old);
+    old.bits()
+}
+
+/// Where a temporary's name starts and what marks it (`.OUT.vmdepot-partial-<random>`).
+const PARTIAL_MARK: &str = ".vmdepot-partial-";
+
+/// A unique hidden name beside `name` for a temporary.
+fn temp_name(name: &OsStr) -> OsString {
+    // Leave room for the mark and the random part within NAME_MAX (255).
+    let b = name.as_bytes();
+    let mut s = OsString::from(".");
+    s.push(OsStr::from_bytes(&b[..b.len().min(200)]));
+    s.push(PARTIAL_MARK);
+    s.push(crate::ids::random_hex(8));
+    s
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// A new file being written in a directory: anonymous (O_TMPFILE) where the
+/// filesystem allows it, else under a unique hidden name created with
+/// O_EXCL|O_NOFOLLOW. Held under an exclusive flock while it is written, so
+/// that another export's clean-up ([`clean_leftovers`]) leaves it alone.
+/// Removed on drop unless persisted.
+struct Temp<'a> {
+    dir: &'a File,
+    dir_path: &'a Path,
+    file: Option<Flock<File>>,
+    /// Its name in `dir`, if it has one.
+    named: Option<OsString>,
+}
+
+impl<'a> Temp<'a> {
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("open until dropped")
+    }
+
+    fn create(dir: &'a File, dir_path: &'a Path, name: &OsStr) -> Result<Temp<'a>> {
+        let flags = OFlag::O_RDWR | OFlag::O_CLOEXEC;
+        let mode = Mode::from_bits_truncate(0o600);
+        let (fd, named) = match openat(dir, ".", flags | OFlag::O_TMPFILE, mode) {
+            Ok(fd) => (fd, None),
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL | Errno::ENOENT) => loop {
+                let n = temp_name(name);
+                let f = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW;
+                match openat(dir, n.as_os_str(), flags | f, mode) {
+                    Ok(fd) => break (fd, Some(n)),
+                    Err(Errno::EEXIST) => continue,
+                    Err(e) => return Err(Error::io(dir_path.join(&n), errno_io(e))),
+                }
+            },
+            Err(e) => return Err(Error::io(dir_path, errno_io(e))),
+        };
+        // A fresh inode: nobody else can hold its lock.
+        let file = Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::io(dir_path, errno_io(e)));
+        let mut t = Temp {
+            dir,
+            dir_path,
+            file: None,
+            named,
+        };
+        t.file = Some(file?);
+        Ok(t)
+    }
+
+    /// How the file is named for messages and for child processes.
+    fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file().as_raw_fd()))
+    }
+
+    /// Gives the file `name` in its directory, replacing whatever had that
+    /// name (a file, or a symlink itself: rename never follows the last
+    /// component), then fsyncs the directory.
+    fn persist(mut self, name: &OsStr) -> Result<()> {
+        let out = self.dir_path.join(name);
+        let tmp = match self.named.clone() {
+            Some(n) => n,
+            None => loop {
+                // linkat cannot replace: link under a unique name, then rename.
+                let n = temp_name(name);
+                match linkat(
+                    AT_FDCWD,
+                    &self.proc_path(),
+                    self.dir,
+                    n.as_os_str(),
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                ) {
+                    Ok(()) => {
+                        self.named = Some(n.clone());
+                        break n;
+                    }
+                    Err(Errno::EEXIST) => continue,
+                    Err(e) => return Err(Error::io(&out, errno_io(e))),
+                }
+            },
+        };
+        renameat(self.dir, tmp.as_os_str(), self.dir, name)
+            .map_err(|e| Error::io(&out, errno_io(e)))?;
+        self.named = None;
+        self.dir.sync_all().at(self.dir_path)
+    }
+}
+
+impl Drop for Temp<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
+        if let Some(n) = self.named.take() {
+            let _ = unlinkat(self.dir, n.as_os_str(), UnlinkatFlags::NoRemoveDir);
         }
     }
 }
 
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
+/// Removes the temporaries that killed exports left in `dir`: hidden files
+/// named with [`PARTIAL_MARK`] that are regular files owned by us and that
+/// no running export holds (flock).
+fn clean_leftovers(dir: &File, dir_path: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir_path) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let b = n.as_bytes();
+        if !b.starts_with(b".")
+            || !b
+                .windows(PARTIAL_MARK.len())
+                .any(|w| w == PARTIAL_MARK.as_bytes())
+        {
+            continue;
+        }
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let Ok(fd) = openat(dir, n.as_os_str(), flags, Mode::empty()) else {
+            continue;
+        };
+        let f = File::from(fd);
+        let Ok(m) = f.metadata() else { continue };
+        if !m.file_type().is_file() || m.uid() != me {
+            continue;
+        }
+        let Ok(_lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
+            continue; // a running export's
+        };
+        // Still the same file under that name?
+        let same = fstatat(dir, n.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|s| s.st_dev == m.dev() && s.st_ino == m.ino());
+        if same {
+            let _ = unlinkat(dir, n.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
 }
 
+/// Opens a directory for the *at calls.
+fn open_dir(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(p)
+        .at(p)
+}
+
+/// Where a user's export goes.
+enum Dest {
+    /// A new regular file `name` in `dir` (replacing a file of that name).
+    File {
+        dir: File,
+        dir_path: PathBuf,
+        name: OsString,
+    },
+    /// A block device, written in place.
+    Block(File),
+}
+
+fn refused(out: &Path, reason: impl Into<String>) -> Error {
+    Error::Refused {
+        file: out.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Splits `out` into its (canonical) directory and file name.
+fn parent_and_name(out: &Path) -> Result<(PathBuf, OsString)> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| refused(out, "it names no file: give the path of a file to write"))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(parent).at(parent)?;
+    Ok((dir, name.to_owned()))
+}
+
+/// Decides where a user's export goes, refusing the depot's own files,
+/// symlinks, directories, FIFOs, sockets and character devices.
+fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
+    let (dir_path, name) = parent_and_name(out)?;
+    let root = std::fs::metadata(depot.root()).at(depot.root())?;
+    let inside = dir_path.ancestors().any(|a| {
+        std::fs::metadata(a).is_ok_and(|m| m.dev() == root.dev() && m.ino() == root.ino())
+    });
+    if inside {
+        return Err(refused(
+            out,
+            format!(
+                "it is inside the depot {}: an export there would overwrite the depot's own files; export to a path outside the depot",
+                depot.root().display()
+            ),
+        ));
+    }
+    let dir = open_dir(&dir_path)?;
+    let st = match fstatat(&dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Some(st),
+        Err(Errno::ENOENT) => None,
+        Err(e) => return Err(Error::io(out, errno_io(e))),
+    };
+    let kind = st.map(|s| s.st_mode & libc::S_IFMT);
+    match kind {
+        None | Some(libc::S_IFREG) => Ok(Dest::File {
+            dir,
+            dir_path,
+            name,
+        }),
+        Some(libc::S_IFLNK) => {
+            let to = std::fs::read_link(out).unwrap_or_default();
+            Err(refused(
+                out,
+                format!(
+                    "it is a symbolic link (to {}): vmdepot does not write through links; export to the path it points to, or remove the link",
+                    to.display()
+                ),
+            ))
+        }
+        Some(libc::S_IFDIR) => Err(refused(
+            out,
+            "it is a directory: give the path of a file to write",
+        )),
+        Some(libc::S_IFBLK) => {
+            if format != ExportFormat::Raw {
+                return Err(refused(
+                    out,
+                    "it is a block device: export to it with --format raw",
+                ));
+            }
+            // O_EXCL on a block device: EBUSY if it is mounted or in use.
+            let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_EXCL | OFlag::O_CLOEXEC;
+            let fd = match openat(&dir, name.as_os_str(), flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::EBUSY) => {
+                    return Err(refused(out, "the block device is in use (mounted, or held by another device): unmount it first"))
+                }
+                Err(e) => return Err(Error::io(out, errno_io(e))),
+            };
+            let f = File::from(fd);
+            let m = f.metadata().at(out)?;
+            if !m.file_type().is_block_device() {
+                return Err(refused(out, "it changed while it was opened"));
+            }
+            if m.rdev() == root.dev() {
+                return Err(refused(out, "it is the block device that holds the depot"));
+            }
+            Ok(Dest::Block(f))
+        }
+        Some(libc::S_IFIFO) => Err(refused(
+            out,
+            "it is a FIFO: use `-` to stream the raw image to stdout",
+        )),
+        Some(libc::S_IFCHR) => Err(refused(
+            out,
+            "it is a character device: use `-` to stream the raw image to stdout",
+        )),
+        Some(_) => Err(refused(out, "it is not a regular file or a block device")),
+    }
+}
+
+/// `image export`: checks the destination (see [`user_dest`]), writes a new
+/// file with the caller's mode ([`export_file_mode`]) or a block device in
+/// place.
+pub(crate) fn export_user(
+    depot: &Depot,
+    row: &ImageRow,
+    out: &Path,
+    format: ExportFormat,
+    progress: &dyn Progress,
+) -> Result<()> {
+    match user_dest(depot, out, format)? {
+        Dest::File {
+            dir,
+            dir_path,
+            name,
+        } => write_new_file(
+            depot,
+            row,
+            &dir,
+            &dir_path,
+            &name,
+            format,
+            export_file_mode(),
+            progress,
+        ),
+        Dest::Block(dev) => write_block(depot, row, &dev, out, progress),
+    }
+}
+
+/// Materialises an image into a file of the depot (a launch base, an
+/// instance's private disk): no destination checks; the mode follows the
+/// process umask.
 pub(crate) fn export(
     depot: &Depot,
     row: &ImageRow,
@@ -67,51 +391,179 @@ pub(crate) fn export(
     format: ExportFormat,
     progress: &dyn Progress,
 ) -> Result<()> {
-    // Written beside the target and renamed into place: a failed export
-    // leaves no partial file.
-    let partial = sibling(out, ".vmdepot-partial");
-    let raw_path = match format {
-        ExportFormat::Raw => partial.clone(),
-        ExportFormat::Qcow2 => sibling(out, ".vmdepot-raw"),
-    };
-    let mut guard_raw = TempFile(Some(raw_path.clone()));
-    let mut guard_partial = TempFile(Some(partial.clone()));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&raw_path)
-        .at(&raw_path)?;
-    file.set_len(row.virtual_size).at(&raw_path)?;
-    materialise(depot, row, Some((&file, &raw_path)), progress)?;
-    drop(file);
-    if format == ExportFormat::Qcow2 {
-        progress.begin("qcow2", 0);
-        let r = crate::source::qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            path_str(&raw_path)?,
-            path_str(&partial)?,
-        ]);
-        progress.end();
-        r?;
+    let (dir_path, name) = parent_and_name(out)?;
+    let dir = open_dir(&dir_path)?;
+    let mode = 0o666 & !current_umask();
+    write_new_file(depot, row, &dir, &dir_path, &name, format, mode, progress)
+}
+
+/// Writes the image as a new file `name` in `dir`: into an anonymous (or
+/// uniquely named) temporary, checked against the image digest, fsynced,
+/// then renamed into place and the directory fsynced. A failed export
+/// leaves nothing.
+#[allow(clippy::too_many_arguments)]
+fn write_new_file(
+    depot: &Depot,
+    row: &ImageRow,
+    dir: &File,
+    dir_path: &Path,
+    name: &OsStr,
+    format: ExportFormat,
+    mode: u32,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let out = dir_path.join(name);
+    clean_leftovers(dir, dir_path);
+    let fin = Temp::create(dir, dir_path, name)?;
+    match format {
+        ExportFormat::Raw => {
+            fin.file().set_len(row.virtual_size).at(&out)?;
+            materialise(depot, row, Some((fin.file(), &out, false)), progress)?;
+        }
+        ExportFormat::Qcow2 => {
+            // The raw temporary lives in the depot's private tmp/.
+            let tmp_path = depot.root().join("tmp");
+            let tmp_dir = open_dir(&tmp_path)?;
+            clean_leftovers(&tmp_dir, &tmp_path);
+            let raw = Temp::create(&tmp_dir, &tmp_path, OsStr::new("export.raw"))?;
+            raw.file().set_len(row.virtual_size).at(&tmp_path)?;
+            materialise(depot, row, Some((raw.file(), &tmp_path, false)), progress)?;
+            // qemu-img reads and writes both through inherited descriptors
+            // (dup: without close-on-exec), never by a name in a directory.
+            let rfd =
+                nix::unistd::dup(raw.file()).map_err(|e| Error::io(&tmp_path, errno_io(e)))?;
+            let wfd = nix::unistd::dup(fin.file()).map_err(|e| Error::io(&out, errno_io(e)))?;
+            let src = format!("/proc/self/fd/{}", rfd.as_raw_fd());
+            let dst = format!("/proc/self/fd/{}", wfd.as_raw_fd());
+            progress.begin("qcow2", 0);
+            let r =
+                crate::source::qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &src, &dst]);
+            progress.end();
+            r?;
+        }
     }
-    std::fs::rename(&partial, out).at(out)?;
-    guard_partial.0 = None;
-    if format == ExportFormat::Raw {
-        guard_raw.0 = None;
+    nix::sys::stat::fchmod(fin.file(), Mode::from_bits_truncate(mode))
+        .map_err(|e| Error::io(&out, errno_io(e)))?;
+    fin.file().sync_all().at(&out)?;
+    fin.persist(name)
+}
+
+/// Writes the image onto a block device in place: every block, zeros
+/// included; checks the digest of what the device then holds; fsyncs.
+fn write_block(
+    depot: &Depot,
+    row: &ImageRow,
+    dev: &File,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let size = (&*dev).seek(SeekFrom::End(0)).at(out)?;
+    if size < row.virtual_size {
+        return Err(refused(
+            out,
+            format!(
+                "the block device holds {size} bytes, image {} ({}) needs {}",
+                row.name, row.id, row.virtual_size
+            ),
+        ));
     }
+    materialise(depot, row, Some((dev, out, true)), progress)?;
+    dev.sync_all().at(out)
+}
+
+/// Writes zeros over every block the map does not store.
+fn zero_holes(
+    map: &crate::format::BlockMap,
+    dev: &File,
+    path: &Path,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut gaps = Vec::new();
+    let mut at = 0u64;
+    for r in &map.runs {
+        let start = (r.start * CHUNK).min(size);
+        if start > at {
+            gaps.push((at, start - at));
+        }
+        at = ((r.start + r.ids.len() as u64) * CHUNK).min(size);
+    }
+    if size > at {
+        gaps.push((at, size - at));
+    }
+    progress.begin("zero", gaps.iter().map(|g| g.1).sum());
+    let zeros = vec![0u8; 1 << 20];
+    for (off, len) in gaps {
+        // The device zeroes the range itself where it can (ZERO_RANGE on a
+        // block device: 512-byte aligned), else zeros are written.
+        let fast = off % 512 == 0
+            && len % 512 == 0
+            && fallocate(
+                dev,
+                FallocateFlags::FALLOC_FL_ZERO_RANGE,
+                off as i64,
+                len as i64,
+            )
+            .is_ok();
+        if !fast {
+            let mut o = off;
+            while o < off + len {
+                let n = (off + len - o).min(zeros.len() as u64) as usize;
+                dev.write_all_at(&zeros[..n], o).at(path)?;
+                o += n as u64;
+            }
+        }
+        progress.advance(len);
+    }
+    progress.end();
     Ok(())
 }
 
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", p.display())))
+/// Streams the raw image to `w` in order (zeros written as zeros), checking
+/// its digest on the way; a mismatch is an error after the bytes went out.
+pub(crate) fn export_stream(
+    depot: &Depot,
+    row: &ImageRow,
+    w: &mut dyn Write,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let plan = plan(depot, row)?;
+    let label = format!("{} ({})", row.name, row.id);
+    let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
+    let pieces = sparse_pieces(&plan.map, row.virtual_size);
+    let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
+    let mut wk = Worker {
+        plan: &plan,
+        label: &label,
+        root: depot.root(),
+        readers: &readers,
+        cache: Vec::new(),
+        check_chunks: false,
+    };
+    let stdout = Path::new("stdout");
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = Vec::new();
+    let mut results = Vec::with_capacity(pieces.leaves.len());
+    progress.begin("write", row.virtual_size);
+    for leaf in &pieces.leaves {
+        if leaf.zero {
+            results.push(zero_cvs.leaf(&pieces, leaf));
+            let mut left = leaf.len;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                w.write_all(&zeros[..n]).at(stdout)?;
+                left -= n as u64;
+            }
+        } else {
+            results.push(wk.leaf_bytes(leaf, &pieces, &mut buf)?);
+            w.write_all(&buf).at(stdout)?;
+        }
+        progress.advance(leaf.len);
+    }
+    w.flush().at(stdout)?;
+    progress.end();
+    let digest = hex(pieces.root(&results).as_bytes());
+    check_digest(depot, &plan, &label, row, zero_cvs, &digest, progress)
 }
 
 pub(crate) fn verify_image(
@@ -195,7 +647,7 @@ pub(crate) fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
 fn materialise(
     depot: &Depot,
     row: &ImageRow,
-    out: Option<(&File, &Path)>,
+    out: Option<(&File, &Path, bool)>,
     progress: &dyn Progress,
 ) -> Result<u64> {
     let plan = plan(depot, row)?;
@@ -204,26 +656,54 @@ fn materialise(
     let (digest, blocks) = match out {
         // Writing a file: every frame is decompressed once and its chunks
         // scattered to their offsets; the digest is then taken of the file.
-        Some((file, path)) => {
+        // A block device (`dense`) gets its zeros written too, and the
+        // digest reads every byte of it back.
+        Some((file, path, dense)) => {
             let blocks = scatter(depot, &plan, &label, file, path, row.virtual_size, progress)?;
-            let digest = digest_file(&plan, file, path, row.virtual_size, &zero_cvs, progress)?;
+            if dense {
+                zero_holes(&plan.map, file, path, row.virtual_size, progress)?;
+            }
+            let digest = digest_file(
+                &plan,
+                file,
+                path,
+                row.virtual_size,
+                dense,
+                &zero_cvs,
+                progress,
+            )?;
             (digest, blocks)
         }
         None => rebuild(depot, &plan, &label, row, &zero_cvs, false, progress)?,
     };
+    check_digest(depot, &plan, &label, row, zero_cvs, &digest, progress)?;
+    Ok(blocks)
+}
+
+/// Keeps new zero-leaf values; compares `digest` with the recorded one and,
+/// when it differs, finds the first chunk that does not match its hash.
+fn check_digest(
+    depot: &Depot,
+    plan: &Plan,
+    label: &str,
+    row: &ImageRow,
+    zero_cvs: digest::ZeroCvs,
+    digest: &str,
+    progress: &dyn Progress,
+) -> Result<()> {
     let added = zero_cvs.into_added();
     if !added.is_empty() {
         // Best effort: a read-only depot still exports.
         let _ = catalog::write(&depot.conn, |c| catalog::save_zero_cvs(c, &added));
     }
-    if row.content_digest.as_deref() == Some(digest.as_str()) {
-        return Ok(blocks);
+    if row.content_digest.as_deref() == Some(digest) {
+        return Ok(());
     }
     // Find the first chunk that does not match its hash.
     let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
-    rebuild(depot, &plan, &label, row, &zero_cvs, true, progress)?;
+    rebuild(depot, plan, label, row, &zero_cvs, true, progress)?;
     Err(Error::Corrupt {
-        image: label,
+        image: label.to_owned(),
         offset: 0,
         detail: format!(
             "content digest is {digest}, the catalog records {}",
@@ -340,15 +820,21 @@ fn scatter(
 }
 
 /// The content digest of what was written to `file`.
+#[allow(clippy::too_many_arguments)]
 fn digest_file(
     plan: &Plan,
     file: &File,
     path: &Path,
     size: u64,
+    dense: bool,
     zero_cvs: &digest::ZeroCvs,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let pieces = sparse_pieces(&plan.map, size);
+    let pieces = if dense {
+        digest::split_sparse(size, digest::LEAF_BYTES, |_, _| true)
+    } else {
+        sparse_pieces(&plan.map, size)
+    };
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; pieces.leaves.len()]);
     progress.begin("digest", size);
     let r = par_for(
@@ -396,7 +882,7 @@ fn read_frame(
         match r.get(&f.pack) {
             Some(x) => x.clone(),
             None => {
-                let x = Arc::new(PackReader::open(&pack_path(root, &plan.packs[&f.pack]))?);
+                let x = Arc::new(PackReader::open(&pack_path(root, &plan.packs[&f.pack])?)?);
                 r.insert(f.pack, x.clone());
                 x
             }
@@ -511,6 +997,32 @@ impl Worker<'_> {
             digest::update_zeros(&mut h, zeros);
         }
         Ok((pieces.finish(&h), blocks))
+    }
+
+    /// Rebuilds one digest leaf into `out` (zeros included); returns its hash.
+    fn leaf_bytes(
+        &mut self,
+        piece: &digest::Piece,
+        pieces: &digest::Pieces,
+        out: &mut Vec<u8>,
+    ) -> Result<PieceHash> {
+        out.clear();
+        let end = piece.offset + piece.len;
+        let mut off = piece.offset;
+        while off < end {
+            let len = (end - off).min(CHUNK) as usize;
+            let cid = self.plan.map.get(off / CHUNK);
+            if cid == ZERO_BLOCK {
+                out.resize(out.len() + len, 0);
+            } else {
+                let (fi, s) = self.chunk(cid, off)?;
+                out.extend_from_slice(&self.cache[fi].1[s..s + len]);
+            }
+            off += len as u64;
+        }
+        let mut h = digest::piece_hasher(piece);
+        h.update(out);
+        Ok(pieces.finish(&h))
     }
 
     /// Finds chunk `cid` (used at image offset `off`, for error messages):

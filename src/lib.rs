@@ -74,7 +74,7 @@ pub use depot::{
     ImportOptions,
 };
 pub use error::{Error, Result};
-pub use export::ExportFormat;
+pub use export::{export_file_mode, ExportFormat};
 pub use ids::{ChunkHash, ImageId};
 pub use instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
 pub use maint::{FsckReport, GcReport, Stats, VerifyReport};

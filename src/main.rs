@@ -194,7 +194,7 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write an image to a file
+    /// Write an image to a file, a block device (in place), or `-` (raw, stdout)
     Export {
         image: String,
         out: PathBuf,
@@ -558,7 +558,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             out: path,
             format,
         }) => {
-            depot.export(&image, &path, ExportFormat::parse(&format)?, &progress)?;
+            let format = ExportFormat::parse(&format)?;
+            if path.as_os_str() == "-" {
+                if format != ExportFormat::Raw {
+                    anyhow::bail!(vmdepot::Error::Invalid(
+                        "`-` streams the raw image to stdout: qcow2 needs a file (give a path)"
+                            .into()
+                    ));
+                }
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut out);
+                depot.export_to(&image, &mut w, &progress)?;
+            } else {
+                depot.export(&image, &path, format, &progress)?;
+            }
         }
         Cmd::Image(ImageCmd::Delete { image, force }) => {
             let i = depot.delete_image(&image, force)?;

@@ -107,6 +107,9 @@ pub struct Stats {
     pub compression_ratio: f64,
     /// logical_bytes / (stored_bytes + catalog_bytes).
     pub overall_ratio: f64,
+    /// Images left out because their catalog row or map is damaged (see
+    /// `fsck`).
+    pub damaged_images: Vec<String>,
     pub per_image: Vec<ImageStats>,
 }
 
@@ -114,6 +117,9 @@ pub struct Stats {
 pub struct Usage {
     /// image -> (unique stored bytes, shared stored bytes)
     pub per_image: HashMap<ImageId, (u64, u64)>,
+    /// Images whose row or block map is damaged, and why (they count for
+    /// nothing here; fsck reports them).
+    pub damaged: HashMap<ImageId, String>,
 }
 
 /// Per image: stored bytes no other image uses, and stored bytes shared.
@@ -123,14 +129,23 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
     let conn = &depot.conn;
     // Distinct chunk ids of each image, sorted; maps decoded one at a time.
     let mut per: Vec<(ImageId, Vec<i64>)> = Vec::new();
+    let mut damaged = HashMap::new();
     for r in catalog::list_images(conn)? {
+        if let Some(d) = r.damage {
+            damaged.insert(r.id, d);
+            continue;
+        }
         if r.state != "available" {
             continue;
         }
-        let mut ids: Vec<i64> = catalog::image_map(conn, &r.id)?
-            .data()
-            .map(|(_, c)| c)
-            .collect();
+        let map = match catalog::image_map(conn, &r.id) {
+            Ok(m) => m,
+            Err(e) => {
+                damaged.insert(r.id, e.to_string());
+                continue;
+            }
+        };
+        let mut ids: Vec<i64> = map.data().map(|(_, c)| c).collect();
         ids.sort_unstable();
         ids.dedup();
         per.push((r.id, ids));
@@ -166,7 +181,7 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
         }
         per_image.insert(img.clone(), (unique.round() as u64, shared.round() as u64));
     }
-    Ok(Usage { per_image })
+    Ok(Usage { per_image, damaged })
 }
 
 /// Removes what a dead import left: its pending packs and, when
@@ -178,7 +193,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
             for n in pending_pack_names(&depot.conn, Some(id.as_str()))? {
-                remove_if_exists(&pack_path(depot.root(), &n))?;
+                remove_if_exists(&pack_path(depot.root(), &n)?)?;
             }
             remove_if_exists(&depot.tmp_path(id))?;
             forget_import(depot, id, remove_row)?
@@ -188,7 +203,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
     // Only files whose rows this transaction removed: never a pack that an
     // import committed meanwhile.
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n))?;
+        remove_if_exists(&pack_path(depot.root(), n)?)?;
     }
     if remove_row {
         remove_if_exists(&depot.tmp_path(id))?;
@@ -290,6 +305,9 @@ fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
 
 pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     let _one_gc = depot.lock_gc()?;
+    // gc decides what is garbage from the catalog: on a damaged one it
+    // would delete what images still need.
+    check_catalog_sound(depot)?;
     let mut rep = GcReport {
         dry_run,
         ..Default::default()
@@ -435,7 +453,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     tx.commit()?;
     // Readers that mapped an old pack keep their mapping (unlink).
     for n in dead_packs.iter().map(|(n, _)| n) {
-        remove_if_exists(&pack_path(depot.root(), n))?;
+        remove_if_exists(&pack_path(depot.root(), n)?)?;
     }
     for p in &orphans {
         remove_if_exists(p)?;
@@ -463,6 +481,24 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         }
     }
     Ok(rep)
+}
+
+/// Refuses (exit 5) a catalog with a damaged pack row, image row or image
+/// map, naming it: gc must not collect on what it cannot read.
+fn check_catalog_sound(depot: &Depot) -> Result<()> {
+    catalog::check_pack_names(&depot.conn)?;
+    for r in catalog::list_images(&depot.conn)? {
+        r.check_sound()?;
+        if r.state == "available" {
+            catalog::image_map(&depot.conn, &r.id).map_err(|e| {
+                Error::StoreDamaged(format!(
+                    "gc refused: image {} ({}): {e}; it may still need chunks that gc would free: delete the image or restore catalog.db from a backup",
+                    r.name, r.id
+                ))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// How long gc keeps the chunks of a copy that did not finish (so that it
@@ -613,7 +649,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
     let mut sealed: Vec<(i64, u64)> = Vec::new(); // new pack row, size
     let mut writer: Option<(i64, crate::store::PackWriter)> = None;
     for (pid, name) in packs {
-        let reader = PackReader::open(&pack_path(depot.root(), name))?;
+        let reader = PackReader::open(&pack_path(depot.root(), name)?)?;
         let frames: Vec<(i64, u64, u64)> = {
             let mut st = depot.conn.prepare_cached(
                 "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
@@ -673,7 +709,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
         Ok(())
     })?;
     for (_, name) in packs {
-        remove_if_exists(&pack_path(depot.root(), name))?;
+        remove_if_exists(&pack_path(depot.root(), name)?)?;
     }
     Ok(())
 }
@@ -682,7 +718,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
 fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
     let names = catalog::write(&depot.conn, |tx| drop_pending_packs(tx, None))?;
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n))?;
+        remove_if_exists(&pack_path(depot.root(), n)?)?;
     }
     Ok(())
 }
@@ -696,17 +732,40 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
             .push(format!("catalog: SQLite quick_check says {ok}"));
     }
     // Packs.
-    let packs: Vec<(i64, String, String, i64)> = {
+    let mut packs: Vec<(i64, String, String, i64)> = Vec::new();
+    {
         let mut st = conn.prepare("SELECT id, name, state, size FROM packs")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let (name, utf8) = catalog::text_lossy(r, 1)?;
+            let (state, _) = catalog::text_lossy(r, 2)?;
+            let size = match r.get_ref(3)? {
+                rusqlite::types::ValueRef::Integer(v) => v,
+                _ => -1,
+            };
+            if let Err(e) = catalog::check_pack_name(id, &name, utf8) {
+                rep.problems.push(e.to_string());
+                continue;
+            }
+            if !matches!(state.as_str(), "pending" | "sealed") || size < 0 {
+                rep.problems.push(format!(
+                    "catalog table packs, row {id}: state {state:?} or size is not valid"
+                ));
+                continue;
+            }
+            packs.push((id, name, state, size));
+        }
+    }
     let on_disk = pack_files(depot.root())?;
     let mut pack_len: HashMap<i64, u64> = HashMap::new();
     let alive_pending: HashSet<String> = {
         let mut st = conn.prepare("SELECT name, image FROM packs WHERE state = 'pending'")?;
         let rows = st.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                catalog::text_lossy(r, 0)?.0,
+                r.get::<_, Option<String>>(1).unwrap_or(None),
+            ))
         })?;
         let mut s = HashSet::new();
         for r in rows {
@@ -731,7 +790,7 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
             }
             continue;
         }
-        let p = pack_path(depot.root(), name);
+        let p = pack_path(depot.root(), name)?;
         match std::fs::metadata(&p) {
             Err(_) => rep
                 .problems
@@ -805,6 +864,12 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
     }
     // Images.
     for row in catalog::list_images(conn)? {
+        if let Some(d) = &row.damage {
+            rep.images += 1;
+            rep.problems
+                .push(format!("image {} ({}): {d}", row.name, row.id));
+            continue;
+        }
         if row.state == "importing" {
             if !depot.import_alive(&row.id) {
                 rep.garbage
@@ -889,7 +954,7 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
         if reader.as_ref().map(|(p, _)| p != pack).unwrap_or(true) {
             reader = Some((
                 pack.clone(),
-                PackReader::open(&pack_path(depot.root(), pack))?,
+                PackReader::open(&pack_path(depot.root(), pack)?)?,
             ));
         }
         let r = &reader.as_ref().unwrap().1;
@@ -912,11 +977,13 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
 
 pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
     let conn = &depot.conn;
+    let usage = usage(depot)?;
     let rows: Vec<_> = catalog::list_images(conn)?
         .into_iter()
-        .filter(|r| r.state == "available")
+        .filter(|r| r.state == "available" && !usage.damaged.contains_key(&r.id))
         .collect();
-    let usage = usage(depot)?;
+    let mut damaged: Vec<String> = usage.damaged.values().cloned().collect();
+    damaged.sort();
     let chunks: i64 = conn.query_row(
         "SELECT COUNT(*) FROM chunks WHERE id NOT IN (SELECT id FROM pending_chunks)",
         [],
@@ -947,6 +1014,7 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         dedup_ratio: ratio(data, uniq),
         compression_ratio: ratio(uniq, stored as u64),
         overall_ratio: ratio(logical, stored as u64 + catalog_bytes),
+        damaged_images: damaged,
         per_image: rows
             .into_iter()
             .map(|r| {

@@ -18,11 +18,23 @@ use crate::format::{PackHeader, CHUNK_SIZE};
 use crate::ids::random_hex;
 use crate::perms::Perms;
 
-/// Path of a pack file given the depot root and the pack's name.
-pub fn pack_path(root: &Path, name: &str) -> PathBuf {
-    root.join("packs")
+/// Path of a pack file given the depot root and the pack's name (32
+/// lowercase hex digits; anything else is a damaged catalog).
+pub fn pack_path(root: &Path, name: &str) -> Result<PathBuf> {
+    if !valid_pack_name(name) {
+        return Err(Error::StoreDamaged(format!(
+            "pack name {name:?} in the catalog is not 32 lowercase hex digits; run `vmdepot fsck`"
+        )));
+    }
+    Ok(root
+        .join("packs")
         .join(&name[..2])
-        .join(format!("{name}.pack"))
+        .join(format!("{name}.pack")))
+}
+
+/// Whether `name` is a pack name: 32 lowercase hex digits.
+pub fn valid_pack_name(name: &str) -> bool {
+    name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A fresh random pack name (32 hex digits).
@@ -47,7 +59,7 @@ impl PackWriter {
     /// Creates the pack file (and its fan-out directory) with the depot's
     /// modes and writes the header.
     pub fn create(root: &Path, name: &str, perms: Perms) -> Result<PackWriter> {
-        let path = pack_path(root, name);
+        let path = pack_path(root, name)?;
         let dir = path.parent().expect("pack path has a parent");
         if !dir.exists() {
             perms.mkdir_all(dir)?;
@@ -251,7 +263,7 @@ mod tests {
         let off = w.append(&c).unwrap();
         assert_eq!(off, PackHeader::SIZE as u64);
         w.seal().unwrap();
-        let r = PackReader::open(&pack_path(dir.path(), &name)).unwrap();
+        let r = PackReader::open(&pack_path(dir.path(), &name).unwrap()).unwrap();
         let mut out = Vec::new();
         r.read_frame(off, c.len() as u64, 3, &mut out).unwrap();
         assert_eq!(out, data);

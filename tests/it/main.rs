@@ -9,3 +9,4 @@ mod lifecycle;
 mod security_access;
 mod security_input;
 mod security_local;
+mod security_store;

@@ -391,21 +391,7 @@ fn dir_bytes(d: &Path) -> u64 {
 #[test]
 fn a_file_that_changes_while_it_is_imported_is_refused() {
     let t = T::new();
-    let p = t.path("busy.raw");
-    {
-        let mut f = std::fs::File::create(&p).unwrap();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..1024 {
-            for c in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&buf).unwrap();
-        }
-    }
+    let p = crate::common::slow_source(&t);
     t.ok(&["stats"]);
     let mut child = t
         .cmd(&[
@@ -425,7 +411,7 @@ fn a_file_that_changes_while_it_is_imported_is_refused() {
         .write(true)
         .open(&p)
         .unwrap()
-        .write_all_at(b"changed", 900 << 20)
+        .write_all_at(b"changed", 300 << 20)
         .unwrap();
     let out = child.wait_with_output().unwrap();
     if still_running {

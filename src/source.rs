@@ -98,6 +98,17 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 /// Detects the format of `path` from its content and checks its headers.
 /// `expected` is the user's `--format`, which must agree with the content.
 pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected> {
+    inspect_with(path, expected, true)
+}
+
+/// [`inspect`] without qemu-img: detection from the content and vmdepot's
+/// own header checks only, reading nothing but `path` (the fuzz targets in
+/// fuzz/ call it). For Vhdx the virtual size is 0 (qemu-img gives it).
+pub fn inspect_headers(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected> {
+    inspect_with(path, expected, false)
+}
+
+fn inspect_with(path: &Path, expected: Option<SourceFormat>, qemu: bool) -> Result<Inspected> {
     let mut file = File::open(path).at(path)?;
     let meta = file.metadata().at(path)?;
     let file_size = if meta.file_type().is_block_device() {
@@ -159,7 +170,7 @@ pub fn inspect(path: &Path, expected: Option<SourceFormat>) -> Result<Inspected>
         virtual_size,
         file_size,
     };
-    if format != SourceFormat::Raw {
+    if qemu && format != SourceFormat::Raw {
         let qsize = qemu_img_info_check(&ins)?;
         if format == SourceFormat::Vhdx {
             ins.virtual_size = qsize;

@@ -233,7 +233,11 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     let backing_off = be64(&h, 8);
     let backing_len = be32(&h, 16) as usize;
     if backing_off != 0 {
-        let name = if (backing_off as usize) + backing_len <= n && backing_len <= 1023 {
+        let name = if (backing_off as usize)
+            .checked_add(backing_len)
+            .is_some_and(|end| end <= n)
+            && backing_len <= 1023
+        {
             String::from_utf8_lossy(&h[backing_off as usize..backing_off as usize + backing_len])
                 .into_owned()
         } else {
@@ -344,7 +348,11 @@ fn check_vmdk(path: &Path, file: &File, head: &[u8], file_size: u64) -> Result<u
     if desc_off == 0 || desc_len == 0 {
         return Err(refused(path, "VMDK has no embedded descriptor"));
     }
-    if desc_len > 2048 || (desc_off + desc_len).saturating_mul(512) > file_size {
+    if desc_len > 2048
+        || desc_off
+            .checked_add(desc_len)
+            .is_none_or(|end| end.saturating_mul(512) > file_size)
+    {
         return Err(bad(path, "VMDK embedded descriptor lies outside the file"));
     }
     let mut desc = vec![0u8; (desc_len * 512) as usize];
@@ -583,4 +591,43 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
     let end = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     Ok(end)
+}
+
+/// Inputs found by fuzz/ (`fuzz/run.sh`), reduced.
+#[cfg(test)]
+mod fuzz_found {
+    use super::*;
+
+    fn headers(bytes: &[u8]) -> Result<Inspected> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        inspect_headers(f.path(), None)
+    }
+
+    /// source_qcow2: a backing file offset near u64::MAX overflowed the
+    /// bounds check of its name (a panic: with overflow checks at the add,
+    /// without them at the slice).
+    #[test]
+    fn qcow2_backing_offset_at_the_end_of_u64() {
+        let mut h = vec![0u8; 104];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        h[16..20].copy_from_slice(&16u32.to_be_bytes());
+        let e = headers(&h).unwrap_err().to_string();
+        assert!(e.contains("backing file") && e.contains("<unreadable>"), "{e}");
+    }
+
+    /// Found by review while writing source_vmdk: an embedded descriptor
+    /// offset near u64::MAX overflowed its bounds check (a panic with
+    /// overflow checks; without them the check wrapped and passed).
+    #[test]
+    fn vmdk_descriptor_offset_at_the_end_of_u64() {
+        let mut h = vec![0u8; 4096];
+        h[..4].copy_from_slice(b"KDMV");
+        h[28..36].copy_from_slice(&u64::MAX.to_le_bytes());
+        h[36..44].copy_from_slice(&1u64.to_le_bytes());
+        let e = headers(&h).unwrap_err().to_string();
+        assert!(e.contains("descriptor lies outside"), "{e}");
+    }
 }

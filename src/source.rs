@@ -615,7 +615,10 @@ mod fuzz_found {
         h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
         h[16..20].copy_from_slice(&16u32.to_be_bytes());
         let e = headers(&h).unwrap_err().to_string();
-        assert!(e.contains("backing file") && e.contains("<unreadable>"), "{e}");
+        assert!(
+            e.contains("backing file") && e.contains("<unreadable>"),
+            "{e}"
+        );
     }
 
     /// Found by review while writing source_vmdk: an embedded descriptor

@@ -141,7 +141,10 @@ pub fn map_target(data: &[u8]) {
         assert!(m.nblocks <= MAP_MAX_BLOCKS);
         let mut end = 0;
         for r in &m.runs {
-            assert!(r.start >= end && !r.ids.is_empty(), "runs overlap or are empty");
+            assert!(
+                r.start >= end && !r.ids.is_empty(),
+                "runs overlap or are empty"
+            );
             end = r.start + r.ids.len() as u64;
         }
         assert!(end <= m.nblocks);

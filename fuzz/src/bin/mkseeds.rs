@@ -9,7 +9,9 @@ use vmdepot::format::{self, BlockMap, MapBuilder};
 use vmdepot::{Depot, ImportOptions, NoProgress};
 
 fn main() {
-    let out = std::env::args_os().nth(1).expect("usage: mkseeds SEEDS_DIR");
+    let out = std::env::args_os()
+        .nth(1)
+        .expect("usage: mkseeds SEEDS_DIR");
     let out = Path::new(&out);
     for d in ["map", "map_body", "pack"] {
         fs::create_dir_all(out.join(d)).unwrap();
@@ -75,7 +77,11 @@ fn main() {
 
     // Maps of the encoder's edge cases.
     write_map(out, "empty", &format::encode_map(&BlockMap::default()));
-    write_map(out, "zeros", &format::encode_map(&BlockMap::from_blocks(&[0; 9])));
+    write_map(
+        out,
+        "zeros",
+        &format::encode_map(&BlockMap::from_blocks(&[0; 9])),
+    );
     let mut b = MapBuilder::default();
     b.push_zeros(1000);
     for id in [5, 6, 7, 3, 3, 100_000] {

@@ -253,13 +253,33 @@ pub fn encode_map(map: &BlockMap) -> Vec<u8> {
 
 /// Decodes [`encode_map`]'s output; the error says what is wrong.
 pub fn decode_map(blob: &[u8]) -> Result<BlockMap, String> {
+    decode_map_within(blob, MAP_MAX_BLOCKS)
+}
+
+/// Largest block count a map may have (4 PiB of 4 KiB blocks).
+const MAP_MAX_BLOCKS: u64 = 1 << 40;
+
+/// Largest zstd window a map's frame may ask for (8 MiB: [`ZSTD_LEVEL`]
+/// uses 2 MiB at most, zstd up to level 19 8 MiB). Without it a 20-byte
+/// blob could make the decoder allocate zstd's default limit, 128 MiB.
+const MAP_WINDOW_LOG_MAX: u32 = 23;
+
+/// [`decode_map`] of a map that may describe at most `max_blocks` blocks.
+///
+/// The body is decoded as a stream, never held whole: memory is the zstd
+/// window plus the map itself (which `max_blocks` bounds), whatever the
+/// blob's compression ratio.
+pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, String> {
+    use std::io::BufRead;
     if blob.len() < 4 || blob[..4] != MAP_MAGIC_1_0 {
         return Err("image map: bad magic".into());
     }
-    let body = zstd::stream::decode_all(&blob[4..]).map_err(|e| format!("image map: {e}"))?;
-    let mut p = &body[..];
-    let n = get_varint(&mut p)?;
-    if n > (1u64 << 40) {
+    let zerr = |e: std::io::Error| format!("image map: {e}");
+    let mut dec = zstd::stream::read::Decoder::with_buffer(&blob[4..]).map_err(zerr)?;
+    dec.window_log_max(MAP_WINDOW_LOG_MAX).map_err(zerr)?;
+    let mut p = std::io::BufReader::with_capacity(64 << 10, dec);
+    let n = read_varint(&mut p)?;
+    if n > max_blocks.min(MAP_MAX_BLOCKS) {
         return Err("image map: absurd block count".into());
     }
     let mut map = BlockMap {
@@ -269,24 +289,24 @@ pub fn decode_map(blob: &[u8]) -> Result<BlockMap, String> {
     let mut pos = 0u64;
     let mut prev: i64 = 0;
     while pos < n {
-        let z = get_varint(&mut p)?;
-        let d = get_varint(&mut p)?;
+        let z = read_varint(&mut p)?;
+        let d = read_varint(&mut p)?;
         if z.checked_add(d)
             .and_then(|x| x.checked_add(pos))
             .is_none_or(|e| e > n)
             || (z == 0 && d == 0)
-            || d as usize > p.len()
         {
             return Err("image map: runs overflow the block count".into());
         }
         pos += z;
         if d > 0 {
-            let mut ids = Vec::with_capacity(d as usize);
+            // d is only a claim until its ids are read: reserve little.
+            let mut ids = Vec::with_capacity(d.min(4096) as usize);
             for _ in 0..d {
-                let id = prev + unzigzag(get_varint(&mut p)?);
-                if id <= 0 {
-                    return Err("image map: invalid chunk id".into());
-                }
+                let id = prev
+                    .checked_add(unzigzag(read_varint(&mut p)?))
+                    .filter(|&id| id > 0)
+                    .ok_or("image map: invalid chunk id")?;
                 ids.push(id);
                 prev = id;
             }
@@ -294,10 +314,28 @@ pub fn decode_map(blob: &[u8]) -> Result<BlockMap, String> {
             pos += d;
         }
     }
-    if !p.is_empty() {
+    if !p.fill_buf().map_err(zerr)?.is_empty() {
         return Err("image map: trailing bytes".into());
     }
     Ok(map)
+}
+
+/// [`get_varint`] from a stream.
+fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = match r.fill_buf() {
+            Ok([b, ..]) => *b,
+            Ok([]) => return Err("image map: truncated".into()),
+            Err(e) => return Err(format!("image map: {e}")),
+        };
+        r.consume(1);
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("image map: varint too long".into())
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -416,6 +454,60 @@ mod tests {
         let mut blob = MAP_MAGIC_1_0.to_vec();
         blob.extend(zstd::bulk::compress(&body, 1).unwrap());
         assert!(decode_map(&blob).unwrap_err().contains("overflow"));
+    }
+
+    /// Found by fuzz/ (map_body): an id delta past i64::MAX overflowed
+    /// (a panic with overflow checks) instead of being an invalid id.
+    #[test]
+    fn id_delta_overflow_is_an_error() {
+        let mut body = Vec::new();
+        put_varint(&mut body, 2);
+        put_varint(&mut body, 0);
+        put_varint(&mut body, 2);
+        put_varint(&mut body, zigzag(i64::MAX));
+        put_varint(&mut body, zigzag(1));
+        let mut blob = MAP_MAGIC_1_0.to_vec();
+        blob.extend(zstd::bulk::compress(&body, 1).unwrap());
+        assert!(decode_map(&blob).unwrap_err().contains("invalid chunk id"));
+    }
+
+    /// A tiny blob whose body decompresses to 128 MiB: decoding used to hold
+    /// the whole body in memory; now it streams and stops at the first
+    /// inconsistency, and `decode_map_within` bounds the block count.
+    #[test]
+    fn zstd_bombs_are_decoded_as_streams() {
+        let mut body = Vec::new();
+        put_varint(&mut body, 1 << 40);
+        body.resize(1 << 27, 0x80); // one endless varint
+        let mut blob = MAP_MAGIC_1_0.to_vec();
+        blob.extend(zstd::bulk::compress(&body, 1).unwrap());
+        drop(body);
+        assert!(blob.len() < 64 << 10);
+        assert!(decode_map(&blob).unwrap_err().contains("varint too long"));
+        let m = BlockMap::from_blocks(&[0, 1, 2]);
+        assert!(decode_map_within(&encode_map(&m), 2).is_err());
+        assert_eq!(decode_map_within(&encode_map(&m), 3).unwrap(), m);
+    }
+
+    /// A frame that asks for a 128 MiB zstd window is refused before the
+    /// decoder allocates it.
+    #[test]
+    fn huge_zstd_windows_are_refused() {
+        use std::io::Write;
+        let mut body = Vec::new();
+        put_varint(&mut body, 1);
+        put_varint(&mut body, 1);
+        put_varint(&mut body, 0);
+        // A stream of unknown size keeps the window it is given.
+        let mut e = zstd::stream::write::Encoder::new(MAP_MAGIC_1_0.to_vec(), 1).unwrap();
+        e.window_log(27).unwrap();
+        e.write_all(&body).unwrap();
+        let blob = e.finish().unwrap();
+        assert!(decode_map(&blob).is_err());
+        // The same body in a frame of an ordinary window decodes.
+        let mut ok = MAP_MAGIC_1_0.to_vec();
+        ok.extend(zstd::bulk::compress(&body, ZSTD_LEVEL).unwrap());
+        assert_eq!(decode_map(&ok).unwrap().nblocks, 1);
     }
 
     #[test]

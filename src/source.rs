@@ -229,6 +229,16 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 /// headers by the rules qemu applies when it opens them. `expected` is the
 /// user's `--format`, which must agree with the content.
 pub fn inspect(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspected> {
+    inspect_with(input, expected, true)
+}
+
+/// What [`inspect`] does before it calls qemu-img: detection and header
+/// checks only (for fuzzing; never a reason to skip qemu's checks).
+pub fn inspect_headers(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspected> {
+    inspect_with(input, expected, false)
+}
+
+fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> Result<Inspected> {
     let path = input.path.as_path();
     let file = &input.file;
     let file_size = input.size;
@@ -285,7 +295,7 @@ pub fn inspect(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspect
         virtual_size,
         file_size,
     };
-    if format != SourceFormat::Raw {
+    if qemu && format != SourceFormat::Raw {
         let qsize = qemu_img_info_check(input, &ins)?;
         match format {
             // qemu rounds a VHD's size to its CHS geometry; a VHDX's size
@@ -360,11 +370,14 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     let backing_off = be64(&h, 8);
     let backing_len = be32(&h, 16) as usize;
     if backing_off != 0 {
-        let name = if (backing_off as usize) + backing_len <= n && backing_len <= 1023 {
-            String::from_utf8_lossy(&h[backing_off as usize..backing_off as usize + backing_len])
-                .into_owned()
-        } else {
-            "<unreadable>".into()
+        let name = match usize::try_from(backing_off)
+            .ok()
+            .and_then(|o| o.checked_add(backing_len).map(|e| (o, e)))
+        {
+            Some((o, e)) if e <= n && backing_len <= 1023 => {
+                String::from_utf8_lossy(&h[o..e]).into_owned()
+            }
+            _ => "<unreadable>".into(),
         };
         return Err(refused(path, format!("qcow2 image has a backing file ({name:?}): an image must be self-contained; flatten it with `qemu-img convert -O qcow2` on a trusted copy")));
     }
@@ -870,4 +883,48 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
     let end = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     Ok(end)
+}
+
+/// Inputs found by fuzz/ (`fuzz/run.sh`), reduced.
+#[cfg(test)]
+mod fuzz_found {
+    use super::*;
+
+    fn headers(bytes: &[u8]) -> Result<Inspected> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        inspect_headers(&open_input(f.path())?, None)
+    }
+
+    /// source_qcow2: a backing file offset near u64::MAX overflowed the
+    /// bounds check of its name (a panic: with overflow checks at the add,
+    /// without them at the slice).
+    #[test]
+    fn qcow2_backing_offset_at_the_end_of_u64() {
+        let mut h = vec![0u8; 104];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        h[16..20].copy_from_slice(&16u32.to_be_bytes());
+        let e = headers(&h).unwrap_err().to_string();
+        assert!(
+            e.contains("backing file") && e.contains("<unreadable>"),
+            "{e}"
+        );
+    }
+
+    /// Found by review while writing source_vmdk: an embedded descriptor
+    /// offset near u64::MAX overflowed its bounds check (a panic with
+    /// overflow checks; without them the check wrapped and passed).
+    #[test]
+    fn vmdk_descriptor_offset_at_the_end_of_u64() {
+        let mut h = vec![0u8; 4096];
+        h[..4].copy_from_slice(b"KDMV");
+        h[28..36].copy_from_slice(&u64::MAX.to_le_bytes());
+        h[36..44].copy_from_slice(&1u64.to_le_bytes());
+        // (The descriptor offset is no longer read: qemu reads the
+        // descriptor at byte 512; this header has capacity 0.)
+        let e = headers(&h).unwrap_err().to_string();
+        assert!(e.contains("capacity of 0"), "{e}");
+    }
 }

@@ -1,0 +1,9 @@
+//! Fuzz target: vmdepot::source::inspect_headers (see vmdepot_fuzz::source_target).
+use vmdepot_fuzz::{source_target, LimitAlloc, Source};
+
+#[global_allocator]
+static ALLOC: LimitAlloc = LimitAlloc;
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| source_target(data, Source::Vhd));
+}

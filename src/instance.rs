@@ -1575,6 +1575,18 @@ mod tests {
     }
 
     #[test]
+    fn pause_lease_owners() {
+        let me = std::process::id() as i32;
+        let start = process_start(me).expect("own start time");
+        assert!(lease_owner_alive(&format!("{me} {start}\n")));
+        // the same pid with another start time is another process
+        assert!(!lease_owner_alive(&format!("{me} {}\n", start + 1)));
+        for bad in ["", "garbage", "0 0", "-1 5", &format!("{me}")] {
+            assert!(!lease_owner_alive(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn names_and_hostnames() {
         assert!(check_name("web-1").is_ok());
         assert!(check_name("").is_err());

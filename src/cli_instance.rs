@@ -311,7 +311,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
                 if !follow {
                     break;
                 }
-                if depot.instance(&i.id)?.state != "running" {
+                if !matches!(depot.instance(&i.id)?.state.as_str(), "running" | "paused") {
                     copy_from(&i.serial_log, pos, &mut out)?;
                     break;
                 }
@@ -320,7 +320,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
         }
         InstanceCmd::Console { instance } => {
             let i = depot.instance(&instance)?;
-            if i.state != "running" {
+            if !matches!(i.state.as_str(), "running" | "paused") {
                 anyhow::bail!(
                     "instance {} ({}) is {}: start it first",
                     i.name,

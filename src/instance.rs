@@ -13,12 +13,15 @@
 //! evicts a base no instance uses). `DEPOT/instances/ID/` holds an
 //! instance's disk (`disk.qcow2` overlay on the base, or a private sparse
 //! `disk.raw`), `seed.img` (NoCloud), `qmp.sock`, `console.sock`,
-//! `serial.log`, `qemu.pid` and `lock` (flocked by whoever changes the
-//! instance's state).
+//! `serial.log`, `qemu.pid`, `lock` (flocked by whoever changes the
+//! instance's state) and, while a live capture has the guest paused,
+//! `pause` (the pause lease: see [`PauseLease`]).
 //!
 //! **State is true**: a row says `running` only while its QEMU lives; every
 //! read of an instance checks the pid (and that the pid is our QEMU) and
-//! records a death as `stopped`.
+//! records a death as `stopped`; a running guest is shown `paused` when QMP
+//! `query-status` says so, and a pause whose owner died is ended by
+//! whichever command looks at the instance next.
 
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
@@ -128,8 +131,12 @@ pub struct InstanceInfo {
     pub image: String,
     pub image_name: String,
     pub owner: String,
-    /// pending, running, stopped or failed.
+    /// pending, running, paused (QEMU lives, the guest's CPUs are
+    /// stopped), stopped or failed.
     pub state: String,
+    /// What QMP `query-status` said (`running`, `paused`, `io-error`, …),
+    /// when QEMU lives and answered.
+    pub run_state: Option<String>,
     /// The accelerator of the last start (kvm or tcg), or the request.
     pub accel: String,
     pub pid: Option<i32>,
@@ -241,6 +248,9 @@ impl Paths {
     }
     pub(crate) fn lock(&self) -> PathBuf {
         self.dir.join("lock")
+    }
+    pub(crate) fn pause(&self) -> PathBuf {
+        self.dir.join("pause")
     }
     pub(crate) fn files(&self) -> VmFiles {
         VmFiles {
@@ -576,6 +586,10 @@ impl Depot {
         let p = Paths::new(self.root(), &id);
         let lock = flock(&p.lock(), FlockArg::LockExclusive, self.perms())?;
         let r = self.fresh_row(&id)?;
+        if r.state == "running" {
+            // With the lock ours, a lease left here is a dead process's.
+            end_orphaned_pause(&p);
+        }
         Ok(Held { r, p, _lock: lock })
     }
 
@@ -605,7 +619,30 @@ impl Depot {
         })
     }
 
-    fn info(&self, r: Row) -> InstanceInfo {
+    /// The guest's run state (QMP `query-status`) of a running instance,
+    /// after ending a pause whose owner died: taking the instance's lock
+    /// without waiting (a holder ends such a pause itself in `hold`, and a
+    /// live capture holds it for as long as its pause lasts). `None` when
+    /// QMP does not answer within [`QMP_STATUS_TIMEOUT`].
+    fn run_state(&self, r: &Row) -> Option<String> {
+        let p = Paths::new(self.root(), &r.id);
+        if p.pause().exists() {
+            if let Ok(_lock) = flock(&p.lock(), FlockArg::LockExclusiveNonblock, self.perms()) {
+                end_orphaned_pause(&p);
+            }
+        }
+        match Qmp::connect_timeout(&p.files().qmp, QMP_STATUS_TIMEOUT)
+            .and_then(|mut q| q.run_state())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!("instance {}: no run state: {e}", r.id);
+                None
+            }
+        }
+    }
+
+    fn info(&self, r: Row, run_state: Option<String>) -> InstanceInfo {
         let p = Paths::new(self.root(), &r.id);
         let files = p.files();
         InstanceInfo {
@@ -619,7 +656,12 @@ impl Depot {
             image: r.image,
             image_name: r.image_name,
             owner: r.owner,
-            state: r.state,
+            state: if r.state == "running" && run_state.as_deref() == Some("paused") {
+                "paused".into()
+            } else {
+                r.state
+            },
+            run_state,
             pid: r.pid,
             ssh_port: r.ssh_port,
             forwards: r.forwards,
@@ -639,7 +681,12 @@ impl Depot {
     /// One instance by id or name, with its true state.
     pub fn instance(&self, reference: &str) -> Result<InstanceInfo> {
         let r = self.fresh_row(reference)?;
-        Ok(self.info(r))
+        let run_state = if r.state == "running" {
+            self.run_state(&r)
+        } else {
+            None
+        };
+        Ok(self.info(r, run_state))
     }
 
     /// This account's instances, oldest first, with their true states.
@@ -743,7 +790,7 @@ impl Depot {
                 stop_qemu(p, pid, &r.id, true, Duration::ZERO);
             }
         }
-        let info = self.info(r.clone());
+        let info = self.info(r.clone(), None);
         catalog::write(&self.conn, |tx| {
             tx.execute("DELETE FROM instances WHERE id = ?1", [&r.id])?;
             Ok(())
@@ -1076,6 +1123,10 @@ fn clean_runtime_files(f: &VmFiles) {
     for p in [&f.qmp, &f.console, &f.pidfile] {
         let _ = fs::remove_file(p);
     }
+    // A pause lease names a pause of the QEMU that is gone.
+    if let Some(dir) = f.qmp.parent() {
+        let _ = fs::remove_file(dir.join("pause"));
+    }
 }
 
 /// Gives the files QEMU made (sockets, serial log, pid file) the depot's
@@ -1193,7 +1244,15 @@ fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) {
     let files = p.files();
     let deadline = Instant::now() + timeout;
     if !force {
-        let pressed = Qmp::connect(&files.qmp).and_then(|mut q| q.powerdown());
+        // A paused guest cannot see the power button: resume it first (the
+        // caller holds the instance lock, so no live capture pauses it).
+        let pressed = Qmp::connect(&files.qmp).and_then(|mut q| {
+            if q.run_state()? == "paused" {
+                tracing::info!("instance {id} is paused: resuming it to press its power button");
+                q.resume()?;
+            }
+            q.powerdown()
+        });
         if pressed.is_ok() {
             while Instant::now() < deadline && qemu::pid_alive(pid, id) {
                 std::thread::sleep(Duration::from_millis(50));
@@ -1246,8 +1305,132 @@ impl Foreground {
 }
 
 /// Presses the power button of the QEMU behind `qmp` (signal handlers).
+/// A paused guest is resumed first unless a live capture (holding the
+/// instance's lock) is pausing it: it resumes the guest itself, which then
+/// sees the press.
 pub fn press_power_button(qmp: &Path) -> Result<()> {
-    Qmp::connect(qmp)?.powerdown()
+    let mut q = Qmp::connect(qmp)?;
+    if q.run_state()? == "paused" {
+        let dir = qmp.parent().unwrap_or(Path::new("."));
+        if let Ok(f) = File::open(dir.join("lock")) {
+            if let Ok(_lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                q.resume()?;
+                let _ = fs::remove_file(dir.join("pause"));
+            }
+        }
+    }
+    q.powerdown()
+}
+
+/// How long a status query waits for QMP (another client may have it).
+pub const QMP_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock
+/// ticks since boot): with the pid it names a process, never a later one
+/// that got the same pid. `None`: no such process, or a zombie.
+fn process_start(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// A pause lease: `instances/ID/pause`, one line `PID START` naming the
+/// process that paused the guest (QMP `stop`) and its start time. Written
+/// (atomically) under the instance lock before the pause, removed after the
+/// guest is resumed, lock still held. A lease whose owner is dead — the
+/// lock being free says so, the pid and start time confirm it — means a
+/// killed capture: the next command that looks at the instance resumes the
+/// guest ([`end_orphaned_pause`]).
+pub(crate) struct PauseLease {
+    path: PathBuf,
+}
+
+impl PauseLease {
+    /// Takes the lease (the caller holds the instance lock).
+    pub(crate) fn take(p: &Paths, perms: Perms) -> Result<PauseLease> {
+        let pid = std::process::id() as i32;
+        let start = process_start(pid).unwrap_or(0);
+        let path = p.pause();
+        let tmp = p.dir.join("pause.tmp");
+        {
+            use std::io::Write;
+            let mut f = perms
+                .open_options()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)
+                .at(&tmp)?;
+            writeln!(f, "{pid} {start}").at(&tmp)?;
+        }
+        fs::rename(&tmp, &path).at(&path)?;
+        Ok(PauseLease { path })
+    }
+
+    /// Ends the lease once the guest runs again.
+    pub(crate) fn release(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Whether the process a lease names still lives (an unreadable lease:
+/// no, its writer died before the rename or wrote garbage).
+fn lease_owner_alive(text: &str) -> bool {
+    let mut w = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(start))) = (
+        w.next().map(str::parse::<i32>),
+        w.next().map(str::parse::<u64>),
+    ) else {
+        return false;
+    };
+    pid > 0 && process_start(pid) == Some(start)
+}
+
+/// With the instance lock held and QEMU alive: ends a pause whose owner is
+/// dead (QMP `cont` if the guest is paused, then the lease is removed).
+/// Returns whether it resumed the guest. Failures are logged: the lease
+/// stays for the next command.
+pub(crate) fn end_orphaned_pause(p: &Paths) -> bool {
+    let path = p.pause();
+    let Ok(text) = fs::read_to_string(&path) else {
+        return false;
+    };
+    if lease_owner_alive(&text) {
+        return false;
+    }
+    let resumed = Qmp::connect_timeout(&p.files().qmp, QMP_STATUS_TIMEOUT).and_then(|mut q| {
+        if q.run_state()? == "paused" {
+            q.resume()?;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    });
+    match resumed {
+        Ok(r) => {
+            if r {
+                tracing::warn!(
+                    "{}: the guest was left paused by process {} (gone): resumed it",
+                    p.dir.display(),
+                    text.split_whitespace().next().unwrap_or("?")
+                );
+            }
+            let _ = fs::remove_file(&path);
+            r
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{}: could not end a dead process's pause: {e}",
+                p.dir.display()
+            );
+            false
+        }
+    }
 }
 
 impl Instance {
@@ -1388,6 +1571,18 @@ mod tests {
         for bad in ["m\nExecStartPre=/bin/touch /x", "a\rb", "\x1b[31m", "a\0"] {
             assert!(systemd_word(bad).is_err(), "{bad:?}");
             assert!(systemd_text(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pause_lease_owners() {
+        let me = std::process::id() as i32;
+        let start = process_start(me).expect("own start time");
+        assert!(lease_owner_alive(&format!("{me} {start}\n")));
+        // the same pid with another start time is another process
+        assert!(!lease_owner_alive(&format!("{me} {}\n", start + 1)));
+        for bad in ["", "garbage", "0 0", "-1 5", &format!("{me}")] {
+            assert!(!lease_owner_alive(bad), "{bad:?}");
         }
     }
 

@@ -43,6 +43,19 @@ impl CaptureOptions {
     }
 }
 
+/// Test-only hook: with `VMDEPOT_TEST_PAUSED_SLEEP_MS=N` in the
+/// environment, a live capture sleeps N ms right after pausing the guest,
+/// so that tests can kill it (or look at the instance) while the guest is
+/// paused. Not for production use.
+fn test_hook_paused() {
+    if let Some(ms) = std::env::var("VMDEPOT_TEST_PAUSED_SLEEP_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// The tag that marks a backup and names its instance.
 pub const BACKUP_TAG: &str = "backup-of";
 
@@ -92,11 +105,29 @@ impl Depot {
                 r.name, r.id
             )));
         }
+        // The pause: a lease first (so that a kill at any moment leaves a
+        // record the next command acts on, see `instance::PauseLease`),
+        // then QMP `stop`. QMP is not held while the disk is read: QEMU
+        // serves one QMP client at a time, and `instance show` must be
+        // able to see the pause meanwhile.
         let mut paused = None;
         if running {
-            let mut q = Qmp::connect(&p.files().qmp)?;
-            q.pause()?;
-            paused = Some(q);
+            let qmp = p.files().qmp;
+            let mut q = Qmp::connect(&qmp)?;
+            if q.run_state()? == "paused" {
+                // Paused by someone else (not vmdepot: no lease): read it
+                // as it is and leave it paused.
+                tracing::info!("instance {} is paused already: not pausing it", r.id);
+            } else {
+                let lease = instance::PauseLease::take(p, self.perms())?;
+                if let Err(e) = q.pause() {
+                    lease.release();
+                    return Err(e);
+                }
+                paused = Some((lease, std::time::Instant::now()));
+            }
+            drop(q);
+            test_hook_paused();
         }
         let result = (|| {
             let input = match r.disk {
@@ -126,11 +157,21 @@ impl Depot {
             io.restricted_from = restricted_from;
             import::import_input(self, &input, &io, "instance", progress)
         })();
-        if let Some(mut q) = paused {
+        if let Some((lease, since)) = paused {
             // Resume whatever happened: the guest keeps running.
-            let resumed = q.resume();
-            if result.is_ok() {
-                resumed?;
+            let resumed = Qmp::connect(&p.files().qmp).and_then(|mut q| q.resume());
+            tracing::info!(
+                "instance {}: guest paused for {} ms",
+                r.id,
+                since.elapsed().as_millis()
+            );
+            match resumed {
+                // A lease left behind (resume failed) is ended by the next
+                // command that looks at the instance, once this process
+                // has exited.
+                Ok(()) => lease.release(),
+                Err(e) if result.is_ok() => return Err(e),
+                Err(_) => {}
             }
         }
         let id = result?;

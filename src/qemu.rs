@@ -417,8 +417,15 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(sock: &Path) -> Result<Qmp> {
+        Qmp::connect_timeout(sock, Duration::from_secs(10))
+    }
+
+    /// Connects, waiting at most `timeout` for each answer (QEMU serves one
+    /// QMP client at a time: a second one waits, unanswered, until the
+    /// first disconnects).
+    pub fn connect_timeout(sock: &Path, timeout: Duration) -> Result<Qmp> {
         let s = UnixStream::connect(sock).at(sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).at(sock)?;
+        s.set_read_timeout(Some(timeout)).at(sock)?;
         let writer = s.try_clone().at(sock)?;
         let mut q = Qmp {
             reader: BufReader::new(s),

@@ -129,7 +129,7 @@ pub enum InstanceCmd {
 fn read_file(p: &PathBuf, cap: usize) -> anyhow::Result<String> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let refuse = |why: String| {
+    let refuse = |why: String| -> anyhow::Error {
         vmdepot::Error::Refused {
             file: p.clone(),
             reason: why,
@@ -140,7 +140,10 @@ fn read_file(p: &PathBuf, cap: usize) -> anyhow::Result<String> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(p)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => refuse("a socket, not a regular file or a pipe".into()),
+            _ => anyhow::anyhow!("{}: {e}", p.display()),
+        })?;
     let ft = f
         .metadata()
         .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
@@ -148,19 +151,55 @@ fn read_file(p: &PathBuf, cap: usize) -> anyhow::Result<String> {
     if !(ft.is_file() || ft.is_fifo()) {
         return Err(refuse("not a regular file or a pipe".into()));
     }
-    nix::fcntl::fcntl(
-        &f,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     let mut buf = Vec::new();
-    f.take(cap as u64 + 1)
-        .read_to_end(&mut buf)
+    if ft.is_fifo() {
+        // A pipe: read until its writer closes it, for at most 10 s.
+        read_pipe(&f, cap, &mut buf).map_err(refuse)?;
+    } else {
+        nix::fcntl::fcntl(
+            &f,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
         .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        f.take(cap as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
     if buf.len() > cap {
         return Err(refuse(format!("larger than the limit of {cap} bytes")));
     }
     String::from_utf8(buf).map_err(|_| refuse("not UTF-8 text".into()))
+}
+
+/// Reads a non-blocking pipe to its end, at most `cap + 1` bytes, within
+/// 10 s.
+fn read_pipe(f: &std::fs::File, cap: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err("a pipe whose writer did not finish within 10 s".into());
+        }
+        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(10_000) as i32).unwrap_or(PollTimeout::MAX);
+        poll(&mut fds, ms).map_err(|e| e.to_string())?;
+        match (&*f).read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > cap {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::Result<i32> {

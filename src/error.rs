@@ -13,11 +13,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a named file.
-    #[error("{path}: {source}")]
+    /// (The OS error is part of the message, not a separate source: the
+    /// CLI prints the chain, which would say it twice.)
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The filesystem holding the depot is full.
     #[error("no space left on the device holding {path}: free some space (or run `vmdepot gc`) and retry; nothing was changed")]
@@ -104,7 +105,10 @@ impl Error {
         {
             Error::NoSpace { path }
         } else {
-            Error::Io { path, source }
+            Error::Io {
+                path,
+                error: source,
+            }
         }
     }
 

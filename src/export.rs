@@ -238,6 +238,31 @@ fn open_dir(p: &Path) -> Result<File> {
         .at(p)
 }
 
+/// Whether the open directory `dir` is the directory (`dev`, `ino`) or
+/// lies below it, found by walking `..` from the descriptor up to `/`.
+fn inside_dir(dir: &File, dev: u64, ino: u64) -> std::io::Result<bool> {
+    let mut cur = dir.try_clone()?;
+    loop {
+        let m = cur.metadata()?;
+        if m.dev() == dev && m.ino() == ino {
+            return Ok(true);
+        }
+        let up = openat(
+            &cur,
+            "..",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno_io)?;
+        let up = File::from(up);
+        let um = up.metadata()?;
+        if um.dev() == m.dev() && um.ino() == m.ino() {
+            return Ok(false); // `/`
+        }
+        cur = up;
+    }
+}
+
 /// Where a user's export goes.
 enum Dest {
     /// A new regular file `name` in `dir` (replacing a file of that name).
@@ -275,10 +300,11 @@ fn parent_and_name(out: &Path) -> Result<(PathBuf, OsString)> {
 fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
     let (dir_path, name) = parent_and_name(out)?;
     let root = std::fs::metadata(depot.root()).at(depot.root())?;
-    let inside = dir_path.ancestors().any(|a| {
-        std::fs::metadata(a).is_ok_and(|m| m.dev() == root.dev() && m.ino() == root.ino())
-    });
-    if inside {
+    // The directory is opened once and everything below goes through that
+    // descriptor: whether it lies inside the depot is decided by walking
+    // up from it (`..`), not by its name, which a swap could redirect.
+    let dir = open_dir(&dir_path)?;
+    if inside_dir(&dir, root.dev(), root.ino()).at(&dir_path)? {
         return Err(refused(
             out,
             format!(
@@ -287,7 +313,6 @@ fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
             ),
         ));
     }
-    let dir = open_dir(&dir_path)?;
     let st = match fstatat(&dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => Some(st),
         Err(Errno::ENOENT) => None,

@@ -135,7 +135,14 @@ pub fn open_input(path: &Path) -> Result<Opened> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .at(path)?;
+        .map_err(|e| match e.raw_os_error() {
+            // what open(2) says for a Unix socket
+            Some(libc::ENXIO) => refused(
+                path,
+                "a socket: an image is imported from a regular file or a block device",
+            ),
+            _ => Error::io(path, e),
+        })?;
     let meta = file.metadata().at(path)?;
     let ft = meta.file_type();
     let (size, ident) = if ft.is_file() {
@@ -282,9 +289,9 @@ fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> R
         SourceFormat::Raw => file_size,
         SourceFormat::Qcow2 => check_qcow2(path, file, file_size)?,
         SourceFormat::Vmdk => check_vmdk(path, file, &head, file_size)?,
-        SourceFormat::Vhd => check_vhd(path, &head, &tail)?,
+        SourceFormat::Vhd => check_vhd(path, file, &head, &tail, file_size)?,
         SourceFormat::Vhdx => check_vhdx(path, file, file_size)?,
-        SourceFormat::Vdi => check_vdi(path, &head)?,
+        SourceFormat::Vdi => check_vdi(path, &head, file_size)?,
     };
     if virtual_size > MAX_VIRTUAL_SIZE {
         return Err(too_big(path, virtual_size));
@@ -511,7 +518,7 @@ const VDI_SIGNATURE: [u8; 4] = [0x7f, 0x10, 0xda, 0xbe];
 
 /// Checks a VDI header as qemu's vdi driver does: version 1.1, dynamic or
 /// fixed (a differencing or undo image names a parent: refused).
-fn check_vdi(path: &Path, head: &[u8]) -> Result<u64> {
+fn check_vdi(path: &Path, head: &[u8], file_size: u64) -> Result<u64> {
     if head.len() < 512 {
         return Err(bad(path, "truncated VDI header"));
     }
@@ -520,6 +527,15 @@ fn check_vdi(path: &Path, head: &[u8]) -> Result<u64> {
         return Err(refused(
             path,
             format!("unsupported VDI version {:#x}", le32(68)),
+        ));
+    }
+    // The block map (4 bytes a block; qemu allocates and reads it whole)
+    // must lie inside the file.
+    let (bmap, blocks) = (le32(340) as u64, le32(384) as u64);
+    if bmap + blocks * 4 > file_size {
+        return Err(bad(
+            path,
+            format!("VDI block map ({blocks} blocks at byte {bmap}) ends past the end of the file ({file_size} bytes)"),
         ));
     }
     match le32(76) {
@@ -596,7 +612,9 @@ fn check_vhdx(path: &Path, file: &File, file_size: u64) -> Result<u64> {
             if m[0..16] == VHDX_FILE_PARAMETERS {
                 let item = u32::from_le_bytes(m[16..20].try_into().unwrap()) as u64;
                 let mut fp = [0u8; 8];
-                file.read_exact_at(&mut fp, off + item).at(path)?;
+                if read_full_at(file, &mut fp, off + item).at(path)? < 8 {
+                    return Err(bad(path, "VHDX file parameters lie outside the file"));
+                }
                 if u32::from_le_bytes(fp[4..8].try_into().unwrap()) & 2 != 0 {
                     return Err(refused(
                         path,
@@ -611,23 +629,55 @@ fn check_vhdx(path: &Path, file: &File, file_size: u64) -> Result<u64> {
 }
 
 /// Checks a VHD footer: differencing disks are refused.
-fn check_vhd(path: &Path, head: &[u8], tail: &[u8]) -> Result<u64> {
-    let footer = if tail.starts_with(b"conectix") {
-        tail
-    } else {
-        head
-    };
-    if footer.len() < 64 {
-        return Err(bad(path, "truncated VHD footer"));
+fn check_vhd(path: &Path, file: &File, head: &[u8], tail: &[u8], file_size: u64) -> Result<u64> {
+    // qemu reads the copy at offset 0 when it has the magic, else the
+    // footer at the end: both copies are checked, so neither can hide a
+    // differencing disk.
+    let copies: Vec<&[u8]> = [head, tail]
+        .into_iter()
+        .filter(|c| c.starts_with(b"conectix"))
+        .collect();
+    let mut size = None;
+    for footer in copies {
+        if footer.len() < 64 {
+            return Err(bad(path, "truncated VHD footer"));
+        }
+        match be32(footer, 60) {
+            2 => {}
+            3 => check_vhd_dynamic(path, file, be64(footer, 16), file_size)?,
+            4 => return Err(refused(
+                path,
+                "VHD is a differencing disk with a parent file: an image must be self-contained",
+            )),
+            t => return Err(bad(path, format!("unknown VHD disk type {t}"))),
+        }
+        size.get_or_insert(be64(footer, 48));
     }
-    match be32(footer, 60) {
-        2 | 3 => Ok(be64(footer, 48)),
-        4 => Err(refused(
+    size.ok_or_else(|| bad(path, "truncated VHD footer"))
+}
+
+/// A dynamic VHD's block table (4 bytes per entry, which qemu allocates
+/// and reads whole) must lie inside the file.
+fn check_vhd_dynamic(path: &Path, file: &File, off: u64, file_size: u64) -> Result<()> {
+    let mut h = [0u8; 40];
+    if off.checked_add(40).is_none_or(|e| e > file_size)
+        || read_full_at(file, &mut h, off).at(path)? < 40
+        || &h[0..8] != b"cxsparse"
+    {
+        return Err(bad(
             path,
-            "VHD is a differencing disk with a parent file: an image must be self-contained",
-        )),
-        t => Err(bad(path, format!("unknown VHD disk type {t}"))),
+            "VHD dynamic disk header missing or outside the file",
+        ));
     }
+    let table = be64(&h, 16);
+    let entries = be32(&h, 28) as u64;
+    if table.checked_add(entries * 4).is_none_or(|e| e > file_size) {
+        return Err(bad(
+            path,
+            format!("VHD block table ({entries} entries at byte {table}) ends past the end of the file ({file_size} bytes)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `qemu-img info` and `qemu-img check` on the opened input (its
@@ -636,7 +686,7 @@ fn check_vhd(path: &Path, head: &[u8], tail: &[u8]) -> Result<u64> {
 fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
     let spec = input.qemu_spec(ins.format);
     let out = qemu_img(&["info", "--output=json", &spec])
-        .map_err(|e| unreadable(&ins.path, ins.format, e))?;
+        .map_err(|e| unreadable(&ins.path, ins.format, &spec, e))?;
     let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| Error::Tool {
         tool: "qemu-img info".into(),
         detail: e.to_string(),
@@ -676,15 +726,10 @@ fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
         ins.format,
         SourceFormat::Qcow2 | SourceFormat::Vhdx | SourceFormat::Vmdk | SourceFormat::Vdi
     ) {
-        let st = Command::new("qemu-img")
-            .args(["check", "-q", &spec])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(qemu_img_missing)?;
+        let st = run_bounded(&["check", "-q", &spec])?;
         // 0 clean, 3 leaked clusters only, 63 check unsupported for this format.
         if !matches!(st.status.code(), Some(0 | 3 | 63)) {
-            let err = String::from_utf8_lossy(&st.stderr);
-            let first = err.lines().next().unwrap_or("corrupt image");
+            let first = tidy(&st.first_err_line(), &spec, &ins.path);
             return Err(bad(
                 &ins.path,
                 format!("`qemu-img check` found it damaged: {first}"),
@@ -694,14 +739,26 @@ fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
     Ok(size)
 }
 
-fn unreadable(path: &Path, format: SourceFormat, e: Error) -> Error {
+fn unreadable(path: &Path, format: SourceFormat, spec: &str, e: Error) -> Error {
     match e {
         Error::Tool { tool, detail } => bad(
             path,
-            format!("{tool} could not read it as {}: {detail}", format.name()),
+            format!(
+                "{tool} could not read it as {}: {}",
+                format.name(),
+                tidy(&detail, spec, path)
+            ),
         ),
         e => e,
     }
+}
+
+/// A qemu message with our internal `json:` spec replaced by the input's
+/// name.
+fn tidy(detail: &str, spec: &str, path: &Path) -> String {
+    detail
+        .replace(&format!("'{spec}'"), &format!("'{}'", path.display()))
+        .replace(spec, &path.display().to_string())
 }
 
 fn qemu_img_missing(e: std::io::Error) -> Error {
@@ -713,19 +770,94 @@ fn qemu_img_missing(e: std::io::Error) -> Error {
 
 /// Runs qemu-img and returns its stdout, or an error with its stderr.
 pub fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(qemu_img_missing)?;
+    let out = run_bounded(args)?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
         return Err(Error::Tool {
             tool: format!("qemu-img {}", args.first().unwrap_or(&"")),
-            detail: err.trim().lines().last().unwrap_or("failed").to_owned(),
+            detail: out.last_err_line(),
         });
     }
     Ok(out.stdout)
+}
+
+/// How much of a qemu tool's stdout and stderr is kept (the rest is read
+/// and dropped): a hostile image can make `qemu-img check` print a line
+/// per block.
+const TOOL_OUTPUT_CAP: usize = 1 << 20;
+/// A qemu-img run on an input that takes longer than this is killed.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+struct ToolOutput {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl ToolOutput {
+    fn last_err_line(&self) -> String {
+        String::from_utf8_lossy(&self.stderr)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("failed")
+            .to_owned()
+    }
+    fn first_err_line(&self) -> String {
+        String::from_utf8_lossy(&self.stderr)
+            .lines()
+            .next()
+            .unwrap_or("failed")
+            .to_owned()
+    }
+}
+
+/// Runs qemu-img with its output capped at [`TOOL_OUTPUT_CAP`] each and
+/// its time at [`TOOL_TIMEOUT`].
+fn run_bounded(args: &[&str]) -> Result<ToolOutput> {
+    let mut child = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(qemu_img_missing)?;
+    fn drain(mut r: impl std::io::Read) -> Vec<u8> {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 64 << 10];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let room = TOOL_OUTPUT_CAP.saturating_sub(kept.len()).min(n);
+            kept.extend_from_slice(&buf[..room]);
+        }
+        kept
+    }
+    let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || drain(out));
+    let err = std::thread::spawn(move || drain(err));
+    let deadline = std::time::Instant::now() + TOOL_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Tool {
+                    tool: format!("qemu-img {}", args.first().unwrap_or(&"")),
+                    detail: format!("still running after {} s: killed", TOOL_TIMEOUT.as_secs()),
+                });
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => return Err(qemu_img_missing(e)),
+        }
+    };
+    Ok(ToolOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 /// The raw view of an input that import reads: the opened file itself, or

@@ -448,3 +448,101 @@ fn user_data_and_keys_are_capped() {
     let ins = t.json(&["instance", "list", "--json"]);
     assert_eq!(ins.as_array().unwrap().len(), 0);
 }
+
+/// Found by a stranger's attack: headers whose tables qemu allocates and
+/// reads whole (a VDI block map, a VHD block table) claimed gigabytes from
+/// a 1 KiB file: qemu-img check printed a line per block (9.7 GB) into an
+/// unbounded buffer, and a VHD made qemu-img take 2 GiB.
+#[test]
+fn tables_larger_than_the_file_are_refused_before_qemu_reads_them() {
+    let t = T::new();
+    let vdi = t.path("v.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", vdi.to_str().unwrap(), "4M"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&vdi).unwrap();
+    f.write_all_at(&0x1000_0000u32.to_le_bytes(), 384).unwrap();
+    let vhd = t.path("v.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        vhd.to_str().unwrap(),
+        "4M",
+    ]);
+    let f = std::fs::OpenOptions::new().write(true).open(&vhd).unwrap();
+    f.write_all_at(&0x1fe0_0000u32.to_be_bytes(), 512 + 28)
+        .unwrap();
+    for (img, what) in [(&vdi, "VDI block map"), (&vhd, "VHD block table")] {
+        let start = Instant::now();
+        let (code, err) = t.fails(&["image", "import", img.to_str().unwrap(), "--name", "x"]);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(code, 4, "{err}");
+        assert!(err.contains(what), "{err}");
+    }
+}
+
+/// Found by a stranger's attack: qemu reads a VHD's footer copy at offset 0
+/// first, vmdepot read the one at the end: a differencing type at offset 0
+/// passed.
+#[test]
+fn a_differencing_vhd_in_either_footer_copy_is_refused() {
+    let t = T::new();
+    let vhd = t.path("mix.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        vhd.to_str().unwrap(),
+        "4M",
+    ]);
+    let f = std::fs::OpenOptions::new().write(true).open(&vhd).unwrap();
+    f.write_all_at(&4u32.to_be_bytes(), 60).unwrap();
+    let (code, err) = t.fails(&["image", "import", vhd.to_str().unwrap(), "--name", "x"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("differencing"), "{err}");
+}
+
+/// Found by a stranger's attack: a socket gave a doubled OS error (exit 1);
+/// user-data from a FIFO whose writer never finishes hung.
+#[test]
+fn sockets_and_stalled_pipes_are_refused() {
+    let t = T::new();
+    let sock = t.path("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (code, err) = t.fails(&["image", "import", sock.to_str().unwrap(), "--name", "x"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("a socket"), "{err}");
+    let (code, err) = t.fails(&["image", "import", "/nonexistent.qcow2", "--name", "x"]);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert_ne!(code, 0);
+    let disk = t.path("d.raw");
+    std::fs::write(&disk, vec![1u8; 1 << 20]).unwrap();
+    t.import(&disk, "d");
+    let fifo = t.path("ud.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // a writer that holds the FIFO open and never writes
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3>'{}'; sleep 30", fifo.display()))
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let (code, err) = t.fails(&[
+        "instance",
+        "run",
+        "d",
+        "--user-data",
+        fifo.to_str().unwrap(),
+    ]);
+    let took = start.elapsed();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("within 10 s"), "{err}");
+}

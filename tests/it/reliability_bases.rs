@@ -45,7 +45,9 @@ fn problems(r: &Value) -> Vec<String> {
 fn zeroed_base_is_noticed_rebuilt_and_reported() {
     let t = depot_with_guest();
     // Make the base (the guest need not get far).
-    t.ok(&["instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q"]);
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q",
+    ]);
     t.ok(&["instance", "delete", "a", "--force"]);
     let base = the_base(&t);
     t.assert_fsck_clean();
@@ -60,7 +62,10 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
         let r: Value = serde_json::from_slice(&o.stdout).unwrap();
         let p = problems(&r);
         assert_eq!(p.len(), 1, "{args:?}: {p:?}");
-        assert!(p[0].contains("launch base") && p[0].contains("tiny"), "{p:?}");
+        assert!(
+            p[0].contains("launch base") && p[0].contains("tiny"),
+            "{p:?}"
+        );
     }
     let (code, err) = t.fails(&["image", "verify", "tiny", "-q"]);
     assert_eq!(code, 5, "{err}");
@@ -68,7 +73,9 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
 
     // A launch notices (sampled check) and rebuilds it: the guest reads
     // its real disk.
-    t.ok(&["instance", "run", "tiny", "--name", "b", "--accel", "tcg", "-q"]);
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "b", "--accel", "tcg", "-q",
+    ]);
     assert!(allocated(&base) > 0);
     t.assert_fsck_clean();
     assert!(problems(&t.json(&["fsck", "--bases", "--json"])).is_empty());
@@ -106,7 +113,8 @@ fn overlapping_raw(path: &Path, prev: Option<&Path>, mib: u64, seed: u64) {
         use std::os::unix::fs::FileExt;
         let head = std::fs::read(prev).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        f.write_all_at(&head[..((mib as usize) << 20) / 4], 0).unwrap();
+        f.write_all_at(&head[..((mib as usize) << 20) / 4], 0)
+            .unwrap();
     }
 }
 

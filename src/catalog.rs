@@ -216,6 +216,17 @@ UPDATE images SET name = name || '-' || id
                OR (o.created_at = images.created_at AND o.rowid < images.rowid)));
 CREATE UNIQUE INDEX images_public_name ON images(name) WHERE type IN ('public', 'marketplace');
 "#,
+    // v8: launch bases recorded once they are complete and durable (file
+    // fsynced, renamed, directory fsynced); a base file without its row, or
+    // not matching it, is never booted (see instance::ensure_base).
+    r#"
+CREATE TABLE bases (
+    image      TEXT PRIMARY KEY,                -- images.id; file bases/<image>.raw
+    size       INTEGER NOT NULL,                -- bytes (the image's virtual size)
+    digest     TEXT NOT NULL,                   -- hex BLAKE3 of the whole file
+    created_at INTEGER NOT NULL                 -- unix seconds
+) WITHOUT ROWID;
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -761,6 +772,48 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// What the catalog records of a complete launch base.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRecord {
+    pub size: u64,
+    pub digest: String,
+}
+
+/// The record of the base of `image`, if it is recorded as complete.
+pub fn base_record(conn: &Connection, image: &str) -> Result<Option<BaseRecord>> {
+    Ok(conn
+        .query_row(
+            "SELECT size, digest FROM bases WHERE image = ?1",
+            [image],
+            |r| {
+                Ok(BaseRecord {
+                    size: r.get::<_, i64>(0)? as u64,
+                    digest: r.get(1)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Records the base of `image` as complete (its file is durable).
+pub fn record_base(conn: &Connection, image: &str, rec: &BaseRecord) -> Result<()> {
+    write(conn, |tx| {
+        tx.execute(
+            "INSERT OR REPLACE INTO bases (image, size, digest, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![image, rec.size as i64, rec.digest, now()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Forgets the base of `image` (its file is gone or about to be rebuilt).
+pub fn forget_base(conn: &Connection, image: &str) -> Result<()> {
+    write(conn, |tx| {
+        tx.execute("DELETE FROM bases WHERE image = ?1", [image])?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -420,13 +420,22 @@ impl Depot {
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content
-    /// digest), or of the whole store when `image` is `None`.
+    /// digest, and its launch base read back in full if it has one), or of
+    /// the whole store when `image` is `None`.
     #[instrument(skip_all, err(level = "debug"))]
     pub fn verify(&self, image: Option<&str>, progress: &dyn Progress) -> Result<VerifyReport> {
         match image {
             Some(r) => {
                 let (row, _) = self.available_for(r, Op::Verify)?;
-                export::verify_image(self, &row, progress)
+                let rep = export::verify_image(self, &row, progress)?;
+                // Its launch base, if it has one, in full.
+                let id = row.id.as_str().to_owned();
+                if let Some(why) =
+                    crate::instance::base_problem(self, &id, Some(&row), true, progress)?
+                {
+                    return Err(Error::StoreDamaged(why));
+                }
+                Ok(rep)
             }
             None => maint::verify_all(self, progress),
         }
@@ -439,10 +448,18 @@ impl Depot {
         maint::gc(self, dry_run)
     }
 
-    /// Checks the structure of the catalog and the store.
+    /// Checks the structure of the catalog and the store, and gives launch
+    /// bases the cheap check a launch makes (record, size, sampled blocks).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn fsck(&self) -> Result<FsckReport> {
-        maint::fsck(self)
+        maint::fsck(self, false, &crate::progress::NoProgress)
+    }
+
+    /// [`Depot::fsck`], and every launch base read back in full and its
+    /// digest compared with the one recorded (`fsck --bases`).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn fsck_bases(&self, progress: &dyn Progress) -> Result<FsckReport> {
+        maint::fsck(self, true, progress)
     }
 
     /// Logical vs stored bytes, dedup and compression ratios, per image.

@@ -416,10 +416,36 @@ pub(crate) fn export(
     format: ExportFormat,
     progress: &dyn Progress,
 ) -> Result<()> {
+    export_with_mode(depot, row, out, format, 0o666 & !current_umask(), progress)
+}
+
+/// [`export`] with the file's mode given, set before the file gets its
+/// name (a launch base is read-only from the moment it exists).
+pub(crate) fn export_with_mode(
+    depot: &Depot,
+    row: &ImageRow,
+    out: &Path,
+    format: ExportFormat,
+    mode: u32,
+    progress: &dyn Progress,
+) -> Result<()> {
     let (dir_path, name) = parent_and_name(out)?;
     let dir = open_dir(&dir_path)?;
-    let mode = 0o666 & !current_umask();
     write_new_file(depot, row, &dir, &dir_path, &name, format, mode, progress)
+}
+
+/// The BLAKE3 of every byte of `file` (`size` bytes), read back in
+/// parallel leaves; holes are read too (nothing is assumed zero).
+pub(crate) fn file_digest(
+    depot: &Depot,
+    file: &File,
+    path: &Path,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<String> {
+    let zero_cvs = catalog::load_zero_cvs(&depot.conn, size)?;
+    let pieces = digest::split_sparse(size, digest::LEAF_BYTES, |_, _| true);
+    digest_pieces(pieces, file, path, size, &zero_cvs, progress)
 }
 
 /// Writes the image as a new file `name` in `dir`: into an anonymous (or
@@ -860,6 +886,17 @@ fn digest_file(
     } else {
         sparse_pieces(&plan.map, size)
     };
+    digest_pieces(pieces, file, path, size, zero_cvs, progress)
+}
+
+fn digest_pieces(
+    pieces: digest::Pieces,
+    file: &File,
+    path: &Path,
+    size: u64,
+    zero_cvs: &digest::ZeroCvs,
+    progress: &dyn Progress,
+) -> Result<String> {
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; pieces.leaves.len()]);
     progress.begin("digest", size);
     let r = par_for(

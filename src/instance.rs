@@ -1081,20 +1081,261 @@ pub(crate) fn make_disk(
     }
 }
 
-/// The raw base of an image, made once (callers hold the base's lock).
+/// What a cheap look at a launch base found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BaseCheck {
+    /// No file.
+    Missing,
+    /// Recorded as complete for this content, of the recorded size, and
+    /// the sampled blocks hold their chunks.
+    Good,
+    /// A file that must not be booted, and why.
+    Bad(String),
+}
+
+/// Blocks of a base that the launch-time check reads: evenly spread over
+/// the image's data blocks (first and last included) plus a few at random.
+const BASE_SAMPLES: u64 = 12;
+const BASE_RANDOM_SAMPLES: u64 = 4;
+
+/// The cheap check of the base of `img` (callers hold the base's lock):
+/// its catalog record (made only once the file was durable), its size, and
+/// a few 4 KiB blocks hashed and compared with the image's chunk hashes. A
+/// base whose data a power cut lost (full size, no blocks) fails it.
+pub(crate) fn check_base(depot: &Depot, img: &catalog::ImageRow) -> Result<BaseCheck> {
+    use std::os::unix::fs::FileExt;
+    let p = base_path(depot.root(), img.id.as_str());
+    let file = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BaseCheck::Missing),
+        Err(e) => return Err(Error::io(&p, e)),
+    };
+    let Some(rec) = catalog::base_record(&depot.conn, img.id.as_str())? else {
+        return Ok(BaseCheck::Bad(
+            "is not recorded as complete (cut off by a crash, or made by an older vmdepot)".into(),
+        ));
+    };
+    if rec.size != img.virtual_size || Some(&rec.digest) != img.content_digest.as_ref() {
+        return Ok(BaseCheck::Bad(
+            "is recorded with another size or digest than the image's".into(),
+        ));
+    }
+    let len = file.metadata().at(&p)?.len();
+    if len != rec.size {
+        return Ok(BaseCheck::Bad(format!(
+            "is {len} bytes, recorded as {} bytes",
+            rec.size
+        )));
+    }
+    let map = catalog::image_map(&depot.conn, &img.id)?;
+    let n = map.data_blocks();
+    if n == 0 {
+        return Ok(BaseCheck::Good);
+    }
+    let mut picks: Vec<u64> = (0..BASE_SAMPLES.min(n))
+        .map(|k| k * (n - 1) / (BASE_SAMPLES - 1).max(1))
+        .collect();
+    for _ in 0..BASE_RANDOM_SAMPLES {
+        picks.push(u64::from_str_radix(&random_hex(8), 16).unwrap_or(0) % n);
+    }
+    picks.sort_unstable();
+    picks.dedup();
+    let mut blocks = Vec::with_capacity(picks.len());
+    let mut it = picks.iter().peekable();
+    for (i, (block, cid)) in map.data().enumerate() {
+        while it.peek() == Some(&&(i as u64)) {
+            it.next();
+            blocks.push((block, cid));
+        }
+        if it.peek().is_none() {
+            break;
+        }
+    }
+    blocks.dedup();
+    let mut ids: Vec<_> = blocks.iter().map(|&(_, c)| c).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let locs = catalog::chunk_locs(&depot.conn, &ids)?;
+    let mut buf = vec![0u8; crate::format::CHUNK_SIZE];
+    for (block, cid) in blocks {
+        let Some(loc) = locs.get(&cid) else {
+            return Err(Error::StoreDamaged(format!(
+                "image {} ({}): chunk {cid} is missing from the catalog",
+                img.name, img.id
+            )));
+        };
+        let off = block * crate::format::CHUNK;
+        let want = (len - off).min(crate::format::CHUNK) as usize;
+        buf.fill(0);
+        file.read_exact_at(&mut buf[..want], off).at(&p)?;
+        if crate::ids::ChunkHash::of(&buf) != loc.hash {
+            return Ok(BaseCheck::Bad(format!(
+                "does not hold the image's data at byte offset {off} (lost in a crash?)"
+            )));
+        }
+    }
+    Ok(BaseCheck::Good)
+}
+
+/// What is wrong with the base file of image `id`, if anything (fsck,
+/// verify): with its image (`img`, if available) the launch's check,
+/// otherwise its record and size; with `full`, also the digest of every
+/// byte. A base that vanishes meanwhile (gc) is fine.
+pub(crate) fn base_problem(
+    depot: &Depot,
+    id: &str,
+    img: Option<&catalog::ImageRow>,
+    full: bool,
+    progress: &dyn Progress,
+) -> Result<Option<String>> {
+    let p = base_path(depot.root(), id);
+    let what = match img {
+        Some(i) => format!("launch base {} of image {} ({id})", p.display(), i.name),
+        None => format!("launch base {} of deleted image {id}", p.display()),
+    };
+    let fix = "the next launch rebuilds it, or refuses while an instance runs from it";
+    let rec = catalog::base_record(&depot.conn, id)?;
+    let cheap = match img {
+        Some(i) => check_base(depot, i)?,
+        None => match (&rec, fs::metadata(&p)) {
+            (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => BaseCheck::Missing,
+            (_, Err(e)) => return Err(Error::io(&p, e)),
+            (None, _) => BaseCheck::Bad("is not recorded as complete".into()),
+            (Some(r), Ok(m)) if m.len() != r.size => BaseCheck::Bad(format!(
+                "is {} bytes, recorded as {} bytes",
+                m.len(),
+                r.size
+            )),
+            _ => BaseCheck::Good,
+        },
+    };
+    match cheap {
+        BaseCheck::Missing => return Ok(None),
+        BaseCheck::Bad(why) => return Ok(Some(format!("{what} {why}: {fix}"))),
+        BaseCheck::Good if !full => return Ok(None),
+        BaseCheck::Good => {}
+    }
+    let Some(rec) = rec else { return Ok(None) };
+    let f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&p, e)),
+    };
+    let digest = crate::export::file_digest(depot, &f, &p, rec.size, progress)?;
+    if digest != rec.digest {
+        return Ok(Some(format!(
+            "{what}: content digest is {digest}, recorded {}: {fix}",
+            rec.digest
+        )));
+    }
+    Ok(None)
+}
+
+/// A running instance whose QEMU has the base of `image` open, if any.
+fn base_in_use(depot: &Depot, image: &str) -> Result<Option<String>> {
+    let mut st = depot.conn.prepare(
+        "SELECT id, name, pid FROM instances
+         WHERE image = ?1 AND disk = 'overlay' AND state = 'running'",
+    )?;
+    let rows = st.query_map([image], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i32>>(2)?,
+        ))
+    })?;
+    for r in rows {
+        let (id, name, pid) = r?;
+        if pid.is_some_and(|pid| qemu::pid_alive(pid, &id)) {
+            return Ok(Some(format!("{name} ({id})")));
+        }
+    }
+    Ok(None)
+}
+
+/// The raw base of an image (callers hold the base's lock), made if it is
+/// missing. One that does not check out ([`check_base`]) is never used: it
+/// is rebuilt, unless a running instance has it open (then refused: stop
+/// that instance first). Overlays of stopped instances were made over the
+/// image's content, which is exactly what the rebuilt base holds (its
+/// digest is checked). A base without a record whose full digest matches
+/// (made by an older vmdepot) is recorded and used.
+///
+/// Durability: the base is written to a temporary, fsynced, renamed into
+/// place and the directory fsynced (export); only then is it recorded.
 pub(crate) fn ensure_base(
     depot: &Depot,
     img: &catalog::ImageRow,
     progress: &dyn Progress,
 ) -> Result<PathBuf> {
     let p = base_path(depot.root(), img.id.as_str());
-    if !p.exists() {
-        crate::export::export(depot, img, &p, ExportFormat::Raw, progress)?;
-        let mut perm = fs::metadata(&p).at(&p)?.permissions();
-        perm.set_readonly(true);
-        fs::set_permissions(&p, perm).at(&p)?;
+    let label = format!("{} ({})", img.name, img.id);
+    match check_base(depot, img)? {
+        BaseCheck::Good => return Ok(p),
+        BaseCheck::Missing => {}
+        BaseCheck::Bad(why) => {
+            let unrecorded = catalog::base_record(&depot.conn, img.id.as_str())?.is_none();
+            if unrecorded && adopt_base(depot, img, &p, progress)? {
+                return Ok(p);
+            }
+            if let Some(user) = base_in_use(depot, img.id.as_str())? {
+                return Err(Error::StoreDamaged(format!(
+                    "launch base {} of image {label} {why}; instance {user} runs from it: \
+                     stop it, then launch again to rebuild the base",
+                    p.display()
+                )));
+            }
+            tracing::warn!(
+                "launch base {} of image {label} {why}: rebuilding it",
+                p.display()
+            );
+            catalog::forget_base(&depot.conn, img.id.as_str())?;
+        }
     }
+    let mode = depot.perms().file() & 0o444;
+    crate::export::export_with_mode(depot, img, &p, ExportFormat::Raw, mode, progress)?;
+    record_base(depot, img)?;
     Ok(p)
+}
+
+fn record_base(depot: &Depot, img: &catalog::ImageRow) -> Result<()> {
+    let digest = img.content_digest.clone().ok_or_else(|| {
+        Error::StoreDamaged(format!(
+            "image {} ({}) has no content digest",
+            img.name, img.id
+        ))
+    })?;
+    catalog::record_base(
+        &depot.conn,
+        img.id.as_str(),
+        &catalog::BaseRecord {
+            size: img.virtual_size,
+            digest,
+        },
+    )
+}
+
+/// A base file with no record: recorded if every byte matches the image
+/// (fsynced first), else left to be rebuilt.
+fn adopt_base(
+    depot: &Depot,
+    img: &catalog::ImageRow,
+    p: &Path,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    let f = File::open(p).at(p)?;
+    let len = f.metadata().at(p)?.len();
+    if len != img.virtual_size {
+        return Ok(false);
+    }
+    let digest = crate::export::file_digest(depot, &f, p, len, progress)?;
+    if Some(&digest) != img.content_digest.as_ref() {
+        return Ok(false);
+    }
+    f.sync_all().at(p)?;
+    crate::store::sync_dir(p.parent().unwrap_or(Path::new(".")))?;
+    record_base(depot, img)?;
+    Ok(true)
 }
 
 fn vm_config(root: &Path, r: &Row, accel: Accel) -> VmConfig {
@@ -1544,11 +1785,37 @@ pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u
         }
         let size = std::os::unix::fs::MetadataExt::blocks(&e.metadata().at(&p)?) * 512;
         if !dry_run {
-            // The lock file stays: a launch may be waiting on it.
+            // The lock file stays: a launch may be waiting on it. Without
+            // its file the record says nothing; it goes too.
             fs::remove_file(&p).at(&p)?;
+            catalog::forget_base(&depot.conn, &img)?;
         }
         n += 1;
         bytes += size;
+    }
+    if !dry_run {
+        // Records whose file is gone (a crash between removing a base and
+        // forgetting it), each checked under its lock.
+        let recorded: Vec<String> = {
+            let mut st = depot.conn.prepare("SELECT image FROM bases")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for img in recorded {
+            if !img.starts_with("img-") || img.contains('/') {
+                continue;
+            }
+            let Ok(_l) = flock(
+                &base_lock_path(depot.root(), &img),
+                FlockArg::LockExclusiveNonblock,
+                depot.perms(),
+            ) else {
+                continue;
+            };
+            if !base_path(depot.root(), &img).exists() {
+                catalog::forget_base(&depot.conn, &img)?;
+            }
+        }
     }
     Ok((n, bytes))
 }

@@ -273,7 +273,13 @@ impl Depot {
                 DiskMode::Copy => None,
             };
             instance::make_disk(self, &img, base.as_deref(), &fresh, progress)?;
+            // Durable before it replaces the old disk: fsync, rename, fsync
+            // the directory (qemu-img does not sync the overlay it creates).
+            std::fs::File::open(&fresh)
+                .and_then(|f| f.sync_all())
+                .at(&fresh)?;
             std::fs::rename(&fresh, &disk).at(&disk)?;
+            crate::store::sync_dir(&p.dir)?;
             catalog::write(&self.conn, |tx| {
                 // The disk is the image's content now, launch-only or not.
                 tx.execute(

@@ -59,6 +59,9 @@ enum Cmd {
     },
     /// Check the catalog and the store for damage
     Fsck {
+        /// Also read every launch base back in full and compare its digest
+        #[arg(long)]
+        bases: bool,
         #[arg(long)]
         json: bool,
     },
@@ -615,8 +618,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 )?;
             }
         }
-        Cmd::Fsck { json } => {
-            let r = depot.fsck()?;
+        Cmd::Fsck { bases, json } => {
+            let r = if bases {
+                depot.fsck_bases(&progress)?
+            } else {
+                depot.fsck()?
+            };
             if json {
                 print_json(&r)?;
             } else {

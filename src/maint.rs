@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use rusqlite::OptionalExtension;
 use serde::Serialize;
 
 use crate::catalog;
@@ -723,8 +724,96 @@ fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
+/// Checks the catalog and the store; with `full_bases`, every launch base
+/// is read back in full and its digest compared (otherwise bases get the
+/// launch's cheap check: record, size, sampled blocks).
+pub(crate) fn fsck(depot: &Depot, full_bases: bool, progress: &dyn Progress) -> Result<FsckReport> {
+    let (mut rep, missing) = {
+        let tx = depot.conn.unchecked_transaction()?;
+        let r = fsck_snapshot(depot)?;
+        tx.finish()?;
+        r
+    };
+    settle_missing(depot, &mut rep, missing)?;
+    check_bases(depot, &mut rep, full_bases, progress)?;
+    Ok(rep)
+}
+
+/// Packs whose file was missing when fsck looked: (name, problem).
+type MissingPacks = Vec<(String, String)>;
+
+/// Whether the catalog (now, not in an earlier snapshot) has a sealed
+/// pack of this name.
+fn pack_live(depot: &Depot, name: &str) -> Result<bool> {
+    Ok(depot
+        .conn
+        .query_row(
+            "SELECT 1 FROM packs WHERE name = ?1 AND state = 'sealed'",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// A pack seen in a snapshot whose file is gone is damage only if the
+/// catalog still has it now: gc unlinks a pack after committing its removal
+/// (deleted or repacked), which may be after the snapshot was taken.
+/// Returns the packs found retired.
+fn settle_missing(
+    depot: &Depot,
+    rep: &mut FsckReport,
+    missing: MissingPacks,
+) -> Result<HashSet<String>> {
+    let mut retired = HashSet::new();
+    for (name, problem) in missing {
+        if pack_live(depot, &name)? {
+            rep.problems.push(problem);
+        } else {
+            retired.insert(name);
+        }
+    }
+    Ok(retired)
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Launch bases: each file in `bases/` against its record and image.
+fn check_bases(
+    depot: &Depot,
+    rep: &mut FsckReport,
+    full: bool,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(depot.root().join("bases")) else {
+        return Ok(());
+    };
+    let images: HashMap<String, catalog::ImageRow> = catalog::list_images(&depot.conn)?
+        .into_iter()
+        .map(|r| (r.id.as_str().to_owned(), r))
+        .collect();
+    let mut names: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter_map(|n| n.strip_suffix(".raw").map(str::to_owned))
+        .collect();
+    names.sort();
+    for id in names {
+        let img = images
+            .get(&id)
+            .filter(|r| r.damage.is_none() && r.state == "available");
+        if let Some(why) = crate::instance::base_problem(depot, &id, img, full, progress)? {
+            rep.problems.push(why);
+        }
+    }
+    Ok(())
+}
+
+fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
     let mut rep = FsckReport::default();
+    let mut missing = MissingPacks::new();
     let conn = &depot.conn;
     let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if ok != "ok" {
@@ -791,20 +880,26 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
             continue;
         }
         let p = pack_path(depot.root(), name)?;
+        let gone = || {
+            (
+                name.clone(),
+                format!("pack {name}: file {} is missing", p.display()),
+            )
+        };
         match std::fs::metadata(&p) {
-            Err(_) => rep
-                .problems
-                .push(format!("pack {name}: file {} is missing", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(gone()),
+            Err(e) => rep.problems.push(format!("pack {name}: {e}")),
             Ok(m) if m.len() < *size as u64 => rep.problems.push(format!(
                 "pack {name}: file is {} bytes, the catalog expects {size}",
                 m.len()
             )),
-            Ok(m) => {
-                pack_len.insert(*id, m.len());
-                if let Err(e) = PackReader::open(&p) {
-                    rep.problems.push(format!("pack {name}: {e}"));
+            Ok(m) => match PackReader::open(&p) {
+                Err(e) if is_not_found(&e) => missing.push(gone()),
+                Err(e) => rep.problems.push(format!("pack {name}: {e}")),
+                Ok(_) => {
+                    pack_len.insert(*id, m.len());
                 }
-            }
+            },
         }
     }
     let known: HashSet<&String> = packs.iter().map(|(_, n, _, _)| n).collect();
@@ -900,17 +995,19 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
             }
         }
     }
-    Ok(rep)
+    Ok((rep, missing))
 }
 
 /// Re-reads every frame of every sealed pack and checks every chunk's hash;
 /// checks every image's map too.
+///
+/// Everything is read from one snapshot of the catalog, so a concurrent gc
+/// cannot make it inconsistent; a pack that gc retires after the snapshot
+/// (its file unlinked) is skipped once the catalog confirms it is gone.
 pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<VerifyReport> {
     let conn = &depot.conn;
-    let fsck = fsck(depot)?;
-    if let Some(p) = fsck.problems.first() {
-        return Err(Error::StoreDamaged(p.clone()));
-    }
+    let snapshot = conn.unchecked_transaction()?;
+    let (mut fsck, missing) = fsck_snapshot(depot)?;
     let mut by_frame: HashMap<i64, Vec<(u32, ChunkHash)>> = HashMap::new();
     {
         let mut st = conn.prepare(
@@ -942,6 +1039,11 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
         })?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    snapshot.finish()?;
+    let mut retired = settle_missing(depot, &mut fsck, missing)?;
+    if let Some(p) = fsck.problems.first() {
+        return Err(Error::StoreDamaged(p.clone()));
+    }
     let total: u64 = frames.iter().map(|f| f.3).sum();
     progress.begin("verify", total);
     let mut rep = VerifyReport {
@@ -951,11 +1053,21 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
     let mut reader: Option<(String, PackReader)> = None;
     let mut buf = Vec::new();
     for (fid, pack, off, clen, n) in &frames {
+        if retired.contains(pack) {
+            progress.advance(*clen);
+            continue;
+        }
         if reader.as_ref().map(|(p, _)| p != pack).unwrap_or(true) {
-            reader = Some((
-                pack.clone(),
-                PackReader::open(&pack_path(depot.root(), pack)?)?,
-            ));
+            match PackReader::open(&pack_path(depot.root(), pack)?) {
+                Ok(r) => reader = Some((pack.clone(), r)),
+                Err(e) if is_not_found(&e) && !pack_live(depot, pack)? => {
+                    // gc deleted or repacked it after the snapshot.
+                    retired.insert(pack.clone());
+                    progress.advance(*clen);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let r = &reader.as_ref().unwrap().1;
         r.read_frame(*off, *clen, *n as usize, &mut buf)?;

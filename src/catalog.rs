@@ -299,6 +299,71 @@ pub fn open(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Conne
     Ok(conn)
 }
 
+/// Opens the catalog for reading only, writing nothing: for read-only
+/// commands on a full (or read-only) filesystem, where [`open`] fails
+/// because SQLite cannot extend `catalog.db-shm`.
+///
+/// `SQLITE_OPEN_READ_ONLY` with `readonly_shm=1`: SQLite maps `-shm`
+/// read-only when a writer has it open, and otherwise reads the WAL into
+/// heap memory (safe with WAL writers, unlike `immutable`). `-shm` must
+/// exist for that: an empty one is created if it is missing (a name, no
+/// data block), as SQLite itself creates an empty `-wal`. The schema must
+/// be current (migrating writes).
+pub fn open_read_only(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !path.exists() {
+        return Err(Error::StoreDamaged(format!(
+            "{}: the catalog is missing, but {}: restore catalog.db from a backup; nothing was changed",
+            path.display(),
+            existing.unwrap_or("the depot exists")
+        )));
+    }
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    let shm = std::path::PathBuf::from(shm);
+    if !shm.exists() {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(file_mode)
+            .open(&shm)
+            .map_err(|e| Error::io(&shm, e))?;
+    }
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/._-~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?readonly_shm=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 && existing.is_some() {
+        return Err(Error::StoreDamaged(format!(
+            "{}: the catalog is empty (no schema), but {}: restore catalog.db from a backup; nothing was changed",
+            path.display(),
+            existing.unwrap_or_default()
+        )));
+    }
+    if version as usize != MIGRATIONS.len() {
+        return Err(Error::NoSpace {
+            path: path.to_owned(),
+        });
+    }
+    conn.pragma_update(None, "cache_size", -16384)?;
+    Ok(conn)
+}
+
 /// Brings the schema to the newest version (the caller holds the lock).
 fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -182,6 +182,105 @@ pub struct DepotOptions {
     /// 0660) instead of private to its owner. Only when the depot is
     /// created; the choice is kept in `DEPOT/group`.
     pub group: Option<String>,
+    /// What the caller will do (default: write). A depot opened to
+    /// [`Intent::Read`] on a full or read-only filesystem is opened
+    /// without writing anything; one opened to [`Intent::Free`] on a full
+    /// filesystem first releases the depot's space reserve.
+    pub intent: Intent,
+}
+
+/// What a caller of [`Depot::open_with`] will do with the depot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Intent {
+    /// Change it (import, update, launch, …).
+    #[default]
+    Write,
+    /// Only read it (list, show, export, verify, fsck, stats): on a full or
+    /// read-only filesystem the catalog is opened read-only and nothing is
+    /// written (no marker, no chmod, no migration).
+    Read,
+    /// Free space (image delete, gc): on a full filesystem the space
+    /// reserve (`DEPOT/reserve`) is released first, so that SQLite can
+    /// write its WAL.
+    Free,
+}
+
+/// The space reserve: a file of a few MiB, allocated when the depot is
+/// created or opened to write while space allows, and released when the
+/// filesystem is full so that delete and gc (and a failed import's
+/// cleanup) can still write the catalog.
+pub(crate) const RESERVE: &str = "reserve";
+
+/// Below this many free bytes the filesystem counts as full (SQLite needs
+/// 32 KiB for `-shm` and room for its WAL).
+const FULL_BYTES: u64 = 1 << 20;
+
+/// Free bytes for unprivileged use on the filesystem holding `p`, and
+/// whether it is mounted read-only.
+fn fs_free(p: &Path) -> Option<(u64, bool, u64)> {
+    let st = nix::sys::statvfs::statvfs(p).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((
+        st.blocks_available() as u64 * frsize,
+        st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
+        st.blocks() as u64 * frsize,
+    ))
+}
+
+/// Whether nothing can be written on the filesystem holding `p`.
+fn fs_full(p: &Path) -> bool {
+    fs_free(p).is_some_and(|(free, ro, _)| ro || free < FULL_BYTES)
+}
+
+/// Removes the space reserve; true if there was one.
+pub(crate) fn release_reserve(root: &Path) -> bool {
+    let released = fs::remove_file(root.join(RESERVE)).is_ok();
+    if released {
+        tracing::info!(
+            "released the depot's space reserve {}",
+            root.join(RESERVE).display()
+        );
+    }
+    released
+}
+
+/// Allocates the space reserve if it is missing and the filesystem has
+/// room to spare (four times its size): 8 MiB, at most 1/16 of the
+/// filesystem. Best effort: a filesystem without `fallocate` has none.
+pub(crate) fn ensure_reserve(root: &Path, perms: Perms) {
+    let path = root.join(RESERVE);
+    if path.exists() {
+        return;
+    }
+    let Some((free, false, total)) = fs_free(root) else {
+        return;
+    };
+    let size = ((8u64 << 20).min(total / 16)) & !4095;
+    if size == 0 || free < 4 * size {
+        return;
+    }
+    let tmp = root.join("reserve.tmp");
+    let made = perms
+        .open_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .ok()
+        .and_then(|f| {
+            nix::fcntl::fallocate(
+                &f,
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                size as libc::off_t,
+            )
+            .ok()
+        })
+        .is_some()
+        && fs::rename(&tmp, &path).is_ok();
+    if !made {
+        let _ = fs::remove_file(&tmp);
+    }
 }
 
 /// The file in a depot that names the group sharing it.
@@ -236,6 +335,13 @@ impl Depot {
         }
         let stored = read_group(&root)?;
         let fresh = !root.join("catalog.db").exists();
+        let full = !fresh && fs_full(&root);
+        if full && opts.intent == Intent::Read && opts.group.is_none() {
+            return Depot::open_read_only(root, account, stored);
+        }
+        if full && opts.intent == Intent::Free {
+            release_reserve(&root);
+        }
         let group = match (&opts.group, &stored) {
             (Some(g), Some(s)) if g == s => Some(s.clone()),
             (Some(g), None) if fresh => Some(g.clone()),
@@ -308,7 +414,19 @@ impl Depot {
             None => has_pack_files(&root)
                 .then(|| format!("pack files exist in {}", root.join("packs").display())),
         };
-        let conn = catalog::open(&root.join("catalog.db"), perms.file(), existing.as_deref())?;
+        let cat = root.join("catalog.db");
+        let conn = match catalog::open(&cat, perms.file(), existing.as_deref()) {
+            Err(Error::NoSpace { .. }) if opts.intent == Intent::Read && !fresh => {
+                catalog::open_read_only(&cat, perms.file(), existing.as_deref())?
+            }
+            Err(Error::NoSpace { .. }) if opts.intent != Intent::Read && release_reserve(&root) => {
+                catalog::open(&cat, perms.file(), existing.as_deref())?
+            }
+            r => r?,
+        };
+        if opts.intent != Intent::Read {
+            ensure_reserve(&root, perms);
+        }
         if marker.is_none() {
             // A new depot, or one made before markers (migration).
             if let Err(e) = write_marker(&root, perms) {
@@ -318,6 +436,36 @@ impl Depot {
                 tracing::warn!("could not write the depot marker: {e}");
             }
         }
+        Ok(Depot {
+            root,
+            conn,
+            account,
+            perms,
+        })
+    }
+
+    /// [`Depot::open_with`] for [`Intent::Read`] on a full or read-only
+    /// filesystem: writes nothing (no directories, modes, marker or
+    /// migration), and opens the catalog read-only.
+    fn open_read_only(root: PathBuf, account: String, group: Option<String>) -> Result<Depot> {
+        let perms = if group.is_some() {
+            Perms::GROUP
+        } else {
+            Perms::PRIVATE
+        };
+        perms::apply_umask(perms);
+        let root = fs::canonicalize(&root).at(&root)?;
+        let marker = read_marker(&root)?;
+        let existing = match &marker {
+            Some(id) => format!(
+                "the depot's marker {} (depot {id}) exists",
+                root.join(MARKER).display()
+            ),
+            None => "the depot exists".into(),
+        };
+        let conn =
+            catalog::open_read_only(&root.join("catalog.db"), perms.file(), Some(&existing))?;
+        tracing::debug!("the depot's filesystem is full or read-only: catalog opened read-only");
         Ok(Depot {
             root,
             conn,
@@ -403,6 +551,29 @@ impl Depot {
     ) -> Result<()> {
         let (row, _) = self.available_for(image, Op::Export)?;
         export::export_user(self, &row, out.as_ref(), format, progress)
+            .map_err(|e| self.target_no_space(e))
+    }
+
+    /// A full destination on another filesystem than the depot's is
+    /// [`Error::NoSpaceTarget`]: gc cannot free space there.
+    fn target_no_space(&self, e: Error) -> Error {
+        use std::os::unix::fs::MetadataExt;
+        match e {
+            Error::NoSpace { path } if !path.starts_with(&self.root) => {
+                let dev = |p: &Path| {
+                    p.ancestors()
+                        .find_map(|a| fs::metadata(a).ok())
+                        .map(|m| m.dev())
+                };
+                let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+                if dev(dir.unwrap_or(Path::new("."))) == dev(&self.root) {
+                    Error::NoSpace { path }
+                } else {
+                    Error::NoSpaceTarget { path }
+                }
+            }
+            e => e,
+        }
     }
 
     /// Streams an image's raw content to `w` in order (zeros written as
@@ -445,7 +616,12 @@ impl Depot {
     /// a killed import left behind. `dry_run` only reports.
     #[instrument(skip_all, err(level = "debug"))]
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
-        maint::gc(self, dry_run)
+        let r = maint::gc(self, dry_run)?;
+        if !dry_run {
+            // The reserve comes back once gc gave space back.
+            ensure_reserve(&self.root, self.perms);
+        }
+        Ok(r)
     }
 
     /// Checks the structure of the catalog and the store, and gives launch

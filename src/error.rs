@@ -21,8 +21,12 @@ pub enum Error {
         error: std::io::Error,
     },
     /// The filesystem holding the depot is full.
-    #[error("no space left on the device holding {path}: free some space (or run `vmdepot gc`) and retry; nothing was changed")]
+    #[error("no space left on the device holding {path}: run `vmdepot gc` (after `vmdepot image delete` of images no longer needed) or free some space on that filesystem, and retry")]
     NoSpace { path: PathBuf },
+    /// The filesystem holding an output outside the depot (an export's
+    /// destination) is full: gc cannot help there.
+    #[error("no space left on the filesystem holding {path} (not the depot's filesystem): free space there, or export somewhere else, and retry")]
+    NoSpaceTarget { path: PathBuf },
     /// The SQLite catalog failed.
     #[error("catalog: {0}")]
     Sqlite(rusqlite::Error),
@@ -86,10 +90,35 @@ pub enum Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Error {
+        use rusqlite::ErrorCode;
+        let extended = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+            _ => 0,
+        };
+        let not_utf8 = match &e {
+            rusqlite::Error::Utf8Error(_) => true,
+            rusqlite::Error::FromSqlConversionFailure(_, _, err) => {
+                err.downcast_ref::<std::str::Utf8Error>().is_some()
+                    || err.downcast_ref::<std::string::FromUtf8Error>().is_some()
+            }
+            _ => false,
+        };
         match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DiskFull) => Error::NoSpace {
+            // SHMSIZE: SQLite could not extend catalog.db-shm (ENOSPC).
+            Some(ErrorCode::DiskFull) => Error::NoSpace {
                 path: "the depot's catalog".into(),
             },
+            _ if extended == rusqlite::ffi::SQLITE_IOERR_SHMSIZE => Error::NoSpace {
+                path: "the depot's catalog".into(),
+            },
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                Error::StoreDamaged(format!(
+                    "catalog: {e}: the catalog file catalog.db is damaged; restore it (and catalog.db-wal if the backup has one) from a backup"
+                ))
+            }
+            _ if not_utf8 => Error::StoreDamaged(format!(
+                "catalog: a value is not UTF-8 text ({e}): the catalog is damaged; `vmdepot fsck` names damaged image rows; restore catalog.db from a backup"
+            )),
             _ => Error::Sqlite(e),
         }
     }
@@ -122,12 +151,21 @@ impl Error {
             Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
-            Error::NoSpace { .. } => 6,
+            Error::NoSpace { .. } | Error::NoSpaceTarget { .. } => 6,
             Error::NotPermitted(_) => 7,
             Error::Usage(_) => 2,
             _ => 1,
         }
     }
+}
+
+/// `s` on one line: line breaks and other control characters as spaces
+/// (for log lines).
+pub(crate) fn one_line(s: &str) -> String {
+    s.split(|c: char| c.is_control())
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Extension to attach a path to `std::io::Result`.

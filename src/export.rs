@@ -490,7 +490,14 @@ fn write_new_file(
             let r =
                 crate::source::qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &src, &dst]);
             progress.end();
-            r?;
+            r.map_err(|e| match e {
+                // qemu-img writes only the destination (the raw temporary
+                // is complete by now): its ENOSPC is the destination's.
+                Error::Tool { detail, .. } if detail.contains("No space left on device") => {
+                    Error::NoSpace { path: out.clone() }
+                }
+                e => e,
+            })?;
         }
     }
     nix::sys::stat::fchmod(fin.file(), Mode::from_bits_truncate(mode))
@@ -1118,7 +1125,7 @@ impl Worker<'_> {
         };
         if self.check_chunks && ChunkHash::of(data) != loc.hash {
             return Err(corrupt(format!(
-                "chunk {cid} (frame {}, slot {}) does not match its hash {:?}: the pack file was damaged; run `vmdepot fsck`",
+                "chunk {cid} (frame {}, slot {}) does not match its hash {:?}: the pack file was damaged; `vmdepot image verify` checks every image's data",
                 loc.frame, loc.slot, loc.hash
             )));
         }

@@ -540,8 +540,17 @@ impl Cleanup<'_> {
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = crate::maint::drop_import_leftovers(self.depot, self.id, true) {
-                tracing::warn!(image = %self.id, "cleaning up the failed import: {e}; `vmdepot gc` will finish it");
+            let mut r = crate::maint::drop_import_leftovers(self.depot, self.id, true);
+            if r.is_err() && crate::depot::release_reserve(self.depot.root()) {
+                // Out of space: the reserve gives SQLite room to write.
+                r = crate::maint::drop_import_leftovers(self.depot, self.id, true);
+            }
+            if let Err(e) = r {
+                tracing::warn!(
+                    "the failed import {} could not be undone ({}): its catalog row (state importing) and pending packs are left; `vmdepot gc` removes them",
+                    self.id,
+                    crate::error::one_line(&e.to_string())
+                );
             }
         }
     }

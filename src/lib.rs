@@ -71,7 +71,7 @@ pub mod store;
 
 pub use depot::{
     check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageType, ImageUpdate,
-    ImportOptions,
+    ImportOptions, Intent,
 };
 pub use error::{Error, Result};
 pub use export::{export_file_mode, ExportFormat};

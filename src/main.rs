@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 mod cli_instance;
 use vmdepot::lifecycle::CaptureOptions;
 use vmdepot::{
-    Depot, DepotOptions, ExportFormat, ImageType, ImageUpdate, ImportOptions, Progress,
+    Depot, DepotOptions, ExportFormat, ImageType, ImageUpdate, ImportOptions, Intent, Progress,
     SourceFormat,
 };
 
@@ -224,9 +224,11 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMDEPOT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Plain one-line records (no colour codes) unless stderr is a terminal.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     match run(cli) {
@@ -329,6 +331,26 @@ fn escape(s: &str, backslash: bool) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(o)
 }
 
+/// What a command does with the depot: read-only commands work on a full
+/// filesystem without writing; delete and gc release the space reserve.
+fn intent(cmd: &Cmd) -> Intent {
+    match cmd {
+        Cmd::Image(
+            ImageCmd::List { .. }
+            | ImageCmd::Show { .. }
+            | ImageCmd::Export { .. }
+            | ImageCmd::Verify { .. }
+            | ImageCmd::History { .. }
+            | ImageCmd::Shares { .. },
+        )
+        | Cmd::Fsck { .. }
+        | Cmd::Stats { .. }
+        | Cmd::Gc { dry_run: true, .. } => Intent::Read,
+        Cmd::Image(ImageCmd::Delete { .. }) | Cmd::Gc { .. } => Intent::Free,
+        _ => Intent::Write,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
     let depot = Depot::open_with(
@@ -336,6 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         &DepotOptions {
             account: cli.account.clone(),
             group: cli.group.clone(),
+            intent: intent(&cli.cmd),
         },
     )?;
     let progress = CliProgress::new(cli.quiet);

@@ -167,7 +167,7 @@ impl PackReader {
         let src = self.frame_bytes(offset, clen)?;
         decompress_frame(&src, nchunks, out).map_err(|e| {
             Error::StoreDamaged(format!(
-                "{}: frame at offset {offset}: {e}",
+                "{}: frame at offset {offset}: {e}; `vmdepot image verify` checks every image's data",
                 self.path.display()
             ))
         })

@@ -7,6 +7,7 @@ mod image;
 mod instance;
 mod lifecycle;
 mod reliability_bases;
+mod reliability_disk;
 mod reliability_pause;
 mod security_access;
 mod security_input;

@@ -302,7 +302,7 @@ impl<'a> Outgoing<'a> {
             ));
         }
         let (_, w) = self.pack.as_mut().unwrap();
-        let off = w.append(&bytes)?;
+        let off = w.append(&bytes, &hashes)?;
         self.frames.push((off, bytes.len() as u64, hashes));
         if w.len() >= PACK_TARGET_BYTES {
             self.seal_and_enter()?;

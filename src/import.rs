@@ -956,7 +956,7 @@ fn write_frames(
             cur = Some((pid, PackWriter::create(root, &name, perms)?));
         }
         let (pid, w) = cur.as_mut().unwrap();
-        let offset = w.append(&msg.data)?;
+        let offset = w.append(&msg.data, &msg.hashes)?;
         batch.push(Entered {
             seq: msg.seq,
             hashes: msg.hashes,

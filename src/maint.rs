@@ -193,7 +193,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
             for n in pending_pack_names(&depot.conn, Some(id.as_str()))? {
-                remove_if_exists(&pack_path(depot.root(), &n)?)?;
+                crate::store::remove_pack(depot.root(), &n)?;
             }
             remove_if_exists(&depot.tmp_path(id))?;
             forget_import(depot, id, remove_row)?
@@ -203,7 +203,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
     // Only files whose rows this transaction removed: never a pack that an
     // import committed meanwhile.
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     if remove_row {
         remove_if_exists(&depot.tmp_path(id))?;
@@ -295,12 +295,36 @@ fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
         };
         for f in rd2.flatten() {
             let p = f.path();
+            if p.extension().is_none_or(|e| e != "pack") {
+                continue;
+            }
             if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
                 out.insert(stem.to_owned(), p.clone());
             }
         }
     }
     Ok(out)
+}
+
+/// Index files under packs/ whose pack file is gone (a pack is created
+/// before its index, and removed before it).
+fn orphan_indexes(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root.join("packs")) else {
+        return out;
+    };
+    for sub in rd.flatten() {
+        let Ok(rd2) = std::fs::read_dir(sub.path()) else {
+            continue;
+        };
+        for f in rd2.flatten() {
+            let p = f.path();
+            if p.extension().is_some_and(|e| e == "idx") && !p.with_extension("pack").exists() {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
@@ -453,10 +477,14 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     tx.commit()?;
     // Readers that mapped an old pack keep their mapping (unlink).
     for n in dead_packs.iter().map(|(n, _)| n) {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     for p in &orphans {
         remove_if_exists(p)?;
+        remove_if_exists(&p.with_extension("idx"))?;
+    }
+    for p in orphan_indexes(depot.root()) {
+        remove_if_exists(&p)?;
     }
     repack(depot, &sparse_packs)?;
     (rep.bases_evicted, rep.base_bytes_freed) = crate::instance::evict_unused_bases(depot, false)?;
@@ -650,20 +678,21 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
     let mut writer: Option<(i64, crate::store::PackWriter)> = None;
     for (pid, name) in packs {
         let reader = PackReader::open(&pack_path(depot.root(), name)?)?;
-        let frames: Vec<(i64, u64, u64)> = {
+        let frames: Vec<(i64, u64, u64, i64)> = {
             let mut st = depot.conn.prepare_cached(
-                "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
+                "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
             )?;
             let rows = st.query_map([pid], |r| {
                 Ok((
                     r.get(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)?.clamp(0, format::FRAME_CHUNKS as i64),
                 ))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (fid, off, clen) in frames {
+        for (fid, off, clen, nchunks) in frames {
             if writer
                 .as_ref()
                 .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
@@ -685,8 +714,27 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
                     crate::store::PackWriter::create(depot.root(), &n, depot.perms())?,
                 ));
             }
+            // The new index names the chunks the catalog knows in the
+            // frame (others' slots are unused).
+            let mut hashes = vec![format::UNUSED_SLOT; nchunks as usize];
+            {
+                let mut st = depot
+                    .conn
+                    .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
+                let mut rows = st.query([fid])?;
+                while let Some(r) = rows.next()? {
+                    let (slot, h): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
+                    if let (Some(s), Ok(h)) = (hashes.get_mut(slot as usize), h.try_into()) {
+                        *s = ChunkHash(h);
+                    }
+                }
+            }
             let (new_id, w) = writer.as_mut().unwrap();
-            moves.push((fid, *new_id, w.append(&reader.frame_bytes(off, clen)?)?));
+            moves.push((
+                fid,
+                *new_id,
+                w.append(&reader.frame_bytes(off, clen)?, &hashes)?,
+            ));
         }
     }
     if let Some((id, w)) = writer {
@@ -709,7 +757,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
         Ok(())
     })?;
     for (_, name) in packs {
-        remove_if_exists(&pack_path(depot.root(), name)?)?;
+        crate::store::remove_pack(depot.root(), name)?;
     }
     Ok(())
 }
@@ -718,7 +766,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
 fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
     let names = catalog::write(&depot.conn, |tx| drop_pending_packs(tx, None))?;
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     Ok(())
 }

@@ -245,7 +245,9 @@ impl Depot {
             row.content_digest.as_deref().unwrap_or_default(),
             &map,
         )?;
+        let manifest = crate::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
         tx.commit()?;
+        manifest.committed();
         Ok(rep)
     }
 }

@@ -293,7 +293,7 @@ impl Depot {
         if meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o7777 != perms.dir() {
             fs::set_permissions(&root, fs::Permissions::from_mode(perms.dir())).at(&root)?;
         }
-        for d in ["packs", "locks", "tmp"] {
+        for d in ["packs", "locks", "tmp", "manifests"] {
             perms.mkdir_all(&root.join(d))?;
         }
         // Absolute from here on: overlays name their base by this path, and
@@ -518,6 +518,10 @@ impl Depot {
             c.execute("DELETE FROM image_shares WHERE image = ?1", [&info.id])?;
             Ok(())
         })?;
+        // After the commit (a crash in between leaves an orphan gc removes).
+        if let Some(id) = ImageId::parse(&info.id) {
+            crate::manifest::remove_all(&self.root, &id)?;
+        }
         Ok(info)
     }
 
@@ -561,7 +565,7 @@ impl Depot {
                 )?;
             }
             set_tags(tx, row.id.as_str(), &u.tags)?;
-            Ok(())
+            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
         });
         match r {
             Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::import::name_clash(
@@ -571,7 +575,8 @@ impl Depot {
                 &row.kind,
             )),
             r => r,
-        }?;
+        }?
+        .committed();
         self.image(row.id.as_str())
     }
 
@@ -596,8 +601,9 @@ impl Depot {
                 "INSERT OR IGNORE INTO image_shares (image, account, created_at) VALUES (?1, ?2, ?3)",
                 params![row.id.as_str(), account, catalog::now()],
             )?;
-            Ok(())
-        })?;
+            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
+        })?
+        .committed();
         self.image(row.id.as_str())
     }
 
@@ -606,10 +612,23 @@ impl Depot {
         check_account(account)?;
         let (row, _) = self.image_for(reference, Op::Share)?;
         let n = catalog::write(&self.conn, |tx| {
-            Ok(tx.execute(
+            let n = tx.execute(
                 "DELETE FROM image_shares WHERE image = ?1 AND account = ?2",
                 params![row.id.as_str(), account],
-            )?)
+            )?;
+            let m = match n {
+                0 => None,
+                _ => Some(crate::manifest::write_next(
+                    tx, &self.root, self.perms, &row.id,
+                )?),
+            };
+            Ok((n, m))
+        })
+        .map(|(n, m)| {
+            if let Some(m) = m {
+                m.committed();
+            }
+            n
         })?;
         if n == 0 {
             return Err(Error::Invalid(format!(

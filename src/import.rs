@@ -407,8 +407,14 @@ fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
             f.ctime_ns
         ],
     )?;
+    if n == 1 {
+        let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
+        tx.commit()?;
+        manifest.committed();
+        return Ok(true);
+    }
     tx.commit()?;
-    Ok(n == 1)
+    Ok(false)
 }
 
 pub(crate) fn check_name(name: &str) -> Result<()> {
@@ -1194,7 +1200,10 @@ fn commit(
         [id.as_str()],
     )?;
     catalog::save_zero_cvs(&tx, &zero_cvs)?;
+    // The manifest is durable before the image is available.
+    let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
     tx.commit()?;
+    manifest.committed();
     if pending {
         catalog::vacuum_free_pages(&depot.conn);
     }

@@ -61,6 +61,7 @@ pub mod import;
 pub mod instance;
 pub mod lifecycle;
 pub mod maint;
+pub mod manifest;
 pub mod nbd;
 pub mod perms;
 pub mod progress;

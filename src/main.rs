@@ -626,6 +626,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 for g in &r.garbage {
                     writeln!(out, "garbage (gc removes it): {}", esc(g))?;
                 }
+                for w in &r.warnings {
+                    writeln!(out, "warning: {}", esc(w))?;
+                }
                 writeln!(
                     out,
                     "{}: {} images, {} packs, {} chunks, {} problems",

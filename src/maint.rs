@@ -64,6 +64,9 @@ pub struct FsckReport {
     pub problems: Vec<String>,
     /// Leftovers that `gc` removes (killed imports, unreferenced packs).
     pub garbage: Vec<String>,
+    /// What a lost catalog could not be rebuilt from (an image without a
+    /// manifest, a pack without an index): `fsck --repair` writes them.
+    pub warnings: Vec<String>,
     pub images: u64,
     pub packs: u64,
     pub chunks: u64,
@@ -484,6 +487,11 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         remove_if_exists(&p.with_extension("idx"))?;
     }
     for p in orphan_indexes(depot.root()) {
+        remove_if_exists(&p)?;
+    }
+    // Manifests of images the catalog no longer has (deleted: the delete
+    // removes them after its commit; imports that died before theirs).
+    for p in crate::manifest::orphans(&depot.conn, depot.root())? {
         remove_if_exists(&p)?;
     }
     repack(depot, &sparse_packs)?;
@@ -911,6 +919,7 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
         }
     }
     // Images.
+    let manifests = crate::manifest::list_all(depot.root())?;
     for row in catalog::list_images(conn)? {
         if let Some(d) = &row.damage {
             rep.images += 1;
@@ -947,6 +956,31 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
                 }
             }
         }
+        if !manifests.contains_key(&row.id) {
+            rep.warnings.push(format!(
+                "image {} ({}): no manifest: a lost catalog would lose it (`vmdepot fsck --repair` writes one)",
+                row.name, row.id
+            ));
+        }
+    }
+    for (_, name, state, _) in &packs {
+        if state == "sealed"
+            && !crate::store::index_path(depot.root(), name).is_ok_and(|p| p.exists())
+        {
+            rep.warnings.push(format!(
+                "pack {name}: no index file (`vmdepot fsck --repair` writes one)"
+            ));
+        }
+    }
+    for p in crate::manifest::orphans(conn, depot.root())? {
+        rep.garbage.push(format!(
+            "{}: manifest of an image the catalog does not have",
+            p.display()
+        ));
+    }
+    for p in orphan_indexes(depot.root()) {
+        rep.garbage
+            .push(format!("{}: index of a pack that is gone", p.display()));
     }
     Ok(rep)
 }

@@ -222,6 +222,15 @@ impl MapBuilder {
         self.map.nblocks += 1;
     }
 
+    /// Blocks described so far.
+    pub fn len(&self) -> u64 {
+        self.map.nblocks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.nblocks == 0
+    }
+
     pub fn push_zeros(&mut self, n: u64) {
         self.map.nblocks += n;
     }

@@ -66,6 +66,7 @@ pub mod nbd;
 pub mod perms;
 pub mod progress;
 pub mod qemu;
+pub mod repair;
 pub mod seed;
 pub mod source;
 pub mod store;

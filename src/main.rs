@@ -61,6 +61,11 @@ enum Cmd {
     Fsck {
         #[arg(long)]
         json: bool,
+        /// Rebuild a missing, empty or damaged catalog from the packs, their
+        /// indexes and the image manifests (run it alone); on a sound
+        /// catalog, write the manifests and pack indexes it lacks
+        #[arg(long)]
+        repair: bool,
     },
     /// Logical vs stored bytes, dedup and compression ratios
     Stats {
@@ -328,6 +333,68 @@ fn escape(s: &str, backslash: bool) -> std::borrow::Cow<'_, str> {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
+    if let Cmd::Fsck { json, repair: true } = cli.cmd {
+        let opts = DepotOptions {
+            account: cli.account.clone(),
+            group: cli.group.clone(),
+        };
+        let r = Depot::repair(&dir, &opts)?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            print_json(&r)?;
+        } else {
+            if r.rebuilt {
+                writeln!(out, "catalog rebuilt ({})", esc(&r.reason))?;
+                for p in &r.set_aside {
+                    writeln!(out, "damaged catalog kept as {}", esc(p))?;
+                }
+                writeln!(
+                    out,
+                    "{} packs ({} re-read), {} frames, {} chunks",
+                    r.packs, r.packs_reindexed, r.frames, r.chunks
+                )?;
+                for i in &r.images {
+                    writeln!(out, "image restored: {}", esc(i))?;
+                }
+                for i in &r.instances {
+                    writeln!(
+                        out,
+                        "instance restored (stopped; name, CPUs, memory and forwards reset): {}",
+                        esc(i)
+                    )?;
+                }
+            } else {
+                writeln!(out, "catalog sound: kept")?;
+            }
+            writeln!(
+                out,
+                "{} manifests and {} pack indexes written",
+                r.manifests_written, r.indexes_written
+            )?;
+            for p in &r.problems {
+                writeln!(out, "problem: {}", esc(p))?;
+            }
+        }
+        drop(out);
+        // Then the usual check of what there is now.
+        let depot = Depot::open_with(&dir, &opts)?;
+        let f = depot.fsck()?;
+        if !json {
+            println!(
+                "{}: {} images, {} packs, {} chunks, {} problems",
+                if f.is_clean() { "clean" } else { "DAMAGED" },
+                f.images,
+                f.packs,
+                f.chunks,
+                f.problems.len()
+            );
+        }
+        return Ok(if f.is_clean() && r.problems.is_empty() {
+            0
+        } else {
+            5
+        });
+    }
     let depot = Depot::open_with(
         &dir,
         &DepotOptions {
@@ -615,7 +682,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 )?;
             }
         }
-        Cmd::Fsck { json } => {
+        Cmd::Fsck { json, .. } => {
             let r = depot.fsck()?;
             if json {
                 print_json(&r)?;

@@ -288,7 +288,7 @@ pub(crate) fn reap_abandoned(depot: &Depot) -> Result<usize> {
 }
 
 /// Files under packs/ (name without extension -> path).
-fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
+pub(crate) fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
     let mut out = HashMap::new();
     let packs = root.join("packs");
     let rd = std::fs::read_dir(&packs).map_err(|e| Error::io(&packs, e))?;

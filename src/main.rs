@@ -371,6 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 "{} manifests and {} pack indexes written",
                 r.manifests_written, r.indexes_written
             )?;
+            for p in &r.mended {
+                writeln!(out, "mended: {}", esc(p))?;
+            }
             for p in &r.problems {
                 writeln!(out, "problem: {}", esc(p))?;
             }

@@ -55,6 +55,9 @@ pub struct RepairReport {
     pub images: Vec<String>,
     /// Instances whose rows were rebuilt from their directories.
     pub instances: Vec<String>,
+    /// Damage found and mended (a damaged index replaced by reading its
+    /// pack again).
+    pub mended: Vec<String>,
     /// What could not be restored, and why.
     pub problems: Vec<String>,
 }
@@ -224,7 +227,7 @@ pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
                 Ok(Some(ix)) => ix,
                 r => {
                     if let Err(e) = r {
-                        rep.problems
+                        rep.mended
                             .push(format!("{e}; the pack was read again instead"));
                         let p = store::index_path(root, name)?;
                         std::fs::remove_file(&p).at(&p)?;

@@ -6,6 +6,7 @@ mod common;
 mod image;
 mod instance;
 mod lifecycle;
+mod reliability_repair;
 mod security_access;
 mod security_input;
 mod security_local;

@@ -405,7 +405,8 @@ pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
 }
 
 /// Instances: their rows live only in the catalog, but their directories
-/// remain. Each `instances/ins-…/` with a disk becomes a `stopped` instance
+/// remain. Each `instances/ins-…/` with a disk becomes a `stopped` (or,
+/// if its QEMU still runs, `running`) instance
 /// named by its id, of the image its overlay's base names (or none), with
 /// the hostname from its seed; its owner is the image's owner. Lost: its
 /// name, CPUs and memory (1 CPU, 1024 MiB), port forwards, accelerator
@@ -454,10 +455,14 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
+        // A QEMU still running for it is adopted (by its pid file, checked
+        // against its command line), never started twice.
+        let pid = crate::qemu::read_pidfile(&d.join("qemu.pid"))
+            .filter(|&p| crate::qemu::pid_alive(p, &id));
         tx.execute(
             "INSERT OR IGNORE INTO instances (id, name, image, image_name, owner, state, disk, cpus,
-                                    memory_mib, accel, hostname, created_at, restricted_from)
-             VALUES (?1, ?1, ?2, ?3, ?4, 'stopped', ?5, 1, 1024, 'auto', ?6, ?7, ?8)",
+                                    memory_mib, accel, hostname, created_at, restricted_from, pid)
+             VALUES (?1, ?1, ?2, ?3, ?4, ?9, ?5, 1, 1024, 'auto', ?6, ?7, ?8, ?10)",
             params![
                 id,
                 image.as_ref().map(ImageId::as_str).unwrap_or(""),
@@ -466,7 +471,9 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
                 disk,
                 hostname,
                 created,
-                restricted
+                restricted,
+                if pid.is_some() { "running" } else { "stopped" },
+                pid
             ],
         )?;
         rep.instances.push(id);

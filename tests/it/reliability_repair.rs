@@ -330,3 +330,35 @@ fn a_repair_after_gc_repacked_packs_and_without_indexes() {
     assert_eq!(gc["chunks_removed"], 0, "{gc}");
     assert_eq!(exports(&t, "gc"), sums);
 }
+
+#[test]
+fn instances_are_rebuilt_from_their_directories() {
+    let t = depot_with_guest();
+    let tiny = t.json(&["image", "show", "tiny", "--json"]);
+    let launched = t.json(&[
+        "instance",
+        "run",
+        "tiny",
+        "--name",
+        "web",
+        "--hostname",
+        "web-host",
+        "--json",
+    ]);
+    let id = launched[0]["id"].as_str().unwrap().to_owned();
+    let pid = t.json(&["instance", "show", "web", "--json"])["pid"].clone();
+    assert!(pid.is_i64(), "{pid}");
+    remove_catalog(&t);
+    let rep = t.json(&["fsck", "--repair", "--json"]);
+    assert_eq!(rep["instances"], serde_json::json!([id]), "{rep}");
+    let i = t.json(&["instance", "show", &id, "--json"]);
+    assert_eq!(i["state"], "running", "its QEMU is adopted: {i}");
+    assert_eq!(i["pid"], pid);
+    assert_eq!(i["image"], tiny["id"]);
+    assert_eq!(i["hostname"], "web-host");
+    // gc keeps the base its overlay runs on
+    let gc = t.json(&["gc", "--dry-run", "--json"]);
+    assert_eq!(gc["bases_evicted"], 0, "{gc}");
+    t.ok(&["instance", "delete", &id, "--force"]);
+    assert!(!alive(pid.as_i64().unwrap()));
+}

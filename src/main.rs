@@ -749,6 +749,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     s.catalog_bytes,
                     human(s.catalog_bytes)
                 )?;
+                writeln!(
+                    out,
+                    "index bytes      {} ({})",
+                    s.index_bytes,
+                    human(s.index_bytes)
+                )?;
+                writeln!(
+                    out,
+                    "manifest bytes   {} ({})",
+                    s.manifest_bytes,
+                    human(s.manifest_bytes)
+                )?;
                 writeln!(out, "dedup ratio      {:.2}", s.dedup_ratio)?;
                 writeln!(out, "compression      {:.2}", s.compression_ratio)?;
                 writeln!(out, "logical/stored   {:.2}", s.overall_ratio)?;

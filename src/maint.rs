@@ -104,11 +104,16 @@ pub struct Stats {
     pub stored_bytes: u64,
     /// Bytes of the SQLite catalog (with its WAL).
     pub catalog_bytes: u64,
+    /// Bytes of the pack index files (`packs/XX/NAME.idx`).
+    pub index_bytes: u64,
+    /// Bytes of the image manifests (`manifests/`).
+    pub manifest_bytes: u64,
     /// data_bytes / unique_chunk_bytes.
     pub dedup_ratio: f64,
     /// unique_chunk_bytes / stored_bytes.
     pub compression_ratio: f64,
-    /// logical_bytes / (stored_bytes + catalog_bytes).
+    /// logical_bytes / (stored_bytes + catalog_bytes + index_bytes +
+    /// manifest_bytes).
     pub overall_ratio: f64,
     /// Images left out because their catalog row or map is damaged (see
     /// `fsck`).
@@ -1081,6 +1086,13 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         .filter_map(|f| std::fs::metadata(depot.root().join(f)).ok())
         .map(|m| m.len())
         .sum();
+    let index_bytes: u64 = pack_files(depot.root())?
+        .values()
+        .filter_map(|p| std::fs::metadata(p.with_extension("idx")).ok())
+        .map(|m| m.len())
+        .sum();
+    let manifest_bytes: u64 = crate::manifest::sizes(depot.root())?.values().sum();
+    let overhead = catalog_bytes + index_bytes + manifest_bytes;
     let logical: u64 = rows.iter().map(|r| r.virtual_size).sum();
     let data: u64 = rows.iter().map(|r| r.data_bytes).sum();
     let uniq = chunks as u64 * CHUNK;
@@ -1093,9 +1105,11 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         chunks: chunks as u64,
         stored_bytes: stored as u64,
         catalog_bytes,
+        index_bytes,
+        manifest_bytes,
         dedup_ratio: ratio(data, uniq),
         compression_ratio: ratio(uniq, stored as u64),
-        overall_ratio: ratio(logical, stored as u64 + catalog_bytes),
+        overall_ratio: ratio(logical, stored as u64 + overhead),
         damaged_images: damaged,
         per_image: rows
             .into_iter()

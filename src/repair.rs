@@ -292,24 +292,31 @@ pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
     // Images.
     for (id, versions) in crate::manifest::list_all(root)? {
         let mut found = None;
+        let mut bad = Vec::new();
         for (seq, p) in &versions {
             match crate::manifest::read(p) {
                 Ok(m) if m.meta.id == id.as_str() && m.seq == *seq => {
                     found = Some(m);
                     break;
                 }
-                Ok(_) => rep.problems.push(format!(
+                Ok(_) => bad.push(format!(
                     "{}: names another image or version; ignored",
                     p.display()
                 )),
-                Err(e) => rep.problems.push(format!("{e}; an older version is used")),
+                Err(e) => bad.push(format!("{e}; ignored")),
             }
         }
         let Some(m) = found else {
+            rep.problems.extend(bad);
             rep.problems
                 .push(format!("image {id}: no manifest verifies; not restored"));
             continue;
         };
+        // An older version was used (a crash while writing a newer one).
+        rep.mended.extend(
+            bad.into_iter()
+                .map(|b| format!("{b}; version {} used", m.seq)),
+        );
         let meta = &m.meta;
         let who = format!("{} ({id})", meta.name);
         let mut b = format::MapBuilder::default();

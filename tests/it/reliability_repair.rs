@@ -260,9 +260,51 @@ fn an_emptied_or_truncated_catalog_is_rebuilt() {
     remove_catalog(&t);
     std::fs::File::create(&cat).unwrap();
     repair_and_compare(&t, &list, &sums);
-    // a sound catalog is kept
+    // a sound catalog is kept, and what an older depot lacks is written
+    for f in files_with(&t.depot().join("manifests"), "manifest")
+        .into_iter()
+        .chain(files_with(&t.depot().join("packs"), "idx"))
+    {
+        std::fs::remove_file(f).unwrap();
+    }
+    let f = t.json(&["fsck", "--json"]);
+    assert_eq!(
+        f["warnings"].as_array().unwrap().len(),
+        4,
+        "2 images, 2 packs: {f}"
+    );
     let rep = t.json(&["fsck", "--repair", "--json"]);
     assert_eq!(rep["rebuilt"], false, "{rep}");
+    assert_eq!(rep["manifests_written"], 2, "{rep}");
+    assert_eq!(rep["indexes_written"], 2, "{rep}");
+    let f = t.assert_fsck_clean();
+    assert_eq!(f["warnings"], Value::Array(vec![]), "{f}");
+    // now version 1 of b's manifest is damaged half-way through a write
+    t.ok(&["image", "update", "b", "--description", "third"]);
+    let list = listing(&t);
+    let m = files_with(&t.depot().join("manifests"), "manifest");
+    let v1 = m
+        .iter()
+        .find(|p| p.to_str().unwrap().ends_with(".1.manifest"))
+        .unwrap();
+    let good = std::fs::read(v1).unwrap();
+    let v2 = v1.with_file_name(
+        v1.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace(".1.", ".2."),
+    );
+    std::fs::write(&v2, &good[..good.len() / 2]).unwrap();
+    remove_catalog(&t);
+    let rep = t.json(&["fsck", "--repair", "--json"]);
+    assert_eq!(rep["problems"], Value::Array(vec![]), "{rep}");
+    assert!(
+        rep["mended"].to_string().contains("version 1 used"),
+        "{rep}"
+    );
+    assert_eq!(listing(&t), list);
+    assert_eq!(exports(&t, "last"), sums);
 }
 
 #[test]

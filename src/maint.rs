@@ -924,7 +924,6 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
         }
     }
     // Images.
-    let manifests = crate::manifest::list_all(depot.root())?;
     for row in catalog::list_images(conn)? {
         if let Some(d) = &row.damage {
             rep.images += 1;
@@ -961,20 +960,25 @@ pub(crate) fn fsck(depot: &Depot) -> Result<FsckReport> {
                 }
             }
         }
-        if !manifests.contains_key(&row.id) {
+        if let Some(w) = crate::manifest::check(depot.root(), &row) {
             rep.warnings.push(format!(
-                "image {} ({}): no manifest: a lost catalog would lose it (`vmdepot fsck --repair` writes one)",
+                "image {} ({}): {w} (`vmdepot fsck --repair` writes one)",
                 row.name, row.id
             ));
         }
     }
     for (_, name, state, _) in &packs {
-        if state == "sealed"
-            && !crate::store::index_path(depot.root(), name).is_ok_and(|p| p.exists())
-        {
-            rep.warnings.push(format!(
+        if state != "sealed" {
+            continue;
+        }
+        match crate::store::read_index(depot.root(), name) {
+            Ok(Some(_)) => {}
+            Ok(None) => rep.warnings.push(format!(
                 "pack {name}: no index file (`vmdepot fsck --repair` writes one)"
-            ));
+            )),
+            Err(e) => rep
+                .warnings
+                .push(format!("{e} (`vmdepot fsck --repair` writes a new one)")),
         }
     }
     for p in crate::manifest::orphans(conn, depot.root())? {

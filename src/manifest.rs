@@ -276,6 +276,32 @@ pub fn remove_all(root: &Path, id: &ImageId) -> Result<()> {
     Ok(())
 }
 
+/// What is wrong with an image's manifests (`None`: its newest version
+/// verifies and describes the catalog row's content).
+pub fn check(root: &Path, row: &catalog::ImageRow) -> Option<String> {
+    let vs = match versions(root, &row.id) {
+        Ok(vs) => vs,
+        Err(e) => return Some(e.to_string()),
+    };
+    let Some((_, p)) = vs.first() else {
+        return Some("no manifest: a lost catalog would lose it".into());
+    };
+    match read(p) {
+        Err(e) => Some(format!("its newest manifest is damaged: {e}")),
+        Ok(m)
+            if m.meta.id != row.id.as_str()
+                || Some(&m.meta.content_digest) != row.content_digest.as_ref()
+                || m.meta.virtual_size != row.virtual_size =>
+        {
+            Some(format!(
+                "{}: describes other content than the catalog",
+                p.display()
+            ))
+        }
+        Ok(_) => None,
+    }
+}
+
 /// Manifests of images that have no catalog row (deleted, or an import
 /// that died before its commit and was reaped).
 pub fn orphans(conn: &Connection, root: &Path) -> Result<Vec<PathBuf>> {

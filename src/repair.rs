@@ -68,9 +68,8 @@ pub struct RepairReport {
 pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
     let mut rep = RepairReport::default();
     let root = depot.root();
-    let have = crate::manifest::list_all(root)?;
     for row in catalog::list_images(&depot.conn)? {
-        if row.state != "available" || have.contains_key(&row.id) {
+        if row.state != "available" || crate::manifest::check(root, &row).is_none() {
             continue;
         }
         if let Some(d) = &row.damage {
@@ -98,8 +97,13 @@ pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
         rows.collect::<rusqlite::Result<_>>()?
     };
     for (pid, name, size) in packs {
-        if !store::valid_pack_name(&name) || store::index_path(root, &name)?.exists() {
+        if !store::valid_pack_name(&name) || matches!(store::read_index(root, &name), Ok(Some(_))) {
             continue;
+        }
+        // Missing or damaged: written anew from the catalog.
+        let p = store::index_path(root, &name)?;
+        if p.exists() {
+            std::fs::remove_file(&p).at(&p)?;
         }
         let mut frames = Vec::new();
         let mut st = depot.conn.prepare_cached(

@@ -279,13 +279,41 @@ fn an_emptied_or_truncated_catalog_is_rebuilt() {
     assert_eq!(rep["indexes_written"], 2, "{rep}");
     let f = t.assert_fsck_clean();
     assert_eq!(f["warnings"], Value::Array(vec![]), "{f}");
+    // a damaged manifest and a damaged index in a sound depot: fsck warns,
+    // repair writes them anew
+    let flip = |p: &Path| {
+        let mut b = std::fs::read(p).unwrap();
+        b[60] ^= 0x40;
+        std::fs::write(p, b).unwrap();
+    };
+    let a_id = t.json(&["image", "show", "a", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b_id = t.json(&["image", "show", "b", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    flip(
+        &t.depot()
+            .join("manifests")
+            .join(format!("{a_id}.0.manifest")),
+    );
+    flip(&files_with(&t.depot().join("packs"), "idx")[0]);
+    let f = t.json(&["fsck", "--json"]);
+    assert_eq!(f["warnings"].as_array().unwrap().len(), 2, "{f}");
+    let rep = t.json(&["fsck", "--repair", "--json"]);
+    assert_eq!(rep["manifests_written"], 1, "{rep}");
+    assert_eq!(rep["indexes_written"], 1, "{rep}");
+    let f = t.assert_fsck_clean();
+    assert_eq!(f["warnings"], Value::Array(vec![]), "{f}");
     // now version 1 of b's manifest is damaged half-way through a write
     t.ok(&["image", "update", "b", "--description", "third"]);
     let list = listing(&t);
     let m = files_with(&t.depot().join("manifests"), "manifest");
     let v1 = m
         .iter()
-        .find(|p| p.to_str().unwrap().ends_with(".1.manifest"))
+        .find(|p| p.to_str().unwrap().ends_with(&format!("{b_id}.1.manifest")))
         .unwrap();
     let good = std::fs::read(v1).unwrap();
     let v2 = v1.with_file_name(

@@ -258,7 +258,7 @@ pub fn open(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Conne
         .map_err(|(_, e)| Error::io(&lock_path, e.into()))?;
     let lost = |what: &str| {
         Error::StoreDamaged(format!(
-            "{}: the catalog is {what}, but {}: the depot's images are unknown without it; restore catalog.db (and catalog.db-wal if the backup has one) from a backup; nothing was changed",
+            "{}: the catalog is {what}, but {}: the depot's images are unknown without it: run `vmdepot fsck --repair` to rebuild it from the packs and manifests (or restore catalog.db, and catalog.db-wal if the backup has one, from a backup); nothing was changed",
             path.display(),
             existing.unwrap_or_default()
         ))

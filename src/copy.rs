@@ -245,7 +245,9 @@ impl Depot {
             row.content_digest.as_deref().unwrap_or_default(),
             &map,
         )?;
+        let manifest = crate::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
         tx.commit()?;
+        manifest.committed();
         Ok(rep)
     }
 }
@@ -302,7 +304,7 @@ impl<'a> Outgoing<'a> {
             ));
         }
         let (_, w) = self.pack.as_mut().unwrap();
-        let off = w.append(&bytes)?;
+        let off = w.append(&bytes, &hashes)?;
         self.frames.push((off, bytes.len() as u64, hashes));
         if w.len() >= PACK_TARGET_BYTES {
             self.seal_and_enter()?;

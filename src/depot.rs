@@ -24,6 +24,7 @@ use crate::ids::ImageId;
 use crate::maint::{self, FsckReport, GcReport, Stats, VerifyReport};
 use crate::perms::{self, Perms};
 use crate::progress::Progress;
+use crate::repair::RepairReport;
 use crate::source::SourceFormat;
 
 /// The type of an image (PRODUCT.md).
@@ -399,7 +400,7 @@ impl Depot {
         if meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o7777 != perms.dir() {
             fs::set_permissions(&root, fs::Permissions::from_mode(perms.dir())).at(&root)?;
         }
-        for d in ["packs", "locks", "tmp"] {
+        for d in ["packs", "locks", "tmp", "manifests"] {
             perms.mkdir_all(&root.join(d))?;
         }
         // Absolute from here on: overlays name their base by this path, and
@@ -472,6 +473,54 @@ impl Depot {
             account,
             perms,
         })
+    }
+
+    /// `fsck --repair`: opens the depot even if its catalog is missing,
+    /// empty or damaged (which [`Depot::open_with`] refuses), and then
+    /// rebuilds the catalog from the pack files, their indexes and the
+    /// image manifests (the damaged catalog's files are moved aside to
+    /// `catalog.db.damaged-<unix time>`); a sound catalog is kept, and the
+    /// manifests and pack indexes it lacks are written. Run it while no
+    /// other vmdepot process uses the depot. See [`crate::repair`].
+    pub fn repair(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<RepairReport> {
+        let root = root.as_ref();
+        let reason = match Depot::open_with(root, opts) {
+            Ok(d) => match catalog_damage(&d.conn) {
+                None => return crate::repair::complete(&d),
+                Some(why) => why,
+            },
+            Err(e @ (Error::StoreDamaged(_) | Error::Sqlite(_))) => e.to_string(),
+            Err(e) => return Err(e),
+        };
+        let root = fs::canonicalize(root).at(root)?;
+        let mut rep = RepairReport {
+            rebuilt: true,
+            reason,
+            ..Default::default()
+        };
+        let perms = if read_group(&root)?.is_some() {
+            Perms::GROUP
+        } else {
+            Perms::PRIVATE
+        };
+        let stamp = catalog::now();
+        for ext in ["", "-wal", "-shm"] {
+            let p = root.join(format!("catalog.db{ext}"));
+            if p.exists() {
+                let to = root.join(format!("catalog.db.damaged-{stamp}{ext}"));
+                fs::rename(&p, &to).at(&p)?;
+                rep.set_aside.push(to.display().to_string());
+            }
+        }
+        crate::store::sync_dir(&root)?;
+        drop(catalog::open(&root.join("catalog.db"), perms.file(), None)?);
+        let depot = Depot::open_with(&root, opts)?;
+        crate::repair::rebuild(&depot, &mut rep)?;
+        let more = crate::repair::complete(&depot)?;
+        rep.manifests_written += more.manifests_written;
+        rep.indexes_written += more.indexes_written;
+        rep.problems.extend(more.problems);
+        Ok(rep)
     }
 
     /// Acts as `account` from now on (default: the Unix user, or
@@ -711,6 +760,10 @@ impl Depot {
             c.execute("DELETE FROM image_shares WHERE image = ?1", [&info.id])?;
             Ok(())
         })?;
+        // After the commit (a crash in between leaves an orphan gc removes).
+        if let Some(id) = ImageId::parse(&info.id) {
+            crate::manifest::remove_all(&self.root, &id)?;
+        }
         Ok(info)
     }
 
@@ -754,7 +807,7 @@ impl Depot {
                 )?;
             }
             set_tags(tx, row.id.as_str(), &u.tags)?;
-            Ok(())
+            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
         });
         match r {
             Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::import::name_clash(
@@ -764,7 +817,8 @@ impl Depot {
                 &row.kind,
             )),
             r => r,
-        }?;
+        }?
+        .committed();
         self.image(row.id.as_str())
     }
 
@@ -789,8 +843,9 @@ impl Depot {
                 "INSERT OR IGNORE INTO image_shares (image, account, created_at) VALUES (?1, ?2, ?3)",
                 params![row.id.as_str(), account, catalog::now()],
             )?;
-            Ok(())
-        })?;
+            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
+        })?
+        .committed();
         self.image(row.id.as_str())
     }
 
@@ -799,10 +854,23 @@ impl Depot {
         check_account(account)?;
         let (row, _) = self.image_for(reference, Op::Share)?;
         let n = catalog::write(&self.conn, |tx| {
-            Ok(tx.execute(
+            let n = tx.execute(
                 "DELETE FROM image_shares WHERE image = ?1 AND account = ?2",
                 params![row.id.as_str(), account],
-            )?)
+            )?;
+            let m = match n {
+                0 => None,
+                _ => Some(crate::manifest::write_next(
+                    tx, &self.root, self.perms, &row.id,
+                )?),
+            };
+            Ok((n, m))
+        })
+        .map(|(n, m)| {
+            if let Some(m) = m {
+                m.committed();
+            }
+            n
         })?;
         if n == 0 {
             return Err(Error::Invalid(format!(
@@ -1105,6 +1173,25 @@ fn write_marker(root: &Path, perms: Perms) -> Result<()> {
     let _ = fs::remove_file(&tmp);
     r?;
     crate::store::sync_dir(root)
+}
+
+/// What is wrong with an open catalog, if anything (SQLite's own check).
+fn catalog_damage(conn: &Connection) -> Option<String> {
+    match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+        Ok(s) if s == "ok" => {
+            // Every table readable (a truncated file may pass the check of
+            // the pages it still has).
+            let r = conn.query_row(
+                "SELECT (SELECT COUNT(*) FROM images) + (SELECT COUNT(*) FROM chunks)
+                      + (SELECT COUNT(*) FROM frames) + (SELECT COUNT(*) FROM packs)",
+                [],
+                |r| r.get::<_, i64>(0),
+            );
+            r.err().map(|e| format!("the catalog cannot be read: {e}"))
+        }
+        Ok(s) => Some(format!("SQLite quick_check says {s}")),
+        Err(e) => Some(format!("the catalog cannot be checked: {e}")),
+    }
 }
 
 /// Whether any pack file exists under `root/packs`.

@@ -9,7 +9,7 @@
 //! earlier builds must stay readable. A new layout gets a new versioned
 //! constant and a new code path.
 
-use crate::ids::ChunkId;
+use crate::ids::{ChunkHash, ChunkId};
 
 /// Dedup granularity: images are cut into chunks of this size at offsets
 /// that are multiples of it. The last chunk of an image is zero-padded.
@@ -39,6 +39,14 @@ pub const PACK_MAGIC_1_0: [u8; 8] = [0x07, 0x86, 0x69, 0xa9, 0x1c, 0x39, 0xad, 0
 /// Image map blob magic, version 1.0: the first 4 bytes of
 /// BLAKE3("vmdepot image map v1.0"). DO NOT MODIFY.
 pub const MAP_MAGIC_1_0: [u8; 4] = [0x5a, 0x83, 0x97, 0x51];
+
+/// Pack index magic, version 1.0: the first 8 bytes of
+/// BLAKE3("vmdepot pack index v1.0"). DO NOT MODIFY.
+pub const INDEX_MAGIC_1_0: [u8; 8] = [0xd4, 0x4a, 0x9b, 0xdd, 0xc9, 0xaf, 0x0c, 0x22];
+
+/// Image manifest magic, version 1.0: the first 8 bytes of
+/// BLAKE3("vmdepot image manifest v1.0"). DO NOT MODIFY.
+pub const MANIFEST_MAGIC_1_0: [u8; 8] = [0xf5, 0x89, 0xf7, 0x4f, 0x0e, 0x10, 0x6d, 0x34];
 
 /// The fixed 16-byte header at the start of every pack file.
 #[repr(C)]
@@ -212,6 +220,15 @@ impl MapBuilder {
             }),
         }
         self.map.nblocks += 1;
+    }
+
+    /// Blocks described so far.
+    pub fn len(&self) -> u64 {
+        self.map.nblocks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.nblocks == 0
     }
 
     pub fn push_zeros(&mut self, n: u64) {
@@ -389,6 +406,320 @@ pub fn blocks_for(size: u64) -> u64 {
     size.div_ceil(CHUNK)
 }
 
+/// Parses 32 lowercase hex digits into 16 bytes.
+fn unhex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// A slot hash of all zero bytes: no chunk is indexed for the slot.
+pub const UNUSED_SLOT: ChunkHash = ChunkHash([0; 32]);
+
+/// One frame of a pack, as its index describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexFrame {
+    /// Byte offset of the zstd frame in the pack.
+    pub offset: u64,
+    /// Its compressed length.
+    pub clen: u64,
+    /// BLAKE3 of each slot's 4096 bytes, in slot order ([`UNUSED_SLOT`]:
+    /// a slot whose bytes no chunk uses).
+    pub hashes: Vec<ChunkHash>,
+}
+
+/// The index of one pack (`packs/XX/NAME.idx`): where each frame is and
+/// which chunk each slot holds, so the catalog's chunk table can be rebuilt
+/// without decompressing the pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackIndex {
+    /// The pack's name (32 lowercase hex digits).
+    pub pack: String,
+    /// The pack file's length when it was sealed.
+    pub pack_len: u64,
+    pub frames: Vec<IndexFrame>,
+}
+
+/// Size of the pack index header.
+pub const INDEX_HEADER: usize = 80;
+
+/// Encodes a pack index (docs/FORMAT.md, "Pack index").
+pub fn encode_index(ix: &PackIndex) -> Vec<u8> {
+    let mut body = Vec::with_capacity(ix.frames.iter().map(|f| 20 + 32 * f.hashes.len()).sum());
+    for f in &ix.frames {
+        body.extend_from_slice(&f.offset.to_le_bytes());
+        body.extend_from_slice(&f.clen.to_le_bytes());
+        body.extend_from_slice(&(f.hashes.len() as u32).to_le_bytes());
+        for h in &f.hashes {
+            body.extend_from_slice(&h.0);
+        }
+    }
+    let mut out = Vec::with_capacity(INDEX_HEADER + body.len());
+    out.extend_from_slice(&INDEX_MAGIC_1_0);
+    out.extend_from_slice(&(CHUNK_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&(ix.frames.len() as u32).to_le_bytes());
+    out.extend_from_slice(&unhex16(&ix.pack).expect("pack names are 32 hex digits"));
+    out.extend_from_slice(&ix.pack_len.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    let sum = covered(&out, &body);
+    out.extend_from_slice(sum.as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The BLAKE3 a header records: of the header bytes before it, then the
+/// body (every other byte of the file).
+fn covered(head: &[u8], body: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(head);
+    h.update(body);
+    h.finalize()
+}
+
+/// Decodes and checks a pack index; the error says what is wrong.
+pub fn decode_index(b: &[u8]) -> Result<PackIndex, String> {
+    if b.len() < INDEX_HEADER {
+        return Err(format!(
+            "pack index shorter than its {INDEX_HEADER}-byte header"
+        ));
+    }
+    if b[..8] != INDEX_MAGIC_1_0 {
+        return Err("not a vmdepot pack index (bad magic)".into());
+    }
+    if le_u32(b, 8) as usize != CHUNK_SIZE {
+        return Err(format!(
+            "pack index: unsupported chunk size {}",
+            le_u32(b, 8)
+        ));
+    }
+    let nframes = le_u32(b, 12) as usize;
+    let pack = crate::ids::hex(&b[16..32]);
+    let pack_len = le_u64(b, 32);
+    let body_len = le_u64(b, 40);
+    if body_len != (b.len() - INDEX_HEADER) as u64 {
+        return Err(format!(
+            "pack index: body is {} bytes, the header says {body_len}",
+            b.len() - INDEX_HEADER
+        ));
+    }
+    let body = &b[INDEX_HEADER..];
+    if covered(&b[..48], body).as_bytes()[..] != b[48..80] {
+        return Err("pack index: the file does not match its BLAKE3 in the header".into());
+    }
+    let mut frames = Vec::with_capacity(nframes.min(body.len() / 20));
+    let mut p = 0usize;
+    for _ in 0..nframes {
+        if body.len() - p < 20 {
+            return Err("pack index: truncated frame entry".into());
+        }
+        let offset = le_u64(body, p);
+        let clen = le_u64(body, p + 8);
+        let n = le_u32(body, p + 16) as usize;
+        p += 20;
+        if n > FRAME_CHUNKS || (body.len() - p) / 32 < n {
+            return Err("pack index: bad chunk count in a frame entry".into());
+        }
+        let hashes = (0..n)
+            .map(|i| ChunkHash(body[p + 32 * i..p + 32 * (i + 1)].try_into().unwrap()))
+            .collect();
+        p += 32 * n;
+        frames.push(IndexFrame {
+            offset,
+            clen,
+            hashes,
+        });
+    }
+    if p != body.len() {
+        return Err("pack index: trailing bytes".into());
+    }
+    Ok(PackIndex {
+        pack,
+        pack_len,
+        frames,
+    })
+}
+
+/// A tenant's share of an image, as a manifest records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestShare {
+    pub account: String,
+    pub created_at: i64,
+}
+
+/// An image's metadata as its manifest records it (JSON in the manifest
+/// body; unknown fields are ignored, missing ones take their defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ManifestMeta {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub owner: String,
+    pub description: String,
+    pub source_format: String,
+    pub virtual_size: u64,
+    pub data_bytes: u64,
+    pub content_digest: String,
+    pub created_at: i64,
+    pub parent: Option<String>,
+    pub parent_name: String,
+    pub source_instance: Option<String>,
+    pub copied_from: String,
+    pub protected: bool,
+    pub deprecated: bool,
+    pub vendor: String,
+    pub application: String,
+    pub app_version: String,
+    pub restricted_from: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub shares: Vec<ManifestShare>,
+    /// Unix seconds when this manifest version was written.
+    pub written_at: i64,
+}
+
+/// An image's block map naming chunks by hash: stays meaningful without
+/// the catalog (chunk ids are the catalog's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HashBlockMap {
+    pub nblocks: u64,
+    /// `(first block, hash of each block)`, in block order, not empty.
+    pub runs: Vec<(u64, Vec<ChunkHash>)>,
+}
+
+/// One version of an image's manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// Version number: 0 at creation, +1 at each metadata change.
+    pub seq: u32,
+    pub meta: ManifestMeta,
+    pub map: HashBlockMap,
+}
+
+/// Size of the manifest header.
+pub const MANIFEST_HEADER: usize = 56;
+
+/// Encodes a manifest (docs/FORMAT.md, "Image manifest").
+pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let meta = serde_json::to_vec(&m.meta).expect("manifest metadata is serialisable");
+    let mut plain = Vec::with_capacity(
+        4 + meta.len() + 16 + 32 * m.map.runs.iter().map(|r| r.1.len()).sum::<usize>(),
+    );
+    plain.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    plain.extend_from_slice(&meta);
+    put_varint(&mut plain, m.map.nblocks);
+    let mut pos = 0u64;
+    for (start, hashes) in &m.map.runs {
+        put_varint(&mut plain, start - pos);
+        put_varint(&mut plain, hashes.len() as u64);
+        for h in hashes {
+            plain.extend_from_slice(&h.0);
+        }
+        pos = start + hashes.len() as u64;
+    }
+    if pos < m.map.nblocks {
+        put_varint(&mut plain, m.map.nblocks - pos);
+        put_varint(&mut plain, 0);
+    }
+    let body = zstd::bulk::compress(&plain, ZSTD_LEVEL).expect("zstd compress to memory");
+    let mut out = Vec::with_capacity(MANIFEST_HEADER + body.len());
+    out.extend_from_slice(&MANIFEST_MAGIC_1_0);
+    out.extend_from_slice(&(CHUNK_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&m.seq.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    let sum = covered(&out, &body);
+    out.extend_from_slice(sum.as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes and checks a manifest; the error says what is wrong.
+pub fn decode_manifest(b: &[u8]) -> Result<Manifest, String> {
+    if b.len() < MANIFEST_HEADER {
+        return Err(format!(
+            "manifest shorter than its {MANIFEST_HEADER}-byte header"
+        ));
+    }
+    if b[..8] != MANIFEST_MAGIC_1_0 {
+        return Err("not a vmdepot image manifest (bad magic)".into());
+    }
+    if le_u32(b, 8) as usize != CHUNK_SIZE {
+        return Err(format!("manifest: unsupported chunk size {}", le_u32(b, 8)));
+    }
+    let seq = le_u32(b, 12);
+    let body = &b[MANIFEST_HEADER..];
+    if le_u64(b, 16) != body.len() as u64 {
+        return Err(format!(
+            "manifest: body is {} bytes, the header says {}",
+            body.len(),
+            le_u64(b, 16)
+        ));
+    }
+    if covered(&b[..24], body).as_bytes()[..] != b[24..56] {
+        return Err("manifest: the file does not match its BLAKE3 in the header".into());
+    }
+    let plain = zstd::stream::decode_all(body).map_err(|e| format!("manifest: {e}"))?;
+    if plain.len() < 4 {
+        return Err("manifest: truncated".into());
+    }
+    let mlen = le_u32(&plain, 0) as usize;
+    if plain.len() - 4 < mlen {
+        return Err("manifest: truncated metadata".into());
+    }
+    let meta: ManifestMeta = serde_json::from_slice(&plain[4..4 + mlen])
+        .map_err(|e| format!("manifest: metadata: {e}"))?;
+    let mut p = &plain[4 + mlen..];
+    let n = get_varint(&mut p)?;
+    if n > (1u64 << 40) {
+        return Err("manifest: absurd block count".into());
+    }
+    let mut map = HashBlockMap {
+        nblocks: n,
+        runs: Vec::new(),
+    };
+    let mut pos = 0u64;
+    while pos < n {
+        let z = get_varint(&mut p)?;
+        let d = get_varint(&mut p)?;
+        if z.checked_add(d)
+            .and_then(|x| x.checked_add(pos))
+            .is_none_or(|e| e > n)
+            || (z == 0 && d == 0)
+            || d > (p.len() / 32) as u64
+        {
+            return Err("manifest: runs overflow the block count".into());
+        }
+        pos += z;
+        if d > 0 {
+            let (run, rest) = p.split_at(d as usize * 32);
+            p = rest;
+            let hashes = run
+                .chunks_exact(32)
+                .map(|c| ChunkHash(c.try_into().unwrap()))
+                .collect();
+            map.runs.push((pos, hashes));
+            pos += d;
+        }
+    }
+    if !p.is_empty() {
+        return Err("manifest: trailing bytes".into());
+    }
+    Ok(Manifest { seq, meta, map })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +730,88 @@ mod tests {
         assert_eq!(PACK_MAGIC_1_0[..], pack.as_bytes()[..8]);
         let map = blake3::hash(b"vmdepot image map v1.0");
         assert_eq!(MAP_MAGIC_1_0[..], map.as_bytes()[..4]);
+    }
+
+    #[test]
+    fn new_magics_are_derived_from_their_descriptions() {
+        let ix = blake3::hash(b"vmdepot pack index v1.0");
+        assert_eq!(
+            INDEX_MAGIC_1_0[..],
+            ix.as_bytes()[..8],
+            "{:02x?}",
+            &ix.as_bytes()[..8]
+        );
+        let m = blake3::hash(b"vmdepot image manifest v1.0");
+        assert_eq!(
+            MANIFEST_MAGIC_1_0[..],
+            m.as_bytes()[..8],
+            "{:02x?}",
+            &m.as_bytes()[..8]
+        );
+    }
+
+    #[test]
+    fn pack_index_round_trip_and_damage() {
+        let ix = PackIndex {
+            pack: "0123456789abcdef0123456789abcdef".into(),
+            pack_len: 1234,
+            frames: vec![
+                IndexFrame {
+                    offset: 16,
+                    clen: 100,
+                    hashes: vec![ChunkHash([7; 32]), UNUSED_SLOT],
+                },
+                IndexFrame {
+                    offset: 116,
+                    clen: 50,
+                    hashes: vec![ChunkHash([9; 32])],
+                },
+            ],
+        };
+        let b = encode_index(&ix);
+        assert_eq!(b.len(), INDEX_HEADER + 2 * 20 + 3 * 32);
+        assert_eq!(decode_index(&b), Ok(ix));
+        for i in [0, 20, 60, b.len() - 1] {
+            let mut bad = b.clone();
+            bad[i] ^= 1;
+            assert!(decode_index(&bad).is_err(), "byte {i}");
+        }
+        assert!(decode_index(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn manifest_round_trip_and_damage() {
+        let mut meta = ManifestMeta {
+            id: "img-0123456789abcdef".into(),
+            name: "debian".into(),
+            kind: "custom".into(),
+            virtual_size: 10 * 4096,
+            ..Default::default()
+        };
+        meta.tags.insert("k".into(), "v".into());
+        meta.shares.push(ManifestShare {
+            account: "bob".into(),
+            created_at: 5,
+        });
+        let m = Manifest {
+            seq: 3,
+            meta,
+            map: HashBlockMap {
+                nblocks: 10,
+                runs: vec![
+                    (1, vec![ChunkHash([1; 32]), ChunkHash([2; 32])]),
+                    (8, vec![ChunkHash([1; 32])]),
+                ],
+            },
+        };
+        let b = encode_manifest(&m);
+        assert_eq!(decode_manifest(&b), Ok(m));
+        for i in [0, 12, 30, b.len() - 1] {
+            let mut bad = b.clone();
+            bad[i] ^= 1;
+            assert!(decode_manifest(&bad).is_err(), "byte {i}");
+        }
+        assert!(decode_manifest(&b[..40]).is_err());
     }
 
     #[test]

@@ -407,8 +407,14 @@ fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
             f.ctime_ns
         ],
     )?;
+    if n == 1 {
+        let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
+        tx.commit()?;
+        manifest.committed();
+        return Ok(true);
+    }
     tx.commit()?;
-    Ok(n == 1)
+    Ok(false)
 }
 
 pub(crate) fn check_name(name: &str) -> Result<()> {
@@ -965,7 +971,7 @@ fn write_frames(
             cur = Some((pid, PackWriter::create(root, &name, perms)?));
         }
         let (pid, w) = cur.as_mut().unwrap();
-        let offset = w.append(&msg.data)?;
+        let offset = w.append(&msg.data, &msg.hashes)?;
         batch.push(Entered {
             seq: msg.seq,
             hashes: msg.hashes,
@@ -1203,7 +1209,10 @@ fn commit(
         [id.as_str()],
     )?;
     catalog::save_zero_cvs(&tx, &zero_cvs)?;
+    // The manifest is durable before the image is available.
+    let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
     tx.commit()?;
+    manifest.committed();
     if pending {
         catalog::vacuum_free_pages(&depot.conn);
     }

@@ -64,6 +64,11 @@ enum Cmd {
         bases: bool,
         #[arg(long)]
         json: bool,
+        /// Rebuild a missing, empty or damaged catalog from the packs, their
+        /// indexes and the image manifests (run it alone); on a sound
+        /// catalog, write the manifests and pack indexes it lacks
+        #[arg(long)]
+        repair: bool,
     },
     /// Logical vs stored bytes, dedup and compression ratios
     Stats {
@@ -343,7 +348,7 @@ fn intent(cmd: &Cmd) -> Intent {
             | ImageCmd::History { .. }
             | ImageCmd::Shares { .. },
         )
-        | Cmd::Fsck { .. }
+        | Cmd::Fsck { repair: false, .. }
         | Cmd::Stats { .. }
         | Cmd::Gc { dry_run: true, .. } => Intent::Read,
         Cmd::Image(ImageCmd::Delete { .. }) | Cmd::Gc { .. } => Intent::Free,
@@ -353,6 +358,75 @@ fn intent(cmd: &Cmd) -> Intent {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
+    if let Cmd::Fsck {
+        json, repair: true, ..
+    } = cli.cmd
+    {
+        let opts = DepotOptions {
+            account: cli.account.clone(),
+            group: cli.group.clone(),
+            intent: Intent::Write,
+        };
+        let r = Depot::repair(&dir, &opts)?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            print_json(&r)?;
+        } else {
+            if r.rebuilt {
+                writeln!(out, "catalog rebuilt ({})", esc(&r.reason))?;
+                for p in &r.set_aside {
+                    writeln!(out, "damaged catalog kept as {}", esc(p))?;
+                }
+                writeln!(
+                    out,
+                    "{} packs ({} re-read), {} frames, {} chunks",
+                    r.packs, r.packs_reindexed, r.frames, r.chunks
+                )?;
+                for i in &r.images {
+                    writeln!(out, "image restored: {}", esc(i))?;
+                }
+                for i in &r.instances {
+                    writeln!(
+                        out,
+                        "instance restored (stopped; name, CPUs, memory and forwards reset): {}",
+                        esc(i)
+                    )?;
+                }
+            } else {
+                writeln!(out, "catalog sound: kept")?;
+            }
+            writeln!(
+                out,
+                "{} manifests and {} pack indexes written",
+                r.manifests_written, r.indexes_written
+            )?;
+            for p in &r.mended {
+                writeln!(out, "mended: {}", esc(p))?;
+            }
+            for p in &r.problems {
+                writeln!(out, "problem: {}", esc(p))?;
+            }
+        }
+        drop(out);
+        // Then the usual check of what there is now.
+        let depot = Depot::open_with(&dir, &opts)?;
+        let f = depot.fsck()?;
+        if !json {
+            println!(
+                "{}: {} images, {} packs, {} chunks, {} problems",
+                if f.is_clean() { "clean" } else { "DAMAGED" },
+                f.images,
+                f.packs,
+                f.chunks,
+                f.problems.len()
+            );
+        }
+        return Ok(if f.is_clean() && r.problems.is_empty() {
+            0
+        } else {
+            5
+        });
+    }
     let depot = Depot::open_with(
         &dir,
         &DepotOptions {
@@ -641,7 +715,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 )?;
             }
         }
-        Cmd::Fsck { bases, json } => {
+        Cmd::Fsck { bases, json, .. } => {
             let r = if bases {
                 depot.fsck_bases(&progress)?
             } else {
@@ -655,6 +729,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 for g in &r.garbage {
                     writeln!(out, "garbage (gc removes it): {}", esc(g))?;
+                }
+                for w in &r.warnings {
+                    writeln!(out, "warning: {}", esc(w))?;
                 }
                 writeln!(
                     out,
@@ -705,6 +782,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "catalog bytes    {} ({})",
                     s.catalog_bytes,
                     human(s.catalog_bytes)
+                )?;
+                writeln!(
+                    out,
+                    "index bytes      {} ({})",
+                    s.index_bytes,
+                    human(s.index_bytes)
+                )?;
+                writeln!(
+                    out,
+                    "manifest bytes   {} ({})",
+                    s.manifest_bytes,
+                    human(s.manifest_bytes)
                 )?;
                 writeln!(out, "dedup ratio      {:.2}", s.dedup_ratio)?;
                 writeln!(out, "compression      {:.2}", s.compression_ratio)?;

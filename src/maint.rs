@@ -65,6 +65,9 @@ pub struct FsckReport {
     pub problems: Vec<String>,
     /// Leftovers that `gc` removes (killed imports, unreferenced packs).
     pub garbage: Vec<String>,
+    /// What a lost catalog could not be rebuilt from (an image without a
+    /// manifest, a pack without an index): `fsck --repair` writes them.
+    pub warnings: Vec<String>,
     pub images: u64,
     pub packs: u64,
     pub chunks: u64,
@@ -102,11 +105,16 @@ pub struct Stats {
     pub stored_bytes: u64,
     /// Bytes of the SQLite catalog (with its WAL).
     pub catalog_bytes: u64,
+    /// Bytes of the pack index files (`packs/XX/NAME.idx`).
+    pub index_bytes: u64,
+    /// Bytes of the image manifests (`manifests/`).
+    pub manifest_bytes: u64,
     /// data_bytes / unique_chunk_bytes.
     pub dedup_ratio: f64,
     /// unique_chunk_bytes / stored_bytes.
     pub compression_ratio: f64,
-    /// logical_bytes / (stored_bytes + catalog_bytes).
+    /// logical_bytes / (stored_bytes + catalog_bytes + index_bytes +
+    /// manifest_bytes).
     pub overall_ratio: f64,
     /// Images left out because their catalog row or map is damaged (see
     /// `fsck`).
@@ -194,7 +202,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
             for n in pending_pack_names(&depot.conn, Some(id.as_str()))? {
-                remove_if_exists(&pack_path(depot.root(), &n)?)?;
+                crate::store::remove_pack(depot.root(), &n)?;
             }
             remove_if_exists(&depot.tmp_path(id))?;
             forget_import(depot, id, remove_row)?
@@ -204,7 +212,7 @@ pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: boo
     // Only files whose rows this transaction removed: never a pack that an
     // import committed meanwhile.
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     if remove_row {
         remove_if_exists(&depot.tmp_path(id))?;
@@ -286,7 +294,7 @@ pub(crate) fn reap_abandoned(depot: &Depot) -> Result<usize> {
 }
 
 /// Files under packs/ (name without extension -> path).
-fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
+pub(crate) fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
     let mut out = HashMap::new();
     let packs = root.join("packs");
     let rd = std::fs::read_dir(&packs).map_err(|e| Error::io(&packs, e))?;
@@ -296,12 +304,36 @@ fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
         };
         for f in rd2.flatten() {
             let p = f.path();
+            if p.extension().is_none_or(|e| e != "pack") {
+                continue;
+            }
             if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
                 out.insert(stem.to_owned(), p.clone());
             }
         }
     }
     Ok(out)
+}
+
+/// Index files under packs/ whose pack file is gone (a pack is created
+/// before its index, and removed before it).
+fn orphan_indexes(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root.join("packs")) else {
+        return out;
+    };
+    for sub in rd.flatten() {
+        let Ok(rd2) = std::fs::read_dir(sub.path()) else {
+            continue;
+        };
+        for f in rd2.flatten() {
+            let p = f.path();
+            if p.extension().is_some_and(|e| e == "idx") && !p.with_extension("pack").exists() {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
@@ -454,10 +486,19 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     tx.commit()?;
     // Readers that mapped an old pack keep their mapping (unlink).
     for n in dead_packs.iter().map(|(n, _)| n) {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     for p in &orphans {
         remove_if_exists(p)?;
+        remove_if_exists(&p.with_extension("idx"))?;
+    }
+    for p in orphan_indexes(depot.root()) {
+        remove_if_exists(&p)?;
+    }
+    // Manifests of images the catalog no longer has (deleted: the delete
+    // removes them after its commit; imports that died before theirs).
+    for p in crate::manifest::orphans(&depot.conn, depot.root())? {
+        remove_if_exists(&p)?;
     }
     repack(depot, &sparse_packs)?;
     (rep.bases_evicted, rep.base_bytes_freed) = crate::instance::evict_unused_bases(depot, false)?;
@@ -651,20 +692,21 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
     let mut writer: Option<(i64, crate::store::PackWriter)> = None;
     for (pid, name) in packs {
         let reader = PackReader::open(&pack_path(depot.root(), name)?)?;
-        let frames: Vec<(i64, u64, u64)> = {
+        let frames: Vec<(i64, u64, u64, i64)> = {
             let mut st = depot.conn.prepare_cached(
-                "SELECT id, offset, clen FROM frames WHERE pack = ?1 ORDER BY offset",
+                "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
             )?;
             let rows = st.query_map([pid], |r| {
                 Ok((
                     r.get(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)?.clamp(0, format::FRAME_CHUNKS as i64),
                 ))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (fid, off, clen) in frames {
+        for (fid, off, clen, nchunks) in frames {
             if writer
                 .as_ref()
                 .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
@@ -686,8 +728,27 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
                     crate::store::PackWriter::create(depot.root(), &n, depot.perms())?,
                 ));
             }
+            // The new index names the chunks the catalog knows in the
+            // frame (others' slots are unused).
+            let mut hashes = vec![format::UNUSED_SLOT; nchunks as usize];
+            {
+                let mut st = depot
+                    .conn
+                    .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
+                let mut rows = st.query([fid])?;
+                while let Some(r) = rows.next()? {
+                    let (slot, h): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
+                    if let (Some(s), Ok(h)) = (hashes.get_mut(slot as usize), h.try_into()) {
+                        *s = ChunkHash(h);
+                    }
+                }
+            }
             let (new_id, w) = writer.as_mut().unwrap();
-            moves.push((fid, *new_id, w.append(&reader.frame_bytes(off, clen)?)?));
+            moves.push((
+                fid,
+                *new_id,
+                w.append(&reader.frame_bytes(off, clen)?, &hashes)?,
+            ));
         }
     }
     if let Some((id, w)) = writer {
@@ -710,7 +771,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
         Ok(())
     })?;
     for (_, name) in packs {
-        remove_if_exists(&pack_path(depot.root(), name)?)?;
+        crate::store::remove_pack(depot.root(), name)?;
     }
     Ok(())
 }
@@ -719,7 +780,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
 fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
     let names = catalog::write(&depot.conn, |tx| drop_pending_packs(tx, None))?;
     for n in &names {
-        remove_if_exists(&pack_path(depot.root(), n)?)?;
+        crate::store::remove_pack(depot.root(), n)?;
     }
     Ok(())
 }
@@ -994,6 +1055,36 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
                 }
             }
         }
+        if let Some(w) = crate::manifest::check(depot.root(), &row) {
+            rep.warnings.push(format!(
+                "image {} ({}): {w} (`vmdepot fsck --repair` writes one)",
+                row.name, row.id
+            ));
+        }
+    }
+    for (_, name, state, _) in &packs {
+        if state != "sealed" {
+            continue;
+        }
+        match crate::store::read_index(depot.root(), name) {
+            Ok(Some(_)) => {}
+            Ok(None) => rep.warnings.push(format!(
+                "pack {name}: no index file (`vmdepot fsck --repair` writes one)"
+            )),
+            Err(e) => rep
+                .warnings
+                .push(format!("{e} (`vmdepot fsck --repair` writes a new one)")),
+        }
+    }
+    for p in crate::manifest::orphans(conn, depot.root())? {
+        rep.garbage.push(format!(
+            "{}: manifest of an image the catalog does not have",
+            p.display()
+        ));
+    }
+    for p in orphan_indexes(depot.root()) {
+        rep.garbage
+            .push(format!("{}: index of a pack that is gone", p.display()));
     }
     Ok((rep, missing))
 }
@@ -1111,6 +1202,13 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         .filter_map(|f| std::fs::metadata(depot.root().join(f)).ok())
         .map(|m| m.len())
         .sum();
+    let index_bytes: u64 = pack_files(depot.root())?
+        .values()
+        .filter_map(|p| std::fs::metadata(p.with_extension("idx")).ok())
+        .map(|m| m.len())
+        .sum();
+    let manifest_bytes: u64 = crate::manifest::sizes(depot.root())?.values().sum();
+    let overhead = catalog_bytes + index_bytes + manifest_bytes;
     let logical: u64 = rows.iter().map(|r| r.virtual_size).sum();
     let data: u64 = rows.iter().map(|r| r.data_bytes).sum();
     let uniq = chunks as u64 * CHUNK;
@@ -1123,9 +1221,11 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
         chunks: chunks as u64,
         stored_bytes: stored as u64,
         catalog_bytes,
+        index_bytes,
+        manifest_bytes,
         dedup_ratio: ratio(data, uniq),
         compression_ratio: ratio(uniq, stored as u64),
-        overall_ratio: ratio(logical, stored as u64 + catalog_bytes),
+        overall_ratio: ratio(logical, stored as u64 + overhead),
         damaged_images: damaged,
         per_image: rows
             .into_iter()

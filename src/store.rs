@@ -5,7 +5,9 @@
 //! store knows nothing of images or of the catalog: which frame holds which
 //! chunk is the catalog's business.
 //!
-//! Paths: `DEPOT/packs/<first two hex digits>/<32 hex digits>.pack`.
+//! Paths: `DEPOT/packs/<first two hex digits>/<32 hex digits>.pack`, and
+//! beside it `<32 hex digits>.idx`, the pack's index (frames and the hash of
+//! every slot), written at seal so that the catalog can be rebuilt.
 //! A pack is written once, fsynced, and never modified in place after that
 //! ("sealed"); gc deletes whole packs.
 
@@ -14,8 +16,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::{PackHeader, CHUNK_SIZE};
-use crate::ids::random_hex;
+use crate::format::{IndexFrame, PackHeader, PackIndex, CHUNK_SIZE};
+use crate::ids::{random_hex, ChunkHash};
 use crate::perms::Perms;
 
 /// Path of a pack file given the depot root and the pack's name (32
@@ -30,6 +32,58 @@ pub fn pack_path(root: &Path, name: &str) -> Result<PathBuf> {
         .join("packs")
         .join(&name[..2])
         .join(format!("{name}.pack")))
+}
+
+/// Path of a pack's index file (`packs/XX/NAME.idx`, docs/FORMAT.md).
+pub fn index_path(root: &Path, name: &str) -> Result<PathBuf> {
+    Ok(pack_path(root, name)?.with_extension("idx"))
+}
+
+/// Reads and checks a pack's index file (`Ok(None)`: there is none).
+pub fn read_index(root: &Path, name: &str) -> Result<Option<PackIndex>> {
+    let p = index_path(root, name)?;
+    let b = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(crate::error::Error::io(&p, e)),
+    };
+    let ix = crate::format::decode_index(&b)
+        .map_err(|e| Error::StoreDamaged(format!("{}: {e}", p.display())))?;
+    if ix.pack != name {
+        return Err(Error::StoreDamaged(format!(
+            "{}: it indexes pack {}, not {name}",
+            p.display(),
+            ix.pack
+        )));
+    }
+    Ok(Some(ix))
+}
+
+/// Writes a pack's index file durably (created new, fsynced; the caller
+/// fsyncs the directory).
+pub fn write_index(root: &Path, ix: &PackIndex, perms: Perms) -> Result<()> {
+    let p = index_path(root, &ix.pack)?;
+    let mut f = perms
+        .open_options()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .at(&p)?;
+    f.write_all(&crate::format::encode_index(ix)).at(&p)?;
+    f.sync_all().at(&p)
+}
+
+/// Removes a pack file and its index (either may be missing already).
+pub fn remove_pack(root: &Path, name: &str) -> Result<()> {
+    for p in [pack_path(root, name)?, index_path(root, name)?] {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(crate::error::Error::io(&p, e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Whether `name` is a pack name: 32 lowercase hex digits.
@@ -53,6 +107,9 @@ pub struct PackWriter {
     file: File,
     path: PathBuf,
     len: u64,
+    root: PathBuf,
+    perms: Perms,
+    index: PackIndex,
 }
 
 impl PackWriter {
@@ -76,14 +133,28 @@ impl PackWriter {
             file,
             path,
             len: PackHeader::SIZE as u64,
+            root: root.to_owned(),
+            perms,
+            index: PackIndex {
+                pack: name.to_owned(),
+                pack_len: 0,
+                frames: Vec::new(),
+            },
         })
     }
 
-    /// Appends one compressed frame; returns its offset in the pack.
-    pub fn append(&mut self, frame: &[u8]) -> Result<u64> {
+    /// Appends one compressed frame whose slots hold chunks of these
+    /// hashes ([`crate::format::UNUSED_SLOT`] for a slot no chunk uses);
+    /// returns its offset in the pack.
+    pub fn append(&mut self, frame: &[u8], hashes: &[ChunkHash]) -> Result<u64> {
         let off = self.len;
         self.file.write_all(frame).at(&self.path)?;
         self.len += frame.len() as u64;
+        self.index.frames.push(IndexFrame {
+            offset: off,
+            clen: frame.len() as u64,
+            hashes: hashes.to_vec(),
+        });
         Ok(off)
     }
 
@@ -96,9 +167,12 @@ impl PackWriter {
         self.len == PackHeader::SIZE as u64
     }
 
-    /// Makes the pack durable: file data and its directory entry.
-    pub fn seal(self) -> Result<u64> {
+    /// Makes the pack durable: file data, then its index file
+    /// (`NAME.idx`), then their directory entries.
+    pub fn seal(mut self) -> Result<u64> {
         self.file.sync_all().at(&self.path)?;
+        self.index.pack_len = self.len;
+        write_index(&self.root, &self.index, self.perms)?;
         sync_dir(self.path.parent().expect("pack dir"))?;
         Ok(self.len)
     }
@@ -260,9 +334,15 @@ mod tests {
         let mut w = PackWriter::create(dir.path(), &name, Perms::PRIVATE).unwrap();
         let data: Vec<u8> = (0..CHUNK_SIZE * 3).map(|i| (i % 7) as u8).collect();
         let c = compress_frame(&data, 3).unwrap();
-        let off = w.append(&c).unwrap();
+        let hashes: Vec<ChunkHash> = data.chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
+        let off = w.append(&c, &hashes).unwrap();
         assert_eq!(off, PackHeader::SIZE as u64);
-        w.seal().unwrap();
+        let len = w.seal().unwrap();
+        let ix = read_index(dir.path(), &name).unwrap().unwrap();
+        assert_eq!(ix.pack_len, len);
+        assert_eq!(ix.frames.len(), 1);
+        assert_eq!(ix.frames[0].offset, off);
+        assert_eq!(ix.frames[0].hashes, hashes);
         let r = PackReader::open(&pack_path(dir.path(), &name).unwrap()).unwrap();
         let mut out = Vec::new();
         r.read_frame(off, c.len() as u64, 3, &mut out).unwrap();

@@ -104,7 +104,10 @@ impl T {
         if let Ok(rd) = std::fs::read_dir(self.depot().join("packs")) {
             for d in rd.flatten() {
                 for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-                    v.push(f.path());
+                    // pack files only (their `.idx` indexes sit beside them)
+                    if f.path().extension().is_some_and(|e| e == "pack") {
+                        v.push(f.path());
+                    }
                 }
             }
         }

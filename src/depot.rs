@@ -516,6 +516,7 @@ impl Depot {
         drop(catalog::open(&root.join("catalog.db"), perms.file(), None)?);
         let depot = Depot::open_with(&root, opts)?;
         crate::repair::rebuild(&depot, &mut rep)?;
+        rep.bases_recorded = crate::instance::adopt_unrecorded_bases(&depot)?;
         let more = crate::repair::complete(&depot)?;
         rep.manifests_written += more.manifests_written;
         rep.indexes_written += more.indexes_written;

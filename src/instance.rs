@@ -1315,6 +1315,31 @@ fn record_base(depot: &Depot, img: &catalog::ImageRow) -> Result<()> {
     )
 }
 
+/// After a catalog rebuild: every base file of an available image that has
+/// no record is read back in full and recorded if it matches (under the
+/// base's lock); returns the images whose bases were recorded.
+pub(crate) fn adopt_unrecorded_bases(depot: &Depot) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for img in catalog::list_images(&depot.conn)? {
+        if img.state != "available" || img.damage.is_some() {
+            continue;
+        }
+        let p = base_path(depot.root(), img.id.as_str());
+        if !p.exists() || catalog::base_record(&depot.conn, img.id.as_str())?.is_some() {
+            continue;
+        }
+        let _lock = flock(
+            &base_lock_path(depot.root(), img.id.as_str()),
+            FlockArg::LockExclusive,
+            depot.perms(),
+        )?;
+        if adopt_base(depot, &img, &p, &crate::progress::NoProgress)? {
+            out.push(format!("{} ({})", img.name, img.id));
+        }
+    }
+    Ok(out)
+}
+
 /// A base file with no record: recorded if every byte matches the image
 /// (fsynced first), else left to be rebuilt.
 fn adopt_base(

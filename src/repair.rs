@@ -58,6 +58,10 @@ pub struct RepairReport {
     /// Damage found and mended (a damaged index replaced by reading its
     /// pack again).
     pub mended: Vec<String>,
+    /// Launch bases read back in full, found complete and recorded again
+    /// (a base that does not match stays unrecorded: the next launch
+    /// rebuilds it).
+    pub bases_recorded: Vec<String>,
     /// What could not be restored, and why.
     pub problems: Vec<String>,
 }

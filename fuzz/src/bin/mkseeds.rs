@@ -39,7 +39,7 @@ fn main() {
         .unwrap();
     drop(depot);
 
-    let conn = vmdepot::catalog::open(&depot_dir.join("catalog.db")).unwrap();
+    let conn = vmdepot::catalog::open(&depot_dir.join("catalog.db"), 0o600, None).unwrap();
     let blob: Vec<u8> = conn
         .query_row(
             "SELECT map FROM images WHERE id = ?1",
@@ -58,7 +58,7 @@ fn main() {
         .collect::<Result<_, _>>()
         .unwrap();
     for (i, (pack, offset, clen, nchunks)) in frames.iter().enumerate() {
-        let bytes = fs::read(vmdepot::store::pack_path(&depot_dir, pack)).unwrap();
+        let bytes = fs::read(vmdepot::store::pack_path(&depot_dir, pack).unwrap()).unwrap();
         let mut seed = vec![(nchunks - 1) as u8];
         seed.extend((*offset as u32).to_le_bytes());
         seed.extend((*clen as u32).to_le_bytes());

@@ -89,11 +89,19 @@ impl Drop for Loop {
     fn drop(&mut self) {
         kill_all(&self.needle());
         let m = self.mnt.to_str().unwrap();
-        if !Command::new("umount")
-            .arg(m)
-            .status()
-            .is_ok_and(|s| s.success())
-        {
+        // A killed process may still be letting go of its files.
+        let umounted = (0..20).any(|_| {
+            let ok = Command::new("umount")
+                .arg(m)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            ok
+        });
+        if !umounted {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();

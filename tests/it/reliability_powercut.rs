@@ -141,9 +141,25 @@ fn any_overlay(depot: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The export's temporary is anonymous (O_TMPFILE) on ext4: it shows as
+/// an open file of `pid` in `bases/` named `#INODE (deleted)`.
+fn writing_anonymous_base(pid: u32, depot: &Path) -> bool {
+    let bases = format!("{}/", depot.join("bases").display());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| {
+                    let l = l.to_string_lossy();
+                    l.starts_with(&bases) && l.contains('#')
+                })
+            })
+        })
+        .unwrap_or(false)
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Moment {
-    /// The base's temporary is being written.
+    /// The base's temporary is being written (anonymous or named).
     PartialBase,
     /// The base has its name (renamed into place; maybe not recorded yet).
     BaseNamed,
@@ -155,9 +171,12 @@ enum Moment {
 
 fn reached(m: Moment, depot: &Path, run: &mut Child, t: &T) -> bool {
     match m {
-        Moment::PartialBase => bases_dir_names(depot)
-            .iter()
-            .any(|n| n.contains(".vmdepot-partial-")),
+        Moment::PartialBase => {
+            bases_dir_names(depot)
+                .iter()
+                .any(|n| n.contains(".vmdepot-partial-"))
+                || writing_anonymous_base(run.id(), depot)
+        }
         Moment::BaseNamed => base_file(depot).is_some(),
         Moment::Overlay => any_overlay(depot),
         Moment::Booted => {

@@ -611,12 +611,56 @@ impl Depot {
             self.perms().file(),
         )?;
         h.r = self.refresh_forwards(h.r)?;
+        if h.r.disk == DiskMode::Overlay {
+            self.check_start_base(&h.r)?;
+        }
         Ok(Starting {
             held: h,
             qemu_bin,
             accel,
             notice,
         })
+    }
+
+    /// The base of a stopped overlay instance about to start, checked like a
+    /// launch's (under the base's lock: [`ensure_base`], rebuilt if bad and
+    /// no running QEMU has it open), so a base a power cut emptied is never
+    /// booted. A base whose image was deleted cannot be rebuilt: any problem
+    /// with it ([`base_problem`]) refuses the start.
+    fn check_start_base(&self, r: &Row) -> Result<()> {
+        let _base_lock = flock(
+            &base_lock_path(self.root(), &r.image),
+            FlockArg::LockExclusive,
+            self.perms(),
+        )?;
+        let img = catalog::find_images(&self.conn, &r.image)?
+            .into_iter()
+            .find(|i| i.id.as_str() == r.image);
+        match img {
+            Some(img) => {
+                ensure_base(self, &img, &crate::progress::NoProgress)?;
+            }
+            None => {
+                let p = base_path(self.root(), &r.image);
+                let problem = if p.exists() {
+                    base_problem(self, &r.image, None, false, &crate::progress::NoProgress)?
+                } else {
+                    Some(format!(
+                        "launch base {} of deleted image {} is missing",
+                        p.display(),
+                        r.image
+                    ))
+                };
+                if let Some(why) = problem {
+                    return Err(Error::StoreDamaged(format!(
+                        "instance {} ({}) cannot start: {why} (its image is deleted, so \
+                         the base cannot be rebuilt)",
+                        r.name, r.id
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The guest's run state (QMP `query-status`) of a running instance,

@@ -9,6 +9,7 @@ mod lifecycle;
 mod reliability_bases;
 mod reliability_disk;
 mod reliability_pause;
+mod reliability_powercut;
 mod reliability_repair;
 mod security_access;
 mod security_input;

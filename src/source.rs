@@ -1,15 +1,18 @@
 //! Input disk images: format detection, refusal of hostile images, and the
 //! raw view that import reads.
 //!
-//! Main items: [`inspect`] (detect the format from the content, never from
-//! the name, and check the headers), [`RawSource`] (a raw file to read,
-//! either the input itself or a `qemu-img convert` of it) and
-//! [`data_extents`] (SEEK_DATA / SEEK_HOLE, so holes are never read).
+//! Main items: [`open_input`] (the input opened once: a regular file or a
+//! block device), [`inspect`] (detect the format from the content, never
+//! from the name, and check the headers by qemu's rules), [`Reader`] (the
+//! raw view: the file itself, or the disk `qemu-nbd` decodes from it, read
+//! block by block) and [`data_extents`] (SEEK_DATA / SEEK_HOLE, so holes
+//! are never read).
 //!
-//! **Invariant**: no file is handed to qemu-img before [`inspect`] has
-//! refused every header that refers to another file (qcow2 backing or
-//! external data files, vmdk descriptors with extents, differencing VHDs):
-//! the attack behind OSSA-2024-001 / CVE-2024-32498.
+//! **Invariant**: no file is handed to qemu before [`inspect`] has refused
+//! every header that refers to another file (qcow2 backing or external data
+//! files, vmdk descriptors, extents and parents, differencing VHD, VHDX and
+//! VDI): the attack behind OSSA-2024-001 / CVE-2024-32498; and qemu reads
+//! nothing but the file vmdepot opened ([`Opened::qemu_spec`]).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};

@@ -65,6 +65,21 @@ fn secret(t: &T) -> PathBuf {
     p
 }
 
+/// `image import FILE --name NAME` in the background, stderr captured.
+fn import_child(t: &T, file: &Path, name: &str) -> std::process::Child {
+    t.cmd(&[
+        "image",
+        "import",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+        "-q",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 fn image_count(t: &T) -> usize {
     t.json(&["image", "list", "--json"])
         .as_array()
@@ -244,18 +259,7 @@ fn vmdk_descriptors_that_qemu_would_follow_are_refused_without_hanging() {
     ];
     for (img, why) in cases {
         let start = Instant::now();
-        let mut child = t
-            .cmd(&[
-                "image",
-                "import",
-                img.to_str().unwrap(),
-                "--name",
-                "v",
-                "-q",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = import_child(&t, &img, "v");
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {
                 break st;
@@ -393,18 +397,7 @@ fn a_file_that_changes_while_it_is_imported_is_refused() {
     let t = T::new();
     let p = crate::common::slow_source(&t);
     t.ok(&["stats"]);
-    let mut child = t
-        .cmd(&[
-            "image",
-            "import",
-            p.to_str().unwrap(),
-            "--name",
-            "busy",
-            "-q",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = import_child(&t, &p, "busy");
     std::thread::sleep(Duration::from_millis(300));
     let still_running = child.try_wait().unwrap().is_none();
     std::fs::OpenOptions::new()

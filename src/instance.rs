@@ -271,6 +271,11 @@ pub(crate) fn base_lock_path(root: &Path, image: &str) -> PathBuf {
     root.join("bases").join(format!("{image}.lock"))
 }
 
+/// The lock of an image's launch base (`bases/IMAGE.lock`).
+pub(crate) fn base_flock(depot: &Depot, image: &str, how: FlockArg) -> Result<Flock<File>> {
+    flock(&base_lock_path(depot.root(), image), how, depot.perms())
+}
+
 pub(crate) fn flock(p: &Path, how: FlockArg, perms: Perms) -> Result<Flock<File>> {
     let f = perms
         .open_options()
@@ -412,11 +417,7 @@ impl Depot {
             locks: Vec::new(),
         };
         let base = {
-            let _base_lock = flock(
-                &base_lock_path(self.root(), img.id.as_str()),
-                FlockArg::LockExclusive,
-                self.perms(),
-            )?;
+            let _base_lock = base_flock(self, img.id.as_str(), FlockArg::LockExclusive)?;
             for id in &ids {
                 let p = Paths::new(self.root(), id);
                 self.perms().mkdir_all(&p.dir)?;
@@ -628,11 +629,7 @@ impl Depot {
     /// booted. A base whose image was deleted cannot be rebuilt: any problem
     /// with it ([`base_problem`]) refuses the start.
     fn check_start_base(&self, r: &Row) -> Result<()> {
-        let _base_lock = flock(
-            &base_lock_path(self.root(), &r.image),
-            FlockArg::LockExclusive,
-            self.perms(),
-        )?;
+        let _base_lock = base_flock(self, &r.image, FlockArg::LockExclusive)?;
         let img = catalog::find_images(&self.conn, &r.image)?
             .into_iter()
             .find(|i| i.id.as_str() == r.image);
@@ -1372,11 +1369,7 @@ pub(crate) fn adopt_unrecorded_bases(depot: &Depot) -> Result<Vec<String>> {
         if !p.exists() || catalog::base_record(&depot.conn, img.id.as_str())?.is_some() {
             continue;
         }
-        let _lock = flock(
-            &base_lock_path(depot.root(), img.id.as_str()),
-            FlockArg::LockExclusive,
-            depot.perms(),
-        )?;
+        let _lock = base_flock(depot, img.id.as_str(), FlockArg::LockExclusive)?;
         if adopt_base(depot, &img, &p, &crate::progress::NoProgress)? {
             out.push(format!("{} ({})", img.name, img.id));
         }
@@ -1842,11 +1835,7 @@ pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u
         };
         // A launch holds this lock from before it enters its rows until its
         // base exists; with it held here, the rows read below are complete.
-        let Ok(_l) = flock(
-            &base_lock_path(depot.root(), &img),
-            FlockArg::LockExclusiveNonblock,
-            depot.perms(),
-        ) else {
+        let Ok(_l) = base_flock(depot, &img, FlockArg::LockExclusiveNonblock) else {
             continue;
         };
         if depot.images_with_overlays()?.contains(&img) {
@@ -1874,11 +1863,7 @@ pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u
             if !img.starts_with("img-") || img.contains('/') {
                 continue;
             }
-            let Ok(_l) = flock(
-                &base_lock_path(depot.root(), &img),
-                FlockArg::LockExclusiveNonblock,
-                depot.perms(),
-            ) else {
+            let Ok(_l) = base_flock(depot, &img, FlockArg::LockExclusiveNonblock) else {
                 continue;
             };
             if !base_path(depot.root(), &img).exists() {

@@ -263,11 +263,7 @@ impl Depot {
             let _ = std::fs::remove_file(&fresh);
             // Under the base's lock, like a launch: gc cannot evict it
             // between the base being made and the row naming its image.
-            let _base_lock = instance::flock(
-                &instance::base_lock_path(self.root(), img.id.as_str()),
-                FlockArg::LockExclusive,
-                self.perms(),
-            )?;
+            let _base_lock = instance::base_flock(self, img.id.as_str(), FlockArg::LockExclusive)?;
             let base = match r.disk {
                 DiskMode::Overlay => Some(instance::ensure_base(self, &img, progress)?),
                 DiskMode::Copy => None,

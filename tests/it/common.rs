@@ -63,8 +63,8 @@ impl T {
         );
         (o.status.code().unwrap(), err)
     }
-    /// Starts an import in the background.
-    pub fn spawn_import(&self, file: &Path, name: &str) -> std::process::Child {
+    /// `image import FILE --name NAME -q`, not yet started.
+    pub fn import_cmd(&self, file: &Path, name: &str) -> Command {
         self.cmd(&[
             "image",
             "import",
@@ -73,9 +73,13 @@ impl T {
             name,
             "-q",
         ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+    }
+    /// Starts an import in the background.
+    pub fn spawn_import(&self, file: &Path, name: &str) -> std::process::Child {
+        self.import_cmd(file, name)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
     }
     pub fn json(&self, args: &[&str]) -> Value {
         serde_json::from_str(&self.ok(args)).unwrap()
@@ -214,6 +218,17 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
 
 pub fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// What a power cut after an unsynced rename leaves: the name, the size,
+/// no blocks (truncate to 0, then extend: a same-size sparse file of zeros).
+pub fn lose_data(file: &Path) {
+    let size = std::fs::metadata(file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.set_len(0).unwrap();
+    f.set_len(size).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(allocated(file), 0);
 }
 
 pub fn slow_source(t: &T) -> PathBuf {

@@ -20,17 +20,6 @@ fn the_base(t: &T) -> PathBuf {
     v.into_iter().next().unwrap()
 }
 
-/// What a power cut after an unsynced rename leaves: the name, the size,
-/// no blocks (truncate to 0, then extend: a same-size sparse file of zeros).
-fn lose_data(base: &Path) {
-    let size = std::fs::metadata(base).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
-    f.set_len(0).unwrap();
-    f.set_len(size).unwrap();
-    f.sync_all().unwrap();
-    assert_eq!(allocated(base), 0);
-}
-
 fn problems(r: &Value) -> Vec<String> {
     r["problems"]
         .as_array()

@@ -324,17 +324,6 @@ fn power_cut_after_boot() {
     power_cut_at(Moment::Booted);
 }
 
-/// What a power cut after an unsynced rename leaves: the name, the size,
-/// no blocks.
-fn lose_data(base: &Path) {
-    let size = std::fs::metadata(base).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
-    f.set_len(0).unwrap();
-    f.set_len(size).unwrap();
-    f.sync_all().unwrap();
-    assert_eq!(allocated(base), 0);
-}
-
 const MARKER: &str = "VMDEPOT-DISK: vmdepot test guest disk marker 7f3a";
 
 fn wait_markers(t: &T, inst: &str, n: usize) {

@@ -67,17 +67,16 @@ fn secret(t: &T) -> PathBuf {
 
 /// `image import FILE --name NAME` in the background, stderr captured.
 fn import_child(t: &T, file: &Path, name: &str) -> std::process::Child {
-    t.cmd(&[
-        "image",
-        "import",
-        file.to_str().unwrap(),
-        "--name",
-        name,
-        "-q",
-    ])
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap()
+    t.import_cmd(file, name)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Overwrites `bytes` of `file` at `off` (a header field).
+fn patch(file: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(bytes, off).unwrap();
 }
 
 fn image_count(t: &T) -> usize {
@@ -218,13 +217,12 @@ fn swapping_the_file_during_an_import_never_reads_a_host_file() {
 fn vmdk_with(t: &T, name: &str, capacity: Option<u64>, desc: &str) -> PathBuf {
     let p = t.path(name);
     qemu_img(&["create", "-q", "-f", "vmdk", p.to_str().unwrap(), "4M"]);
-    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     if let Some(c) = capacity {
-        f.write_all_at(&c.to_le_bytes(), 12).unwrap();
+        patch(&p, 12, &c.to_le_bytes());
     }
     let mut d = desc.as_bytes().to_vec();
     d.resize(512, 0);
-    f.write_all_at(&d, 512).unwrap();
+    patch(&p, 512, &d);
     p
 }
 
@@ -290,8 +288,7 @@ fn vdi_imports_and_a_differencing_vdi_is_refused() {
     assert_eq!(img["source_format"], "vdi");
     let diff = t.path("diff.vdi");
     std::fs::copy(&p, &diff).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&diff).unwrap();
-    f.write_all_at(&4u32.to_le_bytes(), 76).unwrap();
+    patch(&diff, 76, &4u32.to_le_bytes());
     let (code, err) = t.fails(&["image", "import", diff.to_str().unwrap(), "--name", "d"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("parent"), "{err}");
@@ -451,8 +448,7 @@ fn tables_larger_than_the_file_are_refused_before_qemu_reads_them() {
     let t = T::new();
     let vdi = t.path("v.vdi");
     qemu_img(&["create", "-q", "-f", "vdi", vdi.to_str().unwrap(), "4M"]);
-    let f = std::fs::OpenOptions::new().write(true).open(&vdi).unwrap();
-    f.write_all_at(&0x1000_0000u32.to_le_bytes(), 384).unwrap();
+    patch(&vdi, 384, &0x1000_0000u32.to_le_bytes());
     let vhd = t.path("v.vhd");
     qemu_img(&[
         "create",
@@ -464,9 +460,7 @@ fn tables_larger_than_the_file_are_refused_before_qemu_reads_them() {
         vhd.to_str().unwrap(),
         "4M",
     ]);
-    let f = std::fs::OpenOptions::new().write(true).open(&vhd).unwrap();
-    f.write_all_at(&0x1fe0_0000u32.to_be_bytes(), 512 + 28)
-        .unwrap();
+    patch(&vhd, 512 + 28, &0x1fe0_0000u32.to_be_bytes());
     for (img, what) in [(&vdi, "VDI block map"), (&vhd, "VHD block table")] {
         let start = Instant::now();
         let (code, err) = t.fails(&["image", "import", img.to_str().unwrap(), "--name", "x"]);
@@ -493,8 +487,7 @@ fn a_differencing_vhd_in_either_footer_copy_is_refused() {
         vhd.to_str().unwrap(),
         "4M",
     ]);
-    let f = std::fs::OpenOptions::new().write(true).open(&vhd).unwrap();
-    f.write_all_at(&4u32.to_be_bytes(), 60).unwrap();
+    patch(&vhd, 60, &4u32.to_be_bytes());
     let (code, err) = t.fails(&["image", "import", vhd.to_str().unwrap(), "--name", "x"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("differencing"), "{err}");

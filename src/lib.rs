@@ -42,33 +42,30 @@
 //! # }
 //! ```
 //!
-//! Module direction (nothing points backwards): `format` (no I/O) → `digest`
-//! → `store` (pack files) → `catalog` (SQLite) → `source` / `import` /
-//! `export` / `maint` (image operations) → `depot` + `access` (the public
-//! face) → `qemu`, `seed` → `instance` → `lifecycle`, `copy` → CLI.
+//! Layers, each depending only on those above it in this list (checked by
+//! `tests/it/layers.rs`): [`format`] (byte layouts, no I/O), [`digest`],
+//! [`store`] (immutable pack objects), [`catalog`] (every SQL statement),
+//! [`repo`] (the context below the depot), [`image`] (import, export,
+//! sources), [`maint`] (gc, fsck, verify, stats, repair), [`depot`] (the
+//! public face and access rules), [`launch`] (QEMU, seeds, instances),
+//! [`lifecycle`] (capture, backup, restore, copy). [`error`], [`ids`],
+//! [`perms`] and [`progress`] are shared by all.
 #![deny(unsafe_code)]
 
-pub mod access;
 pub mod catalog;
-pub mod copy;
 pub mod depot;
 pub mod digest;
 pub mod error;
-pub mod export;
 pub mod format;
 pub mod ids;
-pub mod import;
-pub mod instance;
+pub mod image;
+pub mod launch;
 pub mod lifecycle;
 pub mod maint;
-pub mod manifest;
-pub mod nbd;
 pub mod perms;
+pub mod proc;
 pub mod progress;
-pub mod qemu;
-pub mod repair;
-pub mod seed;
-pub mod source;
+pub mod repo;
 pub mod store;
 
 pub use depot::{
@@ -76,10 +73,10 @@ pub use depot::{
     ImportOptions, Intent,
 };
 pub use error::{Error, Result};
-pub use export::{export_file_mode, ExportFormat};
 pub use ids::{ChunkHash, ImageId};
-pub use instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
+pub use image::export::{export_file_mode, ExportFormat};
+pub use image::source::SourceFormat;
+pub use launch::instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
+pub use launch::qemu::{Accel, Forward};
 pub use maint::{FsckReport, GcReport, Stats, VerifyReport};
 pub use progress::{NoProgress, Progress};
-pub use qemu::{Accel, Forward};
-pub use source::SourceFormat;

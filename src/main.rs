@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-mod cli_instance;
+mod cli;
 use vmdepot::lifecycle::CaptureOptions;
 use vmdepot::{
     Depot, DepotOptions, ExportFormat, ImageType, ImageUpdate, ImportOptions, Intent, Progress,
@@ -48,7 +48,7 @@ enum Cmd {
     Image(ImageCmd),
     /// Run and manage instances (QEMU virtual machines) of images
     #[command(subcommand)]
-    Instance(cli_instance::InstanceCmd),
+    Instance(cli::instance::InstanceCmd),
     /// Remove chunks and packs that no image uses, and leftovers of killed imports
     Gc {
         /// Only report what would be removed
@@ -440,7 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Instance(cmd) => {
             drop(out);
-            return cli_instance::run(&depot, cmd, &progress);
+            return cli::instance::run(&depot, cmd, &progress);
         }
         Cmd::Image(ImageCmd::Import {
             file,

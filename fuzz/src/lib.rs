@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use vmdepot::format;
-use vmdepot::source::{self, SourceFormat};
+use vmdepot::image::source::{self, SourceFormat};
 use vmdepot::store;
 
 /// Largest heap, live in total or in one allocation, that a target may use

@@ -5,6 +5,7 @@
 mod common;
 mod image;
 mod instance;
+mod layers;
 mod lifecycle;
 mod reliability_bases;
 mod reliability_disk;

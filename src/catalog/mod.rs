@@ -15,9 +15,40 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use rusqlite_migration::{Migrations, M};
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
+
+/// The type of an image (PRODUCT.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageType {
+    Public,
+    Marketplace,
+    Custom,
+}
+
+impl ImageType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageType::Public => "public",
+            ImageType::Marketplace => "marketplace",
+            ImageType::Custom => "custom",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ImageType> {
+        match s {
+            "public" => Ok(ImageType::Public),
+            "marketplace" => Ok(ImageType::Marketplace),
+            "custom" => Ok(ImageType::Custom),
+            _ => Err(Error::Invalid(format!(
+                "unknown image type {s:?}: use public, marketplace or custom"
+            ))),
+        }
+    }
+}
 
 /// The schema, one entry per version. DO NOT edit a released entry: add one.
 const MIGRATIONS: &[&str] = &[
@@ -879,6 +910,13 @@ pub fn forget_base(conn: &Connection, image: &str) -> Result<()> {
         tx.execute("DELETE FROM bases WHERE image = ?1", [image])?;
         Ok(())
     })
+}
+
+/// Image ids that instances use through a launch base (gc keeps their bases).
+pub(crate) fn images_with_overlays(conn: &Connection) -> Result<std::collections::HashSet<String>> {
+    let mut st = conn.prepare("SELECT DISTINCT image FROM instances WHERE disk = 'overlay'")?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 #[cfg(test)]

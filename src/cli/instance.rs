@@ -1,6 +1,6 @@
 //! `vmdepot instance …`: the CLI side of instances (argument parsing,
 //! printing, signals, the interactive console). The work is the library's
-//! (`vmdepot::instance`).
+//! (`vmdepot::launch::instance`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use crate::esc;
-use vmdepot::instance::{press_power_button, STOP_TIMEOUT};
+use vmdepot::launch::instance::{press_power_button, STOP_TIMEOUT};
 use vmdepot::{Accel, Depot, DiskMode, Forward, InstanceInfo, LaunchOptions, Progress};
 
 #[derive(Subcommand)]
@@ -227,17 +227,17 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             opts.name = name;
             opts.count = count;
             opts.cpus = cpus;
-            opts.memory_mib = vmdepot::qemu::parse_memory(&memory)?;
+            opts.memory_mib = vmdepot::launch::qemu::parse_memory(&memory)?;
             opts.disk = DiskMode::parse(&disk)?;
             opts.accel = Accel::parse(&accel)?;
             opts.hostname = hostname;
             opts.ssh_keys = ssh_keys
                 .iter()
-                .map(|p| read_file(p, vmdepot::seed::MAX_SSH_KEY))
+                .map(|p| read_file(p, vmdepot::launch::seed::MAX_SSH_KEY))
                 .collect::<Result<_, _>>()?;
             opts.user_data = user_data
                 .as_ref()
-                .map(|p| read_file(p, vmdepot::seed::MAX_USER_DATA))
+                .map(|p| read_file(p, vmdepot::launch::seed::MAX_USER_DATA))
                 .transpose()?;
             opts.forwards = forwards
                 .iter()
@@ -460,7 +460,7 @@ fn run_foreground(
         }
     });
     // QEMU runs now: a failing notification must not orphan it.
-    if let Err(e) = vmdepot::qemu::sd_notify_ready() {
+    if let Err(e) = vmdepot::launch::qemu::sd_notify_ready() {
         eprintln!("vmdepot: could not notify systemd: {e}");
     }
     eprintln!("vmdepot: instance {} running (QEMU pid {pid})", fg.id());

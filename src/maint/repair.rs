@@ -28,10 +28,10 @@ use rusqlite::params;
 use serde::Serialize;
 
 use crate::catalog;
-use crate::depot::Depot;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{self, IndexFrame, PackHeader, PackIndex, CHUNK_SIZE, UNUSED_SLOT};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
+use crate::repo::Repo;
 use crate::store;
 
 /// What `fsck --repair` did.
@@ -69,11 +69,11 @@ pub struct RepairReport {
 /// A sound catalog: writes the manifests of available images that have
 /// none and the index files of sealed packs that have none (from the
 /// catalog).
-pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
+pub(crate) fn complete(repo: &Repo) -> Result<RepairReport> {
     let mut rep = RepairReport::default();
-    let root = depot.root();
-    for row in catalog::list_images(&depot.conn)? {
-        if row.state != "available" || crate::manifest::check(root, &row).is_none() {
+    let root = repo.root();
+    for row in catalog::list_images(&repo.conn)? {
+        if row.state != "available" || crate::repo::manifest::check(root, &row).is_none() {
             continue;
         }
         if let Some(d) = &row.damage {
@@ -81,8 +81,8 @@ pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
                 .push(format!("image {} ({}): {d}", row.name, row.id));
             continue;
         }
-        let tx = catalog::begin_write(&depot.conn)?;
-        match crate::manifest::write_next(&tx, root, depot.perms(), &row.id) {
+        let tx = catalog::begin_write(&repo.conn)?;
+        match crate::repo::manifest::write_next(&tx, root, repo.perms(), &row.id) {
             Ok(m) => {
                 tx.commit()?;
                 m.committed();
@@ -94,7 +94,7 @@ pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
         }
     }
     let packs: Vec<(i64, String, i64)> = {
-        let mut st = depot
+        let mut st = repo
             .conn
             .prepare("SELECT id, name, size FROM packs WHERE state = 'sealed'")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
@@ -110,13 +110,13 @@ pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
             std::fs::remove_file(&p).at(&p)?;
         }
         let mut frames = Vec::new();
-        let mut st = depot.conn.prepare_cached(
+        let mut st = repo.conn.prepare_cached(
             "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
         )?;
         let fr: Vec<(i64, i64, i64, i64)> = st
             .query_map([pid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        let mut ch = depot
+        let mut ch = repo
             .conn
             .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
         for (fid, off, clen, n) in fr {
@@ -139,7 +139,7 @@ pub(crate) fn complete(depot: &Depot) -> Result<RepairReport> {
             pack_len: size as u64,
             frames,
         };
-        store::write_index(root, &ix, depot.perms())?;
+        store::write_index(root, &ix, repo.perms())?;
         store::sync_dir(&store::index_path(root, &name)?.with_file_name(""))?;
         rep.indexes_written += 1;
     }
@@ -206,13 +206,13 @@ fn reindex(path: &Path, name: &str) -> Result<(PackIndex, Option<String>)> {
 
 /// Fills a new, empty catalog from the packs, their indexes and the
 /// manifests (the caller made the catalog and holds nothing else open).
-pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
-    let _one_gc = depot.lock_gc()?;
-    let root = depot.root();
+pub(crate) fn rebuild(repo: &Repo, rep: &mut RepairReport) -> Result<()> {
+    let _one_gc = repo.lock_gc()?;
+    let root = repo.root();
     let mut files: Vec<(String, std::path::PathBuf)> =
         crate::maint::pack_files(root)?.into_iter().collect();
     files.sort();
-    let tx = catalog::begin_write(&depot.conn)?;
+    let tx = catalog::begin_write(&repo.conn)?;
     let mut by_hash: HashMap<ChunkHash, ChunkId> = HashMap::new();
     {
         let mut ins_pack = tx.prepare(
@@ -249,7 +249,7 @@ pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
                     };
                     rep.problems.extend(trouble);
                     rep.packs_reindexed += 1;
-                    store::write_index(root, &ix, depot.perms())?;
+                    store::write_index(root, &ix, repo.perms())?;
                     rep.indexes_written += 1;
                     ix
                 }
@@ -298,11 +298,11 @@ pub(crate) fn rebuild(depot: &Depot, rep: &mut RepairReport) -> Result<()> {
         }
     }
     // Images.
-    for (id, versions) in crate::manifest::list_all(root)? {
+    for (id, versions) in crate::repo::manifest::list_all(root)? {
         let mut found = None;
         let mut bad = Vec::new();
         for (seq, p) in &versions {
-            match crate::manifest::read(p) {
+            match crate::repo::manifest::read(p) {
                 Ok(m) if m.meta.id == id.as_str() && m.seq == *seq => {
                     found = Some(m);
                     break;
@@ -472,8 +472,8 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
             .map_or(0, |d| d.as_secs() as i64);
         // A QEMU still running for it is adopted (by its pid file, checked
         // against its command line), never started twice.
-        let pid = crate::qemu::read_pidfile(&d.join("qemu.pid"))
-            .filter(|&p| crate::qemu::pid_alive(p, &id));
+        let pid = crate::proc::read_pidfile(&d.join("qemu.pid"))
+            .filter(|&p| crate::proc::pid_alive(p, &id));
         tx.execute(
             "INSERT OR IGNORE INTO instances (id, name, image, image_name, owner, state, disk, cpus,
                                     memory_mib, accel, hostname, created_at, restricted_from, pid)

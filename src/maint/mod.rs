@@ -14,6 +14,8 @@
 //! imports whose lock is free are reaped. One gc runs at a time
 //! (`gc.lock`); repacking copies frames outside any catalog lock.
 
+pub mod repair;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -21,21 +23,16 @@ use rusqlite::OptionalExtension;
 use serde::Serialize;
 
 use crate::catalog;
-use crate::depot::Depot;
 use crate::error::{Error, Result};
 use crate::format::{self, PackHeader, CHUNK, CHUNK_SIZE};
 use crate::ids::{ChunkHash, ImageId};
+pub use crate::image::export::VerifyReport;
+use crate::image::reap::{
+    abandoned_imports, drop_import_leftovers, drop_pending_packs, remove_if_exists,
+};
 use crate::progress::Progress;
+use crate::repo::Repo;
 use crate::store::{pack_path, PackReader};
-
-/// Result of `verify`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct VerifyReport {
-    pub images: u64,
-    /// Chunks (4 KiB blocks) re-read and re-hashed.
-    pub chunks: u64,
-    pub bytes: u64,
-}
 
 /// Result of `gc`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -134,8 +131,8 @@ pub struct Usage {
 /// Per image: stored bytes no other image uses, and stored bytes shared.
 /// A chunk's stored size is its frame's compressed size shared equally by
 /// the frame's chunks. Memory: 16 bytes per (image, distinct chunk).
-pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
-    let conn = &depot.conn;
+pub(crate) fn usage(repo: &Repo) -> Result<Usage> {
+    let conn = &repo.conn;
     // Distinct chunk ids of each image, sorted; maps decoded one at a time.
     let mut per: Vec<(ImageId, Vec<i64>)> = Vec::new();
     let mut damaged = HashMap::new();
@@ -193,106 +190,6 @@ pub(crate) fn usage(depot: &Depot) -> Result<Usage> {
     Ok(Usage { per_image, damaged })
 }
 
-/// Removes what a dead import left: its pending packs and, when
-/// `remove_row`, its image row, temp file and lock file.
-pub(crate) fn drop_import_leftovers(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<()> {
-    let names = match forget_import(depot, id, remove_row) {
-        Ok(names) => names,
-        Err(Error::NoSpace { .. }) => {
-            // A full disk: SQLite needs room to write. The import's pending
-            // packs are read by nobody; delete their files and try again.
-            for n in pending_pack_names(&depot.conn, Some(id.as_str()))? {
-                crate::store::remove_pack(depot.root(), &n)?;
-            }
-            remove_if_exists(&depot.tmp_path(id))?;
-            forget_import(depot, id, remove_row)?
-        }
-        Err(e) => return Err(e),
-    };
-    // Only files whose rows this transaction removed: never a pack that an
-    // import committed meanwhile.
-    for n in &names {
-        crate::store::remove_pack(depot.root(), n)?;
-    }
-    if remove_row {
-        remove_if_exists(&depot.tmp_path(id))?;
-        remove_if_exists(&depot.lock_path(id))?;
-    }
-    Ok(())
-}
-
-/// Names of the pending packs of a writer: an import (its image id) or,
-/// for `None`, gc's repack.
-fn pending_pack_names(conn: &rusqlite::Connection, writer: Option<&str>) -> Result<Vec<String>> {
-    let mut st = conn.prepare("SELECT name FROM packs WHERE image IS ?1 AND state = 'pending'")?;
-    let rows = st.query_map([writer], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-/// Removes a writer's pending packs and their frames (in the caller's
-/// write transaction); returns the names of the pack files to delete.
-fn drop_pending_packs(tx: &rusqlite::Connection, writer: Option<&str>) -> Result<Vec<String>> {
-    let names = pending_pack_names(tx, writer)?;
-    tx.execute(
-        "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image IS ?1 AND state = 'pending')",
-        [writer],
-    )?;
-    tx.execute(
-        "DELETE FROM packs WHERE image IS ?1 AND state = 'pending'",
-        [writer],
-    )?;
-    Ok(names)
-}
-
-/// One transaction: the import's pending chunks, frames and packs (and its
-/// row); returns the names of the packs removed.
-fn forget_import(depot: &Depot, id: &ImageId, remove_row: bool) -> Result<Vec<String>> {
-    catalog::write(&depot.conn, |tx| {
-        tx.execute(
-            "DELETE FROM chunks WHERE id IN (SELECT id FROM pending_chunks WHERE import = ?1)",
-            [id.key()],
-        )?;
-        tx.execute("DELETE FROM pending_chunks WHERE import = ?1", [id.key()])?;
-        let names = drop_pending_packs(tx, Some(id.as_str()))?;
-        if remove_row {
-            tx.execute(
-                "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
-                [id.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM image_tags WHERE image = ?1 AND NOT EXISTS (SELECT 1 FROM images WHERE id = ?1)",
-                [id.as_str()],
-            )?;
-        }
-        Ok(names)
-    })
-}
-
-fn remove_if_exists(p: &Path) -> Result<()> {
-    match std::fs::remove_file(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
-        _ => Ok(()),
-    }
-}
-
-/// Imports whose process died (lock free).
-fn abandoned_imports(depot: &Depot) -> Result<Vec<ImageId>> {
-    Ok(catalog::list_images(&depot.conn)?
-        .into_iter()
-        .filter(|r| r.state == "importing" && !depot.import_alive(&r.id))
-        .map(|r| r.id)
-        .collect())
-}
-
-/// Cleans up every import whose process died; returns how many.
-pub(crate) fn reap_abandoned(depot: &Depot) -> Result<usize> {
-    let dead = abandoned_imports(depot)?;
-    for id in &dead {
-        drop_import_leftovers(depot, id, true)?;
-    }
-    Ok(dead.len())
-}
-
 /// Files under packs/ (name without extension -> path).
 pub(crate) fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
     let mut out = HashMap::new();
@@ -336,28 +233,28 @@ fn orphan_indexes(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
-    let _one_gc = depot.lock_gc()?;
+pub(crate) fn gc(repo: &Repo, dry_run: bool) -> Result<GcReport> {
+    let _one_gc = repo.lock_gc()?;
     // gc decides what is garbage from the catalog: on a damaged one it
     // would delete what images still need.
-    check_catalog_sound(depot)?;
+    check_catalog_sound(repo)?;
     let mut rep = GcReport {
         dry_run,
         ..Default::default()
     };
     // 1. Killed imports, and packs a killed gc was writing (only gc writes
     //    pending packs of no image, and no other gc runs).
-    let dead = abandoned_imports(depot)?;
+    let dead = abandoned_imports(repo)?;
     rep.abandoned_imports = dead.len() as u64;
     if !dry_run {
         for id in &dead {
-            drop_import_leftovers(depot, id, true)?;
+            drop_import_leftovers(repo, id, true)?;
         }
-        drop_repack_leftovers(depot)?;
+        drop_repack_leftovers(repo)?;
     }
     // 2. Mark in a read snapshot: imports go on writing meanwhile.
     let marked = {
-        let tx = depot.conn.unchecked_transaction()?;
+        let tx = repo.conn.unchecked_transaction()?;
         let m = mark(&tx)?;
         tx.commit()?;
         m
@@ -366,7 +263,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     //    snapshot keep what they use; chunks entered since are not
     //    candidates. An import that reuses a swept chunk finds out at its
     //    commit (it re-checks) and starts over.
-    let tx = catalog::begin_write(&depot.conn)?;
+    let tx = catalog::begin_write(&repo.conn)?;
     let mut rescued = IdSet::new(marked.max_id);
     for r in catalog::list_images(&tx)? {
         if r.state == "available" && !marked.images.contains(&r.id) {
@@ -444,7 +341,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
         let rows = st.query_map([], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    let orphans: Vec<PathBuf> = pack_files(depot.root())?
+    let orphans: Vec<PathBuf> = pack_files(repo.root())?
         .into_iter()
         .filter(|(n, _)| !known.contains(n))
         .map(|(_, p)| p)
@@ -480,32 +377,33 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
     if dry_run {
         tx.rollback()?;
         (rep.bases_evicted, rep.base_bytes_freed) =
-            crate::instance::evict_unused_bases(depot, true)?;
+            crate::image::bases::evict_unused_bases(repo, true)?;
         return Ok(rep);
     }
     tx.commit()?;
     // Readers that mapped an old pack keep their mapping (unlink).
     for n in dead_packs.iter().map(|(n, _)| n) {
-        crate::store::remove_pack(depot.root(), n)?;
+        crate::store::remove_pack(repo.root(), n)?;
     }
     for p in &orphans {
         remove_if_exists(p)?;
         remove_if_exists(&p.with_extension("idx"))?;
     }
-    for p in orphan_indexes(depot.root()) {
+    for p in orphan_indexes(repo.root()) {
         remove_if_exists(&p)?;
     }
     // Manifests of images the catalog no longer has (deleted: the delete
     // removes them after its commit; imports that died before theirs).
-    for p in crate::manifest::orphans(&depot.conn, depot.root())? {
+    for p in crate::repo::manifest::orphans(&repo.conn, repo.root())? {
         remove_if_exists(&p)?;
     }
-    repack(depot, &sparse_packs)?;
-    (rep.bases_evicted, rep.base_bytes_freed) = crate::instance::evict_unused_bases(depot, false)?;
-    catalog::vacuum_free_pages(&depot.conn);
+    repack(repo, &sparse_packs)?;
+    (rep.bases_evicted, rep.base_bytes_freed) =
+        crate::image::bases::evict_unused_bases(repo, false)?;
+    catalog::vacuum_free_pages(&repo.conn);
     // Temp files and lock files of imports that are no longer running.
     for dir in ["tmp", "locks"] {
-        let d = depot.root().join(dir);
+        let d = repo.root().join(dir);
         if let Ok(rd) = std::fs::read_dir(&d) {
             for f in rd.flatten() {
                 let p = f.path();
@@ -516,7 +414,7 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
                 else {
                     continue;
                 };
-                if !depot.import_alive(&id) {
+                if !repo.import_alive(&id) {
                     let _ = std::fs::remove_file(&p);
                 }
             }
@@ -527,12 +425,12 @@ pub(crate) fn gc(depot: &Depot, dry_run: bool) -> Result<GcReport> {
 
 /// Refuses (exit 5) a catalog with a damaged pack row, image row or image
 /// map, naming it: gc must not collect on what it cannot read.
-fn check_catalog_sound(depot: &Depot) -> Result<()> {
-    catalog::check_pack_names(&depot.conn)?;
-    for r in catalog::list_images(&depot.conn)? {
+fn check_catalog_sound(repo: &Repo) -> Result<()> {
+    catalog::check_pack_names(&repo.conn)?;
+    for r in catalog::list_images(&repo.conn)? {
         r.check_sound()?;
         if r.state == "available" {
-            catalog::image_map(&depot.conn, &r.id).map_err(|e| {
+            catalog::image_map(&repo.conn, &r.id).map_err(|e| {
                 Error::StoreDamaged(format!(
                     "gc refused: image {} ({}): {e}; it may still need chunks that gc would free: delete the image or restore catalog.db from a backup",
                     r.name, r.id
@@ -683,7 +581,7 @@ fn duplicate_chunks(tx: &rusqlite::Transaction<'_>) -> Result<HashMap<i64, i64>>
 /// so the copying needs no catalog lock; the switch is one short write
 /// transaction. New packs are registered (pending, no image) before their
 /// files exist; a gc killed meanwhile leaves them to the next gc.
-fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
+fn repack(repo: &Repo, packs: &[(i64, String)]) -> Result<()> {
     if packs.is_empty() {
         return Ok(());
     }
@@ -691,9 +589,9 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
     let mut sealed: Vec<(i64, u64)> = Vec::new(); // new pack row, size
     let mut writer: Option<(i64, crate::store::PackWriter)> = None;
     for (pid, name) in packs {
-        let reader = PackReader::open(&pack_path(depot.root(), name)?)?;
+        let reader = PackReader::open(&pack_path(repo.root(), name)?)?;
         let frames: Vec<(i64, u64, u64, i64)> = {
-            let mut st = depot.conn.prepare_cached(
+            let mut st = repo.conn.prepare_cached(
                 "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
             )?;
             let rows = st.query_map([pid], |r| {
@@ -716,7 +614,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
             }
             if writer.is_none() {
                 let n = crate::store::new_pack_name();
-                let id = catalog::write(&depot.conn, |c| {
+                let id = catalog::write(&repo.conn, |c| {
                     c.execute(
                         "INSERT INTO packs (name, state) VALUES (?1, 'pending')",
                         [&n],
@@ -725,14 +623,14 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
                 })?;
                 writer = Some((
                     id,
-                    crate::store::PackWriter::create(depot.root(), &n, depot.perms())?,
+                    crate::store::PackWriter::create(repo.root(), &n, repo.perms())?,
                 ));
             }
             // The new index names the chunks the catalog knows in the
             // frame (others' slots are unused).
             let mut hashes = vec![format::UNUSED_SLOT; nchunks as usize];
             {
-                let mut st = depot
+                let mut st = repo
                     .conn
                     .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
                 let mut rows = st.query([fid])?;
@@ -754,7 +652,7 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
     if let Some((id, w)) = writer {
         sealed.push((id, w.seal()?));
     }
-    catalog::write(&depot.conn, |tx| {
+    catalog::write(&repo.conn, |tx| {
         let mut mv = tx.prepare_cached("UPDATE frames SET pack = ?2, offset = ?3 WHERE id = ?1")?;
         for (fid, pack, off) in &moves {
             mv.execute(rusqlite::params![fid, pack, *off as i64])?;
@@ -771,16 +669,16 @@ fn repack(depot: &Depot, packs: &[(i64, String)]) -> Result<()> {
         Ok(())
     })?;
     for (_, name) in packs {
-        crate::store::remove_pack(depot.root(), name)?;
+        crate::store::remove_pack(repo.root(), name)?;
     }
     Ok(())
 }
 
 /// Removes the pending packs of a gc that was killed while repacking.
-fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
-    let names = catalog::write(&depot.conn, |tx| drop_pending_packs(tx, None))?;
+fn drop_repack_leftovers(repo: &Repo) -> Result<()> {
+    let names = catalog::write(&repo.conn, |tx| drop_pending_packs(tx, None))?;
     for n in &names {
-        crate::store::remove_pack(depot.root(), n)?;
+        crate::store::remove_pack(repo.root(), n)?;
     }
     Ok(())
 }
@@ -788,15 +686,15 @@ fn drop_repack_leftovers(depot: &Depot) -> Result<()> {
 /// Checks the catalog and the store; with `full_bases`, every launch base
 /// is read back in full and its digest compared (otherwise bases get the
 /// launch's cheap check: record, size, sampled blocks).
-pub(crate) fn fsck(depot: &Depot, full_bases: bool, progress: &dyn Progress) -> Result<FsckReport> {
+pub(crate) fn fsck(repo: &Repo, full_bases: bool, progress: &dyn Progress) -> Result<FsckReport> {
     let (mut rep, missing) = {
-        let tx = depot.conn.unchecked_transaction()?;
-        let r = fsck_snapshot(depot)?;
+        let tx = repo.conn.unchecked_transaction()?;
+        let r = fsck_snapshot(repo)?;
         tx.finish()?;
         r
     };
-    settle_missing(depot, &mut rep, missing)?;
-    check_bases(depot, &mut rep, full_bases, progress)?;
+    settle_missing(repo, &mut rep, missing)?;
+    check_bases(repo, &mut rep, full_bases, progress)?;
     Ok(rep)
 }
 
@@ -805,8 +703,8 @@ type MissingPacks = Vec<(String, String)>;
 
 /// Whether the catalog (now, not in an earlier snapshot) has a sealed
 /// pack of this name.
-fn pack_live(depot: &Depot, name: &str) -> Result<bool> {
-    Ok(depot
+fn pack_live(repo: &Repo, name: &str) -> Result<bool> {
+    Ok(repo
         .conn
         .query_row(
             "SELECT 1 FROM packs WHERE name = ?1 AND state = 'sealed'",
@@ -822,13 +720,13 @@ fn pack_live(depot: &Depot, name: &str) -> Result<bool> {
 /// (deleted or repacked), which may be after the snapshot was taken.
 /// Returns the packs found retired.
 fn settle_missing(
-    depot: &Depot,
+    repo: &Repo,
     rep: &mut FsckReport,
     missing: MissingPacks,
 ) -> Result<HashSet<String>> {
     let mut retired = HashSet::new();
     for (name, problem) in missing {
-        if pack_live(depot, &name)? {
+        if pack_live(repo, &name)? {
             rep.problems.push(problem);
         } else {
             retired.insert(name);
@@ -843,15 +741,15 @@ fn is_not_found(e: &Error) -> bool {
 
 /// Launch bases: each file in `bases/` against its record and image.
 fn check_bases(
-    depot: &Depot,
+    repo: &Repo,
     rep: &mut FsckReport,
     full: bool,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(depot.root().join("bases")) else {
+    let Ok(rd) = std::fs::read_dir(repo.root().join("bases")) else {
         return Ok(());
     };
-    let images: HashMap<String, catalog::ImageRow> = catalog::list_images(&depot.conn)?
+    let images: HashMap<String, catalog::ImageRow> = catalog::list_images(&repo.conn)?
         .into_iter()
         .map(|r| (r.id.as_str().to_owned(), r))
         .collect();
@@ -865,17 +763,17 @@ fn check_bases(
         let img = images
             .get(&id)
             .filter(|r| r.damage.is_none() && r.state == "available");
-        if let Some(why) = crate::instance::base_problem(depot, &id, img, full, progress)? {
+        if let Some(why) = crate::image::bases::base_problem(repo, &id, img, full, progress)? {
             rep.problems.push(why);
         }
     }
     Ok(())
 }
 
-fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
+fn fsck_snapshot(repo: &Repo) -> Result<(FsckReport, MissingPacks)> {
     let mut rep = FsckReport::default();
     let mut missing = MissingPacks::new();
-    let conn = &depot.conn;
+    let conn = &repo.conn;
     let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if ok != "ok" {
         rep.problems
@@ -907,7 +805,7 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
             packs.push((id, name, state, size));
         }
     }
-    let on_disk = pack_files(depot.root())?;
+    let on_disk = pack_files(repo.root())?;
     let mut pack_len: HashMap<i64, u64> = HashMap::new();
     let alive_pending: HashSet<String> = {
         let mut st = conn.prepare("SELECT name, image FROM packs WHERE state = 'pending'")?;
@@ -921,8 +819,8 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
         for r in rows {
             let (n, img) = r?;
             let writer_alive = match img.as_deref() {
-                Some(i) => ImageId::parse(i).is_some_and(|i| depot.import_alive(&i)),
-                None => depot.gc_running(), // gc repacking
+                Some(i) => ImageId::parse(i).is_some_and(|i| repo.import_alive(&i)),
+                None => repo.gc_running(), // gc repacking
             };
             if writer_alive {
                 s.insert(n);
@@ -940,7 +838,7 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
             }
             continue;
         }
-        let p = pack_path(depot.root(), name)?;
+        let p = pack_path(repo.root(), name)?;
         let gone = || {
             (
                 name.clone(),
@@ -1027,7 +925,7 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
             continue;
         }
         if row.state == "importing" {
-            if !depot.import_alive(&row.id) {
+            if !repo.import_alive(&row.id) {
                 rep.garbage
                     .push(format!("image {} ({}): import died", row.name, row.id));
             }
@@ -1055,7 +953,7 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
                 }
             }
         }
-        if let Some(w) = crate::manifest::check(depot.root(), &row) {
+        if let Some(w) = crate::repo::manifest::check(repo.root(), &row) {
             rep.warnings.push(format!(
                 "image {} ({}): {w} (`vmdepot fsck --repair` writes one)",
                 row.name, row.id
@@ -1066,7 +964,7 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
         if state != "sealed" {
             continue;
         }
-        match crate::store::read_index(depot.root(), name) {
+        match crate::store::read_index(repo.root(), name) {
             Ok(Some(_)) => {}
             Ok(None) => rep.warnings.push(format!(
                 "pack {name}: no index file (`vmdepot fsck --repair` writes one)"
@@ -1076,13 +974,13 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
                 .push(format!("{e} (`vmdepot fsck --repair` writes a new one)")),
         }
     }
-    for p in crate::manifest::orphans(conn, depot.root())? {
+    for p in crate::repo::manifest::orphans(conn, repo.root())? {
         rep.garbage.push(format!(
             "{}: manifest of an image the catalog does not have",
             p.display()
         ));
     }
-    for p in orphan_indexes(depot.root()) {
+    for p in orphan_indexes(repo.root()) {
         rep.garbage
             .push(format!("{}: index of a pack that is gone", p.display()));
     }
@@ -1095,10 +993,10 @@ fn fsck_snapshot(depot: &Depot) -> Result<(FsckReport, MissingPacks)> {
 /// Everything is read from one snapshot of the catalog, so a concurrent gc
 /// cannot make it inconsistent; a pack that gc retires after the snapshot
 /// (its file unlinked) is skipped once the catalog confirms it is gone.
-pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<VerifyReport> {
-    let conn = &depot.conn;
+pub(crate) fn verify_all(repo: &Repo, progress: &dyn Progress) -> Result<VerifyReport> {
+    let conn = &repo.conn;
     let snapshot = conn.unchecked_transaction()?;
-    let (mut fsck, missing) = fsck_snapshot(depot)?;
+    let (mut fsck, missing) = fsck_snapshot(repo)?;
     let mut by_frame: HashMap<i64, Vec<(u32, ChunkHash)>> = HashMap::new();
     {
         let mut st = conn.prepare(
@@ -1131,7 +1029,7 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
         rows.collect::<rusqlite::Result<_>>()?
     };
     snapshot.finish()?;
-    let mut retired = settle_missing(depot, &mut fsck, missing)?;
+    let mut retired = settle_missing(repo, &mut fsck, missing)?;
     if let Some(p) = fsck.problems.first() {
         return Err(Error::StoreDamaged(p.clone()));
     }
@@ -1149,9 +1047,9 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
             continue;
         }
         if reader.as_ref().map(|(p, _)| p != pack).unwrap_or(true) {
-            match PackReader::open(&pack_path(depot.root(), pack)?) {
+            match PackReader::open(&pack_path(repo.root(), pack)?) {
                 Ok(r) => reader = Some((pack.clone(), r)),
-                Err(e) if is_not_found(&e) && !pack_live(depot, pack)? => {
+                Err(e) if is_not_found(&e) && !pack_live(repo, pack)? => {
                     // gc deleted or repacked it after the snapshot.
                     retired.insert(pack.clone());
                     progress.advance(*clen);
@@ -1178,9 +1076,9 @@ pub(crate) fn verify_all(depot: &Depot, progress: &dyn Progress) -> Result<Verif
     Ok(rep)
 }
 
-pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
-    let conn = &depot.conn;
-    let usage = usage(depot)?;
+pub(crate) fn stats(repo: &Repo) -> Result<Stats> {
+    let conn = &repo.conn;
+    let usage = usage(repo)?;
     let rows: Vec<_> = catalog::list_images(conn)?
         .into_iter()
         .filter(|r| r.state == "available" && !usage.damaged.contains_key(&r.id))
@@ -1199,15 +1097,15 @@ pub(crate) fn stats(depot: &Depot) -> Result<Stats> {
     )?;
     let catalog_bytes: u64 = ["catalog.db", "catalog.db-wal"]
         .iter()
-        .filter_map(|f| std::fs::metadata(depot.root().join(f)).ok())
+        .filter_map(|f| std::fs::metadata(repo.root().join(f)).ok())
         .map(|m| m.len())
         .sum();
-    let index_bytes: u64 = pack_files(depot.root())?
+    let index_bytes: u64 = pack_files(repo.root())?
         .values()
         .filter_map(|p| std::fs::metadata(p.with_extension("idx")).ok())
         .map(|m| m.len())
         .sum();
-    let manifest_bytes: u64 = crate::manifest::sizes(depot.root())?.values().sum();
+    let manifest_bytes: u64 = crate::repo::manifest::sizes(repo.root())?.values().sum();
     let overhead = catalog_bytes + index_bytes + manifest_bytes;
     let logical: u64 = rows.iter().map(|r| r.virtual_size).sum();
     let data: u64 = rows.iter().map(|r| r.data_bytes).sum();

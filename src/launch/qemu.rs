@@ -389,26 +389,6 @@ pub fn check_socket_path(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `pid` is a live QEMU started for `tag` (guards against pid reuse).
-pub fn pid_alive(pid: i32, tag: &str) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    // A zombie has an empty cmdline: dead for our purposes.
-    let needle = format!("process=vmdepot-{tag}");
-    cmdline
-        .split(|&b| b == 0)
-        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
-}
-
-/// Reads a pid file written by QEMU.
-pub fn read_pidfile(p: &Path) -> Option<i32> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
-}
-
 /// A QMP connection (capabilities negotiated).
 pub struct Qmp {
     reader: BufReader<UnixStream>,

@@ -869,7 +869,7 @@ fn run_bounded(args: &[&str]) -> Result<ToolOutput> {
 pub enum Reader {
     File(File),
     Nbd {
-        served: crate::nbd::Served,
+        served: crate::image::nbd::Served,
         /// Ranges that may hold data (from `qemu-img map`); the rest reads
         /// as zeros and is never read.
         extents: Vec<(u64, u64)>,
@@ -889,7 +889,7 @@ impl Reader {
         }
         let spec = input.qemu_spec(ins.format);
         let extents = qemu_data_extents(&spec, ins)?;
-        let served = crate::nbd::Served::serve(&spec, tmp, &ins.path)?;
+        let served = crate::image::nbd::Served::serve(&spec, tmp, &ins.path)?;
         if served.client.size() != ins.virtual_size {
             return Err(bad(
                 &ins.path,

@@ -125,7 +125,7 @@ impl Depot {
         if row.kind == "public" || row.kind == "marketplace" {
             return Ok(Some(Access::Everyone));
         }
-        let shared: bool = self.conn.query_row(
+        let shared: bool = self.repo.conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM image_shares WHERE image = ?1 AND account = ?2)",
             params![row.id.as_str(), self.account()],
             |r| r.get(0),
@@ -138,8 +138,8 @@ impl Depot {
     /// error listing them all (use the id), whoever owns them.
     pub(crate) fn find_visible(&self, reference: &str) -> Result<(ImageRow, Access)> {
         let mut found: Vec<(ImageRow, Access)> = Vec::new();
-        for row in catalog::find_images(&self.conn, reference)? {
-            if row.state == "importing" && !self.import_alive(&row.id) {
+        for row in catalog::find_images(&self.repo.conn, reference)? {
+            if row.state == "importing" && !self.repo.import_alive(&row.id) {
                 continue;
             }
             if let Some(a) = self.access(&row)? {

@@ -36,12 +36,13 @@ use serde::Serialize;
 use crate::catalog;
 use crate::depot::{rfc3339, Depot};
 use crate::error::{Error, IoContext, Result};
-use crate::export::ExportFormat;
 use crate::ids::random_hex;
+use crate::image::bases::{self, base_flock, base_path, flock};
+use crate::image::export::ExportFormat;
+use crate::launch::qemu::{self, Accel, Forward, Qmp, VmConfig, VmFiles};
+use crate::launch::seed::{write_seed, Seed};
 use crate::perms::Perms;
 use crate::progress::Progress;
-use crate::qemu::{self, Accel, Forward, Qmp, VmConfig, VmFiles};
-use crate::seed::{write_seed, Seed};
 
 /// How an instance's disk is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -262,31 +263,6 @@ impl Paths {
     }
 }
 
-/// Base file of an image.
-pub(crate) fn base_path(root: &Path, image: &str) -> PathBuf {
-    root.join("bases").join(format!("{image}.raw"))
-}
-
-pub(crate) fn base_lock_path(root: &Path, image: &str) -> PathBuf {
-    root.join("bases").join(format!("{image}.lock"))
-}
-
-/// The lock of an image's launch base (`bases/IMAGE.lock`).
-pub(crate) fn base_flock(depot: &Depot, image: &str, how: FlockArg) -> Result<Flock<File>> {
-    flock(&base_lock_path(depot.root(), image), how, depot.perms())
-}
-
-pub(crate) fn flock(p: &Path, how: FlockArg, perms: Perms) -> Result<Flock<File>> {
-    let f = perms
-        .open_options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .at(p)?;
-    Flock::lock(f, how).map_err(|(_, e)| Error::io(p, e.into()))
-}
-
 fn is_instance_id(s: &str) -> bool {
     s.strip_prefix("ins-")
         .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -358,7 +334,7 @@ impl Depot {
     /// is left behind.
     pub fn launch(&self, opts: &LaunchOptions, progress: &dyn Progress) -> Result<Launched> {
         let qemu_bin = qemu::qemu_binary()?;
-        let (img, _) = self.available_for(&opts.image, crate::access::Op::Launch)?;
+        let (img, _) = self.available_for(&opts.image, crate::depot::access::Op::Launch)?;
         if opts.count == 0 || opts.count > 1000 {
             return Err(Error::Invalid(format!(
                 "--count {}: launch 1 to 1000 instances at once",
@@ -395,7 +371,7 @@ impl Depot {
         for n in &names {
             check_name(n)?;
         }
-        crate::seed::check_sizes(opts.user_data.as_deref(), &opts.ssh_keys)?;
+        crate::launch::seed::check_sizes(opts.user_data.as_deref(), &opts.ssh_keys)?;
         if let Some(h) = &opts.hostname {
             check_hostname(h)?;
         }
@@ -417,7 +393,7 @@ impl Depot {
             locks: Vec::new(),
         };
         let base = {
-            let _base_lock = base_flock(self, img.id.as_str(), FlockArg::LockExclusive)?;
+            let _base_lock = base_flock(&self.repo, img.id.as_str(), FlockArg::LockExclusive)?;
             for id in &ids {
                 let p = Paths::new(self.root(), id);
                 self.perms().mkdir_all(&p.dir)?;
@@ -427,13 +403,13 @@ impl Depot {
                 guard.ids.push(id.clone());
             }
             let now = catalog::now();
-            catalog::write(&self.conn, |tx| {
+            catalog::write(&self.repo.conn, |tx| {
                 let mut ins = tx.prepare_cached(
                     "INSERT INTO instances (id, name, image, image_name, owner, state, disk, cpus,
                      memory_mib, accel, hostname, created_at, restricted_from)
                      VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?;
-                let restricted_from = crate::access::restriction_of(&img, self.account());
+                let restricted_from = crate::depot::access::restriction_of(&img, self.account());
                 for (i, (id, name)) in ids.iter().zip(&names).enumerate() {
                     let host = match &opts.hostname {
                         Some(h) if opts.count == 1 => h.clone(),
@@ -467,7 +443,7 @@ impl Depot {
                 Ok(())
             })?;
             match opts.disk {
-                DiskMode::Overlay => Some(ensure_base(self, &img, progress)?),
+                DiskMode::Overlay => Some(bases::ensure_base(&self.repo, &img, progress)?),
                 DiskMode::Copy => None,
             }
         };
@@ -502,7 +478,7 @@ impl Depot {
             }
             let ssh = forwards.iter().find(|f| f.guest == 22).map(|f| f.host);
             let fwd = serde_json::to_string(&forwards).expect("forwards serialise");
-            catalog::write(&self.conn, |tx| {
+            catalog::write(&self.repo.conn, |tx| {
                 tx.execute(
                     "UPDATE instances SET forwards = ?2, ssh_port = ?3, state = 'stopped' WHERE id = ?1",
                     params![id, fwd, ssh],
@@ -550,7 +526,8 @@ impl Depot {
         // An account sees its own instances only.
         let sql =
             format!("SELECT {COLS} FROM instances WHERE (id = ?1 OR name = ?1) AND owner = ?2");
-        self.conn
+        self.repo
+            .conn
             .query_row(&sql, params![reference, self.account()], row_from)
             .optional()?
             .ok_or_else(|| Error::InstanceNotFound(reference.to_owned()))
@@ -560,16 +537,17 @@ impl Depot {
     /// interrupted): never a stale `running`.
     pub(crate) fn fresh_row(&self, reference: &str) -> Result<Row> {
         let r = self.row(reference)?;
-        let dead_qemu = r.state == "running" && !r.pid.is_some_and(|p| qemu::pid_alive(p, &r.id));
+        let dead_qemu =
+            r.state == "running" && !r.pid.is_some_and(|p| crate::proc::pid_alive(p, &r.id));
         let dead_launch =
             r.state == "pending" && !lock_held(&Paths::new(self.root(), &r.id).lock());
         if !dead_qemu && !dead_launch {
             return Ok(r);
         }
         if dead_qemu {
-            set_stopped(&self.conn, &r.id, r.pid)?;
+            set_stopped(&self.repo.conn, &r.id, r.pid)?;
         } else {
-            catalog::write(&self.conn, |tx| {
+            catalog::write(&self.repo.conn, |tx| {
                 tx.execute(
                     "UPDATE instances SET state = 'failed', error = 'its launch was interrupted' WHERE id = ?1 AND state = 'pending'",
                     [&r.id],
@@ -629,18 +607,24 @@ impl Depot {
     /// booted. A base whose image was deleted cannot be rebuilt: any problem
     /// with it ([`base_problem`]) refuses the start.
     fn check_start_base(&self, r: &Row) -> Result<()> {
-        let _base_lock = base_flock(self, &r.image, FlockArg::LockExclusive)?;
-        let img = catalog::find_images(&self.conn, &r.image)?
+        let _base_lock = base_flock(&self.repo, &r.image, FlockArg::LockExclusive)?;
+        let img = catalog::find_images(&self.repo.conn, &r.image)?
             .into_iter()
             .find(|i| i.id.as_str() == r.image);
         match img {
             Some(img) => {
-                ensure_base(self, &img, &crate::progress::NoProgress)?;
+                bases::ensure_base(&self.repo, &img, &crate::progress::NoProgress)?;
             }
             None => {
                 let p = base_path(self.root(), &r.image);
                 let problem = if p.exists() {
-                    base_problem(self, &r.image, None, false, &crate::progress::NoProgress)?
+                    bases::base_problem(
+                        &self.repo,
+                        &r.image,
+                        None,
+                        false,
+                        &crate::progress::NoProgress,
+                    )?
                 } else {
                     Some(format!(
                         "launch base {} of deleted image {} is missing",
@@ -734,6 +718,7 @@ impl Depot {
     pub fn list_instances(&self) -> Result<Vec<InstanceInfo>> {
         let ids: Vec<String> = {
             let mut st = self
+                .repo
                 .conn
                 .prepare("SELECT id FROM instances WHERE owner = ?1 ORDER BY created_at, name")?;
             let rows = st.query_map([self.account()], |r| r.get(0))?;
@@ -776,7 +761,7 @@ impl Depot {
         if changed {
             r.ssh_port = r.forwards.iter().find(|f| f.guest == 22).map(|f| f.host);
             let fwd = serde_json::to_string(&r.forwards).expect("forwards serialise");
-            catalog::write(&self.conn, |tx| {
+            catalog::write(&self.repo.conn, |tx| {
                 tx.execute(
                     "UPDATE instances SET forwards = ?2, ssh_port = ?3 WHERE id = ?1",
                     params![r.id, fwd, r.ssh_port],
@@ -801,7 +786,7 @@ impl Depot {
             if let Some(pid) = r.pid {
                 stop_qemu(p, pid, &r.id, force, timeout);
             }
-            set_stopped(&self.conn, &r.id, r.pid)?;
+            set_stopped(&self.repo.conn, &r.id, r.pid)?;
         }
         self.instance(&r.id)
     }
@@ -832,7 +817,7 @@ impl Depot {
             }
         }
         let info = self.info(r.clone(), None);
-        catalog::write(&self.conn, |tx| {
+        catalog::write(&self.repo.conn, |tx| {
             tx.execute("DELETE FROM instances WHERE id = ?1", [&r.id])?;
             Ok(())
         })?;
@@ -933,7 +918,7 @@ impl Depot {
             return Err(start_error(&r, &msg));
         }
         fix_runtime_modes(self.perms(), &cfg.files);
-        set_running(&self.conn, &r.id, pid, accel)?;
+        set_running(&self.repo.conn, &r.id, pid, accel)?;
         Ok((
             Foreground {
                 root: self.root().to_owned(),
@@ -946,22 +931,13 @@ impl Depot {
     }
 
     fn set_failed(&self, id: &str, msg: &str) -> Result<()> {
-        catalog::write(&self.conn, |tx| {
+        catalog::write(&self.repo.conn, |tx| {
             tx.execute(
                 "UPDATE instances SET state = 'failed', pid = NULL, error = ?2 WHERE id = ?1",
                 params![id, msg],
             )?;
             Ok(())
         })
-    }
-
-    /// Image ids that instances use through a base (gc keeps their bases).
-    pub(crate) fn images_with_overlays(&self) -> Result<std::collections::HashSet<String>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT DISTINCT image FROM instances WHERE disk = 'overlay'")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// A handle on an existing instance (not ephemeral).
@@ -1027,12 +1003,12 @@ impl Drop for LaunchGuard<'_> {
     fn drop(&mut self) {
         for id in &self.ids {
             let p = Paths::new(self.depot.root(), id);
-            if let Some(pid) = qemu::read_pidfile(&p.files().pidfile) {
-                if qemu::pid_alive(pid, id) {
+            if let Some(pid) = crate::proc::read_pidfile(&p.files().pidfile) {
+                if crate::proc::pid_alive(pid, id) {
                     stop_qemu(&p, pid, id, true, Duration::ZERO);
                 }
             }
-            let _ = catalog::write(&self.depot.conn, |tx| {
+            let _ = catalog::write(&self.depot.repo.conn, |tx| {
                 tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
                 Ok(())
             });
@@ -1106,7 +1082,7 @@ pub(crate) fn make_disk(
     progress: &dyn Progress,
 ) -> Result<()> {
     match base {
-        Some(b) => crate::source::qemu_img(&[
+        Some(b) => crate::image::source::qemu_img(&[
             "create",
             "-q",
             "-f",
@@ -1118,286 +1094,8 @@ pub(crate) fn make_disk(
             path_str(dest)?,
         ])
         .map(drop),
-        None => crate::export::export(depot, img, dest, ExportFormat::Raw, progress),
+        None => crate::image::export::export(&depot.repo, img, dest, ExportFormat::Raw, progress),
     }
-}
-
-/// What a cheap look at a launch base found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum BaseCheck {
-    /// No file.
-    Missing,
-    /// Recorded as complete for this content, of the recorded size, and
-    /// the sampled blocks hold their chunks.
-    Good,
-    /// A file that must not be booted, and why.
-    Bad(String),
-}
-
-/// Blocks of a base that the launch-time check reads: evenly spread over
-/// the image's data blocks (first and last included) plus a few at random.
-const BASE_SAMPLES: u64 = 12;
-const BASE_RANDOM_SAMPLES: u64 = 4;
-
-/// The cheap check of the base of `img` (callers hold the base's lock):
-/// its catalog record (made only once the file was durable), its size, and
-/// a few 4 KiB blocks hashed and compared with the image's chunk hashes. A
-/// base whose data a power cut lost (full size, no blocks) fails it.
-pub(crate) fn check_base(depot: &Depot, img: &catalog::ImageRow) -> Result<BaseCheck> {
-    use std::os::unix::fs::FileExt;
-    let p = base_path(depot.root(), img.id.as_str());
-    let file = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BaseCheck::Missing),
-        Err(e) => return Err(Error::io(&p, e)),
-    };
-    let Some(rec) = catalog::base_record(&depot.conn, img.id.as_str())? else {
-        return Ok(BaseCheck::Bad(
-            "is not recorded as complete (cut off by a crash, or made by an older vmdepot)".into(),
-        ));
-    };
-    if rec.size != img.virtual_size || Some(&rec.digest) != img.content_digest.as_ref() {
-        return Ok(BaseCheck::Bad(
-            "is recorded with another size or digest than the image's".into(),
-        ));
-    }
-    let len = file.metadata().at(&p)?.len();
-    if len != rec.size {
-        return Ok(BaseCheck::Bad(format!(
-            "is {len} bytes, recorded as {} bytes",
-            rec.size
-        )));
-    }
-    let map = catalog::image_map(&depot.conn, &img.id)?;
-    let n = map.data_blocks();
-    if n == 0 {
-        return Ok(BaseCheck::Good);
-    }
-    let mut picks: Vec<u64> = (0..BASE_SAMPLES.min(n))
-        .map(|k| k * (n - 1) / (BASE_SAMPLES - 1).max(1))
-        .collect();
-    for _ in 0..BASE_RANDOM_SAMPLES {
-        picks.push(u64::from_str_radix(&random_hex(8), 16).unwrap_or(0) % n);
-    }
-    picks.sort_unstable();
-    picks.dedup();
-    let mut blocks = Vec::with_capacity(picks.len());
-    let mut it = picks.iter().peekable();
-    for (i, (block, cid)) in map.data().enumerate() {
-        while it.peek() == Some(&&(i as u64)) {
-            it.next();
-            blocks.push((block, cid));
-        }
-        if it.peek().is_none() {
-            break;
-        }
-    }
-    blocks.dedup();
-    let mut ids: Vec<_> = blocks.iter().map(|&(_, c)| c).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let locs = catalog::chunk_locs(&depot.conn, &ids)?;
-    let mut buf = vec![0u8; crate::format::CHUNK_SIZE];
-    for (block, cid) in blocks {
-        let Some(loc) = locs.get(&cid) else {
-            return Err(Error::StoreDamaged(format!(
-                "image {} ({}): chunk {cid} is missing from the catalog",
-                img.name, img.id
-            )));
-        };
-        let off = block * crate::format::CHUNK;
-        let want = (len - off).min(crate::format::CHUNK) as usize;
-        buf.fill(0);
-        file.read_exact_at(&mut buf[..want], off).at(&p)?;
-        if crate::ids::ChunkHash::of(&buf) != loc.hash {
-            return Ok(BaseCheck::Bad(format!(
-                "does not hold the image's data at byte offset {off} (lost in a crash?)"
-            )));
-        }
-    }
-    Ok(BaseCheck::Good)
-}
-
-/// What is wrong with the base file of image `id`, if anything (fsck,
-/// verify): with its image (`img`, if available) the launch's check,
-/// otherwise its record and size; with `full`, also the digest of every
-/// byte. A base that vanishes meanwhile (gc) is fine.
-pub(crate) fn base_problem(
-    depot: &Depot,
-    id: &str,
-    img: Option<&catalog::ImageRow>,
-    full: bool,
-    progress: &dyn Progress,
-) -> Result<Option<String>> {
-    let p = base_path(depot.root(), id);
-    let what = match img {
-        Some(i) => format!("launch base {} of image {} ({id})", p.display(), i.name),
-        None => format!("launch base {} of deleted image {id}", p.display()),
-    };
-    let fix = "the next launch rebuilds it, or refuses while an instance runs from it";
-    let rec = catalog::base_record(&depot.conn, id)?;
-    let cheap = match img {
-        Some(i) => check_base(depot, i)?,
-        None => match (&rec, fs::metadata(&p)) {
-            (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => BaseCheck::Missing,
-            (_, Err(e)) => return Err(Error::io(&p, e)),
-            (None, _) => BaseCheck::Bad("is not recorded as complete".into()),
-            (Some(r), Ok(m)) if m.len() != r.size => BaseCheck::Bad(format!(
-                "is {} bytes, recorded as {} bytes",
-                m.len(),
-                r.size
-            )),
-            _ => BaseCheck::Good,
-        },
-    };
-    match cheap {
-        BaseCheck::Missing => return Ok(None),
-        BaseCheck::Bad(why) => return Ok(Some(format!("{what} {why}: {fix}"))),
-        BaseCheck::Good if !full => return Ok(None),
-        BaseCheck::Good => {}
-    }
-    let Some(rec) = rec else { return Ok(None) };
-    let f = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&p, e)),
-    };
-    let digest = crate::export::file_digest(depot, &f, &p, rec.size, progress)?;
-    if digest != rec.digest {
-        return Ok(Some(format!(
-            "{what}: content digest is {digest}, recorded {}: {fix}",
-            rec.digest
-        )));
-    }
-    Ok(None)
-}
-
-/// A running instance whose QEMU has the base of `image` open, if any.
-fn base_in_use(depot: &Depot, image: &str) -> Result<Option<String>> {
-    let mut st = depot.conn.prepare(
-        "SELECT id, name, pid FROM instances
-         WHERE image = ?1 AND disk = 'overlay' AND state = 'running'",
-    )?;
-    let rows = st.query_map([image], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<i32>>(2)?,
-        ))
-    })?;
-    for r in rows {
-        let (id, name, pid) = r?;
-        if pid.is_some_and(|pid| qemu::pid_alive(pid, &id)) {
-            return Ok(Some(format!("{name} ({id})")));
-        }
-    }
-    Ok(None)
-}
-
-/// The raw base of an image (callers hold the base's lock), made if it is
-/// missing. One that does not check out ([`check_base`]) is never used: it
-/// is rebuilt, unless a running instance has it open (then refused: stop
-/// that instance first). Overlays of stopped instances were made over the
-/// image's content, which is exactly what the rebuilt base holds (its
-/// digest is checked). A base without a record whose full digest matches
-/// (made by an older vmdepot) is recorded and used.
-///
-/// Durability: the base is written to a temporary, fsynced, renamed into
-/// place and the directory fsynced (export); only then is it recorded.
-pub(crate) fn ensure_base(
-    depot: &Depot,
-    img: &catalog::ImageRow,
-    progress: &dyn Progress,
-) -> Result<PathBuf> {
-    let p = base_path(depot.root(), img.id.as_str());
-    let label = format!("{} ({})", img.name, img.id);
-    match check_base(depot, img)? {
-        BaseCheck::Good => return Ok(p),
-        BaseCheck::Missing => {}
-        BaseCheck::Bad(why) => {
-            let unrecorded = catalog::base_record(&depot.conn, img.id.as_str())?.is_none();
-            if unrecorded && adopt_base(depot, img, &p, progress)? {
-                return Ok(p);
-            }
-            if let Some(user) = base_in_use(depot, img.id.as_str())? {
-                return Err(Error::StoreDamaged(format!(
-                    "launch base {} of image {label} {why}; instance {user} runs from it: \
-                     stop it, then launch again to rebuild the base",
-                    p.display()
-                )));
-            }
-            tracing::warn!(
-                "launch base {} of image {label} {why}: rebuilding it",
-                p.display()
-            );
-            catalog::forget_base(&depot.conn, img.id.as_str())?;
-        }
-    }
-    let mode = depot.perms().file() & 0o444;
-    crate::export::export_with_mode(depot, img, &p, ExportFormat::Raw, mode, progress)?;
-    record_base(depot, img)?;
-    Ok(p)
-}
-
-fn record_base(depot: &Depot, img: &catalog::ImageRow) -> Result<()> {
-    let digest = img.content_digest.clone().ok_or_else(|| {
-        Error::StoreDamaged(format!(
-            "image {} ({}) has no content digest",
-            img.name, img.id
-        ))
-    })?;
-    catalog::record_base(
-        &depot.conn,
-        img.id.as_str(),
-        &catalog::BaseRecord {
-            size: img.virtual_size,
-            digest,
-        },
-    )
-}
-
-/// After a catalog rebuild: every base file of an available image that has
-/// no record is read back in full and recorded if it matches (under the
-/// base's lock); returns the images whose bases were recorded.
-pub(crate) fn adopt_unrecorded_bases(depot: &Depot) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for img in catalog::list_images(&depot.conn)? {
-        if img.state != "available" || img.damage.is_some() {
-            continue;
-        }
-        let p = base_path(depot.root(), img.id.as_str());
-        if !p.exists() || catalog::base_record(&depot.conn, img.id.as_str())?.is_some() {
-            continue;
-        }
-        let _lock = base_flock(depot, img.id.as_str(), FlockArg::LockExclusive)?;
-        if adopt_base(depot, &img, &p, &crate::progress::NoProgress)? {
-            out.push(format!("{} ({})", img.name, img.id));
-        }
-    }
-    Ok(out)
-}
-
-/// A base file with no record: recorded if every byte matches the image
-/// (fsynced first), else left to be rebuilt.
-fn adopt_base(
-    depot: &Depot,
-    img: &catalog::ImageRow,
-    p: &Path,
-    progress: &dyn Progress,
-) -> Result<bool> {
-    let f = File::open(p).at(p)?;
-    let len = f.metadata().at(p)?.len();
-    if len != img.virtual_size {
-        return Ok(false);
-    }
-    let digest = crate::export::file_digest(depot, &f, p, len, progress)?;
-    if Some(&digest) != img.content_digest.as_ref() {
-        return Ok(false);
-    }
-    f.sync_all().at(p)?;
-    crate::store::sync_dir(p.parent().unwrap_or(Path::new(".")))?;
-    record_base(depot, img)?;
-    Ok(true)
 }
 
 fn vm_config(root: &Path, r: &Row, accel: Accel) -> VmConfig {
@@ -1468,7 +1166,7 @@ fn spawn_detached(
 fn finish_start(depot: &Depot, r: &Row, child: std::process::Child, accel: Accel) -> Result<()> {
     let files = Paths::new(depot.root(), &r.id).files();
     let out = child.wait_with_output().at(&files.pidfile)?;
-    let pid = qemu::read_pidfile(&files.pidfile);
+    let pid = crate::proc::read_pidfile(&files.pidfile);
     let result = match (out.status.success(), pid) {
         (true, Some(pid)) if accel == Accel::Kvm => {
             Qmp::connect_retry(&files.qmp, Duration::from_secs(10))
@@ -1493,7 +1191,7 @@ fn finish_start(depot: &Depot, r: &Row, child: std::process::Child, accel: Accel
     match result {
         Ok(pid) => {
             fix_runtime_modes(depot.perms(), &files);
-            set_running(&depot.conn, &r.id, pid, accel)
+            set_running(&depot.repo.conn, &r.id, pid, accel)
         }
         Err(msg) => {
             depot.set_failed(&r.id, &msg)?;
@@ -1557,18 +1255,18 @@ fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) {
             q.powerdown()
         });
         if pressed.is_ok() {
-            while Instant::now() < deadline && qemu::pid_alive(pid, id) {
+            while Instant::now() < deadline && crate::proc::pid_alive(pid, id) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
-    if qemu::pid_alive(pid, id) {
+    if crate::proc::pid_alive(pid, id) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
         let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end && qemu::pid_alive(pid, id) {
+        while Instant::now() < end && crate::proc::pid_alive(pid, id) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -1601,7 +1299,7 @@ impl Foreground {
     pub fn wait(mut self) -> Result<i32> {
         let st = self.child.wait().at(&self.qmp)?;
         let depot = Depot::open(&self.root)?;
-        set_stopped(&depot.conn, &self.id, Some(self.child.id() as i32))?;
+        set_stopped(&depot.repo.conn, &self.id, Some(self.child.id() as i32))?;
         clean_runtime_files(&Paths::new(&self.root, &self.id).files());
         Ok(st.code().unwrap_or(1))
     }
@@ -1771,7 +1469,7 @@ impl Instance {
             let alive = self
                 .info
                 .pid
-                .is_some_and(|p| qemu::pid_alive(p, &self.info.id));
+                .is_some_and(|p| crate::proc::pid_alive(p, &self.info.id));
             if !alive || Instant::now() >= deadline {
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -1816,62 +1514,6 @@ impl Drop for Instance {
             }
         }
     }
-}
-
-/// Evicts bases that no instance uses (gc). Returns (files, bytes).
-pub(crate) fn evict_unused_bases(depot: &Depot, dry_run: bool) -> Result<(u64, u64)> {
-    let dir = depot.root().join("bases");
-    let Ok(rd) = fs::read_dir(&dir) else {
-        return Ok((0, 0));
-    };
-    let (mut n, mut bytes) = (0, 0);
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("raw") {
-            continue;
-        }
-        let Some(img) = p.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
-            continue;
-        };
-        // A launch holds this lock from before it enters its rows until its
-        // base exists; with it held here, the rows read below are complete.
-        let Ok(_l) = base_flock(depot, &img, FlockArg::LockExclusiveNonblock) else {
-            continue;
-        };
-        if depot.images_with_overlays()?.contains(&img) {
-            continue;
-        }
-        let size = std::os::unix::fs::MetadataExt::blocks(&e.metadata().at(&p)?) * 512;
-        if !dry_run {
-            // The lock file stays: a launch may be waiting on it. Without
-            // its file the record says nothing; it goes too.
-            fs::remove_file(&p).at(&p)?;
-            catalog::forget_base(&depot.conn, &img)?;
-        }
-        n += 1;
-        bytes += size;
-    }
-    if !dry_run {
-        // Records whose file is gone (a crash between removing a base and
-        // forgetting it), each checked under its lock.
-        let recorded: Vec<String> = {
-            let mut st = depot.conn.prepare("SELECT image FROM bases")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for img in recorded {
-            if !img.starts_with("img-") || img.contains('/') {
-                continue;
-            }
-            let Ok(_l) = base_flock(depot, &img, FlockArg::LockExclusiveNonblock) else {
-                continue;
-            };
-            if !base_path(depot.root(), &img).exists() {
-                catalog::forget_base(&depot.conn, &img)?;
-            }
-        }
-    }
-    Ok((n, bytes))
 }
 
 #[cfg(test)]

@@ -25,15 +25,25 @@ use nix::fcntl::{
 use nix::sys::stat::{fstatat, Mode};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
+use serde::Serialize;
+
 use crate::catalog::{self, ChunkLoc, FrameLoc, ImageRow};
-use crate::depot::Depot;
 use crate::digest::{self, PieceHash};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{CHUNK, CHUNK_SIZE, ZERO_BLOCK};
 use crate::ids::{hex, ChunkHash, ChunkId};
-use crate::maint::VerifyReport;
 use crate::progress::Progress;
+use crate::repo::Repo;
 use crate::store::{pack_path, PackReader};
+
+/// Result of `verify`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub images: u64,
+    /// Chunks (4 KiB blocks) re-read and re-hashed.
+    pub chunks: u64,
+    pub bytes: u64,
+}
 
 /// Output formats of `image export`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,9 +307,9 @@ fn parent_and_name(out: &Path) -> Result<(PathBuf, OsString)> {
 
 /// Decides where a user's export goes, refusing the depot's own files,
 /// symlinks, directories, FIFOs, sockets and character devices.
-fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
+fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
     let (dir_path, name) = parent_and_name(out)?;
-    let root = std::fs::metadata(depot.root()).at(depot.root())?;
+    let root = std::fs::metadata(repo.root()).at(repo.root())?;
     // The directory is opened once and everything below goes through that
     // descriptor: whether it lies inside the depot is decided by walking
     // up from it (`..`), not by its name, which a swap could redirect.
@@ -309,7 +319,7 @@ fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
             out,
             format!(
                 "it is inside the depot {}: an export there would overwrite the depot's own files; export to a path outside the depot",
-                depot.root().display()
+                repo.root().display()
             ),
         ));
     }
@@ -381,19 +391,19 @@ fn user_dest(depot: &Depot, out: &Path, format: ExportFormat) -> Result<Dest> {
 /// file with the caller's mode ([`export_file_mode`]) or a block device in
 /// place.
 pub(crate) fn export_user(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     out: &Path,
     format: ExportFormat,
     progress: &dyn Progress,
 ) -> Result<()> {
-    match user_dest(depot, out, format)? {
+    match user_dest(repo, out, format)? {
         Dest::File {
             dir,
             dir_path,
             name,
         } => write_new_file(
-            depot,
+            repo,
             row,
             &dir,
             &dir_path,
@@ -402,7 +412,7 @@ pub(crate) fn export_user(
             export_file_mode(),
             progress,
         ),
-        Dest::Block(dev) => write_block(depot, row, &dev, out, progress),
+        Dest::Block(dev) => write_block(repo, row, &dev, out, progress),
     }
 }
 
@@ -410,19 +420,19 @@ pub(crate) fn export_user(
 /// instance's private disk): no destination checks; the mode follows the
 /// process umask.
 pub(crate) fn export(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     out: &Path,
     format: ExportFormat,
     progress: &dyn Progress,
 ) -> Result<()> {
-    export_with_mode(depot, row, out, format, 0o666 & !current_umask(), progress)
+    export_with_mode(repo, row, out, format, 0o666 & !current_umask(), progress)
 }
 
 /// [`export`] with the file's mode given, set before the file gets its
 /// name (a launch base is read-only from the moment it exists).
 pub(crate) fn export_with_mode(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     out: &Path,
     format: ExportFormat,
@@ -431,19 +441,19 @@ pub(crate) fn export_with_mode(
 ) -> Result<()> {
     let (dir_path, name) = parent_and_name(out)?;
     let dir = open_dir(&dir_path)?;
-    write_new_file(depot, row, &dir, &dir_path, &name, format, mode, progress)
+    write_new_file(repo, row, &dir, &dir_path, &name, format, mode, progress)
 }
 
 /// The BLAKE3 of every byte of `file` (`size` bytes), read back in
 /// parallel leaves; holes are read too (nothing is assumed zero).
 pub(crate) fn file_digest(
-    depot: &Depot,
+    repo: &Repo,
     file: &File,
     path: &Path,
     size: u64,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let zero_cvs = catalog::load_zero_cvs(&depot.conn, size)?;
+    let zero_cvs = catalog::load_zero_cvs(&repo.conn, size)?;
     let pieces = digest::split_sparse(size, digest::LEAF_BYTES, |_, _| true);
     digest_pieces(pieces, file, path, size, &zero_cvs, progress)
 }
@@ -454,7 +464,7 @@ pub(crate) fn file_digest(
 /// leaves nothing.
 #[allow(clippy::too_many_arguments)]
 fn write_new_file(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     dir: &File,
     dir_path: &Path,
@@ -469,16 +479,16 @@ fn write_new_file(
     match format {
         ExportFormat::Raw => {
             fin.file().set_len(row.virtual_size).at(&out)?;
-            materialise(depot, row, Some((fin.file(), &out, false)), progress)?;
+            materialise(repo, row, Some((fin.file(), &out, false)), progress)?;
         }
         ExportFormat::Qcow2 => {
             // The raw temporary lives in the depot's private tmp/.
-            let tmp_path = depot.root().join("tmp");
+            let tmp_path = repo.root().join("tmp");
             let tmp_dir = open_dir(&tmp_path)?;
             clean_leftovers(&tmp_dir, &tmp_path);
             let raw = Temp::create(&tmp_dir, &tmp_path, OsStr::new("export.raw"))?;
             raw.file().set_len(row.virtual_size).at(&tmp_path)?;
-            materialise(depot, row, Some((raw.file(), &tmp_path, false)), progress)?;
+            materialise(repo, row, Some((raw.file(), &tmp_path, false)), progress)?;
             // qemu-img reads and writes both through inherited descriptors
             // (dup: without close-on-exec), never by a name in a directory.
             let rfd =
@@ -487,8 +497,9 @@ fn write_new_file(
             let src = format!("/proc/self/fd/{}", rfd.as_raw_fd());
             let dst = format!("/proc/self/fd/{}", wfd.as_raw_fd());
             progress.begin("qcow2", 0);
-            let r =
-                crate::source::qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &src, &dst]);
+            let r = crate::image::source::qemu_img(&[
+                "convert", "-q", "-f", "raw", "-O", "qcow2", &src, &dst,
+            ]);
             progress.end();
             r.map_err(|e| match e {
                 // qemu-img writes only the destination (the raw temporary
@@ -509,7 +520,7 @@ fn write_new_file(
 /// Writes the image onto a block device in place: every block, zeros
 /// included; checks the digest of what the device then holds; fsyncs.
 fn write_block(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     dev: &File,
     out: &Path,
@@ -525,7 +536,7 @@ fn write_block(
             ),
         ));
     }
-    materialise(depot, row, Some((dev, out, true)), progress)?;
+    materialise(repo, row, Some((dev, out, true)), progress)?;
     dev.sync_all().at(out)
 }
 
@@ -580,20 +591,20 @@ fn zero_holes(
 /// Streams the raw image to `w` in order (zeros written as zeros), checking
 /// its digest on the way; a mismatch is an error after the bytes went out.
 pub(crate) fn export_stream(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     w: &mut dyn Write,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let plan = plan(depot, row)?;
+    let plan = plan(repo, row)?;
     let label = format!("{} ({})", row.name, row.id);
-    let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
+    let zero_cvs = catalog::load_zero_cvs(&repo.conn, row.virtual_size)?;
     let pieces = sparse_pieces(&plan.map, row.virtual_size);
     let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
     let mut wk = Worker {
         plan: &plan,
         label: &label,
-        root: depot.root(),
+        root: repo.root(),
         readers: &readers,
         cache: Vec::new(),
         check_chunks: false,
@@ -621,15 +632,15 @@ pub(crate) fn export_stream(
     w.flush().at(stdout)?;
     progress.end();
     let digest = hex(pieces.root(&results).as_bytes());
-    check_digest(depot, &plan, &label, row, zero_cvs, &digest, progress)
+    check_digest(repo, &plan, &label, row, zero_cvs, &digest, progress)
 }
 
 pub(crate) fn verify_image(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    let chunks = materialise(depot, row, None, progress)?;
+    let chunks = materialise(repo, row, None, progress)?;
     Ok(VerifyReport {
         images: 1,
         chunks,
@@ -645,9 +656,9 @@ pub(crate) struct Plan {
     pub(crate) packs: HashMap<i64, String>,
 }
 
-pub(crate) fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
+pub(crate) fn plan(repo: &Repo, row: &ImageRow) -> Result<Plan> {
     // One read transaction: one snapshot, and SQLite's file locks taken once.
-    let tx = depot.conn.unchecked_transaction()?;
+    let tx = repo.conn.unchecked_transaction()?;
     let map = catalog::image_map(&tx, &row.id)?;
     let mut ids: Vec<ChunkId> = map.data().map(|(_, c)| c).collect();
     ids.sort_unstable();
@@ -703,21 +714,21 @@ pub(crate) fn plan(depot: &Depot, row: &ImageRow) -> Result<Plan> {
 /// second pass made that checks every chunk against its own hash, to name
 /// the first bad byte offset.
 fn materialise(
-    depot: &Depot,
+    repo: &Repo,
     row: &ImageRow,
     out: Option<(&File, &Path, bool)>,
     progress: &dyn Progress,
 ) -> Result<u64> {
-    let plan = plan(depot, row)?;
+    let plan = plan(repo, row)?;
     let label = format!("{} ({})", row.name, row.id);
-    let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
+    let zero_cvs = catalog::load_zero_cvs(&repo.conn, row.virtual_size)?;
     let (digest, blocks) = match out {
         // Writing a file: every frame is decompressed once and its chunks
         // scattered to their offsets; the digest is then taken of the file.
         // A block device (`dense`) gets its zeros written too, and the
         // digest reads every byte of it back.
         Some((file, path, dense)) => {
-            let blocks = scatter(depot, &plan, &label, file, path, row.virtual_size, progress)?;
+            let blocks = scatter(repo, &plan, &label, file, path, row.virtual_size, progress)?;
             if dense {
                 zero_holes(&plan.map, file, path, row.virtual_size, progress)?;
             }
@@ -732,16 +743,16 @@ fn materialise(
             )?;
             (digest, blocks)
         }
-        None => rebuild(depot, &plan, &label, row, &zero_cvs, false, progress)?,
+        None => rebuild(repo, &plan, &label, row, &zero_cvs, false, progress)?,
     };
-    check_digest(depot, &plan, &label, row, zero_cvs, &digest, progress)?;
+    check_digest(repo, &plan, &label, row, zero_cvs, &digest, progress)?;
     Ok(blocks)
 }
 
 /// Keeps new zero-leaf values; compares `digest` with the recorded one and,
 /// when it differs, finds the first chunk that does not match its hash.
 fn check_digest(
-    depot: &Depot,
+    repo: &Repo,
     plan: &Plan,
     label: &str,
     row: &ImageRow,
@@ -752,14 +763,14 @@ fn check_digest(
     let added = zero_cvs.into_added();
     if !added.is_empty() {
         // Best effort: a read-only depot still exports.
-        let _ = catalog::write(&depot.conn, |c| catalog::save_zero_cvs(c, &added));
+        let _ = catalog::write(&repo.conn, |c| catalog::save_zero_cvs(c, &added));
     }
     if row.content_digest.as_deref() == Some(digest) {
         return Ok(());
     }
     // Find the first chunk that does not match its hash.
-    let zero_cvs = catalog::load_zero_cvs(&depot.conn, row.virtual_size)?;
-    rebuild(depot, plan, label, row, &zero_cvs, true, progress)?;
+    let zero_cvs = catalog::load_zero_cvs(&repo.conn, row.virtual_size)?;
+    rebuild(repo, plan, label, row, &zero_cvs, true, progress)?;
     Err(Error::Corrupt {
         image: label.to_owned(),
         offset: 0,
@@ -815,7 +826,7 @@ fn par_for<S>(
 /// Writes every data block of the image into `file`, frame by frame (each
 /// frame decompressed once). Returns the number of blocks written.
 fn scatter(
-    depot: &Depot,
+    repo: &Repo,
     plan: &Plan,
     label: &str,
     file: &File,
@@ -835,7 +846,7 @@ fn scatter(
         (l.pack, l.offset)
     });
     let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
-    let root = depot.root();
+    let root = repo.root();
     progress.begin(
         "write",
         order.iter().map(|(_, u)| u.len() as u64 * CHUNK).sum(),
@@ -964,7 +975,7 @@ fn read_frame(
 /// nothing is written); returns the hex digest and the data blocks read.
 /// With `check_chunks`, every chunk is also checked against its own hash.
 fn rebuild(
-    depot: &Depot,
+    repo: &Repo,
     plan: &Plan,
     label: &str,
     row: &ImageRow,
@@ -977,7 +988,7 @@ fn rebuild(
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; nleaves]);
     let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
     let blocks = std::sync::atomic::AtomicU64::new(0);
-    let root = depot.root();
+    let root = repo.root();
     let phase = if check_chunks { "locate" } else { "verify" };
     progress.begin(phase, row.virtual_size);
     let r = par_for(

@@ -7,98 +7,28 @@
 //! `group` (only in a depot shared by a group: the group's name). Modes:
 //! [`crate::perms`] (private 0700/0600, or 2770/0660 for a group depot).
 
-use std::fs::{self, File};
+pub mod access;
+
+use std::fs::{self};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use tracing::instrument;
 
-use crate::access::{Access, Op};
+pub use crate::catalog::ImageType;
 use crate::catalog::{self, ImageRow};
+use crate::depot::access::{Access, Op};
 use crate::error::{Error, IoContext, Result};
-use crate::export::{self, ExportFormat};
 use crate::ids::ImageId;
+use crate::image::export::{self, ExportFormat};
+pub use crate::image::import::ImportOptions;
+use crate::maint::repair::RepairReport;
 use crate::maint::{self, FsckReport, GcReport, Stats, VerifyReport};
 use crate::perms::{self, Perms};
 use crate::progress::Progress;
-use crate::repair::RepairReport;
-use crate::source::SourceFormat;
-
-/// The type of an image (PRODUCT.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageType {
-    Public,
-    Marketplace,
-    Custom,
-}
-
-impl ImageType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageType::Public => "public",
-            ImageType::Marketplace => "marketplace",
-            ImageType::Custom => "custom",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<ImageType> {
-        match s {
-            "public" => Ok(ImageType::Public),
-            "marketplace" => Ok(ImageType::Marketplace),
-            "custom" => Ok(ImageType::Custom),
-            _ => Err(Error::Invalid(format!(
-                "unknown image type {s:?}: use public, marketplace or custom"
-            ))),
-        }
-    }
-}
-
-/// What `import` needs besides the file.
-#[derive(Clone, Debug)]
-pub struct ImportOptions {
-    pub name: String,
-    pub kind: ImageType,
-    pub description: String,
-    /// `None` detects the format from the content.
-    pub format: Option<SourceFormat>,
-    /// Read the file even when it is unchanged (same device, inode, size,
-    /// mtime and ctime) since an earlier import whose image still exists.
-    pub reread: bool,
-    /// Marketplace images: vendor, application and its version.
-    pub vendor: String,
-    pub application: String,
-    pub app_version: String,
-    /// Tags (key, value) set on the new image.
-    pub tags: Vec<(String, String)>,
-    /// Lineage of a captured image (set by capture, not by users).
-    pub(crate) parent: Option<(String, String)>,
-    pub(crate) source_instance: Option<String>,
-    /// Launch-only origin of the content (set by capture; see access.rs).
-    pub(crate) restricted_from: String,
-}
-
-impl ImportOptions {
-    pub fn new(name: impl Into<String>) -> ImportOptions {
-        ImportOptions {
-            name: name.into(),
-            kind: ImageType::Custom,
-            description: String::new(),
-            format: None,
-            reread: false,
-            vendor: String::new(),
-            application: String::new(),
-            app_version: String::new(),
-            tags: Vec::new(),
-            parent: None,
-            source_instance: None,
-            restricted_from: String::new(),
-        }
-    }
-}
+use crate::repo::{ensure_reserve, fs_full, release_reserve, Repo};
 
 /// What `image update` changes (`None`: unchanged).
 #[derive(Clone, Debug, Default)]
@@ -206,93 +136,13 @@ pub enum Intent {
     Free,
 }
 
-/// The space reserve: a file of a few MiB, allocated when the depot is
-/// created or opened to write while space allows, and released when the
-/// filesystem is full so that delete and gc (and a failed import's
-/// cleanup) can still write the catalog.
-pub(crate) const RESERVE: &str = "reserve";
-
-/// Below this many free bytes the filesystem counts as full (SQLite needs
-/// 32 KiB for `-shm` and room for its WAL).
-const FULL_BYTES: u64 = 1 << 20;
-
-/// Free bytes for unprivileged use on the filesystem holding `p`, and
-/// whether it is mounted read-only.
-fn fs_free(p: &Path) -> Option<(u64, bool, u64)> {
-    let st = nix::sys::statvfs::statvfs(p).ok()?;
-    let frsize = st.fragment_size() as u64;
-    Some((
-        st.blocks_available() as u64 * frsize,
-        st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
-        st.blocks() as u64 * frsize,
-    ))
-}
-
-/// Whether nothing can be written on the filesystem holding `p`.
-fn fs_full(p: &Path) -> bool {
-    fs_free(p).is_some_and(|(free, ro, _)| ro || free < FULL_BYTES)
-}
-
-/// Removes the space reserve; true if there was one.
-pub(crate) fn release_reserve(root: &Path) -> bool {
-    let released = fs::remove_file(root.join(RESERVE)).is_ok();
-    if released {
-        tracing::info!(
-            "released the depot's space reserve {}",
-            root.join(RESERVE).display()
-        );
-    }
-    released
-}
-
-/// Allocates the space reserve if it is missing and the filesystem has
-/// room to spare (four times its size): 8 MiB, at most 1/16 of the
-/// filesystem. Best effort: a filesystem without `fallocate` has none.
-pub(crate) fn ensure_reserve(root: &Path, perms: Perms) {
-    let path = root.join(RESERVE);
-    if path.exists() {
-        return;
-    }
-    let Some((free, false, total)) = fs_free(root) else {
-        return;
-    };
-    let size = ((8u64 << 20).min(total / 16)) & !4095;
-    if size == 0 || free < 4 * size {
-        return;
-    }
-    let tmp = root.join("reserve.tmp");
-    let made = perms
-        .open_options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .ok()
-        .and_then(|f| {
-            nix::fcntl::fallocate(
-                &f,
-                nix::fcntl::FallocateFlags::empty(),
-                0,
-                size as libc::off_t,
-            )
-            .ok()
-        })
-        .is_some()
-        && fs::rename(&tmp, &path).is_ok();
-    if !made {
-        let _ = fs::remove_file(&tmp);
-    }
-}
-
 /// The file in a depot that names the group sharing it.
 const GROUP_FILE: &str = "group";
 
 /// An open depot.
 pub struct Depot {
-    root: PathBuf,
-    pub(crate) conn: Connection,
+    pub(crate) repo: Repo,
     account: String,
-    perms: Perms,
 }
 
 impl Depot {
@@ -438,10 +288,8 @@ impl Depot {
             }
         }
         Ok(Depot {
-            root,
-            conn,
+            repo: Repo { root, conn, perms },
             account,
-            perms,
         })
     }
 
@@ -468,10 +316,8 @@ impl Depot {
             catalog::open_read_only(&root.join("catalog.db"), perms.file(), Some(&existing))?;
         tracing::debug!("the depot's filesystem is full or read-only: catalog opened read-only");
         Ok(Depot {
-            root,
-            conn,
+            repo: Repo { root, conn, perms },
             account,
-            perms,
         })
     }
 
@@ -481,12 +327,12 @@ impl Depot {
     /// image manifests (the damaged catalog's files are moved aside to
     /// `catalog.db.damaged-<unix time>`); a sound catalog is kept, and the
     /// manifests and pack indexes it lacks are written. Run it while no
-    /// other vmdepot process uses the depot. See [`crate::repair`].
+    /// other vmdepot process uses the depot. See [`crate::maint::repair`].
     pub fn repair(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<RepairReport> {
         let root = root.as_ref();
         let reason = match Depot::open_with(root, opts) {
-            Ok(d) => match catalog_damage(&d.conn) {
-                None => return crate::repair::complete(&d),
+            Ok(d) => match catalog_damage(&d.repo.conn) {
+                None => return crate::maint::repair::complete(&d.repo),
                 Some(why) => why,
             },
             Err(e @ (Error::StoreDamaged(_) | Error::Sqlite(_))) => e.to_string(),
@@ -515,9 +361,9 @@ impl Depot {
         crate::store::sync_dir(&root)?;
         drop(catalog::open(&root.join("catalog.db"), perms.file(), None)?);
         let depot = Depot::open_with(&root, opts)?;
-        crate::repair::rebuild(&depot, &mut rep)?;
-        rep.bases_recorded = crate::instance::adopt_unrecorded_bases(&depot)?;
-        let more = crate::repair::complete(&depot)?;
+        crate::maint::repair::rebuild(&depot.repo, &mut rep)?;
+        rep.bases_recorded = crate::image::bases::adopt_unrecorded_bases(&depot.repo)?;
+        let more = crate::maint::repair::complete(&depot.repo)?;
         rep.manifests_written += more.manifests_written;
         rep.indexes_written += more.indexes_written;
         rep.problems.extend(more.problems);
@@ -536,12 +382,12 @@ impl Depot {
 
     /// The modes of this depot's files and directories.
     pub fn perms(&self) -> Perms {
-        self.perms
+        self.repo.perms
     }
 
     /// The group sharing this depot, if it is a group depot.
     pub fn group(&self) -> Result<Option<String>> {
-        read_group(&self.root)
+        read_group(&self.repo.root)
     }
 
     pub fn account(&self) -> &str {
@@ -549,7 +395,7 @@ impl Depot {
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.repo.root
     }
 
     /// The default depot directory: `VMDEPOT_DIR`, else `/var/lib/vmdepot`
@@ -579,7 +425,8 @@ impl Depot {
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
-        let id = crate::import::import(self, file.as_ref(), opts, progress)?;
+        let id =
+            crate::image::import::import(&self.repo, &self.account, file.as_ref(), opts, progress)?;
         self.image(id.as_str())
     }
 
@@ -600,7 +447,7 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<()> {
         let (row, _) = self.available_for(image, Op::Export)?;
-        export::export_user(self, &row, out.as_ref(), format, progress)
+        export::export_user(&self.repo, &row, out.as_ref(), format, progress)
             .map_err(|e| self.target_no_space(e))
     }
 
@@ -609,14 +456,14 @@ impl Depot {
     fn target_no_space(&self, e: Error) -> Error {
         use std::os::unix::fs::MetadataExt;
         match e {
-            Error::NoSpace { path } if !path.starts_with(&self.root) => {
+            Error::NoSpace { path } if !path.starts_with(&self.repo.root) => {
                 let dev = |p: &Path| {
                     p.ancestors()
                         .find_map(|a| fs::metadata(a).ok())
                         .map(|m| m.dev())
                 };
                 let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-                if dev(dir.unwrap_or(Path::new("."))) == dev(&self.root) {
+                if dev(dir.unwrap_or(Path::new("."))) == dev(&self.repo.root) {
                     Error::NoSpace { path }
                 } else {
                     Error::NoSpaceTarget { path }
@@ -637,7 +484,7 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<()> {
         let (row, _) = self.available_for(image, Op::Export)?;
-        export::export_stream(self, &row, w, progress)
+        export::export_stream(&self.repo, &row, w, progress)
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content
@@ -648,17 +495,17 @@ impl Depot {
         match image {
             Some(r) => {
                 let (row, _) = self.available_for(r, Op::Verify)?;
-                let rep = export::verify_image(self, &row, progress)?;
+                let rep = export::verify_image(&self.repo, &row, progress)?;
                 // Its launch base, if it has one, in full.
                 let id = row.id.as_str().to_owned();
                 if let Some(why) =
-                    crate::instance::base_problem(self, &id, Some(&row), true, progress)?
+                    crate::image::bases::base_problem(&self.repo, &id, Some(&row), true, progress)?
                 {
                     return Err(Error::StoreDamaged(why));
                 }
                 Ok(rep)
             }
-            None => maint::verify_all(self, progress),
+            None => maint::verify_all(&self.repo, progress),
         }
     }
 
@@ -666,10 +513,10 @@ impl Depot {
     /// a killed import left behind. `dry_run` only reports.
     #[instrument(skip_all, err(level = "debug"))]
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
-        let r = maint::gc(self, dry_run)?;
+        let r = maint::gc(&self.repo, dry_run)?;
         if !dry_run {
             // The reserve comes back once gc gave space back.
-            ensure_reserve(&self.root, self.perms);
+            ensure_reserve(&self.repo.root, self.repo.perms);
         }
         Ok(r)
     }
@@ -678,30 +525,30 @@ impl Depot {
     /// bases the cheap check a launch makes (record, size, sampled blocks).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn fsck(&self) -> Result<FsckReport> {
-        maint::fsck(self, false, &crate::progress::NoProgress)
+        maint::fsck(&self.repo, false, &crate::progress::NoProgress)
     }
 
     /// [`Depot::fsck`], and every launch base read back in full and its
     /// digest compared with the one recorded (`fsck --bases`).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn fsck_bases(&self, progress: &dyn Progress) -> Result<FsckReport> {
-        maint::fsck(self, true, progress)
+        maint::fsck(&self.repo, true, progress)
     }
 
     /// Logical vs stored bytes, dedup and compression ratios, per image.
     pub fn stats(&self) -> Result<Stats> {
-        maint::stats(self)
+        maint::stats(&self.repo)
     }
 
     /// The images this account can see (its own, public and marketplace
     /// ones, and those shared with it, shown with type `shared`), running
     /// imports included, abandoned ones hidden.
     pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        let rows = catalog::list_images(&self.conn)?;
-        let usage = maint::usage(self)?;
+        let rows = catalog::list_images(&self.repo.conn)?;
+        let usage = maint::usage(&self.repo)?;
         let mut out = Vec::new();
         for r in rows {
-            if r.state == "importing" && !self.import_alive(&r.id) {
+            if r.state == "importing" && !self.repo.import_alive(&r.id) {
                 continue;
             }
             if let Some(a) = self.access(&r)? {
@@ -714,7 +561,7 @@ impl Depot {
     /// One image by id or name (among those this account can see).
     pub fn image(&self, reference: &str) -> Result<ImageInfo> {
         let (row, access) = self.image_for(reference, Op::Show)?;
-        let usage = maint::usage(self)?;
+        let usage = maint::usage(&self.repo)?;
         self.info_from_row(row, access, &usage)
     }
 
@@ -724,7 +571,7 @@ impl Depot {
     #[instrument(skip_all, err(level = "debug"))]
     pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
         let (row, access) = self.image_for(reference, Op::Delete)?;
-        let info = self.info_from_row(row, access, &maint::usage(self)?)?;
+        let info = self.info_from_row(row, access, &maint::usage(&self.repo)?)?;
         let what = format!("image {} ({})", info.name, info.id);
         if info.state == "creating" {
             return Err(Error::ImageNotAvailable {
@@ -738,7 +585,7 @@ impl Depot {
                 info.id
             )));
         }
-        let users: i64 = self.conn.query_row(
+        let users: i64 = self.repo.conn.query_row(
             "SELECT COUNT(*) FROM instances WHERE image = ?1",
             [&info.id],
             |r| r.get(0),
@@ -755,7 +602,7 @@ impl Depot {
                  (they keep running from their base)"
             )));
         }
-        catalog::write(&self.conn, |c| {
+        catalog::write(&self.repo.conn, |c| {
             c.execute("DELETE FROM images WHERE id = ?1", [&info.id])?;
             c.execute("DELETE FROM image_tags WHERE image = ?1", [&info.id])?;
             c.execute("DELETE FROM image_shares WHERE image = ?1", [&info.id])?;
@@ -763,7 +610,7 @@ impl Depot {
         })?;
         // After the commit (a crash in between leaves an orphan gc removes).
         if let Some(id) = ImageId::parse(&info.id) {
-            crate::manifest::remove_all(&self.root, &id)?;
+            crate::repo::manifest::remove_all(&self.repo.root, &id)?;
         }
         Ok(info)
     }
@@ -773,7 +620,7 @@ impl Depot {
     pub fn update_image(&self, reference: &str, u: &ImageUpdate) -> Result<ImageInfo> {
         let (row, _) = self.image_for(reference, Op::Update)?;
         if let Some(n) = &u.name {
-            crate::import::check_name(n)?;
+            crate::image::import::check_name(n)?;
         }
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
@@ -782,7 +629,7 @@ impl Depot {
                 )));
             }
         }
-        let r = catalog::write(&self.conn, |tx| {
+        let r = catalog::write(&self.repo.conn, |tx| {
             if let Some(n) = &u.name {
                 tx.execute(
                     "UPDATE images SET name = ?2 WHERE id = ?1",
@@ -808,11 +655,11 @@ impl Depot {
                 )?;
             }
             set_tags(tx, row.id.as_str(), &u.tags)?;
-            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
+            crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)
         });
         match r {
-            Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::import::name_clash(
-                &self.conn,
+            Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::image::import::name_clash(
+                &self.repo.conn,
                 self.account(),
                 u.name.as_deref().unwrap_or_default(),
                 &row.kind,
@@ -839,12 +686,12 @@ impl Depot {
                 "share with another account than yourself ({account:?})"
             )));
         }
-        catalog::write(&self.conn, |tx| {
+        catalog::write(&self.repo.conn, |tx| {
             tx.execute(
                 "INSERT OR IGNORE INTO image_shares (image, account, created_at) VALUES (?1, ?2, ?3)",
                 params![row.id.as_str(), account, catalog::now()],
             )?;
-            crate::manifest::write_next(tx, &self.root, self.perms, &row.id)
+            crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)
         })?
         .committed();
         self.image(row.id.as_str())
@@ -854,15 +701,18 @@ impl Depot {
     pub fn unshare_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
         check_account(account)?;
         let (row, _) = self.image_for(reference, Op::Share)?;
-        let n = catalog::write(&self.conn, |tx| {
+        let n = catalog::write(&self.repo.conn, |tx| {
             let n = tx.execute(
                 "DELETE FROM image_shares WHERE image = ?1 AND account = ?2",
                 params![row.id.as_str(), account],
             )?;
             let m = match n {
                 0 => None,
-                _ => Some(crate::manifest::write_next(
-                    tx, &self.root, self.perms, &row.id,
+                _ => Some(crate::repo::manifest::write_next(
+                    tx,
+                    &self.repo.root,
+                    self.repo.perms,
+                    &row.id,
                 )?),
             };
             Ok((n, m))
@@ -885,7 +735,7 @@ impl Depot {
     /// The accounts an image is shared with (owner only).
     pub fn image_shares(&self, reference: &str) -> Result<Vec<String>> {
         let (row, _) = self.image_for(reference, Op::Share)?;
-        shares_of(&self.conn, row.id.as_str())
+        shares_of(&self.repo.conn, row.id.as_str())
     }
 
     /// The image's lineage: itself, its parent chain, the instance it was
@@ -902,6 +752,7 @@ impl Depot {
         }];
         if let Some(i) = &row.source_instance {
             let name: Option<String> = self
+                .repo
                 .conn
                 .query_row("SELECT name FROM instances WHERE id = ?1", [i], |r| {
                     r.get(0)
@@ -940,7 +791,9 @@ impl Depot {
             if guard > 1000 {
                 break;
             }
-            let p = catalog::find_images(&self.conn, &pid)?.into_iter().next();
+            let p = catalog::find_images(&self.repo.conn, &pid)?
+                .into_iter()
+                .next();
             out.push(HistoryEntry {
                 relation: "parent".into(),
                 id: pid,
@@ -951,7 +804,7 @@ impl Depot {
             next = p.and_then(|p| p.parent.map(|q| (q, p.parent_name)));
         }
         let pairs = |sql: &str| -> Result<Vec<(String, String)>> {
-            let mut st = self.conn.prepare(sql)?;
+            let mut st = self.repo.conn.prepare(sql)?;
             let rows = st.query_map([row.id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         };
@@ -993,13 +846,14 @@ impl Depot {
             .or_else(|| usage.damaged.get(&r.id).cloned());
         let tags = {
             let mut st = self
+                .repo
                 .conn
                 .prepare_cached("SELECT key, value FROM image_tags WHERE image = ?1")?;
             let rows = st.query_map([r.id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let shared_with = if access == Access::Owner {
-            shares_of(&self.conn, r.id.as_str())?
+            shares_of(&self.repo.conn, r.id.as_str())?
         } else {
             Vec::new()
         };
@@ -1040,63 +894,6 @@ impl Depot {
             restricted_from: r.restricted_from,
             damage,
         })
-    }
-
-    pub(crate) fn lock_path(&self, id: &ImageId) -> PathBuf {
-        self.root.join("locks").join(format!("{id}.lock"))
-    }
-
-    pub(crate) fn tmp_path(&self, id: &ImageId) -> PathBuf {
-        self.root.join("tmp").join(format!("{id}.raw"))
-    }
-
-    /// Takes the lock that marks a running import of `id` (held until drop).
-    pub(crate) fn lock_import(&self, id: &ImageId) -> Result<Flock<File>> {
-        use std::os::unix::fs::MetadataExt;
-        let p = self.lock_path(id);
-        loop {
-            let f = self
-                .perms
-                .open_options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&p)
-                .at(&p)?;
-            let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, e)| Error::io(&p, e.into()))?;
-            // gc may have removed the file between open and flock: the lock
-            // only counts if the path still names the file we locked.
-            let ours = lock.metadata().at(&p)?.ino();
-            if std::fs::metadata(&p).map(|m| m.ino()).ok() == Some(ours) {
-                return Ok(lock);
-            }
-        }
-    }
-
-    /// Takes the lock that lets one gc run at a time (held until drop);
-    /// waits for a gc that runs.
-    pub(crate) fn lock_gc(&self) -> Result<Flock<File>> {
-        let p = self.root.join("gc.lock");
-        let f = self
-            .perms
-            .open_options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .at(&p)?;
-        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::io(&p, e.into()))
-    }
-
-    /// Whether a gc is running (its lock is held).
-    pub(crate) fn gc_running(&self) -> bool {
-        held(&self.root.join("gc.lock"))
-    }
-
-    /// Whether the import of `id` is still running (its lock is held).
-    pub(crate) fn import_alive(&self, id: &ImageId) -> bool {
-        held(&self.lock_path(id))
     }
 }
 
@@ -1205,17 +1002,6 @@ fn has_pack_files(root: &Path) -> bool {
             rd2.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|e| e == "pack")))
         })
     })
-}
-
-/// Whether some process holds an exclusive flock on the file at `p`.
-fn held(p: &Path) -> bool {
-    let Ok(f) = File::open(p) else {
-        return false;
-    };
-    match Flock::lock(f, FlockArg::LockSharedNonblock) {
-        Ok(_) => false,
-        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
-    }
 }
 
 /// The state users see (the cloud services' names): `creating` while the

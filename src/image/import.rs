@@ -25,17 +25,61 @@ use std::sync::{mpsc, Mutex};
 use rusqlite::{params, Connection};
 
 use crate::catalog;
-use crate::depot::{Depot, ImportOptions};
+use crate::catalog::ImageType;
 use crate::digest::{self, PieceHash, Pieces};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{hex, ChunkHash, ChunkId, ImageId};
+use crate::image::source::{self, FileIdent, Opened, Reader, SourceFormat};
 use crate::progress::Progress;
-use crate::source::{self, FileIdent, Opened, Reader};
+use crate::repo::Repo;
 use crate::store::{self, PackWriter};
 
 /// Read buffer per worker.
 const READ_BYTES: usize = 1 << 20;
+/// What `import` needs besides the file.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    pub name: String,
+    pub kind: ImageType,
+    pub description: String,
+    /// `None` detects the format from the content.
+    pub format: Option<SourceFormat>,
+    /// Read the file even when it is unchanged (same device, inode, size,
+    /// mtime and ctime) since an earlier import whose image still exists.
+    pub reread: bool,
+    /// Marketplace images: vendor, application and its version.
+    pub vendor: String,
+    pub application: String,
+    pub app_version: String,
+    /// Tags (key, value) set on the new image.
+    pub tags: Vec<(String, String)>,
+    /// Lineage of a captured image (set by capture, not by users).
+    pub(crate) parent: Option<(String, String)>,
+    pub(crate) source_instance: Option<String>,
+    /// Launch-only origin of the content (set by capture; see access.rs).
+    pub(crate) restricted_from: String,
+}
+
+impl ImportOptions {
+    pub fn new(name: impl Into<String>) -> ImportOptions {
+        ImportOptions {
+            name: name.into(),
+            kind: ImageType::Custom,
+            description: String::new(),
+            format: None,
+            reread: false,
+            vendor: String::new(),
+            application: String::new(),
+            app_version: String::new(),
+            tags: Vec::new(),
+            parent: None,
+            source_instance: None,
+            restricted_from: String::new(),
+        }
+    }
+}
+
 /// How many times an import restarts after a concurrent gc took its chunks.
 const ATTEMPTS: usize = 3;
 
@@ -44,7 +88,8 @@ const ATTEMPTS: usize = 3;
 const NEW: u64 = 1 << 63;
 
 pub(crate) fn import(
-    depot: &Depot,
+    repo: &Repo,
+    owner: &str,
     file: &Path,
     opts: &ImportOptions,
     progress: &dyn Progress,
@@ -54,13 +99,13 @@ pub(crate) fn import(
     // open file, before the catalog changes.
     let opened = source::open_input(file)?;
     let ins = source::inspect(&opened, opts.format)?;
-    let id = create_image(depot, opts, ins.format.name(), |guard| {
+    let id = create_image(repo, owner, opts, ins.format.name(), |guard| {
         if let Some(f) = opened.ident.as_ref().filter(|_| !opts.reread) {
-            if reuse_unchanged(depot, guard.id, f)? {
+            if reuse_unchanged(repo, guard.id, f)? {
                 return Ok(());
             }
         }
-        let reader = Reader::open(&opened, &ins, &depot.root().join("tmp"))?;
+        let reader = Reader::open(&opened, &ins, &repo.root().join("tmp"))?;
         let input = Input {
             path: file.to_owned(),
             size: ins.virtual_size,
@@ -68,12 +113,12 @@ pub(crate) fn import(
             overlay: None,
             source: Some(&opened),
         };
-        ingest_retrying(depot, guard, &input, progress)
+        ingest_retrying(repo, guard, &input, progress)
     })?;
     // Remember the file (it did not change while it was read: checked
     // before the commit).
     if let Some(f) = &opened.ident {
-        remember(f, depot, &id)?;
+        remember(f, repo, &id)?;
     }
     Ok(id)
 }
@@ -82,14 +127,15 @@ pub(crate) fn import(
 /// Same guarantees as [`import`]: visible only when complete, nothing left
 /// on failure.
 pub(crate) fn import_input(
-    depot: &Depot,
+    repo: &Repo,
+    owner: &str,
     input: &Input,
     opts: &ImportOptions,
     format_name: &str,
     progress: &dyn Progress,
 ) -> Result<ImageId> {
-    create_image(depot, opts, format_name, |guard| {
-        ingest_retrying(depot, guard, input, progress)
+    create_image(repo, owner, opts, format_name, |guard| {
+        ingest_retrying(repo, guard, input, progress)
     })
 }
 
@@ -97,31 +143,32 @@ pub(crate) fn import_input(
 /// from gc while its lock is held), `fill` must make it available; if
 /// `fill` fails, the row and whatever it stored are removed.
 pub(crate) fn create_image(
-    depot: &Depot,
+    repo: &Repo,
+    owner: &str,
     opts: &ImportOptions,
     format_name: &str,
     fill: impl FnOnce(&Cleanup<'_>) -> Result<()>,
 ) -> Result<ImageId> {
     check_name(&opts.name)?;
     let id = ImageId::generate();
-    let _lock = depot.lock_import(&id)?;
+    let _lock = repo.lock_import(&id)?;
     let mut guard = Cleanup {
-        depot,
+        repo,
         id: &id,
         armed: true,
     };
-    insert_importing_row(depot, &id, opts, format_name)?;
+    insert_importing_row(repo, owner, &id, opts, format_name)?;
     fill(&guard)?;
     guard.armed = false;
     drop(guard);
-    let _ = std::fs::remove_file(depot.lock_path(&id));
+    let _ = std::fs::remove_file(repo.lock_path(&id));
     Ok(id)
 }
 
 /// [`ingest`], started over (a few times) when a concurrent gc collected
 /// chunks it reused.
 fn ingest_retrying(
-    depot: &Depot,
+    repo: &Repo,
     guard: &Cleanup<'_>,
     input: &Input,
     progress: &dyn Progress,
@@ -129,7 +176,7 @@ fn ingest_retrying(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match ingest(depot, guard.id, input, progress) {
+        match ingest(repo, guard.id, input, progress) {
             Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
                 tracing::info!(image = %guard.id, "a concurrent gc collected reused chunks; starting over");
                 guard.drop_pending_packs()?;
@@ -364,8 +411,8 @@ impl Input<'_> {
 
 /// Remembers an imported file by its identity, so an unchanged file
 /// imported again takes this image's content without being read.
-fn remember(f: &FileIdent, depot: &Depot, image: &ImageId) -> Result<()> {
-    catalog::write(&depot.conn, |c| {
+fn remember(f: &FileIdent, repo: &Repo, image: &ImageId) -> Result<()> {
+    catalog::write(&repo.conn, |c| {
         c.execute(
             "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -386,8 +433,8 @@ fn remember(f: &FileIdent, depot: &Depot, image: &ImageId) -> Result<()> {
 /// exists, the new image takes its content (map and digest) without reading
 /// the file. One transaction: the earlier image's chunks cannot be collected
 /// in between.
-fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
-    let tx = catalog::begin_write(&depot.conn)?;
+fn reuse_unchanged(repo: &Repo, id: &ImageId, f: &FileIdent) -> Result<bool> {
+    let tx = catalog::begin_write(&repo.conn)?;
     let n = tx.execute(
         "UPDATE images SET (state, virtual_size, data_bytes, content_digest, map, map_digest) =
             (SELECT 'available', o.virtual_size, o.data_bytes, o.content_digest, o.map, o.map_digest
@@ -408,7 +455,7 @@ fn reuse_unchanged(depot: &Depot, id: &ImageId, f: &FileIdent) -> Result<bool> {
         ],
     )?;
     if n == 1 {
-        let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
+        let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
         tx.commit()?;
         manifest.committed();
         return Ok(true);
@@ -431,14 +478,15 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
 }
 
 pub(crate) fn insert_importing_row(
-    depot: &Depot,
+    repo: &Repo,
+    owner: &str,
     id: &ImageId,
     opts: &ImportOptions,
     fmt: &str,
 ) -> Result<()> {
     // Not `catalog::write`: the caller looks at the SQLite error itself.
     let insert = || -> rusqlite::Result<()> {
-        let tx = catalog::begin_write(&depot.conn)?;
+        let tx = catalog::begin_write(&repo.conn)?;
         let (parent, parent_name) = opts.parent.clone().unzip();
         tx.execute(
             "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at,
@@ -449,7 +497,7 @@ pub(crate) fn insert_importing_row(
                 id.as_str(),
                 opts.name,
                 opts.kind.as_str(),
-                depot.account(),
+                owner,
                 opts.description,
                 fmt,
                 catalog::now(),
@@ -474,12 +522,12 @@ pub(crate) fn insert_importing_row(
         Ok(_) => Ok(()),
         Err(e) if is_unique_violation(&e) => {
             // The name may belong to an import that was killed: reap it once.
-            if crate::maint::reap_abandoned(depot)? > 0 && insert().is_ok() {
+            if crate::image::reap::reap_abandoned(repo)? > 0 && insert().is_ok() {
                 return Ok(());
             }
             Err(name_clash(
-                &depot.conn,
-                depot.account(),
+                &repo.conn,
+                owner,
                 &opts.name,
                 opts.kind.as_str(),
             ))
@@ -532,24 +580,24 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 /// Undoes a failed import: its row, its pending packs, its temp files.
 pub(crate) struct Cleanup<'a> {
-    pub(crate) depot: &'a Depot,
+    pub(crate) repo: &'a Repo,
     pub(crate) id: &'a ImageId,
     pub(crate) armed: bool,
 }
 
 impl Cleanup<'_> {
     fn drop_pending_packs(&self) -> Result<()> {
-        crate::maint::drop_import_leftovers(self.depot, self.id, false)
+        crate::image::reap::drop_import_leftovers(self.repo, self.id, false)
     }
 }
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let mut r = crate::maint::drop_import_leftovers(self.depot, self.id, true);
-            if r.is_err() && crate::depot::release_reserve(self.depot.root()) {
+            let mut r = crate::image::reap::drop_import_leftovers(self.repo, self.id, true);
+            if r.is_err() && crate::repo::release_reserve(self.repo.root()) {
                 // Out of space: the reserve gives SQLite room to write.
-                r = crate::maint::drop_import_leftovers(self.depot, self.id, true);
+                r = crate::image::reap::drop_import_leftovers(self.repo, self.id, true);
             }
             if let Err(e) = r {
                 tracing::warn!(
@@ -618,16 +666,16 @@ struct Shared<'a> {
     progress: &'a dyn Progress,
 }
 
-fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Result<()> {
+fn ingest(repo: &Repo, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Result<()> {
     let extents = raw.extents()?;
     let pieces = digest::split_sparse(raw.size, digest::LEAF_BYTES, |off, len| {
         let i = extents.partition_point(|&(_, e)| e <= off);
         extents.get(i).is_some_and(|&(s, _)| s < off + len)
     });
-    let zero_cvs = catalog::load_zero_cvs(&depot.conn, raw.size)?;
+    let zero_cvs = catalog::load_zero_cvs(&repo.conn, raw.size)?;
     // Taken before any look-up: chunks allocated after it may have been
     // missed by the workers.
-    let start_seq = chunk_sequence(&depot.conn)?;
+    let start_seq = chunk_sequence(&repo.conn)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
         image: id,
@@ -648,9 +696,9 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> 
         .map(|n| n.get())
         .unwrap_or(2)
         .clamp(1, 8);
-    let db_path = depot.root().join("catalog.db");
-    let root = depot.root();
-    let perms = depot.perms();
+    let db_path = repo.root().join("catalog.db");
+    let root = repo.root();
+    let perms = repo.perms();
     progress.begin("import", raw.size);
     let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
     let (written, worker_errs) = std::thread::scope(|s| {
@@ -700,7 +748,7 @@ fn ingest(depot: &Depot, id: &ImageId, raw: &Input, progress: &dyn Progress) -> 
         src.check_unchanged()?;
     }
     commit(
-        depot,
+        repo,
         id,
         raw.size,
         digest,
@@ -1111,7 +1159,7 @@ fn enter_rows(
 }
 
 fn commit(
-    depot: &Depot,
+    repo: &Repo,
     id: &ImageId,
     size: u64,
     digest: blake3::Hash,
@@ -1121,7 +1169,7 @@ fn commit(
 ) -> Result<()> {
     let data_blocks: u64 = results.iter().map(|r| r.data_blocks).sum();
     // Take the write lock now: nothing may change between check and commit.
-    let tx = catalog::begin_write(&depot.conn)?;
+    let tx = catalog::begin_write(&repo.conn)?;
     let Written {
         ids: mut frames,
         last,
@@ -1210,11 +1258,11 @@ fn commit(
     )?;
     catalog::save_zero_cvs(&tx, &zero_cvs)?;
     // The manifest is durable before the image is available.
-    let manifest = crate::manifest::write_next(&tx, depot.root(), depot.perms(), id)?;
+    let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
     tx.commit()?;
     manifest.committed();
     if pending {
-        catalog::vacuum_free_pages(&depot.conn);
+        catalog::vacuum_free_pages(&repo.conn);
     }
     Ok(())
 }

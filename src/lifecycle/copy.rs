@@ -19,13 +19,13 @@ use std::sync::Arc;
 use rusqlite::params;
 use serde::Serialize;
 
-use crate::access::Op;
 use crate::catalog;
+use crate::depot::access::Op;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
-use crate::import::create_image;
+use crate::image::import::create_image;
 use crate::progress::Progress;
 use crate::store::{self, pack_path, PackReader, PackWriter};
 
@@ -64,7 +64,7 @@ impl Depot {
                 target.display()
             )));
         }
-        let plan = crate::export::plan(self, &row)?;
+        let plan = crate::image::export::plan(&self.repo, &row)?;
         // Distinct chunks in map order (the order frames were written in).
         let mut seen = HashSet::new();
         let order: Vec<ChunkId> = plan
@@ -81,12 +81,18 @@ impl Depot {
         opts.app_version = row.app_version.clone();
         opts.parent = Some((row.id.to_string(), row.name.clone()));
         let mut report = None;
-        let id = create_image(&dst, &opts, &row.source_format, |guard| {
-            report = Some(self.send(&dst, &row, &plan, &order, guard.id, progress)?);
-            Ok(())
-        })?;
+        let id = create_image(
+            &dst.repo,
+            dst.account(),
+            &opts,
+            &row.source_format,
+            |guard| {
+                report = Some(self.send(&dst, &row, &plan, &order, guard.id, progress)?);
+                Ok(())
+            },
+        )?;
         let mut rep = report.expect("set by a successful copy");
-        catalog::write(&self.conn, |tx| {
+        catalog::write(&self.repo.conn, |tx| {
             tx.execute(
                 "INSERT INTO image_copies (image, depot, copy_id, copied_at) VALUES (?1, ?2, ?3, ?4)",
                 params![row.id.as_str(), dst.root().display().to_string(), id.as_str(), catalog::now()],
@@ -105,13 +111,13 @@ impl Depot {
         &self,
         dst: &Depot,
         row: &catalog::ImageRow,
-        plan: &crate::export::Plan,
+        plan: &crate::image::export::Plan,
         order: &[ChunkId],
         id: &ImageId,
         progress: &dyn Progress,
     ) -> Result<CopyReport> {
         let present: HashSet<ChunkId> = {
-            let tx = dst.conn.unchecked_transaction()?;
+            let tx = dst.repo.conn.unchecked_transaction()?;
             let mut p = HashSet::new();
             for &c in order {
                 if catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)?.is_some() {
@@ -121,7 +127,7 @@ impl Depot {
             tx.finish()?;
             p
         };
-        catalog::write(&dst.conn, |tx| {
+        catalog::write(&dst.repo.conn, |tx| {
             tx.execute(
                 "UPDATE images SET copied_from = ?2 WHERE id = ?1",
                 params![id.as_str(), format!("{} {}", self.root().display(), row.id)],
@@ -221,7 +227,7 @@ impl Depot {
         progress.end();
 
         // The image, in one transaction, if every chunk is there.
-        let tx = catalog::begin_write(&dst.conn)?;
+        let tx = catalog::begin_write(&dst.repo.conn)?;
         let mut ids: HashMap<ChunkId, ChunkId> = HashMap::with_capacity(order.len());
         for &c in order {
             match catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)? {
@@ -245,7 +251,7 @@ impl Depot {
             row.content_digest.as_deref().unwrap_or_default(),
             &map,
         )?;
-        let manifest = crate::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
+        let manifest = crate::repo::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
         tx.commit()?;
         manifest.committed();
         Ok(rep)
@@ -297,7 +303,7 @@ impl<'a> Outgoing<'a> {
         if self.pack.is_none() {
             let name = store::new_pack_name();
             // The row comes first: a pack file without a row is garbage.
-            let pid = catalog::insert_pending_pack(&self.depot.conn, &name, self.id)?;
+            let pid = catalog::insert_pending_pack(&self.depot.repo.conn, &name, self.id)?;
             self.pack = Some((
                 pid,
                 PackWriter::create(self.depot.root(), &name, self.depot.perms())?,
@@ -321,7 +327,7 @@ impl<'a> Outgoing<'a> {
         };
         let size = w.seal()?;
         let frames = std::mem::take(&mut self.frames);
-        catalog::write(&self.depot.conn, |tx| {
+        catalog::write(&self.depot.repo.conn, |tx| {
             let mut fr = tx.prepare_cached(
                 "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
             )?;

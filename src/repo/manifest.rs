@@ -3,7 +3,7 @@
 //! A manifest is an immutable file holding everything the catalog knows of
 //! one image (metadata, tags, shares, and its block map naming chunks by
 //! BLAKE3 hash), so that a lost catalog can be rebuilt from the packs, their
-//! indexes and the manifests (`fsck --repair`, [`crate::repair`]). The
+//! indexes and the manifests (`fsck --repair`, [`crate::maint::repair`]). The
 //! codec is [`crate::format::encode_manifest`]; this module writes, lists
 //! and removes the files.
 //!

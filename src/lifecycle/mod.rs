@@ -9,17 +9,19 @@
 //! without being hashed or compressed again (`import::Input::overlay`). The
 //! content digest still covers every byte.
 
+pub mod copy;
+
 use nix::fcntl::FlockArg;
 use rusqlite::params;
 
-use crate::access::Op;
 use crate::catalog;
+use crate::depot::access::Op;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::import::{self, Input};
-use crate::instance::{self, DiskMode, InstanceInfo};
+use crate::image::import::{self, Input};
+use crate::launch::instance::{self, DiskMode, InstanceInfo};
+use crate::launch::qemu::Qmp;
 use crate::progress::Progress;
-use crate::qemu::Qmp;
 
 /// What `image create --from-instance` asks for.
 #[derive(Clone, Debug)]
@@ -89,10 +91,10 @@ impl Depot {
         // (set at launch and restore), else what its image, still in the
         // catalog whoever may see it now, would give it.
         let restricted_from = if r.restricted_from.is_empty() {
-            catalog::find_images(&self.conn, &r.image)?
+            catalog::find_images(&self.repo.conn, &r.image)?
                 .iter()
                 .find(|row| row.id.as_str() == r.image)
-                .map(|row| crate::access::restriction_of(row, self.account()))
+                .map(|row| crate::depot::access::restriction_of(row, self.account()))
                 .unwrap_or_default()
         } else {
             r.restricted_from.clone()
@@ -133,11 +135,11 @@ impl Depot {
             let input = match r.disk {
                 DiskMode::Overlay => {
                     let map = match &parent {
-                        Some(row) => Some(catalog::image_map(&self.conn, &row.id)?),
+                        Some(row) => Some(catalog::image_map(&self.repo.conn, &row.id)?),
                         None => None,
                     };
                     Input::overlay(
-                        &instance::base_path(self.root(), &r.image),
+                        &crate::image::bases::base_path(self.root(), &r.image),
                         &p.disk(DiskMode::Overlay),
                         map,
                     )?
@@ -155,7 +157,14 @@ impl Depot {
             io.parent = Some((r.image.clone(), r.image_name.clone()));
             io.source_instance = Some(r.id.clone());
             io.restricted_from = restricted_from;
-            import::import_input(self, &input, &io, "instance", progress)
+            import::import_input(
+                &self.repo,
+                self.account(),
+                &input,
+                &io,
+                "instance",
+                progress,
+            )
         })();
         if let Some((lease, since)) = paused {
             // Resume whatever happened: the guest keeps running.
@@ -210,7 +219,7 @@ impl Depot {
         let mut pruned = Vec::new();
         if let Some(keep) = keep {
             let backups: Vec<(String, i64)> = {
-                let mut st = self.conn.prepare(
+                let mut st = self.repo.conn.prepare(
                     "SELECT i.id, i.rowid FROM images i JOIN image_tags t ON t.image = i.id
                      WHERE t.key = ?1 AND t.value = ?2 AND i.owner = ?3
                        AND i.state = 'available' AND i.protected = 0",
@@ -263,9 +272,15 @@ impl Depot {
             let _ = std::fs::remove_file(&fresh);
             // Under the base's lock, like a launch: gc cannot evict it
             // between the base being made and the row naming its image.
-            let _base_lock = instance::base_flock(self, img.id.as_str(), FlockArg::LockExclusive)?;
+            let _base_lock = crate::image::bases::base_flock(
+                &self.repo,
+                img.id.as_str(),
+                FlockArg::LockExclusive,
+            )?;
             let base = match r.disk {
-                DiskMode::Overlay => Some(instance::ensure_base(self, &img, progress)?),
+                DiskMode::Overlay => Some(crate::image::bases::ensure_base(
+                    &self.repo, &img, progress,
+                )?),
                 DiskMode::Copy => None,
             };
             instance::make_disk(self, &img, base.as_deref(), &fresh, progress)?;
@@ -276,7 +291,7 @@ impl Depot {
                 .at(&fresh)?;
             std::fs::rename(&fresh, &disk).at(&disk)?;
             crate::store::sync_dir(&p.dir)?;
-            catalog::write(&self.conn, |tx| {
+            catalog::write(&self.repo.conn, |tx| {
                 // The disk is the image's content now, launch-only or not.
                 tx.execute(
                     "UPDATE instances SET image = ?2, image_name = ?3, restricted_from = ?4
@@ -285,7 +300,7 @@ impl Depot {
                         r.id,
                         img.id.as_str(),
                         img.name,
-                        crate::access::restriction_of(&img, self.account())
+                        crate::depot::access::restriction_of(&img, self.account())
                     ],
                 )?;
                 Ok(())

@@ -1,0 +1,3 @@
+//! The `vmdepot` command line: one file per command group.
+
+pub mod instance;

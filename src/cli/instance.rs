@@ -1,57 +1,27 @@
-//! `vmdepot instance …`: the CLI side of instances (argument parsing,
-//! printing, signals, the interactive console). The work is the library's
-//! (`vmdepot::launch::instance`).
+//! `vmdepot instance …`: [`InstanceCmd`], the instance subcommands, and
+//! their handlers (flags into [`LaunchOptions`], one [`Depot`] call,
+//! printing). The work is the library's (`vmdepot::launch::instance`);
+//! foreground runs and the console are in [`super::terminal`], the reading
+//! of key and user-data files in [`super::input`].
 
-use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use vmdepot::launch::instance::STOP_TIMEOUT;
+use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
+use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
 
-use crate::esc;
-use vmdepot::launch::instance::{press_power_button, STOP_TIMEOUT};
-use vmdepot::{Accel, Depot, DiskMode, Forward, InstanceInfo, LaunchOptions, Progress};
+use super::input::read_file;
+use super::output::{esc, print_json, show};
+use super::terminal::{console, run_foreground};
 
+/// The subcommands of `vmdepot instance`.
 #[derive(Subcommand)]
 pub enum InstanceCmd {
     /// Launch instances of an image (detached unless --foreground)
-    Run {
-        image: String,
-        /// Instance name; with --count N: NAME-1 … NAME-N
-        #[arg(long)]
-        name: Option<String>,
-        /// How many instances (batch launch)
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        /// Guest memory, e.g. 512M or 2G
-        #[arg(long, default_value = "512M")]
-        memory: String,
-        /// overlay (qcow2 over a shared base) or copy (private raw disk)
-        #[arg(long, default_value = "overlay")]
-        disk: String,
-        /// auto (KVM if it really works here, else TCG), kvm or tcg
-        #[arg(long, default_value = "auto")]
-        accel: String,
-        /// Guest hostname (NoCloud local-hostname) [default: the instance name]
-        #[arg(long)]
-        hostname: Option<String>,
-        /// Public key file to authorise (generated user-data)
-        #[arg(long = "ssh-key", value_name = "FILE")]
-        ssh_keys: Vec<PathBuf>,
-        /// User-data file for cloud-init (replaces the generated one)
-        #[arg(long, value_name = "FILE")]
-        user_data: Option<PathBuf>,
-        /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST
-        #[arg(long = "forward", value_name = "HOST:GUEST")]
-        forwards: Vec<String>,
-        /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
-        #[arg(long)]
-        foreground: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Run(RunArgs),
     /// List instances
     List {
         #[arg(long)]
@@ -123,184 +93,62 @@ pub enum InstanceCmd {
     },
 }
 
-/// Reads a small text input (user-data, an SSH key) of at most `cap`
-/// bytes: a regular file or a pipe; never blocks on a FIFO without a
-/// writer, never reads a device without end.
-fn read_file(p: &PathBuf, cap: usize) -> anyhow::Result<String> {
-    use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let refuse = |why: String| -> anyhow::Error {
-        vmdepot::Error::Refused {
-            file: p.clone(),
-            reason: why,
-        }
-        .into()
-    };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(p)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENXIO) => refuse("a socket, not a regular file or a pipe".into()),
-            _ => anyhow::anyhow!("{}: {e}", p.display()),
-        })?;
-    let ft = f
-        .metadata()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        .file_type();
-    if !(ft.is_file() || ft.is_fifo()) {
-        return Err(refuse("not a regular file or a pipe".into()));
-    }
-    let mut buf = Vec::new();
-    if ft.is_fifo() {
-        // A pipe: read until its writer closes it, for at most 10 s.
-        read_pipe(&f, cap, &mut buf).map_err(refuse)?;
-    } else {
-        nix::fcntl::fcntl(
-            &f,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-        f.take(cap as u64 + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-    }
-    if buf.len() > cap {
-        return Err(refuse(format!("larger than the limit of {cap} bytes")));
-    }
-    String::from_utf8(buf).map_err(|_| refuse("not UTF-8 text".into()))
+/// The flags of `vmdepot instance run`.
+#[derive(Args)]
+pub struct RunArgs {
+    image: String,
+    /// Instance name; with --count N: NAME-1 … NAME-N
+    #[arg(long)]
+    name: Option<String>,
+    /// How many instances (batch launch)
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory, e.g. 512M or 2G
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// overlay (qcow2 over a shared base) or copy (private raw disk)
+    #[arg(long, default_value = "overlay")]
+    disk: String,
+    /// auto (KVM if it really works here, else TCG), kvm or tcg
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Guest hostname (NoCloud local-hostname) [default: the instance name]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Public key file to authorise (generated user-data)
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<PathBuf>,
+    /// User-data file for cloud-init (replaces the generated one)
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST
+    #[arg(long = "forward", value_name = "HOST:GUEST")]
+    forwards: Vec<String>,
+    /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
+    #[arg(long)]
+    foreground: bool,
+    #[arg(long)]
+    json: bool,
 }
 
-/// Reads a non-blocking pipe to its end, at most `cap + 1` bytes, within
-/// 10 s.
-fn read_pipe(f: &std::fs::File, cap: usize, buf: &mut Vec<u8>) -> Result<(), String> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::io::Read;
-    use std::os::fd::AsFd;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut chunk = [0u8; 64 << 10];
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err("a pipe whose writer did not finish within 10 s".into());
-        }
-        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
-        let ms =
-            PollTimeout::try_from(left.as_millis().min(10_000) as i32).unwrap_or(PollTimeout::MAX);
-        poll(&mut fds, ms).map_err(|e| e.to_string())?;
-        match (&*f).read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > cap {
-                    return Ok(());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
+/// Runs one `instance` subcommand on `depot`; the exit code is QEMU's for
+/// a foreground run or start. (stdout is locked only by the commands that
+/// print: the console's output thread writes to it.)
 pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::Result<i32> {
-    let mut out = std::io::stdout().lock();
+    let out = || std::io::stdout().lock();
     match cmd {
-        InstanceCmd::Run {
-            image,
-            name,
-            count,
-            cpus,
-            memory,
-            disk,
-            accel,
-            hostname,
-            ssh_keys,
-            user_data,
-            forwards,
-            foreground,
-            json,
-        } => {
-            if foreground && count != 1 {
-                anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
-            }
-            let mut opts = LaunchOptions::new(image);
-            opts.name = name;
-            opts.count = count;
-            opts.cpus = cpus;
-            opts.memory_mib = vmdepot::launch::qemu::parse_memory(&memory)?;
-            opts.disk = DiskMode::parse(&disk)?;
-            opts.accel = Accel::parse(&accel)?;
-            opts.hostname = hostname;
-            opts.ssh_keys = ssh_keys
-                .iter()
-                .map(|p| read_file(p, vmdepot::launch::seed::MAX_SSH_KEY))
-                .collect::<Result<_, _>>()?;
-            opts.user_data = user_data
-                .as_ref()
-                .map(|p| read_file(p, vmdepot::launch::seed::MAX_USER_DATA))
-                .transpose()?;
-            opts.forwards = forwards
-                .iter()
-                .map(|f| Forward::parse(f))
-                .collect::<Result<_, _>>()?;
-            opts.no_start = foreground;
-            let launched = depot.launch(&opts, progress)?;
-            // (in the foreground the start says it again)
-            if let Some(n) = launched.notice.as_ref().filter(|_| !foreground) {
-                eprintln!("vmdepot: {}", esc(n));
-            }
-            if foreground {
-                let id = launched.instances[0].id().to_owned();
-                return run_foreground(|| {
-                    let started = depot.start_foreground(&id);
-                    if started.is_err() {
-                        // `run` leaves nothing behind when the VM does not start.
-                        let _ = depot.delete_instance(&id, true);
-                    }
-                    started
-                });
-            }
-            let infos: Vec<&InstanceInfo> = launched.instances.iter().map(|i| i.info()).collect();
-            if json {
-                crate::print_json(&infos)?;
-            } else {
-                for i in infos {
-                    writeln!(out, "{}  {}  {}", i.id, esc(&i.name), ssh_hint(i))?;
-                }
-            }
-        }
-        InstanceCmd::List { json } => {
-            let list = depot.list_instances()?;
-            if json {
-                crate::print_json(&list)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-                    "ID", "NAME", "IMAGE", "STATE", "ACCEL", "PID", "SSH"
-                )?;
-                for i in list {
-                    writeln!(
-                        out,
-                        "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-                        i.id,
-                        esc(&i.name),
-                        esc(&i.image_name),
-                        i.state,
-                        i.accel,
-                        i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
-                        i.ssh_port.map(|p| p.to_string()).unwrap_or("-".into()),
-                    )?;
-                }
-            }
-        }
+        InstanceCmd::Run(a) => return launch(depot, a, progress),
+        InstanceCmd::Start {
+            instance,
+            foreground: true,
+        } => return run_foreground(|| depot.start_foreground(&instance)),
+        InstanceCmd::Start { instance, .. } => start(depot, &instance, &mut out())?,
+        InstanceCmd::Console { instance } => attach(depot, &instance)?,
+        InstanceCmd::List { json } => list(depot, json, &mut out())?,
         InstanceCmd::Show { instance, json } => {
-            let i = depot.instance(&instance)?;
-            if json {
-                crate::print_json(&i)?;
-            } else {
-                crate::print_fields(&mut out, &i)?;
-            }
+            show(&mut out(), &depot.instance(&instance)?, json)?
         }
         InstanceCmd::Stop {
             instance,
@@ -308,69 +156,18 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             timeout,
         } => {
             let i = depot.stop_instance(&instance, force, Duration::from_secs(timeout))?;
-            writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
-        }
-        InstanceCmd::Start {
-            instance,
-            foreground,
-        } => {
-            if foreground {
-                return run_foreground(|| depot.start_foreground(&instance));
-            }
-            let (i, notice) = depot.start_instance(&instance)?;
-            if let Some(n) = notice {
-                eprintln!("vmdepot: {}", esc(&n));
-            }
-            writeln!(
-                out,
-                "{} ({}) {}  {}",
-                esc(&i.name),
-                i.id,
-                i.state,
-                ssh_hint(&i)
-            )?;
+            print_state(&mut out(), &i)?;
         }
         InstanceCmd::Restart { instance, timeout } => {
             let (i, notice) = depot.restart_instance(&instance, Duration::from_secs(timeout))?;
-            if let Some(n) = notice {
-                eprintln!("vmdepot: {}", esc(&n));
-            }
-            writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
+            print_notice(notice.as_deref());
+            print_state(&mut out(), &i)?;
         }
         InstanceCmd::Delete { instance, force } => {
             let i = depot.delete_instance(&instance, force)?;
-            writeln!(out, "deleted {} ({})", esc(&i.name), i.id)?;
+            writeln!(out(), "deleted {} ({})", esc(&i.name), i.id)?;
         }
-        InstanceCmd::Logs { instance, follow } => {
-            let i = depot.instance(&instance)?;
-            let mut pos = 0u64;
-            loop {
-                pos += copy_from(&i.serial_log, pos, &mut out)?;
-                out.flush()?;
-                if !follow {
-                    break;
-                }
-                if !matches!(depot.instance(&i.id)?.state.as_str(), "running" | "paused") {
-                    copy_from(&i.serial_log, pos, &mut out)?;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        InstanceCmd::Console { instance } => {
-            let i = depot.instance(&instance)?;
-            if !matches!(i.state.as_str(), "running" | "paused") {
-                anyhow::bail!(
-                    "instance {} ({}) is {}: start it first",
-                    i.name,
-                    i.id,
-                    i.state
-                );
-            }
-            drop(out); // the console's output thread writes to stdout
-            console(&i)?;
-            return Ok(0);
-        }
+        InstanceCmd::Logs { instance, follow } => logs(depot, &instance, follow, &mut out())?,
         InstanceCmd::Backup {
             instance,
             name,
@@ -378,35 +175,205 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             json,
         } => {
             let (info, pruned) = depot.backup_instance(&instance, name, keep, progress)?;
-            if json {
-                crate::print_json(&serde_json::json!({ "backup": info, "pruned": pruned }))?;
-            } else {
-                writeln!(out, "{}  {}", info.id, esc(&info.name))?;
-                for p in pruned {
-                    writeln!(out, "pruned {}", esc(&p))?;
-                }
-            }
+            print_backup(&mut out(), &info, &pruned, json)?;
         }
         InstanceCmd::Restore { instance, from } => {
             let (i, notice) = depot.restore_instance(&instance, &from, progress)?;
-            if let Some(n) = notice {
-                eprintln!("vmdepot: {}", esc(&n));
-            }
-            writeln!(
-                out,
-                "{} ({}) restored from {} ({}); {}",
-                esc(&i.name),
-                i.id,
-                esc(&i.image_name),
-                i.image,
-                i.state
-            )?;
+            print_notice(notice.as_deref());
+            print_restored(&mut out(), &i)?;
         }
-        InstanceCmd::Unit { instance } => {
-            write!(out, "{}", depot.instance_unit(&instance)?)?;
-        }
+        InstanceCmd::Unit { instance } => write!(out(), "{}", depot.instance_unit(&instance)?)?,
     }
     Ok(0)
+}
+
+/// `instance list`.
+fn list(depot: &Depot, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let list = depot.list_instances()?;
+    if json {
+        return print_json(out, &list);
+    }
+    print_instance_table(out, &list)
+}
+
+/// `instance start` (not in the foreground).
+fn start(depot: &Depot, instance: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let (i, notice) = depot.start_instance(instance)?;
+    print_notice(notice.as_deref());
+    let name = esc(&i.name);
+    writeln!(out, "{name} ({}) {}  {}", i.id, i.state, ssh_hint(&i))?;
+    Ok(())
+}
+
+/// `instance backup`: the new backup and the ones pruned.
+fn print_backup(
+    out: &mut impl Write,
+    info: &ImageInfo,
+    pruned: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(
+            out,
+            &serde_json::json!({ "backup": info, "pruned": pruned }),
+        );
+    }
+    writeln!(out, "{}  {}", info.id, esc(&info.name))?;
+    for p in pruned {
+        writeln!(out, "pruned {}", esc(p))?;
+    }
+    Ok(())
+}
+
+/// `instance run`: launches the instances and prints them, or runs the one
+/// instance in the foreground.
+fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<i32> {
+    if a.foreground && a.count != 1 {
+        anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
+    }
+    let (foreground, json) = (a.foreground, a.json);
+    let launched = depot.launch(&a.into_options()?, progress)?;
+    if foreground {
+        // (the start prints the notice)
+        let id = launched.instances[0].id().to_owned();
+        return run_foreground(|| {
+            let started = depot.start_foreground(&id);
+            if started.is_err() {
+                // `run` leaves nothing behind when the VM does not start.
+                let _ = depot.delete_instance(&id, true);
+            }
+            started
+        });
+    }
+    print_notice(launched.notice.as_deref());
+    let infos: Vec<&InstanceInfo> = launched.instances.iter().map(|i| i.info()).collect();
+    let out = &mut std::io::stdout().lock();
+    if json {
+        print_json(out, &infos)?;
+        return Ok(0);
+    }
+    for i in infos {
+        writeln!(out, "{}  {}  {}", i.id, esc(&i.name), ssh_hint(i))?;
+    }
+    Ok(0)
+}
+
+impl RunArgs {
+    /// The library's options; `--ssh-key` and `--user-data` files are read
+    /// here. `--foreground` launches without starting (the CLI starts it).
+    fn into_options(self) -> anyhow::Result<LaunchOptions> {
+        let mut opts = LaunchOptions::new(self.image);
+        opts.name = self.name;
+        opts.count = self.count;
+        opts.cpus = self.cpus;
+        opts.memory_mib = vmdepot::launch::qemu::parse_memory(&self.memory)?;
+        opts.disk = DiskMode::parse(&self.disk)?;
+        opts.accel = Accel::parse(&self.accel)?;
+        opts.hostname = self.hostname;
+        opts.ssh_keys = self
+            .ssh_keys
+            .iter()
+            .map(|p| read_file(p, MAX_SSH_KEY))
+            .collect::<Result<_, _>>()?;
+        opts.user_data = self
+            .user_data
+            .as_ref()
+            .map(|p| read_file(p, MAX_USER_DATA))
+            .transpose()?;
+        opts.forwards = self
+            .forwards
+            .iter()
+            .map(|f| Forward::parse(f))
+            .collect::<Result<_, _>>()?;
+        opts.no_start = self.foreground;
+        Ok(opts)
+    }
+}
+
+/// `instance console`: attaches to a running or paused instance.
+fn attach(depot: &Depot, instance: &str) -> anyhow::Result<()> {
+    let i = depot.instance(instance)?;
+    if !is_up(&i) {
+        anyhow::bail!(
+            "instance {} ({}) is {}: start it first",
+            i.name,
+            i.id,
+            i.state
+        );
+    }
+    console(&i)
+}
+
+/// `instance logs`: the serial log; with `follow`, what it gains until the
+/// instance stops.
+fn logs(depot: &Depot, instance: &str, follow: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let i = depot.instance(instance)?;
+    let mut pos = 0u64;
+    loop {
+        pos += copy_from(&i.serial_log, pos, out)?;
+        out.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        if !is_up(&depot.instance(&i.id)?) {
+            copy_from(&i.serial_log, pos, out)?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether QEMU runs for the instance (running or paused).
+fn is_up(i: &InstanceInfo) -> bool {
+    matches!(i.state.as_str(), "running" | "paused")
+}
+
+/// A notice of the library for the user (e.g. why TCG), on stderr.
+fn print_notice(notice: Option<&str>) {
+    if let Some(n) = notice {
+        eprintln!("vmdepot: {}", esc(n));
+    }
+}
+
+/// `NAME (ID) STATE`.
+fn print_state(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> {
+    writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
+    Ok(())
+}
+
+fn print_restored(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{} ({}) restored from {} ({}); {}",
+        esc(&i.name),
+        i.id,
+        esc(&i.image_name),
+        i.image,
+        i.state
+    )?;
+    Ok(())
+}
+
+fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
+        "ID", "NAME", "IMAGE", "STATE", "ACCEL", "PID", "SSH"
+    )?;
+    for i in list {
+        writeln!(
+            out,
+            "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
+            i.id,
+            esc(&i.name),
+            esc(&i.image_name),
+            i.state,
+            i.accel,
+            i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+            i.ssh_port.map(|p| p.to_string()).unwrap_or("-".into()),
+        )?;
+    }
+    Ok(())
 }
 
 fn ssh_hint(i: &InstanceInfo) -> String {
@@ -417,7 +384,7 @@ fn ssh_hint(i: &InstanceInfo) -> String {
 }
 
 /// Appends the file's bytes from `pos` to `out`; returns how many.
-fn copy_from(path: &PathBuf, pos: u64, out: &mut impl Write) -> anyhow::Result<u64> {
+fn copy_from(path: &Path, pos: u64, out: &mut impl Write) -> anyhow::Result<u64> {
     use std::io::Seek;
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -426,99 +393,4 @@ fn copy_from(path: &PathBuf, pos: u64, out: &mut impl Write) -> anyhow::Result<u
     };
     f.seek(std::io::SeekFrom::Start(pos))?;
     Ok(std::io::copy(&mut f, out)?)
-}
-
-/// Waits for a QEMU started as our child: READY=1 to systemd (QEMU is up); SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
-/// if it still runs STOP_TIMEOUT later. Exits with QEMU's code.
-fn run_foreground(
-    start: impl FnOnce() -> vmdepot::Result<(vmdepot::Foreground, Option<String>)>,
-) -> anyhow::Result<i32> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    // Registered before QEMU starts: a SIGTERM meanwhile waits in `signals`
-    // and powers the guest off as soon as it runs (QEMU is never orphaned).
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let (fg, notice) = start()?;
-    if let Some(n) = notice {
-        eprintln!("vmdepot: {}", esc(&n));
-    }
-    let qmp = fg.qmp_socket().to_owned();
-    let pid = fg.pid() as i32;
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!("signal {sig}: pressing the power button");
-            if press_power_button(&qmp).is_err() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            std::thread::sleep(STOP_TIMEOUT);
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    });
-    // QEMU runs now: a failing notification must not orphan it.
-    if let Err(e) = vmdepot::launch::qemu::sd_notify_ready() {
-        eprintln!("vmdepot: could not notify systemd: {e}");
-    }
-    eprintln!("vmdepot: instance {} running (QEMU pid {pid})", fg.id());
-    Ok(fg.wait()?)
-}
-
-/// Bridges the terminal and the serial console socket.
-fn console(i: &InstanceInfo) -> anyhow::Result<()> {
-    use nix::sys::termios;
-    let sock = std::os::unix::net::UnixStream::connect(&i.console_socket)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", i.console_socket.display()))?;
-    let stdin = std::io::stdin();
-    let saved = if stdin.is_terminal() {
-        let t = termios::tcgetattr(&stdin)?;
-        let mut raw = t.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw)?;
-        Some(t)
-    } else {
-        None
-    };
-    eprint!(
-        "Connected to the serial console of {} ({}); Ctrl-] detaches.\r\n",
-        esc(&i.name),
-        i.id
-    );
-    let mut rd = sock.try_clone()?;
-    let output = std::thread::spawn(move || {
-        let mut o = std::io::stdout();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = rd.read(&mut buf) {
-            if n == 0 || o.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            let _ = o.flush();
-        }
-    });
-    let mut wr = sock;
-    let mut buf = [0u8; 1024];
-    let mut input = stdin.lock();
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if let Some(k) = buf[..n].iter().position(|&b| b == 0x1d) {
-            wr.write_all(&buf[..k])?;
-            break;
-        }
-        wr.write_all(&buf[..n])?;
-    }
-    // Let the output side finish what QEMU already sent, then stop it.
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let _ = wr.shutdown(std::net::Shutdown::Both);
-    let _ = output.join();
-    if let Some(t) = saved {
-        termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &t)?;
-    }
-    eprintln!();
-    Ok(())
 }

@@ -1,3 +1,101 @@
-//! The `vmdepot` command line: one file per command group.
+//! The `vmdepot` command line: [`Cli`] (the global flags) and [`run`],
+//! which opens the depot with the [`Intent`] of the command and hands it to
+//! its group, one file each: `image.rs` (`image …`), `instance.rs`
+//! (`instance …`), `maint.rs` (`gc`, `fsck`, `stats`). Beside them:
+//! `output.rs` (JSON, fields, escaping, sizes), `progress.rs` (progress
+//! bars or lines), `terminal.rs` (foreground runs, the serial console) and
+//! `input.rs` (key and user-data files).
 
-pub mod instance;
+mod image;
+mod input;
+mod instance;
+mod maint;
+pub mod output;
+mod progress;
+mod terminal;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vmdepot::{Depot, DepotOptions, Intent};
+
+use maint::MaintCmd;
+use progress::CliProgress;
+
+/// The command line: global flags and one command.
+#[derive(Parser)]
+#[command(
+    name = "vmdepot",
+    version,
+    about = "Local machine-image depot for a hypervisor host",
+    long_about = None
+)]
+pub struct Cli {
+    /// Depot directory [default: $VMDEPOT_DIR, /var/lib/vmdepot as root, else $XDG_DATA_HOME/vmdepot]
+    #[arg(long, global = true, value_name = "DIR")]
+    depot: Option<PathBuf>,
+    /// Act as this account (a Unix user name: [a-z_][a-z0-9_-]*$?, at most 32) [default: $VMDEPOT_ACCOUNT, else the Unix user]
+    #[arg(long, global = true, value_name = "NAME")]
+    account: Option<String>,
+    /// Create the depot shared by this Unix group (dirs 2770, files 0660) instead of private (0700/0600); only when the depot is created
+    #[arg(long, global = true, value_name = "GROUP")]
+    group: Option<String>,
+    /// No progress output
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage images
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Run and manage instances (QEMU virtual machines) of images
+    #[command(subcommand)]
+    Instance(instance::InstanceCmd),
+    #[command(flatten)]
+    Maint(MaintCmd),
+}
+
+impl Cli {
+    /// How to open the depot for a command of this intent.
+    fn options(&self, intent: Intent) -> DepotOptions {
+        DepotOptions {
+            account: self.account.clone(),
+            group: self.group.clone(),
+            intent,
+        }
+    }
+}
+
+impl Cmd {
+    /// What the command does with the depot (see [`Intent`]).
+    fn intent(&self) -> Intent {
+        match self {
+            Cmd::Image(c) => c.intent(),
+            Cmd::Instance(_) => Intent::Write,
+            Cmd::Maint(c) => c.intent(),
+        }
+    }
+}
+
+/// Runs the command; returns the exit code of a command that ran (5: fsck
+/// found damage; QEMU's for a foreground instance).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let dir = cli.depot.clone().unwrap_or_else(Depot::default_dir);
+    if let Cmd::Maint(MaintCmd::Fsck {
+        json, repair: true, ..
+    }) = cli.cmd
+    {
+        return maint::repair(&dir, &cli.options(Intent::Write), json);
+    }
+    let depot = Depot::open_with(&dir, &cli.options(cli.cmd.intent()))?;
+    let progress = CliProgress::new(cli.quiet);
+    match cli.cmd {
+        Cmd::Image(cmd) => image::run(&depot, cmd, &progress).map(|()| 0),
+        Cmd::Instance(cmd) => instance::run(&depot, cmd, &progress),
+        Cmd::Maint(cmd) => maint::run(&depot, cmd, &progress),
+    }
+}

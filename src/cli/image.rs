@@ -1,0 +1,474 @@
+//! `vmdepot image …`: [`ImageCmd`], the image subcommands, and their
+//! handlers. Each turns its flags into the library's options (checking the
+//! combinations clap cannot), calls one [`Depot`] operation and prints the
+//! result, plain or with `--json`. `image verify` prints through
+//! [`super::maint`], with the other checks of stored data.
+
+use std::io::Write;
+use std::path::Path;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use vmdepot::lifecycle::copy::CopyReport;
+use vmdepot::lifecycle::CaptureOptions;
+use vmdepot::{
+    Depot, ExportFormat, HistoryEntry, ImageInfo, ImageType, ImageUpdate, ImportOptions, Intent,
+    Progress, SourceFormat,
+};
+
+use super::maint::print_verify;
+use super::output::{esc, human, print_json, show};
+
+/// The subcommands of `vmdepot image`.
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Import a disk image file (format detected from the content)
+    Import(ImportArgs),
+    /// Create a custom image from an instance's disk
+    Create {
+        #[arg(long = "from-instance", value_name = "INSTANCE")]
+        from_instance: String,
+        #[arg(long)]
+        name: String,
+        /// Capture a running instance: pause it while its disk is read
+        #[arg(long)]
+        live: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images (deprecated ones only with --all)
+    List(ListArgs),
+    /// Change an image's name, description, protection, tags or deprecation
+    Update(UpdateArgs),
+    /// Share a custom image with another account (it may only launch it)
+    Share {
+        image: String,
+        #[arg(long = "with", value_name = "ACCOUNT")]
+        with: String,
+    },
+    /// Stop sharing an image with an account
+    Unshare {
+        image: String,
+        #[arg(long = "with", value_name = "ACCOUNT")]
+        with: String,
+    },
+    /// The accounts an image is shared with
+    Shares {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy an image into another depot (only the chunks it lacks travel)
+    Copy {
+        image: String,
+        #[arg(long = "to-depot", value_name = "DIR")]
+        to_depot: PathBuf,
+        /// Name in the target [default: the same]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lineage: parent images, source instance, copies, children
+    History {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image (id or name)
+    Show {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image to a file, a block device (in place), or `-` (raw, stdout)
+    Export {
+        image: String,
+        out: PathBuf,
+        /// raw (sparse) or qcow2
+        #[arg(long, default_value = "raw")]
+        format: String,
+    },
+    /// Delete an image (its data is freed by `gc`)
+    Delete {
+        image: String,
+        /// Even if it is shared or instances use it
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read and re-hash stored data: one image (with its digest), or all chunks
+    Verify {
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The flags of `vmdepot image import`.
+#[derive(Args)]
+pub struct ImportArgs {
+    file: PathBuf,
+    #[arg(long)]
+    name: String,
+    /// auto, raw, qcow2, vmdk, vhdx or vhd
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// public, marketplace or custom
+    #[arg(long = "type", default_value = "custom")]
+    kind: String,
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Read the file even if it is unchanged since an earlier import
+    #[arg(long)]
+    reread: bool,
+    /// Marketplace images: the vendor
+    #[arg(long, default_value = "")]
+    vendor: String,
+    /// Marketplace images: the application
+    #[arg(long, default_value = "")]
+    application: String,
+    /// Marketplace images: the application's version
+    #[arg(long = "app-version", default_value = "")]
+    app_version: String,
+    /// A tag KEY=VALUE (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The flags of `vmdepot image list`.
+#[derive(Args)]
+pub struct ListArgs {
+    /// public, marketplace, custom or shared
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Only images with this tag KEY=VALUE (repeatable: all must match)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Include deprecated images
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The flags of `vmdepot image update`.
+#[derive(Args)]
+pub struct UpdateArgs {
+    image: String,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Refuse deletion until --unprotect
+    #[arg(long, conflicts_with = "unprotect")]
+    protect: bool,
+    #[arg(long)]
+    unprotect: bool,
+    /// Set a tag KEY=VALUE (KEY= removes it; repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Hide from default listings (still launchable)
+    #[arg(long, conflicts_with = "undeprecate")]
+    deprecate: bool,
+    #[arg(long)]
+    undeprecate: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+impl ImageCmd {
+    /// What the command does with the depot: the read-only commands work
+    /// on a full filesystem without writing; delete releases the space
+    /// reserve.
+    pub fn intent(&self) -> Intent {
+        match self {
+            ImageCmd::List(_)
+            | ImageCmd::Show { .. }
+            | ImageCmd::Export { .. }
+            | ImageCmd::Verify { .. }
+            | ImageCmd::History { .. }
+            | ImageCmd::Shares { .. } => Intent::Read,
+            ImageCmd::Delete { .. } => Intent::Free,
+            _ => Intent::Write,
+        }
+    }
+}
+
+/// Runs one `image` subcommand on `depot`.
+pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Result<()> {
+    let out = &mut std::io::stdout().lock();
+    match cmd {
+        ImageCmd::Import(a) => import(depot, a, progress, out),
+        ImageCmd::Create {
+            from_instance,
+            name,
+            live,
+            description,
+            json,
+        } => {
+            let mut opts = CaptureOptions::new(name);
+            opts.live = live;
+            opts.description = description;
+            let info = depot.capture(&from_instance, &opts, progress)?;
+            print_new(out, &info, json)
+        }
+        ImageCmd::List(a) => list(depot, a, out),
+        ImageCmd::Update(a) => update(depot, a, out),
+        ImageCmd::Share { image, with } => {
+            let i = depot.share_image(&image, &with)?;
+            let with = esc(&i.shared_with.join(", ")).into_owned();
+            writeln!(out, "{} ({}) is shared with {with}", esc(&i.name), i.id)?;
+            Ok(())
+        }
+        ImageCmd::Unshare { image, with } => {
+            let i = depot.unshare_image(&image, &with)?;
+            let (name, with) = (esc(&i.name), esc(&with));
+            writeln!(out, "{name} ({}) is no longer shared with {with}", i.id)?;
+            Ok(())
+        }
+        ImageCmd::Shares { image, json } => {
+            let accounts = depot.image_shares(&image)?;
+            if json {
+                return print_json(out, &accounts);
+            }
+            for a in accounts {
+                writeln!(out, "{}", esc(&a))?;
+            }
+            Ok(())
+        }
+        ImageCmd::Copy {
+            image,
+            to_depot,
+            name,
+            json,
+        } => {
+            let r = depot.copy_image(&image, &to_depot, name.as_deref(), progress)?;
+            if json {
+                return print_json(out, &r);
+            }
+            print_copy(out, &r, &to_depot)
+        }
+        ImageCmd::History { image, json } => {
+            let h = depot.image_history(&image)?;
+            if json {
+                return print_json(out, &h);
+            }
+            print_history(out, &h)
+        }
+        ImageCmd::Show { image, json } => show(out, &depot.image(&image)?, json),
+        ImageCmd::Export {
+            image,
+            out: path,
+            format,
+        } => export(depot, &image, &path, &format, progress, out),
+        ImageCmd::Delete { image, force } => {
+            let i = depot.delete_image(&image, force)?;
+            let name = esc(&i.name);
+            writeln!(
+                out,
+                "deleted {name} ({}); run `vmdepot gc` to free its data",
+                i.id
+            )?;
+            Ok(())
+        }
+        ImageCmd::Verify { image, json } => {
+            print_verify(out, &depot.verify(image.as_deref(), progress)?, json)
+        }
+    }
+}
+
+/// `image import`.
+fn import(
+    depot: &Depot,
+    a: ImportArgs,
+    progress: &dyn Progress,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (file, json) = (a.file.clone(), a.json);
+    let opts = a.into_options()?;
+    let info = depot.import(&file, &opts, progress)?;
+    print_new(out, &info, json)
+}
+
+impl ImportArgs {
+    /// The library's options; marketplace fields only on (and required
+    /// by) a marketplace image.
+    fn into_options(self) -> anyhow::Result<ImportOptions> {
+        let kind = ImageType::parse(&self.kind)?;
+        let format = SourceFormat::parse(&self.format)?;
+        self.check_marketplace(kind)?;
+        let tags = parse_tags(&self.tags)?;
+        let mut opts = ImportOptions::new(self.name);
+        opts.kind = kind;
+        opts.description = self.description;
+        opts.format = format;
+        opts.reread = self.reread;
+        opts.vendor = self.vendor;
+        opts.application = self.application;
+        opts.app_version = self.app_version;
+        opts.tags = tags;
+        Ok(opts)
+    }
+
+    fn check_marketplace(&self, kind: ImageType) -> anyhow::Result<()> {
+        let market = kind == ImageType::Marketplace;
+        let any =
+            !(self.vendor.is_empty() && self.application.is_empty() && self.app_version.is_empty());
+        if !market && any {
+            anyhow::bail!("--vendor, --application and --app-version are for --type marketplace");
+        }
+        if market && (self.vendor.is_empty() || self.application.is_empty()) {
+            anyhow::bail!(
+                "a marketplace image needs --vendor and --application (and --app-version)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A new image: as JSON, or its id alone.
+fn print_new(out: &mut impl Write, info: &ImageInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(out, info);
+    }
+    writeln!(out, "{}", info.id)?;
+    Ok(())
+}
+
+/// `image list`: the images of the type, with all the tags, asked for.
+fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(k) = &a.kind {
+        if !["public", "marketplace", "custom", "shared"].contains(&k.as_str()) {
+            anyhow::bail!("unknown --type {k:?}: use public, marketplace, custom or shared");
+        }
+    }
+    let want = parse_tags(&a.tags)?;
+    let list: Vec<_> = depot
+        .list_images()?
+        .into_iter()
+        .filter(|i| a.all || !i.deprecated)
+        .filter(|i| a.kind.as_ref().is_none_or(|k| &i.kind == k))
+        .filter(|i| want.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+        .collect();
+    if a.json {
+        return print_json(out, &list);
+    }
+    print_image_table(out, &list)
+}
+
+fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  CREATED",
+        "ID", "NAME", "TYPE", "STATE", "SIZE", "STORED"
+    )?;
+    for i in list {
+        writeln!(
+            out,
+            "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  {}",
+            i.id,
+            esc(&i.name),
+            i.kind,
+            i.state,
+            human(i.virtual_size),
+            human(i.unique_stored_bytes + i.shared_stored_bytes),
+            i.created_at
+        )?;
+    }
+    Ok(())
+}
+
+/// `image update`.
+fn update(depot: &Depot, a: UpdateArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let u = ImageUpdate {
+        name: a.name,
+        description: a.description,
+        protected: (a.protect || a.unprotect).then_some(a.protect),
+        deprecated: (a.deprecate || a.undeprecate).then_some(a.deprecate),
+        tags: parse_tags_allow_empty(&a.tags)?,
+    };
+    let info = depot.update_image(&a.image, &u)?;
+    show(out, &info, a.json)
+}
+
+fn print_copy(out: &mut impl Write, r: &CopyReport, to_depot: &Path) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{}  {} in {}: {} of {} chunks sent ({}), {} already there",
+        r.image.id,
+        esc(&r.image.name),
+        esc(&to_depot.display().to_string()),
+        r.chunks_sent,
+        r.chunks,
+        human(r.bytes_sent),
+        r.chunks_present
+    )?;
+    Ok(())
+}
+
+fn print_history(out: &mut impl Write, history: &[HistoryEntry]) -> anyhow::Result<()> {
+    for e in history {
+        let depot = if e.depot.is_empty() {
+            String::new()
+        } else {
+            format!("  in {}", esc(&e.depot))
+        };
+        writeln!(
+            out,
+            "{:<16} {:<20}  {:<30}{}{}",
+            e.relation,
+            esc(&e.id),
+            esc(&e.name),
+            depot,
+            if e.exists { "" } else { "  (deleted)" }
+        )?;
+    }
+    Ok(())
+}
+
+/// `image export`: to a file or device, or the raw image to stdout (`-`).
+fn export(
+    depot: &Depot,
+    image: &str,
+    path: &Path,
+    format: &str,
+    progress: &dyn Progress,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let format = ExportFormat::parse(format)?;
+    if path.as_os_str() != "-" {
+        depot.export(image, path, format, progress)?;
+        return Ok(());
+    }
+    if format != ExportFormat::Raw {
+        anyhow::bail!(vmdepot::Error::Invalid(
+            "`-` streams the raw image to stdout: qcow2 needs a file (give a path)".into()
+        ));
+    }
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    depot.export_to(image, &mut w, progress)?;
+    Ok(())
+}
+
+/// `KEY=VALUE` arguments.
+fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let v = parse_tags_allow_empty(tags)?;
+    if let Some((k, _)) = v.iter().find(|(_, v)| v.is_empty()) {
+        anyhow::bail!("--tag {k}= has no value: use --tag KEY=VALUE");
+    }
+    Ok(v)
+}
+
+/// `KEY=VALUE` arguments; `KEY=` (empty value) allowed.
+fn parse_tags_allow_empty(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    tags.iter()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => anyhow::bail!("bad --tag {t:?}: use KEY=VALUE"),
+        })
+        .collect()
+}

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: a fresh depot per test ([`T`]),
-//! the real binary, the fixtures (Debian disk images, the tiny test guest).
+//! Helpers shared by the integration tests: a fresh depot per test ([`T`],
+//! whose drop kills the QEMUs the test started: see `guard.rs`), the real
+//! binary, the fixtures (Debian disk images, the tiny test guest).
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -14,9 +15,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vmdepot")
 }
 
-/// A fresh depot in a temp dir.
+/// A fresh depot in a temp dir. Dropped, it kills every QEMU started in
+/// that dir, first printing their logs if the test failed (see `guard.rs`).
 pub struct T {
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for T {
+    fn drop(&mut self) {
+        crate::guard::reap(self.dir.path(), std::thread::panicking());
+    }
 }
 
 impl T {
@@ -288,6 +296,28 @@ pub fn show(t: &T, inst: &str) -> Value {
     t.json(&["instance", "show", inst, "--json"])
 }
 
+/// Processes (other than this one) whose command line names `needle`.
+pub fn procs_naming(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// The process lives (and is no zombie).
 pub fn alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))

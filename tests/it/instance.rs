@@ -421,8 +421,8 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
 #[test]
 fn library_harness_launches_waits_and_drops() {
     use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};
-    let dir = tempfile::tempdir_in(scratch()).unwrap();
-    let depot = Depot::open(dir.path().join("depot")).unwrap();
+    let t = T::new();
+    let depot = Depot::open(t.depot()).unwrap();
     depot
         .import(test_guest(), &ImportOptions::new("tiny"), &NoProgress)
         .unwrap();

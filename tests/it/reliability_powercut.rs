@@ -24,28 +24,6 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }
 
-/// Processes whose command line names `needle` (vmdepot, qemu-img, QEMU of
-/// a depot under a mount point).
-fn procs_naming(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmd).contains(needle) {
-            v.push(pid);
-        }
-    }
-    v
-}
-
 fn signal_all(needle: &str, sig: &str) -> Vec<i32> {
     let pids = procs_naming(needle);
     for p in &pids {

@@ -239,12 +239,23 @@ pub fn lose_data(file: &Path) {
     assert_eq!(allocated(file), 0);
 }
 
+/// 384 MiB of incompressible noise: an import that takes a while.
 pub fn slow_source(t: &T) -> PathBuf {
     let p = t.path("slow.raw");
-    let mut f = std::fs::File::create(&p).unwrap();
-    let mut x: u64 = 88172645463325252;
+    write_noise(
+        &mut std::fs::File::create(&p).unwrap(),
+        384,
+        88172645463325252,
+    );
+    p
+}
+
+/// Appends `mib` MiB of incompressible xorshift noise from `seed` (not 0)
+/// to `f`: the same seed gives the same bytes (the same chunks).
+pub fn write_noise(f: &mut std::fs::File, mib: u64, seed: u64) {
+    let mut x = seed;
     let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..384 {
+    for _ in 0..mib {
         for c in buf.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -253,13 +264,22 @@ pub fn slow_source(t: &T) -> PathBuf {
         }
         f.write_all(&buf).unwrap();
     }
-    p
 }
 
 pub fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+/// Polls `cond` (every 20 ms) until it holds; fails naming `what` after
+/// `within`.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < end, "{what}: not after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Generous: a TCG boot takes a few seconds, more with parallel tests.

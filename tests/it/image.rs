@@ -514,20 +514,87 @@ fn concurrent_imports_list_and_gc() {
 
 #[test]
 fn gc_racing_a_reusing_import_never_loses_chunks() {
-    // Image X is deleted while a second import reuses its chunks and gc runs
-    // over and over: the import must end complete and verifiable.
+    // Image x holds the chunks of `head`; an import of head+tail (a file
+    // never imported, so it is read) reuses them while x is deleted and gc
+    // runs over and over. gc collects them before the import commits (the
+    // tail takes a while to store): the import notices, starts over (it
+    // logs so), and ends complete and verifiable. Up to ROUNDS rounds, each
+    // on a fresh depot, until that retry has been seen.
+    const ROUNDS: usize = 3;
+    let files = T::new();
+    let head = files.path("head.raw");
+    write_noise(&mut std::fs::File::create(&head).unwrap(), 64, 1);
+    let both = files.path("both.raw");
+    std::fs::copy(&head, &both).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&both)
+        .unwrap();
+    write_noise(&mut f, 128, 2);
+    drop(f);
+    let mut restarts = 0;
+    for round in 1..=ROUNDS {
+        restarts += race_gc_against_reuse(&head, &both);
+        eprintln!("round {round}: {restarts} restarts so far");
+        if restarts > 0 {
+            break;
+        }
+    }
+    assert!(
+        restarts > 0,
+        "in {ROUNDS} rounds gc never collected a chunk the import reused before it committed"
+    );
+}
+
+/// One round of [`gc_racing_a_reusing_import_never_loses_chunks`]: returns
+/// how often the import started over.
+fn race_gc_against_reuse(head: &Path, both: &Path) -> usize {
     let t = T::new();
-    let src = slow_source(&t);
-    t.import(&src, "x");
-    let mut child = t.spawn_import(&src, "y");
-    std::thread::sleep(Duration::from_millis(50));
+    t.import(head, "x");
+    let mut child = t
+        .import_cmd(both, "y")
+        .env("VMDEPOT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it has read a part of head, it has looked up (and reuses) x's
+    // chunks of that part.
+    let pid = child.id();
+    wait_until(
+        "the import reads its input",
+        Duration::from_secs(60),
+        || bytes_read(pid) >= 32 << 20 || child.try_wait().unwrap().is_some(),
+    );
     t.ok(&["image", "delete", "x"]);
     while child.try_wait().unwrap().is_none() {
         t.ok(&["gc"]);
     }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "import of head+tail: {err}");
     t.ok(&["gc"]);
     t.ok(&["image", "verify", "y", "-q"]);
     t.assert_fsck_clean();
+    let out = t.path("y.out");
+    t.ok(&["image", "export", "y", out.to_str().unwrap(), "-q"]);
+    assert!(
+        same_content(both, &out),
+        "y exports other bytes than its file"
+    );
+    err.matches("collected reused chunks; starting over")
+        .count()
+}
+
+/// Bytes process `pid` has read so far (`rchar` of `/proc/PID/io`); 0
+/// once it is gone.
+fn bytes_read(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: a fresh depot per test ([`T`]),
-//! the real binary, the fixtures (Debian disk images, the tiny test guest).
+//! Helpers shared by the integration tests: a fresh depot per test ([`T`],
+//! whose drop kills the QEMUs the test started: see `guard.rs`), the real
+//! binary, the fixtures (Debian disk images, the tiny test guest).
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -14,9 +15,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vmdepot")
 }
 
-/// A fresh depot in a temp dir.
+/// A fresh depot in a temp dir. Dropped, it kills every QEMU started in
+/// that dir, first printing their logs if the test failed (see `guard.rs`).
 pub struct T {
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for T {
+    fn drop(&mut self) {
+        crate::guard::reap(self.dir.path(), std::thread::panicking());
+    }
 }
 
 impl T {
@@ -32,24 +40,14 @@ impl T {
         self.dir.path().join(name)
     }
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.arg("--depot").arg(self.depot()).args(args);
-        c.env_remove("VMDEPOT_DIR");
-        c
+        cmd_in(&self.depot(), args)
     }
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vmdepot {args:?} failed ({:?}):\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        ok_in(&self.depot(), args)
     }
     /// Runs and asserts failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> (i32, String) {
@@ -62,6 +60,17 @@ impl T {
             "one-line error expected: {err}"
         );
         (o.status.code().unwrap(), err)
+    }
+    /// Runs and asserts the one-line failure of [`T::fails`], with exit
+    /// `code` and an error that names `needle`; returns the error.
+    pub fn refuses(&self, args: &[&str], code: i32, needle: &str) -> String {
+        let (got, err) = self.fails(args);
+        assert_eq!(got, code, "vmdepot {args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "vmdepot {args:?}: {needle:?} not in: {err}"
+        );
+        err
     }
     /// `image import FILE --name NAME -q`, not yet started.
     pub fn import_cmd(&self, file: &Path, name: &str) -> Command {
@@ -120,6 +129,90 @@ impl T {
     }
 }
 
+/// `vmdepot --depot DEPOT ARGS`, not yet started: a depot other than a
+/// [`T`]'s own (another region, one on a test filesystem).
+pub fn cmd_in(depot: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--depot").arg(depot).args(args);
+    c.env_remove("VMDEPOT_DIR");
+    c
+}
+
+/// Runs `vmdepot --depot DEPOT ARGS` to its end.
+pub fn run_in(depot: &Path, args: &[&str]) -> Output {
+    cmd_in(depot, args).output().unwrap()
+}
+
+/// Runs on `depot` and asserts success; returns stdout.
+pub fn ok_in(depot: &Path, args: &[&str]) -> String {
+    ok_stdout(run_in(depot, args), &format!("vmdepot {args:?}"))
+}
+
+/// Runs on `depot`, asserts success, parses stdout as JSON.
+pub fn json_in(depot: &Path, args: &[&str]) -> Value {
+    serde_json::from_str(&ok_in(depot, args)).unwrap()
+}
+
+/// Asserts that `what` succeeded; returns its stdout.
+pub fn ok_stdout(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The elements of the JSON array `v` (which must be one).
+pub fn items(v: &Value) -> &Vec<Value> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("a JSON array expected: {v}"))
+}
+
+/// The string `v[key]` (which must be one).
+pub fn str_at(v: &Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
+        .to_owned()
+}
+
+/// The `id` of an image or instance object.
+pub fn id_of(v: &Value) -> String {
+    str_at(v, "id")
+}
+
+/// The string `key` of every element of the JSON array `v`.
+pub fn strs_at(v: &Value, key: &str) -> Vec<String> {
+    items(v).iter().map(|i| str_at(i, key)).collect()
+}
+
+/// A tmpfs of `size` (e.g. "1m") mounted on `T::path(name)`, unmounted on
+/// drop (also on panic).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts it (needs root).
+    pub fn new(t: &T, name: &str, size: &str) -> Tmpfs {
+        let mnt = t.path(name);
+        std::fs::create_dir(&mnt).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t tmpfs on {}", mnt.display());
+        Tmpfs(mnt)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// Where test files go (same filesystem as the fixtures cache when possible).
 pub fn scratch() -> PathBuf {
     let p = std::env::temp_dir();
@@ -161,6 +254,27 @@ pub fn qemu_img(args: &[&str]) {
         "qemu-img {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// The `problems` of an `fsck --json` report.
+pub fn problems(fsck: &Value) -> Vec<String> {
+    items(&fsck["problems"])
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The raw image `raw` converted to qcow2 at `qcow2`.
+pub fn to_qcow2(raw: &Path, qcow2: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow2.to_str().unwrap(),
+    ]);
 }
 
 /// A raw image with data, zero runs, a hole and a short tail.
@@ -231,12 +345,23 @@ pub fn lose_data(file: &Path) {
     assert_eq!(allocated(file), 0);
 }
 
+/// 384 MiB of incompressible noise: an import that takes a while.
 pub fn slow_source(t: &T) -> PathBuf {
     let p = t.path("slow.raw");
-    let mut f = std::fs::File::create(&p).unwrap();
-    let mut x: u64 = 88172645463325252;
+    write_noise(
+        &mut std::fs::File::create(&p).unwrap(),
+        384,
+        88172645463325252,
+    );
+    p
+}
+
+/// Appends `mib` MiB of incompressible xorshift noise from `seed` (not 0)
+/// to `f`: the same seed gives the same bytes (the same chunks).
+pub fn write_noise(f: &mut std::fs::File, mib: u64, seed: u64) {
+    let mut x = seed;
     let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..384 {
+    for _ in 0..mib {
         for c in buf.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -245,7 +370,6 @@ pub fn slow_source(t: &T) -> PathBuf {
         }
         f.write_all(&buf).unwrap();
     }
-    p
 }
 
 pub fn nix_is_root() -> bool {
@@ -254,8 +378,31 @@ pub fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Polls `cond` (every 20 ms) until it holds; fails naming `what` after
+/// `within`.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < end, "{what}: not after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Generous: a TCG boot takes a few seconds, more with parallel tests.
 pub const BOOT: Duration = Duration::from_secs(120);
+
+/// The test guest's serial line once it has read its disk and seed and
+/// listens for the power button.
+pub const READY: &str = "VMDEPOT-GUEST: ready";
+
+/// The test guest's serial line when it read its own disk.
+pub const DISK_MARKER: &str = "VMDEPOT-DISK: vmdepot test guest disk marker 7f3a";
+
+/// `instance run IMAGE --name NAME`, then waits until the guest is [`READY`].
+pub fn boot(t: &T, image: &str, name: &str) {
+    t.ok(&["instance", "run", image, "--name", name, "-q"]);
+    wait_serial(t, name, READY);
+}
 
 /// A depot holding the test guest as image "tiny".
 pub fn depot_with_guest() -> T {
@@ -270,15 +417,23 @@ pub fn serial(t: &T, inst: &str) -> String {
 
 /// Waits for a serial console line containing `needle`; returns it.
 pub fn wait_serial(t: &T, inst: &str, needle: &str) -> String {
+    let log = wait_serial_count(t, inst, needle, 1);
+    let line = log.lines().find(|l| l.contains(needle)).unwrap();
+    line.trim_end_matches('\r').to_owned()
+}
+
+/// Waits until `needle` is `n` times on the serial console (`n` boots,
+/// say); returns the log.
+pub fn wait_serial_count(t: &T, inst: &str, needle: &str, n: usize) -> String {
     let end = Instant::now() + BOOT;
     loop {
         let log = serial(t, inst);
-        if let Some(l) = log.lines().find(|l| l.contains(needle)) {
-            return l.trim_end_matches('\r').to_owned();
+        if log.matches(needle).count() >= n {
+            return log;
         }
         assert!(
             Instant::now() < end,
-            "{inst}: {needle:?} not on the serial console after {BOOT:?}:\n{log}"
+            "{inst}: {needle:?} not {n} times on the serial console after {BOOT:?}:\n{log}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -288,6 +443,28 @@ pub fn show(t: &T, inst: &str) -> Value {
     t.json(&["instance", "show", inst, "--json"])
 }
 
+/// Processes (other than this one) whose command line names `needle`.
+pub fn procs_naming(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// The process lives (and is no zombie).
 pub fn alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -303,13 +480,30 @@ pub fn as_(t: &T, who: &str, args: &[&str]) -> std::process::Output {
 }
 
 pub fn ok_as(t: &T, who: &str, args: &[&str]) -> String {
-    let o = as_(t, who, args);
-    assert!(
-        o.status.success(),
-        "{who}: {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
+    ok_stdout(as_(t, who, args), &format!("{who}: {args:?}"))
+}
+
+/// Imports the test guest as alice's image `secret` and shares it with bob.
+pub fn share_guest_with_bob(t: &T) {
+    let g = test_guest().to_str().unwrap();
+    ok_as(
+        t,
+        "alice",
+        &["image", "import", g, "--name", "secret", "-q"],
     );
-    String::from_utf8(o.stdout).unwrap()
+    ok_as(t, "alice", &["image", "share", "secret", "--with", "bob"]);
+}
+
+/// `vmdepot --account WHO ARGS`, asserted to succeed, stdout as JSON.
+pub fn json_as(t: &T, who: &str, args: &[&str]) -> Value {
+    serde_json::from_str(&ok_as(t, who, args)).unwrap()
+}
+
+/// `image create --from-instance INST --name NAME` (a capture), then `extra`.
+pub fn capture_args<'a>(inst: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["image", "create", "--from-instance", inst, "--name", name];
+    a.extend_from_slice(extra);
+    a
 }
 
 /// Asserts a refusal with `code`; returns the one-line message.

@@ -1,7 +1,7 @@
 //! Images: import, export, verify, gc, fsck and stats through the real
 //! binary, with real qemu-img and real Debian disk images.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -60,15 +60,7 @@ fn qcow2_import_has_the_raw_digest_and_adds_no_chunks() {
     let t = T::new();
     let a = fixtures().join("A.raw");
     let q = t.path("a.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        a.to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
+    to_qcow2(&a, &q);
     let raw = t.import(&a, "a-raw");
     let chunks_before = t.stats()["chunks"].clone();
     let packs_before = t.pack_files();
@@ -204,15 +196,7 @@ fn hostile_images_are_refused_and_change_nothing() {
     let full = t.path("full.raw");
     synthetic_raw(&full, 4, 1);
     let trunc = t.path("trunc.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        full.to_str().unwrap(),
-        trunc.to_str().unwrap(),
-    ]);
+    to_qcow2(&full, &trunc);
     let len = std::fs::metadata(&trunc).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -273,10 +257,7 @@ fn hostile_images_are_refused_and_change_nothing() {
     assert_eq!(code, 4);
     assert!(err.contains("content is qcow2"), "{err}");
     t.assert_fsck_clean();
-    assert!(t.json(&["fsck", "--json"])["garbage"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(items(&t.json(&["fsck", "--json"])["garbage"]).is_empty());
 }
 
 /// Flip one byte in stored chunk data: verify and export both catch it.
@@ -325,7 +306,7 @@ fn related_images_dedup_in_stats() {
     );
     assert!(s["dedup_ratio"].as_f64().unwrap() > 2.5, "{s}");
     assert_eq!(s["logical_bytes"], 3 * (512u64 << 20));
-    let per: Vec<&Value> = s["per_image"].as_array().unwrap().iter().collect();
+    let per: Vec<&Value> = items(&s["per_image"]).iter().collect();
     assert_eq!(per.len(), 3);
     for p in &per {
         let u = p["unique_stored_bytes"].as_u64().unwrap();
@@ -364,7 +345,7 @@ fn names_ids_and_errors() {
     let (_, err) = t.fails(&["image", "import", "/nonexistent/x.raw", "--name", "x"]);
     assert!(err.contains("/nonexistent/x.raw"), "{err}");
     let list = t.json(&["image", "list", "--json"]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(items(&list).len(), 1);
     for k in [
         "id",
         "name",
@@ -411,16 +392,14 @@ fn kill_9_during_import_leaves_nothing_visible_and_gc_cleans() {
         let _ = child.kill(); // SIGKILL
         let st = child.wait().unwrap();
         let list = t.json(&["image", "list", "--json"]);
-        let names: Vec<&str> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["name"].as_str().unwrap())
-            .collect();
-        if st.success() || names.contains(&"killed") {
+        let names = strs_at(&list, "name");
+        if st.success() || names.contains(&"killed".to_owned()) {
             // committed before the kill (the kill may land between the
             // commit and the exit): then it must be whole
-            assert!(names.contains(&"killed"), "kill {i} at {ms} ms: {names:?}");
+            assert!(
+                names.contains(&"killed".to_owned()),
+                "kill {i} at {ms} ms: {names:?}"
+            );
             t.ok(&["image", "verify", "killed", "-q"]);
             t.ok(&["image", "delete", "killed"]);
         } else {
@@ -433,7 +412,7 @@ fn kill_9_during_import_leaves_nothing_visible_and_gc_cleans() {
         t.assert_fsck_clean();
         t.ok(&["gc"]);
         let f = t.assert_fsck_clean();
-        assert!(f["garbage"].as_array().unwrap().is_empty(), "after gc: {f}");
+        assert!(items(&f["garbage"]).is_empty(), "after gc: {f}");
         assert_eq!(
             t.stats()["stored_bytes"],
             base_stats["stored_bytes"],
@@ -454,15 +433,7 @@ fn concurrent_imports_list_and_gc() {
     let t = T::new();
     let f = fixtures();
     let q = t.path("a.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        f.join("A.raw").to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
+    to_qcow2(&f.join("A.raw"), &q);
     let files = [
         f.join("A.raw"),
         f.join("B.raw"),
@@ -490,14 +461,10 @@ fn concurrent_imports_list_and_gc() {
     t.assert_fsck_clean();
     t.ok(&["image", "verify"]);
     let list = t.json(&["image", "list", "--json"]);
-    assert_eq!(list.as_array().unwrap().len(), 4);
+    assert_eq!(items(&list).len(), 4);
     assert_eq!(
         list[0]["content_digest"],
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == "c3")
-            .unwrap()["content_digest"]
+        items(&list).iter().find(|i| i["name"] == "c3").unwrap()["content_digest"]
     );
     for (i, p) in files[..3].iter().enumerate() {
         let out = t.path(&format!("o{i}"));
@@ -514,20 +481,87 @@ fn concurrent_imports_list_and_gc() {
 
 #[test]
 fn gc_racing_a_reusing_import_never_loses_chunks() {
-    // Image X is deleted while a second import reuses its chunks and gc runs
-    // over and over: the import must end complete and verifiable.
+    // Image x holds the chunks of `head`; an import of head+tail (a file
+    // never imported, so it is read) reuses them while x is deleted and gc
+    // runs over and over. gc collects them before the import commits (the
+    // tail takes a while to store): the import notices, starts over (it
+    // logs so), and ends complete and verifiable. Up to ROUNDS rounds, each
+    // on a fresh depot, until that retry has been seen.
+    const ROUNDS: usize = 3;
+    let files = T::new();
+    let head = files.path("head.raw");
+    write_noise(&mut std::fs::File::create(&head).unwrap(), 64, 1);
+    let both = files.path("both.raw");
+    std::fs::copy(&head, &both).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&both)
+        .unwrap();
+    write_noise(&mut f, 128, 2);
+    drop(f);
+    let mut restarts = 0;
+    for round in 1..=ROUNDS {
+        restarts += race_gc_against_reuse(&head, &both);
+        eprintln!("round {round}: {restarts} restarts so far");
+        if restarts > 0 {
+            break;
+        }
+    }
+    assert!(
+        restarts > 0,
+        "in {ROUNDS} rounds gc never collected a chunk the import reused before it committed"
+    );
+}
+
+/// One round of [`gc_racing_a_reusing_import_never_loses_chunks`]: returns
+/// how often the import started over.
+fn race_gc_against_reuse(head: &Path, both: &Path) -> usize {
     let t = T::new();
-    let src = slow_source(&t);
-    t.import(&src, "x");
-    let mut child = t.spawn_import(&src, "y");
-    std::thread::sleep(Duration::from_millis(50));
+    t.import(head, "x");
+    let mut child = t
+        .import_cmd(both, "y")
+        .env("VMDEPOT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it has read a part of head, it has looked up (and reuses) x's
+    // chunks of that part.
+    let pid = child.id();
+    wait_until(
+        "the import reads its input",
+        Duration::from_secs(60),
+        || bytes_read(pid) >= 32 << 20 || child.try_wait().unwrap().is_some(),
+    );
     t.ok(&["image", "delete", "x"]);
     while child.try_wait().unwrap().is_none() {
         t.ok(&["gc"]);
     }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "import of head+tail: {err}");
     t.ok(&["gc"]);
     t.ok(&["image", "verify", "y", "-q"]);
     t.assert_fsck_clean();
+    let out = t.path("y.out");
+    t.ok(&["image", "export", "y", out.to_str().unwrap(), "-q"]);
+    assert!(
+        same_content(both, &out),
+        "y exports other bytes than its file"
+    );
+    err.matches("collected reused chunks; starting over")
+        .count()
+}
+
+/// Bytes process `pid` has read so far (`rchar` of `/proc/PID/io`); 0
+/// once it is gone.
+fn bytes_read(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -537,42 +571,22 @@ fn enospc_during_import_leaves_the_depot_usable() {
         return;
     }
     let t = T::new();
-    let mnt = t.path("small-fs");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
-    let depot = mnt.join("depot");
-    let run = |args: &[&str]| {
-        Command::new(bin())
-            .arg("--depot")
-            .arg(&depot)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let fs = Tmpfs::new(&t, "small-fs", "48m");
+    let depot = fs.0.join("depot");
+    let run = |args: &[&str]| run_in(&depot, args);
     let small = t.path("small.raw");
     synthetic_raw(&small, 4, 2);
-    assert!(run(&[
-        "image",
-        "import",
-        small.to_str().unwrap(),
-        "--name",
-        "small",
-        "-q"
-    ])
-    .status
-    .success());
+    ok_in(
+        &depot,
+        &[
+            "image",
+            "import",
+            small.to_str().unwrap(),
+            "--name",
+            "small",
+            "-q",
+        ],
+    );
     let big = slow_source(&t); // 384 MiB of noise: cannot fit in 48 MiB
     let o = run(&[
         "image",
@@ -592,24 +606,25 @@ fn enospc_during_import_leaves_the_depot_usable() {
     assert!(err.contains("no space left"), "{err}");
     // usable: list, fsck, another import, export
     let list: Value = serde_json::from_slice(&run(&["image", "list", "--json"]).stdout).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(items(&list).len(), 1);
     let f: Value = serde_json::from_slice(&run(&["fsck", "--json"]).stdout).unwrap();
     assert!(
-        f["problems"].as_array().unwrap().is_empty() && f["garbage"].as_array().unwrap().is_empty(),
+        items(&f["problems"]).is_empty() && items(&f["garbage"]).is_empty(),
         "{f}"
     );
     let small2 = t.path("small2.raw");
     synthetic_raw(&small2, 4, 3);
-    assert!(run(&[
-        "image",
-        "import",
-        small2.to_str().unwrap(),
-        "--name",
-        "small2",
-        "-q"
-    ])
-    .status
-    .success());
+    ok_in(
+        &depot,
+        &[
+            "image",
+            "import",
+            small2.to_str().unwrap(),
+            "--name",
+            "small2",
+            "-q",
+        ],
+    );
     let out = t.path("small.out");
     assert!(run(&["image", "export", "small", out.to_str().unwrap()])
         .status
@@ -750,7 +765,7 @@ fn gc_repacks_mostly_dead_packs() {
     let after = t.stats()["stored_bytes"].as_u64().unwrap();
     assert!(after * 2 < before, "repacked: {before} -> {after}");
     let f = t.assert_fsck_clean();
-    assert!(f["garbage"].as_array().unwrap().is_empty(), "{f}");
+    assert!(items(&f["garbage"]).is_empty(), "{f}");
     t.ok(&["image", "verify"]);
     let out = t.path("q.out");
     t.ok(&["image", "export", "q", out.to_str().unwrap()]);

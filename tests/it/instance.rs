@@ -52,16 +52,13 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
     let launched: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let id = launched[0]["id"].as_str().unwrap().to_owned();
+    let id = id_of(&launched[0]);
     assert!(id.starts_with("ins-"));
 
     // It booted from the stored image and read its own disk and its seed.
-    wait_serial(&t, "web", "VMDEPOT-GUEST: ready");
+    wait_serial(&t, "web", READY);
     let log = serial(&t, "web");
-    assert!(
-        log.contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"),
-        "{log}"
-    );
+    assert!(log.contains(DISK_MARKER), "{log}");
     assert!(log.contains("VMDEPOT-WRITTEN: none"), "{log}");
     assert!(log.contains(&format!("VMDEPOT-INSTANCE-ID: {id}")), "{log}");
     assert!(log.contains("VMDEPOT-HOSTNAME: web-host"), "{log}");
@@ -172,12 +169,7 @@ fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     ]);
     assert!(other.wait_with_output().unwrap().status.success());
     t.ok(&["instance", "delete", "c", "--force"]);
-    let names: Vec<&str> = out
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap())
-        .collect();
+    let names = strs_at(&out, "name");
     assert_eq!(names, ["b-1", "b-2", "b-3"]);
     // one base, shared; each instance adds little at launch
     let bases: Vec<_> = std::fs::read_dir(t.depot().join("bases"))
@@ -201,13 +193,13 @@ fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     ports.dedup();
     assert_eq!(ports.len(), 3, "distinct ssh ports");
     for n in &names {
-        wait_serial(&t, n, "VMDEPOT-GUEST: ready");
-        assert!(serial(&t, n).contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"));
+        wait_serial(&t, n, READY);
+        assert!(serial(&t, n).contains(DISK_MARKER));
     }
     // Each wrote to its own disk. A new instance sees none of it, nor does
     // the image.
     t.ok(&["instance", "run", "tiny", "--name", "late"]);
-    wait_serial(&t, "late", "VMDEPOT-GUEST: ready");
+    wait_serial(&t, "late", READY);
     assert!(serial(&t, "late").contains("VMDEPOT-WRITTEN: none"));
     let digest = t.json(&["image", "show", "tiny", "--json"])["content_digest"].clone();
     t.ok(&["image", "verify", "tiny", "-q"]);
@@ -246,10 +238,7 @@ fn bad_launches_are_refused_and_leave_nothing() {
     let dirs_before = instance_dirs(&t).len();
     let check_unchanged = |what: &str| {
         assert_eq!(
-            t.json(&["instance", "list", "--json"])
-                .as_array()
-                .unwrap()
-                .len(),
+            items(&t.json(&["instance", "list", "--json"])).len(),
             1,
             "{what}"
         );
@@ -387,7 +376,7 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
     assert_eq!(&buf[..n], b"READY=1\n");
     let i = show(&t, "fg");
     assert_eq!(i["state"], "running");
-    wait_serial(&t, "fg", "VMDEPOT-GUEST: ready");
+    wait_serial(&t, "fg", READY);
     // systemd stops a unit with SIGTERM: the guest gets the power button
     // and vmdepot exits with QEMU.
     Command::new("kill")
@@ -421,8 +410,8 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
 #[test]
 fn library_harness_launches_waits_and_drops() {
     use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};
-    let dir = tempfile::tempdir_in(scratch()).unwrap();
-    let depot = Depot::open(dir.path().join("depot")).unwrap();
+    let t = T::new();
+    let depot = Depot::open(t.depot()).unwrap();
     depot
         .import(test_guest(), &ImportOptions::new("tiny"), &NoProgress)
         .unwrap();
@@ -450,11 +439,11 @@ fn library_harness_launches_waits_and_drops() {
             .to_string();
         assert!(e.contains(vm.id()) && e.contains("timed out"), "{e}");
     } // dropped: QEMU killed, instance deleted
-    let end = Instant::now() + Duration::from_secs(10);
-    while alive(pid as i64) && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!alive(pid as i64));
+    wait_until(
+        "the dropped instance's QEMU exits",
+        Duration::from_secs(10),
+        || !alive(pid as i64),
+    );
     assert!(!inst_dir.exists());
     assert!(depot.list_instances().unwrap().is_empty());
 }

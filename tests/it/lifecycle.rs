@@ -9,33 +9,19 @@ use serde_json::Value;
 
 use crate::common::*;
 
-fn id_of(v: &Value) -> String {
-    v["id"].as_str().unwrap().to_owned()
-}
-
 #[test]
 fn captures_of_a_running_and_a_stopped_instance_boot_with_its_changes() {
     let t = depot_with_guest();
     let tiny = id_of(&t.json(&["image", "show", "tiny", "--json"]));
-    t.ok(&["instance", "run", "tiny", "--name", "src", "-q"]);
     // the guest writes "written-by <its id>" on its disk, then says ready
-    wait_serial(&t, "src", "VMDEPOT-GUEST: ready");
+    boot(&t, "tiny", "src");
     let src = id_of(&show(&t, "src"));
     let chunks_before = t.stats()["chunks"].as_u64().unwrap();
 
     // a running instance needs --live
-    let (_, err) = t.fails(&["image", "create", "--from-instance", "src", "--name", "x"]);
+    let (_, err) = t.fails(&capture_args("src", "x", &[]));
     assert!(err.contains("--live"), "{err}");
-    let live = t.json(&[
-        "image",
-        "create",
-        "--from-instance",
-        "src",
-        "--name",
-        "cap-live",
-        "--live",
-        "--json",
-    ]);
+    let live = t.json(&capture_args("src", "cap-live", &["--live", "--json"]));
     assert_eq!(live["parent"], tiny.as_str());
     assert_eq!(live["source_instance"], src.as_str());
     // only the changed blocks were stored (a few KiB of ext4 and a file)
@@ -46,22 +32,12 @@ fn captures_of_a_running_and_a_stopped_instance_boot_with_its_changes() {
     t.ok(&["instance", "stop", "src"]);
     assert!(serial(&t, "src").contains("VMDEPOT-GUEST: power button"));
 
-    let stopped = t.json(&[
-        "image",
-        "create",
-        "--from-instance",
-        "src",
-        "--name",
-        "cap-stopped",
-        "--json",
-    ]);
+    let stopped = t.json(&capture_args("src", "cap-stopped", &["--json"]));
     // (its digest is not the live capture's: powering off unmounted the
     // guest's filesystem, which changed the disk)
     assert_eq!(stopped["parent"], tiny.as_str());
     let hist = t.json(&["image", "history", "cap-stopped", "--json"]);
-    let rel: Vec<(&str, &str)> = hist
-        .as_array()
-        .unwrap()
+    let rel: Vec<(&str, &str)> = items(&hist)
         .iter()
         .map(|e| (e["relation"].as_str().unwrap(), e["id"].as_str().unwrap()))
         .collect();
@@ -86,20 +62,10 @@ fn captures_of_a_running_and_a_stopped_instance_boot_with_its_changes() {
 #[test]
 fn backup_break_restore_and_keep() {
     let t = depot_with_guest();
-    t.ok(&["instance", "run", "tiny", "--name", "app", "-q"]);
-    wait_serial(&t, "app", "VMDEPOT-GUEST: ready");
+    boot(&t, "tiny", "app");
     let app = id_of(&show(&t, "app"));
     // an image that is no backup of it must survive every prune
-    t.ok(&[
-        "image",
-        "create",
-        "--from-instance",
-        "app",
-        "--name",
-        "keepme",
-        "--live",
-        "-q",
-    ]);
+    t.ok(&capture_args("app", "keepme", &["--live", "-q"]));
     let mut made = Vec::new();
     for _ in 0..4 {
         let r = t.json(&["instance", "backup", "app", "--keep", "2", "--json"]);
@@ -107,24 +73,12 @@ fn backup_break_restore_and_keep() {
         made.push(id_of(&r["backup"]));
     }
     let tag = format!("backup-of={app}");
-    let mut left: Vec<String> = t
-        .json(&["image", "list", "--tag", &tag, "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(id_of)
-        .collect();
+    let mut left = strs_at(&t.json(&["image", "list", "--tag", &tag, "--json"]), "id");
     left.sort();
     let mut newest = made[2..].to_vec();
     newest.sort();
     assert_eq!(left, newest, "--keep 2 keeps exactly the two newest");
-    let names: Vec<String> = t
-        .json(&["image", "list", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap().to_owned())
-        .collect();
+    let names = strs_at(&t.json(&["image", "list", "--json"]), "name");
     assert!(names.contains(&"tiny".to_string()) && names.contains(&"keepme".to_string()));
 
     // Break the instance's disk: zero its data partition (bytes 21..31 MiB).
@@ -140,11 +94,7 @@ fn backup_break_restore_and_keep() {
     t.ok(&["instance", "start", "app", "-q"]);
     wait_serial(&t, "app", "VMDEPOT-DISK: cannot mount");
     // let it get as far as listening for the power button (second "ready")
-    let end = std::time::Instant::now() + BOOT;
-    while serial(&t, "app").matches("VMDEPOT-GUEST: ready").count() < 2 {
-        assert!(std::time::Instant::now() < end, "{}", serial(&t, "app"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_serial_count(&t, "app", READY, 2);
 
     // Restore from the newest backup: the instance is stopped, gets the
     // backup's content, and runs again with its marker intact.
@@ -153,27 +103,16 @@ fn backup_break_restore_and_keep() {
     assert_eq!(show(&t, "app")["image"], made[3].as_str());
     wait_serial(&t, "app", &format!("VMDEPOT-WRITTEN: written-by {app}"));
     let log = serial(&t, "app");
-    assert_eq!(
-        log.matches("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a")
-            .count(),
-        2,
-        "{log}"
-    );
+    assert_eq!(log.matches(DISK_MARKER).count(), 2, "{log}");
     t.ok(&["instance", "delete", "app", "--force"]);
     t.assert_fsck_clean();
 }
 
 fn names_as(t: &T, who: &str) -> Vec<(String, String)> {
-    let v: Value = serde_json::from_str(&ok_as(t, who, &["image", "list", "--json"])).unwrap();
-    v.as_array()
-        .unwrap()
+    let v = json_as(t, who, &["image", "list", "--json"]);
+    items(&v)
         .iter()
-        .map(|i| {
-            (
-                i["name"].as_str().unwrap().to_owned(),
-                i["type"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|i| (str_at(i, "name"), str_at(i, "type")))
         .collect()
 }
 
@@ -183,12 +122,7 @@ fn sharing_matrix_owner_receiver_stranger() {
     const NOT_PERMITTED: i32 = 7;
     let t = T::new();
     let g = test_guest().to_str().unwrap();
-    ok_as(
-        &t,
-        "alice",
-        &["image", "import", g, "--name", "secret", "-q"],
-    );
-    ok_as(&t, "alice", &["image", "share", "secret", "--with", "bob"]);
+    share_guest_with_bob(&t);
     assert_eq!(
         ok_as(&t, "alice", &["image", "shares", "secret"]).trim(),
         "bob"
@@ -223,12 +157,10 @@ fn sharing_matrix_owner_receiver_stranger() {
         NOT_FOUND,
     );
     // instances are private to their account
-    let bl: Value =
-        serde_json::from_str(&ok_as(&t, "bob", &["instance", "list", "--json"])).unwrap();
-    assert_eq!(bl.as_array().unwrap().len(), 1);
-    let al: Value =
-        serde_json::from_str(&ok_as(&t, "alice", &["instance", "list", "--json"])).unwrap();
-    assert!(al.as_array().unwrap().is_empty());
+    let bl = json_as(&t, "bob", &["instance", "list", "--json"]);
+    assert_eq!(items(&bl).len(), 1);
+    let al = json_as(&t, "alice", &["instance", "list", "--json"]);
+    assert!(items(&al).is_empty());
     refused_as(&t, "alice", &["instance", "stop", "bobvm"], NOT_FOUND);
 
     // everything else: the receiver is refused (naming the rule), the
@@ -256,16 +188,7 @@ fn sharing_matrix_owner_receiver_stranger() {
     ok_as(
         &t,
         "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "stolen",
-            "--live",
-            "-q",
-        ],
+        &capture_args("bobvm", "stolen", &["--live", "-q"]),
     );
     let err = refused_as(
         &t,
@@ -322,8 +245,7 @@ fn sharing_matrix_owner_receiver_stranger() {
             "-q",
         ],
     );
-    let m: Value =
-        serde_json::from_str(&ok_as(&t, "eve", &["image", "show", "market", "--json"])).unwrap();
+    let m = json_as(&t, "eve", &["image", "show", "market", "--json"]);
     assert_eq!(
         (
             m["type"].as_str(),
@@ -349,13 +271,8 @@ fn sharing_matrix_owner_receiver_stranger() {
     // deprecated: hidden from default listings, still launchable
     ok_as(&t, "alice", &["image", "update", "market", "--deprecate"]);
     assert!(!names_as(&t, "eve").iter().any(|(n, _)| n == "market"));
-    let all: Value =
-        serde_json::from_str(&ok_as(&t, "eve", &["image", "list", "--all", "--json"])).unwrap();
-    assert!(all
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|i| i["state"] == "deprecated"));
+    let all = json_as(&t, "eve", &["image", "list", "--all", "--json"]);
+    assert!(items(&all).iter().any(|i| i["state"] == "deprecated"));
     ok_as(
         &t,
         "eve",
@@ -374,13 +291,7 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
     let b = t.import(&f.join("B.raw"), "b");
     let region = t.path("region2");
     let r = region.to_str().unwrap();
-    let in_region = |args: &[&str]| -> Value {
-        let mut v = vec!["--depot", r];
-        v.extend_from_slice(args);
-        let o = Command::new(bin()).args(&v).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
-    };
+    let in_region = |args: &[&str]| json_in(&region, args);
 
     // A big image of incompressible data, copy killed on the way.
     let big = slow_source(&t);
@@ -401,10 +312,7 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
             std::time::Instant::now() < end,
             "nothing arrived in the target"
         );
-        let o = Command::new(bin())
-            .args(["--depot", r, "stats", "--json"])
-            .output()
-            .unwrap();
+        let o = run_in(&region, &["stats", "--json"]);
         if o.status.success() {
             let s: Value = serde_json::from_slice(&o.stdout).unwrap();
             if s["chunks"].as_u64().unwrap_or(0) > 0 {
@@ -417,7 +325,7 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
     assert!(!c.wait().unwrap().success());
     // no half image is visible in the target
     let l = in_region(&["image", "list", "--json"]);
-    assert!(l.as_array().unwrap().is_empty(), "{l}");
+    assert!(items(&l).is_empty(), "{l}");
     // a gc there meanwhile keeps what arrived (the copy may resume)
     let g = in_region(&["gc", "--json"]);
     assert_eq!(g["chunks_removed"], 0, "{g}");
@@ -432,7 +340,7 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
     );
     assert_eq!(present + sent, chunks);
     assert!(present > 0, "the resumed copy sent everything again: {rep}");
-    in_region(&["image", "verify", "big", "-q"]);
+    ok_in(&region, &["image", "verify", "big", "-q"]);
     assert_eq!(
         in_region(&["image", "show", "big", "--json"])["content_digest"],
         t.json(&["image", "show", "big", "--json"])["content_digest"]
@@ -464,19 +372,13 @@ fn copy_to_another_depot_resumes_and_sends_only_missing_chunks() {
             .unwrap()
             .ends_with(src["id"].as_str().unwrap()));
     }
-    in_region(&["image", "verify", "-q"]);
+    ok_in(&region, &["image", "verify", "-q"]);
     let fsck = in_region(&["fsck", "--json"]);
     assert_eq!(fsck["problems"], Value::Array(vec![]));
     // the copy is an independent owner: deleting the source changes nothing there
     t.ok(&["image", "delete", "a"]);
     t.ok(&["gc"]);
-    in_region(&["image", "verify", "a", "-q"]);
+    ok_in(&region, &["image", "verify", "a", "-q"]);
     let h = t.json(&["image", "history", "b", "--json"]);
-    assert!(
-        h.as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["relation"] == "copy"),
-        "{h}"
-    );
+    assert!(items(&h).iter().any(|e| e["relation"] == "copy"), "{h}");
 }

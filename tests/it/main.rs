@@ -3,6 +3,7 @@
 //! by fixtures/. One test binary; one module per area.
 
 mod common;
+mod guard;
 mod image;
 mod instance;
 mod layers;

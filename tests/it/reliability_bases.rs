@@ -20,15 +20,6 @@ fn the_base(t: &T) -> PathBuf {
     v.into_iter().next().unwrap()
 }
 
-fn problems(r: &Value) -> Vec<String> {
-    r["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Two boots: one to make the base, one from the rebuilt base.
 #[test]
 fn zeroed_base_is_noticed_rebuilt_and_reported() {
@@ -56,9 +47,7 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
             "{p:?}"
         );
     }
-    let (code, err) = t.fails(&["image", "verify", "tiny", "-q"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("launch base"), "{err}");
+    t.refuses(&["image", "verify", "tiny", "-q"], 5, "launch base");
 
     // A launch notices (sampled check) and rebuilds it: the guest reads
     // its real disk.
@@ -69,22 +58,19 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
     t.assert_fsck_clean();
     assert!(problems(&t.json(&["fsck", "--bases", "--json"])).is_empty());
     t.ok(&["image", "verify", "tiny", "-q"]);
-    wait_serial(&t, "b", "VMDEPOT-GUEST: ready");
-    assert!(serial(&t, "b").contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"));
+    wait_serial(&t, "b", READY);
+    assert!(serial(&t, "b").contains(DISK_MARKER));
 
     // Lost again while b runs from it: a launch refuses (b has it open)
     // and leaves nothing behind.
     lose_data(&base);
-    let (code, err) = t.fails(&["instance", "run", "tiny", "--name", "c", "--accel", "tcg"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("runs from it") && err.contains("b ("), "{err}");
-    let names: Vec<String> = t
-        .json(&["instance", "list", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap().to_owned())
-        .collect();
+    let err = t.refuses(
+        &["instance", "run", "tiny", "--name", "c", "--accel", "tcg"],
+        5,
+        "runs from it",
+    );
+    assert!(err.contains("b ("), "{err}");
+    let names = strs_at(&t.json(&["instance", "list", "--json"]), "name");
     assert_eq!(names, ["b"]);
 
     // gc evicts the unused base and its record: fsck is clean again.

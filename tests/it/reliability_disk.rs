@@ -2,7 +2,7 @@
 //! items 3 and 6): every case through the real binary.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -44,29 +44,6 @@ impl Drop for LoopFs {
     }
 }
 
-/// A tmpfs of `size` (e.g. "1m"), unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(t: &T, name: &str, size: &str) -> Tmpfs {
-        let mnt = t.path(name);
-        std::fs::create_dir(&mnt).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Tmpfs(mnt)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Bytes available to a user on the filesystem holding `p` (statvfs
 /// f_bavail * f_frsize, through stat -f).
 fn avail(p: &Path) -> u64 {
@@ -104,27 +81,6 @@ fn fill(dir: &Path) {
     assert_eq!(avail(dir), 0, "the filesystem should be full");
 }
 
-fn run_in(depot: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("--depot")
-        .arg(depot)
-        .args(args)
-        .env_remove("VMDEPOT_DIR")
-        .output()
-        .unwrap()
-}
-
-fn ok_in(depot: &Path, args: &[&str]) -> String {
-    let o = run_in(depot, args);
-    assert!(
-        o.status.success(),
-        "vmdepot {args:?} on a full disk failed ({:?}): {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 #[test]
 fn a_full_disk_still_lists_shows_exports_verifies_checks_deletes_and_collects() {
     if !nix_is_root() {
@@ -145,16 +101,15 @@ fn a_full_disk_still_lists_shows_exports_verifies_checks_deletes_and_collects() 
         files.push(f);
     }
     fill(&fs.mnt);
-    let list: Value = serde_json::from_str(&ok_in(&depot, &["image", "list", "--json"])).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
-    let show: Value =
-        serde_json::from_str(&ok_in(&depot, &["image", "show", "a", "--json"])).unwrap();
+    let list = json_in(&depot, &["image", "list", "--json"]);
+    assert_eq!(items(&list).len(), 3, "{list}");
+    let show = json_in(&depot, &["image", "show", "a", "--json"]);
     assert_eq!(show["state"], "available");
     let out = t.path("a.out");
     ok_in(&depot, &["image", "export", "a", out.to_str().unwrap()]);
     assert!(same_content(&files[0], &out));
     ok_in(&depot, &["image", "verify", "-q"]);
-    let f: Value = serde_json::from_str(&ok_in(&depot, &["fsck", "--json"])).unwrap();
+    let f = json_in(&depot, &["fsck", "--json"]);
     assert_eq!(f["problems"], Value::Array(vec![]), "{f}");
     ok_in(&depot, &["stats"]);
     assert_eq!(avail(&fs.mnt), 0, "read-only commands wrote");
@@ -166,8 +121,8 @@ fn a_full_disk_still_lists_shows_exports_verifies_checks_deletes_and_collects() 
         "gc gave back only {} bytes",
         avail(&fs.mnt)
     );
-    let list: Value = serde_json::from_str(&ok_in(&depot, &["image", "list", "--json"])).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let list = json_in(&depot, &["image", "list", "--json"]);
+    assert_eq!(items(&list).len(), 1, "{list}");
     ok_in(&depot, &["image", "verify", "c", "-q"]);
 }
 
@@ -182,9 +137,7 @@ fn a_damaged_catalog_file_is_store_damaged_exit_5() {
         let f = std::fs::OpenOptions::new().write(true).open(&cat).unwrap();
         f.write_all_at(b"this is no SQLite", 0).unwrap();
     }
-    let (code, err) = t.fails(&["image", "list"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("backup"), "{err}");
+    t.refuses(&["image", "list"], 5, "backup");
     // A damaged b-tree page (SQLITE_CORRUPT: "database disk image is malformed").
     let t = T::new();
     let f = t.path("a.raw");
@@ -199,9 +152,8 @@ fn a_damaged_catalog_file_is_store_damaged_exit_5() {
             f.write_all_at(&[0xff; 64], page * 4096).unwrap();
         }
     }
-    let (code, err) = t.fails(&["image", "list"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("malformed") && err.contains("backup"), "{err}");
+    let err = t.refuses(&["image", "list"], 5, "malformed");
+    assert!(err.contains("backup"), "{err}");
 }
 
 #[test]
@@ -217,9 +169,7 @@ fn a_non_utf8_catalog_value_is_store_damaged_exit_5() {
         .status()
         .unwrap();
     assert!(st.success());
-    let (code, err) = t.fails(&["image", "show", "a"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("UTF-8"), "{err}");
+    t.refuses(&["image", "show", "a"], 5, "UTF-8");
 }
 
 #[test]

@@ -42,30 +42,21 @@ fn qmp_status(sock: &Path) -> String {
 
 /// A live capture that sleeps `ms` in its paused window.
 fn spawn_capture(t: &T, name: &str, ms: u64) -> Child {
-    t.cmd(&[
-        "image",
-        "create",
-        "--from-instance",
-        "g",
-        "--name",
-        name,
-        "--live",
-        "-q",
-    ])
-    .env("VMDEPOT_TEST_PAUSED_SLEEP_MS", ms.to_string())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap()
+    t.cmd(&capture_args("g", name, &["--live", "-q"]))
+        .env("VMDEPOT_TEST_PAUSED_SLEEP_MS", ms.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// Waits until the capture has taken its lease and QEMU says `paused`.
 fn wait_paused(dir: &Path, qmp: &Path) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while !(dir.join("pause").exists() && qmp_status(qmp) == "paused") {
-        assert!(Instant::now() < end, "the capture never paused the guest");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the capture pauses the guest",
+        Duration::from_secs(60),
+        || dir.join("pause").exists() && qmp_status(qmp) == "paused",
+    );
 }
 
 fn kill9(mut c: Child) {
@@ -76,8 +67,7 @@ fn kill9(mut c: Child) {
 #[test]
 fn a_killed_live_capture_never_leaves_the_guest_paused() {
     let t = depot_with_guest();
-    t.ok(&["instance", "run", "tiny", "--name", "g", "-q"]);
-    wait_serial(&t, "g", "VMDEPOT-GUEST: ready");
+    boot(&t, "tiny", "g");
     let info = show(&t, "g");
     let dir = PathBuf::from(info["dir"].as_str().unwrap());
     let qmp = PathBuf::from(info["qmp_socket"].as_str().unwrap());
@@ -88,16 +78,7 @@ fn a_killed_live_capture_never_leaves_the_guest_paused() {
     // How long an ordinary live capture pauses the guest (it says so at
     // log level info).
     let o = t
-        .cmd(&[
-            "image",
-            "create",
-            "--from-instance",
-            "g",
-            "--name",
-            "cap-ok",
-            "--live",
-            "-q",
-        ])
+        .cmd(&capture_args("g", "cap-ok", &["--live", "-q"]))
         .env("VMDEPOT_LOG", "info")
         .output()
         .unwrap();

@@ -24,28 +24,6 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }
 
-/// Processes whose command line names `needle` (vmdepot, qemu-img, QEMU of
-/// a depot under a mount point).
-fn procs_naming(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmd).contains(needle) {
-            v.push(pid);
-        }
-    }
-    v
-}
-
 fn signal_all(needle: &str, sig: &str) -> Vec<i32> {
     let pids = procs_naming(needle);
     for p in &pids {
@@ -183,18 +161,15 @@ fn reached(m: Moment, depot: &Path, run: &mut Child, t: &T) -> bool {
             if run.try_wait().unwrap().is_none() {
                 return false;
             }
-            wait_serial(t, "a", "VMDEPOT-GUEST: ready");
+            wait_serial(t, "a", READY);
             true
         }
     }
 }
 
 fn launch_problems(r: &Value) -> Vec<String> {
-    r["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_owned())
+    problems(r)
+        .into_iter()
         .filter(|p| p.contains("launch base"))
         .collect()
 }
@@ -294,8 +269,8 @@ fn power_cut_at(m: Moment) {
     ]);
     let base = base_file(&depot).expect("a base");
     assert!(same_content(&base, guest), "the launch's base is not whole");
-    wait_serial(&t2, "b", "VMDEPOT-GUEST: ready");
-    assert!(serial(&t2, "b").contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"));
+    wait_serial(&t2, "b", READY);
+    assert!(serial(&t2, "b").contains(DISK_MARKER));
     assert!(launch_problems(&t2.json(&["fsck", "--bases", "--json"])).is_empty());
     t2.ok(&["instance", "delete", "b", "--force"]);
     drop(t2);
@@ -324,30 +299,13 @@ fn power_cut_after_boot() {
     power_cut_at(Moment::Booted);
 }
 
-const MARKER: &str = "VMDEPOT-DISK: vmdepot test guest disk marker 7f3a";
-
-fn wait_markers(t: &T, inst: &str, n: usize) {
-    let end = Instant::now() + BOOT;
-    loop {
-        let log = serial(t, inst);
-        if log.matches(MARKER).count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "{inst}: boot {n} did not read its disk marker:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn start_and_restart_rebuild_a_zeroed_base() {
     let t = depot_with_guest();
     t.ok(&[
         "instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q",
     ]);
-    wait_markers(&t, "a", 1);
+    wait_serial_count(&t, "a", DISK_MARKER, 1);
     t.ok(&["instance", "stop", "a", "--force"]);
     let base = base_file(&t.depot()).unwrap();
 
@@ -355,7 +313,7 @@ fn start_and_restart_rebuild_a_zeroed_base() {
     lose_data(&base);
     t.ok(&["instance", "start", "a"]);
     assert!(same_content(&base, test_guest()), "start booted a bad base");
-    wait_markers(&t, "a", 2);
+    wait_serial_count(&t, "a", DISK_MARKER, 2);
 
     // restart: emptied while a runs (nothing checks then); the restart
     // stops a first, so the base is rebuilt before it starts again.
@@ -365,7 +323,7 @@ fn start_and_restart_rebuild_a_zeroed_base() {
         same_content(&base, test_guest()),
         "restart booted a bad base"
     );
-    wait_markers(&t, "a", 3);
+    wait_serial_count(&t, "a", DISK_MARKER, 3);
     t.assert_fsck_clean();
     t.ok(&["instance", "delete", "a", "--force"]);
 }

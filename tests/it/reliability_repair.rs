@@ -17,10 +17,7 @@ fn b3(p: &Path) -> String {
 
 /// The fields of `image list --json` that must survive a rebuild.
 fn listing(t: &T) -> Vec<Value> {
-    let mut v: Vec<Value> = t
-        .json(&["image", "list", "--all", "--json"])
-        .as_array()
-        .unwrap()
+    let mut v: Vec<Value> = items(&t.json(&["image", "list", "--all", "--json"]))
         .iter()
         .map(|i| {
             let keep = [
@@ -53,19 +50,15 @@ fn listing(t: &T) -> Vec<Value> {
             )
         })
         .collect();
-    v.sort_by_key(|i| i["id"].as_str().unwrap().to_owned());
+    v.sort_by_key(id_of);
     v
 }
 
 /// BLAKE3 of every image's raw export, by id.
 fn exports(t: &T, tag: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for i in t
-        .json(&["image", "list", "--all", "--json"])
-        .as_array()
-        .unwrap()
-    {
-        let id = i["id"].as_str().unwrap().to_owned();
+    for i in items(&t.json(&["image", "list", "--all", "--json"])) {
+        let id = id_of(i);
         let p = t.path(&format!("{id}.{tag}.raw"));
         t.ok(&["image", "export", &id, p.to_str().unwrap(), "-q"]);
         out.push((id, b3(&p)));
@@ -147,13 +140,7 @@ fn a_deleted_catalog_is_rebuilt_with_every_image_and_its_metadata() {
     t.import(&fx.join("A.raw"), "A");
     t.import(&fx.join("B.raw"), "B");
     let q = t.path("b2.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        fx.join("B2.raw").to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
+    to_qcow2(&fx.join("B2.raw"), &q);
     t.import(&q, "B2-qcow2");
     let small = t.path("small.raw");
     synthetic_raw(&small, 8, 3);
@@ -205,7 +192,7 @@ fn a_deleted_catalog_is_rebuilt_with_every_image_and_its_metadata() {
     let sums = exports(&t, "before");
     remove_catalog(&t);
     let rep = repair_and_compare(&t, &list, &sums);
-    assert_eq!(rep["images"].as_array().unwrap().len(), 4, "{rep}");
+    assert_eq!(items(&rep["images"]).len(), 4, "{rep}");
     assert_eq!(rep["packs_reindexed"], 0, "{rep}");
     // and the depot works on: gc keeps everything, a new import dedups
     t.ok(&["gc"]);
@@ -251,7 +238,7 @@ fn an_emptied_or_truncated_catalog_is_rebuilt() {
         .unwrap();
     let rep = t.json(&["fsck", "--repair", "--json"]);
     assert_eq!(rep["rebuilt"], true, "{rep}");
-    assert_eq!(rep["set_aside"].as_array().unwrap().len(), 1, "{rep}");
+    assert_eq!(items(&rep["set_aside"]).len(), 1, "{rep}");
     assert_eq!(listing(&t), list);
     assert_eq!(exports(&t, "after"), sums);
     t.ok(&["image", "verify", "-q"]);
@@ -268,11 +255,7 @@ fn an_emptied_or_truncated_catalog_is_rebuilt() {
         std::fs::remove_file(f).unwrap();
     }
     let f = t.json(&["fsck", "--json"]);
-    assert_eq!(
-        f["warnings"].as_array().unwrap().len(),
-        4,
-        "2 images, 2 packs: {f}"
-    );
+    assert_eq!(items(&f["warnings"]).len(), 4, "2 images, 2 packs: {f}");
     let rep = t.json(&["fsck", "--repair", "--json"]);
     assert_eq!(rep["rebuilt"], false, "{rep}");
     assert_eq!(rep["manifests_written"], 2, "{rep}");
@@ -301,7 +284,7 @@ fn an_emptied_or_truncated_catalog_is_rebuilt() {
     );
     flip(&files_with(&t.depot().join("packs"), "idx")[0]);
     let f = t.json(&["fsck", "--json"]);
-    assert_eq!(f["warnings"].as_array().unwrap().len(), 2, "{f}");
+    assert_eq!(items(&f["warnings"]).len(), 2, "{f}");
     let rep = t.json(&["fsck", "--repair", "--json"]);
     assert_eq!(rep["manifests_written"], 1, "{rep}");
     assert_eq!(rep["indexes_written"], 1, "{rep}");
@@ -381,7 +364,7 @@ fn a_repair_after_gc_repacked_packs_and_without_indexes() {
     let rep = t.json(&["fsck", "--repair", "--json"]);
     assert_eq!(rep["packs_reindexed"], 2, "{rep}");
     assert_eq!(rep["problems"], Value::Array(vec![]), "{rep}");
-    let mended = rep["mended"].as_array().unwrap();
+    let mended = items(&rep["mended"]);
     assert!(
         mended.len() == 1 && mended[0].as_str().unwrap().contains("read again"),
         "the damaged index is reported: {rep}"
@@ -415,7 +398,7 @@ fn instances_are_rebuilt_from_their_directories() {
         "web-host",
         "--json",
     ]);
-    let id = launched[0]["id"].as_str().unwrap().to_owned();
+    let id = id_of(&launched[0]);
     let pid = t.json(&["instance", "show", "web", "--json"])["pid"].clone();
     assert!(pid.is_i64(), "{pid}");
     remove_catalog(&t);

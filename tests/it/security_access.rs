@@ -3,7 +3,6 @@
 //! neither squatted nor silently resolved to someone else's image.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -14,11 +13,11 @@ const AMBIGUOUS: i32 = 2;
 const NOT_PERMITTED: i32 = 7;
 
 fn show_as(t: &T, who: &str, image: &str) -> Value {
-    serde_json::from_str(&ok_as(t, who, &["image", "show", image, "--json"])).unwrap()
+    json_as(t, who, &["image", "show", image, "--json"])
 }
 
 fn id_as(t: &T, who: &str, image: &str) -> String {
-    show_as(t, who, image)["id"].as_str().unwrap().to_owned()
+    id_of(&show_as(t, who, image))
 }
 
 /// Runs the guest's QEMU just long enough to exist, then kills it: a
@@ -60,11 +59,7 @@ fn assert_launch_only(t: &T, who: &str, image: &str) {
     assert!(!out.exists());
     assert!(
         !region.join("catalog.db").exists() || {
-            let o = Command::new(bin())
-                .args(["--depot", region.to_str().unwrap(), "--account", who])
-                .args(["image", "list", "--json"])
-                .output()
-                .unwrap();
+            let o = run_in(&region, &["--account", who, "image", "list", "--json"]);
             serde_json::from_slice::<Value>(&o.stdout).unwrap() == Value::Array(vec![])
         }
     );
@@ -74,37 +69,14 @@ fn assert_launch_only(t: &T, who: &str, image: &str) {
 #[test]
 fn captures_and_backups_of_a_shared_image_stay_launch_only_after_unshare() {
     let t = T::new();
-    let g = test_guest().to_str().unwrap();
-    ok_as(
-        &t,
-        "alice",
-        &["image", "import", g, "--name", "secret", "-q"],
-    );
+    share_guest_with_bob(&t);
     let secret = id_as(&t, "alice", "secret");
-    ok_as(&t, "alice", &["image", "share", "secret", "--with", "bob"]);
     run_and_kill(&t, "bob", "secret", "bobvm");
 
     // While shared: capture and backup work, and make launch-only images.
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "cap-shared",
-            "-q",
-        ],
-    );
-    let b: Value = serde_json::from_str(&ok_as(
-        &t,
-        "bob",
-        &["instance", "backup", "bobvm", "--json", "-q"],
-    ))
-    .unwrap();
-    let backup1 = b["backup"]["id"].as_str().unwrap().to_owned();
+    ok_as(&t, "bob", &capture_args("bobvm", "cap-shared", &["-q"]));
+    let b = json_as(&t, "bob", &["instance", "backup", "bobvm", "--json", "-q"]);
+    let backup1 = id_of(&b["backup"]);
     assert_eq!(
         show_as(&t, "bob", "cap-shared")["restricted_from"],
         format!("alice {secret}").as_str()
@@ -118,29 +90,16 @@ fn captures_and_backups_of_a_shared_image_stay_launch_only_after_unshare() {
         "alice",
         &["image", "unshare", "secret", "--with", "bob"],
     );
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "cap-after",
-            "-q",
-        ],
-    );
+    ok_as(&t, "bob", &capture_args("bobvm", "cap-after", &["-q"]));
     assert_launch_only(&t, "bob", "cap-after");
     // Backups keep working, pruning included (the owner deletes its own
     // launch-only images).
-    let b: Value = serde_json::from_str(&ok_as(
+    let b = json_as(
         &t,
         "bob",
         &["instance", "backup", "bobvm", "--keep", "1", "--json", "-q"],
-    ))
-    .unwrap();
-    let backup2 = b["backup"]["id"].as_str().unwrap().to_owned();
+    );
+    let backup2 = id_of(&b["backup"]);
     assert_eq!(b["pruned"], serde_json::json!([backup1]), "{b}");
     assert_launch_only(&t, "bob", &backup2);
     // ... and so does restoring from one.
@@ -149,36 +108,12 @@ fn captures_and_backups_of_a_shared_image_stay_launch_only_after_unshare() {
         "bob",
         &["instance", "restore", "bobvm", "--from", &backup2],
     );
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "cap-restored",
-            "-q",
-        ],
-    );
+    ok_as(&t, "bob", &capture_args("bobvm", "cap-restored", &["-q"]));
     assert_launch_only(&t, "bob", "cap-restored");
 
     // Even the origin deleted, the content remembers where it came from.
     ok_as(&t, "alice", &["image", "delete", "secret", "--force"]);
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "cap-orphan",
-            "-q",
-        ],
-    );
+    ok_as(&t, "bob", &capture_args("bobvm", "cap-orphan", &["-q"]));
     assert_launch_only(&t, "bob", "cap-orphan");
     // The receiver still owns everything else about them.
     ok_as(
@@ -200,27 +135,9 @@ fn captures_and_backups_of_a_shared_image_stay_launch_only_after_unshare() {
 #[test]
 fn a_capture_of_an_instance_of_a_launch_only_image_is_launch_only() {
     let t = T::new();
-    let g = test_guest().to_str().unwrap();
-    ok_as(
-        &t,
-        "alice",
-        &["image", "import", g, "--name", "secret", "-q"],
-    );
-    ok_as(&t, "alice", &["image", "share", "secret", "--with", "bob"]);
+    share_guest_with_bob(&t);
     run_and_kill(&t, "bob", "secret", "bobvm");
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm",
-            "--name",
-            "gen1",
-            "-q",
-        ],
-    );
+    ok_as(&t, "bob", &capture_args("bobvm", "gen1", &["-q"]));
     ok_as(
         &t,
         "alice",
@@ -228,45 +145,16 @@ fn a_capture_of_an_instance_of_a_launch_only_image_is_launch_only() {
     );
     // instances of a launch-only image work; their captures inherit it
     run_and_kill(&t, "bob", "gen1", "bobvm2");
-    ok_as(
-        &t,
-        "bob",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "bobvm2",
-            "--name",
-            "gen2",
-            "-q",
-        ],
-    );
+    ok_as(&t, "bob", &capture_args("bobvm2", "gen2", &["-q"]));
     assert_launch_only(&t, "bob", "gen2");
     let origin = show_as(&t, "bob", "gen1")["restricted_from"].clone();
     assert_eq!(show_as(&t, "bob", "gen2")["restricted_from"], origin);
     // and so do its backups
-    let b: Value = serde_json::from_str(&ok_as(
-        &t,
-        "bob",
-        &["instance", "backup", "bobvm2", "--json", "-q"],
-    ))
-    .unwrap();
-    assert_launch_only(&t, "bob", b["backup"]["id"].as_str().unwrap());
+    let b = json_as(&t, "bob", &["instance", "backup", "bobvm2", "--json", "-q"]);
+    assert_launch_only(&t, "bob", &id_of(&b["backup"]));
     // the owner's own captures are free
     run_and_kill(&t, "alice", "secret", "alicevm");
-    ok_as(
-        &t,
-        "alice",
-        &[
-            "image",
-            "create",
-            "--from-instance",
-            "alicevm",
-            "--name",
-            "a2",
-            "-q",
-        ],
-    );
+    ok_as(&t, "alice", &capture_args("alicevm", "a2", &["-q"]));
     assert_eq!(show_as(&t, "alice", "a2")["launch_only"], false);
     ok_as(
         &t,
@@ -326,19 +214,22 @@ fn a_public_name_of_another_account_cannot_be_squatted() {
     // nor by copying one into a depot where the name is someone else's
     let region = t.path("region2");
     let r = region.to_str().unwrap();
-    let o = Command::new(bin())
-        .args(["--depot", r, "--account", "mallory", "image", "import"])
-        .args([
-            &small_disk(&t),
+    let disk = small_disk(&t);
+    ok_in(
+        &region,
+        &[
+            "--account",
+            "mallory",
+            "image",
+            "import",
+            &disk,
             "--name",
             "debian",
             "--type",
             "public",
             "-q",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ],
+    );
     let err = refused_as(
         &t,
         "alice",
@@ -359,18 +250,7 @@ fn a_name_that_matches_several_visible_images_is_an_error_listing_them() {
     // a custom name is the owner's own business
     assert!(import_as(&t, "bob", "debian", "custom").status.success());
     let err = refused_as(&t, "bob", &["image", "show", "debian"], AMBIGUOUS);
-    let own = t.json(&[
-        "--account",
-        "bob",
-        "image",
-        "list",
-        "--type",
-        "custom",
-        "--json",
-    ])[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let own = id_of(&json_as(&t, "bob", &["image", "list", "--type", "custom", "--json"])[0]);
     for needle in [
         public.as_str(),
         own.as_str(),
@@ -403,9 +283,7 @@ fn a_name_that_matches_several_visible_images_is_an_error_listing_them() {
     }
     assert!(
         !Path::new(&t.depot().join("instances")).exists() || {
-            let l: Value =
-                serde_json::from_str(&ok_as(&t, "bob", &["instance", "list", "--json"])).unwrap();
-            l == Value::Array(vec![])
+            json_as(&t, "bob", &["instance", "list", "--json"]) == Value::Array(vec![])
         }
     );
 }

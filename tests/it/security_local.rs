@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -25,19 +25,9 @@ fn umask_cmd(mask: &str, depot: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn ok_out(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed ({:?}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 /// Runs vmdepot on `depot` under umask `mask`; asserts success.
 fn ok_umask(mask: &str, depot: &Path, args: &[&str]) -> String {
-    ok_out(
+    ok_stdout(
         umask_cmd(mask, depot, args).output().unwrap(),
         &format!("umask {mask}; vmdepot {args:?}"),
     )
@@ -84,14 +74,6 @@ fn wrong_modes(root: &Path, dir: u32, file: u32, base: u32) -> String {
         .collect()
 }
 
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let end = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < end, "{what} did not happen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn depot_is_private_whatever_the_umask_after_import_and_run() {
     let t = T::new();
@@ -109,7 +91,7 @@ fn depot_is_private_whatever_the_umask_after_import_and_run() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("catalog.db-wal and -shm", || {
+    wait_until("catalog.db-wal and -shm", Duration::from_secs(20), || {
         d.join("catalog.db-wal").exists() && d.join("catalog.db-shm").exists()
     });
     let inst = t.json(&["instance", "show", "web", "--json"]);
@@ -216,18 +198,20 @@ fn group_depot_is_shared_by_its_group_and_stays_so() {
     check("second import");
     // --group names the choice made at creation; anything else is refused.
     t.ok(&["--group", &group, "image", "list"]);
-    let (code, err) = t.fails(&["--group", "root", "image", "list"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("only when a depot is created"), "{err}");
+    t.refuses(
+        &["--group", "root", "image", "list"],
+        2,
+        "only when a depot is created",
+    );
     let private = T::new();
     private.ok(&["image", "list"]);
-    let (code, err) = private.fails(&["--group", &group, "image", "list"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("private"), "{err}");
+    private.refuses(&["--group", &group, "image", "list"], 2, "private");
     let fresh = T::new();
-    let (code, err) = fresh.fails(&["--group", "no-such-group-x", "image", "list"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no such group"), "{err}");
+    fresh.refuses(
+        &["--group", "no-such-group-x", "image", "list"],
+        2,
+        "no such group",
+    );
 }
 
 #[test]
@@ -330,7 +314,7 @@ fn instance_boots_from_a_depot_path_with_a_comma() {
     let end = Instant::now() + BOOT;
     let log = loop {
         let log = ok_umask("022", &d, &["instance", "logs", "c"]);
-        if log.contains("VMDEPOT-GUEST: ready") {
+        if log.contains(READY) {
             break log;
         }
         assert!(Instant::now() < end, "no ready line after {BOOT:?}:\n{log}");
@@ -338,10 +322,7 @@ fn instance_boots_from_a_depot_path_with_a_comma() {
     };
     ok_umask("022", &d, &["instance", "delete", "c", "--force"]);
     // its own disk (through the overlay on the base) and its seed
-    assert!(
-        log.contains("VMDEPOT-DISK: vmdepot test guest disk marker 7f3a"),
-        "{log}"
-    );
+    assert!(log.contains(DISK_MARKER), "{log}");
     assert!(log.contains("VMDEPOT-HOSTNAME: c"), "{log}");
 }
 

@@ -66,9 +66,11 @@ fn symlink_destination_is_refused_and_its_target_untouched() {
     std::fs::write(&victim, b"precious").unwrap();
     let link = t.path("link.raw");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
-    let (code, err) = t.fails(&["image", "export", "s", s(&link), "-q"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("symbolic link"), "{err}");
+    t.refuses(
+        &["image", "export", "s", s(&link), "-q"],
+        4,
+        "symbolic link",
+    );
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert!(std::fs::symlink_metadata(&link)
         .unwrap()
@@ -81,9 +83,11 @@ fn export_onto_the_depot_catalog_is_refused() {
     let t = T::new();
     let src = small(&t, "s", 3);
     let cat = t.depot().join("catalog.db");
-    let (code, err) = t.fails(&["image", "export", "s", s(&cat), "-q"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("inside the depot"), "{err}");
+    t.refuses(
+        &["image", "export", "s", s(&cat), "-q"],
+        4,
+        "inside the depot",
+    );
     // The same through another name of the depot directory.
     let alias = t.path("alias");
     std::os::unix::fs::symlink(t.depot(), &alias).unwrap();
@@ -166,9 +170,7 @@ fn export_to_a_fifo_is_refused() {
         .status()
         .unwrap()
         .success());
-    let (code, err) = t.fails(&["image", "export", "s", s(&fifo), "-q"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("FIFO"), "{err}");
+    t.refuses(&["image", "export", "s", s(&fifo), "-q"], 4, "FIFO");
     assert!(std::fs::symlink_metadata(&fifo)
         .unwrap()
         .file_type()
@@ -271,9 +273,7 @@ fn emptied_or_missing_catalog_is_refused_and_gc_keeps_the_packs() {
     // Without the marker (a depot made before markers), the pack files
     // alone are enough to refuse.
     std::fs::remove_file(t.depot().join("VMDEPOT")).unwrap();
-    let (code, err) = t.fails(&["gc"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("pack files"), "{err}");
+    t.refuses(&["gc"], 5, "pack files");
     assert_eq!(t.pack_files(), packs);
 }
 
@@ -325,13 +325,13 @@ fn damaged_image_map_does_not_block_the_other_images() {
     let t = T::new();
     let good_src = small(&t, "good", 12);
     let bad = t.import(&t.path("good.raw"), "bad");
-    let bad_id = bad["id"].as_str().unwrap().to_owned();
+    let bad_id = id_of(&bad);
     sql(
         &t,
         &format!("UPDATE images SET map = x'5a8397510011' WHERE id = '{bad_id}'"),
     );
     let list = t.json(&["image", "list", "--json"]);
-    let list = list.as_array().unwrap();
+    let list = items(&list);
     assert_eq!(list.len(), 2, "{list:?}");
     let b = list.iter().find(|i| i["id"] == bad_id.as_str()).unwrap();
     assert_eq!(b["state"], "damaged");
@@ -343,17 +343,17 @@ fn damaged_image_map_does_not_block_the_other_images() {
     let out = t.path("good.out");
     t.ok(&["image", "export", "good", s(&out), "-q"]);
     assert!(same_content(&good_src, &out));
-    let (code, err) = t.fails(&["image", "export", &bad_id, s(&t.path("bad.out")), "-q"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains(&bad_id), "{err}");
+    t.refuses(
+        &["image", "export", &bad_id, s(&t.path("bad.out")), "-q"],
+        5,
+        &bad_id,
+    );
     let o = t.run(&["fsck", "--json"]);
     assert_eq!(o.status.code(), Some(5));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(r["problems"].to_string().contains(&bad_id), "{r}");
     // gc refuses rather than free what the damaged image may use.
-    let (code, err) = t.fails(&["gc"]);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains(&bad_id), "{err}");
+    t.refuses(&["gc"], 5, &bad_id);
     t.ok(&["image", "delete", "good"]);
     t.ok(&["image", "delete", &bad_id]);
     assert_eq!(t.json(&["image", "list", "--json"]), Value::Array(vec![]));
@@ -365,10 +365,7 @@ fn non_utf8_text_and_bad_state_rows_are_named() {
     small(&t, "one", 13);
     let two = t.import(&t.path("one.raw"), "two");
     let three = t.import(&t.path("one.raw"), "three");
-    let (two, three) = (
-        two["id"].as_str().unwrap().to_owned(),
-        three["id"].as_str().unwrap().to_owned(),
-    );
+    let (two, three) = (id_of(&two), id_of(&three));
     sql(
         &t,
         &format!(
@@ -380,12 +377,10 @@ fn non_utf8_text_and_bad_state_rows_are_named() {
     let o = t.run(&["image", "list", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let list: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let damaged: Vec<_> = list
-        .as_array()
-        .unwrap()
+    let damaged: Vec<_> = items(&list)
         .iter()
         .filter(|i| i["state"] == "damaged")
-        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .map(id_of)
         .collect();
     assert_eq!(damaged.len(), 2, "{list}");
     for (id, what) in [(&two, "not UTF-8"), (&three, "bogus")] {

@@ -137,7 +137,7 @@ CREATE TABLE source_files (
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
 "#,
-    // v3: instances (see instance.rs).
+    // v3: instances (see launch/instance.rs).
     r#"
 CREATE TABLE instances (
     id         TEXT PRIMARY KEY,                -- ins-<16 hex>
@@ -256,7 +256,7 @@ CREATE UNIQUE INDEX images_public_name ON images(name) WHERE type IN ('public', 
 "#,
     // v8: launch bases recorded once they are complete and durable (file
     // fsynced, renamed, directory fsynced); a base file without its row, or
-    // not matching it, is never booted (see instance::ensure_base).
+    // not matching it, is never booted (see image::bases::ensure_base).
     r#"
 CREATE TABLE bases (
     image      TEXT PRIMARY KEY,                -- images.id; file bases/<image>.raw

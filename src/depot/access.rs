@@ -13,7 +13,7 @@
 //!
 //! **Launch-only is a property of the content**, not of the share: an
 //! instance launched (or restored) from an image shared with its account
-//! carries the origin (`restricted_from` = "<owner> <img-id>" of the shared
+//! carries the origin (`restricted_from` = `"<owner> <img-id>"` of the shared
 //! image), and so does every image captured or backed up from it, and
 //! every capture of an instance of such an image, transitively. Unsharing
 //! or deleting the origin lifts nothing. The receiver can still back up and

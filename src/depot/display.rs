@@ -1,5 +1,5 @@
 //! How the depot shows values to users: times as RFC 3339 ([`rfc3339`])
-//! and an image's state in the cloud services' words ([`shown_state`]).
+//! and an image's state in the cloud services' words (`shown_state`).
 
 use crate::catalog::ImageState;
 

@@ -199,7 +199,7 @@ const KVM_WATCH: Duration = Duration::from_millis(1500);
 
 /// Watches the first moments of a guest under KVM: a host whose KVM cannot
 /// run guests (broken nested KVM) leaves the VM in `internal-error`, and
-/// QEMU does not exit. Polls QMP `query-status` for [`KVM_WATCH`]; true if
+/// QEMU does not exit. Polls QMP `query-status` for `KVM_WATCH` (1.5 s); true if
 /// the guest died so.
 pub fn kvm_internal_error(q: &mut Qmp) -> Result<bool> {
     let deadline = Instant::now() + KVM_WATCH;

@@ -3,7 +3,7 @@
 //!
 //! Main items: [`LaunchOptions`] (what [`Depot::launch`] takes),
 //! [`Launched`], [`InstanceInfo`] (what `instance show` prints),
-//! [`Depot::instance`] and [`Depot::list_instances`], and [`Held`], an
+//! [`Depot::instance`] and [`Depot::list_instances`], and `Held`, an
 //! instance locked for a change of state. The rest of the launch layer
 //! does the changes: `create` (launch), `start` (start, foreground start:
 //! [`Foreground`]), `control` (stop, restart, delete), `process` (QEMU

@@ -4,7 +4,7 @@
 //! types and true state ([`instance`]), the file layout of one (`paths`),
 //! QEMU processes (`process`), launching (`create`), starting (`start`),
 //! stopping and deleting (`control`), the pause lease of a live capture
-//! (`pause`), systemd units ([`unit`]) and the harness's handle (`handle`).
+//! (`pause`), systemd units ([`unit`](mod@unit)) and the harness's handle (`handle`).
 //! Launch bases are image content: they live in `image::bases`.
 
 pub mod accel;

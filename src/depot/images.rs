@@ -6,7 +6,7 @@
 use rusqlite::Connection;
 use tracing::instrument;
 
-use crate::catalog::{self, ImageRow};
+use crate::catalog::{self, ImageRow, ImageState, ImageType};
 use crate::depot::access::{Access, Op};
 use crate::depot::display::{rfc3339, shown_state};
 use crate::depot::open::check_account;
@@ -61,9 +61,11 @@ impl Depot {
     #[instrument(skip_all, err(level = "debug"))]
     pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
         let (row, access) = self.image_for(reference, Op::Delete)?;
+        let importing = row.state() == Some(ImageState::Importing);
         let info = self.info_from_row(row, access, &maint::usage(&self.repo)?)?;
         let what = format!("image {} ({})", info.name, info.id);
-        if info.state == "creating" {
+        // A damaged row may be deleted whatever its state.
+        if importing && info.damage.is_none() {
             return Err(Error::ImageNotAvailable {
                 image: what,
                 state: info.state,
@@ -135,7 +137,7 @@ impl Depot {
     #[instrument(skip_all, err(level = "debug"))]
     pub fn share_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
         let (row, _) = self.available_for(reference, Op::Share)?;
-        if row.kind != catalog::ImageType::Custom.as_str() {
+        if row.image_type() != Some(ImageType::Custom) {
             return Err(Error::Invalid(format!(
                 "image {} ({}) is {}: every account can already use it; only custom images are shared",
                 row.name, row.id, row.kind

@@ -17,14 +17,15 @@
 //!   set to the file mode once QEMU is up (a daemonized QEMU sets its own
 //!   umask, 027).
 
-use std::fs::{DirBuilder, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{umask, Mode};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// The modes of one depot's files and directories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,21 @@ impl Perms {
         let mut o = OpenOptions::new();
         o.mode(self.file());
         o
+    }
+
+    /// Opens the lock file at `p` (created with the file mode if missing)
+    /// and takes a flock on it (`how`: shared or exclusive, waiting or
+    /// not); held until the returned value drops. Every lock file of a
+    /// depot is taken here.
+    pub(crate) fn flock(self, p: &Path, how: FlockArg) -> Result<Flock<File>> {
+        let f = self
+            .open_options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(p)
+            .at(p)?;
+        Flock::lock(f, how).map_err(|(_, e)| Error::io(p, e.into()))
     }
 
     /// Sets a file someone else created (QEMU's sockets, log, pid file) to

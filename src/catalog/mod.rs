@@ -20,7 +20,14 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 
-/// The type of an image (PRODUCT.md).
+pub mod images;
+pub mod instances;
+pub mod integrity;
+pub mod state;
+
+pub use state::{DiskMode, ImageState, InstanceState};
+
+/// The type of an image (the product brief).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageType {
@@ -130,7 +137,7 @@ CREATE TABLE source_files (
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
 "#,
-    // v3: instances (see instance.rs).
+    // v3: instances (see launch/instance.rs).
     r#"
 CREATE TABLE instances (
     id         TEXT PRIMARY KEY,                -- ins-<16 hex>
@@ -249,7 +256,7 @@ CREATE UNIQUE INDEX images_public_name ON images(name) WHERE type IN ('public', 
 "#,
     // v8: launch bases recorded once they are complete and durable (file
     // fsynced, renamed, directory fsynced); a base file without its row, or
-    // not matching it, is never booted (see instance::ensure_base).
+    // not matching it, is never booted (see image::bases::ensure_base).
     r#"
 CREATE TABLE bases (
     image      TEXT PRIMARY KEY,                -- images.id; file bases/<image>.raw
@@ -910,6 +917,13 @@ pub fn forget_base(conn: &Connection, image: &str) -> Result<()> {
         tx.execute("DELETE FROM bases WHERE image = ?1", [image])?;
         Ok(())
     })
+}
+
+/// The images whose bases are recorded (ids as stored, unchecked).
+pub fn recorded_bases(conn: &Connection) -> Result<Vec<String>> {
+    let mut st = conn.prepare("SELECT image FROM bases")?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Image ids that instances use through a launch base (gc keeps their bases).

@@ -13,7 +13,7 @@
 //!
 //! **Launch-only is a property of the content**, not of the share: an
 //! instance launched (or restored) from an image shared with its account
-//! carries the origin (`restricted_from` = "<owner> <img-id>" of the shared
+//! carries the origin (`restricted_from` = `"<owner> <img-id>"` of the shared
 //! image), and so does every image captured or backed up from it, and
 //! every capture of an instance of such an image, transitively. Unsharing
 //! or deleting the origin lifts nothing. The receiver can still back up and
@@ -26,9 +26,8 @@
 //! names are unique across owners (a partial unique index), so nobody can
 //! publish under another's public name.
 
-use rusqlite::params;
-
-use crate::catalog::{self, ImageRow};
+use crate::catalog::{self, ImageRow, ImageState, ImageType};
+use crate::depot::display::shown_state;
 use crate::depot::Depot;
 use crate::error::{Error, Result};
 
@@ -98,7 +97,7 @@ pub fn carried_restriction(
 ) -> String {
     if !restricted_from.is_empty() {
         restricted_from.to_owned()
-    } else if kind == "custom" && owner != account {
+    } else if ImageType::parse(kind).ok() == Some(ImageType::Custom) && owner != account {
         format!("{owner} {image_id}")
     } else {
         String::new()
@@ -122,15 +121,21 @@ impl Depot {
         if row.owner == self.account() {
             return Ok(Some(Access::Owner));
         }
-        if row.kind == "public" || row.kind == "marketplace" {
+        if matches!(
+            row.image_type(),
+            Some(ImageType::Public | ImageType::Marketplace)
+        ) {
             return Ok(Some(Access::Everyone));
         }
-        let shared: bool = self.repo.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM image_shares WHERE image = ?1 AND account = ?2)",
-            params![row.id.as_str(), self.account()],
-            |r| r.get(0),
-        )?;
+        let shared =
+            catalog::images::is_shared_with(&self.repo.conn, row.id.as_str(), self.account())?;
         Ok(shared.then_some(Access::Shared))
+    }
+
+    /// Whether `row` is the row of an import that died (hidden from
+    /// everyone until gc removes it).
+    pub(crate) fn abandoned(&self, row: &ImageRow) -> bool {
+        row.state() == Some(ImageState::Importing) && !self.repo.import_alive(&row.id)
     }
 
     /// Finds an image by id or name among those this account can see,
@@ -139,7 +144,7 @@ impl Depot {
     pub(crate) fn find_visible(&self, reference: &str) -> Result<(ImageRow, Access)> {
         let mut found: Vec<(ImageRow, Access)> = Vec::new();
         for row in catalog::find_images(&self.repo.conn, reference)? {
-            if row.state == "importing" && !self.repo.import_alive(&row.id) {
+            if self.abandoned(&row) {
                 continue;
             }
             if let Some(a) = self.access(&row)? {
@@ -218,10 +223,10 @@ impl Depot {
     pub(crate) fn available_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
         let (row, access) = self.image_for(reference, op)?;
         row.check_sound()?;
-        if row.state != "available" {
+        if row.state() != Some(ImageState::Available) {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),
-                state: crate::depot::shown_state(&row.state, row.deprecated),
+                state: shown_state(row.state(), row.deprecated),
             });
         }
         Ok((row, access))

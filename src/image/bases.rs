@@ -16,7 +16,6 @@ use crate::catalog;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::random_hex;
 use crate::image::export::ExportFormat;
-use crate::perms::Perms;
 use crate::progress::Progress;
 use crate::repo::Repo;
 
@@ -31,18 +30,7 @@ pub(crate) fn base_lock_path(root: &Path, image: &str) -> PathBuf {
 
 /// The lock of an image's launch base (`bases/IMAGE.lock`).
 pub(crate) fn base_flock(repo: &Repo, image: &str, how: FlockArg) -> Result<Flock<File>> {
-    flock(&base_lock_path(repo.root(), image), how, repo.perms())
-}
-
-pub(crate) fn flock(p: &Path, how: FlockArg, perms: Perms) -> Result<Flock<File>> {
-    let f = perms
-        .open_options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .at(p)?;
-    Flock::lock(f, how).map_err(|(_, e)| Error::io(p, e.into()))
+    repo.perms().flock(&base_lock_path(repo.root(), image), how)
 }
 
 /// What a cheap look at a launch base found.
@@ -91,31 +79,7 @@ pub(crate) fn check_base(repo: &Repo, img: &catalog::ImageRow) -> Result<BaseChe
             rec.size
         )));
     }
-    let map = catalog::image_map(&repo.conn, &img.id)?;
-    let n = map.data_blocks();
-    if n == 0 {
-        return Ok(BaseCheck::Good);
-    }
-    let mut picks: Vec<u64> = (0..BASE_SAMPLES.min(n))
-        .map(|k| k * (n - 1) / (BASE_SAMPLES - 1).max(1))
-        .collect();
-    for _ in 0..BASE_RANDOM_SAMPLES {
-        picks.push(u64::from_str_radix(&random_hex(8), 16).unwrap_or(0) % n);
-    }
-    picks.sort_unstable();
-    picks.dedup();
-    let mut blocks = Vec::with_capacity(picks.len());
-    let mut it = picks.iter().peekable();
-    for (i, (block, cid)) in map.data().enumerate() {
-        while it.peek() == Some(&&(i as u64)) {
-            it.next();
-            blocks.push((block, cid));
-        }
-        if it.peek().is_none() {
-            break;
-        }
-    }
-    blocks.dedup();
+    let blocks = sample_blocks(&catalog::image_map(&repo.conn, &img.id)?);
     let mut ids: Vec<_> = blocks.iter().map(|&(_, c)| c).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -139,6 +103,37 @@ pub(crate) fn check_base(repo: &Repo, img: &catalog::ImageRow) -> Result<BaseChe
         }
     }
     Ok(BaseCheck::Good)
+}
+
+/// The data blocks of `map` the launch-time check reads, in order:
+/// [`BASE_SAMPLES`] evenly spread (first and last included) and
+/// [`BASE_RANDOM_SAMPLES`] at random, as (block, chunk).
+fn sample_blocks(map: &crate::format::BlockMap) -> Vec<(u64, crate::ids::ChunkId)> {
+    let n = map.data_blocks();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut picks: Vec<u64> = (0..BASE_SAMPLES.min(n))
+        .map(|k| k * (n - 1) / (BASE_SAMPLES - 1).max(1))
+        .collect();
+    for _ in 0..BASE_RANDOM_SAMPLES {
+        picks.push(u64::from_str_radix(&random_hex(8), 16).unwrap_or(0) % n);
+    }
+    picks.sort_unstable();
+    picks.dedup();
+    let mut blocks = Vec::with_capacity(picks.len());
+    let mut it = picks.iter().peekable();
+    for (i, (block, cid)) in map.data().enumerate() {
+        while it.peek() == Some(&&(i as u64)) {
+            it.next();
+            blocks.push((block, cid));
+        }
+        if it.peek().is_none() {
+            break;
+        }
+    }
+    blocks.dedup();
+    blocks
 }
 
 /// What is wrong with the base file of image `id`, if anything (fsck,
@@ -197,24 +192,11 @@ pub(crate) fn base_problem(
 
 /// A running instance whose QEMU has the base of `image` open, if any.
 fn base_in_use(repo: &Repo, image: &str) -> Result<Option<String>> {
-    let mut st = repo.conn.prepare(
-        "SELECT id, name, pid FROM instances
-         WHERE image = ?1 AND disk = 'overlay' AND state = 'running'",
-    )?;
-    let rows = st.query_map([image], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<i32>>(2)?,
-        ))
-    })?;
-    for r in rows {
-        let (id, name, pid) = r?;
-        if pid.is_some_and(|pid| crate::proc::pid_alive(pid, &id)) {
-            return Ok(Some(format!("{name} ({id})")));
-        }
-    }
-    Ok(None)
+    let running = catalog::instances::running_overlays_of(&repo.conn, image)?;
+    Ok(running
+        .into_iter()
+        .find(|(id, _, pid)| pid.is_some_and(|pid| crate::proc::pid_alive(pid, id)))
+        .map(|(id, name, _)| format!("{name} ({id})")))
 }
 
 /// The raw base of an image (callers hold the base's lock), made if it is
@@ -285,7 +267,7 @@ fn record_base(repo: &Repo, img: &catalog::ImageRow) -> Result<()> {
 pub(crate) fn adopt_unrecorded_bases(repo: &Repo) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for img in catalog::list_images(&repo.conn)? {
-        if img.state != "available" || img.damage.is_some() {
+        if img.state() != Some(catalog::ImageState::Available) || img.damage.is_some() {
             continue;
         }
         let p = base_path(repo.root(), img.id.as_str());
@@ -359,12 +341,7 @@ pub(crate) fn evict_unused_bases(repo: &Repo, dry_run: bool) -> Result<(u64, u64
     if !dry_run {
         // Records whose file is gone (a crash between removing a base and
         // forgetting it), each checked under its lock.
-        let recorded: Vec<String> = {
-            let mut st = repo.conn.prepare("SELECT image FROM bases")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for img in recorded {
+        for img in catalog::recorded_bases(&repo.conn)? {
             if !img.starts_with("img-") || img.contains('/') {
                 continue;
             }

@@ -11,16 +11,25 @@
 
 pub mod copy;
 
-use nix::fcntl::FlockArg;
-use rusqlite::params;
+use std::path::Path;
+use std::time::Instant;
 
-use crate::catalog;
-use crate::depot::access::Op;
+use nix::fcntl::FlockArg;
+use tracing::instrument;
+
+use crate::catalog::instances::{self, InstanceRow};
+use crate::catalog::{self, DiskMode, ImageRow, InstanceState};
+use crate::depot::access::{restriction_of, Op};
+use crate::depot::display::rfc3339;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
+use crate::image::bases::{base_flock, base_path, ensure_base};
 use crate::image::import::{self, Input};
-use crate::launch::instance::{self, DiskMode, InstanceInfo};
-use crate::launch::qemu::Qmp;
+use crate::launch::create::make_disk;
+use crate::launch::instance::{Held, InstanceInfo, STOP_TIMEOUT};
+use crate::launch::paths::Paths;
+use crate::launch::pause::PauseLease;
+use crate::launch::qmp::{Qmp, RunState};
 use crate::progress::Progress;
 
 /// What `image create --from-instance` asks for.
@@ -70,16 +79,76 @@ pub fn select_prune(backups: &[(String, i64)], keep: usize) -> Vec<String> {
     v.into_iter().skip(keep).map(|(id, _)| id.clone()).collect()
 }
 
+/// A guest a live capture paused: its lease and since when.
+struct Paused {
+    lease: PauseLease,
+    since: Instant,
+}
+
+/// Pauses a running guest for a live capture: a lease first (so that a
+/// kill at any moment leaves a record the next command acts on, see
+/// [`PauseLease`]), then QMP `stop`. QMP is not held while the disk is
+/// read: QEMU serves one QMP client at a time, and `instance show` must be
+/// able to see the pause meanwhile. A guest paused already (by someone
+/// else than vmdepot: no lease) is read as it is and left paused: `None`.
+fn pause_for_capture(
+    r: &InstanceRow,
+    p: &Paths,
+    perms: crate::perms::Perms,
+) -> Result<Option<Paused>> {
+    let mut q = Qmp::connect(&p.files().qmp)?;
+    if q.run_state()? == RunState::Paused {
+        tracing::info!("instance {} is paused already: not pausing it", r.id);
+        return Ok(None);
+    }
+    let lease = PauseLease::take(p, perms)?;
+    if let Err(e) = q.pause() {
+        lease.release();
+        return Err(e);
+    }
+    Ok(Some(Paused {
+        lease,
+        since: Instant::now(),
+    }))
+}
+
+/// Resumes a guest a capture paused, whatever the capture's `result`: the
+/// guest keeps running. A failed resume is the error of a capture that
+/// worked; its lease is left behind then, and the next command that looks
+/// at the instance ends it once this process has exited.
+fn resume_after_capture<T>(
+    r: &InstanceRow,
+    p: &Paths,
+    paused: Paused,
+    result: &Result<T>,
+) -> Result<()> {
+    let resumed = Qmp::connect(&p.files().qmp).and_then(|mut q| q.resume());
+    tracing::info!(
+        "instance {}: guest paused for {} ms",
+        r.id,
+        paused.since.elapsed().as_millis()
+    );
+    match resumed {
+        Ok(()) => {
+            paused.lease.release();
+            Ok(())
+        }
+        Err(e) if result.is_ok() => Err(e),
+        Err(_) => Ok(()),
+    }
+}
+
 impl Depot {
     /// Stores an instance's current disk as a new custom image whose parent
     /// is the instance's image.
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn capture(
         &self,
         instance: &str,
         opts: &CaptureOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
-        let instance::Held { r, p, .. } = &self.hold(instance)?;
+        let Held { r, p, .. } = &self.hold(instance)?;
         // The parent, for its chunks: gone (deleted or unshared since)
         // means no shortcut.
         let parent = match self.image_for(&r.image, Op::Capture) {
@@ -87,19 +156,8 @@ impl Depot {
             Err(Error::ImageNotFound(_)) => None,
             Err(e) => return Err(e),
         };
-        // Launch-only content stays launch-only: what the instance carries
-        // (set at launch and restore), else what its image, still in the
-        // catalog whoever may see it now, would give it.
-        let restricted_from = if r.restricted_from.is_empty() {
-            catalog::find_images(&self.repo.conn, &r.image)?
-                .iter()
-                .find(|row| row.id.as_str() == r.image)
-                .map(|row| crate::depot::access::restriction_of(row, self.account()))
-                .unwrap_or_default()
-        } else {
-            r.restricted_from.clone()
-        };
-        let running = r.state == "running";
+        let restricted_from = self.capture_restriction(r)?;
+        let running = r.state == InstanceState::Running;
         if running && !opts.live {
             return Err(Error::Invalid(format!(
                 "instance {} ({}) is running: stop it first, or capture with --live \
@@ -107,84 +165,79 @@ impl Depot {
                 r.name, r.id
             )));
         }
-        // The pause: a lease first (so that a kill at any moment leaves a
-        // record the next command acts on, see `instance::PauseLease`),
-        // then QMP `stop`. QMP is not held while the disk is read: QEMU
-        // serves one QMP client at a time, and `instance show` must be
-        // able to see the pause meanwhile.
         let mut paused = None;
         if running {
-            let qmp = p.files().qmp;
-            let mut q = Qmp::connect(&qmp)?;
-            if q.run_state()? == "paused" {
-                // Paused by someone else (not vmdepot: no lease): read it
-                // as it is and leave it paused.
-                tracing::info!("instance {} is paused already: not pausing it", r.id);
-            } else {
-                let lease = instance::PauseLease::take(p, self.perms())?;
-                if let Err(e) = q.pause() {
-                    lease.release();
-                    return Err(e);
-                }
-                paused = Some((lease, std::time::Instant::now()));
-            }
-            drop(q);
+            paused = pause_for_capture(r, p, self.perms())?;
             test_hook_paused();
         }
-        let result = (|| {
-            let input = match r.disk {
-                DiskMode::Overlay => {
-                    let map = match &parent {
-                        Some(row) => Some(catalog::image_map(&self.repo.conn, &row.id)?),
-                        None => None,
-                    };
-                    Input::overlay(
-                        &crate::image::bases::base_path(self.root(), &r.image),
-                        &p.disk(DiskMode::Overlay),
-                        map,
-                    )?
-                }
-                DiskMode::Copy => {
-                    let d = p.disk(DiskMode::Copy);
-                    let size = std::fs::metadata(&d).at(&d)?.len();
-                    Input::plain(&d, size)?
-                }
-            };
-            let mut io = ImportOptions::new(opts.name.clone());
-            io.kind = ImageType::Custom;
-            io.description = opts.description.clone();
-            io.tags = opts.tags.clone();
-            io.parent = Some((r.image.clone(), r.image_name.clone()));
-            io.source_instance = Some(r.id.clone());
-            io.restricted_from = restricted_from;
-            import::import_input(
-                &self.repo,
-                self.account(),
-                &input,
-                &io,
-                "instance",
-                progress,
-            )
-        })();
-        if let Some((lease, since)) = paused {
-            // Resume whatever happened: the guest keeps running.
-            let resumed = Qmp::connect(&p.files().qmp).and_then(|mut q| q.resume());
-            tracing::info!(
-                "instance {}: guest paused for {} ms",
-                r.id,
-                since.elapsed().as_millis()
-            );
-            match resumed {
-                // A lease left behind (resume failed) is ended by the next
-                // command that looks at the instance, once this process
-                // has exited.
-                Ok(()) => lease.release(),
-                Err(e) if result.is_ok() => return Err(e),
-                Err(_) => {}
-            }
+        let result = self.capture_disk(r, p, parent.as_ref(), opts, restricted_from, progress);
+        if let Some(paused) = paused {
+            resume_after_capture(r, p, paused, &result)?;
         }
         let id = result?;
         self.image(id.as_str())
+    }
+
+    /// The launch-only origin a capture of `r` carries: what the instance
+    /// carries (set at launch and restore), else what its image, still in
+    /// the catalog whoever may see it now, would give it. Launch-only
+    /// content stays launch-only.
+    fn capture_restriction(&self, r: &InstanceRow) -> Result<String> {
+        if !r.restricted_from.is_empty() {
+            return Ok(r.restricted_from.clone());
+        }
+        Ok(catalog::find_images(&self.repo.conn, &r.image)?
+            .iter()
+            .find(|row| row.id.as_str() == r.image)
+            .map(|row| restriction_of(row, self.account()))
+            .unwrap_or_default())
+    }
+
+    /// Imports the disk of instance `r` as a new custom image: an overlay
+    /// is read over its base with the `parent`'s map (only the overlay's
+    /// own clusters are read), a private copy in full.
+    fn capture_disk(
+        &self,
+        r: &InstanceRow,
+        p: &Paths,
+        parent: Option<&ImageRow>,
+        opts: &CaptureOptions,
+        restricted_from: String,
+        progress: &dyn Progress,
+    ) -> Result<crate::ids::ImageId> {
+        let input = match r.disk {
+            DiskMode::Overlay => {
+                let map = match parent {
+                    Some(row) => Some(catalog::image_map(&self.repo.conn, &row.id)?),
+                    None => None,
+                };
+                Input::overlay(
+                    &base_path(self.root(), &r.image),
+                    &p.disk(DiskMode::Overlay),
+                    map,
+                )?
+            }
+            DiskMode::Copy => {
+                let d = p.disk(DiskMode::Copy);
+                let size = std::fs::metadata(&d).at(&d)?.len();
+                Input::plain(&d, size)?
+            }
+        };
+        let mut io = ImportOptions::new(opts.name.clone());
+        io.kind = ImageType::Custom;
+        io.description = opts.description.clone();
+        io.tags = opts.tags.clone();
+        io.parent = Some((r.image.clone(), r.image_name.clone()));
+        io.source_instance = Some(r.id.clone());
+        io.restricted_from = restricted_from;
+        import::import_input(
+            &self.repo,
+            self.account(),
+            &input,
+            &io,
+            "instance",
+            progress,
+        )
     }
 
     /// A backup: a capture named after the instance and the time, tagged
@@ -192,6 +245,7 @@ impl Depot {
     /// prunes this instance's older backups down to the `keep` newest
     /// (protected ones are never pruned); nothing else is touched.
     /// Returns the new image and the ids pruned.
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn backup_instance(
         &self,
         instance: &str,
@@ -206,43 +260,46 @@ impl Depot {
         }
         let r = self.fresh_row(instance)?;
         let name = name.unwrap_or_else(|| {
-            let t = crate::depot::rfc3339(catalog::now())
+            let t = rfc3339(catalog::now())
                 .replace([':', '-'], "")
                 .to_lowercase();
             format!("{}-backup-{t}-{}", r.name, crate::ids::random_hex(2))
         });
         let mut opts = CaptureOptions::new(name);
         opts.description = format!("backup of instance {} ({})", r.name, r.id);
-        opts.live = r.state == "running";
+        opts.live = r.state == InstanceState::Running;
         opts.tags = vec![(BACKUP_TAG.into(), r.id.clone())];
         let info = self.capture(&r.id, &opts, progress)?;
-        let mut pruned = Vec::new();
-        if let Some(keep) = keep {
-            let backups: Vec<(String, i64)> = {
-                let mut st = self.repo.conn.prepare(
-                    "SELECT i.id, i.rowid FROM images i JOIN image_tags t ON t.image = i.id
-                     WHERE t.key = ?1 AND t.value = ?2 AND i.owner = ?3
-                       AND i.state = 'available' AND i.protected = 0",
-                )?;
-                let rows = st.query_map(params![BACKUP_TAG, r.id, self.account()], |x| {
-                    Ok((x.get(0)?, x.get(1)?))
-                })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            // The new backup is always kept, whatever the clock says.
-            let others: Vec<(String, i64)> =
-                backups.into_iter().filter(|b| b.0 != info.id).collect();
-            for id in select_prune(&others, keep - 1) {
-                self.delete_image(&id, false)?;
-                pruned.push(id);
-            }
-        }
+        let pruned = match keep {
+            Some(keep) => self.prune_backups(&r.id, &info.id, keep)?,
+            None => Vec::new(),
+        };
         Ok((info, pruned))
+    }
+
+    /// Deletes the backups of instance `instance` but the `keep` newest,
+    /// `newest` (the one just made) always kept whatever the clock says;
+    /// returns the ids deleted.
+    fn prune_backups(&self, instance: &str, newest: &str, keep: usize) -> Result<Vec<String>> {
+        let backups = catalog::images::unprotected_tagged(
+            &self.repo.conn,
+            BACKUP_TAG,
+            instance,
+            self.account(),
+        )?;
+        let others: Vec<(String, i64)> = backups.into_iter().filter(|b| b.0 != newest).collect();
+        let mut pruned = Vec::new();
+        for id in select_prune(&others, keep - 1) {
+            self.delete_image(&id, false)?;
+            pruned.push(id);
+        }
+        Ok(pruned)
     }
 
     /// Makes an instance's disk the content of `image` again (a new overlay
     /// over that image's base, or a new private copy). A running instance
     /// is stopped first and started again after.
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn restore_instance(
         &self,
         instance: &str,
@@ -251,66 +308,63 @@ impl Depot {
     ) -> Result<(InstanceInfo, Option<String>)> {
         let (img, _) = self.available_for(image, Op::Launch)?;
         let r = self.fresh_row(instance)?;
-        let was_running = r.state == "running";
+        let was_running = r.state == InstanceState::Running;
         if was_running {
-            self.stop_instance(&r.id, false, instance::STOP_TIMEOUT)?;
+            self.stop_instance(&r.id, false, STOP_TIMEOUT)?;
         }
-        {
-            let instance::Held { r: now, p, .. } = &self.hold(&r.id)?;
-            if now.state == "running" {
-                return Err(Error::Invalid(format!(
-                    "instance {} ({}) was started again meanwhile: its disk is in use; \
-                     stop it and restore again",
-                    r.name, r.id
-                )));
-            }
-            let disk = p.disk(r.disk);
-            let fresh = p.dir.join(format!(
-                "{}.restore",
-                disk.file_name().unwrap().to_string_lossy()
-            ));
-            let _ = std::fs::remove_file(&fresh);
-            // Under the base's lock, like a launch: gc cannot evict it
-            // between the base being made and the row naming its image.
-            let _base_lock = crate::image::bases::base_flock(
-                &self.repo,
-                img.id.as_str(),
-                FlockArg::LockExclusive,
-            )?;
-            let base = match r.disk {
-                DiskMode::Overlay => Some(crate::image::bases::ensure_base(
-                    &self.repo, &img, progress,
-                )?),
-                DiskMode::Copy => None,
-            };
-            instance::make_disk(self, &img, base.as_deref(), &fresh, progress)?;
-            // Durable before it replaces the old disk: fsync, rename, fsync
-            // the directory (qemu-img does not sync the overlay it creates).
-            std::fs::File::open(&fresh)
-                .and_then(|f| f.sync_all())
-                .at(&fresh)?;
-            std::fs::rename(&fresh, &disk).at(&disk)?;
-            crate::store::sync_dir(&p.dir)?;
-            catalog::write(&self.repo.conn, |tx| {
-                // The disk is the image's content now, launch-only or not.
-                tx.execute(
-                    "UPDATE instances SET image = ?2, image_name = ?3, restricted_from = ?4
-                     WHERE id = ?1",
-                    params![
-                        r.id,
-                        img.id.as_str(),
-                        img.name,
-                        crate::depot::access::restriction_of(&img, self.account())
-                    ],
-                )?;
-                Ok(())
-            })?;
-        }
+        self.replace_disk(&r, &img, progress)?;
         if was_running {
             return self.start_instance(&r.id);
         }
         Ok((self.instance(&r.id)?, None))
     }
+
+    /// Replaces the disk of the stopped instance `r` by a new one of `img`
+    /// (under the instance's lock), durably, and records the image.
+    fn replace_disk(&self, r: &InstanceRow, img: &ImageRow, progress: &dyn Progress) -> Result<()> {
+        let Held { r: now, p, .. } = &self.hold(&r.id)?;
+        if now.state == InstanceState::Running {
+            return Err(Error::Invalid(format!(
+                "instance {} ({}) was started again meanwhile: its disk is in use; \
+                 stop it and restore again",
+                r.name, r.id
+            )));
+        }
+        let disk = p.disk(r.disk);
+        let fresh = p.dir.join(format!(
+            "{}.restore",
+            disk.file_name().unwrap().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&fresh);
+        // Under the base's lock, like a launch: gc cannot evict it
+        // between the base being made and the row naming its image.
+        let _base_lock = base_flock(&self.repo, img.id.as_str(), FlockArg::LockExclusive)?;
+        let base = match r.disk {
+            DiskMode::Overlay => Some(ensure_base(&self.repo, img, progress)?),
+            DiskMode::Copy => None,
+        };
+        make_disk(&self.repo, img, base.as_deref(), &fresh, progress)?;
+        install_durably(&fresh, &disk, &p.dir)?;
+        // The disk is the image's content now, launch-only or not.
+        instances::set_image(
+            &self.repo.conn,
+            &r.id,
+            img.id.as_str(),
+            &img.name,
+            &restriction_of(img, self.account()),
+        )
+    }
+}
+
+/// Renames `fresh` over `dest` in `dir`, durable before it replaces the
+/// old file: fsync, rename, fsync the directory (qemu-img does not sync
+/// the overlay it creates).
+fn install_durably(fresh: &Path, dest: &Path, dir: &Path) -> Result<()> {
+    std::fs::File::open(fresh)
+        .and_then(|f| f.sync_all())
+        .at(fresh)?;
+    std::fs::rename(fresh, dest).at(dest)?;
+    crate::store::sync_dir(dir)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::Connection;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::ids::ImageId;
 use crate::perms::Perms;
 
@@ -50,16 +50,7 @@ impl Repo {
         use std::os::unix::fs::MetadataExt;
         let p = self.lock_path(id);
         loop {
-            let f = self
-                .perms
-                .open_options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&p)
-                .at(&p)?;
-            let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, e)| Error::io(&p, e.into()))?;
+            let lock = self.perms.flock(&p, FlockArg::LockExclusiveNonblock)?;
             // gc may have removed the file between open and flock: the lock
             // only counts if the path still names the file we locked.
             let ours = lock.metadata().at(&p)?.ino();
@@ -72,16 +63,8 @@ impl Repo {
     /// Takes the lock that lets one gc run at a time (held until drop);
     /// waits for a gc that runs.
     pub(crate) fn lock_gc(&self) -> Result<Flock<File>> {
-        let p = self.root.join("gc.lock");
-        let f = self
-            .perms
-            .open_options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .at(&p)?;
-        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::io(&p, e.into()))
+        self.perms
+            .flock(&self.root.join("gc.lock"), FlockArg::LockExclusive)
     }
 
     /// Whether a gc is running (its lock is held).

@@ -1,0 +1,324 @@
+//! Image metadata operations of the depot, under the access rules: list
+//! and show ([`Depot::list_images`], [`Depot::image`]), update, share and
+//! unshare, history (lineage) and delete. Edits write the image's next
+//! manifest in the catalog transaction that makes them.
+
+use rusqlite::Connection;
+use tracing::instrument;
+
+use crate::catalog::{self, ImageRow, ImageState, ImageType};
+use crate::depot::access::{Access, Op};
+use crate::depot::display::{rfc3339, shown_state};
+use crate::depot::open::check_account;
+use crate::depot::types::{HistoryEntry, ImageInfo, ImageUpdate};
+use crate::depot::Depot;
+use crate::error::{Error, Result};
+use crate::ids::ImageId;
+use crate::maint;
+
+/// The relation of an image of this depot in `image history`.
+fn entry(relation: &str, id: String, name: String, exists: bool) -> HistoryEntry {
+    HistoryEntry {
+        relation: relation.into(),
+        id,
+        name,
+        depot: String::new(),
+        exists,
+    }
+}
+
+impl Depot {
+    /// The images this account can see (its own, public and marketplace
+    /// ones, and those shared with it, shown with type `shared`), running
+    /// imports included, abandoned ones hidden.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        let rows = catalog::list_images(&self.repo.conn)?;
+        let usage = maint::usage(&self.repo)?;
+        let mut out = Vec::new();
+        for r in rows {
+            if self.abandoned(&r) {
+                continue;
+            }
+            if let Some(a) = self.access(&r)? {
+                out.push(self.info_from_row(r, a, &usage)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One image by id or name (among those this account can see).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn image(&self, reference: &str) -> Result<ImageInfo> {
+        let (row, access) = self.image_for(reference, Op::Show)?;
+        let usage = maint::usage(&self.repo)?;
+        self.info_from_row(row, access, &usage)
+    }
+
+    /// Deletes an image (its chunks are freed by the next `gc`). Refused for
+    /// a protected image; for one that is shared or that instances use,
+    /// unless `force`.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
+        let (row, access) = self.image_for(reference, Op::Delete)?;
+        let importing = row.state() == Some(ImageState::Importing);
+        let info = self.info_from_row(row, access, &maint::usage(&self.repo)?)?;
+        let what = format!("image {} ({})", info.name, info.id);
+        // A damaged row may be deleted whatever its state.
+        if importing && info.damage.is_none() {
+            return Err(Error::ImageNotAvailable {
+                image: what,
+                state: info.state,
+            });
+        }
+        if info.protected {
+            return Err(Error::NotPermitted(format!(
+                "{what} is protected: `vmdepot image update {} --unprotect` first",
+                info.id
+            )));
+        }
+        let users = catalog::instances::count_using_image(&self.repo.conn, &info.id)?;
+        if !force && !info.shared_with.is_empty() {
+            return Err(Error::NotPermitted(format!(
+                "{what} is shared with {}: unshare it first, or delete with --force",
+                info.shared_with.join(", ")
+            )));
+        }
+        if !force && users > 0 {
+            return Err(Error::NotPermitted(format!(
+                "{what} is used by {users} instance(s): delete them first, or delete with --force \
+                 (they keep running from their base)"
+            )));
+        }
+        catalog::images::delete_image(&self.repo.conn, &info.id)?;
+        // After the commit (a crash in between leaves an orphan gc removes).
+        if let Some(id) = ImageId::parse(&info.id) {
+            crate::repo::manifest::remove_all(&self.repo.root, &id)?;
+        }
+        Ok(info)
+    }
+
+    /// Changes an image's name, description, protection, deprecation or
+    /// tags (owner only).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn update_image(&self, reference: &str, u: &ImageUpdate) -> Result<ImageInfo> {
+        let (row, _) = self.image_for(reference, Op::Update)?;
+        if let Some(n) = &u.name {
+            crate::image::import::check_name(n)?;
+        }
+        for (k, _) in &u.tags {
+            if k.is_empty() || k.contains('=') {
+                return Err(Error::Invalid(format!(
+                    "bad tag key {k:?}: use --tag KEY=VALUE"
+                )));
+            }
+        }
+        let r = catalog::write(&self.repo.conn, |tx| {
+            apply_update(tx, row.id.as_str(), u)?;
+            crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)
+        });
+        match r {
+            Err(Error::Sqlite(e)) if catalog::images::is_unique_violation(&e) => {
+                Err(crate::image::import::name_clash(
+                    &self.repo.conn,
+                    self.account(),
+                    u.name.as_deref().unwrap_or_default(),
+                    &row.kind,
+                ))
+            }
+            r => r,
+        }?
+        .committed();
+        self.image(row.id.as_str())
+    }
+
+    /// Shares a custom image with another account: it sees it as type
+    /// `shared` and may only launch it (owner only).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn share_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        let (row, _) = self.available_for(reference, Op::Share)?;
+        if row.image_type() != Some(ImageType::Custom) {
+            return Err(Error::Invalid(format!(
+                "image {} ({}) is {}: every account can already use it; only custom images are shared",
+                row.name, row.id, row.kind
+            )));
+        }
+        check_account(account)?;
+        if account == self.account() {
+            return Err(Error::Invalid(format!(
+                "share with another account than yourself ({account:?})"
+            )));
+        }
+        catalog::write(&self.repo.conn, |tx| {
+            catalog::images::share(tx, row.id.as_str(), account, catalog::now())?;
+            crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)
+        })?
+        .committed();
+        self.image(row.id.as_str())
+    }
+
+    /// Stops sharing an image with an account (owner only).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn unshare_image(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        check_account(account)?;
+        let (row, _) = self.image_for(reference, Op::Share)?;
+        let manifest = catalog::write(&self.repo.conn, |tx| {
+            if !catalog::images::unshare(tx, row.id.as_str(), account)? {
+                return Ok(None);
+            }
+            let m =
+                crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)?;
+            Ok(Some(m))
+        })?;
+        let Some(manifest) = manifest else {
+            return Err(Error::Invalid(format!(
+                "image {} ({}) is not shared with {account:?}",
+                row.name, row.id
+            )));
+        };
+        manifest.committed();
+        self.image(row.id.as_str())
+    }
+
+    /// The accounts an image is shared with (owner only).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn image_shares(&self, reference: &str) -> Result<Vec<String>> {
+        let (row, _) = self.image_for(reference, Op::Share)?;
+        catalog::images::shares_of(&self.repo.conn, row.id.as_str())
+    }
+
+    /// The image's lineage: itself, its parent chain, the instance it was
+    /// captured from, where it was copied from, copies made of it, and
+    /// images captured from it.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn image_history(&self, reference: &str) -> Result<Vec<HistoryEntry>> {
+        let (row, _) = self.image_for(reference, Op::Show)?;
+        let conn = &self.repo.conn;
+        let mut out = vec![entry("self", row.id.to_string(), row.name.clone(), true)];
+        if let Some(i) = &row.source_instance {
+            let name = catalog::instances::instance_name(conn, i)?;
+            out.push(entry(
+                "source-instance",
+                i.clone(),
+                name.clone().unwrap_or_default(),
+                name.is_some(),
+            ));
+        }
+        if !row.copied_from.is_empty() {
+            let (d, id) = row
+                .copied_from
+                .rsplit_once(' ')
+                .unwrap_or(("", &row.copied_from));
+            out.push(HistoryEntry {
+                depot: d.to_owned(),
+                ..entry("copied-from", id.to_owned(), row.parent_name.clone(), true)
+            });
+        } else {
+            out.extend(parent_chain(conn, &row)?);
+        }
+        for (depot, id) in catalog::images::copies_of(conn, row.id.as_str())? {
+            out.push(HistoryEntry {
+                depot,
+                ..entry("copy", id, String::new(), true)
+            });
+        }
+        for (id, name) in catalog::images::children_of(conn, row.id.as_str())? {
+            out.push(entry("child", id, name, true));
+        }
+        Ok(out)
+    }
+
+    /// An image as this account sees it (`access`), with its share of the
+    /// store from `usage`.
+    fn info_from_row(
+        &self,
+        r: ImageRow,
+        access: Access,
+        usage: &maint::Usage,
+    ) -> Result<ImageInfo> {
+        let (unique, shared) = usage.per_image.get(&r.id).copied().unwrap_or((0, 0));
+        let damage = r
+            .damage
+            .clone()
+            .or_else(|| usage.damaged.get(&r.id).cloned());
+        let tags = catalog::images::tags_of(&self.repo.conn, r.id.as_str())?;
+        let shared_with = if access == Access::Owner {
+            catalog::images::shares_of(&self.repo.conn, r.id.as_str())?
+        } else {
+            Vec::new()
+        };
+        Ok(ImageInfo {
+            id: r.id.to_string(),
+            state: if damage.is_some() {
+                "damaged".into()
+            } else {
+                shown_state(r.state(), r.deprecated)
+            },
+            name: r.name,
+            kind: if access == Access::Shared {
+                "shared".into()
+            } else {
+                r.kind
+            },
+            owner: r.owner,
+            description: r.description,
+            source_format: r.source_format,
+            virtual_size: r.virtual_size,
+            data_bytes: r.data_bytes,
+            content_digest: r.content_digest,
+            created_at: rfc3339(r.created_at),
+            unique_stored_bytes: unique,
+            shared_stored_bytes: shared,
+            parent: r.parent,
+            parent_name: r.parent_name,
+            source_instance: r.source_instance,
+            copied_from: r.copied_from,
+            protected: r.protected,
+            deprecated: r.deprecated,
+            tags,
+            vendor: r.vendor,
+            application: r.application,
+            app_version: r.app_version,
+            shared_with,
+            launch_only: !r.restricted_from.is_empty(),
+            restricted_from: r.restricted_from,
+            damage,
+        })
+    }
+}
+
+/// Applies the edits of `u` to image `id` (in the caller's write
+/// transaction).
+fn apply_update(tx: &Connection, id: &str, u: &ImageUpdate) -> Result<()> {
+    if let Some(n) = &u.name {
+        catalog::images::set_name(tx, id, n)?;
+    }
+    if let Some(d) = &u.description {
+        catalog::images::set_description(tx, id, d)?;
+    }
+    if let Some(p) = u.protected {
+        catalog::images::set_protected(tx, id, p)?;
+    }
+    if let Some(p) = u.deprecated {
+        catalog::images::set_deprecated(tx, id, p)?;
+    }
+    catalog::images::set_tags(tx, id, &u.tags)
+}
+
+/// The parents of an image within this depot, nearest first (at most
+/// 1000: a cycle in a damaged catalog ends there). A parent deleted since
+/// shows with its name at capture, as not existing.
+fn parent_chain(conn: &Connection, row: &ImageRow) -> Result<Vec<HistoryEntry>> {
+    let mut out = Vec::new();
+    let mut next = row.parent.clone().map(|p| (p, row.parent_name.clone()));
+    while let Some((pid, pname)) = next.take() {
+        if out.len() >= 1000 {
+            break;
+        }
+        let p = catalog::find_images(conn, &pid)?.into_iter().next();
+        let name = p.as_ref().map(|p| p.name.clone()).unwrap_or(pname);
+        out.push(entry("parent", pid, name, p.is_some()));
+        next = p.and_then(|p| p.parent.map(|q| (q, p.parent_name)));
+    }
+    Ok(out)
+}

@@ -1,0 +1,70 @@
+//! Stopping, restarting and deleting instances ([`Depot::stop_instance`],
+//! [`Depot::restart_instance`], [`Depot::delete_instance`]), each under the
+//! instance's lock.
+
+use std::fs;
+use std::time::Duration;
+
+use tracing::instrument;
+
+use crate::catalog::instances;
+use crate::catalog::InstanceState;
+use crate::depot::Depot;
+use crate::error::{Error, IoContext, Result};
+use crate::launch::instance::{Held, InstanceInfo};
+use crate::launch::process::stop_qemu;
+
+impl Depot {
+    /// Stops an instance: ACPI power button through QMP, then kill after
+    /// `timeout`; `force` kills at once. Stopping a stopped instance is not
+    /// an error.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn stop_instance(
+        &self,
+        reference: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<InstanceInfo> {
+        let Held { r, p, .. } = &self.hold(reference)?;
+        if r.state == InstanceState::Running {
+            if let Some(pid) = r.pid {
+                stop_qemu(p, pid, &r.id, force, timeout);
+            }
+            instances::set_stopped(&self.repo.conn, &r.id, r.pid)?;
+        }
+        self.instance(&r.id)
+    }
+
+    /// Stops (see [`Depot::stop_instance`]) and starts an instance.
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn restart_instance(
+        &self,
+        reference: &str,
+        timeout: Duration,
+    ) -> Result<(InstanceInfo, Option<String>)> {
+        self.stop_instance(reference, false, timeout)?;
+        self.start_instance(reference)
+    }
+
+    /// Deletes an instance: its disk, seed, sockets, logs and row. A running
+    /// instance needs `force` (it is killed).
+    #[instrument(skip_all, err(level = "debug"))]
+    pub fn delete_instance(&self, reference: &str, force: bool) -> Result<InstanceInfo> {
+        let Held { r, p, .. } = &self.hold(reference)?;
+        if r.state == InstanceState::Running {
+            if !force {
+                return Err(Error::Invalid(format!(
+                    "instance {} ({}) is running: stop it first, or delete it with --force",
+                    r.name, r.id
+                )));
+            }
+            if let Some(pid) = r.pid {
+                stop_qemu(p, pid, &r.id, true, Duration::ZERO);
+            }
+        }
+        let info = self.info(r.clone(), None);
+        instances::delete_instance(&self.repo.conn, &r.id)?;
+        fs::remove_dir_all(&p.dir).at(&p.dir)?;
+        Ok(info)
+    }
+}

@@ -1,0 +1,117 @@
+//! [`Instance`]: the handle on a launched instance that a test harness
+//! holds. It reads the guest's serial console, waits for a line on it, and
+//! stops or destroys the instance; an ephemeral instance is destroyed when
+//! its handle drops.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::depot::Depot;
+use crate::error::{Error, Result};
+use crate::launch::instance::InstanceInfo;
+
+/// A handle on an instance. For an ephemeral launch, dropping it kills QEMU
+/// and deletes the instance.
+pub struct Instance {
+    root: PathBuf,
+    info: InstanceInfo,
+    ephemeral: bool,
+}
+
+impl Instance {
+    /// A handle on the instance `info` of the depot at `root`.
+    pub(crate) fn new(root: PathBuf, info: InstanceInfo, ephemeral: bool) -> Instance {
+        Instance {
+            root,
+            info,
+            ephemeral,
+        }
+    }
+
+    /// The instance as it was at launch (or at the last [`Instance::stop`]).
+    pub fn info(&self) -> &InstanceInfo {
+        &self.info
+    }
+
+    /// The instance's id (`ins-…`).
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// The instance's name.
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Everything the guest wrote to its serial console so far.
+    pub fn serial(&self) -> Result<String> {
+        match fs::read(&self.info.serial_log) {
+            Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(Error::io(&self.info.serial_log, e)),
+        }
+    }
+
+    /// Whether the instance's QEMU still lives.
+    fn alive(&self) -> bool {
+        self.info
+            .pid
+            .is_some_and(|p| crate::proc::pid_alive(p, &self.info.id))
+    }
+
+    /// Waits until a serial console line contains `needle`; returns that
+    /// line. Fails at the timeout, or at once if QEMU is gone, quoting the
+    /// end of the console log.
+    pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.serial()?;
+            if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+                return Ok(l.trim_end_matches('\r').to_owned());
+            }
+            let alive = self.alive();
+            if !alive || Instant::now() >= deadline {
+                return Err(Error::Invalid(format!(
+                    "instance {} ({}): {} before {needle:?} appeared on its serial console \
+                     (last lines: {:?})",
+                    self.info.name,
+                    self.info.id,
+                    if alive { "timed out" } else { "QEMU exited" },
+                    last_lines(&log, 5)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the instance (power button, then kill after `timeout`).
+    pub fn stop(&mut self, timeout: Duration) -> Result<()> {
+        self.info = Depot::open(&self.root)?.stop_instance(&self.info.id, false, timeout)?;
+        Ok(())
+    }
+
+    /// Kills QEMU and deletes the instance now.
+    pub fn destroy(mut self) -> Result<()> {
+        self.ephemeral = false;
+        Depot::open(&self.root)?.delete_instance(&self.info.id, true)?;
+        Ok(())
+    }
+}
+
+/// The last `n` lines of `log`, joined by ` | `.
+fn last_lines(log: &str, n: usize) -> String {
+    let tail: Vec<&str> = log.lines().rev().take(n).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    tail.join(" | ")
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.ephemeral {
+            if let Ok(d) = Depot::open(&self.root) {
+                let _ = d.delete_instance(&self.info.id, true);
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! QEMU processes of instances, below the catalog's view of them: the
+//! [`VmConfig`] of an instance row, spawning QEMU detached
+//! ([`spawn_detached`], [`wait_detached`]), stopping it ([`stop_qemu`]),
+//! the files of a run (cleaned before a start, given the depot's modes
+//! after), the first words of QEMU's complaints, and the power button a
+//! signal handler presses ([`press_power_button`]).
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::catalog::instances::InstanceRow;
+use crate::catalog::DiskMode;
+use crate::error::{Error, IoContext, Result};
+use crate::launch::accel::{kvm_internal_error, Accel};
+use crate::launch::instance::forwards_of;
+use crate::launch::paths::Paths;
+use crate::launch::qemu::{VmConfig, VmFiles};
+use crate::launch::qmp::{Qmp, RunState};
+use crate::perms::Perms;
+
+/// What QEMU is asked to run for the instance `r` (files under `p`).
+pub(crate) fn vm_config(p: &Paths, r: &InstanceRow, accel: Accel) -> VmConfig {
+    VmConfig {
+        tag: r.id.clone(),
+        accel,
+        cpus: r.cpus,
+        memory_mib: r.memory_mib,
+        disk: (
+            p.disk(r.disk),
+            match r.disk {
+                DiskMode::Overlay => "qcow2",
+                DiskMode::Copy => "raw",
+            },
+        ),
+        seed: Some(p.seed()),
+        forwards: forwards_of(r),
+        files: p.files(),
+    }
+}
+
+/// Sockets and pid file of an earlier run (QEMU refuses a stale socket
+/// path only sometimes; a stale pid file misleads), and a pause lease,
+/// which names a pause of the QEMU that is gone.
+pub(crate) fn clean_runtime_files(p: &Paths) {
+    let f = p.files();
+    for path in [&f.qmp, &f.console, &f.pidfile, &p.pause()] {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Gives the files QEMU made (sockets, serial log, pid file) the depot's
+/// file mode: QEMU makes sockets 0777 & !umask, and a daemonized QEMU sets
+/// its umask to 027 before it opens them. (The instance directory is 0700
+/// or 2770 in any case.)
+pub(crate) fn fix_runtime_modes(perms: Perms, f: &VmFiles) {
+    for p in [&f.qmp, &f.console, &f.serial_log, &f.pidfile] {
+        if let Err(e) = perms.fix(p) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Starts QEMU with `-daemonize` (the child returns once the VM is set up).
+pub(crate) fn spawn_detached(
+    p: &Paths,
+    qemu_bin: &Path,
+    r: &InstanceRow,
+    accel: Accel,
+) -> Result<Child> {
+    let cfg = vm_config(p, r, accel);
+    clean_runtime_files(p);
+    Command::new(qemu_bin)
+        .args(cfg.args())
+        .arg("-daemonize")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .at(qemu_bin)
+}
+
+/// Waits for a detached start: QEMU's pid once the VM runs (under KVM,
+/// once it survived [`watch_accel`]), or the message to record as the
+/// instance's error (QEMU's own words). An I/O error waiting is an error.
+pub(crate) fn wait_detached(
+    p: &Paths,
+    id: &str,
+    child: Child,
+    accel: Accel,
+) -> Result<std::result::Result<i32, String>> {
+    let files = p.files();
+    let out = child.wait_with_output().at(&files.pidfile)?;
+    let pid = crate::proc::read_pidfile(&files.pidfile);
+    Ok(match (out.status.success(), pid) {
+        (true, Some(pid)) if accel == Accel::Kvm => {
+            let watched = Qmp::connect_retry(&files.qmp, Duration::from_secs(10))
+                .and_then(|mut q| watch_accel(&mut q, accel));
+            watched.map(|_| pid).map_err(|e| {
+                stop_qemu(p, pid, id, true, Duration::ZERO);
+                e.to_string()
+            })
+        }
+        (true, Some(pid)) => Ok(pid),
+        _ => {
+            let mut msg = first_lines(&out.stderr)
+                .unwrap_or_else(|| format!("QEMU exited with {}", out.status));
+            if accel == Accel::Kvm {
+                msg.push_str(" (KVM may not work on this host: try --accel tcg or auto)");
+            }
+            Err(msg)
+        }
+    })
+}
+
+/// The first lines of QEMU's stderr, joined.
+pub(crate) fn first_lines(stderr: &[u8]) -> Option<String> {
+    let s = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = s
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim_start_matches("qemu-system-x86_64: "))
+        .take(3)
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("; "))
+}
+
+/// Under KVM, watches the first moments of the guest
+/// ([`kvm_internal_error`]): a guest KVM cannot run is an error saying so.
+pub(crate) fn watch_accel(q: &mut Qmp, accel: Accel) -> Result<()> {
+    if accel == Accel::Kvm && kvm_internal_error(q)? {
+        return Err(Error::Tool {
+            tool: "qemu-system-x86_64".into(),
+            detail: "the guest died with a KVM internal error: KVM does not work on this \
+                     host; use --accel tcg (or auto)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Presses the power button through QMP, resuming a paused guest first
+/// (it could not see the press); true if the press went through.
+fn press_resuming(qmp: &Path, id: &str) -> bool {
+    let pressed = Qmp::connect(qmp).and_then(|mut q| {
+        if q.run_state()? == RunState::Paused {
+            tracing::info!("instance {id} is paused: resuming it to press its power button");
+            q.resume()?;
+        }
+        q.powerdown()
+    });
+    pressed.is_ok()
+}
+
+/// Waits until the QEMU `pid` of instance `id` is gone, or `deadline`,
+/// looking every `poll`.
+fn wait_gone(pid: i32, id: &str, deadline: Instant, poll: Duration) {
+    while Instant::now() < deadline && crate::proc::pid_alive(pid, id) {
+        std::thread::sleep(poll);
+    }
+}
+
+/// Powers a QEMU off (or, with `force` or after `timeout`, kills it) and
+/// waits until it is gone. The caller holds the instance lock, so no live
+/// capture pauses the guest meanwhile.
+pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    if !force && press_resuming(&p.files().qmp, id) {
+        wait_gone(pid, id, deadline, Duration::from_millis(50));
+    }
+    if crate::proc::pid_alive(pid, id) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        wait_gone(pid, id, end, Duration::from_millis(10));
+    }
+    clean_runtime_files(p);
+}
+
+/// Presses the power button of the QEMU behind `qmp` (signal handlers).
+/// A paused guest is resumed first unless a live capture (holding the
+/// instance's lock) is pausing it: it resumes the guest itself, which then
+/// sees the press.
+pub fn press_power_button(qmp: &Path) -> Result<()> {
+    let mut q = Qmp::connect(qmp)?;
+    if q.run_state()? == RunState::Paused {
+        let p = Paths::in_dir(qmp.parent().unwrap_or(Path::new(".")).to_owned());
+        // The lock file exists (the instance's launch made it): opened, not
+        // created, since this process may not know the depot's modes.
+        if let Ok(f) = File::open(p.lock()) {
+            if let Ok(_lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                q.resume()?;
+                let _ = fs::remove_file(p.pause());
+            }
+        }
+    }
+    q.powerdown()
+}

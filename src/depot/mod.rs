@@ -620,7 +620,7 @@ impl Depot {
     pub fn update_image(&self, reference: &str, u: &ImageUpdate) -> Result<ImageInfo> {
         let (row, _) = self.image_for(reference, Op::Update)?;
         if let Some(n) = &u.name {
-            crate::image::import::check_name(n)?;
+            crate::image::names::check_name(n)?;
         }
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
@@ -658,7 +658,7 @@ impl Depot {
             crate::repo::manifest::write_next(tx, &self.repo.root, self.repo.perms, &row.id)
         });
         match r {
-            Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::image::import::name_clash(
+            Err(Error::Sqlite(e)) if is_unique(&e) => Err(crate::image::names::name_clash(
                 &self.repo.conn,
                 self.account(),
                 u.name.as_deref().unwrap_or_default(),

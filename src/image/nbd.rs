@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use tracing::instrument;
 
 /// `NBDMAGIC`, the first 8 bytes a server sends.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -173,6 +174,7 @@ impl Served {
     /// fixes every driver), in a private temporary directory under `tmp`
     /// (or the system's temp dir when that path would be too long for a
     /// socket).
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn serve(spec: &str, tmp: &Path, what: &Path) -> Result<Served> {
         // sun_path holds 108 bytes.
         let base = if tmp.as_os_str().len() < 80 {

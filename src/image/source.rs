@@ -19,6 +19,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use tracing::instrument;
+
+use crate::catalog::FileIdent;
 use crate::error::{Error, IoContext, Result};
 
 /// Disk image formats vmdepot imports.
@@ -91,27 +94,15 @@ pub struct Inspected {
 /// claim is refused before anything is hashed.
 pub const MAX_VIRTUAL_SIZE: u64 = 4 << 40;
 
-/// Identity of an opened input: if all of it is unchanged, so is its
-/// content (ctime moves on every write and cannot be set by a user).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileIdent {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-}
-
-impl FileIdent {
-    fn of(m: &std::fs::Metadata) -> FileIdent {
-        use std::os::unix::fs::MetadataExt;
-        FileIdent {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-        }
+/// The identity of the file `m` describes (see [`FileIdent`]).
+fn file_ident(m: &std::fs::Metadata) -> FileIdent {
+    use std::os::unix::fs::MetadataExt;
+    FileIdent {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
     }
 }
 
@@ -132,6 +123,7 @@ pub struct Opened {
 /// Opens an input: a regular file or a block device. FIFOs, sockets,
 /// character devices and directories are refused at once, without
 /// blocking on them.
+#[instrument(skip_all, err(level = "debug"))]
 pub fn open_input(path: &Path) -> Result<Opened> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -149,7 +141,7 @@ pub fn open_input(path: &Path) -> Result<Opened> {
     let meta = file.metadata().at(path)?;
     let ft = meta.file_type();
     let (size, ident) = if ft.is_file() {
-        (meta.len(), Some(FileIdent::of(&meta)))
+        (meta.len(), Some(file_ident(&meta)))
     } else if ft.is_block_device() {
         (block_device_size(&file).at(path)?, None)
     } else {
@@ -210,7 +202,7 @@ impl Opened {
         let Some(before) = &self.ident else {
             return Ok(());
         };
-        let now = FileIdent::of(&self.file.metadata().at(&self.path)?);
+        let now = file_ident(&self.file.metadata().at(&self.path)?);
         if &now != before {
             return Err(refused(
                 &self.path,
@@ -238,6 +230,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 /// Detects the format of an opened input from its content and checks its
 /// headers by the rules qemu applies when it opens them. `expected` is the
 /// user's `--format`, which must agree with the content.
+#[instrument(skip_all, err(level = "debug"))]
 pub fn inspect(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspected> {
     inspect_with(input, expected, true)
 }
@@ -336,7 +329,9 @@ fn too_big(path: &Path, size: u64) -> Error {
     )
 }
 
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+/// Reads `buf.len()` bytes at `off` (fewer only at the end of the file),
+/// retrying interrupted reads.
+pub(crate) fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read_at(&mut buf[n..], off + n as u64) {
@@ -772,6 +767,7 @@ fn qemu_img_missing(e: std::io::Error) -> Error {
 }
 
 /// Runs qemu-img and returns its stdout, or an error with its stderr.
+#[instrument(skip_all, err(level = "debug"))]
 pub fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let out = run_bounded(args)?;
     if !out.status.success() {
@@ -883,6 +879,7 @@ const EXTENT_GAP: u64 = 1 << 20;
 impl Reader {
     /// The raw view of an inspected input; `tmp` is a private directory for
     /// the server's socket.
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn open(input: &Opened, ins: &Inspected, tmp: &Path) -> Result<Reader> {
         if ins.format == SourceFormat::Raw {
             return Ok(Reader::File(input.file.try_clone().at(&input.path)?));

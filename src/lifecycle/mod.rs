@@ -6,7 +6,7 @@
 //! Capture reads only what the instance changed: its qcow2 overlay's own
 //! clusters (`qemu-img map`), laid over the raw base, which is the parent
 //! image's content; blocks outside those clusters keep the parent's chunks
-//! without being hashed or compressed again (`import::Input::overlay`). The
+//! without being hashed or compressed again (`input::Input::overlay`). The
 //! content digest still covers every byte.
 
 pub mod copy;
@@ -18,7 +18,7 @@ use crate::catalog;
 use crate::depot::access::Op;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::image::import::{self, Input};
+use crate::image::{import, input::Input};
 use crate::launch::instance::{self, DiskMode, InstanceInfo};
 use crate::launch::qemu::Qmp;
 use crate::progress::Progress;

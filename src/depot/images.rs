@@ -104,7 +104,7 @@ impl Depot {
     pub fn update_image(&self, reference: &str, u: &ImageUpdate) -> Result<ImageInfo> {
         let (row, _) = self.image_for(reference, Op::Update)?;
         if let Some(n) = &u.name {
-            crate::image::import::check_name(n)?;
+            crate::image::names::check_name(n)?;
         }
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
@@ -119,7 +119,7 @@ impl Depot {
         });
         match r {
             Err(Error::Sqlite(e)) if catalog::images::is_unique_violation(&e) => {
-                Err(crate::image::import::name_clash(
+                Err(crate::image::names::name_clash(
                     &self.repo.conn,
                     self.account(),
                     u.name.as_deref().unwrap_or_default(),

@@ -26,6 +26,7 @@ use nix::sys::stat::{fstatat, Mode};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
 use serde::Serialize;
+use tracing::instrument;
 
 use crate::catalog::{self, ChunkLoc, FrameLoc, ImageRow};
 use crate::digest::{self, PieceHash};
@@ -390,6 +391,7 @@ fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
 /// `image export`: checks the destination (see [`user_dest`]), writes a new
 /// file with the caller's mode ([`export_file_mode`]) or a block device in
 /// place.
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn export_user(
     repo: &Repo,
     row: &ImageRow,
@@ -419,6 +421,7 @@ pub(crate) fn export_user(
 /// Materialises an image into a file of the depot (a launch base, an
 /// instance's private disk): no destination checks; the mode follows the
 /// process umask.
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn export(
     repo: &Repo,
     row: &ImageRow,
@@ -431,6 +434,7 @@ pub(crate) fn export(
 
 /// [`export`] with the file's mode given, set before the file gets its
 /// name (a launch base is read-only from the moment it exists).
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn export_with_mode(
     repo: &Repo,
     row: &ImageRow,
@@ -446,6 +450,7 @@ pub(crate) fn export_with_mode(
 
 /// The BLAKE3 of every byte of `file` (`size` bytes), read back in
 /// parallel leaves; holes are read too (nothing is assumed zero).
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn file_digest(
     repo: &Repo,
     file: &File,
@@ -590,6 +595,7 @@ fn zero_holes(
 
 /// Streams the raw image to `w` in order (zeros written as zeros), checking
 /// its digest on the way; a mismatch is an error after the bytes went out.
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn export_stream(
     repo: &Repo,
     row: &ImageRow,
@@ -635,6 +641,7 @@ pub(crate) fn export_stream(
     check_digest(repo, &plan, &label, row, zero_cvs, &digest, progress)
 }
 
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn verify_image(
     repo: &Repo,
     row: &ImageRow,
@@ -656,14 +663,19 @@ pub(crate) struct Plan {
     pub(crate) packs: HashMap<i64, String>,
 }
 
+/// Where every chunk of the image `row` lives, read in one read
+/// transaction (one snapshot, and SQLite's file locks taken once).
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn plan(repo: &Repo, row: &ImageRow) -> Result<Plan> {
-    // One read transaction: one snapshot, and SQLite's file locks taken once.
-    let tx = repo.conn.unchecked_transaction()?;
-    let map = catalog::image_map(&tx, &row.id)?;
+    catalog::read(&repo.conn, |tx| plan_in(tx, row))
+}
+
+fn plan_in(tx: &rusqlite::Connection, row: &ImageRow) -> Result<Plan> {
+    let map = catalog::image_map(tx, &row.id)?;
     let mut ids: Vec<ChunkId> = map.data().map(|(_, c)| c).collect();
     ids.sort_unstable();
     ids.dedup();
-    let chunks = catalog::chunk_locs(&tx, &ids)?;
+    let chunks = catalog::chunk_locs(tx, &ids)?;
     let missing = |what: String, cid: ChunkId| Error::Corrupt {
         image: format!("{} ({})", row.name, row.id),
         offset: map.data().find(|&(_, c)| c == cid).map_or(0, |(b, _)| b) * CHUNK,
@@ -679,14 +691,14 @@ pub(crate) fn plan(repo: &Repo, row: &ImageRow) -> Result<Plan> {
     let mut packs = HashMap::new();
     for (&cid, loc) in &chunks {
         if let std::collections::hash_map::Entry::Vacant(v) = frames.entry(loc.frame) {
-            let f = catalog::frame_loc(&tx, loc.frame)?.ok_or_else(|| {
+            let f = catalog::frame_loc(tx, loc.frame)?.ok_or_else(|| {
                 missing(
                     format!("frame {} is missing from the catalog", loc.frame),
                     cid,
                 )
             })?;
             if let std::collections::hash_map::Entry::Vacant(p) = packs.entry(f.pack) {
-                let name = catalog::pack_name(&tx, f.pack)?.ok_or_else(|| {
+                let name = catalog::pack_name(tx, f.pack)?.ok_or_else(|| {
                     missing(format!("pack {} is missing from the catalog", f.pack), cid)
                 })?;
                 p.insert(name);
@@ -694,7 +706,6 @@ pub(crate) fn plan(repo: &Repo, row: &ImageRow) -> Result<Plan> {
             v.insert(f);
         }
     }
-    tx.finish()?;
     Ok(Plan {
         map,
         chunks,
@@ -781,8 +792,9 @@ fn check_digest(
     })
 }
 
-/// Runs `f(state, i)` for every `i` in `0..n` on one thread per core, each
-/// thread with its own state from `init`; stops at the first error.
+/// Runs `f(state, i)` for every `i` in `0..n` on one thread per core (at
+/// most 8), each thread with its own state from `init`; stops at the first
+/// error.
 fn par_for<S>(
     n: usize,
     init: impl Fn() -> S + Sync,

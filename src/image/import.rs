@@ -1,28 +1,35 @@
 //! Import: cut an image into 4 KiB chunks, store the new ones, commit the
 //! image.
 //!
-//! The content is split into BLAKE3 subtree pieces ([`crate::digest`]);
-//! worker threads (one per core) take pieces and, for each 4 KiB block,
-//! skip holes (SEEK_DATA) and all-zero blocks, hash the block, look it up
-//! (this import's new chunks first, then the catalog), and batch new chunks
+//! Main items: [`ImportOptions`], [`import`] (a file: opened and checked by
+//! [`crate::image::source`], or taken from an earlier import of the same
+//! unchanged file without reading it) and [`import_input`] (any
+//! [`Input`], e.g. capture's overlay reader). Both fill a row made by
+//! [`create_image`]. Name rules are in [`crate::image::names`].
+//!
+//! The pipeline: the content is split into BLAKE3 subtree pieces
+//! ([`crate::digest`]); worker threads (one per core, at most 8) take
+//! pieces and, for each 4 KiB block, skip holes (SEEK_DATA) and all-zero
+//! blocks, hash the block, look it up (this import's new chunks first, then
+//! the catalog, one autocommit query per look-up), and batch new chunks
 //! into frames that they compress themselves. A writer thread appends the
-//! compressed frames to pending pack files. When all pieces are done the
-//! packs are fsynced and one catalog transaction inserts frames and chunks
-//! and flips the image to `available`.
+//! compressed frames to pending pack files and enters them in the catalog,
+//! batch by batch, as chunks pending for this import. When all pieces are
+//! done the packs are fsynced and one catalog transaction inserts the last
+//! frames and chunks and flips the image to `available`.
 //!
 //! **Invariant**: the image row becomes `available` in the same transaction
-//! that inserts its chunks, after its pack files are durable; a reused chunk
+//! that commits its chunks, after its pack files are durable; a reused chunk
 //! is checked to still exist inside that transaction (a concurrent gc may
 //! have collected it, in which case the import starts over).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
+use tracing::instrument;
 
 use crate::catalog;
 use crate::catalog::ImageType;
@@ -30,18 +37,25 @@ use crate::digest::{self, PieceHash, Pieces};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{hex, ChunkHash, ChunkId, ImageId};
-use crate::image::source::{self, FileIdent, Opened, Reader, SourceFormat};
+use crate::image::create::{create_image, Cleanup};
+use crate::image::input::Input;
+use crate::image::names::check_name;
+use crate::image::source::{self, Reader, SourceFormat};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::store::{self, PackWriter};
 
 /// Read buffer per worker.
 const READ_BYTES: usize = 1 << 20;
+
 /// What `import` needs besides the file.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
+    /// The new image's name (see [`crate::image::names::check_name`]).
     pub name: String,
+    /// Public, marketplace or custom (the default).
     pub kind: ImageType,
+    /// Free text shown with the image.
     pub description: String,
     /// `None` detects the format from the content.
     pub format: Option<SourceFormat>,
@@ -62,6 +76,7 @@ pub struct ImportOptions {
 }
 
 impl ImportOptions {
+    /// Options for a custom image named `name`, everything else empty.
     pub fn new(name: impl Into<String>) -> ImportOptions {
         ImportOptions {
             name: name.into(),
@@ -87,6 +102,12 @@ const ATTEMPTS: usize = 3;
 /// new chunk `NEW | seq << 8 | slot`.
 const NEW: u64 = 1 << 63;
 
+/// Imports the disk image `file` as a new image of `owner`. The file is
+/// opened once and everything about it is checked, on that open file,
+/// before the catalog changes; an unchanged file imported before (same
+/// device, inode, size, mtime and ctime) takes that image's content
+/// without being read, unless `opts.reread`.
+#[instrument(skip_all, err(level = "debug"), fields(file = %file.display()))]
 pub(crate) fn import(
     repo: &Repo,
     owner: &str,
@@ -95,8 +116,6 @@ pub(crate) fn import(
     progress: &dyn Progress,
 ) -> Result<ImageId> {
     check_name(&opts.name)?;
-    // The input is opened once; everything about it is checked, on that
-    // open file, before the catalog changes.
     let opened = source::open_input(file)?;
     let ins = source::inspect(&opened, opts.format)?;
     let id = create_image(repo, owner, opts, ins.format.name(), |guard| {
@@ -106,19 +125,14 @@ pub(crate) fn import(
             }
         }
         let reader = Reader::open(&opened, &ins, &repo.root().join("tmp"))?;
-        let input = Input {
-            path: file.to_owned(),
-            size: ins.virtual_size,
-            file: reader,
-            overlay: None,
-            source: Some(&opened),
-        };
+        let input = Input::opened(&opened, reader, ins.virtual_size);
         ingest_retrying(repo, guard, &input, progress)
     })?;
-    // Remember the file (it did not change while it was read: checked
-    // before the commit).
+    // Remember the file, so that an unchanged file imported again takes
+    // this image's content without being read (it did not change while it
+    // was read: checked before the commit).
     if let Some(f) = &opened.ident {
-        remember(f, repo, &id)?;
+        catalog::remember_source(&repo.conn, f, &id)?;
     }
     Ok(id)
 }
@@ -126,6 +140,7 @@ pub(crate) fn import(
 /// Imports content that is not a plain file (a captured instance disk).
 /// Same guarantees as [`import`]: visible only when complete, nothing left
 /// on failure.
+#[instrument(skip_all, err(level = "debug"), fields(path = %input.path.display()))]
 pub(crate) fn import_input(
     repo: &Repo,
     owner: &str,
@@ -137,32 +152,6 @@ pub(crate) fn import_input(
     create_image(repo, owner, opts, format_name, |guard| {
         ingest_retrying(repo, guard, input, progress)
     })
-}
-
-/// A new image: its row is entered as `importing` (hidden from others, and
-/// from gc while its lock is held), `fill` must make it available; if
-/// `fill` fails, the row and whatever it stored are removed.
-pub(crate) fn create_image(
-    repo: &Repo,
-    owner: &str,
-    opts: &ImportOptions,
-    format_name: &str,
-    fill: impl FnOnce(&Cleanup<'_>) -> Result<()>,
-) -> Result<ImageId> {
-    check_name(&opts.name)?;
-    let id = ImageId::generate();
-    let _lock = repo.lock_import(&id)?;
-    let mut guard = Cleanup {
-        repo,
-        id: &id,
-        armed: true,
-    };
-    insert_importing_row(repo, owner, &id, opts, format_name)?;
-    fill(&guard)?;
-    guard.armed = false;
-    drop(guard);
-    let _ = std::fs::remove_file(repo.lock_path(&id));
-    Ok(id)
 }
 
 /// [`ingest`], started over (a few times) when a concurrent gc collected
@@ -179,435 +168,27 @@ fn ingest_retrying(
         match ingest(repo, guard.id, input, progress) {
             Err(Error::ChunksVanished) if attempt < ATTEMPTS => {
                 tracing::info!(image = %guard.id, "a concurrent gc collected reused chunks; starting over");
-                guard.drop_pending_packs()?;
+                guard.drop_stored()?;
             }
             r => return r,
         }
     }
 }
 
-/// What an import reads: a raw file, or a raw base with the ranges a qcow2
-/// overlay changed (`patches`) laid over it.
-pub(crate) struct Input<'a> {
-    pub path: std::path::PathBuf,
-    pub size: u64,
-    file: Reader,
-    overlay: Option<Overlay>,
-    /// The opened input file, checked to be unchanged before the commit.
-    source: Option<&'a Opened>,
-}
-
-struct Overlay {
-    path: std::path::PathBuf,
-    file: File,
-    /// Sorted, disjoint, 4 KiB-aligned `(start, end, at)`: guest bytes
-    /// `start..end` are the overlay file's bytes from `at`, or zeros.
-    patches: Vec<(u64, u64, Option<u64>)>,
-    /// The base's image map, when that image still exists: blocks outside
-    /// every patch are the base's, so they keep its chunks.
-    parent: Option<crate::format::BlockMap>,
-}
-
-impl Input<'_> {
-    /// A raw file (an instance's private disk copy).
-    pub(crate) fn plain(path: &Path, size: u64) -> Result<Input<'static>> {
-        Ok(Input {
-            path: path.to_owned(),
-            size,
-            file: Reader::File(File::open(path).at(path)?),
-            overlay: None,
-            source: None,
-        })
-    }
-
-    /// A raw base (the parent's content) plus a qcow2 overlay on it. Only
-    /// the overlay's own clusters are read from it (`qemu-img map`);
-    /// `--force-share` lets a paused QEMU keep the image open.
-    pub(crate) fn overlay(
-        base: &Path,
-        overlay: &Path,
-        parent: Option<crate::format::BlockMap>,
-    ) -> Result<Input<'static>> {
-        let out = source::qemu_img(&[
-            "map",
-            "--force-share",
-            "--output=json",
-            "-f",
-            "qcow2",
-            overlay.to_str().ok_or_else(|| {
-                Error::Invalid(format!("{}: path is not UTF-8", overlay.display()))
-            })?,
-        ])?;
-        let map: Vec<serde_json::Value> =
-            serde_json::from_slice(&out).map_err(|e| Error::Tool {
-                tool: "qemu-img map".into(),
-                detail: format!("{}: {e}", overlay.display()),
-            })?;
-        let mut size = 0u64;
-        let mut patches: Vec<(u64, u64, Option<u64>)> = Vec::new();
-        for m in &map {
-            let num = |k: &str| m.get(k).and_then(serde_json::Value::as_u64);
-            let flag = |k: &str| {
-                m.get(k)
-                    .and_then(serde_json::Value::as_bool)
-                    .unwrap_or(false)
-            };
-            let (Some(start), Some(len)) = (num("start"), num("length")) else {
-                continue;
-            };
-            size = size.max(start + len);
-            if num("depth") != Some(0) {
-                continue; // the base's bytes
-            }
-            if start % CHUNK != 0 || (len % CHUNK != 0 && start + len != size) {
-                return Err(Error::BadInput {
-                    file: overlay.to_owned(),
-                    reason: format!("cluster at byte {start} is not 4 KiB aligned"),
-                });
-            }
-            let at = if flag("zero") && !flag("data") {
-                None
-            } else if flag("data") {
-                Some(num("offset").ok_or_else(|| Error::BadInput {
-                    file: overlay.to_owned(),
-                    reason: format!(
-                        "cluster at byte {start} has no plain offset (compressed?): not supported"
-                    ),
-                })?)
-            } else {
-                continue; // unallocated at depth 0: the base's
-            };
-            patches.push((start, start + len, at));
-        }
-        patches.sort_unstable_by_key(|p| p.0);
-        Ok(Input {
-            path: base.to_owned(),
-            size,
-            file: Reader::File(File::open(base).at(base)?),
-            source: None,
-            overlay: Some(Overlay {
-                path: overlay.to_owned(),
-                file: File::open(overlay).at(overlay)?,
-                patches,
-                parent,
-            }),
-        })
-    }
-
-    /// Data ranges (holes and zero patches left out).
-    fn extents(&self) -> Result<Vec<(u64, u64)>> {
-        let base = self.file.data_extents(self.size).at(&self.path)?;
-        let Some(ov) = &self.overlay else {
-            return Ok(base);
-        };
-        // base minus every patch, plus the data patches
-        let mut out = Vec::new();
-        let mut pi = 0;
-        for (s, e) in base {
-            let mut pos = s;
-            while pi < ov.patches.len() && ov.patches[pi].1 <= pos {
-                pi += 1;
-            }
-            let mut k = pi;
-            while pos < e {
-                match ov.patches.get(k) {
-                    Some(&(ps, pe, _)) if ps < e => {
-                        if ps > pos {
-                            out.push((pos, ps));
-                        }
-                        pos = pos.max(pe);
-                        k += 1;
-                    }
-                    _ => {
-                        out.push((pos, e));
-                        pos = e;
-                    }
-                }
-            }
-        }
-        out.extend(
-            ov.patches
-                .iter()
-                .filter(|p| p.2.is_some())
-                .map(|&(s, e, _)| (s, e)),
-        );
-        out.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
-        for (s, e) in out {
-            match merged.last_mut() {
-                Some((_, pe)) if s <= *pe => *pe = (*pe).max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        Ok(merged)
-    }
-
-    /// Reads guest bytes at `off` (a short read only at the end).
-    fn read_at_full(&self, buf: &mut [u8], off: u64) -> Result<usize> {
-        let Some(ov) = &self.overlay else {
-            return self.file.read_at(buf, off).at(&self.path);
-        };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = off + done as u64;
-            if pos >= self.size {
-                break;
-            }
-            let rest = &mut buf[done..];
-            let i = ov.patches.partition_point(|p| p.1 <= pos);
-            let n = match ov.patches.get(i) {
-                Some(&(s, e, at)) if s <= pos => {
-                    let n = rest.len().min((e - pos) as usize);
-                    match at {
-                        Some(at) => {
-                            let got = read_at_full(&ov.file, &mut rest[..n], at + (pos - s))
-                                .at(&ov.path)?;
-                            if got < n {
-                                return Err(Error::BadInput {
-                                    file: ov.path.clone(),
-                                    reason: format!(
-                                        "cluster data at byte {} is missing",
-                                        at + (pos - s)
-                                    ),
-                                });
-                            }
-                        }
-                        None => rest[..n].fill(0),
-                    }
-                    n
-                }
-                next => {
-                    let lim = next.map_or(self.size, |p| p.0).min(self.size);
-                    let n = rest.len().min((lim - pos) as usize);
-                    let got = self.file.read_at(&mut rest[..n], pos).at(&self.path)?;
-                    if got < n {
-                        // the base is shorter than the overlay: zeros
-                        rest[got..n].fill(0);
-                    }
-                    n
-                }
-            };
-            done += n;
-        }
-        Ok(done)
-    }
-
-    /// The map entry of a block the overlay did not change, when the base's
-    /// map is known.
-    fn known(&self, block: u64) -> Option<u64> {
-        let ov = self.overlay.as_ref()?;
-        let parent = ov.parent.as_ref()?;
-        let off = block * CHUNK;
-        let i = ov.patches.partition_point(|p| p.1 <= off);
-        if ov.patches.get(i).is_some_and(|p| p.0 <= off) {
-            return None;
-        }
-        if block >= parent.nblocks {
-            return None;
-        }
-        Some(parent.get(block) as u64)
-    }
-}
-
-/// Remembers an imported file by its identity, so an unchanged file
-/// imported again takes this image's content without being read.
-fn remember(f: &FileIdent, repo: &Repo, image: &ImageId) -> Result<()> {
-    catalog::write(&repo.conn, |c| {
-        c.execute(
-            "INSERT OR REPLACE INTO source_files (dev, ino, size, mtime_ns, ctime_ns, image)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                f.dev as i64,
-                f.ino as i64,
-                f.size as i64,
-                f.mtime_ns,
-                f.ctime_ns,
-                image.as_str()
-            ],
-        )?;
-        Ok(())
-    })
-}
-
-/// If `file` was imported before, is unchanged, and that image still
+/// If the file `f` was imported before, is unchanged, and that image still
 /// exists, the new image takes its content (map and digest) without reading
 /// the file. One transaction: the earlier image's chunks cannot be collected
 /// in between.
-fn reuse_unchanged(repo: &Repo, id: &ImageId, f: &FileIdent) -> Result<bool> {
+fn reuse_unchanged(repo: &Repo, id: &ImageId, f: &catalog::FileIdent) -> Result<bool> {
     let tx = catalog::begin_write(&repo.conn)?;
-    let n = tx.execute(
-        "UPDATE images SET (state, virtual_size, data_bytes, content_digest, map, map_digest) =
-            (SELECT 'available', o.virtual_size, o.data_bytes, o.content_digest, o.map, o.map_digest
-             FROM source_files s JOIN images o ON o.id = s.image
-             WHERE s.dev = ?2 AND s.ino = ?3 AND s.size = ?4 AND s.mtime_ns = ?5
-               AND s.ctime_ns = ?6 AND o.state = 'available')
-         WHERE id = ?1 AND EXISTS (
-             SELECT 1 FROM source_files s JOIN images o ON o.id = s.image
-             WHERE s.dev = ?2 AND s.ino = ?3 AND s.size = ?4 AND s.mtime_ns = ?5
-               AND s.ctime_ns = ?6 AND o.state = 'available')",
-        params![
-            id.as_str(),
-            f.dev as i64,
-            f.ino as i64,
-            f.size as i64,
-            f.mtime_ns,
-            f.ctime_ns
-        ],
-    )?;
-    if n == 1 {
-        let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
+    if !catalog::reuse_source(&tx, id, f)? {
         tx.commit()?;
-        manifest.committed();
-        return Ok(true);
+        return Ok(false);
     }
+    let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
     tx.commit()?;
-    Ok(false)
-}
-
-pub(crate) fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 200
-        || name.chars().any(|c| c.is_control() || c == '/')
-        || ImageId::parse(name).is_some()
-    {
-        return Err(Error::Invalid(format!(
-            "invalid image name {name:?}: use 1-200 printable characters without '/', not of the form img-<16 hex>"
-        )));
-    }
-    Ok(())
-}
-
-pub(crate) fn insert_importing_row(
-    repo: &Repo,
-    owner: &str,
-    id: &ImageId,
-    opts: &ImportOptions,
-    fmt: &str,
-) -> Result<()> {
-    // Not `catalog::write`: the caller looks at the SQLite error itself.
-    let insert = || -> rusqlite::Result<()> {
-        let tx = catalog::begin_write(&repo.conn)?;
-        let (parent, parent_name) = opts.parent.clone().unzip();
-        tx.execute(
-            "INSERT INTO images (id, name, type, state, owner, description, source_format, created_at,
-                                 vendor, application, app_version, parent, parent_name, source_instance,
-                                 restricted_from)
-             VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
-                id.as_str(),
-                opts.name,
-                opts.kind.as_str(),
-                owner,
-                opts.description,
-                fmt,
-                catalog::now(),
-                opts.vendor,
-                opts.application,
-                opts.app_version,
-                parent,
-                parent_name.unwrap_or_default(),
-                opts.source_instance,
-                opts.restricted_from,
-            ],
-        )?;
-        for (k, v) in &opts.tags {
-            tx.execute(
-                "INSERT OR REPLACE INTO image_tags (image, key, value) VALUES (?1, ?2, ?3)",
-                params![id.as_str(), k, v],
-            )?;
-        }
-        tx.commit()
-    };
-    match insert() {
-        Ok(_) => Ok(()),
-        Err(e) if is_unique_violation(&e) => {
-            // The name may belong to an import that was killed: reap it once.
-            if crate::image::reap::reap_abandoned(repo)? > 0 && insert().is_ok() {
-                return Ok(());
-            }
-            Err(name_clash(
-                &repo.conn,
-                owner,
-                &opts.name,
-                opts.kind.as_str(),
-            ))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The error for a name that the catalog's unique indexes refused for an
-/// image of `owner` and type `kind`: the account's own image of that name,
-/// else the public or marketplace image holding it (names are unique per
-/// owner, and public and marketplace names across owners).
-pub(crate) fn name_clash(conn: &Connection, owner: &str, name: &str, kind: &str) -> Error {
-    let holder = |sql: &str, args: &[&str]| -> Option<(String, String, String)> {
-        conn.query_row(sql, rusqlite::params_from_iter(args), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .ok()
-    };
-    if let Some((id, kind, _)) = holder(
-        "SELECT id, type, owner FROM images WHERE owner = ?1 AND name = ?2",
-        &[owner, name],
-    ) {
-        return Error::NameTaken {
-            name: name.to_owned(),
-            existing: format!("{id}, {kind}"),
-        };
-    }
-    if matches!(kind, "public" | "marketplace") {
-        if let Some((id, kind, owner)) = holder(
-            "SELECT id, type, owner FROM images
-             WHERE name = ?1 AND type IN ('public', 'marketplace')",
-            &[name],
-        ) {
-            return Error::PublicNameTaken {
-                name: name.to_owned(),
-                existing: format!("{kind} image {id} of {owner}"),
-            };
-        }
-    }
-    Error::NameTaken {
-        name: name.to_owned(),
-        existing: "it was deleted meanwhile: retry".to_owned(),
-    }
-}
-
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
-}
-
-/// Undoes a failed import: its row, its pending packs, its temp files.
-pub(crate) struct Cleanup<'a> {
-    pub(crate) repo: &'a Repo,
-    pub(crate) id: &'a ImageId,
-    pub(crate) armed: bool,
-}
-
-impl Cleanup<'_> {
-    fn drop_pending_packs(&self) -> Result<()> {
-        crate::image::reap::drop_import_leftovers(self.repo, self.id, false)
-    }
-}
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut r = crate::image::reap::drop_import_leftovers(self.repo, self.id, true);
-            if r.is_err() && crate::repo::release_reserve(self.repo.root()) {
-                // Out of space: the reserve gives SQLite room to write.
-                r = crate::image::reap::drop_import_leftovers(self.repo, self.id, true);
-            }
-            if let Err(e) = r {
-                tracing::warn!(
-                    "the failed import {} could not be undone ({}): its catalog row (state importing) and pending packs are left; `vmdepot gc` removes them",
-                    self.id,
-                    crate::error::one_line(&e.to_string())
-                );
-            }
-        }
-    }
+    manifest.committed();
+    Ok(true)
 }
 
 /// A compressed frame on its way to the writer.
@@ -666,6 +247,9 @@ struct Shared<'a> {
     progress: &'a dyn Progress,
 }
 
+/// One attempt at storing `raw` as the content of the `importing` image
+/// `id`: workers and the writer thread, then the check that the source did
+/// not change, then the commit.
 fn ingest(repo: &Repo, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Result<()> {
     let extents = raw.extents()?;
     let pieces = digest::split_sparse(raw.size, digest::LEAF_BYTES, |off, len| {
@@ -675,7 +259,7 @@ fn ingest(repo: &Repo, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Re
     let zero_cvs = catalog::load_zero_cvs(&repo.conn, raw.size)?;
     // Taken before any look-up: chunks allocated after it may have been
     // missed by the workers.
-    let start_seq = chunk_sequence(&repo.conn)?;
+    let start_seq = catalog::chunk_sequence(&repo.conn)?;
     let npieces = pieces.leaves.len();
     let shared = Shared {
         image: id,
@@ -744,7 +328,7 @@ fn ingest(repo: &Repo, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Re
         .map(|r| r.expect("every piece processed"))
         .collect();
     let digest = pieces.root(&results.iter().map(|r| r.hash).collect::<Vec<_>>());
-    if let Some(src) = raw.source {
+    if let Some(src) = raw.source() {
         src.check_unchanged()?;
     }
     commit(
@@ -872,22 +456,6 @@ fn leaf(
 fn zero_run(entries: &mut Vec<u64>, hasher: &mut blake3::Hasher, len: u64) {
     digest::update_zeros(hasher, len);
     entries.resize(entries.len() + format::blocks_for(len) as usize, 0);
-}
-
-fn read_at_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], off) {
-            Ok(0) => break,
-            Ok(k) => {
-                n += k;
-                off += k as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 static ZERO_CHUNK: [u8; CHUNK_SIZE] = [0; CHUNK_SIZE];
@@ -1057,19 +625,6 @@ struct Written {
     pending: bool,
 }
 
-/// The highest chunk id ever allocated.
-fn chunk_sequence(conn: &Connection) -> Result<i64> {
-    use rusqlite::OptionalExtension;
-    Ok(conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'chunks'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0))
-}
-
 /// A frame written to a pack, to be entered in the catalog.
 struct Entered {
     seq: u64,
@@ -1093,7 +648,7 @@ fn enter_batch(
     }
     let tx = catalog::begin_write(conn)?;
     enter_rows(&tx, id, batch, out, *seen_seq, true)?;
-    *seen_seq = chunk_sequence(&tx)?;
+    *seen_seq = catalog::chunk_sequence(&tx)?;
     tx.commit()?;
     // Entered: workers find these in the catalog from now on.
     let mut new = new.lock().unwrap();
@@ -1108,7 +663,7 @@ fn enter_batch(
 /// Inserts the frames of `batch` and their new chunks (pending for this
 /// import when `pending`), and records each frame's chunk ids in `out`.
 fn enter_rows(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     id: &ImageId,
     batch: &[Entered],
     out: &mut HashMap<u64, FrameIds>,
@@ -1117,47 +672,55 @@ fn enter_rows(
 ) -> Result<()> {
     // Chunk ids only grow (AUTOINCREMENT): if none was allocated since our
     // last batch, no other import committed content the workers missed.
-    let others = chunk_sequence(tx)? != seen_seq;
-    let mut frame = tx.prepare_cached(
-        "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    let mut chunk =
-        tx.prepare_cached("INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)")?;
-    let mut mark = tx.prepare_cached("INSERT INTO pending_chunks (id, import) VALUES (?1, ?2)")?;
+    let others = catalog::chunk_sequence(tx)? != seen_seq;
+    let mut ins = catalog::ChunkInserter::new(tx)?;
     for msg in batch {
-        frame.execute(params![
-            msg.pack,
-            msg.offset as i64,
-            msg.clen as i64,
-            msg.hashes.len() as i64
-        ])?;
-        let fid = tx.last_insert_rowid();
-        let mut ids = FrameIds::default();
-        for (slot, h) in msg.hashes.iter().enumerate() {
-            // Committed by another import meanwhile, or met twice by this
-            // one across a batch boundary: use that chunk; this slot's
-            // bytes stay unused.
-            if others {
-                if let Some(c) = catalog::chunk_by_hash(tx, h, id)? {
-                    ids.existing.push((slot as u8, c));
-                    continue;
-                }
-            }
-            chunk.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
-            let cid = tx.last_insert_rowid();
-            if pending {
-                mark.execute(params![cid, id.key()])?;
-            }
-            ids.inserted += 1;
-            if ids.first == 0 {
-                ids.first = cid - (slot - ids.existing.len()) as i64;
-            }
-        }
+        let ids = enter_frame(tx, &mut ins, id, msg, others, pending)?;
         out.insert(msg.seq, ids);
     }
     Ok(())
 }
 
+/// Inserts one frame and its chunks; returns the chunk ids of its slots.
+/// With `others` (chunks were allocated by others since the last batch),
+/// each hash is looked up first.
+fn enter_frame(
+    tx: &Connection,
+    ins: &mut catalog::ChunkInserter<'_>,
+    id: &ImageId,
+    msg: &Entered,
+    others: bool,
+    pending: bool,
+) -> Result<FrameIds> {
+    let fid = ins.frame(msg.pack, msg.offset, msg.clen, msg.hashes.len())?;
+    let mut ids = FrameIds::default();
+    for (slot, h) in msg.hashes.iter().enumerate() {
+        // Committed by another import meanwhile, or met twice by this
+        // one across a batch boundary: use that chunk; this slot's
+        // bytes stay unused.
+        if others {
+            if let Some(c) = catalog::chunk_by_hash(tx, h, id)? {
+                ids.existing.push((slot as u8, c));
+                continue;
+            }
+        }
+        let cid = ins.chunk(h, fid, slot)?;
+        if pending {
+            ins.mark_pending(cid, id)?;
+        }
+        ids.inserted += 1;
+        if ids.first == 0 {
+            ids.first = cid - (slot - ids.existing.len()) as i64;
+        }
+    }
+    Ok(ids)
+}
+
+/// The commit, in one write transaction: the last frames and chunks, the
+/// check that every chunk the image uses is still there, the image made
+/// available with its map, its pending chunks and packs settled, new
+/// zero-leaf values kept, and its manifest written (durable before the
+/// image is available).
 fn commit(
     repo: &Repo,
     id: &ImageId,
@@ -1176,26 +739,58 @@ fn commit(
         seen_seq,
         pending,
     } = written;
-    let pending_ranges: Vec<(ChunkId, i64)> = frames
+    let pending_ranges: Vec<(ChunkId, ChunkId)> = frames
         .values()
         .filter(|f| f.inserted > 0)
-        .map(|f| (f.first, f.inserted))
+        .map(|f| (f.first, f.first + f.inserted - 1))
         .collect();
     enter_rows(&tx, id, &last, &mut frames, seen_seq, false)?;
-    let chunk_id = |e: u64| -> ChunkId {
-        if e & NEW != 0 {
-            frames[&((e & !NEW) >> 8)].id((e & 0xff) as u8)
-        } else {
-            e as ChunkId
-        }
-    };
-    // Runs of consecutive chunk ids the image uses.
+    // Every chunk used must still exist (a concurrent gc may have taken
+    // a reused one) and be committed or this import's own.
+    if !catalog::chunk_runs_usable(&tx, &used_runs(&results, &frames), id)? {
+        return Err(Error::ChunksVanished);
+    }
+    let map = build_map(&results, &frames);
+    debug_assert_eq!(map.nblocks, format::blocks_for(size));
+    catalog::set_available(
+        &tx,
+        id,
+        size,
+        data_blocks * CHUNK,
+        &hex(digest.as_bytes()),
+        &map,
+    )?;
+    catalog::delete_pending_marks(&tx, pending_ranges)?;
+    catalog::seal_pending_packs(&tx, id)?;
+    catalog::save_zero_cvs(&tx, &zero_cvs)?;
+    let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
+    tx.commit()?;
+    manifest.committed();
+    if pending {
+        catalog::vacuum_free_pages(&repo.conn);
+    }
+    Ok(())
+}
+
+/// The chunk id of a map entry (a chunk id, or a new chunk by frame
+/// sequence number and slot).
+fn chunk_id(frames: &HashMap<u64, FrameIds>, e: u64) -> ChunkId {
+    if e & NEW != 0 {
+        frames[&((e & !NEW) >> 8)].id((e & 0xff) as u8)
+    } else {
+        e as ChunkId
+    }
+}
+
+/// The chunk ids the image uses, as sorted, disjoint inclusive runs of
+/// consecutive ids.
+fn used_runs(results: &[PieceResult], frames: &HashMap<u64, FrameIds>) -> Vec<(ChunkId, ChunkId)> {
     let mut runs: Vec<(ChunkId, ChunkId)> = Vec::new();
-    for e in results.iter().flat_map(|r| r.entries.iter()) {
-        if *e == 0 {
+    for &e in results.iter().flat_map(|r| r.entries.iter()) {
+        if e == 0 {
             continue;
         }
-        let c = chunk_id(*e);
+        let c = chunk_id(frames, e);
         match runs.last_mut() {
             Some((_, end)) if *end + 1 == c || *end == c => *end = c,
             _ => runs.push((c, c)),
@@ -1209,60 +804,19 @@ fn commit(
             _ => merged.push((a, b)),
         }
     }
-    {
-        // Every chunk used must still exist (a concurrent gc may have taken
-        // a reused one) and be committed or this import's own.
-        let mut count = tx.prepare_cached(
-            "SELECT COUNT(*) FROM chunks c WHERE c.id BETWEEN ?1 AND ?2 AND NOT EXISTS
-             (SELECT 1 FROM pending_chunks p WHERE p.id = c.id AND p.import != ?3)",
-        )?;
-        for &(a, b) in &merged {
-            let n: i64 = count.query_row(params![a, b, id.key()], |r| r.get(0))?;
-            if n != b - a + 1 {
-                return Err(Error::ChunksVanished);
-            }
-        }
-    }
+    merged
+}
+
+/// The image's block map from the workers' results.
+fn build_map(results: &[PieceResult], frames: &HashMap<u64, FrameIds>) -> format::BlockMap {
     let mut b = format::MapBuilder::default();
-    for r in &results {
+    for r in results {
         if r.entries.is_empty() {
             b.push_zeros(r.nblocks);
         }
         for &e in &r.entries {
-            b.push(if e == 0 { 0 } else { chunk_id(e) });
+            b.push(if e == 0 { 0 } else { chunk_id(frames, e) });
         }
     }
-    let map = b.finish();
-    debug_assert_eq!(map.nblocks, format::blocks_for(size));
-    catalog::set_available(
-        &tx,
-        id,
-        size,
-        data_blocks * CHUNK,
-        &hex(digest.as_bytes()),
-        &map,
-    )?;
-    {
-        // By id ranges: one pass, no set of row ids in memory.
-        let mut done =
-            tx.prepare_cached("DELETE FROM pending_chunks WHERE id BETWEEN ?1 AND ?2")?;
-        for (first, n) in pending_ranges {
-            done.execute(params![first, first + n - 1])?;
-        }
-    }
-    tx.execute(
-        "UPDATE packs SET state = 'sealed', image = NULL,
-                size = (SELECT COALESCE(MAX(offset + clen), 16) FROM frames WHERE frames.pack = packs.id)
-         WHERE image = ?1 AND state = 'pending'",
-        [id.as_str()],
-    )?;
-    catalog::save_zero_cvs(&tx, &zero_cvs)?;
-    // The manifest is durable before the image is available.
-    let manifest = crate::repo::manifest::write_next(&tx, repo.root(), repo.perms(), id)?;
-    tx.commit()?;
-    manifest.committed();
-    if pending {
-        catalog::vacuum_free_pages(&repo.conn);
-    }
-    Ok(())
+    b.finish()
 }

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use tracing::instrument;
 
 /// `NBDMAGIC`, the first 8 bytes a server sends.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -173,18 +174,9 @@ impl Served {
     /// fixes every driver), in a private temporary directory under `tmp`
     /// (or the system's temp dir when that path would be too long for a
     /// socket).
+    #[instrument(skip_all, err(level = "debug"))]
     pub fn serve(spec: &str, tmp: &Path, what: &Path) -> Result<Served> {
-        // sun_path holds 108 bytes.
-        let base = if tmp.as_os_str().len() < 80 {
-            tmp.to_owned()
-        } else {
-            std::env::temp_dir()
-        };
-        std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
-        let dir = tempfile::Builder::new()
-            .prefix("nbd-")
-            .tempdir_in(&base)
-            .map_err(|e| Error::io(&base, e))?;
+        let dir = socket_dir(tmp)?;
         let socket = dir.path().join("s");
         let mut child = Command::new("qemu-nbd")
             .arg("--read-only")
@@ -200,38 +192,59 @@ impl Served {
                 tool: "qemu-nbd".into(),
                 detail: format!("{e}: install the Debian package qemu-utils"),
             })?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().map_err(|e| Error::io(what, e))? {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                let first = err.lines().last().unwrap_or("").trim().to_owned();
-                return Err(Error::BadInput {
-                    file: what.to_owned(),
-                    reason: format!("qemu-nbd could not open it ({st}): {first}"),
-                });
+        let client = wait_for_server(&mut child, &socket, what)?;
+        Ok(Served { child, dir, client })
+    }
+}
+
+/// A private temporary directory for the server's socket, under `tmp` (or
+/// the system's temp dir when that path would be too long for a socket).
+fn socket_dir(tmp: &Path) -> Result<tempfile::TempDir> {
+    // sun_path holds 108 bytes.
+    let base = if tmp.as_os_str().len() < 80 {
+        tmp.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
+    tempfile::Builder::new()
+        .prefix("nbd-")
+        .tempdir_in(&base)
+        .map_err(|e| Error::io(&base, e))
+}
+
+/// Connects to the `qemu-nbd` `child` once it listens on `socket` (30 s at
+/// most); a server that exits first could not open `what`.
+fn wait_for_server(child: &mut Child, socket: &Path, what: &Path) -> Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| Error::io(what, e))? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
             }
-            if socket.exists() {
-                match Client::connect(&socket) {
-                    Ok(client) => {
-                        return Ok(Served { child, dir, client });
-                    }
-                    Err(e) if Instant::now() > deadline => return Err(Error::io(&socket, e)),
-                    Err(_) => {}
-                }
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::Tool {
-                    tool: "qemu-nbd".into(),
-                    detail: format!("no server on {} after 30 s", socket.display()),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            let first = err.lines().last().unwrap_or("").trim().to_owned();
+            return Err(Error::BadInput {
+                file: what.to_owned(),
+                reason: format!("qemu-nbd could not open it ({st}): {first}"),
+            });
         }
+        if socket.exists() {
+            match Client::connect(socket) {
+                Ok(client) => return Ok(client),
+                Err(e) if Instant::now() > deadline => return Err(Error::io(socket, e)),
+                Err(_) => {}
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Tool {
+                tool: "qemu-nbd".into(),
+                detail: format!("no server on {} after 30 s", socket.display()),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use tracing::instrument;
+
 use crate::catalog;
 use crate::error::{Error, Result};
 use crate::ids::ImageId;
@@ -13,13 +15,14 @@ use crate::repo::Repo;
 
 /// Removes what a dead import left: its pending packs and, when
 /// `remove_row`, its image row, temp file and lock file.
+#[instrument(skip_all, err(level = "debug"), fields(image = %id))]
 pub(crate) fn drop_import_leftovers(repo: &Repo, id: &ImageId, remove_row: bool) -> Result<()> {
     let names = match forget_import(repo, id, remove_row) {
         Ok(names) => names,
         Err(Error::NoSpace { .. }) => {
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
-            for n in pending_pack_names(&repo.conn, Some(id.as_str()))? {
+            for n in catalog::pending_pack_names(&repo.conn, Some(id.as_str()))? {
                 crate::store::remove_pack(repo.root(), &n)?;
             }
             remove_if_exists(&repo.tmp_path(id))?;
@@ -39,32 +42,14 @@ pub(crate) fn drop_import_leftovers(repo: &Repo, id: &ImageId, remove_row: bool)
     Ok(())
 }
 
-/// Names of the pending packs of a writer: an import (its image id) or,
-/// for `None`, gc's repack.
-pub(crate) fn pending_pack_names(
-    conn: &rusqlite::Connection,
-    writer: Option<&str>,
-) -> Result<Vec<String>> {
-    let mut st = conn.prepare("SELECT name FROM packs WHERE image IS ?1 AND state = 'pending'")?;
-    let rows = st.query_map([writer], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
 /// Removes a writer's pending packs and their frames (in the caller's
 /// write transaction); returns the names of the pack files to delete.
 pub(crate) fn drop_pending_packs(
     tx: &rusqlite::Connection,
     writer: Option<&str>,
 ) -> Result<Vec<String>> {
-    let names = pending_pack_names(tx, writer)?;
-    tx.execute(
-        "DELETE FROM frames WHERE pack IN (SELECT id FROM packs WHERE image IS ?1 AND state = 'pending')",
-        [writer],
-    )?;
-    tx.execute(
-        "DELETE FROM packs WHERE image IS ?1 AND state = 'pending'",
-        [writer],
-    )?;
+    let names = catalog::pending_pack_names(tx, writer)?;
+    catalog::delete_pending_packs(tx, writer)?;
     Ok(names)
 }
 
@@ -72,26 +57,16 @@ pub(crate) fn drop_pending_packs(
 /// row); returns the names of the packs removed.
 fn forget_import(repo: &Repo, id: &ImageId, remove_row: bool) -> Result<Vec<String>> {
     catalog::write(&repo.conn, |tx| {
-        tx.execute(
-            "DELETE FROM chunks WHERE id IN (SELECT id FROM pending_chunks WHERE import = ?1)",
-            [id.key()],
-        )?;
-        tx.execute("DELETE FROM pending_chunks WHERE import = ?1", [id.key()])?;
+        catalog::delete_pending_chunks(tx, id)?;
         let names = drop_pending_packs(tx, Some(id.as_str()))?;
         if remove_row {
-            tx.execute(
-                "DELETE FROM images WHERE id = ?1 AND state = 'importing'",
-                [id.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM image_tags WHERE image = ?1 AND NOT EXISTS (SELECT 1 FROM images WHERE id = ?1)",
-                [id.as_str()],
-            )?;
+            catalog::delete_importing_row(tx, id)?;
         }
         Ok(names)
     })
 }
 
+/// Removes the file `p`; one that is not there is no error.
 pub(crate) fn remove_if_exists(p: &Path) -> Result<()> {
     match std::fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
@@ -100,6 +75,7 @@ pub(crate) fn remove_if_exists(p: &Path) -> Result<()> {
 }
 
 /// Imports whose process died (lock free).
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn abandoned_imports(repo: &Repo) -> Result<Vec<ImageId>> {
     Ok(catalog::list_images(&repo.conn)?
         .into_iter()
@@ -109,6 +85,7 @@ pub(crate) fn abandoned_imports(repo: &Repo) -> Result<Vec<ImageId>> {
 }
 
 /// Cleans up every import whose process died; returns how many.
+#[instrument(skip_all, err(level = "debug"))]
 pub(crate) fn reap_abandoned(repo: &Repo) -> Result<usize> {
     let dead = abandoned_imports(repo)?;
     for id in &dead {

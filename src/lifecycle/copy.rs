@@ -25,7 +25,7 @@ use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
-use crate::image::import::create_image;
+use crate::image::create::create_image;
 use crate::progress::Progress;
 use crate::store::{self, pack_path, PackReader, PackWriter};
 

@@ -6,7 +6,7 @@
 //! Capture reads only what the instance changed: its qcow2 overlay's own
 //! clusters (`qemu-img map`), laid over the raw base, which is the parent
 //! image's content; blocks outside those clusters keep the parent's chunks
-//! without being hashed or compressed again (`import::Input::overlay`). The
+//! without being hashed or compressed again (`input::Input::overlay`). The
 //! content digest still covers every byte.
 
 pub mod copy;
@@ -24,7 +24,8 @@ use crate::depot::display::rfc3339;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::image::bases::{base_flock, base_path, ensure_base};
-use crate::image::import::{self, Input};
+use crate::image::import;
+use crate::image::input::Input;
 use crate::launch::create::make_disk;
 use crate::launch::instance::{Held, InstanceInfo, STOP_TIMEOUT};
 use crate::launch::paths::Paths;

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use crate::catalog;
 use crate::error::{Error, IoContext, Result};
@@ -110,27 +110,14 @@ pub fn build(conn: &Connection, id: &ImageId, seq: u32) -> Result<Manifest> {
         }
         runs.push((r.start, hashes));
     }
-    let mut tags = BTreeMap::new();
-    {
-        let mut st = conn.prepare_cached("SELECT key, value FROM image_tags WHERE image = ?1")?;
-        let mut rows = st.query([id.as_str()])?;
-        while let Some(r) = rows.next()? {
-            tags.insert(r.get(0)?, r.get(1)?);
-        }
-    }
-    let mut shares = Vec::new();
-    {
-        let mut st = conn.prepare_cached(
-            "SELECT account, created_at FROM image_shares WHERE image = ?1 ORDER BY account",
-        )?;
-        let mut rows = st.query([id.as_str()])?;
-        while let Some(r) = rows.next()? {
-            shares.push(ManifestShare {
-                account: r.get(0)?,
-                created_at: r.get(1)?,
-            });
-        }
-    }
+    let tags = catalog::image_tags(conn, id)?;
+    let shares = catalog::image_shares(conn, id)?
+        .into_iter()
+        .map(|(account, created_at)| ManifestShare {
+            account,
+            created_at,
+        })
+        .collect();
     Ok(Manifest {
         seq,
         meta: ManifestMeta {
@@ -193,10 +180,6 @@ impl Written {
             }
         }
     }
-
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
 }
 
 impl Drop for Written {
@@ -212,14 +195,7 @@ impl Drop for Written {
 /// fsynced, directory fsynced.
 pub fn write_next(conn: &Connection, root: &Path, perms: Perms, id: &ImageId) -> Result<Written> {
     let seq = versions(root, id)?.first().map_or(0, |(s, _)| s + 1);
-    let state: Option<String> = conn
-        .query_row(
-            "SELECT state FROM images WHERE id = ?1",
-            [id.as_str()],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let path = match state.as_deref() {
+    let path = match catalog::image_state(conn, id)?.as_deref() {
         Some("available") => Some(write_file(root, perms, &build(conn, id, seq)?)?),
         _ => None,
     };
@@ -305,11 +281,9 @@ pub fn check(root: &Path, row: &catalog::ImageRow) -> Option<String> {
 /// Manifests of images that have no catalog row (deleted, or an import
 /// that died before its commit and was reaped).
 pub fn orphans(conn: &Connection, root: &Path) -> Result<Vec<PathBuf>> {
-    let all = list_all(root)?;
-    let mut st = conn.prepare_cached("SELECT 1 FROM images WHERE id = ?1")?;
     let mut out = Vec::new();
-    for (id, vs) in all {
-        if !st.exists([id.as_str()])? {
+    for (id, vs) in list_all(root)? {
+        if !catalog::image_exists(conn, &id)? {
             out.extend(vs.into_iter().map(|(_, p)| p));
         }
     }

@@ -29,6 +29,7 @@ use crate::maint::{self, FsckReport, GcReport, Stats, VerifyReport};
 use crate::perms::{self, Perms};
 use crate::progress::Progress;
 use crate::repo::{ensure_reserve, fs_full, release_reserve, Repo};
+use crate::store::LocalDir;
 
 /// What `image update` changes (`None`: unchanged).
 #[derive(Clone, Debug, Default)]
@@ -250,7 +251,8 @@ impl Depot {
         if meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o7777 != perms.dir() {
             fs::set_permissions(&root, fs::Permissions::from_mode(perms.dir())).at(&root)?;
         }
-        for d in ["packs", "locks", "tmp", "manifests"] {
+        LocalDir::new(&root, perms).create_dir()?;
+        for d in ["locks", "tmp", "manifests"] {
             perms.mkdir_all(&root.join(d))?;
         }
         // Absolute from here on: overlays name their base by this path, and
@@ -262,8 +264,7 @@ impl Depot {
                 "the depot's marker {} (depot {id}) exists",
                 root.join(MARKER).display()
             )),
-            None => has_pack_files(&root)
-                .then(|| format!("pack files exist in {}", root.join("packs").display())),
+            None => pack_files_exist(&root, perms),
         };
         let cat = root.join("catalog.db");
         let conn = match catalog::open(&cat, perms.file(), existing.as_deref()) {
@@ -288,7 +289,7 @@ impl Depot {
             }
         }
         Ok(Depot {
-            repo: Repo { root, conn, perms },
+            repo: Repo::new(root, conn, perms),
             account,
         })
     }
@@ -316,7 +317,7 @@ impl Depot {
             catalog::open_read_only(&root.join("catalog.db"), perms.file(), Some(&existing))?;
         tracing::debug!("the depot's filesystem is full or read-only: catalog opened read-only");
         Ok(Depot {
-            repo: Repo { root, conn, perms },
+            repo: Repo::new(root, conn, perms),
             account,
         })
     }
@@ -992,16 +993,12 @@ fn catalog_damage(conn: &Connection) -> Option<String> {
     }
 }
 
-/// Whether any pack file exists under `root/packs`.
-fn has_pack_files(root: &Path) -> bool {
-    let Ok(rd) = fs::read_dir(root.join("packs")) else {
-        return false;
-    };
-    rd.flatten().any(|sub| {
-        fs::read_dir(sub.path()).is_ok_and(|mut rd2| {
-            rd2.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|e| e == "pack")))
-        })
-    })
+/// Where the depot directory at `root` holds packs, if it does.
+fn pack_files_exist(root: &Path, perms: Perms) -> Option<String> {
+    use crate::store::{ObjectKind, ObjectStore};
+    let store = LocalDir::new(root, perms);
+    let packs = store.list(ObjectKind::Pack).ok()?;
+    (!packs.is_empty()).then(|| format!("pack files exist in {}", store.dir().display()))
 }
 
 /// The state users see (the cloud services' names): `creating` while the

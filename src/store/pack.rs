@@ -67,11 +67,6 @@ impl<'s> PackWriter<'s> {
         })
     }
 
-    /// The pack's name.
-    pub fn name(&self) -> &str {
-        &self.index.pack
-    }
-
     /// Appends one compressed frame whose slots hold chunks of these
     /// hashes ([`format::UNUSED_SLOT`] for a slot no chunk uses); returns
     /// its offset in the pack.
@@ -125,13 +120,8 @@ impl PackReader {
     }
 
     /// The pack's size in bytes.
-    pub fn len(&self) -> u64 {
+    fn len(&self) -> u64 {
         self.object.len()
-    }
-
-    /// Whether the pack holds no frame.
-    pub fn is_empty(&self) -> bool {
-        self.len() <= PackHeader::SIZE as u64
     }
 
     /// The compressed bytes of a frame, checked against the pack's size.
@@ -222,9 +212,11 @@ impl FrameWalk<'_> {
             {
                 (n / CHUNK_SIZE as u64) as usize
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{label}: the frame at offset {off} is not one of vmdepot's; the rest is ignored"
-            )),
+            ))
+            }
         };
         decompress_frame(&rest[..clen], nchunks, &mut self.buf).map_err(|e: FrameError| {
             format!("{label}: the frame at offset {off}: {e}; the rest is ignored")

@@ -41,12 +41,14 @@ fn objects_are_written_once_sealed_and_read_by_range() {
     on_both(|s| {
         let name = new_pack_name();
         let mut w = s.create(ObjectKind::Pack, &name).unwrap();
+        assert!(w.is_empty());
         w.append(b"hello ").unwrap();
         w.append(b"world").unwrap();
         assert_eq!(w.len(), 11);
         assert_eq!(w.seal().unwrap(), 11);
         let r = s.open(ObjectKind::Pack, &name).unwrap();
         assert_eq!(r.len(), 11);
+        assert!(!r.is_empty());
         assert_eq!(&**r.read_range(6, 5).unwrap(), b"world");
         assert_eq!(&**r.read_range(0, 0).unwrap(), b"");
         assert_eq!(s.stat(ObjectKind::Pack, &name).unwrap(), Some(11));

@@ -37,7 +37,8 @@ pub use gc::COPY_GRACE_SECS;
 pub(crate) use stats::{stats, usage};
 pub(crate) use verify::verify_all;
 
-/// Result of `gc`.
+/// Result of `gc`: what it did, or with `dry_run` what it would do (its
+/// plan).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,

@@ -25,7 +25,7 @@ pub(super) fn repack(repo: &Repo, packs: &[(i64, String)]) -> Result<()> {
         repo.store(),
         Box::new(|name: &str| catalog::insert_repack_pack(conn, name)),
     );
-    let mut keep = |s: Option<Sealed<i64>>| sealed.extend(s.map(|s| (s.pack, s.size)));
+    let mut note_sealed = |s: Option<Sealed<i64>>| sealed.extend(s.map(|s| (s.pack, s.size)));
     for (pid, name) in packs {
         let reader = PackReader::open(repo.store(), name)?;
         for f in catalog::frames_of_pack(conn, *pid)? {
@@ -34,10 +34,10 @@ pub(super) fn repack(repo: &Repo, packs: &[(i64, String)]) -> Result<()> {
             let hashes = catalog::slot_hashes(conn, f.id, f.nchunks)?;
             let placed = out.append(&reader.frame_bytes(f.offset, f.clen)?, &hashes)?;
             moves.push((f.id, placed.pack, placed.offset));
-            keep(placed.sealed);
+            note_sealed(placed.sealed);
         }
     }
-    keep(out.finish()?);
+    note_sealed(out.finish()?);
     let old: Vec<i64> = packs.iter().map(|(pid, _)| *pid).collect();
     catalog::switch_repacked(conn, &moves, &sealed, &old)?;
     for (_, name) in packs {

@@ -224,7 +224,7 @@ impl ObjectReader for LocalReader {
     fn read_range(&self, offset: u64, len: u64) -> Result<RangeBytes> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(Error::StoreDamaged(format!(
-                "{}: bytes at offset {offset} (+{len}) lie past its end ({} bytes)",
+                "{}: bytes at offset {offset} (+{len}) lie past its end ({} bytes): the object is torn or truncated; `vmdepot fsck` checks the store",
                 self.label, self.len
             )));
         }

@@ -196,7 +196,7 @@ impl ObjectReader for MemoryReader {
         match end {
             Some(end) => Ok(Box::new(self.bytes[offset as usize..end as usize].to_vec())),
             None => Err(Error::StoreDamaged(format!(
-                "{}: bytes at offset {offset} (+{len}) lie past its end ({} bytes)",
+                "{}: bytes at offset {offset} (+{len}) lie past its end ({} bytes): the object is torn or truncated; `vmdepot fsck` checks the store",
                 self.label,
                 self.len()
             ))),

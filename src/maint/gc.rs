@@ -422,3 +422,76 @@ fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
         remap,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(id: i64, state: PackState, size: u64) -> PackRow {
+        PackRow {
+            id,
+            name: format!("{id:032x}"),
+            state,
+            size,
+        }
+    }
+
+    /// Candidates `(chunk, frame)`, each frame holding `per_frame` chunks.
+    fn marked(candidates: Vec<(i64, i64)>, per_frame: &[(i64, u32)]) -> Marked {
+        Marked {
+            images: HashSet::new(),
+            max_id: 100,
+            frame_chunks: per_frame.iter().copied().collect(),
+            candidates,
+            dups: HashMap::from([(3, 1)]),
+            remap: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_plan_sorts_packs_by_what_the_sweep_leaves() {
+        use PackState::{Pending, Sealed};
+        let packs = [
+            pack(1, Sealed, 1016), // frames 10 (dead) and 11 (dead): goes
+            pack(2, Sealed, 1016), // frame 20 (600 live), 21 (dead): partly live
+            pack(3, Sealed, 1016), // frame 30 (100 live), 31 (dead): repacked
+            pack(4, Pending, 0),   // frame 40: a running import's, untouched
+        ];
+        let frames = HashMap::from([
+            (1, vec![(10, 500), (11, 500)]),
+            (2, vec![(20, 600), (21, 400)]),
+            (3, vec![(30, 100), (31, 900)]),
+            (4, vec![(40, 50)]),
+        ]);
+        // frame 20 keeps one of its two chunks; 40's chunk is a candidate
+        // but its pack is pending
+        let m = marked(
+            vec![(1, 10), (2, 11), (3, 20), (4, 21), (5, 31), (6, 40)],
+            &[(10, 1), (11, 1), (20, 2), (21, 1), (31, 1), (40, 1)],
+        );
+        let mut dead = dead_frames(&m, &packs, &frames);
+        dead.sort();
+        assert_eq!(dead, vec![10, 11, 21, 31]);
+        assert_eq!(m.merged(|_| false), 1);
+        assert_eq!(m.merged(|id| id == 3), 0);
+        let mut rep = GcReport::default();
+        let dead: HashSet<i64> = dead.into_iter().collect();
+        let (sparse, freed) = sort_packs(&packs, &frames, &dead, &mut rep);
+        assert_eq!(sparse, vec![(3, packs[2].name.clone())]);
+        assert_eq!(freed, 1016 - 16 - 100);
+        assert_eq!(rep.packs_removed, 1);
+        assert_eq!(rep.bytes_freed, 1016);
+        assert_eq!(rep.packs_repacked, 1);
+        assert_eq!(rep.bytes_in_partly_live_packs, 1016 - 16 - 600);
+    }
+
+    #[test]
+    fn id_sets_ignore_ids_past_their_maximum() {
+        let mut s = IdSet::new(70);
+        s.insert(0);
+        s.insert(70);
+        s.insert(1 << 20);
+        assert!(s.contains(0) && s.contains(70));
+        assert!(!s.contains(1) && !s.contains(1 << 20));
+    }
+}

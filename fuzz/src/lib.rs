@@ -181,12 +181,29 @@ pub fn pack_target(data: &[u8]) {
             assert_eq!(out.len(), nchunks * format::CHUNK_SIZE);
         }
     }
-    let p = write_scratch(pack);
-    if let Ok(r) = store::PackReader::open(p) {
+    let store = write_scratch_pack(pack);
+    if let Ok(r) = store::PackReader::open(store, SCRATCH_PACK) {
         if r.read_frame(offset, clen, nchunks, &mut out).is_ok() {
             assert_eq!(out.len(), nchunks * format::CHUNK_SIZE);
         }
     }
+}
+
+/// The name of the one pack of [`write_scratch_pack`]'s store.
+const SCRATCH_PACK: &str = "00000000000000000000000000000000";
+
+/// A local store beside the scratch file whose one pack holds `pack`.
+fn write_scratch_pack(pack: &[u8]) -> &'static store::LocalDir {
+    use store::{LocalDir, ObjectKind};
+    static S: OnceLock<LocalDir> = OnceLock::new();
+    let s = S.get_or_init(|| {
+        let root = scratch().with_extension("depot");
+        LocalDir::new(&root, vmdepot::perms::Perms::PRIVATE)
+    });
+    let p = s.path(ObjectKind::Pack, SCRATCH_PACK).expect("a pack name");
+    std::fs::create_dir_all(p.parent().expect("a pack directory")).expect("make the scratch store");
+    std::fs::write(&p, pack).expect("write the scratch pack");
+    s
 }
 
 fn decompress_ok(src: &[u8], nchunks: usize, out: &mut Vec<u8>) -> bool {

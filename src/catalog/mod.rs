@@ -3,6 +3,10 @@
 //! Main items: [`open`] (a configured connection with the schema migrated),
 //! [`ImageRow`] and the queries the image operations share. The catalog
 //! knows where a chunk lives (pack, frame, slot) but never reads pack files.
+//! Maintenance's rows: `packs.rs` ([`PackState`], pack, frame and chunk
+//! reads of fsck, verify and stats), `gc.rs` (the mark's reads, the
+//! sweep's deletes, the repack's rows), `rebuild.rs` (what `fsck --repair`
+//! inserts).
 //!
 //! The statements of an import are in `chunks.rs` (frames and chunk rows
 //! as they are entered), `imports.rs` (the `importing` row, remembered input
@@ -13,6 +17,14 @@
 //! power cut), a 60 s busy timeout so that several vmdepot processes can
 //! work on one depot, and migrations versioned by `PRAGMA user_version`
 //! through `rusqlite_migration`.
+
+mod gc;
+mod packs;
+mod rebuild;
+
+pub use gc::*;
+pub use packs::*;
+pub use rebuild::*;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -19,6 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::maint::repair::RepairReport;
 use crate::perms::{self, Perms};
 use crate::repo::{ensure_reserve, fs_full, release_reserve, Repo};
+use crate::store::LocalDir;
 
 /// The file in a depot that names the group sharing it.
 const GROUP_FILE: &str = "group";
@@ -87,7 +88,7 @@ impl Depot {
             }
         }
         Ok(Depot {
-            repo: Repo { root, conn, perms },
+            repo: Repo::new(root, conn, perms),
             account,
         })
     }
@@ -111,7 +112,7 @@ impl Depot {
             catalog::open_read_only(&root.join("catalog.db"), perms.file(), Some(&existing))?;
         tracing::debug!("the depot's filesystem is full or read-only: catalog opened read-only");
         Ok(Depot {
-            repo: Repo { root, conn, perms },
+            repo: Repo::new(root, conn, perms),
             account,
         })
     }
@@ -221,7 +222,8 @@ fn make_root(root: &Path, new_group: Option<&str>, perms: Perms) -> Result<PathB
     if meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o7777 != perms.dir() {
         fs::set_permissions(root, fs::Permissions::from_mode(perms.dir())).at(root)?;
     }
-    for d in ["packs", "locks", "tmp", "manifests"] {
+    LocalDir::new(root, perms).create_dir()?;
+    for d in ["locks", "tmp", "manifests"] {
         perms.mkdir_all(&root.join(d))?;
     }
     fs::canonicalize(root).at(root)
@@ -260,8 +262,7 @@ fn existing_reason(root: &Path, marker: Option<&str>) -> Option<String> {
             "the depot's marker {} (depot {id}) exists",
             root.join(MARKER).display()
         )),
-        None => has_pack_files(root)
-            .then(|| format!("pack files exist in {}", root.join("packs").display())),
+        None => pack_files_exist(root),
     }
 }
 
@@ -370,16 +371,13 @@ fn write_marker(root: &Path, perms: Perms) -> Result<()> {
     crate::store::sync_dir(root)
 }
 
-/// Whether any pack file exists under `root/packs`.
-fn has_pack_files(root: &Path) -> bool {
-    let Ok(rd) = fs::read_dir(root.join("packs")) else {
-        return false;
-    };
-    rd.flatten().any(|sub| {
-        fs::read_dir(sub.path()).is_ok_and(|mut rd2| {
-            rd2.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|e| e == "pack")))
-        })
-    })
+/// Where the depot directory at `root` holds packs, if it does.
+fn pack_files_exist(root: &Path) -> Option<String> {
+    use crate::store::{ObjectKind, ObjectStore};
+    // Listing creates nothing: the modes do not matter here.
+    let store = LocalDir::new(root, Perms::PRIVATE);
+    let packs = store.list(ObjectKind::Pack).ok()?;
+    (!packs.is_empty()).then(|| format!("pack files exist in {}", store.dir().display()))
 }
 
 /// The acting account: `VMDEPOT_ACCOUNT`, else the Unix user's name.

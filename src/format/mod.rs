@@ -3,13 +3,20 @@
 //! docs/FORMAT.md is the byte-by-byte description; this module is its code.
 //! Main items: [`CHUNK_SIZE`], the pack header [`PackHeader`], and the image
 //! map codec ([`encode_map`] / [`decode_map`]) that turns an image's list of
-//! per-block chunk ids into the compact blob the catalog stores.
+//! per-block chunk ids into the compact blob the catalog stores; the pack
+//! index and manifest codecs. Decoders return a [`FormatError`] saying what
+//! is wrong and in which [`Part`].
 //!
 //! DO NOT MODIFY the magic numbers or the encodings below: depots written by
 //! earlier builds must stay readable. A new layout gets a new versioned
 //! constant and a new code path.
 
+mod error;
+
+pub use error::{FormatError, Part};
+
 use crate::ids::{ChunkHash, ChunkId};
+use error::invalid;
 
 /// Dedup granularity: images are cut into chunks of this size at offsets
 /// that are multiples of it. The last chunk of an image is zero-padded.
@@ -83,9 +90,12 @@ impl PackHeader {
     }
 
     /// Parses and checks a header; the error says what is wrong.
-    pub fn parse(b: &[u8]) -> Result<PackHeader, String> {
+    pub fn parse(b: &[u8]) -> Result<PackHeader, FormatError> {
         if b.len() < Self::SIZE {
-            return Err(format!("pack shorter than its {}-byte header", Self::SIZE));
+            return Err(FormatError::Short {
+                part: Part::Pack,
+                size: Self::SIZE,
+            });
         }
         let h = PackHeader {
             magic: b[..8].try_into().unwrap(),
@@ -93,10 +103,10 @@ impl PackHeader {
             reserved: u32::from_le_bytes(b[12..16].try_into().unwrap()),
         };
         if h.magic != PACK_MAGIC_1_0 {
-            return Err("not a vmdepot pack file (bad magic)".into());
+            return Err(FormatError::BadMagic { part: Part::Pack });
         }
         if h.chunk_size as usize != CHUNK_SIZE {
-            return Err(format!("unsupported chunk size {}", h.chunk_size));
+            return Err(FormatError::PackChunkSize(h.chunk_size));
         }
         Ok(h)
     }
@@ -269,7 +279,7 @@ pub fn encode_map(map: &BlockMap) -> Vec<u8> {
 }
 
 /// Decodes [`encode_map`]'s output; the error says what is wrong.
-pub fn decode_map(blob: &[u8]) -> Result<BlockMap, String> {
+pub fn decode_map(blob: &[u8]) -> Result<BlockMap, FormatError> {
     decode_map_within(blob, MAP_MAX_BLOCKS)
 }
 
@@ -286,18 +296,18 @@ const MAP_WINDOW_LOG_MAX: u32 = 23;
 /// The body is decoded as a stream, never held whole: memory is the zstd
 /// window plus the map itself (which `max_blocks` bounds), whatever the
 /// blob's compression ratio.
-pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, String> {
+pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, FormatError> {
     use std::io::BufRead;
     if blob.len() < 4 || blob[..4] != MAP_MAGIC_1_0 {
-        return Err("image map: bad magic".into());
+        return Err(invalid(Part::Map, "bad magic"));
     }
-    let zerr = |e: std::io::Error| format!("image map: {e}");
+    let zerr = |e: std::io::Error| invalid(Part::Map, e.to_string());
     let mut dec = zstd::stream::read::Decoder::with_buffer(&blob[4..]).map_err(zerr)?;
     dec.window_log_max(MAP_WINDOW_LOG_MAX).map_err(zerr)?;
     let mut p = std::io::BufReader::with_capacity(64 << 10, dec);
     let n = read_varint(&mut p)?;
     if n > max_blocks.min(MAP_MAX_BLOCKS) {
-        return Err("image map: absurd block count".into());
+        return Err(invalid(Part::Map, "absurd block count"));
     }
     let mut map = BlockMap {
         nblocks: n,
@@ -313,7 +323,7 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Strin
             .is_none_or(|e| e > n)
             || (z == 0 && d == 0)
         {
-            return Err("image map: runs overflow the block count".into());
+            return Err(invalid(Part::Map, "runs overflow the block count"));
         }
         pos += z;
         if d > 0 {
@@ -323,7 +333,7 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Strin
                 let id = prev
                     .checked_add(unzigzag(read_varint(&mut p)?))
                     .filter(|&id| id > 0)
-                    .ok_or("image map: invalid chunk id")?;
+                    .ok_or_else(|| invalid(Part::Map, "invalid chunk id"))?;
                 ids.push(id);
                 prev = id;
             }
@@ -332,19 +342,19 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Strin
         }
     }
     if !p.fill_buf().map_err(zerr)?.is_empty() {
-        return Err("image map: trailing bytes".into());
+        return Err(invalid(Part::Map, "trailing bytes"));
     }
     Ok(map)
 }
 
 /// [`get_varint`] from a stream.
-fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, String> {
+fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, FormatError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = match r.fill_buf() {
             Ok([b, ..]) => *b,
-            Ok([]) => return Err("image map: truncated".into()),
-            Err(e) => return Err(format!("image map: {e}")),
+            Ok([]) => return Err(invalid(Part::Map, "truncated")),
+            Err(e) => return Err(invalid(Part::Map, e.to_string())),
         };
         r.consume(1);
         v |= u64::from(b & 0x7f) << shift;
@@ -352,7 +362,7 @@ fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, String> {
             return Ok(v);
         }
     }
-    Err("image map: varint too long".into())
+    Err(invalid(Part::Map, "varint too long"))
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -373,17 +383,19 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads a LEB128 varint, advancing the slice.
-pub fn get_varint(p: &mut &[u8]) -> Result<u64, String> {
+pub fn get_varint(p: &mut &[u8]) -> Result<u64, FormatError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let (&b, rest) = p.split_first().ok_or("image map: truncated")?;
+        let (&b, rest) = p
+            .split_first()
+            .ok_or_else(|| invalid(Part::Map, "truncated"))?;
         *p = rest;
         v |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             return Ok(v);
         }
     }
-    Err("image map: varint too long".into())
+    Err(invalid(Part::Map, "varint too long"))
 }
 
 /// Runs of consecutive values in sorted `ids`, as inclusive `(first, last)`.
@@ -490,19 +502,20 @@ fn covered(head: &[u8], body: &[u8]) -> blake3::Hash {
 }
 
 /// Decodes and checks a pack index; the error says what is wrong.
-pub fn decode_index(b: &[u8]) -> Result<PackIndex, String> {
+pub fn decode_index(b: &[u8]) -> Result<PackIndex, FormatError> {
     if b.len() < INDEX_HEADER {
-        return Err(format!(
-            "pack index shorter than its {INDEX_HEADER}-byte header"
-        ));
+        return Err(FormatError::Short {
+            part: Part::Index,
+            size: INDEX_HEADER,
+        });
     }
     if b[..8] != INDEX_MAGIC_1_0 {
-        return Err("not a vmdepot pack index (bad magic)".into());
+        return Err(FormatError::BadMagic { part: Part::Index });
     }
     if le_u32(b, 8) as usize != CHUNK_SIZE {
-        return Err(format!(
-            "pack index: unsupported chunk size {}",
-            le_u32(b, 8)
+        return Err(invalid(
+            Part::Index,
+            format!("unsupported chunk size {}", le_u32(b, 8)),
         ));
     }
     let nframes = le_u32(b, 12) as usize;
@@ -510,27 +523,30 @@ pub fn decode_index(b: &[u8]) -> Result<PackIndex, String> {
     let pack_len = le_u64(b, 32);
     let body_len = le_u64(b, 40);
     if body_len != (b.len() - INDEX_HEADER) as u64 {
-        return Err(format!(
-            "pack index: body is {} bytes, the header says {body_len}",
-            b.len() - INDEX_HEADER
+        return Err(invalid(
+            Part::Index,
+            format!(
+                "body is {} bytes, the header says {body_len}",
+                b.len() - INDEX_HEADER
+            ),
         ));
     }
     let body = &b[INDEX_HEADER..];
     if covered(&b[..48], body).as_bytes()[..] != b[48..80] {
-        return Err("pack index: the file does not match its BLAKE3 in the header".into());
+        return Err(FormatError::Checksum { part: Part::Index });
     }
     let mut frames = Vec::with_capacity(nframes.min(body.len() / 20));
     let mut p = 0usize;
     for _ in 0..nframes {
         if body.len() - p < 20 {
-            return Err("pack index: truncated frame entry".into());
+            return Err(invalid(Part::Index, "truncated frame entry"));
         }
         let offset = le_u64(body, p);
         let clen = le_u64(body, p + 8);
         let n = le_u32(body, p + 16) as usize;
         p += 20;
         if n > FRAME_CHUNKS || (body.len() - p) / 32 < n {
-            return Err("pack index: bad chunk count in a frame entry".into());
+            return Err(invalid(Part::Index, "bad chunk count in a frame entry"));
         }
         let hashes = (0..n)
             .map(|i| ChunkHash(body[p + 32 * i..p + 32 * (i + 1)].try_into().unwrap()))
@@ -543,7 +559,7 @@ pub fn decode_index(b: &[u8]) -> Result<PackIndex, String> {
         });
     }
     if p != body.len() {
-        return Err("pack index: trailing bytes".into());
+        return Err(invalid(Part::Index, "trailing bytes"));
     }
     Ok(PackIndex {
         pack,
@@ -647,44 +663,56 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
 }
 
 /// Decodes and checks a manifest; the error says what is wrong.
-pub fn decode_manifest(b: &[u8]) -> Result<Manifest, String> {
+pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
     if b.len() < MANIFEST_HEADER {
-        return Err(format!(
-            "manifest shorter than its {MANIFEST_HEADER}-byte header"
-        ));
+        return Err(FormatError::Short {
+            part: Part::Manifest,
+            size: MANIFEST_HEADER,
+        });
     }
     if b[..8] != MANIFEST_MAGIC_1_0 {
-        return Err("not a vmdepot image manifest (bad magic)".into());
+        return Err(FormatError::BadMagic {
+            part: Part::Manifest,
+        });
     }
     if le_u32(b, 8) as usize != CHUNK_SIZE {
-        return Err(format!("manifest: unsupported chunk size {}", le_u32(b, 8)));
+        return Err(invalid(
+            Part::Manifest,
+            format!("unsupported chunk size {}", le_u32(b, 8)),
+        ));
     }
     let seq = le_u32(b, 12);
     let body = &b[MANIFEST_HEADER..];
     if le_u64(b, 16) != body.len() as u64 {
-        return Err(format!(
-            "manifest: body is {} bytes, the header says {}",
-            body.len(),
-            le_u64(b, 16)
+        return Err(invalid(
+            Part::Manifest,
+            format!(
+                "body is {} bytes, the header says {}",
+                body.len(),
+                le_u64(b, 16)
+            ),
         ));
     }
     if covered(&b[..24], body).as_bytes()[..] != b[24..56] {
-        return Err("manifest: the file does not match its BLAKE3 in the header".into());
+        return Err(FormatError::Checksum {
+            part: Part::Manifest,
+        });
     }
-    let plain = zstd::stream::decode_all(body).map_err(|e| format!("manifest: {e}"))?;
+    let plain =
+        zstd::stream::decode_all(body).map_err(|e| invalid(Part::Manifest, e.to_string()))?;
     if plain.len() < 4 {
-        return Err("manifest: truncated".into());
+        return Err(invalid(Part::Manifest, "truncated"));
     }
     let mlen = le_u32(&plain, 0) as usize;
     if plain.len() - 4 < mlen {
-        return Err("manifest: truncated metadata".into());
+        return Err(invalid(Part::Manifest, "truncated metadata"));
     }
     let meta: ManifestMeta = serde_json::from_slice(&plain[4..4 + mlen])
-        .map_err(|e| format!("manifest: metadata: {e}"))?;
+        .map_err(|e| invalid(Part::Manifest, format!("metadata: {e}")))?;
     let mut p = &plain[4 + mlen..];
     let n = get_varint(&mut p)?;
     if n > (1u64 << 40) {
-        return Err("manifest: absurd block count".into());
+        return Err(invalid(Part::Manifest, "absurd block count"));
     }
     let mut map = HashBlockMap {
         nblocks: n,
@@ -700,7 +728,7 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, String> {
             || (z == 0 && d == 0)
             || d > (p.len() / 32) as u64
         {
-            return Err("manifest: runs overflow the block count".into());
+            return Err(invalid(Part::Manifest, "runs overflow the block count"));
         }
         pos += z;
         if d > 0 {
@@ -715,7 +743,7 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, String> {
         }
     }
     if !p.is_empty() {
-        return Err("manifest: trailing bytes".into());
+        return Err(invalid(Part::Manifest, "trailing bytes"));
     }
     Ok(Manifest { seq, meta, map })
 }
@@ -820,7 +848,10 @@ mod tests {
         assert_eq!(PackHeader::parse(&h.to_bytes()), Ok(h));
         let mut bad = h.to_bytes();
         bad[0] ^= 1;
-        assert!(PackHeader::parse(&bad).unwrap_err().contains("magic"));
+        assert!(PackHeader::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         assert!(PackHeader::parse(&bad[..10]).is_err());
     }
 
@@ -866,7 +897,10 @@ mod tests {
         };
         let mut blob = MAP_MAGIC_1_0.to_vec();
         blob.extend(zstd::bulk::compress(&body, 1).unwrap());
-        assert!(decode_map(&blob).unwrap_err().contains("overflow"));
+        assert!(decode_map(&blob)
+            .unwrap_err()
+            .to_string()
+            .contains("overflow"));
     }
 
     /// Found by fuzz/ (map_body): an id delta past i64::MAX overflowed
@@ -881,7 +915,10 @@ mod tests {
         put_varint(&mut body, zigzag(1));
         let mut blob = MAP_MAGIC_1_0.to_vec();
         blob.extend(zstd::bulk::compress(&body, 1).unwrap());
-        assert!(decode_map(&blob).unwrap_err().contains("invalid chunk id"));
+        assert!(decode_map(&blob)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid chunk id"));
     }
 
     /// A tiny blob whose body decompresses to 128 MiB: decoding used to hold
@@ -896,7 +933,10 @@ mod tests {
         blob.extend(zstd::bulk::compress(&body, 1).unwrap());
         drop(body);
         assert!(blob.len() < 64 << 10);
-        assert!(decode_map(&blob).unwrap_err().contains("varint too long"));
+        assert!(decode_map(&blob)
+            .unwrap_err()
+            .to_string()
+            .contains("varint too long"));
         let m = BlockMap::from_blocks(&[0, 1, 2]);
         assert!(decode_map_within(&encode_map(&m), 2).is_err());
         assert_eq!(decode_map_within(&encode_map(&m), 3).unwrap(), m);

@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{
@@ -35,7 +35,7 @@ use crate::format::{CHUNK, CHUNK_SIZE, ZERO_BLOCK};
 use crate::ids::{hex, ChunkHash, ChunkId};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::store::{pack_path, PackReader};
+use crate::store::ReaderCache;
 
 /// Result of `verify`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -606,11 +606,10 @@ pub(crate) fn export_stream(
     let label = format!("{} ({})", row.name, row.id);
     let zero_cvs = catalog::load_zero_cvs(&repo.conn, row.virtual_size)?;
     let pieces = sparse_pieces(&plan.map, row.virtual_size);
-    let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
+    let readers = ReaderCache::new(repo.store());
     let mut wk = Worker {
         plan: &plan,
         label: &label,
-        root: repo.root(),
         readers: &readers,
         cache: Vec::new(),
         check_chunks: false,
@@ -857,8 +856,7 @@ fn scatter(
         let l = &plan.frames[f];
         (l.pack, l.offset)
     });
-    let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
-    let root = repo.root();
+    let readers = ReaderCache::new(repo.store());
     progress.begin(
         "write",
         order.iter().map(|(_, u)| u.len() as u64 * CHUNK).sum(),
@@ -866,7 +864,7 @@ fn scatter(
     let r = par_for(order.len(), Vec::new, |buf: &mut Vec<u8>, i| {
         let (frame, blocks) = &order[i];
         let first_off = blocks.iter().map(|b| b.1).min().unwrap_or(0) * CHUNK;
-        read_frame(plan, root, &readers, *frame, buf).map_err(|e| Error::Corrupt {
+        read_frame(plan, &readers, *frame, buf).map_err(|e| Error::Corrupt {
             image: label.to_owned(),
             offset: first_off,
             detail: e.to_string(),
@@ -963,23 +961,12 @@ fn sparse_pieces(map: &crate::format::BlockMap, size: u64) -> digest::Pieces {
 /// Decompresses `frame` into `out`, opening its pack once per export.
 fn read_frame(
     plan: &Plan,
-    root: &Path,
-    readers: &Mutex<HashMap<i64, Arc<PackReader>>>,
+    readers: &ReaderCache<'_, i64>,
     frame: i64,
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let f = &plan.frames[&frame];
-    let reader = {
-        let mut r = readers.lock().unwrap();
-        match r.get(&f.pack) {
-            Some(x) => x.clone(),
-            None => {
-                let x = Arc::new(PackReader::open(&pack_path(root, &plan.packs[&f.pack])?)?);
-                r.insert(f.pack, x.clone());
-                x
-            }
-        }
-    };
+    let reader = readers.get(f.pack, &plan.packs[&f.pack])?;
     reader.read_frame(f.offset, f.clen, f.nchunks as usize, out)
 }
 
@@ -998,9 +985,8 @@ fn rebuild(
     let pieces = sparse_pieces(&plan.map, row.virtual_size);
     let nleaves = pieces.leaves.len();
     let results: Mutex<Vec<Option<PieceHash>>> = Mutex::new(vec![None; nleaves]);
-    let readers: Mutex<HashMap<i64, Arc<PackReader>>> = Mutex::new(HashMap::new());
+    let readers = ReaderCache::new(repo.store());
     let blocks = std::sync::atomic::AtomicU64::new(0);
-    let root = repo.root();
     let phase = if check_chunks { "locate" } else { "verify" };
     progress.begin(phase, row.virtual_size);
     let r = par_for(
@@ -1008,7 +994,6 @@ fn rebuild(
         || Worker {
             plan,
             label,
-            root,
             readers: &readers,
             cache: Vec::new(),
             check_chunks,
@@ -1047,8 +1032,7 @@ const FRAME_CACHE: usize = 4;
 struct Worker<'a> {
     plan: &'a Plan,
     label: &'a str,
-    root: &'a Path,
-    readers: &'a Mutex<HashMap<i64, Arc<PackReader>>>,
+    readers: &'a ReaderCache<'a, i64>,
     cache: Vec<(i64, Vec<u8>)>,
     check_chunks: bool,
 }
@@ -1157,7 +1141,7 @@ impl Worker<'_> {
 
     fn read_frame(&self, frame: i64) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        read_frame(self.plan, self.root, self.readers, frame, &mut out)?;
+        read_frame(self.plan, self.readers, frame, &mut out)?;
         Ok(out)
     }
 }

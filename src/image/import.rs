@@ -35,7 +35,7 @@ use crate::catalog;
 use crate::catalog::ImageType;
 use crate::digest::{self, PieceHash, Pieces};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
+use crate::format::{self, CHUNK, CHUNK_SIZE, FRAME_CHUNKS, ZSTD_LEVEL};
 use crate::ids::{hex, ChunkHash, ChunkId, ImageId};
 use crate::image::create::{create_image, Cleanup};
 use crate::image::input::Input;
@@ -43,7 +43,7 @@ use crate::image::names::check_name;
 use crate::image::source::{self, Reader, SourceFormat};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::store::{self, PackWriter};
+use crate::store::{self, ObjectStore, PackRotator};
 
 /// Read buffer per worker.
 const READ_BYTES: usize = 1 << 20;
@@ -281,13 +281,11 @@ fn ingest(repo: &Repo, id: &ImageId, raw: &Input, progress: &dyn Progress) -> Re
         .unwrap_or(2)
         .clamp(1, 8);
     let db_path = repo.root().join("catalog.db");
-    let root = repo.root();
-    let perms = repo.perms();
+    let store = repo.store();
     progress.begin("import", raw.size);
     let (tx, rx) = mpsc::sync_channel::<FrameMsg>(workers * 4);
     let (written, worker_errs) = std::thread::scope(|s| {
-        let writer =
-            s.spawn(|| write_frames(root, perms, &db_path, id, rx, &shared.new, start_seq));
+        let writer = s.spawn(|| write_frames(store, &db_path, id, rx, &shared.new, start_seq));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let tx = tx.clone();
@@ -558,8 +556,7 @@ const BATCH_FRAMES: usize = 256;
 /// batch, so that the import's table of new chunks stays small), seals the
 /// packs. Returns the chunk ids of every frame, by frame sequence number.
 fn write_frames(
-    root: &Path,
-    perms: crate::perms::Perms,
+    store: &dyn ObjectStore,
     db_path: &Path,
     id: &ImageId,
     rx: mpsc::Receiver<FrameMsg>,
@@ -569,30 +566,19 @@ fn write_frames(
     let conn = Connection::open(db_path)?;
     conn.busy_timeout(catalog::BUSY_TIMEOUT)?;
     let mut out = HashMap::new();
-    let mut cur: Option<(i64, PackWriter)> = None;
+    let mut packs = PackRotator::new(
+        store,
+        Box::new(|name: &str| catalog::insert_pending_pack(&conn, name, id)),
+    );
     let mut batch: Vec<Entered> = Vec::new();
     let mut pending = false;
     for msg in rx {
-        if cur
-            .as_ref()
-            .is_some_and(|(_, w)| w.len() >= PACK_TARGET_BYTES)
-        {
-            let (_, w) = cur.take().unwrap();
-            w.seal()?;
-        }
-        if cur.is_none() {
-            let name = store::new_pack_name();
-            // The row comes first: a pack file without a row is garbage.
-            let pid = catalog::insert_pending_pack(&conn, &name, id)?;
-            cur = Some((pid, PackWriter::create(root, &name, perms)?));
-        }
-        let (pid, w) = cur.as_mut().unwrap();
-        let offset = w.append(&msg.data, &msg.hashes)?;
+        let placed = packs.append(&msg.data, &msg.hashes)?;
         batch.push(Entered {
             seq: msg.seq,
             hashes: msg.hashes,
-            pack: *pid,
-            offset,
+            pack: placed.pack,
+            offset: placed.offset,
             clen: msg.data.len() as u64,
         });
         if batch.len() >= BATCH_FRAMES {
@@ -600,9 +586,7 @@ fn write_frames(
             pending = true;
         }
     }
-    if let Some((_, w)) = cur {
-        w.seal()?;
-    }
+    packs.finish()?;
     // The last batch is entered by the commit itself, as committed rows.
     Ok(Written {
         ids: out,

@@ -23,7 +23,7 @@ pub(crate) fn drop_import_leftovers(repo: &Repo, id: &ImageId, remove_row: bool)
             // A full disk: SQLite needs room to write. The import's pending
             // packs are read by nobody; delete their files and try again.
             for n in catalog::pending_pack_names(&repo.conn, Some(id.as_str()))? {
-                crate::store::remove_pack(repo.root(), &n)?;
+                crate::store::remove_pack(repo.store(), &n)?;
             }
             remove_if_exists(&repo.tmp_path(id))?;
             forget_import(repo, id, remove_row)?
@@ -33,7 +33,7 @@ pub(crate) fn drop_import_leftovers(repo: &Repo, id: &ImageId, remove_row: bool)
     // Only files whose rows this transaction removed: never a pack that an
     // import committed meanwhile.
     for n in &names {
-        crate::store::remove_pack(repo.root(), n)?;
+        crate::store::remove_pack(repo.store(), n)?;
     }
     if remove_row {
         remove_if_exists(&repo.tmp_path(id))?;

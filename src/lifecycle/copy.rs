@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 
 use rusqlite::params;
 use serde::Serialize;
@@ -23,11 +22,11 @@ use crate::catalog;
 use crate::depot::access::Op;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, PACK_TARGET_BYTES, ZSTD_LEVEL};
+use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 use crate::image::create::create_image;
 use crate::progress::Progress;
-use crate::store::{self, pack_path, PackReader, PackWriter};
+use crate::store::{self, PackRotator, ReaderCache, Sealed};
 
 /// What a copy did.
 #[derive(Clone, Debug, Serialize)]
@@ -154,7 +153,7 @@ impl Depot {
             }
         }
         progress.begin("copy", missing.len() as u64 * CHUNK);
-        let mut readers: HashMap<i64, Arc<PackReader>> = HashMap::new();
+        let readers = ReaderCache::new(self.repo.store());
         let job = format!("{} {}", self.root().display(), row.id);
         let mut out = Outgoing::new(dst, id, &job);
         let mut rep = CopyReport {
@@ -170,17 +169,7 @@ impl Depot {
         let who = format!("{} ({})", row.name, row.id);
         for (frame, chunks) in &by_frame {
             let f = &plan.frames[frame];
-            let reader = match readers.get(&f.pack) {
-                Some(r) => r.clone(),
-                None => {
-                    let r = Arc::new(PackReader::open(&pack_path(
-                        self.root(),
-                        &plan.packs[&f.pack],
-                    )?)?);
-                    readers.insert(f.pack, r.clone());
-                    r
-                }
-            };
+            let reader = readers.get(f.pack, &plan.packs[&f.pack])?;
             reader.read_frame(f.offset, f.clen, f.nchunks as usize, &mut buf)?;
             // Every chunk sent is checked against its hash first.
             for &c in chunks {
@@ -278,54 +267,47 @@ impl FrameAcc {
     }
 }
 
-/// Frames on their way into the target: one pack at a time, sealed and
-/// entered (as committed chunks) when it is full and at the end.
+/// Frames on their way into the target: one pack at a time (registered
+/// pending), entered (as committed chunks) when it is full and sealed, and
+/// at the end.
 struct Outgoing<'a> {
     depot: &'a Depot,
     id: &'a ImageId,
     job: &'a str,
-    pack: Option<(i64, PackWriter)>,
+    packs: PackRotator<'a, i64>,
     frames: Vec<(u64, u64, Vec<ChunkHash>)>,
 }
 
 impl<'a> Outgoing<'a> {
     fn new(depot: &'a Depot, id: &'a ImageId, job: &'a str) -> Outgoing<'a> {
+        let conn = &depot.repo.conn;
         Outgoing {
             depot,
             id,
             job,
-            pack: None,
+            packs: PackRotator::new(
+                depot.repo.store(),
+                Box::new(move |name: &str| catalog::insert_pending_pack(conn, name, id)),
+            ),
             frames: Vec::new(),
         }
     }
 
     fn push(&mut self, bytes: Vec<u8>, hashes: Vec<ChunkHash>) -> Result<()> {
-        if self.pack.is_none() {
-            let name = store::new_pack_name();
-            // The row comes first: a pack file without a row is garbage.
-            let pid = catalog::insert_pending_pack(&self.depot.repo.conn, &name, self.id)?;
-            self.pack = Some((
-                pid,
-                PackWriter::create(self.depot.root(), &name, self.depot.perms())?,
-            ));
+        let placed = self.packs.append(&bytes, &hashes)?;
+        self.frames
+            .push((placed.offset, bytes.len() as u64, hashes));
+        match placed.sealed {
+            Some(s) => self.enter(s),
+            None => Ok(()),
         }
-        let (_, w) = self.pack.as_mut().unwrap();
-        let off = w.append(&bytes, &hashes)?;
-        self.frames.push((off, bytes.len() as u64, hashes));
-        if w.len() >= PACK_TARGET_BYTES {
-            self.seal_and_enter()?;
-        }
-        Ok(())
     }
 
-    /// fsyncs the pack, then one transaction: its frames, their chunks
+    /// One transaction once a pack is sealed: its frames, their chunks
     /// (committed; content that arrived meanwhile is skipped), the pack
     /// sealed.
-    fn seal_and_enter(&mut self) -> Result<()> {
-        let Some((pid, w)) = self.pack.take() else {
-            return Ok(());
-        };
-        let size = w.seal()?;
+    fn enter(&mut self, sealed: Sealed<i64>) -> Result<()> {
+        let Sealed { pack: pid, size } = sealed;
         let frames = std::mem::take(&mut self.frames);
         catalog::write(&self.depot.repo.conn, |tx| {
             let mut fr = tx.prepare_cached(
@@ -357,7 +339,11 @@ impl<'a> Outgoing<'a> {
         })
     }
 
+    /// Seals and enters the last pack.
     fn finish(&mut self) -> Result<()> {
-        self.seal_and_enter()
+        match self.packs.finish()? {
+            Some(s) => self.enter(s),
+            None => Ok(()),
+        }
     }
 }

@@ -1,17 +1,21 @@
 //! fsck: the structure of the catalog and the store, and launch bases.
+//!
+//! [`fsck_snapshot`] checks, in the caller's read snapshot, the pack rows
+//! against the store's objects, frames against their packs, chunks against
+//! their frames, images against their chunks and manifests, and sealed
+//! packs against their indexes; [`settle_missing`] then tells a pack gc
+//! retired since the snapshot from one that is lost.
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::OptionalExtension;
-
 use super::*;
-use crate::catalog;
-use crate::error::{Error, Result};
+use crate::catalog::{self, FrameCheck, ImageRow, PackRow, PackState};
+use crate::error::Result;
 use crate::format::{self, PackHeader, CHUNK};
 use crate::ids::ImageId;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::store::{pack_path, PackReader};
+use crate::store::{is_not_found, read_index, ObjectInfo, ObjectKind, ObjectStore, PackReader};
 
 /// Checks the catalog and the store; with `full_bases`, every launch base
 /// is read back in full and its digest compared (otherwise bases get the
@@ -28,25 +32,17 @@ pub(crate) fn fsck(repo: &Repo, full_bases: bool, progress: &dyn Progress) -> Re
     Ok(rep)
 }
 
-/// Packs whose file was missing when fsck looked: (name, problem).
+/// Packs whose object was missing when fsck looked: (name, problem).
 pub(super) type MissingPacks = Vec<(String, String)>;
 
 /// Whether the catalog (now, not in an earlier snapshot) has a sealed
 /// pack of this name.
 pub(super) fn pack_live(repo: &Repo, name: &str) -> Result<bool> {
-    Ok(repo
-        .conn
-        .query_row(
-            "SELECT 1 FROM packs WHERE name = ?1 AND state = 'sealed'",
-            [name],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
+    catalog::pack_is_sealed(&repo.conn, name)
 }
 
-/// A pack seen in a snapshot whose file is gone is damage only if the
-/// catalog still has it now: gc unlinks a pack after committing its removal
+/// A pack seen in a snapshot whose object is gone is damage only if the
+/// catalog still has it now: gc deletes a pack after committing its removal
 /// (deleted or repacked), which may be after the snapshot was taken.
 /// Returns the packs found retired.
 pub(super) fn settle_missing(
@@ -65,10 +61,6 @@ pub(super) fn settle_missing(
     Ok(retired)
 }
 
-pub(super) fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
-}
-
 /// Launch bases: each file in `bases/` against its record and image.
 fn check_bases(
     repo: &Repo,
@@ -79,7 +71,7 @@ fn check_bases(
     let Ok(rd) = std::fs::read_dir(repo.root().join("bases")) else {
         return Ok(());
     };
-    let images: HashMap<String, catalog::ImageRow> = catalog::list_images(&repo.conn)?
+    let images: HashMap<String, ImageRow> = catalog::list_images(&repo.conn)?
         .into_iter()
         .map(|r| (r.id.as_str().to_owned(), r))
         .collect();
@@ -100,219 +92,250 @@ fn check_bases(
     Ok(())
 }
 
+/// The structural checks, in the caller's read snapshot; packs whose
+/// object was missing are returned for [`settle_missing`].
 pub(super) fn fsck_snapshot(repo: &Repo) -> Result<(FsckReport, MissingPacks)> {
     let mut rep = FsckReport::default();
     let mut missing = MissingPacks::new();
     let conn = &repo.conn;
-    let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    let ok = catalog::quick_check(conn)?;
     if ok != "ok" {
         rep.problems
             .push(format!("catalog: SQLite quick_check says {ok}"));
     }
-    // Packs.
-    let mut packs: Vec<(i64, String, String, i64)> = Vec::new();
-    {
-        let mut st = conn.prepare("SELECT id, name, state, size FROM packs")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            let (name, utf8) = catalog::text_lossy(r, 1)?;
-            let (state, _) = catalog::text_lossy(r, 2)?;
-            let size = match r.get_ref(3)? {
-                rusqlite::types::ValueRef::Integer(v) => v,
-                _ => -1,
-            };
-            if let Err(e) = catalog::check_pack_name(id, &name, utf8) {
-                rep.problems.push(e.to_string());
-                continue;
-            }
-            if !matches!(state.as_str(), "pending" | "sealed") || size < 0 {
-                rep.problems.push(format!(
-                    "catalog table packs, row {id}: state {state:?} or size is not valid"
-                ));
-                continue;
-            }
-            packs.push((id, name, state, size));
-        }
-    }
-    let on_disk = pack_files(repo.root())?;
-    let mut pack_len: HashMap<i64, u64> = HashMap::new();
-    let alive_pending: HashSet<String> = {
-        let mut st = conn.prepare("SELECT name, image FROM packs WHERE state = 'pending'")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                catalog::text_lossy(r, 0)?.0,
-                r.get::<_, Option<String>>(1).unwrap_or(None),
-            ))
-        })?;
-        let mut s = HashSet::new();
-        for r in rows {
-            let (n, img) = r?;
-            let writer_alive = match img.as_deref() {
-                Some(i) => ImageId::parse(i).is_some_and(|i| repo.import_alive(&i)),
-                None => repo.gc_running(), // gc repacking
-            };
-            if writer_alive {
-                s.insert(n);
-            }
-        }
-        s
-    };
-    for (id, name, state, size) in &packs {
-        rep.packs += 1;
-        if state == "pending" {
-            if !alive_pending.contains(name) {
-                rep.garbage.push(format!(
-                    "pack {name}: left pending by an import or gc that died"
-                ));
-            }
-            continue;
-        }
-        let p = pack_path(repo.root(), name)?;
-        let gone = || {
-            (
-                name.clone(),
-                format!("pack {name}: file {} is missing", p.display()),
-            )
-        };
-        match std::fs::metadata(&p) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(gone()),
-            Err(e) => rep.problems.push(format!("pack {name}: {e}")),
-            Ok(m) if m.len() < *size as u64 => rep.problems.push(format!(
-                "pack {name}: file is {} bytes, the catalog expects {size}",
-                m.len()
-            )),
-            Ok(m) => match PackReader::open(&p) {
-                Err(e) if is_not_found(&e) => missing.push(gone()),
-                Err(e) => rep.problems.push(format!("pack {name}: {e}")),
-                Ok(_) => {
-                    pack_len.insert(*id, m.len());
-                }
-            },
-        }
-    }
-    let known: HashSet<&String> = packs.iter().map(|(_, n, _, _)| n).collect();
-    for (n, p) in &on_disk {
-        if !known.contains(n) {
-            rep.garbage
-                .push(format!("{}: pack file unknown to the catalog", p.display()));
-        }
-    }
-    // Frames.
-    let mut frames: HashMap<i64, u32> = HashMap::new();
-    {
-        let mut st = conn.prepare("SELECT f.id, f.pack, f.offset, f.clen, f.nchunks, p.state FROM frames f LEFT JOIN packs p ON p.id = f.pack")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let (id, pack, off, clen, n): (i64, i64, i64, i64, i64) =
-                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-            let state: Option<String> = r.get(5)?;
-            frames.insert(id, n as u32);
-            match state.as_deref() {
-                None => rep
-                    .problems
-                    .push(format!("frame {id}: its pack {pack} is missing")),
-                Some("sealed") => {
-                    if let Some(&len) = pack_len.get(&pack) {
-                        if (off + clen) as u64 > len || off < PackHeader::SIZE as i64 {
-                            rep.problems.push(format!(
-                                "frame {id}: bytes {off}..{} lie outside its pack ({len} bytes)",
-                                off + clen
-                            ));
-                        }
-                    }
-                }
-                Some(_) => {} // a running import's (or a dead one's: see packs)
-            }
-        }
-    }
-    // Chunks.
-    let mut chunk_ids: HashSet<i64> = HashSet::new();
-    {
-        let mut st = conn.prepare("SELECT id, frame, slot FROM chunks")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let (id, frame, slot): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            rep.chunks += 1;
-            chunk_ids.insert(id);
-            match frames.get(&frame) {
-                None => rep
-                    .problems
-                    .push(format!("chunk {id}: frame {frame} is missing")),
-                Some(&n) if slot as u32 >= n => rep.problems.push(format!(
-                    "chunk {id}: slot {slot} past the {n} chunks of frame {frame}"
-                )),
-                _ => {}
-            }
-        }
-    }
-    // Images.
+    let packs = pack_rows(repo, &mut rep)?;
+    let (objects, orphan_indexes) = list_packs(repo.store())?;
+    let pack_len = check_packs(repo, &packs, &objects, &mut rep, &mut missing)?;
+    let frames = check_frames(conn, &pack_len, &mut rep)?;
+    let chunk_ids = check_chunks(conn, &frames, &mut rep)?;
     for row in catalog::list_images(conn)? {
-        if let Some(d) = &row.damage {
-            rep.images += 1;
-            rep.problems
-                .push(format!("image {} ({}): {d}", row.name, row.id));
-            continue;
-        }
-        if row.state == "importing" {
-            if !repo.import_alive(&row.id) {
-                rep.garbage
-                    .push(format!("image {} ({}): import died", row.name, row.id));
-            }
-            continue;
-        }
-        rep.images += 1;
-        match catalog::image_map(conn, &row.id) {
-            Err(e) => rep
-                .problems
-                .push(format!("image {} ({}): {e}", row.name, row.id)),
-            Ok(map) => {
-                if map.nblocks != format::blocks_for(row.virtual_size) {
-                    rep.problems.push(format!(
-                        "image {} ({}): map has {} blocks for {} bytes",
-                        row.name, row.id, map.nblocks, row.virtual_size
-                    ));
-                }
-                if let Some((i, c)) = map.data().find(|(_, c)| !chunk_ids.contains(c)) {
-                    rep.problems.push(format!(
-                        "image {} ({}): chunk {c} at byte offset {} is missing",
-                        row.name,
-                        row.id,
-                        i * CHUNK
-                    ));
-                }
-            }
-        }
-        if let Some(w) = crate::repo::manifest::check(repo.root(), &row) {
-            rep.warnings.push(format!(
-                "image {} ({}): {w} (`vmdepot fsck --repair` writes one)",
-                row.name, row.id
-            ));
-        }
+        check_image(repo, &row, &chunk_ids, &mut rep);
     }
-    for (_, name, state, _) in &packs {
-        if state != "sealed" {
-            continue;
-        }
-        match crate::store::read_index(repo.root(), name) {
-            Ok(Some(_)) => {}
-            Ok(None) => rep.warnings.push(format!(
-                "pack {name}: no index file (`vmdepot fsck --repair` writes one)"
-            )),
-            Err(e) => rep
-                .warnings
-                .push(format!("{e} (`vmdepot fsck --repair` writes a new one)")),
-        }
-    }
+    check_indexes(repo.store(), &packs, &mut rep);
     for p in crate::repo::manifest::orphans(conn, repo.root())? {
         rep.garbage.push(format!(
             "{}: manifest of an image the catalog does not have",
             p.display()
         ));
     }
-    for p in orphan_indexes(repo.root()) {
-        rep.garbage
-            .push(format!("{}: index of a pack that is gone", p.display()));
+    for name in orphan_indexes {
+        rep.garbage.push(format!(
+            "{}: index of a pack that is gone",
+            repo.store().label(ObjectKind::PackIndex, &name)
+        ));
     }
     Ok((rep, missing))
+}
+
+/// The pack rows that are sound; the others are problems.
+fn pack_rows(repo: &Repo, rep: &mut FsckReport) -> Result<Vec<PackRow>> {
+    let mut packs = Vec::new();
+    for r in catalog::pack_rows(&repo.conn)? {
+        match r {
+            Ok(p) => packs.push(p),
+            Err(problem) => rep.problems.push(problem),
+        }
+    }
+    Ok(packs)
+}
+
+/// Pending packs whose writer (an import, or gc repacking) is alive.
+fn alive_pending(repo: &Repo) -> Result<HashSet<String>> {
+    let mut alive = HashSet::new();
+    for (name, writer) in catalog::pending_packs(&repo.conn)? {
+        let writer_alive = match writer.as_deref() {
+            Some(i) => ImageId::parse(i).is_some_and(|i| repo.import_alive(&i)),
+            None => repo.gc_running(), // gc repacking
+        };
+        if writer_alive {
+            alive.insert(name);
+        }
+    }
+    Ok(alive)
+}
+
+/// Each pack row against the store: a pending one whose writer died is
+/// garbage, a sealed one must be there, complete, with a sound header.
+/// Objects no row names are garbage. Returns the sealed packs' sizes.
+fn check_packs(
+    repo: &Repo,
+    packs: &[PackRow],
+    objects: &[ObjectInfo],
+    rep: &mut FsckReport,
+    missing: &mut MissingPacks,
+) -> Result<HashMap<i64, u64>> {
+    let store = repo.store();
+    let alive = alive_pending(repo)?;
+    let mut pack_len = HashMap::new();
+    for p in packs {
+        rep.packs += 1;
+        match p.state {
+            PackState::Pending if !alive.contains(&p.name) => rep.garbage.push(format!(
+                "pack {}: left pending by an import or gc that died",
+                p.name
+            )),
+            PackState::Pending => {}
+            PackState::Sealed => match check_sealed(store, p) {
+                SealedCheck::Sound(len) => {
+                    pack_len.insert(p.id, len);
+                }
+                SealedCheck::Missing(problem) => missing.push((p.name.clone(), problem)),
+                SealedCheck::Damaged(problem) => rep.problems.push(problem),
+            },
+        }
+    }
+    let known: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    for o in objects.iter().filter(|o| !known.contains(o.name.as_str())) {
+        rep.garbage.push(format!(
+            "{}: pack file unknown to the catalog",
+            store.label(ObjectKind::Pack, &o.name)
+        ));
+    }
+    Ok(pack_len)
+}
+
+/// What the store has of a sealed pack.
+enum SealedCheck {
+    /// There, at least as long as the catalog says, its header sound: its
+    /// length.
+    Sound(u64),
+    /// Not there (damage, unless gc retired it since the snapshot).
+    Missing(String),
+    /// There but short, unreadable or not a pack.
+    Damaged(String),
+}
+
+fn check_sealed(store: &dyn ObjectStore, p: &PackRow) -> SealedCheck {
+    let name = &p.name;
+    let gone = || {
+        let label = store.label(ObjectKind::Pack, name);
+        SealedCheck::Missing(format!("pack {name}: file {label} is missing"))
+    };
+    let len = match store.stat(ObjectKind::Pack, name) {
+        Ok(None) => return gone(),
+        Err(e) => return SealedCheck::Damaged(format!("pack {name}: {e}")),
+        Ok(Some(len)) => len,
+    };
+    if len < p.size {
+        return SealedCheck::Damaged(format!(
+            "pack {name}: file is {len} bytes, the catalog expects {}",
+            p.size
+        ));
+    }
+    match PackReader::open(store, name) {
+        Err(e) if is_not_found(&e) => gone(),
+        Err(e) => SealedCheck::Damaged(format!("pack {name}: {e}")),
+        Ok(_) => SealedCheck::Sound(len),
+    }
+}
+
+/// Each frame against its pack; returns every frame's chunk count.
+fn check_frames(
+    conn: &rusqlite::Connection,
+    pack_len: &HashMap<i64, u64>,
+    rep: &mut FsckReport,
+) -> Result<HashMap<i64, u32>> {
+    let mut frames = HashMap::new();
+    for f in catalog::frames_with_pack_state(conn)? {
+        frames.insert(f.id, f.nchunks as u32);
+        match f.pack_state {
+            None => rep
+                .problems
+                .push(format!("frame {}: its pack {} is missing", f.id, f.pack)),
+            Some(Some(PackState::Sealed)) => rep.problems.extend(frame_outside(&f, pack_len)),
+            Some(_) => {} // a running import's (or a dead one's: see packs)
+        }
+    }
+    Ok(frames)
+}
+
+/// The problem of a frame of a sealed pack whose bytes lie outside it.
+fn frame_outside(f: &FrameCheck, pack_len: &HashMap<i64, u64>) -> Option<String> {
+    let &len = pack_len.get(&f.pack)?;
+    let end = f.offset + f.clen;
+    (end as u64 > len || f.offset < PackHeader::SIZE as i64).then(|| {
+        format!(
+            "frame {}: bytes {}..{end} lie outside its pack ({len} bytes)",
+            f.id, f.offset
+        )
+    })
+}
+
+/// Each chunk against its frame; returns every chunk id.
+fn check_chunks(
+    conn: &rusqlite::Connection,
+    frames: &HashMap<i64, u32>,
+    rep: &mut FsckReport,
+) -> Result<HashSet<i64>> {
+    let mut chunk_ids = HashSet::new();
+    catalog::for_each_chunk_slot(conn, |id, frame, slot| {
+        rep.chunks += 1;
+        chunk_ids.insert(id);
+        match frames.get(&frame) {
+            None => rep
+                .problems
+                .push(format!("chunk {id}: frame {frame} is missing")),
+            Some(&n) if slot as u32 >= n => rep.problems.push(format!(
+                "chunk {id}: slot {slot} past the {n} chunks of frame {frame}"
+            )),
+            _ => {}
+        }
+    })?;
+    Ok(chunk_ids)
+}
+
+/// An image row: damage, a dead import, its map against the chunks, its
+/// manifest.
+fn check_image(repo: &Repo, row: &ImageRow, chunk_ids: &HashSet<i64>, rep: &mut FsckReport) {
+    let who = format!("image {} ({})", row.name, row.id);
+    if let Some(d) = &row.damage {
+        rep.images += 1;
+        rep.problems.push(format!("{who}: {d}"));
+        return;
+    }
+    if row.state == "importing" {
+        if !repo.import_alive(&row.id) {
+            rep.garbage.push(format!("{who}: import died"));
+        }
+        return;
+    }
+    rep.images += 1;
+    match catalog::image_map(&repo.conn, &row.id) {
+        Err(e) => rep.problems.push(format!("{who}: {e}")),
+        Ok(map) => {
+            if map.nblocks != format::blocks_for(row.virtual_size) {
+                rep.problems.push(format!(
+                    "{who}: map has {} blocks for {} bytes",
+                    map.nblocks, row.virtual_size
+                ));
+            }
+            if let Some((i, c)) = map.data().find(|(_, c)| !chunk_ids.contains(c)) {
+                rep.problems.push(format!(
+                    "{who}: chunk {c} at byte offset {} is missing",
+                    i * CHUNK
+                ));
+            }
+        }
+    }
+    if let Some(w) = crate::repo::manifest::check(repo.root(), row) {
+        rep.warnings
+            .push(format!("{who}: {w} (`vmdepot fsck --repair` writes one)"));
+    }
+}
+
+/// Sealed packs without a sound index (what a lost catalog could not be
+/// rebuilt from quickly).
+fn check_indexes(store: &dyn ObjectStore, packs: &[PackRow], rep: &mut FsckReport) {
+    for p in packs.iter().filter(|p| p.state == PackState::Sealed) {
+        match read_index(store, &p.name) {
+            Ok(Some(_)) => {}
+            Ok(None) => rep.warnings.push(format!(
+                "pack {}: no index file (`vmdepot fsck --repair` writes one)",
+                p.name
+            )),
+            Err(e) => rep
+                .warnings
+                .push(format!("{e} (`vmdepot fsck --repair` writes a new one)")),
+        }
+    }
 }

@@ -1,209 +1,42 @@
-//! Garbage collection: reap dead imports, mark in a read snapshot, sweep
-//! in one short write transaction, repack sparse packs, evict unused
-//! launch bases.
+//! Garbage collection as a plan and its application.
+//!
+//! [`plan`] decides everything from the store's listing and one read
+//! snapshot of the catalog, changing nothing: the imports to reap, the
+//! chunks and frames to sweep ([`Marked`]), the packs left empty, the pack
+//! objects and indexes no row names, the packs to repack, the bases to
+//! evict, and the byte counts: [`GcPlan::report`] is `gc --dry-run`.
+//! [`apply`] carries a plan out: it reaps, then sweeps in one short
+//! `BEGIN IMMEDIATE` transaction that re-checks the plan against what
+//! changed since its snapshot (images that became available keep their
+//! chunks; chunks entered since were never candidates), deletes objects
+//! after that commit, repacks ([`super::repack`]) and evicts bases.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 
 use super::*;
-use crate::catalog;
+use crate::catalog::{self, PackRow, PackState};
 use crate::error::{Error, Result};
-use crate::format::{self, PackHeader};
-use crate::ids::{ChunkHash, ImageId};
-use crate::image::reap::{
-    abandoned_imports, drop_import_leftovers, drop_pending_packs, remove_if_exists,
-};
+use crate::format::PackHeader;
+use crate::ids::ImageId;
+use crate::image::bases::evict_unused_bases;
+use crate::image::reap::{abandoned_imports, drop_import_leftovers, remove_if_exists};
 use crate::repo::Repo;
-use crate::store::{pack_path, PackReader};
+use crate::store::{remove_pack, ObjectInfo, ObjectKind};
+
+/// How long gc keeps the chunks of a copy that did not finish (so that it
+/// can resume without sending them again): 7 days.
+pub const COPY_GRACE_SECS: i64 = 7 * 24 * 3600;
 
 pub(crate) fn gc(repo: &Repo, dry_run: bool) -> Result<GcReport> {
     let _one_gc = repo.lock_gc()?;
     // gc decides what is garbage from the catalog: on a damaged one it
     // would delete what images still need.
     check_catalog_sound(repo)?;
-    let mut rep = GcReport {
-        dry_run,
-        ..Default::default()
-    };
-    // 1. Killed imports, and packs a killed gc was writing (only gc writes
-    //    pending packs of no image, and no other gc runs).
-    let dead = abandoned_imports(repo)?;
-    rep.abandoned_imports = dead.len() as u64;
-    if !dry_run {
-        for id in &dead {
-            drop_import_leftovers(repo, id, true)?;
-        }
-        drop_repack_leftovers(repo)?;
-    }
-    // 2. Mark in a read snapshot: imports go on writing meanwhile.
-    let marked = {
-        let tx = repo.conn.unchecked_transaction()?;
-        let m = mark(&tx)?;
-        tx.commit()?;
-        m
-    };
-    // 3. Sweep under the write lock. Images that became available after the
-    //    snapshot keep what they use; chunks entered since are not
-    //    candidates. An import that reuses a swept chunk finds out at its
-    //    commit (it re-checks) and starts over.
-    let tx = catalog::begin_write(&repo.conn)?;
-    let mut rescued = IdSet::new(marked.max_id);
-    for r in catalog::list_images(&tx)? {
-        if r.state == "available" && !marked.images.contains(&r.id) {
-            for (_, c) in catalog::image_map(&tx, &r.id)?.data() {
-                rescued.insert(c);
-            }
-        }
-    }
-    // Images that named a duplicate now name the chunk kept (same content,
-    // so the same digest); the duplicates are candidates like any other.
-    for img in &marked.remap {
-        let map = catalog::image_map(&tx, img)?;
-        let map = map.map_ids(|c| marked.dups.get(&c).copied().unwrap_or(c));
-        catalog::replace_map(&tx, img, &map)?;
-    }
-    rep.chunks_merged = marked
-        .candidates
-        .iter()
-        .filter(|(id, _)| marked.dups.contains_key(id) && !rescued.contains(*id))
-        .count() as u64;
-    let mut dead_in_frame: HashMap<i64, u32> = HashMap::new();
-    {
-        let mut del = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
-        for &(id, frame) in &marked.candidates {
-            if !rescued.contains(id) {
-                del.execute([id])?;
-                rep.chunks_removed += 1;
-                *dead_in_frame.entry(frame).or_default() += 1;
-            }
-        }
-    }
-    // Frames left without chunks (chunks never move between frames), then
-    // sealed packs left without frames.
-    {
-        let mut del = tx.prepare_cached(
-            "DELETE FROM frames WHERE id = ?1
-             AND pack IN (SELECT id FROM packs WHERE state = 'sealed')",
-        )?;
-        for (f, n) in &dead_in_frame {
-            if marked.frame_chunks.get(f) == Some(n) {
-                rep.frames_removed += del.execute([f])? as u64;
-            }
-        }
-    }
-    let dead_packs: Vec<(String, i64)> = {
-        let mut st = tx.prepare(
-            "SELECT name, size FROM packs p WHERE state = 'sealed'
-             AND NOT EXISTS (SELECT 1 FROM frames f WHERE f.pack = p.id)",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    tx.execute(
-        "DELETE FROM packs WHERE state = 'sealed' AND NOT EXISTS (SELECT 1 FROM frames f WHERE f.pack = packs.id)",
-        [],
-    )?;
-    rep.packs_removed = dead_packs.len() as u64;
-    // Remembered input files whose image is gone.
-    tx.execute(
-        "DELETE FROM copy_chunks WHERE id NOT IN (SELECT id FROM chunks) OR at <= ?1",
-        [catalog::now() - COPY_GRACE_SECS],
-    )?;
-    for t in ["source_files", "image_tags", "image_shares"] {
-        tx.execute(
-            &format!("DELETE FROM {t} WHERE image NOT IN (SELECT id FROM images)"),
-            [],
-        )?;
-    }
-    let freed_whole: i64 = dead_packs.iter().map(|(_, s)| *s).sum();
-    // Pack files on disk that the catalog does not know (rows are written
-    // before files, and no row is added while we hold the write lock, so
-    // these are garbage).
-    let known: HashSet<String> = {
-        let mut st = tx.prepare("SELECT name FROM packs")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let orphans: Vec<PathBuf> = pack_files(repo.root())?
-        .into_iter()
-        .filter(|(n, _)| !known.contains(n))
-        .map(|(_, p)| p)
-        .collect();
-    let orphan_bytes: u64 = orphans
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    rep.packs_removed += orphans.len() as u64;
-    rep.bytes_freed = freed_whole as u64 + orphan_bytes;
-    // Packs less than half live are repacked (below).
-    let mut sparse_packs: Vec<(i64, String)> = Vec::new();
-    {
-        let mut st = tx.prepare(
-            "SELECT p.id, p.name, p.size, COALESCE(SUM(f.clen), 0) FROM packs p
-             JOIN frames f ON f.pack = p.id WHERE p.state = 'sealed' GROUP BY p.id",
-        )?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let (pid, name, size, live): (i64, String, i64, i64) =
-                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-            let dead = (size - PackHeader::SIZE as i64 - live).max(0) as u64;
-            if live * 2 >= size {
-                rep.bytes_in_partly_live_packs += dead;
-            } else {
-                rep.packs_repacked += 1;
-                rep.bytes_freed += dead;
-                sparse_packs.push((pid, name));
-            }
-        }
-    }
+    let plan = plan(repo)?;
     if dry_run {
-        tx.rollback()?;
-        (rep.bases_evicted, rep.base_bytes_freed) =
-            crate::image::bases::evict_unused_bases(repo, true)?;
-        return Ok(rep);
+        return Ok(plan.report);
     }
-    tx.commit()?;
-    // Readers that mapped an old pack keep their mapping (unlink).
-    for n in dead_packs.iter().map(|(n, _)| n) {
-        crate::store::remove_pack(repo.root(), n)?;
-    }
-    for p in &orphans {
-        remove_if_exists(p)?;
-        remove_if_exists(&p.with_extension("idx"))?;
-    }
-    for p in orphan_indexes(repo.root()) {
-        remove_if_exists(&p)?;
-    }
-    // Manifests of images the catalog no longer has (deleted: the delete
-    // removes them after its commit; imports that died before theirs).
-    for p in crate::repo::manifest::orphans(&repo.conn, repo.root())? {
-        remove_if_exists(&p)?;
-    }
-    repack(repo, &sparse_packs)?;
-    (rep.bases_evicted, rep.base_bytes_freed) =
-        crate::image::bases::evict_unused_bases(repo, false)?;
-    catalog::vacuum_free_pages(&repo.conn);
-    // Temp files and lock files of imports that are no longer running.
-    for dir in ["tmp", "locks"] {
-        let d = repo.root().join(dir);
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for f in rd.flatten() {
-                let p = f.path();
-                let Some(id) = p
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .and_then(ImageId::parse)
-                else {
-                    continue;
-                };
-                if !repo.import_alive(&id) {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-        }
-    }
-    Ok(rep)
+    apply(repo, plan)
 }
 
 /// Refuses (exit 5) a catalog with a damaged pack row, image row or image
@@ -224,9 +57,278 @@ fn check_catalog_sound(repo: &Repo) -> Result<()> {
     Ok(())
 }
 
-/// How long gc keeps the chunks of a copy that did not finish (so that it
-/// can resume without sending them again): 7 days.
-pub const COPY_GRACE_SECS: i64 = 7 * 24 * 3600;
+/// Everything one gc run would do, decided from one snapshot.
+pub(crate) struct GcPlan {
+    /// What the plan does, in numbers: the `--dry-run` report.
+    pub(crate) report: GcReport,
+    /// Imports whose process died, reaped first.
+    abandoned: Vec<ImageId>,
+    /// The mark: candidates for the sweep.
+    marked: Marked,
+    /// Frames of sealed packs all of whose chunks are candidates.
+    dead_frames: Vec<i64>,
+    /// Pack objects no pack row names (garbage: rows come first).
+    orphans: Vec<ObjectInfo>,
+    /// Index objects whose pack object is gone.
+    orphan_indexes: Vec<String>,
+    /// Packs less than half live: (row id, name), to repack.
+    sparse: Vec<(i64, String)>,
+    /// The dead bytes the repack frees.
+    sparse_dead_bytes: u64,
+}
+
+/// Decides what gc does, changing nothing.
+pub(crate) fn plan(repo: &Repo) -> Result<GcPlan> {
+    let store = repo.store();
+    let abandoned = abandoned_imports(repo)?;
+    // The store first, then the snapshot: a pack object is created after
+    // its row, so one listed now that the snapshot has no row for is
+    // garbage for good.
+    let (objects, orphan_indexes) = list_packs(store)?;
+    let (marked, packs, frames) = {
+        let tx = repo.conn.unchecked_transaction()?;
+        let m = mark(&tx)?;
+        let packs = sound_pack_rows(&tx)?;
+        let frames = frames_by_pack(&tx)?;
+        tx.commit()?;
+        (m, packs, frames)
+    };
+    let dead_frames = dead_frames(&marked, &packs, &frames);
+    let mut report = GcReport {
+        dry_run: true,
+        abandoned_imports: abandoned.len() as u64,
+        chunks_removed: marked.candidates.len() as u64,
+        chunks_merged: marked.merged(|_| false),
+        frames_removed: dead_frames.len() as u64,
+        ..Default::default()
+    };
+    let dead: HashSet<i64> = dead_frames.iter().copied().collect();
+    let (sparse, sparse_dead_bytes) = sort_packs(&packs, &frames, &dead, &mut report);
+    let known: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    let orphans: Vec<ObjectInfo> = objects
+        .iter()
+        .filter(|o| !known.contains(o.name.as_str()))
+        .cloned()
+        .collect();
+    report.packs_removed += orphans.len() as u64;
+    report.bytes_freed += orphans.iter().map(|o| o.size).sum::<u64>() + sparse_dead_bytes;
+    (report.bases_evicted, report.base_bytes_freed) = evict_unused_bases(repo, true)?;
+    Ok(GcPlan {
+        report,
+        abandoned,
+        marked,
+        dead_frames,
+        orphans,
+        orphan_indexes,
+        sparse,
+        sparse_dead_bytes,
+    })
+}
+
+/// Every pack row, refusing a damaged one (gc decides nothing on it).
+fn sound_pack_rows(conn: &rusqlite::Connection) -> Result<Vec<PackRow>> {
+    catalog::pack_rows(conn)?
+        .into_iter()
+        .map(|r| r.map_err(Error::StoreDamaged))
+        .collect()
+}
+
+/// Each pack's frames: pack -> (frame, compressed length).
+fn frames_by_pack(conn: &rusqlite::Connection) -> Result<HashMap<i64, Vec<(i64, u64)>>> {
+    let mut out: HashMap<i64, Vec<(i64, u64)>> = HashMap::new();
+    catalog::for_each_frame(conn, |frame, pack, clen| {
+        out.entry(pack).or_default().push((frame, clen))
+    })?;
+    Ok(out)
+}
+
+/// The frames of sealed packs whose chunks are all candidates (chunks
+/// never move between frames, so such a frame is no chunk's home after
+/// the sweep).
+fn dead_frames(
+    marked: &Marked,
+    packs: &[PackRow],
+    frames: &HashMap<i64, Vec<(i64, u64)>>,
+) -> Vec<i64> {
+    let mut candidates: HashMap<i64, u32> = HashMap::new();
+    for &(_, f) in &marked.candidates {
+        *candidates.entry(f).or_default() += 1;
+    }
+    packs
+        .iter()
+        .filter(|p| p.state == PackState::Sealed)
+        .filter_map(|p| frames.get(&p.id))
+        .flatten()
+        .map(|&(f, _)| f)
+        .filter(|f| {
+            candidates
+                .get(f)
+                .is_some_and(|n| marked.frame_chunks.get(f) == Some(n))
+        })
+        .collect()
+}
+
+/// Sorts the sealed packs by what the sweep leaves in them: none (the
+/// pack goes), less than half (repacked: returned, with the bytes that
+/// frees) or more (counted as partly live). Counts go to `report`.
+fn sort_packs(
+    packs: &[PackRow],
+    frames: &HashMap<i64, Vec<(i64, u64)>>,
+    dead: &HashSet<i64>,
+    report: &mut GcReport,
+) -> (Vec<(i64, String)>, u64) {
+    let mut sparse = Vec::new();
+    let mut freed = 0;
+    for p in packs.iter().filter(|p| p.state == PackState::Sealed) {
+        let live: Vec<u64> = frames
+            .get(&p.id)
+            .into_iter()
+            .flatten()
+            .filter(|(f, _)| !dead.contains(f))
+            .map(|&(_, clen)| clen)
+            .collect();
+        if live.is_empty() {
+            report.packs_removed += 1;
+            report.bytes_freed += p.size;
+            continue;
+        }
+        let live: u64 = live.iter().sum();
+        let unused = p.size.saturating_sub(PackHeader::SIZE as u64 + live);
+        if live * 2 >= p.size {
+            report.bytes_in_partly_live_packs += unused;
+        } else {
+            report.packs_repacked += 1;
+            freed += unused;
+            sparse.push((p.id, p.name.clone()));
+        }
+    }
+    (sparse, freed)
+}
+
+/// Carries out a plan; the report says what was done.
+pub(crate) fn apply(repo: &Repo, plan: GcPlan) -> Result<GcReport> {
+    let mut rep = GcReport {
+        dry_run: false,
+        abandoned_imports: plan.abandoned.len() as u64,
+        packs_repacked: plan.sparse.len() as u64,
+        bytes_in_partly_live_packs: plan.report.bytes_in_partly_live_packs,
+        ..Default::default()
+    };
+    // 1. Killed imports, and packs a killed gc was writing (only gc writes
+    //    pending packs of no image, and no other gc runs).
+    for id in &plan.abandoned {
+        drop_import_leftovers(repo, id, true)?;
+    }
+    super::repack::drop_leftovers(repo)?;
+    // 2. The sweep, then the objects nothing names any more.
+    let dead_packs = sweep(repo, &plan, &mut rep)?;
+    remove_objects(repo, &plan, &dead_packs)?;
+    rep.packs_removed = (dead_packs.len() + plan.orphans.len()) as u64;
+    rep.bytes_freed = dead_packs.iter().map(|(_, s)| *s as u64).sum::<u64>()
+        + plan.orphans.iter().map(|o| o.size).sum::<u64>()
+        + plan.sparse_dead_bytes;
+    // 3. Sparse packs, unused bases, the catalog's free pages, leftovers.
+    super::repack::repack(repo, &plan.sparse)?;
+    (rep.bases_evicted, rep.base_bytes_freed) = evict_unused_bases(repo, false)?;
+    catalog::vacuum_free_pages(&repo.conn);
+    remove_dead_run_files(repo);
+    Ok(rep)
+}
+
+/// One write transaction: the plan's candidates minus what images that
+/// became available since its snapshot use, their frames, the packs left
+/// without frames, rows of images that are gone. Returns the packs deleted
+/// (name, size).
+fn sweep(repo: &Repo, plan: &GcPlan, rep: &mut GcReport) -> Result<Vec<(String, i64)>> {
+    let marked = &plan.marked;
+    let tx = catalog::begin_write(&repo.conn)?;
+    let rescued = rescue(&tx, marked)?;
+    // Images that named a duplicate now name the chunk kept (same content,
+    // so the same digest); the duplicates are candidates like any other.
+    for img in &marked.remap {
+        let map = catalog::image_map(&tx, img)?;
+        let map = map.map_ids(|c| marked.dups.get(&c).copied().unwrap_or(c));
+        catalog::replace_map(&tx, img, &map)?;
+    }
+    rep.chunks_merged = marked.merged(|id| rescued.contains(id));
+    let mut gone = Vec::with_capacity(marked.candidates.len());
+    let mut dead_in_frame: HashMap<i64, u32> = HashMap::new();
+    for &(id, frame) in marked
+        .candidates
+        .iter()
+        .filter(|(id, _)| !rescued.contains(*id))
+    {
+        gone.push(id);
+        *dead_in_frame.entry(frame).or_default() += 1;
+    }
+    catalog::delete_chunks(&tx, &gone)?;
+    rep.chunks_removed = gone.len() as u64;
+    let frames: Vec<i64> = plan
+        .dead_frames
+        .iter()
+        .copied()
+        .filter(|f| dead_in_frame.get(f) == marked.frame_chunks.get(f))
+        .collect();
+    rep.frames_removed = catalog::delete_sealed_frames(&tx, &frames)?;
+    let dead_packs = catalog::delete_empty_packs(&tx)?;
+    catalog::delete_unreferenced(&tx, catalog::now() - COPY_GRACE_SECS)?;
+    tx.commit()?;
+    Ok(dead_packs)
+}
+
+/// Chunks of images that became available after the plan's snapshot.
+fn rescue(tx: &rusqlite::Connection, marked: &Marked) -> Result<IdSet> {
+    let mut rescued = IdSet::new(marked.max_id);
+    for r in catalog::list_images(tx)? {
+        if r.state == "available" && !marked.images.contains(&r.id) {
+            for (_, c) in catalog::image_map(tx, &r.id)?.data() {
+                rescued.insert(c);
+            }
+        }
+    }
+    Ok(rescued)
+}
+
+/// After the sweep's commit: the deleted packs, the plan's orphan objects
+/// and indexes, the manifests of images the catalog no longer has, and
+/// what the store keeps of deletions past their grace. Readers that
+/// opened a pack keep reading it (see [`crate::store::ObjectStore`]).
+fn remove_objects(repo: &Repo, plan: &GcPlan, dead_packs: &[(String, i64)]) -> Result<()> {
+    let store = repo.store();
+    for (name, _) in dead_packs {
+        remove_pack(store, name)?;
+    }
+    for o in &plan.orphans {
+        remove_pack(store, &o.name)?;
+    }
+    for name in &plan.orphan_indexes {
+        store.delete(ObjectKind::PackIndex, name)?;
+    }
+    // Deleted images (the delete removes them after its commit) and imports
+    // that died before theirs.
+    for p in crate::repo::manifest::orphans(&repo.conn, repo.root())? {
+        remove_if_exists(&p)?;
+    }
+    store.purge()
+}
+
+/// Temp files and lock files of imports that are no longer running.
+fn remove_dead_run_files(repo: &Repo) {
+    for dir in ["tmp", "locks"] {
+        let Ok(rd) = std::fs::read_dir(repo.root().join(dir)) else {
+            continue;
+        };
+        for p in rd.flatten().map(|f| f.path()) {
+            let id = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(ImageId::parse);
+            if id.is_some_and(|id| !repo.import_alive(&id)) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
 
 /// A set of chunk ids up to a maximum, one bit each.
 struct IdSet(Vec<u64>);
@@ -265,58 +367,52 @@ struct Marked {
     remap: Vec<ImageId>,
 }
 
+impl Marked {
+    /// Candidates that are duplicates of a kept chunk, but for `spared`.
+    fn merged(&self, spared: impl Fn(i64) -> bool) -> u64 {
+        self.candidates
+            .iter()
+            .filter(|(id, _)| self.dups.contains_key(id) && !spared(*id))
+            .count() as u64
+    }
+}
+
+/// Marks, in the caller's read snapshot, every chunk an available image,
+/// a running import or an unfinished copy keeps; the others are
+/// candidates.
 fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
-    let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
-    let dups = duplicate_chunks(tx)?;
+    let max_id = catalog::max_chunk_id(tx)?;
+    let dups = catalog::duplicate_chunks(tx)?;
     let mut keep = IdSet::new(max_id);
     let mut images = HashSet::new();
     let mut remap = Vec::new();
     for r in catalog::list_images(tx)? {
-        if r.state == "available" {
-            let mut uses_dup = false;
-            for (_, c) in catalog::image_map(tx, &r.id)?.data() {
-                match dups.get(&c) {
-                    Some(&kept) => {
-                        keep.insert(kept);
-                        uses_dup = true;
-                    }
-                    None => keep.insert(c),
-                }
-            }
-            if uses_dup {
-                remap.push(r.id.clone());
-            }
-            images.insert(r.id);
+        if r.state != "available" {
+            continue;
         }
+        let mut uses_dup = false;
+        for (_, c) in catalog::image_map(tx, &r.id)?.data() {
+            let kept = dups.get(&c).copied();
+            uses_dup |= kept.is_some();
+            keep.insert(kept.unwrap_or(c));
+        }
+        if uses_dup {
+            remap.push(r.id.clone());
+        }
+        images.insert(r.id);
     }
     // Chunks pending for a running import are its own business; those an
     // unfinished copy brought wait for it to resume (for a while).
-    {
-        let mut st = tx.prepare(
-            "SELECT id FROM pending_chunks UNION ALL SELECT id FROM copy_chunks WHERE at > ?1",
-        )?;
-        let mut rows = st.query([catalog::now() - COPY_GRACE_SECS])?;
-        while let Some(r) = rows.next()? {
-            keep.insert(r.get(0)?);
-        }
-    }
+    catalog::for_each_kept_chunk(tx, catalog::now() - COPY_GRACE_SECS, |id| keep.insert(id))?;
     let mut candidates = Vec::new();
-    let mut frame_chunks: HashMap<i64, u32> = HashMap::new();
-    {
-        let mut st = tx.prepare("SELECT id, frame FROM chunks")?;
-        let mut rows = st.query([])?;
-        let mut all: HashMap<i64, u32> = HashMap::new();
-        while let Some(r) = rows.next()? {
-            let (id, frame): (i64, i64) = (r.get(0)?, r.get(1)?);
-            *all.entry(frame).or_default() += 1;
-            if !keep.contains(id) {
-                candidates.push((id, frame));
-            }
+    let mut all: HashMap<i64, u32> = HashMap::new();
+    catalog::for_each_chunk(tx, |id, frame| {
+        *all.entry(frame).or_default() += 1;
+        if !keep.contains(id) {
+            candidates.push((id, frame));
         }
-        for &(_, f) in &candidates {
-            frame_chunks.insert(f, all[&f]);
-        }
-    }
+    })?;
+    let frame_chunks = candidates.iter().map(|&(_, f)| (f, all[&f])).collect();
     Ok(Marked {
         images,
         max_id,
@@ -327,141 +423,75 @@ fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
     })
 }
 
-/// Committed chunks whose content another committed chunk holds too:
-/// duplicate id -> the (lowest) id kept. Found through the `hkey` index.
-fn duplicate_chunks(tx: &rusqlite::Transaction<'_>) -> Result<HashMap<i64, i64>> {
-    let mut out = HashMap::new();
-    let keys: Vec<i64> = {
-        let mut st = tx.prepare("SELECT hkey FROM chunks GROUP BY hkey HAVING COUNT(*) > 1")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let mut st = tx.prepare(
-        "SELECT c.id, c.hash FROM chunks c WHERE c.hkey = ?1
-         AND NOT EXISTS (SELECT 1 FROM pending_chunks p WHERE p.id = c.id) ORDER BY c.id",
-    )?;
-    for k in keys {
-        let mut first: HashMap<Vec<u8>, i64> = HashMap::new();
-        let mut rows = st.query([k])?;
-        while let Some(r) = rows.next()? {
-            let (id, hash): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
-            match first.get(&hash) {
-                Some(&kept) => {
-                    out.insert(id, kept);
-                }
-                None => {
-                    first.insert(hash, id);
-                }
-            }
-        }
-    }
-    Ok(out)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Copies the live frames of `packs` into new packs (compressed bytes as
-/// they are), then points the frames there and drops the old packs. Only
-/// gc moves or deletes frames of sealed packs, and one gc runs at a time,
-/// so the copying needs no catalog lock; the switch is one short write
-/// transaction. New packs are registered (pending, no image) before their
-/// files exist; a gc killed meanwhile leaves them to the next gc.
-fn repack(repo: &Repo, packs: &[(i64, String)]) -> Result<()> {
-    if packs.is_empty() {
-        return Ok(());
-    }
-    let mut moves: Vec<(i64, i64, u64)> = Vec::new(); // frame, new pack row, offset
-    let mut sealed: Vec<(i64, u64)> = Vec::new(); // new pack row, size
-    let mut writer: Option<(i64, crate::store::PackWriter)> = None;
-    for (pid, name) in packs {
-        let reader = PackReader::open(&pack_path(repo.root(), name)?)?;
-        let frames: Vec<(i64, u64, u64, i64)> = {
-            let mut st = repo.conn.prepare_cached(
-                "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
-            )?;
-            let rows = st.query_map([pid], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, i64>(3)?.clamp(0, format::FRAME_CHUNKS as i64),
-                ))
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for (fid, off, clen, nchunks) in frames {
-            if writer
-                .as_ref()
-                .is_some_and(|(_, w)| w.len() >= format::PACK_TARGET_BYTES)
-            {
-                let (id, w) = writer.take().unwrap();
-                sealed.push((id, w.seal()?));
-            }
-            if writer.is_none() {
-                let n = crate::store::new_pack_name();
-                let id = catalog::write(&repo.conn, |c| {
-                    c.execute(
-                        "INSERT INTO packs (name, state) VALUES (?1, 'pending')",
-                        [&n],
-                    )?;
-                    Ok(c.last_insert_rowid())
-                })?;
-                writer = Some((
-                    id,
-                    crate::store::PackWriter::create(repo.root(), &n, repo.perms())?,
-                ));
-            }
-            // The new index names the chunks the catalog knows in the
-            // frame (others' slots are unused).
-            let mut hashes = vec![format::UNUSED_SLOT; nchunks as usize];
-            {
-                let mut st = repo
-                    .conn
-                    .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
-                let mut rows = st.query([fid])?;
-                while let Some(r) = rows.next()? {
-                    let (slot, h): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
-                    if let (Some(s), Ok(h)) = (hashes.get_mut(slot as usize), h.try_into()) {
-                        *s = ChunkHash(h);
-                    }
-                }
-            }
-            let (new_id, w) = writer.as_mut().unwrap();
-            moves.push((
-                fid,
-                *new_id,
-                w.append(&reader.frame_bytes(off, clen)?, &hashes)?,
-            ));
+    fn pack(id: i64, state: PackState, size: u64) -> PackRow {
+        PackRow {
+            id,
+            name: format!("{id:032x}"),
+            state,
+            size,
         }
     }
-    if let Some((id, w)) = writer {
-        sealed.push((id, w.seal()?));
-    }
-    catalog::write(&repo.conn, |tx| {
-        let mut mv = tx.prepare_cached("UPDATE frames SET pack = ?2, offset = ?3 WHERE id = ?1")?;
-        for (fid, pack, off) in &moves {
-            mv.execute(rusqlite::params![fid, pack, *off as i64])?;
-        }
-        let mut seal =
-            tx.prepare_cached("UPDATE packs SET state = 'sealed', size = ?2 WHERE id = ?1")?;
-        for (id, size) in &sealed {
-            seal.execute(rusqlite::params![id, *size as i64])?;
-        }
-        let mut del = tx.prepare_cached("DELETE FROM packs WHERE id = ?1")?;
-        for (pid, _) in packs {
-            del.execute([pid])?;
-        }
-        Ok(())
-    })?;
-    for (_, name) in packs {
-        crate::store::remove_pack(repo.root(), name)?;
-    }
-    Ok(())
-}
 
-/// Removes the pending packs of a gc that was killed while repacking.
-fn drop_repack_leftovers(repo: &Repo) -> Result<()> {
-    let names = catalog::write(&repo.conn, |tx| drop_pending_packs(tx, None))?;
-    for n in &names {
-        crate::store::remove_pack(repo.root(), n)?;
+    /// Candidates `(chunk, frame)`, each frame holding `per_frame` chunks.
+    fn marked(candidates: Vec<(i64, i64)>, per_frame: &[(i64, u32)]) -> Marked {
+        Marked {
+            images: HashSet::new(),
+            max_id: 100,
+            frame_chunks: per_frame.iter().copied().collect(),
+            candidates,
+            dups: HashMap::from([(3, 1)]),
+            remap: Vec::new(),
+        }
     }
-    Ok(())
+
+    #[test]
+    fn the_plan_sorts_packs_by_what_the_sweep_leaves() {
+        use PackState::{Pending, Sealed};
+        let packs = [
+            pack(1, Sealed, 1016), // frames 10 (dead) and 11 (dead): goes
+            pack(2, Sealed, 1016), // frame 20 (600 live), 21 (dead): partly live
+            pack(3, Sealed, 1016), // frame 30 (100 live), 31 (dead): repacked
+            pack(4, Pending, 0),   // frame 40: a running import's, untouched
+        ];
+        let frames = HashMap::from([
+            (1, vec![(10, 500), (11, 500)]),
+            (2, vec![(20, 600), (21, 400)]),
+            (3, vec![(30, 100), (31, 900)]),
+            (4, vec![(40, 50)]),
+        ]);
+        // frame 20 keeps one of its two chunks; 40's chunk is a candidate
+        // but its pack is pending
+        let m = marked(
+            vec![(1, 10), (2, 11), (3, 20), (4, 21), (5, 31), (6, 40)],
+            &[(10, 1), (11, 1), (20, 2), (21, 1), (31, 1), (40, 1)],
+        );
+        let mut dead = dead_frames(&m, &packs, &frames);
+        dead.sort();
+        assert_eq!(dead, vec![10, 11, 21, 31]);
+        assert_eq!(m.merged(|_| false), 1);
+        assert_eq!(m.merged(|id| id == 3), 0);
+        let mut rep = GcReport::default();
+        let dead: HashSet<i64> = dead.into_iter().collect();
+        let (sparse, freed) = sort_packs(&packs, &frames, &dead, &mut rep);
+        assert_eq!(sparse, vec![(3, packs[2].name.clone())]);
+        assert_eq!(freed, 1016 - 16 - 100);
+        assert_eq!(rep.packs_removed, 1);
+        assert_eq!(rep.bytes_freed, 1016);
+        assert_eq!(rep.packs_repacked, 1);
+        assert_eq!(rep.bytes_in_partly_live_packs, 1016 - 16 - 600);
+    }
+
+    #[test]
+    fn id_sets_ignore_ids_past_their_maximum() {
+        let mut s = IdSet::new(70);
+        s.insert(0);
+        s.insert(70);
+        s.insert(1 << 20);
+        assert!(s.contains(0) && s.contains(70));
+        assert!(!s.contains(1) && !s.contains(1 << 20));
+    }
 }

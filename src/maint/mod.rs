@@ -1,8 +1,10 @@
 //! Maintenance: garbage collection, fsck, whole-store verify and stats.
 //!
-//! Main items: [`gc`], [`fsck`], [`verify_all`], [`stats`], and [`usage`]
-//! (who refers to which stored bytes), plus the clean-up of imports that
-//! died ([`reap_abandoned`]).
+//! Main items: [`gc`] (a plan, then its application: `gc.rs`, with the
+//! repack in `repack.rs`), [`fsck`], [`verify_all`], [`stats`] and
+//! [`usage`] (who refers to which stored bytes), and [`repair`]. The
+//! catalog's rows are read and written through [`crate::catalog`] (no SQL
+//! here), the packs through the repository's [`ObjectStore`].
 //!
 //! **gc × import**: gc marks in a read snapshot (nobody waits for it), then
 //! sweeps in one short `BEGIN IMMEDIATE` transaction in which images that
@@ -16,24 +18,27 @@
 
 mod fsck;
 mod gc;
+mod repack;
 pub mod repair;
 mod stats;
 mod verify;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ids::ImageId;
 pub use crate::image::export::VerifyReport;
+use crate::store::{ObjectInfo, ObjectKind, ObjectStore};
 pub(crate) use fsck::fsck;
 pub(crate) use gc::gc;
+pub use gc::COPY_GRACE_SECS;
 pub(crate) use stats::{stats, usage};
 pub(crate) use verify::verify_all;
 
-/// Result of `gc`.
+/// Result of `gc`: what it did, or with `dry_run` what it would do (its
+/// plan).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,
@@ -127,45 +132,17 @@ pub struct Usage {
     pub damaged: HashMap<ImageId, String>,
 }
 
-/// Files under packs/ (name without extension -> path).
-pub(crate) fn pack_files(root: &Path) -> Result<HashMap<String, PathBuf>> {
-    let mut out = HashMap::new();
-    let packs = root.join("packs");
-    let rd = std::fs::read_dir(&packs).map_err(|e| Error::io(&packs, e))?;
-    for sub in rd.flatten() {
-        let Ok(rd2) = std::fs::read_dir(sub.path()) else {
-            continue;
-        };
-        for f in rd2.flatten() {
-            let p = f.path();
-            if p.extension().is_none_or(|e| e != "pack") {
-                continue;
-            }
-            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
-                out.insert(stem.to_owned(), p.clone());
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Index files under packs/ whose pack file is gone (a pack is created
-/// before its index, and removed before it).
-fn orphan_indexes(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root.join("packs")) else {
-        return out;
-    };
-    for sub in rd.flatten() {
-        let Ok(rd2) = std::fs::read_dir(sub.path()) else {
-            continue;
-        };
-        for f in rd2.flatten() {
-            let p = f.path();
-            if p.extension().is_some_and(|e| e == "idx") && !p.with_extension("pack").exists() {
-                out.push(p);
-            }
-        }
-    }
-    out
+/// The store's packs, and the names of the indexes whose pack is gone.
+/// Indexes are listed first: an index is written after its pack and
+/// deleted after it, so one whose pack the later listing lacks is garbage.
+fn list_packs(store: &dyn ObjectStore) -> Result<(Vec<ObjectInfo>, Vec<String>)> {
+    let indexes = store.list(ObjectKind::PackIndex)?;
+    let packs = store.list(ObjectKind::Pack)?;
+    let names: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    let orphans = indexes
+        .into_iter()
+        .map(|ix| ix.name)
+        .filter(|n| !names.contains(n.as_str()))
+        .collect();
+    Ok((packs, orphans))
 }

@@ -22,17 +22,19 @@
 //! again). Instances: see [`rebuild_instances`].
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use rusqlite::params;
+use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::catalog;
-use crate::error::{Error, IoContext, Result};
-use crate::format::{self, IndexFrame, PackHeader, PackIndex, CHUNK_SIZE, UNUSED_SLOT};
+use crate::error::Result;
+use crate::format::{self, BlockMap, IndexFrame, Manifest, PackHeader, PackIndex, UNUSED_SLOT};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 use crate::repo::Repo;
-use crate::store;
+use crate::store::{
+    self, read_index, write_index, ObjectInfo, ObjectKind, ObjectStore, PackReader,
+};
 
 /// What `fsck --repair` did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -93,115 +95,35 @@ pub(crate) fn complete(repo: &Repo) -> Result<RepairReport> {
                 .push(format!("image {} ({}): {e}", row.name, row.id)),
         }
     }
-    let packs: Vec<(i64, String, i64)> = {
-        let mut st = repo
-            .conn
-            .prepare("SELECT id, name, size FROM packs WHERE state = 'sealed'")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    for (pid, name, size) in packs {
-        if !store::valid_pack_name(&name) || matches!(store::read_index(root, &name), Ok(Some(_))) {
+    let store = repo.store();
+    for (pid, name, size) in catalog::sealed_packs(&repo.conn)? {
+        if !store::valid_pack_name(&name) || matches!(read_index(store, &name), Ok(Some(_))) {
             continue;
         }
         // Missing or damaged: written anew from the catalog.
-        let p = store::index_path(root, &name)?;
-        if p.exists() {
-            std::fs::remove_file(&p).at(&p)?;
-        }
-        let mut frames = Vec::new();
-        let mut st = repo.conn.prepare_cached(
-            "SELECT id, offset, clen, nchunks FROM frames WHERE pack = ?1 ORDER BY offset",
-        )?;
-        let fr: Vec<(i64, i64, i64, i64)> = st
-            .query_map([pid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut ch = repo
-            .conn
-            .prepare_cached("SELECT slot, hash FROM chunks WHERE frame = ?1")?;
-        for (fid, off, clen, n) in fr {
-            let mut hashes = vec![UNUSED_SLOT; n.clamp(0, format::FRAME_CHUNKS as i64) as usize];
-            let mut rows = ch.query([fid])?;
-            while let Some(r) = rows.next()? {
-                let (slot, h): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
-                if let (Some(s), Ok(h)) = (hashes.get_mut(slot as usize), h.try_into()) {
-                    *s = ChunkHash(h);
-                }
-            }
-            frames.push(IndexFrame {
-                offset: off as u64,
-                clen: clen as u64,
-                hashes,
-            });
-        }
-        let ix = PackIndex {
-            pack: name.clone(),
-            pack_len: size as u64,
-            frames,
-        };
-        store::write_index(root, &ix, repo.perms())?;
-        store::sync_dir(&store::index_path(root, &name)?.with_file_name(""))?;
+        store.delete(ObjectKind::PackIndex, &name)?;
+        let ix = index_from_catalog(&repo.conn, pid, &name, size as u64)?;
+        write_index(store, &ix)?;
         rep.indexes_written += 1;
     }
     Ok(rep)
 }
 
-/// Reads a pack whose index is missing or damaged: walks its zstd frames
-/// and hashes every 4 KiB slot.
-fn reindex(path: &Path, name: &str) -> Result<(PackIndex, Option<String>)> {
-    let bytes = std::fs::read(path).at(path)?;
-    PackHeader::parse(&bytes)
-        .map_err(|e| Error::StoreDamaged(format!("{}: {e}", path.display())))?;
+/// A sealed pack's index as the catalog has it.
+fn index_from_catalog(conn: &Connection, pack: i64, name: &str, size: u64) -> Result<PackIndex> {
     let mut frames = Vec::new();
-    let mut off = PackHeader::SIZE;
-    let mut trouble = None;
-    let mut buf = Vec::new();
-    while off < bytes.len() {
-        let rest = &bytes[off..];
-        let clen = match zstd::zstd_safe::find_frame_compressed_size(rest) {
-            Ok(n) if n > 0 && n <= rest.len() => n,
-            _ => {
-                trouble = Some(format!(
-                    "{}: bytes from offset {off} are not a complete zstd frame; ignored",
-                    path.display()
-                ));
-                break;
-            }
-        };
-        let nchunks = match zstd::zstd_safe::get_frame_content_size(rest) {
-            Ok(Some(n)) if n % CHUNK_SIZE as u64 == 0 && n / CHUNK_SIZE as u64 <= 256 => {
-                (n / CHUNK_SIZE as u64) as usize
-            }
-            _ => {
-                trouble = Some(format!(
-                    "{}: the frame at offset {off} is not one of vmdepot's; the rest is ignored",
-                    path.display()
-                ));
-                break;
-            }
-        };
-        if let Err(e) = store::decompress_frame(&rest[..clen], nchunks, &mut buf) {
-            trouble = Some(format!(
-                "{}: the frame at offset {off}: {e}; the rest is ignored",
-                path.display()
-            ));
-            break;
-        }
+    for f in catalog::frames_of_pack(conn, pack)? {
         frames.push(IndexFrame {
-            offset: off as u64,
-            clen: clen as u64,
-            hashes: buf.chunks_exact(CHUNK_SIZE).map(ChunkHash::of).collect(),
+            offset: f.offset,
+            clen: f.clen,
+            hashes: catalog::slot_hashes(conn, f.id, f.nchunks)?,
         });
-        off += clen;
     }
-    Ok((
-        PackIndex {
-            pack: name.to_owned(),
-            pack_len: bytes.len() as u64,
-            frames,
-        },
-        trouble,
-    ))
+    Ok(PackIndex {
+        pack: name.to_owned(),
+        pack_len: size,
+        frames,
+    })
 }
 
 /// Fills a new, empty catalog from the packs, their indexes and the
@@ -209,214 +131,206 @@ fn reindex(path: &Path, name: &str) -> Result<(PackIndex, Option<String>)> {
 pub(crate) fn rebuild(repo: &Repo, rep: &mut RepairReport) -> Result<()> {
     let _one_gc = repo.lock_gc()?;
     let root = repo.root();
-    let mut files: Vec<(String, std::path::PathBuf)> =
-        crate::maint::pack_files(root)?.into_iter().collect();
-    files.sort();
+    let mut packs = repo.store().list(ObjectKind::Pack)?;
+    packs.sort_by(|a, b| a.name.cmp(&b.name));
     let tx = catalog::begin_write(&repo.conn)?;
     let mut by_hash: HashMap<ChunkHash, ChunkId> = HashMap::new();
     {
-        let mut ins_pack = tx.prepare(
-            "INSERT INTO packs (name, state, image, size) VALUES (?1, 'sealed', NULL, ?2)",
-        )?;
-        let mut ins_frame =
-            tx.prepare("INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)")?;
-        let mut ins_chunk =
-            tx.prepare("INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)")?;
-        for (name, path) in &files {
-            if !store::valid_pack_name(name) {
-                rep.problems.push(format!(
-                    "{}: not a pack name (32 lowercase hex digits); ignored",
-                    path.display()
-                ));
-                continue;
-            }
-            let len = std::fs::metadata(path).at(path)?.len();
-            let ix = match store::read_index(root, name) {
-                Ok(Some(ix)) => ix,
-                r => {
-                    if let Err(e) = r {
-                        rep.mended
-                            .push(format!("{e}; the pack was read again instead"));
-                        let p = store::index_path(root, name)?;
-                        std::fs::remove_file(&p).at(&p)?;
-                    }
-                    let (ix, trouble) = match reindex(path, name) {
-                        Ok(x) => x,
-                        Err(e) => {
-                            rep.problems.push(format!("{e}; the pack is ignored"));
-                            continue;
-                        }
-                    };
-                    rep.problems.extend(trouble);
-                    rep.packs_reindexed += 1;
-                    store::write_index(root, &ix, repo.perms())?;
-                    rep.indexes_written += 1;
-                    ix
-                }
-            };
-            if len < ix.pack_len {
-                rep.problems.push(format!(
-                    "{}: {len} bytes, its index says {}: frames past the end are lost",
-                    path.display(),
-                    ix.pack_len
-                ));
-            }
-            ins_pack.execute(params![name, len as i64])?;
-            let pid = tx.last_insert_rowid();
-            rep.packs += 1;
-            for f in &ix.frames {
-                let inside = f.offset >= PackHeader::SIZE as u64
-                    && f.offset.checked_add(f.clen).is_some_and(|e| e <= len);
-                let fresh: Vec<(usize, &ChunkHash)> = f
-                    .hashes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, h)| **h != UNUSED_SLOT && !by_hash.contains_key(*h))
-                    .collect();
-                // A frame no chunk would use is left out: gc would never
-                // see it die.
-                if !inside || fresh.is_empty() {
-                    continue;
-                }
-                ins_frame.execute(params![
-                    pid,
-                    f.offset as i64,
-                    f.clen as i64,
-                    f.hashes.len() as i64
-                ])?;
-                let fid = tx.last_insert_rowid();
-                rep.frames += 1;
-                for (slot, h) in fresh {
-                    if by_hash.contains_key(h) {
-                        continue; // twice in one frame
-                    }
-                    ins_chunk.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
-                    by_hash.insert(*h, tx.last_insert_rowid());
-                    rep.chunks += 1;
-                }
-            }
+        let mut rows = catalog::Rebuild::new(&tx)?;
+        for pack in &packs {
+            rebuild_pack(repo.store(), &mut rows, pack, &mut by_hash, rep)?;
         }
     }
-    // Images.
     for (id, versions) in crate::repo::manifest::list_all(root)? {
-        let mut found = None;
-        let mut bad = Vec::new();
-        for (seq, p) in &versions {
-            match crate::repo::manifest::read(p) {
-                Ok(m) if m.meta.id == id.as_str() && m.seq == *seq => {
-                    found = Some(m);
-                    break;
-                }
-                Ok(_) => bad.push(format!(
-                    "{}: names another image or version; ignored",
-                    p.display()
-                )),
-                Err(e) => bad.push(format!("{e}; ignored")),
-            }
-        }
-        let Some(m) = found else {
-            rep.problems.extend(bad);
-            rep.problems
-                .push(format!("image {id}: no manifest verifies; not restored"));
-            continue;
-        };
-        // An older version was used (a crash while writing a newer one).
-        rep.mended.extend(
-            bad.into_iter()
-                .map(|b| format!("{b}; version {} used", m.seq)),
-        );
-        let meta = &m.meta;
-        let who = format!("{} ({id})", meta.name);
-        let mut b = format::MapBuilder::default();
-        let mut missing = 0u64;
-        let mut first_missing = None;
-        for (start, hashes) in &m.map.runs {
-            b.push_zeros(start - b.len());
-            for (i, h) in hashes.iter().enumerate() {
-                match by_hash.get(h) {
-                    Some(&c) => b.push(c),
-                    None => {
-                        missing += 1;
-                        first_missing.get_or_insert(start + i as u64);
-                        b.push_zeros(1);
-                    }
-                }
-            }
-        }
-        let tail = m.map.nblocks.saturating_sub(b.len());
-        b.push_zeros(tail);
-        let map = b.finish();
-        if missing > 0 {
-            rep.problems.push(format!(
-                "image {who}: {missing} of its chunks are in no pack (first at byte offset {}); not restored",
-                first_missing.unwrap_or(0) * format::CHUNK
-            ));
-            continue;
-        }
-        if map.nblocks != format::blocks_for(meta.virtual_size) {
-            rep.problems.push(format!(
-                "image {who}: its manifest's map has {} blocks for {} bytes; not restored",
-                map.nblocks, meta.virtual_size
-            ));
-            continue;
-        }
-        let blob = format::encode_map(&map);
-        let r = tx.execute(
-            "INSERT INTO images (id, name, type, state, owner, description, source_format,
-                                 virtual_size, data_bytes, content_digest, created_at, map, map_digest,
-                                 parent, parent_name, source_instance, copied_from, protected,
-                                 deprecated, vendor, application, app_version, restricted_from)
-             VALUES (?1, ?2, ?3, 'available', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
-                     ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
-            params![
-                id.as_str(),
-                meta.name,
-                meta.kind,
-                meta.owner,
-                meta.description,
-                meta.source_format,
-                meta.virtual_size as i64,
-                meta.data_bytes as i64,
-                meta.content_digest,
-                meta.created_at,
-                blob,
-                &blake3::hash(&blob).as_bytes()[..],
-                meta.parent,
-                meta.parent_name,
-                meta.source_instance,
-                meta.copied_from,
-                meta.protected,
-                meta.deprecated,
-                meta.vendor,
-                meta.application,
-                meta.app_version,
-                meta.restricted_from,
-            ],
-        );
-        if let Err(e) = r {
-            rep.problems.push(format!(
-                "image {who}: its row was refused ({e}); not restored"
-            ));
-            continue;
-        }
-        for (k, v) in &meta.tags {
-            tx.execute(
-                "INSERT OR REPLACE INTO image_tags (image, key, value) VALUES (?1, ?2, ?3)",
-                params![id.as_str(), k, v],
-            )?;
-        }
-        for s in &meta.shares {
-            tx.execute(
-                "INSERT OR REPLACE INTO image_shares (image, account, created_at) VALUES (?1, ?2, ?3)",
-                params![id.as_str(), s.account, s.created_at],
-            )?;
-        }
-        rep.images.push(who);
+        rebuild_image(&tx, &id, &versions, &by_hash, rep)?;
     }
     rebuild_instances(&tx, root, rep)?;
     tx.commit()?;
-    store::sync_dir(&root.join("packs"))?;
     Ok(())
+}
+
+/// A pack's rows, from its index (read again from the pack, and written,
+/// when it is missing or damaged). A content stored twice keeps the first
+/// chunk found.
+fn rebuild_pack(
+    store: &dyn ObjectStore,
+    rows: &mut catalog::Rebuild<'_>,
+    pack: &ObjectInfo,
+    by_hash: &mut HashMap<ChunkHash, ChunkId>,
+    rep: &mut RepairReport,
+) -> Result<()> {
+    let (name, len) = (&pack.name, pack.size);
+    let Some(ix) = index_of(store, name, rep)? else {
+        return Ok(());
+    };
+    if len < ix.pack_len {
+        rep.problems.push(format!(
+            "{}: {len} bytes, its index says {}: frames past the end are lost",
+            store.label(ObjectKind::Pack, name),
+            ix.pack_len
+        ));
+    }
+    let pid = rows.pack(name, len)?;
+    rep.packs += 1;
+    for f in &ix.frames {
+        let inside = f.offset >= PackHeader::SIZE as u64
+            && f.offset.checked_add(f.clen).is_some_and(|e| e <= len);
+        let fresh: Vec<(usize, &ChunkHash)> = f
+            .hashes
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h != UNUSED_SLOT && !by_hash.contains_key(*h))
+            .collect();
+        // A frame no chunk would use is left out: gc would never see it die.
+        if !inside || fresh.is_empty() {
+            continue;
+        }
+        let fid = rows.frame(pid, f.offset, f.clen, f.hashes.len())?;
+        rep.frames += 1;
+        for (slot, h) in fresh {
+            if by_hash.contains_key(h) {
+                continue; // twice in one frame
+            }
+            by_hash.insert(*h, rows.chunk(h, fid, slot)?);
+            rep.chunks += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A pack's index: its index object if it verifies, else one made by
+/// reading the pack (and written); `None` if the pack cannot be read.
+fn index_of(
+    store: &dyn ObjectStore,
+    name: &str,
+    rep: &mut RepairReport,
+) -> Result<Option<PackIndex>> {
+    match read_index(store, name) {
+        Ok(Some(ix)) => return Ok(Some(ix)),
+        Ok(None) => {}
+        Err(e) => {
+            rep.mended
+                .push(format!("{e}; the pack was read again instead"));
+            store.delete(ObjectKind::PackIndex, name)?;
+        }
+    }
+    let read = PackReader::open(store, name).and_then(|r| r.reindex(name));
+    let (ix, trouble) = match read {
+        Ok(x) => x,
+        Err(e) => {
+            rep.problems.push(format!("{e}; the pack is ignored"));
+            return Ok(None);
+        }
+    };
+    rep.problems.extend(trouble);
+    rep.packs_reindexed += 1;
+    write_index(store, &ix)?;
+    rep.indexes_written += 1;
+    Ok(Some(ix))
+}
+
+/// An image from the newest of its manifests that verifies, if every chunk
+/// it names was found; otherwise the reason goes to the report.
+fn rebuild_image(
+    tx: &Connection,
+    id: &ImageId,
+    versions: &[(u32, PathBuf)],
+    by_hash: &HashMap<ChunkHash, ChunkId>,
+    rep: &mut RepairReport,
+) -> Result<()> {
+    let Some(m) = newest_manifest(id, versions, rep) else {
+        return Ok(());
+    };
+    let meta = &m.meta;
+    let who = format!("{} ({id})", meta.name);
+    let map = match map_by_ids(&m, by_hash) {
+        Ok(map) => map,
+        Err((missing, first)) => {
+            rep.problems.push(format!(
+                "image {who}: {missing} of its chunks are in no pack (first at byte offset {}); not restored",
+                first * format::CHUNK
+            ));
+            return Ok(());
+        }
+    };
+    if map.nblocks != format::blocks_for(meta.virtual_size) {
+        rep.problems.push(format!(
+            "image {who}: its manifest's map has {} blocks for {} bytes; not restored",
+            map.nblocks, meta.virtual_size
+        ));
+        return Ok(());
+    }
+    let blob = format::encode_map(&map);
+    if let Err(e) = catalog::insert_rebuilt_image(tx, id, meta, &blob) {
+        rep.problems.push(format!(
+            "image {who}: its row was refused ({e}); not restored"
+        ));
+        return Ok(());
+    }
+    catalog::insert_rebuilt_labels(tx, id, &meta.tags, &meta.shares)?;
+    rep.images.push(who);
+    Ok(())
+}
+
+/// The newest version of an image's manifest that verifies; the versions
+/// that do not are mended (an older one was used: a crash while writing a
+/// newer one) or, when none verifies, problems.
+fn newest_manifest(
+    id: &ImageId,
+    versions: &[(u32, PathBuf)],
+    rep: &mut RepairReport,
+) -> Option<Manifest> {
+    let mut bad = Vec::new();
+    for (seq, p) in versions {
+        match crate::repo::manifest::read(p) {
+            Ok(m) if m.meta.id == id.as_str() && m.seq == *seq => {
+                rep.mended.extend(
+                    bad.into_iter()
+                        .map(|b| format!("{b}; version {} used", m.seq)),
+                );
+                return Some(m);
+            }
+            Ok(_) => bad.push(format!(
+                "{}: names another image or version; ignored",
+                p.display()
+            )),
+            Err(e) => bad.push(format!("{e}; ignored")),
+        }
+    }
+    rep.problems.extend(bad);
+    rep.problems
+        .push(format!("image {id}: no manifest verifies; not restored"));
+    None
+}
+
+/// A manifest's map by the new chunk ids; `Err((missing, first block
+/// missing))` if some chunk is in no pack.
+fn map_by_ids(
+    m: &Manifest,
+    by_hash: &HashMap<ChunkHash, ChunkId>,
+) -> std::result::Result<BlockMap, (u64, u64)> {
+    let mut b = format::MapBuilder::default();
+    let mut missing = 0u64;
+    let mut first_missing = None;
+    for (start, hashes) in &m.map.runs {
+        b.push_zeros(start - b.len());
+        for (i, h) in hashes.iter().enumerate() {
+            match by_hash.get(h) {
+                Some(&c) => b.push(c),
+                None => {
+                    missing += 1;
+                    first_missing.get_or_insert(start + i as u64);
+                    b.push_zeros(1);
+                }
+            }
+        }
+    }
+    let tail = m.map.nblocks.saturating_sub(b.len());
+    b.push_zeros(tail);
+    match first_missing {
+        Some(first) => Err((missing, first)),
+        None => Ok(b.finish()),
+    }
 }
 
 /// Instances: their rows live only in the catalog, but their directories
@@ -455,17 +369,11 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
             .ok()
             .and_then(|b| seed_hostname(&b))
             .unwrap_or_else(|| id.clone());
-        let (owner, image_name, restricted): (String, String, String) = match &image {
-            Some(img) => tx
-                .query_row(
-                    "SELECT owner, name, restricted_from FROM images WHERE id = ?1",
-                    [img.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .unwrap_or_default(),
+        let (owner, image_name, restricted) = match &image {
+            Some(img) => catalog::image_owner(tx, img),
             None => Default::default(),
         };
-        let created = std::fs::metadata(&d)
+        let created_at = std::fs::metadata(&d)
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -474,22 +382,19 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
         // against its command line), never started twice.
         let pid = crate::proc::read_pidfile(&d.join("qemu.pid"))
             .filter(|&p| crate::proc::pid_alive(p, &id));
-        tx.execute(
-            "INSERT OR IGNORE INTO instances (id, name, image, image_name, owner, state, disk, cpus,
-                                    memory_mib, accel, hostname, created_at, restricted_from, pid)
-             VALUES (?1, ?1, ?2, ?3, ?4, ?9, ?5, 1, 1024, 'auto', ?6, ?7, ?8, ?10)",
-            params![
-                id,
-                image.as_ref().map(ImageId::as_str).unwrap_or(""),
+        catalog::insert_rebuilt_instance(
+            tx,
+            &catalog::RebuiltInstance {
+                id: id.clone(),
+                image: image.as_ref().map(ImageId::as_str).unwrap_or("").to_owned(),
                 image_name,
                 owner,
                 disk,
                 hostname,
-                created,
-                restricted,
-                if pid.is_some() { "running" } else { "stopped" },
-                pid
-            ],
+                created_at,
+                restricted_from: restricted,
+                pid,
+            },
         )?;
         rep.instances.push(id);
     }

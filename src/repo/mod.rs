@@ -1,8 +1,9 @@
 //! The repository: the internal context every layer below the public
 //! [`crate::Depot`] works on. A [`Repo`] is the depot's root directory, its
-//! open catalog, the permissions it creates files with, and the lock files
-//! and paths of running work (imports, gc). It knows nothing of accounts,
-//! which belong to the depot layer above it.
+//! open catalog, the permissions it creates files with, the lock files and
+//! paths of running work (imports, gc), and the [`ObjectStore`] its packs
+//! are in ([`Repo::store`]). It knows nothing of accounts, which belong to
+//! the depot layer above it.
 //!
 //! [`manifest`] writes and reads the per-image manifest files
 //! (`manifests/`, docs/FORMAT.md) a lost catalog is rebuilt from.
@@ -18,15 +19,35 @@ use rusqlite::Connection;
 use crate::error::{IoContext, Result};
 use crate::ids::ImageId;
 use crate::perms::Perms;
+use crate::store::{LocalDir, ObjectStore};
 
 /// An open repository: the depot directory below accounts.
 pub struct Repo {
     pub(crate) root: PathBuf,
     pub(crate) conn: Connection,
     pub(crate) perms: Perms,
+    /// Where the packs and their indexes are.
+    store: Box<dyn ObjectStore>,
 }
 
 impl Repo {
+    /// The repository of the depot at `root` (absolute) with its open
+    /// catalog; its objects are in the depot directory.
+    pub(crate) fn new(root: PathBuf, conn: Connection, perms: Perms) -> Repo {
+        let store = Box::new(LocalDir::new(&root, perms));
+        Repo {
+            root,
+            conn,
+            perms,
+            store,
+        }
+    }
+
+    /// The store of packs and pack indexes.
+    pub fn store(&self) -> &dyn ObjectStore {
+        &*self.store
+    }
+
     /// The depot's root directory (absolute).
     pub fn root(&self) -> &Path {
         &self.root

@@ -133,7 +133,9 @@ fn whole_store_verify_never_fails_while_gc_runs() {
     done.store(true, Ordering::SeqCst);
     let runs = verifier.join().expect("no verify failed");
     assert!(runs >= ROUNDS / 2, "only {runs} verify runs overlapped gc");
-    assert!(stats.0 >= ROUNDS, "gc removed packs: {stats:?}");
+    // Every round but the first (v0's pack keeps the shared first quarter)
+    // frees its image's pack; gc counts each pack once.
+    assert!(stats.0 >= ROUNDS - 1, "gc removed packs: {stats:?}");
     eprintln!("verify runs: {runs}; gc packs removed, repacked: {stats:?}");
     t.ok(&["image", "verify", "-q"]);
     t.assert_fsck_clean();

@@ -6,6 +6,8 @@ use std::fs;
 use std::path::Path;
 
 use vmdepot::format::{self, BlockMap, MapBuilder};
+use vmdepot::perms::Perms;
+use vmdepot::store::{LocalDir, ObjectKind, ObjectStore};
 use vmdepot::{Depot, ImportOptions, NoProgress};
 
 fn main() {
@@ -58,7 +60,8 @@ fn main() {
         .collect::<Result<_, _>>()
         .unwrap();
     for (i, (pack, offset, clen, nchunks)) in frames.iter().enumerate() {
-        let bytes = fs::read(vmdepot::store::pack_path(&depot_dir, pack).unwrap()).unwrap();
+        let store = LocalDir::new(&depot_dir, Perms::PRIVATE);
+        let bytes = store.get(ObjectKind::Pack, pack).unwrap().unwrap();
         let mut seed = vec![(nchunks - 1) as u8];
         seed.extend((*offset as u32).to_le_bytes());
         seed.extend((*clen as u32).to_le_bytes());

@@ -1,0 +1,209 @@
+//! [`MemoryStore`]: an [`ObjectStore`] in memory with a remote store's
+//! semantics (built for tests only): sealed objects appear whole, a torn
+//! writer leaves nothing, and deletion is a tombstone that
+//! [`ObjectStore::purge`] honours after [`DELETE_GRACE`] on a clock the
+//! test moves ([`MemoryStore::advance`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::object::{
+    ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes, DELETE_GRACE,
+};
+use crate::error::{Error, Result};
+
+/// One stored object.
+struct Stored {
+    bytes: Arc<Vec<u8>>,
+    /// When it was deleted (the store's clock), if it was.
+    deleted: Option<Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    objects: HashMap<(ObjectKind, String), Stored>,
+    now: Duration,
+}
+
+/// Objects in memory, shared by clones of the store.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryStore {
+    /// Moves the store's clock on.
+    pub fn advance(&self, by: Duration) {
+        self.state.lock().unwrap().now += by;
+    }
+
+    /// Whether the bytes of an object are still held (deleted or not).
+    pub fn holds(&self, kind: ObjectKind, name: &str) -> bool {
+        let st = self.state.lock().unwrap();
+        st.objects.contains_key(&(kind, name.to_owned()))
+    }
+
+    fn exists_error(kind: ObjectKind, name: &str) -> Error {
+        let e = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+        Error::io(label(kind, name), e)
+    }
+
+    /// Stores a sealed object, refusing a name in use.
+    fn store(&self, kind: ObjectKind, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let key = (kind, name.to_owned());
+        if st.objects.get(&key).is_some_and(|o| o.deleted.is_none()) {
+            return Err(Self::exists_error(kind, name));
+        }
+        st.objects.insert(
+            key,
+            Stored {
+                bytes: Arc::new(bytes),
+                deleted: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// A live (not deleted) object's bytes.
+    fn live(&self, kind: ObjectKind, name: &str) -> Option<Arc<Vec<u8>>> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .get(&(kind, name.to_owned()))
+            .filter(|o| o.deleted.is_none())
+            .map(|o| o.bytes.clone())
+    }
+}
+
+fn label(kind: ObjectKind, name: &str) -> String {
+    format!("memory:{kind:?}/{name}")
+}
+
+impl ObjectStore for MemoryStore {
+    fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        if self.live(kind, name).is_some() {
+            return Err(Self::exists_error(kind, name));
+        }
+        Ok(Box::new(MemoryWriter {
+            store: self.clone(),
+            kind,
+            name: name.to_owned(),
+            bytes: Vec::new(),
+        }))
+    }
+
+    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        self.store(kind, name, bytes.to_vec())
+    }
+
+    /// Deleted objects stay readable until purged: a remote store's grace.
+    fn open(&self, kind: ObjectKind, name: &str) -> Result<Arc<dyn ObjectReader>> {
+        let st = self.state.lock().unwrap();
+        match st.objects.get(&(kind, name.to_owned())) {
+            Some(o) => Ok(Arc::new(MemoryReader {
+                bytes: o.bytes.clone(),
+                label: label(kind, name),
+            })),
+            None => {
+                let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+                Err(Error::io(label(kind, name), e))
+            }
+        }
+    }
+
+    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.live(kind, name).map(|b| b.to_vec()))
+    }
+
+    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+        Ok(self.live(kind, name).map(|b| b.len() as u64))
+    }
+
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let st = self.state.lock().unwrap();
+        Ok(st
+            .objects
+            .iter()
+            .filter(|((k, _), o)| *k == kind && o.deleted.is_none())
+            .map(|((_, name), o)| ObjectInfo {
+                name: name.clone(),
+                size: o.bytes.len() as u64,
+            })
+            .collect())
+    }
+
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let now = st.now;
+        if let Some(o) = st.objects.get_mut(&(kind, name.to_owned())) {
+            o.deleted.get_or_insert(now);
+        }
+        Ok(())
+    }
+
+    fn purge(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let now = st.now;
+        st.objects
+            .retain(|_, o| o.deleted.is_none_or(|at| now - at < DELETE_GRACE));
+        Ok(())
+    }
+
+    fn label(&self, kind: ObjectKind, name: &str) -> String {
+        label(kind, name)
+    }
+}
+
+/// An upload in progress: nothing is visible until it is sealed.
+struct MemoryWriter {
+    store: MemoryStore,
+    kind: ObjectKind,
+    name: String,
+    bytes: Vec<u8>,
+}
+
+impl ObjectWriter for MemoryWriter {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn seal(self: Box<Self>) -> Result<u64> {
+        let n = self.bytes.len() as u64;
+        self.store.store(self.kind, &self.name, self.bytes)?;
+        Ok(n)
+    }
+}
+
+/// A sealed object's bytes, held while the reader lives.
+struct MemoryReader {
+    bytes: Arc<Vec<u8>>,
+    label: String,
+}
+
+impl ObjectReader for MemoryReader {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> Result<RangeBytes> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len());
+        match end {
+            Some(end) => Ok(Box::new(self.bytes[offset as usize..end as usize].to_vec())),
+            None => Err(Error::StoreDamaged(format!(
+                "{}: bytes at offset {offset} (+{len}) lie past its end ({} bytes): the object is torn or truncated; `vmdepot fsck` checks the store",
+                self.label,
+                self.len()
+            ))),
+        }
+    }
+
+    fn label(&self) -> &str {
+        &self.label
+    }
+}

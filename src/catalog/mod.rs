@@ -450,7 +450,9 @@ pub struct ImageRow {
     pub id: ImageId,
     pub name: String,
     pub kind: String,
-    pub state: String,
+    /// `None` when the stored text is none the schema allows (the row is
+    /// damaged then: see [`ImageRow::damage`]).
+    pub state: Option<ImageState>,
     pub owner: String,
     pub description: String,
     pub source_format: String,
@@ -563,10 +565,12 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
             "type {kind:?} is not public, marketplace or custom"
         ));
     }
-    let state = l.text(3, "state")?;
-    if !matches!(state.as_str(), "importing" | "available") {
-        l.bad
-            .push(format!("state {state:?} is not importing or available"));
+    let state_text = l.text(3, "state")?;
+    let state = ImageState::parse(&state_text);
+    if state.is_none() {
+        l.bad.push(format!(
+            "state {state_text:?} is not importing or available"
+        ));
     }
     let mut row = ImageRow {
         id: ImageId::from_db(id),

@@ -3,7 +3,8 @@
 //!
 //! Main items: [`chunk_sequence`] (the highest chunk id ever allocated: ids
 //! only grow, so an unchanged sequence means no chunk was entered since),
-//! [`ChunkInserter`] (the prepared inserts of one write transaction),
+//! [`ChunkInserter`] (the prepared inserts of one write transaction; its
+//! frame and chunk inserts are shared with a copy's),
 //! [`chunk_runs_usable`] (the commit's check that every chunk an image uses
 //! is still there) and [`delete_pending_marks`] (the commit making pending
 //! chunks part of the store).
@@ -26,19 +27,19 @@ pub fn chunk_sequence(conn: &Connection) -> Result<i64> {
         .unwrap_or(0))
 }
 
-/// Inserts frames, chunks and pending marks in the caller's write
-/// transaction, each statement prepared once for the whole batch.
-pub struct ChunkInserter<'c> {
+/// The frame and chunk inserts of one write transaction, shared by an
+/// import's [`ChunkInserter`] and a copy's
+/// [`super::copies::CopyInserter`].
+pub(super) struct RowInserter<'c> {
     tx: &'c Connection,
     frame: CachedStatement<'c>,
     chunk: CachedStatement<'c>,
-    mark: CachedStatement<'c>,
 }
 
-impl<'c> ChunkInserter<'c> {
+impl<'c> RowInserter<'c> {
     /// Prepares the inserts on `tx` (a write transaction).
-    pub fn new(tx: &'c Connection) -> Result<ChunkInserter<'c>> {
-        Ok(ChunkInserter {
+    pub(super) fn new(tx: &'c Connection) -> Result<RowInserter<'c>> {
+        Ok(RowInserter {
             tx,
             frame: tx.prepare_cached(
                 "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
@@ -46,6 +47,42 @@ impl<'c> ChunkInserter<'c> {
             chunk: tx.prepare_cached(
                 "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
             )?,
+        })
+    }
+
+    /// Enters a frame; returns its id.
+    pub(super) fn frame(
+        &mut self,
+        pack: i64,
+        offset: u64,
+        clen: u64,
+        nchunks: usize,
+    ) -> Result<i64> {
+        self.frame
+            .execute(params![pack, offset as i64, clen as i64, nchunks as i64])?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Enters a chunk; returns its id.
+    pub(super) fn chunk(&mut self, hash: &ChunkHash, frame: i64, slot: usize) -> Result<ChunkId> {
+        self.chunk
+            .execute(params![hkey(hash), &hash.0[..], frame, slot as i64])?;
+        Ok(self.tx.last_insert_rowid())
+    }
+}
+
+/// Inserts frames, chunks and pending marks in the caller's write
+/// transaction, each statement prepared once for the whole batch.
+pub struct ChunkInserter<'c> {
+    rows: RowInserter<'c>,
+    mark: CachedStatement<'c>,
+}
+
+impl<'c> ChunkInserter<'c> {
+    /// Prepares the inserts on `tx` (a write transaction).
+    pub fn new(tx: &'c Connection) -> Result<ChunkInserter<'c>> {
+        Ok(ChunkInserter {
+            rows: RowInserter::new(tx)?,
             mark: tx.prepare_cached("INSERT INTO pending_chunks (id, import) VALUES (?1, ?2)")?,
         })
     }
@@ -53,16 +90,12 @@ impl<'c> ChunkInserter<'c> {
     /// Enters a frame of `nchunks` chunks, `clen` bytes at `offset` in pack
     /// `pack`; returns its id.
     pub fn frame(&mut self, pack: i64, offset: u64, clen: u64, nchunks: usize) -> Result<i64> {
-        self.frame
-            .execute(params![pack, offset as i64, clen as i64, nchunks as i64])?;
-        Ok(self.tx.last_insert_rowid())
+        self.rows.frame(pack, offset, clen, nchunks)
     }
 
     /// Enters the chunk `hash` at `slot` of frame `frame`; returns its id.
     pub fn chunk(&mut self, hash: &ChunkHash, frame: i64, slot: usize) -> Result<ChunkId> {
-        self.chunk
-            .execute(params![hkey(hash), &hash.0[..], frame, slot as i64])?;
-        Ok(self.tx.last_insert_rowid())
+        self.rows.chunk(hash, frame, slot)
     }
 
     /// Marks the chunk `id` as pending for the import of `image` (found by

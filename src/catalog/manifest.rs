@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::ImageState;
 use crate::error::Result;
 use crate::ids::ImageId;
 
@@ -34,15 +35,17 @@ pub fn image_shares(conn: &Connection, id: &ImageId) -> Result<Vec<(String, i64)
     Ok(shares)
 }
 
-/// The state of image `id` as the catalog records it (`None`: no such row).
-pub fn image_state(conn: &Connection, id: &ImageId) -> Result<Option<String>> {
-    Ok(conn
+/// The state of image `id` as the catalog records it (`None`: no such
+/// row, or a state none the schema allows).
+pub fn image_state(conn: &Connection, id: &ImageId) -> Result<Option<ImageState>> {
+    let text: Option<String> = conn
         .query_row(
             "SELECT state FROM images WHERE id = ?1",
             [id.as_str()],
             |r| r.get(0),
         )
-        .optional()?)
+        .optional()?;
+    Ok(text.as_deref().and_then(ImageState::parse))
 }
 
 /// Whether the catalog has a row for image `id`.

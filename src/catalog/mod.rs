@@ -11,7 +11,8 @@
 //! The statements of an import are in `chunks.rs` (frames and chunk rows
 //! as they are entered), `imports.rs` (the `importing` row, remembered input
 //! files, the clean-up of a failed import) and `manifest.rs` (what a
-//! manifest reads besides the row and map), re-exported here.
+//! manifest reads besides the row and map), re-exported here; a copy's
+//! are in `copies.rs`.
 //!
 //! Settings: WAL journal, `synchronous=FULL` (a committed image survives a
 //! power cut), a 60 s busy timeout so that several vmdepot processes can
@@ -38,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 
 mod chunks;
+mod copies;
 pub mod images;
 mod imports;
 pub mod instances;
@@ -46,6 +48,9 @@ mod manifest;
 pub mod state;
 
 pub use chunks::{chunk_runs_usable, chunk_sequence, delete_pending_marks, ChunkInserter};
+pub use copies::{
+    delete_copy_chunks, record_copy, seal_copied_pack, set_copied_from, CopyInserter,
+};
 pub use imports::{
     delete_importing_row, delete_pending_chunks, delete_pending_packs, insert_importing,
     name_holder, pending_pack_names, public_name_holder, remember_source, reuse_source,
@@ -445,7 +450,9 @@ pub struct ImageRow {
     pub id: ImageId,
     pub name: String,
     pub kind: String,
-    pub state: String,
+    /// `None` when the stored text is none the schema allows (the row is
+    /// damaged then: see [`ImageRow::damage`]).
+    pub state: Option<ImageState>,
     pub owner: String,
     pub description: String,
     pub source_format: String,
@@ -558,10 +565,12 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
             "type {kind:?} is not public, marketplace or custom"
         ));
     }
-    let state = l.text(3, "state")?;
-    if !matches!(state.as_str(), "importing" | "available") {
-        l.bad
-            .push(format!("state {state:?} is not importing or available"));
+    let state_text = l.text(3, "state")?;
+    let state = ImageState::parse(&state_text);
+    if state.is_none() {
+        l.bad.push(format!(
+            "state {state_text:?} is not importing or available"
+        ));
     }
     let mut row = ImageRow {
         id: ImageId::from_db(id),

@@ -1,8 +1,8 @@
 //! The states and kinds the catalog stores as text, as enums: [`ImageState`]
 //! (`images.state`), [`InstanceState`] (`instances.state`) and [`DiskMode`]
-//! (`instances.disk`), and the typed accessors of [`ImageRow`]
-//! ([`ImageRow::state`], [`ImageRow::image_type`]; `ImageType` itself is
-//! older and lives in `catalog/mod.rs`). Each has `as_str`, `parse` and the rusqlite
+//! (`instances.disk`), and the typed accessor [`ImageRow::image_type`]
+//! (`ImageType` itself is older and lives in `catalog/mod.rs`;
+//! [`ImageRow::state`] is an `ImageState` already). Each has `as_str`, `parse` and the rusqlite
 //! conversions, so that no code above the catalog compares these columns
 //! as strings. The text of each value is the one the schema's `CHECK`
 //! constraints name (migrations in `catalog/mod.rs`).
@@ -42,12 +42,6 @@ impl ImageState {
 }
 
 impl ImageRow {
-    /// The row's state; `None` when the stored text is none the schema
-    /// allows (the row is damaged then: see [`ImageRow::damage`]).
-    pub fn state(&self) -> Option<ImageState> {
-        ImageState::parse(&self.state)
-    }
-
     /// The row's type; `None` when the stored text is none the schema
     /// allows (the row is damaged then).
     pub fn image_type(&self) -> Option<ImageType> {

@@ -135,7 +135,7 @@ impl Depot {
     /// Whether `row` is the row of an import that died (hidden from
     /// everyone until gc removes it).
     pub(crate) fn abandoned(&self, row: &ImageRow) -> bool {
-        row.state() == Some(ImageState::Importing) && !self.repo.import_alive(&row.id)
+        row.state == Some(ImageState::Importing) && !self.repo.import_alive(&row.id)
     }
 
     /// Finds an image by id or name among those this account can see,
@@ -223,10 +223,10 @@ impl Depot {
     pub(crate) fn available_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
         let (row, access) = self.image_for(reference, op)?;
         row.check_sound()?;
-        if row.state() != Some(ImageState::Available) {
+        if row.state != Some(ImageState::Available) {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),
-                state: shown_state(row.state(), row.deprecated),
+                state: shown_state(row.state, row.deprecated),
             });
         }
         Ok((row, access))

@@ -61,7 +61,7 @@ impl Depot {
     #[instrument(skip_all, err(level = "debug"))]
     pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
         let (row, access) = self.image_for(reference, Op::Delete)?;
-        let importing = row.state() == Some(ImageState::Importing);
+        let importing = row.state == Some(ImageState::Importing);
         let info = self.info_from_row(row, access, &maint::usage(&self.repo)?)?;
         let what = format!("image {} ({})", info.name, info.id);
         // A damaged row may be deleted whatever its state.
@@ -252,7 +252,7 @@ impl Depot {
             state: if damage.is_some() {
                 "damaged".into()
             } else {
-                shown_state(r.state(), r.deprecated)
+                shown_state(r.state, r.deprecated)
             },
             name: r.name,
             kind: if access == Access::Shared {

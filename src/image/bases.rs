@@ -267,7 +267,7 @@ fn record_base(repo: &Repo, img: &catalog::ImageRow) -> Result<()> {
 pub(crate) fn adopt_unrecorded_bases(repo: &Repo) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for img in catalog::list_images(&repo.conn)? {
-        if img.state() != Some(catalog::ImageState::Available) || img.damage.is_some() {
+        if img.state != Some(catalog::ImageState::Available) || img.damage.is_some() {
             continue;
         }
         let p = base_path(repo.root(), img.id.as_str());

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tracing::instrument;
 
-use crate::catalog;
+use crate::catalog::{self, ImageState};
 use crate::error::{Error, Result};
 use crate::ids::ImageId;
 use crate::repo::Repo;
@@ -79,7 +79,7 @@ pub(crate) fn remove_if_exists(p: &Path) -> Result<()> {
 pub(crate) fn abandoned_imports(repo: &Repo) -> Result<Vec<ImageId>> {
     Ok(catalog::list_images(&repo.conn)?
         .into_iter()
-        .filter(|r| r.state == "importing" && !repo.import_alive(&r.id))
+        .filter(|r| r.state == Some(ImageState::Importing) && !repo.import_alive(&r.id))
         .map(|r| r.id)
         .collect())
 }

@@ -15,16 +15,16 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use rusqlite::params;
 use serde::Serialize;
 
 use crate::catalog;
 use crate::depot::access::Op;
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, ZSTD_LEVEL};
+use crate::format::{CHUNK, CHUNK_SIZE, FRAME_CHUNKS, UNUSED_SLOT, ZSTD_LEVEL};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 use crate::image::create::create_image;
+use crate::image::export::Plan;
 use crate::progress::Progress;
 use crate::store::{self, PackRotator, ReaderCache, Sealed};
 
@@ -91,13 +91,12 @@ impl Depot {
             },
         )?;
         let mut rep = report.expect("set by a successful copy");
-        catalog::write(&self.repo.conn, |tx| {
-            tx.execute(
-                "INSERT INTO image_copies (image, depot, copy_id, copied_at) VALUES (?1, ?2, ?3, ?4)",
-                params![row.id.as_str(), dst.root().display().to_string(), id.as_str(), catalog::now()],
-            )?;
-            Ok(())
-        })?;
+        catalog::record_copy(
+            &self.repo.conn,
+            &row.id,
+            &dst.root().display().to_string(),
+            &id,
+        )?;
         // The digest is the source's, as recorded: every chunk sent was
         // checked against its hash, and materialisation checks the digest.
         rep.image = dst.image(id.as_str())?;
@@ -110,29 +109,15 @@ impl Depot {
         &self,
         dst: &Depot,
         row: &catalog::ImageRow,
-        plan: &crate::image::export::Plan,
+        plan: &Plan,
         order: &[ChunkId],
         id: &ImageId,
         progress: &dyn Progress,
     ) -> Result<CopyReport> {
-        let present: HashSet<ChunkId> = {
-            let tx = dst.repo.conn.unchecked_transaction()?;
-            let mut p = HashSet::new();
-            for &c in order {
-                if catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)?.is_some() {
-                    p.insert(c);
-                }
-            }
-            tx.finish()?;
-            p
-        };
-        catalog::write(&dst.repo.conn, |tx| {
-            tx.execute(
-                "UPDATE images SET copied_from = ?2 WHERE id = ?1",
-                params![id.as_str(), format!("{} {}", self.root().display(), row.id)],
-            )?;
-            Ok(())
-        })?;
+        let present = present_in(dst, plan, order, id)?;
+        // The copy's job names its origin: the same text as the lineage.
+        let job = format!("{} {}", self.root().display(), row.id);
+        catalog::set_copied_from(&dst.repo.conn, id, &job)?;
 
         // Send what is missing, frame by frame of the source.
         let missing: Vec<ChunkId> = order
@@ -140,21 +125,7 @@ impl Depot {
             .copied()
             .filter(|c| !present.contains(c))
             .collect();
-        let mut by_frame: Vec<(i64, Vec<ChunkId>)> = Vec::new();
-        {
-            let mut idx: HashMap<i64, usize> = HashMap::new();
-            for &c in &missing {
-                let f = plan.chunks[&c].frame;
-                let i = *idx.entry(f).or_insert_with(|| {
-                    by_frame.push((f, Vec::new()));
-                    by_frame.len() - 1
-                });
-                by_frame[i].1.push(c);
-            }
-        }
         progress.begin("copy", missing.len() as u64 * CHUNK);
-        let readers = ReaderCache::new(self.repo.store());
-        let job = format!("{} {}", self.root().display(), row.id);
         let mut out = Outgoing::new(dst, id, &job);
         let mut rep = CopyReport {
             image: self.image(row.id.as_str())?,
@@ -164,87 +135,162 @@ impl Depot {
             bytes_sent: 0,
             frames_whole: 0,
         };
+        let frames = by_frame(plan, &missing);
+        self.send_frames(row, plan, &frames, &mut out, &mut rep, progress)?;
+        out.finish()?;
+        progress.end();
+        make_available(dst, row, plan, order, id, &job)?;
+        Ok(rep)
+    }
+
+    /// Sends the `chunks` of each source frame: the frame's compressed
+    /// bytes as they are when it holds nothing else, the chunks
+    /// recompressed into new frames otherwise.
+    fn send_frames(
+        &self,
+        row: &catalog::ImageRow,
+        plan: &Plan,
+        frames: &[(i64, Vec<ChunkId>)],
+        out: &mut Outgoing<'_>,
+        rep: &mut CopyReport,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let readers = ReaderCache::new(self.repo.store());
         let mut buf = Vec::new();
         let mut fresh = FrameAcc::default();
-        let who = format!("{} ({})", row.name, row.id);
-        for (frame, chunks) in &by_frame {
+        for (frame, chunks) in frames {
             let f = &plan.frames[frame];
             let reader = readers.get(f.pack, &plan.packs[&f.pack])?;
             reader.read_frame(f.offset, f.clen, f.nchunks as usize, &mut buf)?;
-            // Every chunk sent is checked against its hash first.
-            for &c in chunks {
-                let loc = &plan.chunks[&c];
-                let s = loc.slot as usize * CHUNK_SIZE;
-                if ChunkHash::of(&buf[s..s + CHUNK_SIZE]) != loc.hash {
-                    return Err(Error::Corrupt {
-                        image: who.clone(),
-                        offset: plan.map.data().find(|&(_, x)| x == c).map_or(0, |(b, _)| b)
-                            * CHUNK,
-                        detail: format!("stored chunk {c} does not match its hash; not copied"),
-                    });
-                }
-            }
+            check_chunks(row, plan, chunks, &buf)?;
             // Every slot of the frame is a chunk this image needs and the
             // target lacks (`chunks` are distinct): send the frame as it is.
-            let whole = chunks.len() == f.nchunks as usize;
-            if whole {
-                let mut hashes = vec![ChunkHash([0; 32]); f.nchunks as usize];
-                for &c in chunks {
-                    let loc = &plan.chunks[&c];
-                    hashes[loc.slot as usize] = loc.hash;
-                }
+            if chunks.len() == f.nchunks as usize {
                 let bytes = reader.frame_bytes(f.offset, f.clen)?.to_vec();
                 rep.bytes_sent += bytes.len() as u64;
-                out.push(bytes, hashes)?;
+                out.push(bytes, slot_hashes(plan, chunks, f.nchunks))?;
                 rep.frames_whole += 1;
             } else {
                 for &c in chunks {
                     let loc = &plan.chunks[&c];
                     let s = loc.slot as usize * CHUNK_SIZE;
-                    fresh.data.extend_from_slice(&buf[s..s + CHUNK_SIZE]);
-                    fresh.hashes.push(loc.hash);
-                    if fresh.hashes.len() >= FRAME_CHUNKS {
-                        rep.bytes_sent += fresh.flush(&mut out)?;
-                    }
+                    rep.bytes_sent += fresh.add(&buf[s..s + CHUNK_SIZE], loc.hash, out)?;
                 }
             }
             rep.chunks_sent += chunks.len() as u64;
             progress.advance(chunks.len() as u64 * CHUNK);
         }
-        rep.bytes_sent += fresh.flush(&mut out)?;
-        out.finish()?;
-        progress.end();
-
-        // The image, in one transaction, if every chunk is there.
-        let tx = catalog::begin_write(&dst.repo.conn)?;
-        let mut ids: HashMap<ChunkId, ChunkId> = HashMap::with_capacity(order.len());
-        for &c in order {
-            match catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)? {
-            Some(t) => ids.insert(c, t),
-            None => {
-                return Err(Error::Invalid(format!(
-                    "copy of {who}: a chunk vanished from {} meanwhile (a gc there?): run the copy again",
-                    dst.root().display()
-                )))
-            }
-        };
-        }
-        let map = plan.map.map_ids(|c| ids[&c]);
-        // The image holds them now; gc needs no reminder.
-        tx.execute("DELETE FROM copy_chunks WHERE job = ?1", [&job])?;
-        catalog::set_available(
-            &tx,
-            id,
-            row.virtual_size,
-            row.data_bytes,
-            row.content_digest.as_deref().unwrap_or_default(),
-            &map,
-        )?;
-        let manifest = crate::repo::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
-        tx.commit()?;
-        manifest.committed();
-        Ok(rep)
+        rep.bytes_sent += fresh.flush(out)?;
+        Ok(())
     }
+}
+
+/// The chunks of `order` the target already has (committed, or brought
+/// by an earlier run of this copy), in one read transaction.
+fn present_in(
+    dst: &Depot,
+    plan: &Plan,
+    order: &[ChunkId],
+    id: &ImageId,
+) -> Result<HashSet<ChunkId>> {
+    catalog::read(&dst.repo.conn, |tx| {
+        let mut p = HashSet::new();
+        for &c in order {
+            if catalog::chunk_by_hash(tx, &plan.chunks[&c].hash, id)?.is_some() {
+                p.insert(c);
+            }
+        }
+        Ok(p)
+    })
+}
+
+/// The `missing` chunks grouped by their source frame, frames in the
+/// order their first chunk comes.
+fn by_frame(plan: &Plan, missing: &[ChunkId]) -> Vec<(i64, Vec<ChunkId>)> {
+    let mut out: Vec<(i64, Vec<ChunkId>)> = Vec::new();
+    let mut idx: HashMap<i64, usize> = HashMap::new();
+    for &c in missing {
+        let f = plan.chunks[&c].frame;
+        let i = *idx.entry(f).or_insert_with(|| {
+            out.push((f, Vec::new()));
+            out.len() - 1
+        });
+        out[i].1.push(c);
+    }
+    out
+}
+
+/// Every chunk sent is checked against its hash first: `buf` holds the
+/// decompressed frame of `chunks`.
+fn check_chunks(
+    row: &catalog::ImageRow,
+    plan: &Plan,
+    chunks: &[ChunkId],
+    buf: &[u8],
+) -> Result<()> {
+    for &c in chunks {
+        let loc = &plan.chunks[&c];
+        let s = loc.slot as usize * CHUNK_SIZE;
+        if ChunkHash::of(&buf[s..s + CHUNK_SIZE]) != loc.hash {
+            return Err(Error::Corrupt {
+                image: format!("{} ({})", row.name, row.id),
+                offset: plan.map.data().find(|&(_, x)| x == c).map_or(0, |(b, _)| b) * CHUNK,
+                detail: format!("stored chunk {c} does not match its hash; not copied"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The hash of each of a frame's `nchunks` slots, all of them `chunks`.
+fn slot_hashes(plan: &Plan, chunks: &[ChunkId], nchunks: u32) -> Vec<ChunkHash> {
+    let mut hashes = vec![UNUSED_SLOT; nchunks as usize];
+    for &c in chunks {
+        let loc = &plan.chunks[&c];
+        hashes[loc.slot as usize] = loc.hash;
+    }
+    hashes
+}
+
+/// The image `id` made available in the target, in one transaction, if
+/// every chunk is there: its map in the target's chunk ids, the copy's
+/// `copy_chunks` names dropped, its manifest written.
+fn make_available(
+    dst: &Depot,
+    row: &catalog::ImageRow,
+    plan: &Plan,
+    order: &[ChunkId],
+    id: &ImageId,
+    job: &str,
+) -> Result<()> {
+    let tx = catalog::begin_write(&dst.repo.conn)?;
+    let mut ids: HashMap<ChunkId, ChunkId> = HashMap::with_capacity(order.len());
+    for &c in order {
+        let Some(t) = catalog::chunk_by_hash(&tx, &plan.chunks[&c].hash, id)? else {
+            return Err(Error::Invalid(format!(
+                "copy of {} ({}): a chunk vanished from {} meanwhile (a gc there?): run the copy again",
+                row.name,
+                row.id,
+                dst.root().display()
+            )));
+        };
+        ids.insert(c, t);
+    }
+    let map = plan.map.map_ids(|c| ids[&c]);
+    // The image holds them now; gc needs no reminder.
+    catalog::delete_copy_chunks(&tx, job)?;
+    catalog::set_available(
+        &tx,
+        id,
+        row.virtual_size,
+        row.data_bytes,
+        row.content_digest.as_deref().unwrap_or_default(),
+        &map,
+    )?;
+    let manifest = crate::repo::manifest::write_next(&tx, dst.root(), dst.perms(), id)?;
+    tx.commit()?;
+    manifest.committed();
+    Ok(())
 }
 
 /// New chunks gathered for one recompressed frame.
@@ -255,6 +301,19 @@ struct FrameAcc {
 }
 
 impl FrameAcc {
+    /// Adds a chunk; when the frame is full, sends it (returns the
+    /// compressed bytes sent, 0 otherwise).
+    fn add(&mut self, data: &[u8], hash: ChunkHash, out: &mut Outgoing<'_>) -> Result<u64> {
+        self.data.extend_from_slice(data);
+        self.hashes.push(hash);
+        if self.hashes.len() >= FRAME_CHUNKS {
+            return self.flush(out);
+        }
+        Ok(0)
+    }
+
+    /// Compresses and sends the gathered chunks as one frame; returns its
+    /// compressed bytes.
     fn flush(&mut self, out: &mut Outgoing<'_>) -> Result<u64> {
         if self.hashes.is_empty() {
             return Ok(0);
@@ -310,32 +369,17 @@ impl<'a> Outgoing<'a> {
         let Sealed { pack: pid, size } = sealed;
         let frames = std::mem::take(&mut self.frames);
         catalog::write(&self.depot.repo.conn, |tx| {
-            let mut fr = tx.prepare_cached(
-                "INSERT INTO frames (pack, offset, clen, nchunks) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut ch = tx.prepare_cached(
-                "INSERT INTO chunks (hkey, hash, frame, slot) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut mine = tx.prepare_cached(
-                "INSERT OR REPLACE INTO copy_chunks (id, job, at) VALUES (?1, ?2, ?3)",
-            )?;
-            let now = catalog::now();
+            let mut ins = catalog::CopyInserter::new(tx, self.job)?;
             for (off, clen, hashes) in &frames {
-                fr.execute(params![pid, *off as i64, *clen as i64, hashes.len() as i64])?;
-                let fid = tx.last_insert_rowid();
+                let fid = ins.frame(pid, *off, *clen, hashes.len())?;
                 for (slot, h) in hashes.iter().enumerate() {
-                    if h.0 == [0; 32] || catalog::chunk_by_hash(tx, h, self.id)?.is_some() {
+                    if *h == UNUSED_SLOT || catalog::chunk_by_hash(tx, h, self.id)?.is_some() {
                         continue; // a slot this copy does not need, or already there
                     }
-                    ch.execute(params![catalog::hkey(h), &h.0[..], fid, slot as i64])?;
-                    mine.execute(params![tx.last_insert_rowid(), self.job, now])?;
+                    ins.chunk(h, fid, slot)?;
                 }
             }
-            tx.execute(
-                "UPDATE packs SET state = 'sealed', image = NULL, size = ?2 WHERE id = ?1",
-                params![pid, size as i64],
-            )?;
-            Ok(())
+            catalog::seal_copied_pack(tx, pid, size)
         })
     }
 

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::catalog::{self, FrameCheck, ImageRow, PackRow, PackState};
+use crate::catalog::{self, FrameCheck, ImageRow, ImageState, PackRow, PackState};
 use crate::error::Result;
 use crate::format::{self, PackHeader, CHUNK};
 use crate::ids::ImageId;
@@ -84,7 +84,7 @@ fn check_bases(
     for id in names {
         let img = images
             .get(&id)
-            .filter(|r| r.damage.is_none() && r.state == "available");
+            .filter(|r| r.damage.is_none() && r.state == Some(ImageState::Available));
         if let Some(why) = crate::image::bases::base_problem(repo, &id, img, full, progress)? {
             rep.problems.push(why);
         }
@@ -293,7 +293,7 @@ fn check_image(repo: &Repo, row: &ImageRow, chunk_ids: &HashSet<i64>, rep: &mut 
         rep.problems.push(format!("{who}: {d}"));
         return;
     }
-    if row.state == "importing" {
+    if row.state == Some(ImageState::Importing) {
         if !repo.import_alive(&row.id) {
             rep.garbage.push(format!("{who}: import died"));
         }

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::catalog::{self, PackRow, PackState};
+use crate::catalog::{self, ImageState, PackRow, PackState};
 use crate::error::{Error, Result};
 use crate::format::PackHeader;
 use crate::ids::ImageId;
@@ -45,7 +45,7 @@ fn check_catalog_sound(repo: &Repo) -> Result<()> {
     catalog::check_pack_names(&repo.conn)?;
     for r in catalog::list_images(&repo.conn)? {
         r.check_sound()?;
-        if r.state == "available" {
+        if r.state == Some(ImageState::Available) {
             catalog::image_map(&repo.conn, &r.id).map_err(|e| {
                 Error::StoreDamaged(format!(
                     "gc refused: image {} ({}): {e}; it may still need chunks that gc would free: delete the image or restore catalog.db from a backup",
@@ -280,7 +280,7 @@ fn sweep(repo: &Repo, plan: &GcPlan, rep: &mut GcReport) -> Result<Vec<(String, 
 fn rescue(tx: &rusqlite::Connection, marked: &Marked) -> Result<IdSet> {
     let mut rescued = IdSet::new(marked.max_id);
     for r in catalog::list_images(tx)? {
-        if r.state == "available" && !marked.images.contains(&r.id) {
+        if r.state == Some(ImageState::Available) && !marked.images.contains(&r.id) {
             for (_, c) in catalog::image_map(tx, &r.id)?.data() {
                 rescued.insert(c);
             }
@@ -387,7 +387,7 @@ fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
     let mut images = HashSet::new();
     let mut remap = Vec::new();
     for r in catalog::list_images(tx)? {
-        if r.state != "available" {
+        if r.state != Some(ImageState::Available) {
             continue;
         }
         let mut uses_dup = false;

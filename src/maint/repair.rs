@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::catalog;
+use crate::catalog::{self, ImageState};
 use crate::error::Result;
 use crate::format::{self, BlockMap, IndexFrame, Manifest, PackHeader, PackIndex, UNUSED_SLOT};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
@@ -75,7 +75,9 @@ pub(crate) fn complete(repo: &Repo) -> Result<RepairReport> {
     let mut rep = RepairReport::default();
     let root = repo.root();
     for row in catalog::list_images(&repo.conn)? {
-        if row.state != "available" || crate::repo::manifest::check(root, &row).is_none() {
+        if row.state != Some(ImageState::Available)
+            || crate::repo::manifest::check(root, &row).is_none()
+        {
             continue;
         }
         if let Some(d) = &row.damage {

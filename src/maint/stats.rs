@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::catalog;
+use crate::catalog::{self, ImageState};
 use crate::error::Result;
 use crate::format::{self, CHUNK};
 use crate::ids::ImageId;
@@ -23,7 +23,7 @@ pub(crate) fn usage(repo: &Repo) -> Result<Usage> {
             damaged.insert(r.id, d);
             continue;
         }
-        if r.state != "available" {
+        if r.state != Some(ImageState::Available) {
             continue;
         }
         let map = match catalog::image_map(conn, &r.id) {
@@ -67,7 +67,7 @@ pub(crate) fn stats(repo: &Repo) -> Result<Stats> {
     let usage = usage(repo)?;
     let rows: Vec<_> = catalog::list_images(conn)?
         .into_iter()
-        .filter(|r| r.state == "available" && !usage.damaged.contains_key(&r.id))
+        .filter(|r| r.state == Some(ImageState::Available) && !usage.damaged.contains_key(&r.id))
         .collect();
     let mut damaged: Vec<String> = usage.damaged.values().cloned().collect();
     damaged.sort();

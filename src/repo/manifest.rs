@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-use crate::catalog;
+use crate::catalog::{self, ImageState};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{self, HashBlockMap, Manifest, ManifestMeta, ManifestShare};
 use crate::ids::ImageId;
@@ -195,8 +195,8 @@ impl Drop for Written {
 /// fsynced, directory fsynced.
 pub fn write_next(conn: &Connection, root: &Path, perms: Perms, id: &ImageId) -> Result<Written> {
     let seq = versions(root, id)?.first().map_or(0, |(s, _)| s + 1);
-    let path = match catalog::image_state(conn, id)?.as_deref() {
-        Some("available") => Some(write_file(root, perms, &build(conn, id, seq)?)?),
+    let path = match catalog::image_state(conn, id)? {
+        Some(ImageState::Available) => Some(write_file(root, perms, &build(conn, id, seq)?)?),
         _ => None,
     };
     Ok(Written {

@@ -21,12 +21,7 @@ use crate::store::{is_not_found, read_index, ObjectInfo, ObjectKind, ObjectStore
 /// is read back in full and its digest compared (otherwise bases get the
 /// launch's cheap check: record, size, sampled blocks).
 pub(crate) fn fsck(repo: &Repo, full_bases: bool, progress: &dyn Progress) -> Result<FsckReport> {
-    let (mut rep, missing) = {
-        let tx = repo.conn.unchecked_transaction()?;
-        let r = fsck_snapshot(repo)?;
-        tx.finish()?;
-        r
-    };
+    let (mut rep, missing) = catalog::read(&repo.conn, |_| fsck_snapshot(repo))?;
     settle_missing(repo, &mut rep, missing)?;
     check_bases(repo, &mut rep, full_bases, progress)?;
     Ok(rep)

@@ -85,14 +85,9 @@ pub(crate) fn plan(repo: &Repo) -> Result<GcPlan> {
     // its row, so one listed now that the snapshot has no row for is
     // garbage for good.
     let (objects, orphan_indexes) = list_packs(store)?;
-    let (marked, packs, frames) = {
-        let tx = repo.conn.unchecked_transaction()?;
-        let m = mark(&tx)?;
-        let packs = sound_pack_rows(&tx)?;
-        let frames = frames_by_pack(&tx)?;
-        tx.commit()?;
-        (m, packs, frames)
-    };
+    let (marked, packs, frames) = catalog::read(&repo.conn, |c| {
+        Ok((mark(c)?, sound_pack_rows(c)?, frames_by_pack(c)?))
+    })?;
     let dead_frames = dead_frames(&marked, &packs, &frames);
     let mut report = GcReport {
         dry_run: true,
@@ -380,7 +375,7 @@ impl Marked {
 /// Marks, in the caller's read snapshot, every chunk an available image,
 /// a running import or an unfinished copy keeps; the others are
 /// candidates.
-fn mark(tx: &rusqlite::Transaction<'_>) -> Result<Marked> {
+fn mark(tx: &rusqlite::Connection) -> Result<Marked> {
     let max_id = catalog::max_chunk_id(tx)?;
     let dups = catalog::duplicate_chunks(tx)?;
     let mut keep = IdSet::new(max_id);

@@ -18,11 +18,13 @@ use crate::store::{is_not_found, PackReader, ReaderCache};
 /// (its object deleted) is skipped once the catalog confirms it is gone.
 pub(crate) fn verify_all(repo: &Repo, progress: &dyn Progress) -> Result<VerifyReport> {
     let conn = &repo.conn;
-    let snapshot = conn.unchecked_transaction()?;
-    let (mut fsck, missing) = fsck_snapshot(repo)?;
-    let by_frame = catalog::committed_slots(conn)?;
-    let frames = catalog::sealed_frames(conn)?;
-    snapshot.finish()?;
+    let ((mut fsck, missing), by_frame, frames) = catalog::read(conn, |c| {
+        Ok((
+            fsck_snapshot(repo)?,
+            catalog::committed_slots(c)?,
+            catalog::sealed_frames(c)?,
+        ))
+    })?;
     let mut retired = settle_missing(repo, &mut fsck, missing)?;
     if let Some(p) = fsck.problems.first() {
         return Err(Error::StoreDamaged(p.clone()));

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::*;
+use super::{list_packs, FsckReport};
 use crate::catalog::{self, FrameCheck, ImageRow, ImageState, PackRow, PackState};
 use crate::error::Result;
 use crate::format::{self, PackHeader, CHUNK};

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::*;
+use super::{list_packs, GcReport};
 use crate::catalog::{self, ImageState, PackRow, PackState};
 use crate::error::{Error, Result};
 use crate::format::PackHeader;

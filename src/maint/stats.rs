@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::*;
+use super::{ImageStats, Stats, Usage};
 use crate::catalog::{self, ImageState};
 use crate::error::Result;
 use crate::format::{self, CHUNK};

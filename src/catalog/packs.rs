@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn pack_states_are_the_schemas() {
-        let schema = super::super::MIGRATIONS[0];
+        let schema = crate::catalog::MIGRATIONS[0];
         for s in [PackState::Pending, PackState::Sealed] {
             assert_eq!(PackState::parse(s.as_str()), Some(s));
         }

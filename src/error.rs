@@ -141,6 +141,14 @@ impl Error {
         }
     }
 
+    /// [`Error::Refused`]: the input or destination `file`, and why.
+    pub(crate) fn refused(file: &std::path::Path, reason: impl Into<String>) -> Error {
+        Error::Refused {
+            file: file.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
     /// Exit code for scripts: 1 generic (a taken name too), 2 usage (a
     /// name that matches several images), 3 not found, 4 refused/bad
     /// input, 5 corrupt store, 6 no space, 7 not permitted for this

@@ -7,7 +7,7 @@
 //! waits for serial output and, if ephemeral, dies with its QEMU); the image
 //! lifecycle with [`Depot::capture`], [`Depot::backup_instance`],
 //! [`Depot::restore_instance`], [`Depot::copy_image`] and sharing, under the
-//! rules of [`access`]. The library never prints: long operations report through
+//! rules of `access`. The library never prints: long operations report through
 //! the [`Progress`] trait, and every failure is an [`Error`] that names the
 //! image, file or offset involved.
 //!
@@ -43,13 +43,13 @@
 //! ```
 //!
 //! Layers, each depending only on those above it in this list (checked by
-//! `tests/it/layers.rs`): [`format`] (byte layouts, no I/O), [`digest`],
+//! `tests/it/layers.rs`): [`format`](mod@format) (byte layouts, no I/O), [`digest`],
 //! [`store`] (immutable pack objects), [`catalog`] (every SQL statement),
 //! [`repo`] (the context below the depot), [`image`] (import, export,
 //! sources), [`maint`] (gc, fsck, verify, stats, repair), [`depot`] (the
 //! public face and access rules), [`launch`] (QEMU, seeds, instances),
 //! [`lifecycle`] (capture, backup, restore, copy). [`error`], [`ids`],
-//! [`perms`] and [`progress`] are shared by all.
+//! [`perms`], [`progress`] and [`proc`] are shared by all.
 #![deny(unsafe_code)]
 
 pub mod catalog;

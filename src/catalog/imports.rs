@@ -13,6 +13,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{begin_write, now, write, ImageType};
+use crate::catalog::images::is_unique_violation;
 use crate::error::Result;
 use crate::ids::ImageId;
 
@@ -83,10 +84,6 @@ fn try_insert_importing(conn: &Connection, new: &NewImage<'_>) -> rusqlite::Resu
         )?;
     }
     tx.commit()
-}
-
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
 /// The image holding a name: its id, type and owner.

@@ -1,13 +1,16 @@
 //! SQLite's own view of the catalog file: [`damage`] says whether an open
-//! catalog can be trusted (`fsck --repair` rebuilds one that cannot).
+//! catalog can be trusted (`fsck --repair` rebuilds one that cannot);
+//! [`quick_check`] is the check fsck reports.
 
 use rusqlite::Connection;
+
+use crate::error::Result;
 
 /// What is wrong with an open catalog, if anything: SQLite's quick check,
 /// then every table read (a truncated file may pass the check of the pages
 /// it still has).
 pub fn damage(conn: &Connection) -> Option<String> {
-    match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+    match quick_check(conn) {
         Ok(s) if s == "ok" => {
             let r = conn.query_row(
                 "SELECT (SELECT COUNT(*) FROM images) + (SELECT COUNT(*) FROM chunks)
@@ -20,4 +23,9 @@ pub fn damage(conn: &Connection) -> Option<String> {
         Ok(s) => Some(format!("SQLite quick_check says {s}")),
         Err(e) => Some(format!("the catalog cannot be checked: {e}")),
     }
+}
+
+/// What SQLite's `PRAGMA quick_check` says ("ok" when sound).
+pub fn quick_check(conn: &Connection) -> Result<String> {
+    Ok(conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?)
 }

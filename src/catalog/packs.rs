@@ -296,11 +296,6 @@ pub fn for_each_chunk_between(
     Ok(())
 }
 
-/// What SQLite's `PRAGMA quick_check` says ("ok" when sound).
-pub fn quick_check(conn: &Connection) -> Result<String> {
-    Ok(conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,11 @@
 //! below (import, export, verify, gc, fsck, stats).
 //!
 //! Layout of a depot directory (docs/FORMAT.md has the details):
-//! `catalog.db` (SQLite), `packs/` (chunk data), `locks/` (one lock file per
-//! running import), `tmp/` (qemu-img conversions of foreign formats),
-//! `group` (only in a depot shared by a group: the group's name). Modes:
+//! `VMDEPOT` (the marker), `catalog.db` (SQLite), `packs/` (chunk data and
+//! pack indexes), `manifests/` (one per image version), `locks/` (one lock
+//! file per running import), `gc.lock`, `tmp/` (qemu-nbd sockets of running
+//! imports), `bases/` (launch bases), `instances/`, `reserve` (the space
+//! reserve), `group` (only in a depot shared by a group). Modes:
 //! [`crate::perms`] (private 0700/0600, or 2770/0660 for a group depot).
 
 pub mod access;

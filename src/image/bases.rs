@@ -1,9 +1,9 @@
 //! Launch bases: `DEPOT/bases/IMAGE.raw` is the read-only raw content of
 //! an image, made once and shared by every overlay instance of it. It is
-//! made under an exclusive flock on `bases/IMAGE.lock` ([`base_flock`]),
+//! made under an exclusive flock on `bases/IMAGE.lock` (`base_flock`),
 //! which gc also takes before it evicts a base no instance uses
-//! ([`evict_unused_bases`]); it is recorded in the catalog (`bases` table)
-//! only once the file is durable, and checked ([`check_base`]) before every
+//! (`evict_unused_bases`); it is recorded in the catalog (`bases` table)
+//! only once the file is durable, and checked (`check_base`) before every
 //! use. Bases are image content, so they live below maintenance: gc and
 //! fsck reach them here, never through the launch layer.
 

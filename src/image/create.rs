@@ -1,10 +1,10 @@
 //! A new image's row and its undoing, shared by import, capture and copy.
 //!
-//! [`create_image`] takes the image's import lock, enters its row as
+//! `create_image` takes the image's import lock, enters its row as
 //! `importing` (hidden from other accounts, and from gc while the lock is
-//! held) and hands a [`Cleanup`] guard to the code that fills it; if that
+//! held) and hands a `Cleanup` guard to the code that fills it; if that
 //! fails, the guard removes the row and whatever was stored for it
-//! ([`crate::image::reap::drop_import_leftovers`]).
+//! (`crate::image::reap::drop_import_leftovers`).
 
 use tracing::instrument;
 

@@ -1,8 +1,8 @@
 //! Materialisation: rebuild an image's raw content from the store, checking
 //! every chunk's hash and the image's content digest.
 //!
-//! Main items: [`export`] (raw, sparse, or qcow2 through qemu-img) and
-//! [`verify_image`] (the same work without writing). Workers take BLAKE3
+//! Main items: `export` (raw, sparse, or qcow2 through qemu-img) and
+//! `verify_image` (the same work without writing). Workers take BLAKE3
 //! subtree pieces of the image ([`crate::digest`]), so the digest is
 //! computed in parallel and in any order; zero blocks are holes and are
 //! never written.
@@ -286,18 +286,11 @@ enum Dest {
     Block(File),
 }
 
-fn refused(out: &Path, reason: impl Into<String>) -> Error {
-    Error::Refused {
-        file: out.to_owned(),
-        reason: reason.into(),
-    }
-}
-
 /// Splits `out` into its (canonical) directory and file name.
 fn parent_and_name(out: &Path) -> Result<(PathBuf, OsString)> {
     let name = out
         .file_name()
-        .ok_or_else(|| refused(out, "it names no file: give the path of a file to write"))?;
+        .ok_or_else(|| Error::refused(out, "it names no file: give the path of a file to write"))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -316,7 +309,7 @@ fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
     // up from it (`..`), not by its name, which a swap could redirect.
     let dir = open_dir(&dir_path)?;
     if inside_dir(&dir, root.dev(), root.ino()).at(&dir_path)? {
-        return Err(refused(
+        return Err(Error::refused(
             out,
             format!(
                 "it is inside the depot {}: an export there would overwrite the depot's own files; export to a path outside the depot",
@@ -338,7 +331,7 @@ fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
         }),
         Some(libc::S_IFLNK) => {
             let to = std::fs::read_link(out).unwrap_or_default();
-            Err(refused(
+            Err(Error::refused(
                 out,
                 format!(
                     "it is a symbolic link (to {}): vmdepot does not write through links; export to the path it points to, or remove the link",
@@ -346,13 +339,13 @@ fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
                 ),
             ))
         }
-        Some(libc::S_IFDIR) => Err(refused(
+        Some(libc::S_IFDIR) => Err(Error::refused(
             out,
             "it is a directory: give the path of a file to write",
         )),
         Some(libc::S_IFBLK) => {
             if format != ExportFormat::Raw {
-                return Err(refused(
+                return Err(Error::refused(
                     out,
                     "it is a block device: export to it with --format raw",
                 ));
@@ -362,29 +355,35 @@ fn user_dest(repo: &Repo, out: &Path, format: ExportFormat) -> Result<Dest> {
             let fd = match openat(&dir, name.as_os_str(), flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::EBUSY) => {
-                    return Err(refused(out, "the block device is in use (mounted, or held by another device): unmount it first"))
+                    return Err(Error::refused(out, "the block device is in use (mounted, or held by another device): unmount it first"))
                 }
                 Err(e) => return Err(Error::io(out, errno_io(e))),
             };
             let f = File::from(fd);
             let m = f.metadata().at(out)?;
             if !m.file_type().is_block_device() {
-                return Err(refused(out, "it changed while it was opened"));
+                return Err(Error::refused(out, "it changed while it was opened"));
             }
             if m.rdev() == root.dev() {
-                return Err(refused(out, "it is the block device that holds the depot"));
+                return Err(Error::refused(
+                    out,
+                    "it is the block device that holds the depot",
+                ));
             }
             Ok(Dest::Block(f))
         }
-        Some(libc::S_IFIFO) => Err(refused(
+        Some(libc::S_IFIFO) => Err(Error::refused(
             out,
             "it is a FIFO: use `-` to stream the raw image to stdout",
         )),
-        Some(libc::S_IFCHR) => Err(refused(
+        Some(libc::S_IFCHR) => Err(Error::refused(
             out,
             "it is a character device: use `-` to stream the raw image to stdout",
         )),
-        Some(_) => Err(refused(out, "it is not a regular file or a block device")),
+        Some(_) => Err(Error::refused(
+            out,
+            "it is not a regular file or a block device",
+        )),
     }
 }
 
@@ -533,7 +532,7 @@ fn write_block(
 ) -> Result<()> {
     let size = (&*dev).seek(SeekFrom::End(0)).at(out)?;
     if size < row.virtual_size {
-        return Err(refused(
+        return Err(Error::refused(
             out,
             format!(
                 "the block device holds {size} bytes, image {} ({}) needs {}",

@@ -1,11 +1,11 @@
 //! Import: cut an image into 4 KiB chunks, store the new ones, commit the
 //! image.
 //!
-//! Main items: [`ImportOptions`], [`import`] (a file: opened and checked by
+//! Main items: [`ImportOptions`], `import` (a file: opened and checked by
 //! [`crate::image::source`], or taken from an earlier import of the same
-//! unchanged file without reading it) and [`import_input`] (any
-//! [`Input`], e.g. capture's overlay reader). Both fill a row made by
-//! [`create_image`]. Name rules are in [`crate::image::names`].
+//! unchanged file without reading it) and `import_input` (any
+//! `Input`, e.g. capture's overlay reader). Both fill a row made by
+//! `create_image`. Name rules are in [`crate::image::names`].
 //!
 //! The pipeline: the content is split into BLAKE3 subtree pieces
 //! ([`crate::digest`]); worker threads (one per core, at most 8) take
@@ -51,7 +51,7 @@ const READ_BYTES: usize = 1 << 20;
 /// What `import` needs besides the file.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
-    /// The new image's name (see [`crate::image::names::check_name`]).
+    /// The new image's name (see `crate::image::names::check_name`).
     pub name: String,
     /// Public, marketplace or custom (the default).
     pub kind: ImageType,

@@ -1,8 +1,8 @@
-//! What an import reads: [`Input`], the guest bytes of an image to store.
+//! What an import reads: `Input`, the guest bytes of an image to store.
 //!
-//! An input is an opened source file ([`Input::opened`], read through its
-//! [`Reader`]), a raw file ([`Input::plain`], an instance's private disk),
-//! or capture's overlay reader ([`Input::overlay`]): a raw base with the
+//! An input is an opened source file (`Input::opened`, read through its
+//! [`Reader`]), a raw file (`Input::plain`, an instance's private disk),
+//! or capture's overlay reader (`Input::overlay`): a raw base with the
 //! clusters of a qcow2 overlay laid over it, so that only the overlay's own
 //! clusters are read from it and every block outside them keeps the base
 //! image's chunk without being hashed or compressed again.

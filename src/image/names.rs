@@ -1,5 +1,5 @@
-//! Image name rules: [`check_name`] (what a name may be) and
-//! [`name_clash`] (the error for a name the catalog's unique indexes
+//! Image name rules: `check_name` (what a name may be) and
+//! `name_clash` (the error for a name the catalog's unique indexes
 //! refused, naming the image that holds it). Shared by import, capture,
 //! copy and rename.
 

@@ -1,8 +1,8 @@
 //! What a killed or failed import leaves behind, and its clean-up: the
 //! import's pending packs, chunks and frames, its `importing` row, its
 //! temporary file and its lock file. An import cleans up after itself
-//! ([`drop_import_leftovers`]); gc and the next import under the same name
-//! reap imports whose process died ([`reap_abandoned`]).
+//! (`drop_import_leftovers`); gc and the next import under the same name
+//! reap imports whose process died (`reap_abandoned`).
 
 use std::path::Path;
 

@@ -135,7 +135,7 @@ pub fn open_input(path: &Path) -> Result<Opened> {
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             // what open(2) says for a Unix socket
-            Some(libc::ENXIO) => refused(
+            Some(libc::ENXIO) => Error::refused(
                 path,
                 "a socket: an image is imported from a regular file or a block device",
             ),
@@ -159,7 +159,7 @@ pub fn open_input(path: &Path) -> Result<Opened> {
         } else {
             "not a regular file"
         };
-        return Err(refused(
+        return Err(Error::refused(
             path,
             format!("{what}: an image is imported from a regular file or a block device"),
         ));
@@ -207,19 +207,12 @@ impl Opened {
         };
         let now = file_ident(&self.file.metadata().at(&self.path)?);
         if &now != before {
-            return Err(refused(
+            return Err(Error::refused(
                 &self.path,
                 "the file changed while it was imported: nothing was stored; import it again once it is complete",
             ));
         }
         Ok(())
-    }
-}
-
-fn refused(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Refused {
-        file: path.to_owned(),
-        reason: reason.into(),
     }
 }
 
@@ -257,7 +250,7 @@ fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> R
     let format = headers::detect(path, &head, has_tail.then_some(&tail[..]))?;
     if let Some(want) = expected {
         if want != format {
-            return Err(refused(
+            return Err(Error::refused(
                 path,
                 format!(
                     "--format {} was given but the content is {}: importing it as {} would store the container, not the disk (use --format auto)",
@@ -300,7 +293,7 @@ fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> R
 }
 
 fn too_big(path: &Path, size: u64) -> Error {
-    refused(
+    Error::refused(
         path,
         format!(
             "virtual size {size} bytes is over the limit of {} bytes (4 TiB)",
@@ -336,7 +329,7 @@ fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
         detail: e.to_string(),
     })?;
     if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
-        return Err(refused(
+        return Err(Error::refused(
             &ins.path,
             format!("image has a backing file ({b:?}): an image must be self-contained"),
         ));
@@ -345,7 +338,7 @@ fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
         .pointer("/format-specific/data/data-file")
         .and_then(|d| d.as_str())
     {
-        return Err(refused(
+        return Err(Error::refused(
             &ins.path,
             format!("image uses an external data file ({d:?}): an image must be self-contained"),
         ));
@@ -353,7 +346,7 @@ fn qemu_img_info_check(input: &Opened, ins: &Inspected) -> Result<u64> {
     if let Some(children) = v.get("children").and_then(|c| c.as_array()) {
         // A self-contained image has one child: the file itself.
         if children.len() > 1 {
-            return Err(refused(
+            return Err(Error::refused(
                 &ins.path,
                 "image refers to other files (extents): an image must be self-contained",
             ));

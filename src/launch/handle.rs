@@ -63,6 +63,7 @@ impl Instance {
     /// Waits until a serial console line contains `needle`; returns that
     /// line. Fails at the timeout, or at once if QEMU is gone, quoting the
     /// end of the console log.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -86,12 +87,14 @@ impl Instance {
     }
 
     /// Stops the instance (power button, then kill after `timeout`).
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn stop(&mut self, timeout: Duration) -> Result<()> {
         self.info = Depot::open(&self.root)?.stop_instance(&self.info.id, false, timeout)?;
         Ok(())
     }
 
     /// Kills QEMU and deletes the instance now.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn destroy(mut self) -> Result<()> {
         self.ephemeral = false;
         Depot::open(&self.root)?.delete_instance(&self.info.id, true)?;

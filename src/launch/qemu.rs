@@ -1,7 +1,7 @@
 //! QEMU's command line: finding `qemu-system-x86_64` ([`qemu_binary`]),
 //! the options of one VM ([`VmConfig::args`], with its [`VmFiles`] and port
 //! [`Forward`]s), and the values the CLI hands over (`--memory`:
-//! [`parse_memory`]; `sd_notify` for systemd units). The QMP client is in
+//! [`parse_memory`]; [`sd_notify_ready`] for systemd units). The QMP client is in
 //! [`super::qmp`], the accelerator choice in [`super::accel`] ([`Accel`] is
 //! re-exported here).
 //!

@@ -89,7 +89,7 @@ fn plain_scalar(what: &str, v: &str) -> Result<()> {
 }
 
 /// Writes the seed volume to `path` (a raw FAT image, a new file of `mode`).
-/// The meta-data values are refused unless plain (see [`plain_scalar`]);
+/// The meta-data values are refused unless plain (see `plain_scalar`);
 /// generated user-data quotes every value.
 pub fn write_seed(path: &Path, seed: &Seed, mode: u32) -> Result<()> {
     plain_scalar("hostname", &seed.hostname)?;

@@ -48,6 +48,7 @@ pub struct CopyReport {
 impl Depot {
     /// Copies an image into the depot at `target` (created if needed) as an
     /// image of the acting account there.
+    #[tracing::instrument(skip_all, err(level = "debug"))]
     pub fn copy_image(
         &self,
         image: &str,

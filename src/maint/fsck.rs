@@ -93,7 +93,7 @@ pub(super) fn fsck_snapshot(repo: &Repo) -> Result<(FsckReport, MissingPacks)> {
     let mut rep = FsckReport::default();
     let mut missing = MissingPacks::new();
     let conn = &repo.conn;
-    let ok = catalog::quick_check(conn)?;
+    let ok = catalog::integrity::quick_check(conn)?;
     if ok != "ok" {
         rep.problems
             .push(format!("catalog: SQLite quick_check says {ok}"));

@@ -1,8 +1,8 @@
 //! Maintenance: garbage collection, fsck, whole-store verify and stats.
 //!
-//! Main items: [`gc`] (a plan, then its application: `gc.rs`, with the
-//! repack in `repack.rs`), [`fsck`], [`verify_all`], [`stats`] and
-//! [`usage`] (who refers to which stored bytes), and [`repair`]. The
+//! Main items: `gc` (a plan, then its application: `gc.rs`, with the
+//! repack in `repack.rs`), `fsck`, `verify_all`, `stats` and
+//! `usage` (who refers to which stored bytes), and [`repair`]. The
 //! catalog's rows are read and written through [`crate::catalog`] (no SQL
 //! here), the packs through the repository's [`ObjectStore`].
 //!

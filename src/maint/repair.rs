@@ -1,7 +1,7 @@
 //! `fsck --repair`: the catalog is an index that can be rebuilt.
 //!
-//! Main items: [`rebuild`] (a new, empty catalog filled from the pack
-//! files, their indexes and the image manifests) and [`complete`] (a sound
+//! Main items: `rebuild` (a new, empty catalog filled from the pack
+//! files, their indexes and the image manifests) and `complete` (a sound
 //! catalog: write the manifests and pack indexes that are missing, e.g. in
 //! a depot made before they existed).
 //!
@@ -19,7 +19,7 @@
 //! zero-leaf values (recomputed), copies made into other depots
 //! (`image_copies`, `image history` forgets them), chunks a killed copy
 //! brought (`copy_chunks`: they are garbage now, a resumed copy sends them
-//! again). Instances: see [`rebuild_instances`].
+//! again). Instances: see `rebuild_instances`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

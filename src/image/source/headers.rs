@@ -8,8 +8,8 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::{bad, read_full_at, refused, too_big, SourceFormat, MAX_VIRTUAL_SIZE};
-use crate::error::{IoContext, Result};
+use super::{bad, read_full_at, too_big, SourceFormat, MAX_VIRTUAL_SIZE};
+use crate::error::{Error, IoContext, Result};
 
 /// The format of an input from its first bytes (`head`, up to 4 KiB) and,
 /// for VHD, its last 512 (`tail`, when the file has them): from the
@@ -27,9 +27,9 @@ pub(super) fn detect(path: &Path, head: &[u8], tail: Option<&[u8]>) -> Result<So
     } else if head.len() >= 68 && head[64..68] == VDI_SIGNATURE {
         SourceFormat::Vdi
     } else if head.starts_with(b"COWD") {
-        return Err(refused(path, "VMware ESX sparse (COWD) images are not supported: convert it to raw or qcow2 with qemu-img first"));
+        return Err(Error::refused(path, "VMware ESX sparse (COWD) images are not supported: convert it to raw or qcow2 with qemu-img first"));
     } else if head.starts_with(b"QED\0") {
-        return Err(refused(path, "QED images are not supported (they may refer to a backing file): convert it with qemu-img first"));
+        return Err(Error::refused(path, "QED images are not supported (they may refer to a backing file): convert it with qemu-img first"));
     } else {
         SourceFormat::Raw
     })
@@ -80,7 +80,7 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
     }
     let version = be32(&h, 4);
     if version != 2 && version != 3 {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             format!("unsupported qcow2 version {version}"),
         ));
@@ -99,7 +99,10 @@ fn check_qcow2(path: &Path, file: &File, file_size: u64) -> Result<u64> {
         return Err(too_big(path, size));
     }
     if be32(&h, 32) != 0 {
-        return Err(refused(path, "encrypted qcow2 images are not supported"));
+        return Err(Error::refused(
+            path,
+            "encrypted qcow2 images are not supported",
+        ));
     }
     qcow2_tables_within(path, &h, cluster, size, file_size)?;
     if cluster as usize > h.len() {
@@ -133,7 +136,7 @@ fn qcow2_no_backing(path: &Path, h: &[u8]) -> Result<()> {
         }
         _ => "<unreadable>".into(),
     };
-    Err(refused(path, format!("qcow2 image has a backing file ({name:?}): an image must be self-contained; flatten it with `qemu-img convert -O qcow2` on a trusted copy")))
+    Err(Error::refused(path, format!("qcow2 image has a backing file ({name:?}): an image must be self-contained; flatten it with `qemu-img convert -O qcow2` on a trusted copy")))
 }
 
 /// The L1 table must cover the virtual `size`, and it and the refcount
@@ -173,7 +176,7 @@ fn qcow2_v3_features(path: &Path, h: &[u8]) -> Result<usize> {
     }
     let incompat = be64(h, 72);
     if incompat & 0b100 != 0 {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             "qcow2 image uses an external data file: an image must be self-contained",
         ));
@@ -185,7 +188,7 @@ fn qcow2_v3_features(path: &Path, h: &[u8]) -> Result<usize> {
         ));
     }
     if incompat & !0b11011 != 0 {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             format!("qcow2 image has unknown incompatible features {incompat:#x}"),
         ));
@@ -205,7 +208,7 @@ fn qcow2_extensions(path: &Path, h: &[u8], start: usize) -> Result<()> {
             break;
         }
         if typ == 0x4441_5441 {
-            return Err(refused(
+            return Err(Error::refused(
                 path,
                 "qcow2 image names an external data file: an image must be self-contained",
             ));
@@ -224,7 +227,7 @@ fn qcow2_extensions(path: &Path, h: &[u8], start: usize) -> Result<()> {
 /// the first sector (a C `strstr`, comments and tabs included): both refused.
 fn check_vmdk(path: &Path, file: &File, head: &[u8], file_size: u64) -> Result<u64> {
     if !head.starts_with(b"KDMV") {
-        return Err(refused(path, "this is a VMDK descriptor file: it refers to other files (extents) on the host; import the monolithic image instead"));
+        return Err(Error::refused(path, "this is a VMDK descriptor file: it refers to other files (extents) on the host; import the monolithic image instead"));
     }
     if head.len() < 80 {
         return Err(bad(path, "truncated VMDK header"));
@@ -232,7 +235,7 @@ fn check_vmdk(path: &Path, file: &File, head: &[u8], file_size: u64) -> Result<u
     let capacity = le64(head, 12);
     let gd_off = le64(head, 56);
     if capacity == 0 {
-        return Err(refused(path, "VMDK sparse header with a capacity of 0: qemu would read its embedded descriptor and open the extent files it names"));
+        return Err(Error::refused(path, "VMDK sparse header with a capacity of 0: qemu would read its embedded descriptor and open the extent files it names"));
     }
     let size = capacity
         .checked_mul(512)
@@ -245,7 +248,7 @@ fn check_vmdk(path: &Path, file: &File, head: &[u8], file_size: u64) -> Result<u
     let n = read_full_at(file, &mut desc, 512).at(path)?;
     desc.truncate(n);
     if find(&desc, b"parentFileNameHint").is_some() {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             "VMDK is a delta disk with a parent file (parentFileNameHint): an image must be self-contained",
         ));
@@ -272,7 +275,7 @@ fn check_vdi(path: &Path, head: &[u8], file_size: u64) -> Result<u64> {
     }
     let le32 = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
     if le32(68) != 0x0001_0001 {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             format!("unsupported VDI version {:#x}", le32(68)),
         ));
@@ -288,7 +291,7 @@ fn check_vdi(path: &Path, head: &[u8], file_size: u64) -> Result<u64> {
     }
     match le32(76) {
         1 | 2 => Ok(le64(head, 368)),
-        t @ (3 | 4) => Err(refused(
+        t @ (3 | 4) => Err(Error::refused(
             path,
             format!("VDI image of type {t} (undo/differencing) has a parent: an image must be self-contained"),
         )),
@@ -364,7 +367,7 @@ fn check_vhdx_metadata(path: &Path, file: &File, off: u64, len: u64) -> Result<(
     for k in 0..entries {
         let m = &md[32 + k * 32..32 + (k + 1) * 32];
         if m[0..16] == VHDX_PARENT_LOCATOR {
-            return Err(refused(path, "VHDX is a differencing disk with a parent locator: an image must be self-contained"));
+            return Err(Error::refused(path, "VHDX is a differencing disk with a parent locator: an image must be self-contained"));
         }
         if m[0..16] == VHDX_FILE_PARAMETERS {
             let item = u32::from_le_bytes(m[16..20].try_into().unwrap()) as u64;
@@ -381,7 +384,7 @@ fn check_vhdx_file_parameters(path: &Path, file: &File, at: u64) -> Result<()> {
         return Err(bad(path, "VHDX file parameters lie outside the file"));
     }
     if u32::from_le_bytes(fp[4..8].try_into().unwrap()) & 2 != 0 {
-        return Err(refused(
+        return Err(Error::refused(
             path,
             "VHDX is a differencing disk (HasParent): an image must be self-contained",
         ));
@@ -406,7 +409,7 @@ fn check_vhd(path: &Path, file: &File, head: &[u8], tail: &[u8], file_size: u64)
         match be32(footer, 60) {
             2 => {}
             3 => check_vhd_dynamic(path, file, be64(footer, 16), file_size)?,
-            4 => return Err(refused(
+            4 => return Err(Error::refused(
                 path,
                 "VHD is a differencing disk with a parent file: an image must be self-contained",
             )),

@@ -194,13 +194,11 @@ pub fn set_prepared(
     forwards: &str,
     ssh_port: Option<u16>,
 ) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET forwards = ?2, ssh_port = ?3, state = 'stopped' WHERE id = ?1",
-            params![id, forwards, ssh_port],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET forwards = ?2, ssh_port = ?3, state = 'stopped' WHERE id = ?1",
+        params![id, forwards, ssh_port],
+    )
 }
 
 /// Records new forwards (an automatic SSH port picked again).
@@ -210,59 +208,49 @@ pub fn set_forwards(
     forwards: &str,
     ssh_port: Option<u16>,
 ) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET forwards = ?2, ssh_port = ?3 WHERE id = ?1",
-            params![id, forwards, ssh_port],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET forwards = ?2, ssh_port = ?3 WHERE id = ?1",
+        params![id, forwards, ssh_port],
+    )
 }
 
 /// Records a QEMU that runs, and the accelerator it uses.
 pub fn set_running(conn: &Connection, id: &str, pid: i32, accel_used: &str) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET state = 'running', pid = ?2, accel_used = ?3, error = '' WHERE id = ?1",
-            params![id, pid, accel_used],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET state = 'running', pid = ?2, accel_used = ?3, error = '' WHERE id = ?1",
+        params![id, pid, accel_used],
+    )
 }
 
 /// Records that the QEMU `pid` of a running instance is gone (a row that
 /// another start changed meanwhile is left alone).
 pub fn set_stopped(conn: &Connection, id: &str, pid: Option<i32>) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET state = 'stopped', pid = NULL
-             WHERE id = ?1 AND state = 'running' AND pid IS ?2",
-            params![id, pid],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET state = 'stopped', pid = NULL
+         WHERE id = ?1 AND state = 'running' AND pid IS ?2",
+        params![id, pid],
+    )
 }
 
 /// Records a start that failed, and why.
 pub fn set_failed(conn: &Connection, id: &str, msg: &str) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET state = 'failed', pid = NULL, error = ?2 WHERE id = ?1",
-            params![id, msg],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET state = 'failed', pid = NULL, error = ?2 WHERE id = ?1",
+        params![id, msg],
+    )
 }
 
 /// Records that the launch making a `pending` instance died.
 pub fn fail_interrupted_launch(conn: &Connection, id: &str) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET state = 'failed', error = 'its launch was interrupted' WHERE id = ?1 AND state = 'pending'",
-            [id],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET state = 'failed', error = 'its launch was interrupted' WHERE id = ?1 AND state = 'pending'",
+        [id],
+    )
 }
 
 /// Makes a restored instance's disk the content of `image` (launch-only
@@ -274,20 +262,26 @@ pub fn set_image(
     image_name: &str,
     restricted_from: &str,
 ) -> Result<()> {
-    write(conn, |tx| {
-        tx.execute(
-            "UPDATE instances SET image = ?2, image_name = ?3, restricted_from = ?4
-                     WHERE id = ?1",
-            params![id, image, image_name, restricted_from],
-        )?;
-        Ok(())
-    })
+    execute_write(
+        conn,
+        "UPDATE instances SET image = ?2, image_name = ?3, restricted_from = ?4
+                 WHERE id = ?1",
+        params![id, image, image_name, restricted_from],
+    )
 }
 
 /// Deletes an instance's row.
 pub fn delete_instance(conn: &Connection, id: &str) -> Result<()> {
     write(conn, |tx| {
         tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
+        Ok(())
+    })
+}
+
+/// One statement in its own write transaction ([`write`]).
+fn execute_write(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<()> {
+    write(conn, |tx| {
+        tx.execute(sql, params)?;
         Ok(())
     })
 }

@@ -304,7 +304,7 @@ fn remove_objects(repo: &Repo, plan: &GcPlan, dead_packs: &[(String, i64)]) -> R
     for p in crate::repo::manifest::orphans(&repo.conn, repo.root())? {
         remove_if_exists(&p)?;
     }
-    store.purge()
+    store.purge(crate::store::DELETE_GRACE)
 }
 
 /// Temp files and lock files of imports that are no longer running.

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes};
 use super::{sync_dir, valid_pack_name};
@@ -50,6 +51,12 @@ impl LocalDir {
     /// The file of an object; its name must be 32 lowercase hex digits
     /// (anything else is a damaged catalog).
     pub fn path(&self, kind: ObjectKind, name: &str) -> Result<PathBuf> {
+        if matches!(kind, ObjectKind::Manifest | ObjectKind::Meta) {
+            return Err(Error::Invalid(format!(
+                "a local depot's store holds packs and indexes only, not {kind:?} objects ({name:?}): \
+                 its manifests are files under manifests/"
+            )));
+        }
         if !valid_pack_name(name) {
             return Err(Error::StoreDamaged(format!(
                 "pack name {name:?} in the catalog is not 32 lowercase hex digits; run `vmdepot fsck`"
@@ -83,6 +90,7 @@ impl LocalDir {
                 out.push(ObjectInfo {
                     name: name.to_owned(),
                     size: m.len(),
+                    modified: m.modified().ok(),
                 });
             }
         }
@@ -94,6 +102,8 @@ fn suffix(kind: ObjectKind) -> &'static str {
     match kind {
         ObjectKind::Pack => "pack",
         ObjectKind::PackIndex => "idx",
+        ObjectKind::Manifest => "manifest",
+        ObjectKind::Meta => "meta",
     }
 }
 
@@ -171,7 +181,13 @@ impl ObjectStore for LocalDir {
         }
     }
 
-    fn purge(&self) -> Result<()> {
+    /// Nothing is ever retired here: an object that exists is live.
+    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let path = self.path(kind, name)?;
+        std::fs::metadata(&path).at(&path).map(|_| ())
+    }
+
+    fn purge(&self, _older_than: Duration) -> Result<()> {
         Ok(()) // delete unlinked already
     }
 

@@ -1,21 +1,21 @@
 //! [`MemoryStore`]: an [`ObjectStore`] in memory with a remote store's
 //! semantics (built for tests only): sealed objects appear whole, a torn
 //! writer leaves nothing, and deletion is a tombstone that
-//! [`ObjectStore::purge`] honours after [`DELETE_GRACE`] on a clock the
+//! [`ObjectStore::purge`] honours after the grace it is given, on a clock the
 //! test moves ([`MemoryStore::advance`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use super::object::{
-    ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes, DELETE_GRACE,
-};
+use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes};
 use crate::error::{Error, Result};
 
 /// One stored object.
 struct Stored {
     bytes: Arc<Vec<u8>>,
+    /// When it was sealed (the store's clock).
+    written: Duration,
     /// When it was deleted (the store's clock), if it was.
     deleted: Option<Duration>,
 }
@@ -56,10 +56,12 @@ impl MemoryStore {
         if st.objects.get(&key).is_some_and(|o| o.deleted.is_none()) {
             return Err(Self::exists_error(kind, name));
         }
+        let written = st.now;
         st.objects.insert(
             key,
             Stored {
                 bytes: Arc::new(bytes),
+                written,
                 deleted: None,
             },
         );
@@ -129,8 +131,39 @@ impl ObjectStore for MemoryStore {
             .map(|((_, name), o)| ObjectInfo {
                 name: name.clone(),
                 size: o.bytes.len() as u64,
+                modified: Some(SystemTime::UNIX_EPOCH + o.written),
             })
             .collect())
+    }
+
+    fn retired(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let st = self.state.lock().unwrap();
+        Ok(st
+            .objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .filter_map(|((_, name), o)| {
+                Some(ObjectInfo {
+                    name: name.clone(),
+                    size: o.bytes.len() as u64,
+                    modified: Some(SystemTime::UNIX_EPOCH + o.deleted?),
+                })
+            })
+            .collect())
+    }
+
+    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        match st.objects.get_mut(&(kind, name.to_owned())) {
+            Some(o) => {
+                o.deleted = None;
+                Ok(())
+            }
+            None => {
+                let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+                Err(Error::io(label(kind, name), e))
+            }
+        }
     }
 
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
@@ -142,11 +175,11 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
-    fn purge(&self) -> Result<()> {
+    fn purge(&self, older_than: Duration) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         let now = st.now;
         st.objects
-            .retain(|_, o| o.deleted.is_none_or(|at| now - at < DELETE_GRACE));
+            .retain(|_, o| o.deleted.is_none_or(|at| now - at < older_than));
         Ok(())
     }
 

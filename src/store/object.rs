@@ -12,7 +12,7 @@
 //! why its immediate unlink keeps the same promise.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
 
@@ -23,6 +23,24 @@ pub enum ObjectKind {
     Pack,
     /// A pack's index, named like its pack (docs/FORMAT.md, "Pack index").
     PackIndex,
+    /// An image manifest of a remote depot, named
+    /// `<img-id>.<seq>.manifest` (docs/FORMAT.md, "Remote depots"). A
+    /// local depot keeps its manifests as files (`crate::repo::manifest`):
+    /// [`super::LocalDir`] refuses this kind.
+    Manifest,
+    /// A remote depot's lock and marker objects (`gc.lock`, `VMDEPOT`);
+    /// [`super::LocalDir`] refuses this kind.
+    Meta,
+}
+
+impl ObjectKind {
+    /// Every kind.
+    pub const ALL: [ObjectKind; 4] = [
+        ObjectKind::Pack,
+        ObjectKind::PackIndex,
+        ObjectKind::Manifest,
+        ObjectKind::Meta,
+    ];
 }
 
 /// One object found by [`ObjectStore::list`].
@@ -32,6 +50,9 @@ pub struct ObjectInfo {
     pub name: String,
     /// Its size in bytes now (a pack being written grows).
     pub size: u64,
+    /// When it was written (for [`ObjectStore::retired`]: when it was
+    /// retired), by the store's clock, where the store tells.
+    pub modified: Option<SystemTime>,
 }
 
 /// The bytes of a ranged read: mapped from a local file, or fetched.
@@ -127,9 +148,23 @@ pub trait ObjectStore: Send + Sync {
     /// what stays readable, and for how long.
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()>;
 
-    /// Removes the bytes of objects retired longer than [`DELETE_GRACE`]
-    /// ago (nothing to do where [`ObjectStore::delete`] frees them itself).
-    fn purge(&self) -> Result<()>;
+    /// The retired objects of a kind whose bytes are still held, with the
+    /// time each was retired in [`ObjectInfo::modified`] (none where
+    /// [`ObjectStore::delete`] frees the bytes itself).
+    fn retired(&self, _kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        Ok(Vec::new())
+    }
+
+    /// Takes a retired object back: listed and readable again, as if it
+    /// had never been deleted (a remote gc does this for a pack that an
+    /// image pushed after the pack was retired names). An error if its
+    /// bytes are gone.
+    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()>;
+
+    /// Removes the bytes of objects retired `older_than` ago or longer
+    /// (nothing to do where [`ObjectStore::delete`] frees them itself).
+    /// A depot's gc passes [`DELETE_GRACE`].
+    fn purge(&self, older_than: Duration) -> Result<()>;
 
     /// How messages name an object (a file path for [`super::LocalDir`]).
     fn label(&self, kind: ObjectKind, name: &str) -> String;

@@ -97,7 +97,7 @@ fn deleted_objects_vanish_but_open_readers_keep_reading() {
         assert!(names(s, ObjectKind::Pack).is_empty());
         assert_eq!(s.stat(ObjectKind::Pack, &name).unwrap(), None);
         assert_eq!(s.get(ObjectKind::Pack, &name).unwrap(), None);
-        s.purge().unwrap();
+        s.purge(DELETE_GRACE).unwrap();
         assert_eq!(&**r.read_range(4000, 200).unwrap(), &[7; 200][..]);
         // the name may be written again once deleted (a replaced index)
         s.put(ObjectKind::Pack, &name, b"new").unwrap();
@@ -113,11 +113,11 @@ fn a_remote_store_keeps_deleted_objects_for_the_grace_period() {
     s.delete(ObjectKind::Pack, &name).unwrap();
     // a reader holding a plan made before the delete can still open it
     s.advance(DELETE_GRACE - Duration::from_secs(1));
-    s.purge().unwrap();
+    s.purge(DELETE_GRACE).unwrap();
     let r = s.open(ObjectKind::Pack, &name).unwrap();
     assert!(s.holds(ObjectKind::Pack, &name));
     s.advance(Duration::from_secs(1));
-    s.purge().unwrap();
+    s.purge(DELETE_GRACE).unwrap();
     assert!(!s.holds(ObjectKind::Pack, &name));
     assert!(s.open(ObjectKind::Pack, &name).is_err());
     assert_eq!(&**r.read_range(0, 6).unwrap(), b"frames");
@@ -307,4 +307,28 @@ fn local_objects_are_files_of_the_documented_layout() {
     )
     .unwrap();
     assert!(s.list(ObjectKind::Pack).unwrap().is_empty());
+}
+
+#[test]
+fn a_retired_object_is_listed_as_retired_and_can_be_revived() {
+    let s = MemoryStore::default();
+    let (a, b) = (new_pack_name(), new_pack_name());
+    s.put(ObjectKind::Pack, &a, b"a").unwrap();
+    s.put(ObjectKind::Pack, &b, b"b").unwrap();
+    s.advance(Duration::from_secs(5));
+    s.delete(ObjectKind::Pack, &a).unwrap();
+    s.delete(ObjectKind::Pack, &b).unwrap();
+    let retired = s.retired(ObjectKind::Pack).unwrap();
+    assert_eq!(retired.len(), 2);
+    assert!(retired
+        .iter()
+        .all(|o| o.modified == Some(std::time::UNIX_EPOCH + Duration::from_secs(5))));
+    assert!(s.retired(ObjectKind::PackIndex).unwrap().is_empty());
+    s.revive(ObjectKind::Pack, &a).unwrap();
+    assert_eq!(names(&s, ObjectKind::Pack), vec![a.clone()]);
+    s.advance(Duration::from_secs(10));
+    s.purge(Duration::from_secs(10)).unwrap();
+    assert!(s.holds(ObjectKind::Pack, &a));
+    assert!(!s.holds(ObjectKind::Pack, &b));
+    assert!(s.revive(ObjectKind::Pack, &b).is_err());
 }

@@ -311,12 +311,18 @@ fn start_and_restart_rebuild_a_zeroed_base() {
 
     // start: the base a power cut emptied is rebuilt, the guest reads its disk.
     lose_data(&base);
+    // (the first boot may or may not have reached "ready" before the stop)
+    let ready_before = serial(&t, "a").matches(READY).count();
     t.ok(&["instance", "start", "a"]);
     assert!(same_content(&base, test_guest()), "start booted a bad base");
     wait_serial_count(&t, "a", DISK_MARKER, 2);
 
     // restart: emptied while a runs (nothing checks then); the restart
-    // stops a first, so the base is rebuilt before it starts again.
+    // stops a first, so the base is rebuilt before it starts again. The
+    // guest must be ready first: it writes and syncs /data/written before
+    // that, and a write that reads a zeroed bitmap would put a corrupt one
+    // into the overlay, which no base rebuild can undo.
+    wait_serial_count(&t, "a", READY, ready_before + 1);
     lose_data(&base);
     t.ok(&["instance", "restart", "a", "--timeout", "0"]);
     assert!(

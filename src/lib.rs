@@ -65,6 +65,7 @@ pub mod maint;
 pub mod perms;
 pub mod proc;
 pub mod progress;
+pub mod remote;
 pub mod repo;
 pub mod store;
 

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["depot"],
     &["launch"],
     &["lifecycle"],
+    &["remote"],
 ];
 
 fn rank(module: &str) -> Option<usize> {

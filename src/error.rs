@@ -82,6 +82,22 @@ pub enum Error {
     /// depot): exit code 2, as for command-line usage errors.
     #[error("{0}")]
     Usage(String),
+    /// Waiting for a line on an instance's serial console ran out of time
+    /// (QEMU still runs).
+    #[error("instance {instance}: timed out after {waited:?} before {needle:?} appeared on its serial console (last lines: {last:?})")]
+    Timeout {
+        instance: String,
+        needle: String,
+        waited: std::time::Duration,
+        last: String,
+    },
+    /// The instance's QEMU exited while something waited for the guest.
+    #[error("instance {instance}: QEMU exited before {needle:?} appeared on its serial console (last lines: {last:?}); `vmdepot instance logs` shows the console")]
+    GuestExited {
+        instance: String,
+        needle: String,
+        last: String,
+    },
     /// Internal: a concurrent gc removed chunks this import referenced; the
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]

@@ -146,7 +146,7 @@ impl Depot {
             .iter()
             .map(|id| {
                 let info = self.instance(id)?;
-                Ok(Instance::new(self.root().to_owned(), info, opts.ephemeral))
+                Ok(Instance::new(self, info, opts.ephemeral))
             })
             .collect::<Result<_>>()?;
         guard.ids.clear();

@@ -15,18 +15,26 @@ use crate::launch::instance::InstanceInfo;
 /// and deletes the instance.
 pub struct Instance {
     root: PathBuf,
+    /// The account that launched it: stop and destroy act as it.
+    account: String,
     info: InstanceInfo,
     ephemeral: bool,
 }
 
 impl Instance {
-    /// A handle on the instance `info` of the depot at `root`.
-    pub(crate) fn new(root: PathBuf, info: InstanceInfo, ephemeral: bool) -> Instance {
+    /// A handle on the instance `info` that `depot`'s account launched.
+    pub(crate) fn new(depot: &Depot, info: InstanceInfo, ephemeral: bool) -> Instance {
         Instance {
-            root,
+            root: depot.root().to_owned(),
+            account: depot.account().to_owned(),
             info,
             ephemeral,
         }
+    }
+
+    /// The depot again, as the account that launched the instance.
+    fn depot(&self) -> Result<Depot> {
+        Depot::open(&self.root)?.with_account(self.account.as_str())
     }
 
     /// The instance as it was at launch (or at the last [`Instance::stop`]).
@@ -61,8 +69,9 @@ impl Instance {
     }
 
     /// Waits until a serial console line contains `needle`; returns that
-    /// line. Fails at the timeout, or at once if QEMU is gone, quoting the
-    /// end of the console log.
+    /// line. Fails with [`Error::Timeout`] at the timeout, or with
+    /// [`Error::GuestExited`] at once if QEMU is gone, quoting the end of
+    /// the console log.
     #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
@@ -71,16 +80,21 @@ impl Instance {
             if let Some(l) = log.lines().find(|l| l.contains(needle)) {
                 return Ok(l.trim_end_matches('\r').to_owned());
             }
-            let alive = self.alive();
-            if !alive || Instant::now() >= deadline {
-                return Err(Error::Invalid(format!(
-                    "instance {} ({}): {} before {needle:?} appeared on its serial console \
-                     (last lines: {:?})",
-                    self.info.name,
-                    self.info.id,
-                    if alive { "timed out" } else { "QEMU exited" },
-                    last_lines(&log, 5)
-                )));
+            let instance = format!("{} ({})", self.info.name, self.info.id);
+            if !self.alive() {
+                return Err(Error::GuestExited {
+                    instance,
+                    needle: needle.to_owned(),
+                    last: last_lines(&log, 5),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    instance,
+                    needle: needle.to_owned(),
+                    waited: timeout,
+                    last: last_lines(&log, 5),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -89,7 +103,7 @@ impl Instance {
     /// Stops the instance (power button, then kill after `timeout`).
     #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn stop(&mut self, timeout: Duration) -> Result<()> {
-        self.info = Depot::open(&self.root)?.stop_instance(&self.info.id, false, timeout)?;
+        self.info = self.depot()?.stop_instance(&self.info.id, false, timeout)?;
         Ok(())
     }
 
@@ -97,7 +111,7 @@ impl Instance {
     #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn destroy(mut self) -> Result<()> {
         self.ephemeral = false;
-        Depot::open(&self.root)?.delete_instance(&self.info.id, true)?;
+        self.depot()?.delete_instance(&self.info.id, true)?;
         Ok(())
     }
 }
@@ -112,7 +126,7 @@ fn last_lines(log: &str, n: usize) -> String {
 impl Drop for Instance {
     fn drop(&mut self) {
         if self.ephemeral {
-            if let Ok(d) = Depot::open(&self.root) {
+            if let Ok(d) = self.depot() {
                 let _ = d.delete_instance(&self.info.id, true);
             }
         }

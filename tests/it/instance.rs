@@ -411,7 +411,12 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
 fn library_harness_launches_waits_and_drops() {
     use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};
     let t = T::new();
-    let depot = Depot::open(t.depot()).unwrap();
+    // an account other than the default: the handle keeps it, so its drop
+    // (which reopens the depot) deletes the instance as that account
+    let depot = Depot::open(t.depot())
+        .unwrap()
+        .with_account("harness")
+        .unwrap();
     depot
         .import(test_guest(), &ImportOptions::new("tiny"), &NoProgress)
         .unwrap();
@@ -432,12 +437,24 @@ fn library_harness_launches_waits_and_drops() {
         let line = vm.wait_for_serial("VMDEPOT-DISK:", BOOT).unwrap();
         assert!(line.contains("marker 7f3a"), "{line}");
         vm.wait_for_serial("VMDEPOT-GUEST: ready", BOOT).unwrap();
-        // a timeout is an error naming the instance, not a hang
+        // a timeout is a typed error naming the instance, not a hang
         let e = vm
             .wait_for_serial("never printed", Duration::from_millis(200))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        assert!(matches!(e, vmdepot::Error::Timeout { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains(vm.id()) && e.contains("timed out"), "{e}");
+        // QEMU gone: told at once, apart from a timeout
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until("the killed QEMU exits", Duration::from_secs(10), || {
+            !alive(pid as i64)
+        });
+        let e = vm.wait_for_serial("never printed", BOOT).unwrap_err();
+        assert!(matches!(e, vmdepot::Error::GuestExited { .. }), "{e:?}");
     } // dropped: QEMU killed, instance deleted
     wait_until(
         "the dropped instance's QEMU exits",

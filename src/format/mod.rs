@@ -653,6 +653,36 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
     out
 }
 
+/// The most bytes a manifest body of `body_len` compressed bytes may
+/// decompress to: 64 times its size plus 16 MiB. Hashes do not compress,
+/// so a real map is near 1:1; far beyond that is a decompression bomb
+/// (a remote's manifests are untrusted input).
+pub fn manifest_plain_limit(body_len: usize) -> usize {
+    body_len.saturating_mul(64).saturating_add(16 << 20)
+}
+
+/// Decompresses one zstd frame of at most `limit` bytes, refusing more
+/// before allocating them.
+fn decompress_bounded(body: &[u8], limit: usize) -> Result<Vec<u8>, FormatError> {
+    use std::io::Read;
+    let dec =
+        zstd::stream::Decoder::new(body).map_err(|e| invalid(Part::Manifest, e.to_string()))?;
+    let mut plain = Vec::new();
+    dec.take(limit as u64 + 1)
+        .read_to_end(&mut plain)
+        .map_err(|e| invalid(Part::Manifest, e.to_string()))?;
+    if plain.len() > limit {
+        return Err(invalid(
+            Part::Manifest,
+            format!(
+                "the body decompresses to more than {limit} bytes ({} compressed): refused as a decompression bomb",
+                body.len()
+            ),
+        ));
+    }
+    Ok(plain)
+}
+
 /// Decodes and checks a manifest; the error says what is wrong.
 pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
     if b.len() < MANIFEST_HEADER {
@@ -689,8 +719,7 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
             part: Part::Manifest,
         });
     }
-    let plain =
-        zstd::stream::decode_all(body).map_err(|e| invalid(Part::Manifest, e.to_string()))?;
+    let plain = decompress_bounded(body, manifest_plain_limit(body.len()))?;
     if plain.len() < 4 {
         return Err(invalid(Part::Manifest, "truncated"));
     }
@@ -831,6 +860,26 @@ mod tests {
             assert!(decode_manifest(&bad).is_err(), "byte {i}");
         }
         assert!(decode_manifest(&b[..40]).is_err());
+    }
+
+    #[test]
+    fn a_manifest_that_decompresses_far_beyond_its_size_is_refused() {
+        let m = Manifest {
+            seq: 0,
+            meta: ManifestMeta {
+                id: "img-0123456789abcdef".into(),
+                description: "a".repeat(40 << 20),
+                ..Default::default()
+            },
+            map: HashBlockMap {
+                nblocks: 0,
+                runs: vec![],
+            },
+        };
+        let b = encode_manifest(&m);
+        assert!(b.len() < 1 << 20, "{}", b.len());
+        let e = decode_manifest(&b).unwrap_err().to_string();
+        assert!(e.contains("decompression bomb"), "{e}");
     }
 
     #[test]

@@ -37,8 +37,8 @@ const QUEUED: usize = 8;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Read {
     pack: String,
-    offset: u64,
-    len: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
     frames: Vec<Frame>,
 }
 

@@ -689,8 +689,18 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
             part: Part::Manifest,
         });
     }
-    let plain =
-        zstd::stream::decode_all(body).map_err(|e| invalid(Part::Manifest, e.to_string()))?;
+    // A manifest is mostly hashes, which do not compress: a body that
+    // inflates far past its size is a zstd bomb, refused before it fills
+    // memory.
+    let cap = body.len().saturating_mul(8).saturating_add(16 << 20);
+    use std::io::Read;
+    let mut plain = Vec::new();
+    zstd::stream::Decoder::with_buffer(body)
+        .and_then(|d| std::io::Read::take(d, cap as u64 + 1).read_to_end(&mut plain))
+        .map_err(|e| invalid(Part::Manifest, e.to_string()))?;
+    if plain.len() > cap {
+        return Err(invalid(Part::Manifest, "inflates to over 8 times its size"));
+    }
     if plain.len() < 4 {
         return Err(invalid(Part::Manifest, "truncated"));
     }
@@ -831,6 +841,20 @@ mod tests {
             assert!(decode_manifest(&bad).is_err(), "byte {i}");
         }
         assert!(decode_manifest(&b[..40]).is_err());
+    }
+
+    #[test]
+    fn a_manifest_that_inflates_past_its_bound_is_refused() {
+        let body = zstd::bulk::compress(&vec![0u8; 64 << 20], ZSTD_LEVEL).unwrap();
+        let mut b = MANIFEST_MAGIC_1_0.to_vec();
+        b.extend_from_slice(&(CHUNK_SIZE as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        let sum = covered(&b, &body);
+        b.extend_from_slice(sum.as_bytes());
+        b.extend_from_slice(&body);
+        let e = decode_manifest(&b).unwrap_err().to_string();
+        assert!(e.contains("inflates"), "{e}");
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl Depot {
             hashes: &hashes,
         };
         let what = format!("copy of {} ({})", row.name, row.id);
-        let map = |ids: &HashMap<ChunkHash, ChunkId>| plan.map.map_ids(|c| ids[&plan.chunks[&c].hash]);
+        let map =
+            |ids: &HashMap<ChunkHash, ChunkId>| plan.map.map_ids(|c| ids[&plan.chunks[&c].hash]);
         make_available(dst, id, &job, &what, &content, map, |_| Ok(()))?;
         Ok(CopyReport {
             image: self.image(row.id.as_str())?,

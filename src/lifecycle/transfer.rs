@@ -64,7 +64,11 @@ impl std::fmt::Display for Bad {
         match self {
             Bad::Frame(e) => write!(f, "{e}"),
             Bad::Chunk { slot, hash } => {
-                write!(f, "the chunk in slot {slot} does not match its hash {}", crate::ids::hex(&hash.0))
+                write!(
+                    f,
+                    "the chunk in slot {slot} does not match its hash {}",
+                    crate::ids::hex(&hash.0)
+                )
             }
         }
     }
@@ -416,7 +420,8 @@ impl<'a> LocalSink<'a> {
 impl FrameSink for LocalSink<'_> {
     fn push(&mut self, frame: &[u8], hashes: Vec<ChunkHash>) -> Result<()> {
         let placed = self.packs.append(frame, &hashes)?;
-        self.frames.push((placed.offset, frame.len() as u64, hashes));
+        self.frames
+            .push((placed.offset, frame.len() as u64, hashes));
         match placed.sealed {
             Some(s) => self.enter(s),
             None => Ok(()),
@@ -449,7 +454,9 @@ mod tests {
             nchunks: 3,
             slots: (0..3).map(|s| (s, h[s as usize])).collect(),
         };
-        assert!(matches!(check_frame(&c, &all, &mut buf), Ok(Checked::Whole { bytes, .. }) if bytes == c));
+        assert!(
+            matches!(check_frame(&c, &all, &mut buf), Ok(Checked::Whole { bytes, .. }) if bytes == c)
+        );
         let some = FrameWant {
             nchunks: 3,
             slots: vec![(2, h[2])],
@@ -479,13 +486,22 @@ mod tests {
             nchunks: 2,
             slots: vec![(7, h[0])],
         };
-        assert!(matches!(check_frame(&c, &past, &mut buf), Err(Bad::Chunk { slot: 7, .. })));
+        assert!(matches!(
+            check_frame(&c, &past, &mut buf),
+            Err(Bad::Chunk { slot: 7, .. })
+        ));
         let short = FrameWant {
             nchunks: 3,
             slots: vec![(0, h[0])],
         };
-        assert!(matches!(check_frame(&c, &short, &mut buf), Err(Bad::Frame(_))));
-        assert!(matches!(check_frame(&c[..5], &short, &mut buf), Err(Bad::Frame(_))));
+        assert!(matches!(
+            check_frame(&c, &short, &mut buf),
+            Err(Bad::Frame(_))
+        ));
+        assert!(matches!(
+            check_frame(&c[..5], &short, &mut buf),
+            Err(Bad::Frame(_))
+        ));
     }
 
     #[test]

@@ -134,7 +134,12 @@ impl Remote {
         let b = self
             .store
             .get(ObjectKind::PackIndex, name)?
-            .ok_or_else(|| self.damaged(&label, "listed but gone: a gc removed it meanwhile; run again"))?;
+            .ok_or_else(|| {
+                self.damaged(
+                    &label,
+                    "listed but gone: a gc removed it meanwhile; run again",
+                )
+            })?;
         let ix = format::decode_index(&b).map_err(|e| self.damaged(&label, &e.to_string()))?;
         if ix.pack != name {
             return Err(self.damaged(&label, &format!("it indexes pack {}", ix.pack)));

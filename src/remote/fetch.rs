@@ -91,7 +91,10 @@ pub(crate) fn plan_reads(
     let mut by_pack: BTreeMap<&str, Vec<Frame>> = BTreeMap::new();
     for ((pack, offset, clen, nchunks), slots) in group_by(located) {
         let want = FrameWant { nchunks, slots };
-        by_pack.entry(pack).or_default().push(Frame { offset, clen, want });
+        by_pack
+            .entry(pack)
+            .or_default()
+            .push(Frame { offset, clen, want });
     }
     let mut reads = Vec::new();
     for (pack, mut frames) in by_pack {
@@ -250,10 +253,7 @@ impl Work<'_> {
             return Ok(r.clone());
         }
         let r = self.remote.store.open(ObjectKind::Pack, pack)?;
-        self.open
-            .lock()
-            .unwrap()
-            .insert(pack.to_owned(), r.clone());
+        self.open.lock().unwrap().insert(pack.to_owned(), r.clone());
         Ok(r)
     }
 }

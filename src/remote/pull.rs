@@ -253,6 +253,8 @@ pub(crate) fn check_pulled(remote: &Remote, m: &Manifest) -> Result<()> {
         check_account(a).map_err(|_| bad(format!("names account {a:?}")))?;
     }
     let texts = [
+        &meta.name,
+        &meta.parent_name,
         &meta.description,
         &meta.source_format,
         &meta.vendor,
@@ -262,7 +264,9 @@ pub(crate) fn check_pulled(remote: &Remote, m: &Manifest) -> Result<()> {
     ];
     let tags = meta.tags.iter().flat_map(|(k, v)| [k, v]);
     if texts.into_iter().chain(tags).any(|t| t.len() > MAX_TEXT) || meta.tags.len() > 1024 {
-        return Err(bad(format!("holds a text field or tag list over {MAX_TEXT} bytes")));
+        return Err(bad(format!(
+            "holds a text field or tag list over {MAX_TEXT} bytes"
+        )));
     }
     Ok(())
 }

@@ -17,10 +17,8 @@ use crate::error::{Error, Result};
 use crate::format::{IndexFrame, PackIndex, CHUNK_SIZE, PACK_TARGET_BYTES};
 use crate::ids::ChunkHash;
 use crate::image::export::ExportFormat;
-use crate::progress::NoProgress;
-use crate::store::{
-    MemoryStore, ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter,
-};
+use crate::progress::{NoProgress, Progress};
+use crate::store::{MemoryStore, ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 
 /// MiB of incompressible data, from `seed`.
 fn noise(seed: &str, mib: usize) -> Vec<u8> {
@@ -108,6 +106,32 @@ fn listed(remote: &Remote, id: &str) -> RemoteImage {
     remote.images().unwrap().images.remove(id).unwrap()
 }
 
+/// Counts what a transfer announces and what it reports done.
+#[derive(Default)]
+struct Counted {
+    total: AtomicUsize,
+    done: AtomicUsize,
+}
+
+impl Progress for Counted {
+    fn begin(&self, _: &str, total: u64) {
+        self.total.store(total as usize, Ordering::SeqCst);
+    }
+    fn advance(&self, n: u64) {
+        self.done.fetch_add(n as usize, Ordering::SeqCst);
+    }
+    fn end(&self) {}
+}
+
+impl Counted {
+    fn both(&self) -> (usize, usize) {
+        (
+            self.total.load(Ordering::SeqCst),
+            self.done.load(Ordering::SeqCst),
+        )
+    }
+}
+
 #[test]
 fn push_then_pull_into_an_empty_depot_gives_the_same_bytes() {
     let env = Env::new();
@@ -116,19 +140,27 @@ fn push_then_pull_into_an_empty_depot_gives_the_same_bytes() {
     let id = env.import(&a, "base", &content);
     let ra = env.remote(&a);
     let push = a.push_image(&ra, "base", None, &NoProgress).unwrap();
-    assert_eq!((push.chunks, push.chunks_sent, push.chunks_present), (1024, 1024, 0));
+    assert_eq!(
+        (push.chunks, push.chunks_sent, push.chunks_present),
+        (1024, 1024, 0)
+    );
     assert_eq!(push.frames_whole, 4);
     assert!(push.bytes_sent >= 4 << 20 && push.packs == 1 && !push.already);
 
     let b = env.depot("b", "alice");
     let rb = env.remote(&b);
     let img = listed(&rb, &id);
-    let pull = b.pull_image(&rb, &img, None, &NoProgress).unwrap();
+    let progress = Counted::default();
+    let pull = b.pull_image(&rb, &img, None, &progress).unwrap();
+    assert_eq!(progress.both(), (4 << 20, 4 << 20));
     assert_eq!((pull.chunks_fetched, pull.chunks_present), (1024, 0));
     assert!(pull.gets >= 1 && pull.bytes_fetched >= 4 << 20);
     let local = &pull.image;
     assert_ne!(local.id, id);
-    assert_eq!(local.content_digest, a.image("base").unwrap().content_digest);
+    assert_eq!(
+        local.content_digest,
+        a.image("base").unwrap().content_digest
+    );
     assert_eq!(local.parent.as_deref(), Some(id.as_str()));
     assert_eq!(local.copied_from, format!("remote:r {id}"));
     assert_eq!(env.export(&b, &local.id), content);
@@ -236,7 +268,9 @@ fn a_push_that_dies_midway_leaves_no_image_and_resumes() {
     assert_eq!(push.packs, 2);
     let b = env.depot("b", "alice");
     let rb = env.remote(&b);
-    let pull = b.pull_image(&rb, &listed(&rb, &id), None, &NoProgress).unwrap();
+    let pull = b
+        .pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
+        .unwrap();
     assert_eq!(env.export(&b, &pull.image.id), base_disk());
 }
 
@@ -285,7 +319,10 @@ fn altered_remote_bytes_fail_the_pull_and_leave_no_image() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::StoreDamaged(_)), "{msg}");
-    assert!(msg.contains("remote r") && msg.contains("memory:Pack/") && msg.contains("offset"), "{msg}");
+    assert!(
+        msg.contains("remote r") && msg.contains("memory:Pack/") && msg.contains("offset"),
+        "{msg}"
+    );
     assert!(b.list_images().unwrap().is_empty());
 }
 
@@ -326,8 +363,13 @@ fn push_needs_the_right_to_copy() {
             [&id],
         )
         .unwrap();
-    let launch_only = a.push_image(&env.remote(&a), &id, None, &NoProgress).unwrap_err();
-    assert!(matches!(launch_only, Error::NotPermitted(_)), "{launch_only}");
+    let launch_only = a
+        .push_image(&env.remote(&a), &id, None, &NoProgress)
+        .unwrap_err();
+    assert!(
+        matches!(launch_only, Error::NotPermitted(_)),
+        "{launch_only}"
+    );
     assert!(env.mem.list(ObjectKind::Pack).unwrap().is_empty());
 }
 
@@ -350,7 +392,10 @@ fn a_pulled_image_keeps_owner_type_shares_and_tags() {
 
     let b = env.depot("b", "bob");
     let rb = env.remote(&b);
-    let p = b.pull_image(&rb, &listed(&rb, &id), None, &NoProgress).unwrap().image;
+    let p = b
+        .pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
+        .unwrap()
+        .image;
     assert_eq!((p.owner.as_str(), p.kind.as_str()), ("alice", "public"));
     assert_eq!(p.description, "a public image");
     assert_eq!(p.tags.get("os").map(String::as_str), Some("linux"));
@@ -361,7 +406,10 @@ fn a_pulled_image_keeps_owner_type_shares_and_tags() {
     // bob, its receiver, sees it as shared with him; alice as her custom image
     assert_eq!((s.owner.as_str(), s.kind.as_str()), ("alice", "shared"));
     let mine = env.depot("b", "alice").image(&s.id).unwrap();
-    assert_eq!((mine.kind.as_str(), mine.shared_with), ("custom", vec!["bob".to_owned()]));
+    assert_eq!(
+        (mine.kind.as_str(), mine.shared_with),
+        ("custom", vec!["bob".to_owned()])
+    );
 }
 
 #[test]
@@ -377,7 +425,9 @@ fn a_name_the_owner_has_on_the_remote_is_refused() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&id) && msg.contains("--name"), "{msg}");
-    let ok = a.push_image(&ra, "other", Some("other2"), &NoProgress).unwrap();
+    let ok = a
+        .push_image(&ra, "other", Some("other2"), &NoProgress)
+        .unwrap();
     assert_eq!(ok.image.name, "other2");
 }
 
@@ -442,7 +492,11 @@ fn reads_merge_adjacent_frames_and_refuse_bad_locations() {
     let r = remote_in(dir.path());
     let p = "a".repeat(32);
     let mut map = super::ChunkMap::default();
-    map.add(&index(&p, 1000, &[(16, 100, 1), (116, 50, 2), (300, 10, 3)]));
+    map.add(&index(
+        &p,
+        1000,
+        &[(16, 100, 1), (116, 50, 2), (300, 10, 3)],
+    ));
     let want = [ChunkHash([3; 32]), ChunkHash([1; 32]), ChunkHash([102; 32])];
     let reads = plan_reads(&r, &map, &want, "img").unwrap();
     let spans: Vec<(u64, u64)> = reads.iter().map(|r| (r.offset, r.len)).collect();

@@ -269,8 +269,8 @@ pub(crate) fn send_plan(
         let bytes = reader.frame_bytes(f.offset, f.clen)?;
         let checked = check_frame(&bytes, &want, &mut buf).map_err(|bad| match bad {
             Bad::Frame(e) => Error::StoreDamaged(format!(
-                "pack {}: frame at offset {}: {e}; `vmdepot image verify` checks every image's data",
-                plan.packs[&f.pack], f.offset
+                "image {} ({}): pack {}: frame at offset {}: {e}; not sent; `vmdepot image verify` checks every image's data",
+                row.name, row.id, plan.packs[&f.pack], f.offset
             )),
             Bad::Chunk { slot, .. } => corrupt(row, plan, chunks, slot),
         })?;

@@ -148,11 +148,18 @@ fn merge(pack: &str, frames: Vec<Frame>, reads: &mut Vec<Read>) {
 }
 
 /// Fetches `reads` on [`WORKERS`] threads and hands every checked frame
-/// to `sender`; the first error stops the others.
-pub(crate) fn fetch(remote: &Remote, reads: &[Read], sender: &mut Sender<'_>) -> Result<Fetched> {
+/// to `sender`; the first error stops the others. `image` names the image
+/// in errors.
+pub(crate) fn fetch(
+    remote: &Remote,
+    reads: &[Read],
+    image: &str,
+    sender: &mut Sender<'_>,
+) -> Result<Fetched> {
     let work = Work {
         remote,
         reads,
+        image,
         next: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         gets: AtomicU64::new(0),
@@ -184,6 +191,7 @@ pub(crate) fn fetch(remote: &Remote, reads: &[Read], sender: &mut Sender<'_>) ->
 struct Work<'a> {
     remote: &'a Remote,
     reads: &'a [Read],
+    image: &'a str,
     next: AtomicUsize,
     stop: AtomicBool,
     gets: AtomicU64,
@@ -235,8 +243,8 @@ impl Work<'_> {
                 self.remote.damaged(
                     reader.label(),
                     &format!(
-                        "frame at offset {}: {bad}; nothing of it was entered",
-                        f.offset
+                        "frame at offset {}: {bad}; nothing of it was entered for image {}",
+                        f.offset, self.image
                     ),
                 )
             })?;

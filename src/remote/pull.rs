@@ -144,7 +144,7 @@ impl Depot {
         progress.begin("pull", missing.len() as u64 * CHUNK);
         let mut sink = LocalSink::new(self, id, &job);
         let mut sender = Sender::new(&mut sink, progress);
-        let fetched = fetch(remote, &reads, &mut sender)?;
+        let fetched = fetch(remote, &reads, &label, &mut sender)?;
         let sent = sender.finish()?;
         progress.end();
         let content = Content {

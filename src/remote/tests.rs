@@ -320,7 +320,10 @@ fn altered_remote_bytes_fail_the_pull_and_leave_no_image() {
     let msg = err.to_string();
     assert!(matches!(err, Error::StoreDamaged(_)), "{msg}");
     assert!(
-        msg.contains("remote r") && msg.contains("memory:Pack/") && msg.contains("offset"),
+        msg.contains("remote r")
+            && msg.contains("memory:Pack/")
+            && msg.contains("offset")
+            && msg.contains(&id),
         "{msg}"
     );
     assert!(b.list_images().unwrap().is_empty());

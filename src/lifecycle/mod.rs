@@ -10,6 +10,7 @@
 //! content digest still covers every byte.
 
 pub mod copy;
+pub(crate) mod transfer;
 
 use std::path::Path;
 use std::time::Instant;

@@ -13,12 +13,19 @@
 //! [`crate::lifecycle`].
 
 mod chunks;
+mod fetch;
+mod pull;
+mod push;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use chunks::{ChunkLoc, ChunkMap};
+pub use pull::PullReport;
+pub use push::{grace, PushReport, PushedImage};
 
 use crate::error::{Error, Result};
 use crate::format::{self, Manifest};

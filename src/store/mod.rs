@@ -30,6 +30,8 @@ use std::path::Path;
 
 pub use cache::ReaderCache;
 pub use local::LocalDir;
+#[cfg(test)]
+pub use memory::MemoryStore;
 pub use object::{
     ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes, DELETE_GRACE,
 };

@@ -98,6 +98,13 @@ pub enum Error {
         needle: String,
         last: String,
     },
+    /// A remote depot (S3-compatible object storage) failed: the request
+    /// was refused (wrong credentials, missing bucket), the endpoint is
+    /// unreachable, or the retries gave up. Exit code 8. The message is
+    /// one line: what failed, on which object or bucket, the HTTP status
+    /// or cause, and the fix.
+    #[error("remote {remote}: {message}")]
+    Remote { remote: String, message: String },
     /// Internal: a concurrent gc removed chunks this import referenced; the
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]
@@ -168,7 +175,7 @@ impl Error {
     /// Exit code for scripts: 1 generic (a taken name too), 2 usage (a
     /// name that matches several images), 3 not found, 4 refused/bad
     /// input, 5 corrupt store, 6 no space, 7 not permitted for this
-    /// account.
+    /// account, 8 a remote depot failed.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::AmbiguousName { .. } => 2,
@@ -177,6 +184,7 @@ impl Error {
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } | Error::NoSpaceTarget { .. } => 6,
             Error::NotPermitted(_) => 7,
+            Error::Remote { .. } => 8,
             Error::Usage(_) => 2,
             _ => 1,
         }

@@ -10,7 +10,8 @@
 //! mmap); [`PackWriter`] and [`PackReader`], a pack over any store;
 //! [`PackRotator`], the one writer of packs that rotates at
 //! [`crate::format::PACK_TARGET_BYTES`]; [`ReaderCache`], the packs an
-//! operation has open.
+//! operation has open; [`S3Store`], the store of a remote depot on
+//! S3-compatible object storage, at an [`S3Location`].
 //!
 //! A pack is written once, sealed (durable) with its index, and never
 //! modified after that; gc deletes whole packs.
@@ -22,6 +23,7 @@ mod memory;
 mod object;
 mod pack;
 mod rotate;
+mod s3;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +39,7 @@ pub use object::{
 };
 pub use pack::{read_index, remove_pack, write_index, PackReader, PackWriter};
 pub use rotate::{PackRotator, Placed, Register, Sealed};
+pub use s3::{S3Location, S3Store};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::CHUNK_SIZE;

@@ -1,0 +1,500 @@
+//! [`S3Store`]: the [`ObjectStore`] of a remote depot, on S3-compatible
+//! object storage (Garage, Ceph RGW, MinIO, AWS S3) through the
+//! `object_store` crate; [`S3Location`] says where. Its readers and
+//! writers (ranged GETs, multipart uploads) are in `transfer`, the naming
+//! rules in `location`, credentials in `credentials`, and how a failed
+//! request becomes one line in `fail`.
+//!
+//! The store owns a small tokio runtime; every method blocks on it, so the
+//! rest of vmdepot stays synchronous (readers are used from several
+//! threads at once). Requests are retried with backoff on throttling, 5xx
+//! and dropped connections (`retry_config`); an endpoint that refuses or
+//! does not answer fails within seconds.
+//!
+//! **Names are unique by construction** (packs have random names, manifest
+//! names carry the image id and version): `create` and `put` check with a
+//! HEAD that the name is free, a guard against mistakes rather than races.
+//! (Garage 2.5 ignores `If-None-Match: *` on PUT, so a conditional create
+//! would not be one there.)
+//!
+//! **Deferred deletion** ([`ObjectStore::delete`]): retiring an object
+//! writes an empty tombstone at `trash/<its key>`, whose LastModified is
+//! the retirement time, and leaves the bytes. While the tombstone exists
+//! the object is not listed, stat'ed or got, but [`ObjectStore::open`]
+//! still reads it; [`ObjectStore::revive`] deletes the tombstone and
+//! [`ObjectStore::purge`] deletes the object, then its tombstone.
+
+mod credentials;
+mod fail;
+mod location;
+mod transfer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore as _, ObjectStoreExt, PutPayload,
+    RetryConfig,
+};
+
+use self::credentials::Credentials;
+use self::fail::{Failure, Target};
+use self::location::Keys;
+use self::transfer::{S3Reader, S3Writer};
+use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
+use crate::error::{Error, Result};
+
+pub use self::location::S3Location;
+
+/// The largest object [`ObjectStore::get`] reads whole (a manifest of a
+/// ~300 GiB image); meta objects are far smaller.
+const MAX_GET: u64 = 1 << 30;
+/// The largest meta object [`ObjectStore::get`] reads.
+const MAX_META: u64 = 1 << 20;
+/// Deletes [`ObjectStore::purge`] runs at once.
+const PURGE_PARALLEL: usize = 16;
+
+/// The retry policy of every request: 6 retries, backoff from 100 ms to
+/// 10 s, none started after 150 s.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: Duration::from_secs(150),
+    }
+}
+
+/// A remote depot's objects in an S3 bucket (see the module doc).
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+/// What the store, its readers and its writers share.
+struct Inner {
+    rt: tokio::runtime::Runtime,
+    s3: AmazonS3,
+    keys: Keys,
+    remote: String,
+    bucket: String,
+    /// The endpoint, for messages.
+    endpoint: String,
+    /// Parts being uploaded, store-wide: bounds the memory of uploads.
+    parts: Arc<tokio::sync::Semaphore>,
+}
+
+impl S3Store {
+    /// Opens the remote named `remote` (its name is in every error) at
+    /// `loc`, with the credentials of the environment or of the shared
+    /// credentials file. Sends nothing: see [`S3Store::probe`].
+    pub fn open(loc: &S3Location, remote: &str) -> Result<S3Store> {
+        loc.validate(remote)?;
+        let creds = Credentials::load(remote)?;
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let endpoint = loc.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
+        let region = (loc.region.clone())
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_owned());
+        let s3 = build_client(loc, &creds, endpoint.as_deref(), &region)
+            .map_err(|e| client_error(remote, &e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmdepot-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| client_error(remote, &e.to_string()))?;
+        let inner = Inner {
+            rt,
+            s3,
+            keys: Keys::new(&loc.prefix),
+            remote: remote.to_owned(),
+            bucket: loc.bucket.clone(),
+            endpoint: endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+            parts: Arc::new(tokio::sync::Semaphore::new(transfer::PARTS_IN_FLIGHT)),
+        };
+        Ok(S3Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Checks that the remote answers and that the credentials may list
+    /// its prefix (one listing of at most one key): what `remote add`
+    /// runs.
+    pub fn probe(&self) -> Result<()> {
+        let i = &self.inner;
+        let root = i.keys.root(false);
+        let opts = PaginatedListOptions {
+            max_keys: Some(1),
+            ..Default::default()
+        };
+        let prefix = Some(root.as_str()).filter(|r| !r.is_empty());
+        i.block_on(i.s3.list_paginated(prefix, opts))
+            .map(drop)
+            .map_err(|e| i.fail("listing", &root, &e))
+    }
+}
+
+fn client_error(remote: &str, why: &str) -> Error {
+    Error::Remote {
+        remote: remote.to_owned(),
+        message: format!(
+            "setting up the S3 client: {}; check the remote's endpoint and region",
+            crate::error::one_line(why)
+        ),
+    }
+}
+
+/// The `object_store` client: path-style requests for a custom endpoint
+/// (virtual-hosted style for AWS itself), plain HTTP only when the
+/// endpoint says `http://`, connect timeout 5 s.
+fn build_client(
+    loc: &S3Location,
+    creds: &Credentials,
+    endpoint: Option<&str>,
+    region: &str,
+) -> object_store::Result<AmazonS3> {
+    let http = endpoint.is_some_and(|e| e.starts_with("http://"));
+    let options = ClientOptions::new()
+        .with_allow_http(http)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120));
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(&loc.bucket)
+        .with_region(region)
+        .with_access_key_id(&creds.key_id)
+        .with_secret_access_key(&creds.secret)
+        .with_allow_http(http)
+        .with_virtual_hosted_style_request(endpoint.is_none())
+        .with_retry(retry_config())
+        .with_client_options(options);
+    if let Some(token) = &creds.token {
+        b = b.with_token(token);
+    }
+    if let Some(e) = endpoint {
+        b = b.with_endpoint(e);
+    }
+    b.build()
+}
+
+/// An object's state on the remote: its metadata if its bytes are there,
+/// and whether it is retired (a tombstone exists).
+struct State {
+    object: Option<ObjectMeta>,
+    retired: bool,
+}
+
+impl State {
+    /// The metadata of a live object.
+    fn live(self) -> Option<ObjectMeta> {
+        self.object.filter(|_| !self.retired)
+    }
+}
+
+impl Inner {
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            remote: &self.remote,
+            endpoint: &self.endpoint,
+            bucket: &self.bucket,
+        }
+    }
+
+    /// The one-line error of a failed request on `key`.
+    fn fail(&self, what: &str, key: &str, e: &object_store::Error) -> Error {
+        Failure::of(e).into_error(&self.target(), what, &self.url(key))
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// How messages name an object: its URL and the remote.
+    fn label(&self, key: &str) -> String {
+        format!("{} (remote {})", self.url(key), self.remote)
+    }
+
+    /// The key of an object (`trash`: of its tombstone); a refused name
+    /// is an error naming the remote.
+    fn key(&self, kind: ObjectKind, name: &str, trash: bool) -> Result<String> {
+        self.keys.key(kind, name, trash).map_err(|why| Error::Remote {
+            remote: self.remote.clone(),
+            message: format!("refused an object name: {why}; the name comes from a damaged or hostile manifest or index, or from a bug"),
+        })
+    }
+
+    /// An object's metadata (`None`: there is none).
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        match self.s3.head(&path(key)).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(self.fail("checking", key, &e)),
+        }
+    }
+
+    /// The object and its tombstone, asked at once.
+    async fn state(&self, kind: ObjectKind, name: &str) -> Result<State> {
+        let key = self.key(kind, name, false)?;
+        let tomb = self.key(kind, name, true)?;
+        let (object, tomb) = futures_util::try_join!(self.head(&key), self.head(&tomb))?;
+        Ok(State {
+            object,
+            retired: tomb.is_some(),
+        })
+    }
+
+    /// Refuses a name in use (a live object); `Ok(true)`: the name is a
+    /// retired object's, whose tombstone the new object's writer removes.
+    fn check_free(&self, kind: ObjectKind, name: &str) -> Result<bool> {
+        let st = self.block_on(self.state(kind, name))?;
+        match (&st.object, st.retired) {
+            (Some(_), false) => {
+                let key = self.key(kind, name, false)?;
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the object exists: remote objects are written once",
+                );
+                Err(Error::io(self.label(&key), e))
+            }
+            (_, retired) => Ok(retired),
+        }
+    }
+
+    async fn put(&self, key: &str, bytes: PutPayload) -> Result<()> {
+        self.s3
+            .put(&path(key), bytes)
+            .await
+            .map(drop)
+            .map_err(|e| self.fail("writing", key, &e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self.s3.delete(&path(key)).await {
+            Err(e) if !missing(&e) => Err(self.fail("deleting", key, &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every object (`trash`: tombstone) of a kind, with its size and
+    /// time; keys that are not exactly what [`Keys::key`] makes are left
+    /// out.
+    async fn list_kind(&self, kind: ObjectKind, trash: bool) -> Result<Vec<ObjectInfo>> {
+        let (prefix, flat) = self.keys.listing(kind, trash);
+        let p = path(&prefix);
+        let p = Some(&p).filter(|p| !p.as_ref().is_empty());
+        let metas: Vec<ObjectMeta> = if flat {
+            self.s3.list_with_delimiter(p).await.map(|l| l.objects)
+        } else {
+            self.s3.list(p).try_collect().await
+        }
+        .map_err(|e| self.fail("listing", &prefix, &e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                Some(ObjectInfo {
+                    name: self.keys.parse(kind, m.location.as_ref(), trash)?,
+                    size: m.size,
+                    modified: Some(SystemTime::from(m.last_modified)),
+                })
+            })
+            .collect())
+    }
+
+    /// A kind's objects (retired ones too) and its tombstones by name.
+    fn scan(&self, kind: ObjectKind) -> Result<(Vec<ObjectInfo>, HashMap<String, ObjectInfo>)> {
+        let (objects, tombs) = self.block_on(async {
+            futures_util::try_join!(self.list_kind(kind, false), self.list_kind(kind, true))
+        })?;
+        let tombs = tombs.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok((objects, tombs))
+    }
+
+    /// A live object's bytes, read whole (`None`: there is none, or it
+    /// is retired: its tombstone `tomb` exists); refused past `limit`.
+    async fn get(&self, key: &str, tomb: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let p = path(key);
+        let (got, tomb) = futures_util::join!(self.s3.get(&p), self.head(tomb));
+        let got = match got {
+            Err(e) if missing(&e) => return Ok(None),
+            r => r.map_err(|e| self.fail("reading", key, &e))?,
+        };
+        if tomb?.is_some() {
+            return Ok(None);
+        }
+        if got.meta.size > limit {
+            return Err(Error::Remote {
+                remote: self.remote.clone(),
+                message: format!(
+                    "reading {}: {} bytes, more than the {limit} such an object may have: it is damaged or hostile; delete it from the bucket",
+                    self.url(key),
+                    got.meta.size
+                ),
+            });
+        }
+        let bytes = got.bytes().await.map_err(|e| self.fail("reading", key, &e))?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// Deletes a retired object then its tombstone, if it was retired
+    /// `older_than` ago or longer (by this host's clock: the grace dwarfs
+    /// any skew).
+    async fn purge_one(&self, tomb: ObjectMeta, older_than: Duration) -> Result<()> {
+        let root = self.keys.root(true);
+        let Some(rel) = tomb.location.as_ref().strip_prefix(&root) else {
+            return Ok(());
+        };
+        let known = ObjectKind::ALL
+            .iter()
+            .any(|&k| Keys::parse_relative(k, rel).is_some());
+        let age = SystemTime::now()
+            .duration_since(tomb.last_modified.into())
+            .unwrap_or_default();
+        if !known || age < older_than {
+            return Ok(());
+        }
+        self.delete(&(self.keys.root(false) + rel)).await?;
+        self.delete(tomb.location.as_ref()).await
+    }
+}
+
+/// An `object_store` path of a key made by [`Keys`] (safe characters
+/// only, so nothing is escaped).
+fn path(key: &str) -> Path {
+    Path::from_iter(key.split('/').filter(|s| !s.is_empty()))
+}
+
+/// Whether an error is a missing object (a missing bucket is not).
+fn missing(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) && !Failure::of(e).no_bucket()
+}
+
+/// [`Error::Io`] of kind `NotFound` for an object (what
+/// [`super::is_not_found`] recognises).
+fn not_found(label: String, why: &str) -> Error {
+    Error::io(label, std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()))
+}
+
+impl ObjectStore for S3Store {
+    fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        let i = &self.inner;
+        let replaces = i.check_free(kind, name)?;
+        let tomb = replaces.then(|| i.key(kind, name, true)).transpose()?;
+        let key = i.key(kind, name, false)?;
+        Ok(Box::new(S3Writer::new(self.inner.clone(), key, tomb)))
+    }
+
+    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        let i = &self.inner;
+        let replaces = i.check_free(kind, name)?;
+        let key = i.key(kind, name, false)?;
+        i.block_on(i.put(&key, PutPayload::from(bytes.to_vec())))?;
+        if replaces {
+            i.block_on(i.delete(&i.key(kind, name, true)?))?;
+        }
+        Ok(())
+    }
+
+    fn open(&self, kind: ObjectKind, name: &str) -> Result<Arc<dyn ObjectReader>> {
+        let i = &self.inner;
+        let key = i.key(kind, name, false)?;
+        match i.block_on(i.head(&key))? {
+            Some(meta) => Ok(Arc::new(S3Reader::new(self.inner.clone(), key, meta.size))),
+            None => Err(not_found(i.label(&key), "no such object on the remote")),
+        }
+    }
+
+    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
+        let i = &self.inner;
+        let limit = if kind == ObjectKind::Meta { MAX_META } else { MAX_GET };
+        let (key, tomb) = (i.key(kind, name, false)?, i.key(kind, name, true)?);
+        i.block_on(i.get(&key, &tomb, limit))
+    }
+
+    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+        let i = &self.inner;
+        let st = i.block_on(i.state(kind, name))?;
+        Ok(st.live().map(|m| m.size))
+    }
+
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let (objects, tombs) = self.inner.scan(kind)?;
+        Ok(objects
+            .into_iter()
+            .filter(|o| !tombs.contains_key(&o.name))
+            .collect())
+    }
+
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let i = &self.inner;
+        let st = i.block_on(i.state(kind, name))?;
+        if st.live().is_none() {
+            return Ok(());
+        }
+        i.block_on(i.put(&i.key(kind, name, true)?, PutPayload::new()))
+    }
+
+    fn retired(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let (objects, tombs) = self.inner.scan(kind)?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let t = tombs.get(&o.name)?;
+                Some(ObjectInfo {
+                    modified: t.modified,
+                    ..o
+                })
+            })
+            .collect())
+    }
+
+    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let i = &self.inner;
+        let key = i.key(kind, name, false)?;
+        if i.block_on(i.head(&key))?.is_none() {
+            return Err(not_found(
+                i.label(&key),
+                "cannot revive: its bytes are gone (purged)",
+            ));
+        }
+        i.block_on(i.delete(&i.key(kind, name, true)?))
+    }
+
+    fn purge(&self, older_than: Duration) -> Result<()> {
+        let i = &self.inner;
+        let root = i.keys.root(true);
+        i.block_on(async {
+            let tombs: Vec<ObjectMeta> = i
+                .s3
+                .list(Some(&path(&root)))
+                .try_collect()
+                .await
+                .map_err(|e| i.fail("listing", &root, &e))?;
+            futures_util::stream::iter(tombs)
+                .map(|t| i.purge_one(t, older_than))
+                .buffer_unordered(PURGE_PARALLEL)
+                .try_collect::<()>()
+                .await
+        })
+    }
+
+    fn label(&self, kind: ObjectKind, name: &str) -> String {
+        let i = &self.inner;
+        match i.keys.key(kind, name, false) {
+            Ok(key) => i.label(&key),
+            Err(_) => format!("{kind:?} {:?} (remote {})", name, i.remote),
+        }
+    }
+}

@@ -43,13 +43,13 @@ use object_store::{
     RetryConfig,
 };
 
-use self::credentials::Credentials;
 use self::fail::{Failure, Target};
 use self::location::Keys;
 use self::transfer::{S3Reader, S3Writer};
 use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 use crate::error::{Error, Result};
 
+pub use self::credentials::S3Credentials;
 pub use self::location::S3Location;
 
 /// The largest object [`ObjectStore::get`] reads whole (a manifest of a
@@ -98,14 +98,20 @@ impl S3Store {
     /// credentials file. Sends nothing: see [`S3Store::probe`].
     pub fn open(loc: &S3Location, remote: &str) -> Result<S3Store> {
         loc.validate(remote)?;
-        let creds = Credentials::load(remote)?;
+        S3Store::open_with(loc, remote, &S3Credentials::load(remote)?)
+    }
+
+    /// [`S3Store::open`] with the credentials given (a library user's own,
+    /// or a test's: the environment is the process's, shared by threads).
+    pub fn open_with(loc: &S3Location, remote: &str, creds: &S3Credentials) -> Result<S3Store> {
+        loc.validate(remote)?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let endpoint = loc.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
         let region = (loc.region.clone())
             .or_else(|| env("AWS_REGION"))
             .or_else(|| env("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".to_owned());
-        let s3 = build_client(loc, &creds, endpoint.as_deref(), &region)
+        let s3 = build_client(loc, creds, endpoint.as_deref(), &region)
             .map_err(|e| client_error(remote, &e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -159,7 +165,7 @@ fn client_error(remote: &str, why: &str) -> Error {
 /// endpoint says `http://`, connect timeout 5 s.
 fn build_client(
     loc: &S3Location,
-    creds: &Credentials,
+    creds: &S3Credentials,
     endpoint: Option<&str>,
     region: &str,
 ) -> object_store::Result<AmazonS3> {
@@ -238,10 +244,16 @@ impl Inner {
 
     /// An object's metadata (`None`: there is none).
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        self.head_of(key, key).await
+    }
+
+    /// The metadata of the object at `key`, which errors call `named` (a
+    /// tombstone's failure names the object it is the tombstone of).
+    async fn head_of(&self, key: &str, named: &str) -> Result<Option<ObjectMeta>> {
         match self.s3.head(&path(key)).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if missing(&e) => Ok(None),
-            Err(e) => Err(self.fail("checking", key, &e)),
+            Err(e) => Err(self.fail("checking", named, &e)),
         }
     }
 
@@ -249,7 +261,7 @@ impl Inner {
     async fn state(&self, kind: ObjectKind, name: &str) -> Result<State> {
         let key = self.key(kind, name, false)?;
         let tomb = self.key(kind, name, true)?;
-        let (object, tomb) = futures_util::try_join!(self.head(&key), self.head(&tomb))?;
+        let (object, tomb) = futures_util::try_join!(self.head(&key), self.head_of(&tomb, &key))?;
         Ok(State {
             object,
             retired: tomb.is_some(),
@@ -326,7 +338,7 @@ impl Inner {
     /// is retired: its tombstone `tomb` exists); refused past `limit`.
     async fn get(&self, key: &str, tomb: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         let p = path(key);
-        let (got, tomb) = futures_util::join!(self.s3.get(&p), self.head(tomb));
+        let (got, tomb) = futures_util::join!(self.s3.get(&p), self.head_of(tomb, key));
         let got = match got {
             Err(e) if missing(&e) => return Ok(None),
             r => r.map_err(|e| self.fail("reading", key, &e))?,
@@ -344,7 +356,10 @@ impl Inner {
                 ),
             });
         }
-        let bytes = got.bytes().await.map_err(|e| self.fail("reading", key, &e))?;
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.fail("reading", key, &e))?;
         Ok(Some(bytes.to_vec()))
     }
 
@@ -384,7 +399,10 @@ fn missing(e: &object_store::Error) -> bool {
 /// [`Error::Io`] of kind `NotFound` for an object (what
 /// [`super::is_not_found`] recognises).
 fn not_found(label: String, why: &str) -> Error {
-    Error::io(label, std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()))
+    Error::io(
+        label,
+        std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()),
+    )
 }
 
 impl ObjectStore for S3Store {
@@ -418,7 +436,11 @@ impl ObjectStore for S3Store {
 
     fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
         let i = &self.inner;
-        let limit = if kind == ObjectKind::Meta { MAX_META } else { MAX_GET };
+        let limit = if kind == ObjectKind::Meta {
+            MAX_META
+        } else {
+            MAX_GET
+        };
         let (key, tomb) = (i.key(kind, name, false)?, i.key(kind, name, true)?);
         i.block_on(i.get(&key, &tomb, limit))
     }
@@ -476,12 +498,11 @@ impl ObjectStore for S3Store {
         let i = &self.inner;
         let root = i.keys.root(true);
         i.block_on(async {
-            let tombs: Vec<ObjectMeta> = i
-                .s3
-                .list(Some(&path(&root)))
-                .try_collect()
-                .await
-                .map_err(|e| i.fail("listing", &root, &e))?;
+            let tombs: Vec<ObjectMeta> =
+                i.s3.list(Some(&path(&root)))
+                    .try_collect()
+                    .await
+                    .map_err(|e| i.fail("listing", &root, &e))?;
             futures_util::stream::iter(tombs)
                 .map(|t| i.purge_one(t, older_than))
                 .buffer_unordered(PURGE_PARALLEL)

@@ -105,7 +105,10 @@ impl S3Writer {
             let Some(done) = done else {
                 return Ok(());
             };
-            if let Err(e) = done.map_err(object_store::Error::from).and_then(|sent| sent) {
+            if let Err(e) = done
+                .map_err(object_store::Error::from)
+                .and_then(|sent| sent)
+            {
                 return Err(self.fail("uploading a part of", &e));
             }
         }

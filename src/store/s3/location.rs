@@ -11,9 +11,8 @@
 //! objects (`VMDEPOT`, `gc.lock`) at the prefix's root, and the tombstone of
 //! a retired object at `trash/<its key>`.
 
-use super::super::object::ObjectKind;
-use super::super::valid_pack_name;
 use crate::error::{Error, Result};
+use crate::store::{valid_pack_name, ObjectKind};
 
 /// Where a remote depot's objects are: a bucket, a key prefix in it, and
 /// the S3 service (`endpoint`: none for AWS itself).
@@ -31,6 +30,8 @@ pub struct S3Location {
     pub region: Option<String>,
 }
 
+/// The region when neither the location nor the environment names one.
+pub(super) const DEFAULT_REGION: &str = "us-east-1";
 /// The longest bucket name S3 allows.
 const MAX_BUCKET: usize = 63;
 /// The longest prefix accepted (S3 keys are at most 1024 bytes).
@@ -65,6 +66,22 @@ impl S3Location {
         match self.prefix.as_str() {
             "" => format!("s3://{}", self.bucket),
             p => format!("s3://{}/{p}", self.bucket),
+        }
+    }
+
+    /// The location with the endpoint and region the environment gives
+    /// where it has none: `AWS_ENDPOINT_URL`; `AWS_REGION`, else
+    /// `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub(super) fn resolved(&self) -> S3Location {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let region = (self.region.clone())
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        S3Location {
+            endpoint: self.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL")),
+            region: Some(region),
+            ..self.clone()
         }
     }
 

@@ -44,10 +44,10 @@ use object_store::{
 };
 
 use self::fail::{Failure, Target};
-use self::location::Keys;
+use self::location::{Keys, DEFAULT_REGION};
 use self::transfer::{S3Reader, S3Writer};
-use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 use crate::error::{Error, Result};
+use crate::store::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 
 pub use self::credentials::S3Credentials;
 pub use self::location::S3Location;
@@ -103,29 +103,28 @@ impl S3Store {
 
     /// [`S3Store::open`] with the credentials given (a library user's own,
     /// or a test's: the environment is the process's, shared by threads).
+    /// The endpoint and region not in `loc` still come from the
+    /// environment (see [`S3Location`]).
     pub fn open_with(loc: &S3Location, remote: &str, creds: &S3Credentials) -> Result<S3Store> {
+        let loc = loc.resolved();
         loc.validate(remote)?;
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let endpoint = loc.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
-        let region = (loc.region.clone())
-            .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| "us-east-1".to_owned());
-        let s3 = build_client(loc, creds, endpoint.as_deref(), &region)
-            .map_err(|e| client_error(remote, &e.to_string()))?;
+        let region = loc.region.as_deref().unwrap_or(DEFAULT_REGION);
+        let s3 = build_client(&loc, creds).map_err(|e| client_error(remote, &e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmdepot-s3")
             .enable_all()
             .build()
             .map_err(|e| client_error(remote, &e.to_string()))?;
+        let endpoint =
+            (loc.endpoint.clone()).unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         let inner = Inner {
             rt,
             s3,
             keys: Keys::new(&loc.prefix),
             remote: remote.to_owned(),
-            bucket: loc.bucket.clone(),
-            endpoint: endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+            bucket: loc.bucket,
+            endpoint,
             parts: Arc::new(tokio::sync::Semaphore::new(transfer::PARTS_IN_FLIGHT)),
         };
         Ok(S3Store {
@@ -160,26 +159,20 @@ fn client_error(remote: &str, why: &str) -> Error {
     }
 }
 
-/// The `object_store` client: path-style requests for a custom endpoint
-/// (virtual-hosted style for AWS itself), plain HTTP only when the
-/// endpoint says `http://`, connect timeout 5 s.
-fn build_client(
-    loc: &S3Location,
-    creds: &S3Credentials,
-    endpoint: Option<&str>,
-    region: &str,
-) -> object_store::Result<AmazonS3> {
-    let http = endpoint.is_some_and(|e| e.starts_with("http://"));
+/// The `object_store` client of a resolved location: path-style
+/// requests for a custom endpoint (virtual-hosted style for AWS itself),
+/// plain HTTP only when the endpoint says `http://`, connect timeout 5 s.
+fn build_client(loc: &S3Location, creds: &S3Credentials) -> object_store::Result<AmazonS3> {
+    let endpoint = loc.endpoint.as_deref();
     let options = ClientOptions::new()
-        .with_allow_http(http)
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(120));
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&loc.bucket)
-        .with_region(region)
+        .with_region(loc.region.as_deref().unwrap_or(DEFAULT_REGION))
         .with_access_key_id(&creds.key_id)
         .with_secret_access_key(&creds.secret)
-        .with_allow_http(http)
         .with_virtual_hosted_style_request(endpoint.is_none())
         .with_retry(retry_config())
         .with_client_options(options);
@@ -307,22 +300,24 @@ impl Inner {
         let (prefix, flat) = self.keys.listing(kind, trash);
         let p = path(&prefix);
         let p = Some(&p).filter(|p| !p.as_ref().is_empty());
-        let metas: Vec<ObjectMeta> = if flat {
-            self.s3.list_with_delimiter(p).await.map(|l| l.objects)
-        } else {
-            self.s3.list(p).try_collect().await
-        }
-        .map_err(|e| self.fail("listing", &prefix, &e))?;
-        Ok(metas
-            .into_iter()
-            .filter_map(|m| {
-                Some(ObjectInfo {
-                    name: self.keys.parse(kind, m.location.as_ref(), trash)?,
-                    size: m.size,
-                    modified: Some(SystemTime::from(m.last_modified)),
-                })
+        let info = |m: ObjectMeta| {
+            Some(ObjectInfo {
+                name: self.keys.parse(kind, m.location.as_ref(), trash)?,
+                size: m.size,
+                modified: Some(SystemTime::from(m.last_modified)),
             })
-            .collect())
+        };
+        let listed = if flat {
+            let found = self.s3.list_with_delimiter(p).await;
+            found.map(|l| l.objects.into_iter().filter_map(info).collect())
+        } else {
+            let found = self.s3.list(p);
+            found
+                .try_filter_map(|m| std::future::ready(Ok(info(m))))
+                .try_collect()
+                .await
+        };
+        listed.map_err(|e| self.fail("listing", &prefix, &e))
     }
 
     /// A kind's objects (retired ones too) and its tombstones by name.
@@ -360,7 +355,7 @@ impl Inner {
             .bytes()
             .await
             .map_err(|e| self.fail("reading", key, &e))?;
-        Ok(Some(bytes.to_vec()))
+        Ok(Some(bytes.into()))
     }
 
     /// Deletes a retired object then its tombstone, if it was retired

@@ -14,9 +14,9 @@ use std::time::Duration;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
 use tokio::task::JoinSet;
 
-use super::super::object::{ObjectReader, ObjectWriter, RangeBytes};
 use super::{not_found, path, Inner};
 use crate::error::{Error, Result};
+use crate::store::{ObjectReader, ObjectWriter, RangeBytes};
 
 /// The size of a multipart upload's parts (the last one is smaller).
 pub(super) const PART_BYTES: usize = 8 << 20;

@@ -149,6 +149,16 @@ fn s3_multipart_odd_appends_read_by_ranges() {
     });
     let whole = s.get(ObjectKind::Pack, PACK).unwrap().unwrap();
     assert!(whole == data);
+
+    // A writer dropped unsealed (a part sent already) leaves nothing, and
+    // the name stays free.
+    let mut torn = s.create(ObjectKind::Pack, PACK2).unwrap();
+    torn.append(&data[..9 << 20]).unwrap();
+    drop(torn);
+    assert_eq!(s.stat(ObjectKind::Pack, PACK2).unwrap(), None);
+    assert_eq!(names(&s, ObjectKind::Pack), [PACK]);
+    s.put(ObjectKind::Pack, PACK2, b"small").unwrap();
+    assert_eq!(names(&s, ObjectKind::Pack), [PACK, PACK2]);
 }
 
 #[test]

@@ -161,12 +161,15 @@ fn client_error(remote: &str, why: &str) -> Error {
 
 /// The `object_store` client of a resolved location: path-style
 /// requests for a custom endpoint (virtual-hosted style for AWS itself),
-/// plain HTTP only when the endpoint says `http://`, connect timeout 5 s.
+/// plain HTTP only when the endpoint says `http://`; a connect timeout of
+/// 2 s (an endpoint that refuses fails in about a second, one that drops
+/// packets after 7 attempts of 2 s and their backoff) and 120 s for a
+/// whole request.
 fn build_client(loc: &S3Location, creds: &S3Credentials) -> object_store::Result<AmazonS3> {
     let endpoint = loc.endpoint.as_deref();
     let options = ClientOptions::new()
         .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
-        .with_connect_timeout(Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(120));
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&loc.bucket)

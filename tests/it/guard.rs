@@ -118,7 +118,7 @@ fn kill(pid: i32) {
 }
 
 /// Prints the end of a log file, headed by its path.
-fn print_tail(path: &Path) {
+pub fn print_tail(path: &Path) {
     match std::fs::read(path) {
         Ok(bytes) => {
             let from = bytes.len().saturating_sub(LOG_TAIL);

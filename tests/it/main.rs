@@ -3,6 +3,7 @@
 //! by fixtures/. One test binary; one module per area.
 
 mod common;
+mod garage;
 mod guard;
 mod image;
 mod instance;
@@ -13,6 +14,7 @@ mod reliability_disk;
 mod reliability_pause;
 mod reliability_powercut;
 mod reliability_repair;
+mod remote_s3;
 mod security_access;
 mod security_input;
 mod security_local;

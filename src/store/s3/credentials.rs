@@ -1,4 +1,4 @@
-//! [`Credentials`]: the S3 access key a remote is reached with, found the
+//! [`S3Credentials`]: the S3 access key a remote is reached with, found the
 //! way S3 tools find it: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`
 //! (with `AWS_SESSION_TOKEN` when set) from the environment, else the
 //! shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, else
@@ -9,18 +9,20 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 
-/// An S3 access key.
+/// An S3 access key (its `Debug` shows the key id only).
 #[derive(Clone, PartialEq, Eq)]
-pub(super) struct Credentials {
-    pub(super) key_id: String,
-    pub(super) secret: String,
-    /// The session token of temporary credentials.
-    pub(super) token: Option<String>,
+pub struct S3Credentials {
+    /// The access key id (`AWS_ACCESS_KEY_ID`).
+    pub key_id: String,
+    /// The secret access key (`AWS_SECRET_ACCESS_KEY`).
+    pub secret: String,
+    /// The session token of temporary credentials (`AWS_SESSION_TOKEN`).
+    pub token: Option<String>,
 }
 
-impl std::fmt::Debug for Credentials {
+impl std::fmt::Debug for S3Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
+        f.debug_struct("S3Credentials")
             .field("key_id", &self.key_id)
             .finish_non_exhaustive()
     }
@@ -29,10 +31,11 @@ impl std::fmt::Debug for Credentials {
 /// The largest shared credentials file read.
 const MAX_FILE: u64 = 1 << 20;
 
-impl Credentials {
+impl S3Credentials {
     /// The credentials of the process's environment, else of the shared
-    /// file; an error naming both ways when neither has them.
-    pub(super) fn load(remote: &str) -> Result<Credentials> {
+    /// file; an error naming both ways when neither has them (`remote`
+    /// names the remote in it).
+    pub fn load(remote: &str) -> Result<S3Credentials> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(c) = from_vars(&env).map_err(|m| remote_err(remote, m))? {
             return Ok(c);
@@ -65,9 +68,11 @@ fn remote_err(remote: &str, message: String) -> Error {
 }
 
 /// The credentials of the environment (`Ok(None)`: it names none).
-fn from_vars(env: &dyn Fn(&str) -> Option<String>) -> std::result::Result<Option<Credentials>, String> {
+fn from_vars(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::result::Result<Option<S3Credentials>, String> {
     match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-        (Some(key_id), Some(secret)) => Ok(Some(Credentials {
+        (Some(key_id), Some(secret)) => Ok(Some(S3Credentials {
             key_id,
             secret,
             token: env("AWS_SESSION_TOKEN"),
@@ -80,12 +85,20 @@ fn from_vars(env: &dyn Fn(&str) -> Option<String>) -> std::result::Result<Option
 
 /// The profile's credentials in a shared credentials file (`Ok(None)`: no
 /// such file, or no such profile in it).
-fn read_file(path: &std::path::Path, profile: &str) -> std::result::Result<Option<Credentials>, String> {
+fn read_file(
+    path: &std::path::Path,
+    profile: &str,
+) -> std::result::Result<Option<S3Credentials>, String> {
     use std::io::Read;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("reading the credentials file {}: {e}", path.display())),
+        Err(e) => {
+            return Err(format!(
+                "reading the credentials file {}: {e}",
+                path.display()
+            ))
+        }
     };
     let mut text = String::new();
     file.take(MAX_FILE)
@@ -103,7 +116,7 @@ fn read_file(path: &std::path::Path, profile: &str) -> std::result::Result<Optio
 /// (INI: `[profile]` sections of `key = value` lines, `#` and `;`
 /// comments). `Ok(None)`: no such section; an error if the section lacks
 /// the key id or the secret.
-fn parse_profile(text: &str, profile: &str) -> std::result::Result<Option<Credentials>, String> {
+fn parse_profile(text: &str, profile: &str) -> std::result::Result<Option<S3Credentials>, String> {
     let mut in_profile = false;
     let mut seen = false;
     let (mut key_id, mut secret, mut token) = (None, None, None);
@@ -131,7 +144,7 @@ fn parse_profile(text: &str, profile: &str) -> std::result::Result<Option<Creden
         return Ok(None);
     }
     match (key_id, secret) {
-        (Some(key_id), Some(secret)) => Ok(Some(Credentials {
+        (Some(key_id), Some(secret)) => Ok(Some(S3Credentials {
             key_id,
             secret,
             token,
@@ -147,12 +160,23 @@ mod tests {
     #[test]
     fn environment_needs_both_keys() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
         };
-        let c = from_vars(&vars(&[("AWS_ACCESS_KEY_ID", "GK1"), ("AWS_SECRET_ACCESS_KEY", "s")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!((c.key_id.as_str(), c.secret.as_str(), c.token), ("GK1", "s", None));
+        let c = from_vars(&vars(&[
+            ("AWS_ACCESS_KEY_ID", "GK1"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (c.key_id.as_str(), c.secret.as_str(), c.token),
+            ("GK1", "s", None)
+        );
         let c = from_vars(&vars(&[
             ("AWS_ACCESS_KEY_ID", "GK1"),
             ("AWS_SECRET_ACCESS_KEY", "s"),
@@ -185,7 +209,10 @@ region = garage
 aws_access_key_id = AKHALF
 ";
         let d = parse_profile(text, "default").unwrap().unwrap();
-        assert_eq!((d.key_id.as_str(), d.secret.as_str()), ("AKDEFAULT", "secret0"));
+        assert_eq!(
+            (d.key_id.as_str(), d.secret.as_str()),
+            ("AKDEFAULT", "secret0")
+        );
         let ci = parse_profile(text, "ci").unwrap().unwrap();
         assert_eq!(ci.token.as_deref(), Some("tok"));
         assert_eq!(ci.secret, "secret1");
@@ -196,21 +223,31 @@ aws_access_key_id = AKHALF
 
     #[test]
     fn debug_hides_the_secret() {
-        let c = Credentials {
+        let c = S3Credentials {
             key_id: "GK1".into(),
             secret: "hunter2".into(),
             token: Some("tok".into()),
         };
         let d = format!("{c:?}");
-        assert!(d.contains("GK1") && !d.contains("hunter2") && !d.contains("tok"), "{d}");
+        assert!(
+            d.contains("GK1") && !d.contains("hunter2") && !d.contains("tok"),
+            "{d}"
+        );
     }
 
     #[test]
     fn missing_file_is_no_credentials() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_file(&dir.path().join("none"), "default").unwrap(), None);
+        assert_eq!(
+            read_file(&dir.path().join("none"), "default").unwrap(),
+            None
+        );
         let f = dir.path().join("credentials");
-        std::fs::write(&f, "[default]\naws_access_key_id=a\naws_secret_access_key=b\n").unwrap();
+        std::fs::write(
+            &f,
+            "[default]\naws_access_key_id=a\naws_secret_access_key=b\n",
+        )
+        .unwrap();
         assert_eq!(read_file(&f, "default").unwrap().unwrap().key_id, "a");
     }
 }

@@ -23,6 +23,15 @@ pub(super) struct Target<'a> {
 /// The longest piece of a server's answer put in a message.
 const MAX_QUOTE: usize = 200;
 
+/// A refused credential.
+#[derive(Debug, PartialEq, Eq)]
+enum Denial {
+    /// The access key id is unknown.
+    UnknownKey,
+    /// The secret does not match the key id.
+    BadSecret,
+}
+
 /// What a failed request says.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Failure {
@@ -47,14 +56,16 @@ impl Failure {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
             if let Some(h) = s.downcast_ref::<HttpError>() {
-                f.unreachable |= matches!(h.kind(), HttpErrorKind::Connect | HttpErrorKind::Timeout);
+                f.unreachable |=
+                    matches!(h.kind(), HttpErrorKind::Connect | HttpErrorKind::Timeout);
             }
             f.cause = quote(&s.to_string());
             source = s.source();
         }
         if matches!(
             e,
-            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
         ) && f.status.is_none()
         {
             f.status = Some("403 Forbidden".into());
@@ -73,11 +84,25 @@ impl Failure {
             .and_then(|n| n.parse().ok());
         Failure {
             status,
-            code: between(text, "<Code>", "</Code>").map(|c| quote(c)),
-            message: between(text, "<Message>", "</Message>").map(|m| quote(m)),
+            code: between(text, "<Code>", "</Code>").map(quote),
+            message: between(text, "<Message>", "</Message>").map(quote),
             retries,
             unreachable: false,
             cause: quote(text),
+        }
+    }
+
+    /// Which credential was refused, where the answer tells: by the S3
+    /// code (AWS, MinIO) or, for Garage (whose code is `AccessDenied` for
+    /// both), by its message.
+    fn denial(&self) -> Option<Denial> {
+        let message = self.message.as_deref().unwrap_or_default();
+        match self.code.as_deref()? {
+            "InvalidAccessKeyId" => Some(Denial::UnknownKey),
+            "SignatureDoesNotMatch" => Some(Denial::BadSecret),
+            "AccessDenied" if message.contains("No such key") => Some(Denial::UnknownKey),
+            "AccessDenied" if message.contains("Invalid signature") => Some(Denial::BadSecret),
+            _ => None,
         }
     }
 
@@ -109,17 +134,19 @@ impl Failure {
                 self.cause
             );
         }
-        match self.code.as_deref() {
-            Some("InvalidAccessKeyId") => return format!(
+        match self.denial() {
+            Some(Denial::UnknownKey) => return format!(
                 "{status}: the access key id is unknown to the remote; check AWS_ACCESS_KEY_ID (or aws_access_key_id in the shared credentials file)"
             ),
-            Some("SignatureDoesNotMatch") => return format!(
+            Some(Denial::BadSecret) => return format!(
                 "{status}: the secret key does not match the access key id; check AWS_SECRET_ACCESS_KEY (or aws_secret_access_key in the shared credentials file)"
             ),
-            Some("NoSuchBucket") => return format!(
+            None => {}
+        }
+        if self.no_bucket() {
+            return format!(
                 "{status}: bucket {bucket} does not exist; create it, or fix the URL of remote {remote} (`vmdepot remote remove` and `vmdepot remote add`)"
-            ),
-            _ => {}
+            );
         }
         if self.status.as_deref().is_some_and(|s| s.starts_with("403")) {
             return format!(
@@ -192,7 +219,16 @@ mod tests {
         let msg = explain(&text.replace("InvalidAccessKeyId", "SignatureDoesNotMatch"));
         assert!(msg.contains("the secret key does not match"), "{msg}");
         let msg = explain(&text.replace("InvalidAccessKeyId", "AccessDenied"));
-        assert!(msg.contains("access denied; check the credentials"), "{msg}");
+        assert!(
+            msg.contains("access denied; check the credentials"),
+            "{msg}"
+        );
+        // Garage says AccessDenied for both, and which in its message.
+        let garage = text.replace("InvalidAccessKeyId", "AccessDenied");
+        let msg = explain(&garage.replace("no such key", "Forbidden: No such key: GK1"));
+        assert!(msg.contains("the access key id is unknown"), "{msg}");
+        let msg = explain(&garage.replace("no such key", "Forbidden: Invalid signature"));
+        assert!(msg.contains("the secret key does not match"), "{msg}");
     }
 
     #[test]
@@ -201,7 +237,12 @@ mod tests {
         let f = Failure::parse(text);
         assert!(f.no_bucket());
         let msg = explain(text);
-        assert!(msg.contains("404 Not Found (NoSuchBucket: Bucket not found: nope): bucket depot does not exist"), "{msg}");
+        assert!(
+            msg.contains(
+                "404 Not Found (NoSuchBucket: Bucket not found: nope): bucket depot does not exist"
+            ),
+            "{msg}"
+        );
         let text = "Error performing PUT http://x/k in 9s, after 6 retries, max_retries: 6, retry_timeout: 150s  - Server returned non-2xx status code: 503 Service Unavailable: <Error><Code>SlowDown</Code></Error>";
         let msg = explain(text);
         assert!(msg.contains("503 Service Unavailable (SlowDown) (gave up after 6 retries); the remote is overloaded"), "{msg}");

@@ -11,9 +11,8 @@
 //! objects (`VMDEPOT`, `gc.lock`) at the prefix's root, and the tombstone of
 //! a retired object at `trash/<its key>`.
 
-use super::super::object::ObjectKind;
-use super::super::valid_pack_name;
 use crate::error::{Error, Result};
+use crate::store::{valid_pack_name, ObjectKind};
 
 /// Where a remote depot's objects are: a bucket, a key prefix in it, and
 /// the S3 service (`endpoint`: none for AWS itself).
@@ -31,6 +30,8 @@ pub struct S3Location {
     pub region: Option<String>,
 }
 
+/// The region when neither the location nor the environment names one.
+pub(super) const DEFAULT_REGION: &str = "us-east-1";
 /// The longest bucket name S3 allows.
 const MAX_BUCKET: usize = 63;
 /// The longest prefix accepted (S3 keys are at most 1024 bytes).
@@ -65,6 +66,22 @@ impl S3Location {
         match self.prefix.as_str() {
             "" => format!("s3://{}", self.bucket),
             p => format!("s3://{}/{p}", self.bucket),
+        }
+    }
+
+    /// The location with the endpoint and region the environment gives
+    /// where it has none: `AWS_ENDPOINT_URL`; `AWS_REGION`, else
+    /// `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub(super) fn resolved(&self) -> S3Location {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let region = (self.region.clone())
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        S3Location {
+            endpoint: self.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL")),
+            region: Some(region),
+            ..self.clone()
         }
     }
 
@@ -240,7 +257,10 @@ impl Keys {
     /// [`Keys::parse`] of a key relative to the root.
     pub(super) fn parse_relative(kind: ObjectKind, rel: &str) -> Option<String> {
         let name = match kind {
-            ObjectKind::Pack => rel.strip_prefix("packs/")?.get(3..)?.strip_suffix(".pack")?,
+            ObjectKind::Pack => rel
+                .strip_prefix("packs/")?
+                .get(3..)?
+                .strip_suffix(".pack")?,
             ObjectKind::PackIndex => rel.strip_prefix("packs/")?.get(3..)?.strip_suffix(".idx")?,
             ObjectKind::Manifest => rel.strip_prefix("manifests/")?,
             ObjectKind::Meta => rel,
@@ -254,12 +274,14 @@ impl Keys {
 fn check_name(kind: ObjectKind, name: &str) -> std::result::Result<(), String> {
     let ok = match kind {
         ObjectKind::Pack | ObjectKind::PackIndex => valid_pack_name(name),
-        ObjectKind::Manifest => safe_name(name, |c| {
-            matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-')
-        }),
+        ObjectKind::Manifest => safe_name(
+            name,
+            |c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-'),
+        ),
         ObjectKind::Meta => {
-            safe_name(name, |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-                && !RESERVED.contains(&name)
+            safe_name(name, |c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-')
+            }) && !RESERVED.contains(&name)
         }
     };
     if ok {
@@ -297,7 +319,10 @@ mod tests {
         let l = S3Location::parse_url("s3://depot").unwrap();
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("depot", ""));
         let l = S3Location::parse_url("s3://depot/site-a/v1/").unwrap();
-        assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("depot", "site-a/v1"));
+        assert_eq!(
+            (l.bucket.as_str(), l.prefix.as_str()),
+            ("depot", "site-a/v1")
+        );
         assert_eq!(l.url(), "s3://depot/site-a/v1");
         assert_eq!(l.endpoint, None);
     }
@@ -337,7 +362,10 @@ mod tests {
         l.validate("r").unwrap();
         l.endpoint = Some("ftp://x".into());
         let msg = l.validate("r").unwrap_err().to_string();
-        assert!(msg.contains("remote r: refused the location s3://b/p"), "{msg}");
+        assert!(
+            msg.contains("remote r: refused the location s3://b/p"),
+            "{msg}"
+        );
         l.endpoint = None;
         l.region = Some("eu\nwest".into());
         assert!(l.validate("r").is_err());
@@ -350,23 +378,45 @@ mod tests {
     fn keys_follow_the_layout() {
         let k = Keys::new("site/a");
         let key = |kind, name, trash| k.key(kind, name, trash).unwrap();
-        assert_eq!(key(ObjectKind::Pack, PACK, false), format!("site/a/packs/01/{PACK}.pack"));
-        assert_eq!(key(ObjectKind::PackIndex, PACK, false), format!("site/a/packs/01/{PACK}.idx"));
         assert_eq!(
-            key(ObjectKind::Manifest, "img-0123456789abcdef.3.manifest", true),
+            key(ObjectKind::Pack, PACK, false),
+            format!("site/a/packs/01/{PACK}.pack")
+        );
+        assert_eq!(
+            key(ObjectKind::PackIndex, PACK, false),
+            format!("site/a/packs/01/{PACK}.idx")
+        );
+        assert_eq!(
+            key(
+                ObjectKind::Manifest,
+                "img-0123456789abcdef.3.manifest",
+                true
+            ),
             "site/a/trash/manifests/img-0123456789abcdef.3.manifest"
         );
         assert_eq!(key(ObjectKind::Meta, "VMDEPOT", false), "site/a/VMDEPOT");
-        assert_eq!(key(ObjectKind::Meta, "gc.lock", true), "site/a/trash/gc.lock");
+        assert_eq!(
+            key(ObjectKind::Meta, "gc.lock", true),
+            "site/a/trash/gc.lock"
+        );
         assert_eq!(k.root(false), "site/a/");
         assert_eq!(k.root(true), "site/a/trash/");
-        assert_eq!(k.listing(ObjectKind::Pack, true), ("site/a/trash/packs/".into(), false));
+        assert_eq!(
+            k.listing(ObjectKind::Pack, true),
+            ("site/a/trash/packs/".into(), false)
+        );
         assert_eq!(k.listing(ObjectKind::Meta, false), ("site/a/".into(), true));
         let top = Keys::new("");
         assert_eq!(top.root(false), "");
         assert_eq!(top.root(true), "trash/");
-        assert_eq!(top.key(ObjectKind::Meta, "VMDEPOT", false).unwrap(), "VMDEPOT");
-        assert_eq!(top.listing(ObjectKind::Manifest, false), ("manifests/".into(), false));
+        assert_eq!(
+            top.key(ObjectKind::Meta, "VMDEPOT", false).unwrap(),
+            "VMDEPOT"
+        );
+        assert_eq!(
+            top.listing(ObjectKind::Manifest, false),
+            ("manifests/".into(), false)
+        );
     }
 
     #[test]
@@ -397,19 +447,38 @@ mod tests {
     fn listing_keys_parse_back_only_when_exact() {
         let k = Keys::new("p");
         let pack = format!("p/packs/01/{PACK}.pack");
-        assert_eq!(k.parse(ObjectKind::Pack, &pack, false).as_deref(), Some(PACK));
+        assert_eq!(
+            k.parse(ObjectKind::Pack, &pack, false).as_deref(),
+            Some(PACK)
+        );
         assert_eq!(k.parse(ObjectKind::PackIndex, &pack, false), None);
         // The directory must be the name's first two digits.
-        assert_eq!(k.parse(ObjectKind::Pack, &format!("p/packs/02/{PACK}.pack"), false), None);
+        assert_eq!(
+            k.parse(ObjectKind::Pack, &format!("p/packs/02/{PACK}.pack"), false),
+            None
+        );
         assert_eq!(k.parse(ObjectKind::Pack, &pack, true), None);
         let tomb = format!("p/trash/packs/01/{PACK}.idx");
-        assert_eq!(k.parse(ObjectKind::PackIndex, &tomb, true).as_deref(), Some(PACK));
-        assert_eq!(k.parse(ObjectKind::Meta, "p/VMDEPOT", false).as_deref(), Some("VMDEPOT"));
-        assert_eq!(k.parse(ObjectKind::Meta, "p/x/VMDEPOT", false), None);
-        assert_eq!(k.parse(ObjectKind::Manifest, "p/manifests/a/b", false), None);
-        assert_eq!(k.parse(ObjectKind::Manifest, "q/manifests/img-1.0.manifest", false), None);
         assert_eq!(
-            k.parse(ObjectKind::Manifest, "p/manifests/img-1.0.manifest", false).as_deref(),
+            k.parse(ObjectKind::PackIndex, &tomb, true).as_deref(),
+            Some(PACK)
+        );
+        assert_eq!(
+            k.parse(ObjectKind::Meta, "p/VMDEPOT", false).as_deref(),
+            Some("VMDEPOT")
+        );
+        assert_eq!(k.parse(ObjectKind::Meta, "p/x/VMDEPOT", false), None);
+        assert_eq!(
+            k.parse(ObjectKind::Manifest, "p/manifests/a/b", false),
+            None
+        );
+        assert_eq!(
+            k.parse(ObjectKind::Manifest, "q/manifests/img-1.0.manifest", false),
+            None
+        );
+        assert_eq!(
+            k.parse(ObjectKind::Manifest, "p/manifests/img-1.0.manifest", false)
+                .as_deref(),
             Some("img-1.0.manifest")
         );
     }

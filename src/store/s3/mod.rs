@@ -43,13 +43,13 @@ use object_store::{
     RetryConfig,
 };
 
-use self::credentials::Credentials;
 use self::fail::{Failure, Target};
-use self::location::Keys;
+use self::location::{Keys, DEFAULT_REGION};
 use self::transfer::{S3Reader, S3Writer};
-use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 use crate::error::{Error, Result};
+use crate::store::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
 
+pub use self::credentials::S3Credentials;
 pub use self::location::S3Location;
 
 /// The largest object [`ObjectStore::get`] reads whole (a manifest of a
@@ -98,28 +98,33 @@ impl S3Store {
     /// credentials file. Sends nothing: see [`S3Store::probe`].
     pub fn open(loc: &S3Location, remote: &str) -> Result<S3Store> {
         loc.validate(remote)?;
-        let creds = Credentials::load(remote)?;
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let endpoint = loc.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
-        let region = (loc.region.clone())
-            .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| "us-east-1".to_owned());
-        let s3 = build_client(loc, &creds, endpoint.as_deref(), &region)
-            .map_err(|e| client_error(remote, &e.to_string()))?;
+        S3Store::open_with(loc, remote, &S3Credentials::load(remote)?)
+    }
+
+    /// [`S3Store::open`] with the credentials given (a library user's own,
+    /// or a test's: the environment is the process's, shared by threads).
+    /// The endpoint and region not in `loc` still come from the
+    /// environment (see [`S3Location`]).
+    pub fn open_with(loc: &S3Location, remote: &str, creds: &S3Credentials) -> Result<S3Store> {
+        let loc = loc.resolved();
+        loc.validate(remote)?;
+        let region = loc.region.as_deref().unwrap_or(DEFAULT_REGION);
+        let s3 = build_client(&loc, creds).map_err(|e| client_error(remote, &e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmdepot-s3")
             .enable_all()
             .build()
             .map_err(|e| client_error(remote, &e.to_string()))?;
+        let endpoint =
+            (loc.endpoint.clone()).unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         let inner = Inner {
             rt,
             s3,
             keys: Keys::new(&loc.prefix),
             remote: remote.to_owned(),
-            bucket: loc.bucket.clone(),
-            endpoint: endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+            bucket: loc.bucket,
+            endpoint,
             parts: Arc::new(tokio::sync::Semaphore::new(transfer::PARTS_IN_FLIGHT)),
         };
         Ok(S3Store {
@@ -154,26 +159,23 @@ fn client_error(remote: &str, why: &str) -> Error {
     }
 }
 
-/// The `object_store` client: path-style requests for a custom endpoint
-/// (virtual-hosted style for AWS itself), plain HTTP only when the
-/// endpoint says `http://`, connect timeout 5 s.
-fn build_client(
-    loc: &S3Location,
-    creds: &Credentials,
-    endpoint: Option<&str>,
-    region: &str,
-) -> object_store::Result<AmazonS3> {
-    let http = endpoint.is_some_and(|e| e.starts_with("http://"));
+/// The `object_store` client of a resolved location: path-style
+/// requests for a custom endpoint (virtual-hosted style for AWS itself),
+/// plain HTTP only when the endpoint says `http://`; a connect timeout of
+/// 2 s (an endpoint that refuses fails in about a second, one that drops
+/// packets after 7 attempts of 2 s and their backoff) and 120 s for a
+/// whole request.
+fn build_client(loc: &S3Location, creds: &S3Credentials) -> object_store::Result<AmazonS3> {
+    let endpoint = loc.endpoint.as_deref();
     let options = ClientOptions::new()
-        .with_allow_http(http)
-        .with_connect_timeout(Duration::from_secs(5))
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+        .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(120));
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&loc.bucket)
-        .with_region(region)
+        .with_region(loc.region.as_deref().unwrap_or(DEFAULT_REGION))
         .with_access_key_id(&creds.key_id)
         .with_secret_access_key(&creds.secret)
-        .with_allow_http(http)
         .with_virtual_hosted_style_request(endpoint.is_none())
         .with_retry(retry_config())
         .with_client_options(options);
@@ -238,10 +240,16 @@ impl Inner {
 
     /// An object's metadata (`None`: there is none).
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        self.head_of(key, key).await
+    }
+
+    /// The metadata of the object at `key`, which errors call `named` (a
+    /// tombstone's failure names the object it is the tombstone of).
+    async fn head_of(&self, key: &str, named: &str) -> Result<Option<ObjectMeta>> {
         match self.s3.head(&path(key)).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if missing(&e) => Ok(None),
-            Err(e) => Err(self.fail("checking", key, &e)),
+            Err(e) => Err(self.fail("checking", named, &e)),
         }
     }
 
@@ -249,7 +257,7 @@ impl Inner {
     async fn state(&self, kind: ObjectKind, name: &str) -> Result<State> {
         let key = self.key(kind, name, false)?;
         let tomb = self.key(kind, name, true)?;
-        let (object, tomb) = futures_util::try_join!(self.head(&key), self.head(&tomb))?;
+        let (object, tomb) = futures_util::try_join!(self.head(&key), self.head_of(&tomb, &key))?;
         Ok(State {
             object,
             retired: tomb.is_some(),
@@ -295,22 +303,24 @@ impl Inner {
         let (prefix, flat) = self.keys.listing(kind, trash);
         let p = path(&prefix);
         let p = Some(&p).filter(|p| !p.as_ref().is_empty());
-        let metas: Vec<ObjectMeta> = if flat {
-            self.s3.list_with_delimiter(p).await.map(|l| l.objects)
-        } else {
-            self.s3.list(p).try_collect().await
-        }
-        .map_err(|e| self.fail("listing", &prefix, &e))?;
-        Ok(metas
-            .into_iter()
-            .filter_map(|m| {
-                Some(ObjectInfo {
-                    name: self.keys.parse(kind, m.location.as_ref(), trash)?,
-                    size: m.size,
-                    modified: Some(SystemTime::from(m.last_modified)),
-                })
+        let info = |m: ObjectMeta| {
+            Some(ObjectInfo {
+                name: self.keys.parse(kind, m.location.as_ref(), trash)?,
+                size: m.size,
+                modified: Some(SystemTime::from(m.last_modified)),
             })
-            .collect())
+        };
+        let listed = if flat {
+            let found = self.s3.list_with_delimiter(p).await;
+            found.map(|l| l.objects.into_iter().filter_map(info).collect())
+        } else {
+            let found = self.s3.list(p);
+            found
+                .try_filter_map(|m| std::future::ready(Ok(info(m))))
+                .try_collect()
+                .await
+        };
+        listed.map_err(|e| self.fail("listing", &prefix, &e))
     }
 
     /// A kind's objects (retired ones too) and its tombstones by name.
@@ -326,7 +336,7 @@ impl Inner {
     /// is retired: its tombstone `tomb` exists); refused past `limit`.
     async fn get(&self, key: &str, tomb: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         let p = path(key);
-        let (got, tomb) = futures_util::join!(self.s3.get(&p), self.head(tomb));
+        let (got, tomb) = futures_util::join!(self.s3.get(&p), self.head_of(tomb, key));
         let got = match got {
             Err(e) if missing(&e) => return Ok(None),
             r => r.map_err(|e| self.fail("reading", key, &e))?,
@@ -344,8 +354,11 @@ impl Inner {
                 ),
             });
         }
-        let bytes = got.bytes().await.map_err(|e| self.fail("reading", key, &e))?;
-        Ok(Some(bytes.to_vec()))
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.fail("reading", key, &e))?;
+        Ok(Some(bytes.into()))
     }
 
     /// Deletes a retired object then its tombstone, if it was retired
@@ -384,7 +397,10 @@ fn missing(e: &object_store::Error) -> bool {
 /// [`Error::Io`] of kind `NotFound` for an object (what
 /// [`super::is_not_found`] recognises).
 fn not_found(label: String, why: &str) -> Error {
-    Error::io(label, std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()))
+    Error::io(
+        label,
+        std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()),
+    )
 }
 
 impl ObjectStore for S3Store {
@@ -418,7 +434,11 @@ impl ObjectStore for S3Store {
 
     fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
         let i = &self.inner;
-        let limit = if kind == ObjectKind::Meta { MAX_META } else { MAX_GET };
+        let limit = if kind == ObjectKind::Meta {
+            MAX_META
+        } else {
+            MAX_GET
+        };
         let (key, tomb) = (i.key(kind, name, false)?, i.key(kind, name, true)?);
         i.block_on(i.get(&key, &tomb, limit))
     }
@@ -476,12 +496,11 @@ impl ObjectStore for S3Store {
         let i = &self.inner;
         let root = i.keys.root(true);
         i.block_on(async {
-            let tombs: Vec<ObjectMeta> = i
-                .s3
-                .list(Some(&path(&root)))
-                .try_collect()
-                .await
-                .map_err(|e| i.fail("listing", &root, &e))?;
+            let tombs: Vec<ObjectMeta> =
+                i.s3.list(Some(&path(&root)))
+                    .try_collect()
+                    .await
+                    .map_err(|e| i.fail("listing", &root, &e))?;
             futures_util::stream::iter(tombs)
                 .map(|t| i.purge_one(t, older_than))
                 .buffer_unordered(PURGE_PARALLEL)

@@ -14,9 +14,9 @@ use std::time::Duration;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
 use tokio::task::JoinSet;
 
-use super::super::object::{ObjectReader, ObjectWriter, RangeBytes};
 use super::{not_found, path, Inner};
 use crate::error::{Error, Result};
+use crate::store::{ObjectReader, ObjectWriter, RangeBytes};
 
 /// The size of a multipart upload's parts (the last one is smaller).
 pub(super) const PART_BYTES: usize = 8 << 20;
@@ -105,7 +105,10 @@ impl S3Writer {
             let Some(done) = done else {
                 return Ok(());
             };
-            if let Err(e) = done.map_err(object_store::Error::from).and_then(|sent| sent) {
+            if let Err(e) = done
+                .map_err(object_store::Error::from)
+                .and_then(|sent| sent)
+            {
                 return Err(self.fail("uploading a part of", &e));
             }
         }

@@ -115,21 +115,133 @@ pub(crate) fn restriction_of(row: &ImageRow, account: &str) -> String {
     )
 }
 
+/// An image as the rules and their messages see it: a catalog row's
+/// fields, or a remote manifest's (`crate::remote`).
+pub(crate) struct Subject<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    /// Its type as recorded (public, marketplace, custom).
+    pub kind: &'a str,
+    pub owner: &'a str,
+    /// `"<owner> <img-id>"` of the shared image whose content it holds, or
+    /// empty.
+    pub restricted_from: &'a str,
+    pub created_at: i64,
+}
+
+impl<'a> Subject<'a> {
+    /// The subject of a catalog row.
+    fn of(row: &'a ImageRow) -> Subject<'a> {
+        Subject {
+            id: row.id.as_str(),
+            name: &row.name,
+            kind: &row.kind,
+            owner: &row.owner,
+            restricted_from: &row.restricted_from,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// How `account` relates to an image of `owner` and type `kind`; `shared`
+/// tells whether the image is shared with the account (asked only for
+/// another owner's custom image). `None`: it may not even see it.
+pub(crate) fn relation(
+    account: &str,
+    owner: &str,
+    kind: &str,
+    shared: impl FnOnce() -> Result<bool>,
+) -> Result<Option<Access>> {
+    if owner == account {
+        return Ok(Some(Access::Owner));
+    }
+    if matches!(
+        ImageType::parse(kind).ok(),
+        Some(ImageType::Public | ImageType::Marketplace)
+    ) {
+        return Ok(Some(Access::Everyone));
+    }
+    Ok(shared()?.then_some(Access::Shared))
+}
+
+/// The error for a reference that names several images the account sees:
+/// all of them, oldest first (use the id).
+pub(crate) fn ambiguous(reference: &str, found: &mut [(Subject, Access)]) -> Error {
+    found.sort_by_key(|(s, _)| (s.created_at, s.id.to_owned()));
+    let list: Vec<String> = found
+        .iter()
+        .map(|(s, a)| {
+            let kind = if *a == Access::Shared {
+                "shared"
+            } else {
+                s.kind
+            };
+            let whose = if *a == Access::Owner {
+                "yours".to_owned()
+            } else {
+                format!("owner {}", s.owner)
+            };
+            format!("{} ({kind}, {whose})", s.id)
+        })
+        .collect();
+    Error::AmbiguousName {
+        name: reference.to_owned(),
+        matches: list.join(", "),
+    }
+}
+
+/// Whether `account`, related to the image by `access`, may do `op` with
+/// it; the refusal names the rule. `where_` names where the image is
+/// (empty for this depot, `" on remote NAME"` for a remote's).
+pub(crate) fn check(
+    s: &Subject,
+    where_: &str,
+    access: Access,
+    account: &str,
+    op: Op,
+) -> Result<()> {
+    let launch_only = !s.restricted_from.is_empty();
+    if allowed(access, launch_only, op) {
+        return Ok(());
+    }
+    let rule = match access {
+        Access::Shared => format!(
+            "it is shared with you by {}: a shared image can only be launched \
+             (and captured, as a launch-only image)",
+            s.owner
+        ),
+        _ if launch_only => {
+            let (owner, origin) = s
+                .restricted_from
+                .rsplit_once(' ')
+                .unwrap_or(("another account", s.restricted_from));
+            format!(
+                "it is launch-only: it holds the content of image {origin} that {owner} \
+                 shared with you; it can be launched, captured and backed up, never \
+                 exported, copied or shared"
+            )
+        }
+        _ => format!(
+            "it is a {} image owned by {}: only its owner may {} it",
+            s.kind,
+            s.owner,
+            op.verb()
+        ),
+    };
+    Err(Error::NotPermitted(format!(
+        "image {} ({}){where_}: you ({account}) may not {} it: {rule}",
+        s.name,
+        s.id,
+        op.verb()
+    )))
+}
+
 impl Depot {
     /// How this account relates to `row`; `None`: it may not even see it.
     pub(crate) fn access(&self, row: &ImageRow) -> Result<Option<Access>> {
-        if row.owner == self.account() {
-            return Ok(Some(Access::Owner));
-        }
-        if matches!(
-            row.image_type(),
-            Some(ImageType::Public | ImageType::Marketplace)
-        ) {
-            return Ok(Some(Access::Everyone));
-        }
-        let shared =
-            catalog::images::is_shared_with(&self.repo.conn, row.id.as_str(), self.account())?;
-        Ok(shared.then_some(Access::Shared))
+        relation(self.account(), &row.owner, &row.kind, || {
+            catalog::images::is_shared_with(&self.repo.conn, row.id.as_str(), self.account())
+        })
     }
 
     /// Whether `row` is the row of an import that died (hidden from
@@ -152,27 +264,8 @@ impl Depot {
             }
         }
         if found.len() > 1 {
-            found.sort_by_key(|(r, _)| (r.created_at, r.id.to_string()));
-            let list: Vec<String> = found
-                .iter()
-                .map(|(r, a)| {
-                    let kind = if *a == Access::Shared {
-                        "shared"
-                    } else {
-                        &r.kind
-                    };
-                    let whose = if *a == Access::Owner {
-                        "yours".to_owned()
-                    } else {
-                        format!("owner {}", r.owner)
-                    };
-                    format!("{} ({kind}, {whose})", r.id)
-                })
-                .collect();
-            return Err(Error::AmbiguousName {
-                name: reference.to_owned(),
-                matches: list.join(", "),
-            });
+            let mut subjects: Vec<_> = found.iter().map(|(r, a)| (Subject::of(r), *a)).collect();
+            return Err(ambiguous(reference, &mut subjects));
         }
         found
             .pop()
@@ -183,39 +276,7 @@ impl Depot {
     /// rule.
     pub(crate) fn image_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
         let (row, access) = self.find_visible(reference)?;
-        let launch_only = !row.restricted_from.is_empty();
-        if !allowed(access, launch_only, op) {
-            let what = format!("image {} ({})", row.name, row.id);
-            let rule = match access {
-                Access::Shared => format!(
-                    "it is shared with you by {}: a shared image can only be launched \
-                     (and captured, as a launch-only image)",
-                    row.owner
-                ),
-                _ if launch_only => {
-                    let (owner, origin) = row
-                        .restricted_from
-                        .rsplit_once(' ')
-                        .unwrap_or(("another account", &row.restricted_from));
-                    format!(
-                        "it is launch-only: it holds the content of image {origin} that {owner} \
-                         shared with you; it can be launched, captured and backed up, never \
-                         exported, copied or shared"
-                    )
-                }
-                _ => format!(
-                    "it is a {} image owned by {}: only its owner may {} it",
-                    row.kind,
-                    row.owner,
-                    op.verb()
-                ),
-            };
-            return Err(Error::NotPermitted(format!(
-                "{what}: you ({}) may not {} it: {rule}",
-                self.account(),
-                op.verb()
-            )));
-        }
+        check(&Subject::of(&row), "", access, self.account(), op)?;
         Ok((row, access))
     }
 

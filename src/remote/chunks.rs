@@ -116,12 +116,12 @@ impl Remote {
     }
 
     /// The directory of cached indexes.
-    fn index_cache(&self) -> PathBuf {
+    pub(super) fn index_cache(&self) -> PathBuf {
         self.cache.join("indexes")
     }
 
     /// One pack's index: from the cache, else fetched, checked and cached.
-    fn index(&self, dir: &Path, name: &str) -> Result<PackIndex> {
+    pub(super) fn index(&self, dir: &Path, name: &str) -> Result<PackIndex> {
         let path = dir.join(format!("{name}.idx"));
         if let Ok(b) = std::fs::read(&path) {
             match format::decode_index(&b) {

@@ -12,18 +12,25 @@
 //! pull use the depot's access rules and the copy machinery of
 //! [`crate::lifecycle`].
 
+mod access;
 mod chunks;
+mod config;
 mod fetch;
+mod gc;
+mod listing;
 mod pull;
 mod push;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use chunks::{ChunkLoc, ChunkMap};
+pub use config::{check_remote_name, RemoteInfo, REMOTE_MARKER};
+pub use gc::{RemoteGcReport, GC_LOCK, LOCK_FRESH};
 pub use pull::PullReport;
 pub use push::{grace, PushReport, PushedImage};
 

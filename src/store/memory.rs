@@ -186,6 +186,11 @@ impl ObjectStore for MemoryStore {
     fn label(&self, kind: ObjectKind, name: &str) -> String {
         label(kind, name)
     }
+
+    /// The test's clock.
+    fn now(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + self.state.lock().unwrap().now
+    }
 }
 
 /// An upload in progress: nothing is visible until it is sealed.

@@ -168,4 +168,11 @@ pub trait ObjectStore: Send + Sync {
 
     /// How messages name an object (a file path for [`super::LocalDir`]).
     fn label(&self, kind: ObjectKind, name: &str) -> String;
+
+    /// The time now by the store's clock, the clock of
+    /// [`ObjectInfo::modified`] (a remote gc compares write and retirement
+    /// times with it); this host's clock unless the store has its own.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }

@@ -1,0 +1,406 @@
+//! The remotes this depot knows: [`RemoteInfo`] (one remote's
+//! configuration, as `remote list` shows it), and the [`Depot`] methods
+//! that add, list, remove and open remotes. Each is one file,
+//! `DEPOT/remotes/NAME.json` (mode 0600 even in a group depot: it names a
+//! bucket and an endpoint, never a secret; credentials come from the
+//! environment or the shared credentials file), beside the remote's cache
+//! directory `DEPOT/remotes/NAME/` (docs/FORMAT.md, "Remote depots").
+//!
+//! Adding a remote checks the prefix it names: an empty one gets the
+//! remote's marker object (`VMDEPOT`), one with a valid marker is taken as
+//! it is, anything else is refused (another program's objects, or another
+//! format). Config files and markers are read as hostile input: bounded in
+//! size, and a bad one is an error naming the file or object.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::Remote;
+use crate::depot::{rfc3339, Depot};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::random_hex;
+use crate::store::{ObjectKind, ObjectStore, S3Location, S3Store};
+
+/// The remote's marker object: what `remote add` writes on an empty prefix.
+pub const REMOTE_MARKER: &str = "VMDEPOT";
+/// The `format` a remote's marker names.
+const MARKER_FORMAT: &str = "vmdepot remote";
+/// The marker version this vmdepot writes and reads.
+const MARKER_VERSION: u64 = 1;
+/// The largest config file or marker read (they are a few hundred bytes).
+const MAX_SMALL_OBJECT: u64 = 64 * 1024;
+
+/// One configured remote (`remote list --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RemoteInfo {
+    /// Its name on this host ([a-z0-9][a-z0-9_-]{0,62}).
+    pub name: String,
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// The S3 endpoint URL (none: the AWS default for the region).
+    pub endpoint: Option<String>,
+    /// The S3 region (none: the client's default).
+    pub region: Option<String>,
+    /// When it was added, RFC 3339 UTC.
+    pub added_at: String,
+}
+
+/// `DEPOT/remotes/NAME.json`, as written.
+#[derive(Serialize, Deserialize)]
+struct ConfigFile {
+    name: String,
+    url: String,
+    endpoint: Option<String>,
+    region: Option<String>,
+    /// Unix seconds.
+    added_at: i64,
+}
+
+/// The remote's marker object, as written.
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    format: String,
+    version: u64,
+    #[serde(default)]
+    created_at: i64,
+}
+
+/// Refuses a remote name that is not [a-z0-9][a-z0-9_-]{0,62}.
+pub fn check_remote_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && matches!(b[0], b'a'..=b'z' | b'0'..=b'9')
+        && b.iter()
+            .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "invalid remote name {name:?}: use 1-63 characters a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )))
+    }
+}
+
+impl ConfigFile {
+    fn info(self) -> RemoteInfo {
+        RemoteInfo {
+            name: self.name,
+            url: self.url,
+            endpoint: self.endpoint,
+            region: self.region,
+            added_at: rfc3339(self.added_at),
+        }
+    }
+}
+
+impl Depot {
+    /// `DEPOT/remotes`.
+    fn remotes_dir(&self) -> PathBuf {
+        self.root().join("remotes")
+    }
+
+    /// `DEPOT/remotes/NAME.json`.
+    fn remote_config_path(&self, name: &str) -> PathBuf {
+        self.remotes_dir().join(format!("{name}.json"))
+    }
+
+    /// Adds a remote called `name`: the S3 bucket (and prefix) of `url`
+    /// (`s3://BUCKET[/PREFIX]`) at `endpoint`, in `region`. The remote is
+    /// opened and probed with this host's credentials first, and its
+    /// prefix checked (see the module doc); refused for a name in use.
+    pub fn add_remote(
+        &self,
+        name: &str,
+        url: &str,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<RemoteInfo> {
+        check_remote_name(name)?;
+        self.check_name_free(name)?;
+        let mut loc = S3Location::parse_url(url)?;
+        loc.endpoint = endpoint.map(str::to_owned);
+        loc.region = region.map(str::to_owned);
+        let store = S3Store::open(&loc, name)?;
+        store.probe()?;
+        self.add_remote_on(name, url, endpoint, region, &store)
+    }
+
+    /// [`Depot::add_remote`] on a store already opened.
+    pub(crate) fn add_remote_on(
+        &self,
+        name: &str,
+        url: &str,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+        store: &dyn ObjectStore,
+    ) -> Result<RemoteInfo> {
+        check_remote_name(name)?;
+        self.check_name_free(name)?;
+        ensure_marker(store, name, url)?;
+        let cfg = ConfigFile {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            endpoint: endpoint.map(str::to_owned),
+            region: region.map(str::to_owned),
+            added_at: crate::catalog::now(),
+        };
+        self.write_config(&cfg)?;
+        Ok(cfg.info())
+    }
+
+    /// Refuses a remote name this depot has already.
+    fn check_name_free(&self, name: &str) -> Result<()> {
+        if self.remote_config_path(name).exists() {
+            return Err(Error::Invalid(format!(
+                "a remote named {name:?} exists already: `vmdepot remote remove {name}` first, or pick another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes a new config file, mode 0600: in full under a temporary
+    /// name, fsynced, then hard-linked to its name (a link never replaces:
+    /// of two adds of one name, the first wins).
+    fn write_config(&self, cfg: &ConfigFile) -> Result<()> {
+        let dir = self.remotes_dir();
+        self.perms().mkdir_all(&dir)?;
+        let path = self.remote_config_path(&cfg.name);
+        let tmp = dir.join(format!(".{}.json.tmp-{}", cfg.name, random_hex(8)));
+        let bytes = serde_json::to_vec_pretty(cfg).expect("a remote's config is serialisable");
+        let written = write_private(&tmp, &bytes).and_then(|()| match std::fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Invalid(format!(
+                "a remote named {:?} exists already: `vmdepot remote remove {}` first, or pick another name",
+                cfg.name, cfg.name
+            ))),
+            r => r.at(&path),
+        });
+        drop(std::fs::remove_file(&tmp));
+        written?;
+        crate::store::sync_dir(&dir)
+    }
+
+    /// The remotes configured, by name.
+    pub fn remotes(&self) -> Result<Vec<RemoteInfo>> {
+        let dir = self.remotes_dir();
+        let rd = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            r => r.at(&dir)?,
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.at(&dir)?;
+            let file = entry.file_name();
+            let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            if check_remote_name(name).is_ok() {
+                out.push(self.read_config(name)?.info());
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// One remote's configuration.
+    pub fn remote_info(&self, name: &str) -> Result<RemoteInfo> {
+        Ok(self.read_config(name)?.info())
+    }
+
+    /// Reads and checks a config file (hostile: bounded, and its name must
+    /// be the file's).
+    fn read_config(&self, name: &str) -> Result<ConfigFile> {
+        check_remote_name(name)?;
+        let path = self.remote_config_path(name);
+        let bytes = match read_bounded(&path) {
+            Err(Error::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(unknown_remote(name));
+            }
+            r => r?,
+        };
+        let bad = |why: String| {
+            Error::Invalid(format!(
+                "{}: {why}: fix the file, or `vmdepot remote remove {name}` and add the remote again",
+                path.display()
+            ))
+        };
+        let cfg: ConfigFile = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("not a remote's config ({e})")))?;
+        if cfg.name != name {
+            return Err(bad(format!("it names remote {:?}", cfg.name)));
+        }
+        Ok(cfg)
+    }
+
+    /// Forgets a remote: its config file and its cache directory. Nothing
+    /// on the remote changes.
+    pub fn remove_remote(&self, name: &str) -> Result<RemoteInfo> {
+        let info = self.read_config(name)?.info();
+        let cache = self.remotes_dir().join(name);
+        match std::fs::remove_dir_all(&cache) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&cache, e)),
+            _ => {}
+        }
+        let path = self.remote_config_path(name);
+        std::fs::remove_file(&path).at(&path)?;
+        Ok(info)
+    }
+
+    /// Opens a configured remote (its S3 store, with this host's
+    /// credentials; its index cache under the depot).
+    pub fn remote(&self, name: &str) -> Result<Remote> {
+        let cfg = self.read_config(name)?;
+        let mut loc = S3Location::parse_url(&cfg.url)?;
+        loc.endpoint = cfg.endpoint;
+        loc.region = cfg.region;
+        let store = S3Store::open(&loc, name)?;
+        Ok(self.remote_on(name, Arc::new(store)))
+    }
+
+    /// A remote called `name` over `store`, cached under this depot.
+    pub(crate) fn remote_on(&self, name: &str, store: Arc<dyn ObjectStore>) -> Remote {
+        Remote::new(name, store, self.remotes_dir().join(name), self.perms())
+    }
+
+    /// `REMOTE:IMAGE` split into the remote's name and the image
+    /// reference, when the part before the first `:` is the name of a
+    /// configured remote (image names may hold `:` too: any other
+    /// reference is a local image's).
+    pub fn remote_reference<'a>(&self, reference: &'a str) -> Option<(&'a str, &'a str)> {
+        let (remote, image) = reference.split_once(':')?;
+        let known = check_remote_name(remote).is_ok() && self.remote_config_path(remote).is_file();
+        known.then_some((remote, image))
+    }
+}
+
+/// The error for a remote name not configured here.
+fn unknown_remote(name: &str) -> Error {
+    Error::Invalid(format!(
+        "no remote named {name:?}: see `vmdepot remote list`; `vmdepot remote add {name} s3://BUCKET[/PREFIX] --endpoint URL` adds it"
+    ))
+}
+
+/// Writes a new file of mode 0600 (whatever the depot's file mode) and
+/// fsyncs it.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .at(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .at(path)?;
+    f.write_all(bytes).at(path)?;
+    f.sync_all().at(path)
+}
+
+/// A small file, refused past [`MAX_SMALL_OBJECT`] bytes.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).at(path)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_SMALL_OBJECT + 1)
+        .read_to_end(&mut bytes)
+        .at(path)?;
+    if bytes.len() as u64 > MAX_SMALL_OBJECT {
+        return Err(Error::Invalid(format!(
+            "{}: over {MAX_SMALL_OBJECT} bytes: not a remote's config; remove it",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Checks the prefix a new remote names: writes the marker on an empty
+/// one, accepts a valid marker, refuses anything else.
+fn ensure_marker(store: &dyn ObjectStore, name: &str, url: &str) -> Result<()> {
+    if let Some(m) = read_marker(store, name, url)? {
+        return check_marker(&m, store, name, url);
+    }
+    for kind in ObjectKind::ALL {
+        if let Some(o) = store.list(kind)?.first() {
+            return Err(remote_error(
+                name,
+                format!(
+                    "{url} holds objects ({}) but no {REMOTE_MARKER} marker: it is not a vmdepot remote; use an empty prefix (s3://BUCKET/PREFIX)",
+                    store.label(kind, &o.name)
+                ),
+            ));
+        }
+    }
+    let marker = Marker {
+        format: MARKER_FORMAT.to_owned(),
+        version: MARKER_VERSION,
+        created_at: crate::catalog::now(),
+    };
+    let bytes = serde_json::to_vec(&marker).expect("a marker is serialisable");
+    if let Err(e) = store.put(ObjectKind::Meta, REMOTE_MARKER, &bytes) {
+        // Another host added the same prefix at once: its marker will do.
+        match read_marker(store, name, url)? {
+            Some(m) => return check_marker(&m, store, name, url),
+            None => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The prefix's marker, if it has one (hostile: bounded, must parse).
+fn read_marker(store: &dyn ObjectStore, name: &str, url: &str) -> Result<Option<Marker>> {
+    let label = store.label(ObjectKind::Meta, REMOTE_MARKER);
+    match store.stat(ObjectKind::Meta, REMOTE_MARKER)? {
+        None => return Ok(None),
+        Some(n) if n > MAX_SMALL_OBJECT => return Err(remote_error(
+            name,
+            format!(
+                "{label}: {n} bytes: not a vmdepot remote's marker; {url} is not a vmdepot remote"
+            ),
+        )),
+        Some(_) => {}
+    }
+    let Some(bytes) = store.get(ObjectKind::Meta, REMOTE_MARKER)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        remote_error(
+            name,
+            format!("{label}: not a vmdepot remote's marker ({e}); {url} is not a vmdepot remote: use an empty prefix"),
+        )
+    })
+}
+
+/// Accepts a marker of this format and a version this vmdepot reads.
+fn check_marker(m: &Marker, store: &dyn ObjectStore, name: &str, url: &str) -> Result<()> {
+    let label = store.label(ObjectKind::Meta, REMOTE_MARKER);
+    if m.format != MARKER_FORMAT {
+        return Err(remote_error(
+            name,
+            format!(
+                "{label}: the marker is of format {:?}, not {MARKER_FORMAT:?}: {url} is not a vmdepot remote; use an empty prefix",
+                m.format
+            ),
+        ));
+    }
+    if m.version > MARKER_VERSION {
+        return Err(remote_error(
+            name,
+            format!(
+                "{label}: {url} is a remote of version {}, this vmdepot reads version {MARKER_VERSION}: use a newer vmdepot",
+                m.version
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// [`Error::Remote`] of remote `name`.
+fn remote_error(name: &str, message: String) -> Error {
+    Error::Remote {
+        remote: name.to_owned(),
+        message,
+    }
+}

@@ -1,0 +1,222 @@
+//! A remote's images as users see them: [`Remote::list_images`] and
+//! [`Remote::show`] give [`ImageInfo`]s with the fields of a local
+//! `image list` (state `available`, or `deprecated`; stored sizes from the
+//! remote's pack indexes, a chunk's share of its frame's compressed size,
+//! as locally); [`Depot::delete_remote_image`] retires every version of
+//! an image's manifest (its packs are the remote gc's business).
+
+use std::collections::HashMap;
+
+use super::access::access_of;
+use super::{ChunkMap, Listing, Remote, RemoteImage};
+use crate::catalog::ImageState;
+use crate::depot::access::{Access, Op};
+use crate::depot::display::shown_state;
+use crate::depot::{rfc3339, Depot, ImageInfo};
+use crate::error::{Error, Result};
+use crate::ids::{ChunkHash, ImageId};
+use crate::store::ObjectKind;
+
+/// Per image id: stored bytes no other image of the remote uses, and
+/// stored bytes shared with others.
+struct Usage(HashMap<String, (u64, u64)>);
+
+impl Usage {
+    /// Every image's share of the chunks `map` locates.
+    fn of(listing: &Listing, map: &ChunkMap) -> Usage {
+        let distinct = |img: &RemoteImage| {
+            let mut v: Vec<ChunkHash> = img
+                .manifest
+                .map
+                .runs
+                .iter()
+                .flat_map(|r| r.1.iter().copied())
+                .collect();
+            v.sort_unstable_by_key(|h| h.0);
+            v.dedup();
+            v
+        };
+        let mut users: HashMap<ChunkHash, u32> = HashMap::new();
+        for img in listing.images.values() {
+            for h in distinct(img) {
+                *users.entry(h).or_default() += 1;
+            }
+        }
+        let mut out = HashMap::new();
+        for (id, img) in &listing.images {
+            let (mut unique, mut shared) = (0f64, 0f64);
+            for h in distinct(img) {
+                let Some(loc) = map.get(&h) else { continue };
+                let size = loc.clen as f64 / f64::from(loc.nchunks.max(1));
+                if users.get(&h) == Some(&1) {
+                    unique += size;
+                } else {
+                    shared += size;
+                }
+            }
+            out.insert(id.clone(), (unique.round() as u64, shared.round() as u64));
+        }
+        Usage(out)
+    }
+}
+
+/// A remote image as `account` (related to it by `access`) sees it.
+fn info(img: &RemoteImage, access: Access, usage: &Usage) -> ImageInfo {
+    let m = &img.manifest.meta;
+    let (unique, shared) = usage.0.get(&m.id).copied().unwrap_or((0, 0));
+    let shared_with = if access == Access::Owner {
+        m.shares.iter().map(|s| s.account.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    ImageInfo {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        kind: if access == Access::Shared {
+            "shared".into()
+        } else {
+            m.kind.clone()
+        },
+        state: shown_state(Some(ImageState::Available), m.deprecated),
+        owner: m.owner.clone(),
+        description: m.description.clone(),
+        source_format: m.source_format.clone(),
+        virtual_size: m.virtual_size,
+        data_bytes: m.data_bytes,
+        content_digest: Some(m.content_digest.clone()).filter(|d| !d.is_empty()),
+        created_at: rfc3339(m.created_at),
+        unique_stored_bytes: unique,
+        shared_stored_bytes: shared,
+        parent: m.parent.clone(),
+        parent_name: m.parent_name.clone(),
+        source_instance: m.source_instance.clone(),
+        copied_from: m.copied_from.clone(),
+        protected: m.protected,
+        deprecated: m.deprecated,
+        tags: m.tags.clone(),
+        vendor: m.vendor.clone(),
+        application: m.application.clone(),
+        app_version: m.app_version.clone(),
+        shared_with,
+        launch_only: !m.restricted_from.is_empty(),
+        restricted_from: m.restricted_from.clone(),
+        damage: None,
+    }
+}
+
+impl Remote {
+    /// The images `account` sees on the remote, oldest first, and one
+    /// line for each manifest object that does not verify (the image is
+    /// left out; the others are listed).
+    pub fn list_images(&self, account: &str) -> Result<(Vec<ImageInfo>, Vec<String>)> {
+        let listing = self.images()?;
+        let usage = Usage::of(&listing, &self.chunk_map()?);
+        let mut visible: Vec<(&RemoteImage, Access)> = listing
+            .images
+            .values()
+            .filter_map(|i| Some((i, access_of(&i.manifest.meta, account)?)))
+            .collect();
+        visible.sort_by(|a, b| {
+            let key = |i: &RemoteImage| (i.manifest.meta.created_at, i.name().to_owned());
+            key(a.0).cmp(&key(b.0))
+        });
+        let infos = visible.iter().map(|(i, a)| info(i, *a, &usage)).collect();
+        Ok((infos, listing.damaged))
+    }
+
+    /// One image (id or name) that `account` sees.
+    pub fn show(&self, reference: &str, account: &str) -> Result<ImageInfo> {
+        let listing = self.images()?;
+        let img = self.find(&listing, reference, account, Op::Show)?;
+        let access = access_of(&img.manifest.meta, account).unwrap_or(Access::Everyone);
+        Ok(info(&img, access, &Usage::of(&listing, &self.chunk_map()?)))
+    }
+
+    /// The manifest objects of image `id` (every version, readable or not).
+    fn manifest_objects(&self, id: &ImageId) -> Result<Vec<String>> {
+        Ok(self
+            .store()
+            .list(ObjectKind::Manifest)?
+            .into_iter()
+            .filter(|o| crate::repo::manifest::parse_name(&o.name).is_some_and(|(i, _)| &i == id))
+            .map(|o| o.name)
+            .collect())
+    }
+
+    /// Retires manifest objects (a tombstone each).
+    fn retire_manifests(&self, objects: &[String]) -> Result<()> {
+        for o in objects {
+            self.store().delete(ObjectKind::Manifest, o)?;
+        }
+        Ok(())
+    }
+}
+
+impl Depot {
+    /// Deletes an image of a remote (owner only; a protected image is
+    /// refused): every version of its manifest is retired at once, its
+    /// packs are left to `gc --remote`. An image none of whose manifest
+    /// versions verifies can be deleted by its id by anyone (nobody can
+    /// tell its owner, and nobody can read it); the returned info then
+    /// holds only the id and the damage.
+    pub fn delete_remote_image(&self, remote: &Remote, reference: &str) -> Result<ImageInfo> {
+        let listing = remote.images()?;
+        let img = match remote.find(&listing, reference, self.account(), Op::Delete) {
+            Err(Error::ImageNotFound(_)) if ImageId::parse(reference).is_some() => {
+                return self.delete_damaged_remote_image(remote, &listing, reference);
+            }
+            r => r?,
+        };
+        let shown = info(&img, Access::Owner, &Usage(HashMap::new()));
+        if shown.protected {
+            return Err(Error::NotPermitted(format!(
+                "image {} ({}) on remote {} is protected: it cannot be deleted there (its manifest says so; push an unprotected copy under another name if it must go)",
+                shown.name,
+                shown.id,
+                remote.name()
+            )));
+        }
+        remote.retire_manifests(&img.objects)?;
+        Ok(shown)
+    }
+
+    /// [`Depot::delete_remote_image`] of an id none of whose versions
+    /// verifies (not found if it has no manifest at all, or a readable
+    /// version: then it is someone else's unseen image).
+    fn delete_damaged_remote_image(
+        &self,
+        remote: &Remote,
+        listing: &Listing,
+        reference: &str,
+    ) -> Result<ImageInfo> {
+        let not_found = || Error::ImageNotFound(format!("{}:{reference}", remote.name()));
+        let id = ImageId::parse(reference).ok_or_else(not_found)?;
+        let objects = remote.manifest_objects(&id)?;
+        if objects.is_empty() || listing.images.contains_key(id.as_str()) {
+            return Err(not_found());
+        }
+        remote.retire_manifests(&objects)?;
+        let damage = listing
+            .damaged
+            .iter()
+            .find(|d| d.contains(id.as_str()))
+            .cloned()
+            .unwrap_or_else(|| "no version of its manifest verifies".into());
+        let m = crate::format::ManifestMeta {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let img = RemoteImage {
+            manifest: crate::format::Manifest {
+                seq: 0,
+                meta: m,
+                map: Default::default(),
+            },
+            objects,
+        };
+        let mut shown = info(&img, Access::Owner, &Usage(HashMap::new()));
+        shown.state = "damaged".into();
+        shown.damage = Some(damage);
+        Ok(shown)
+    }
+}

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use vmdepot::depot::access::Op;
 use vmdepot::lifecycle::copy::CopyReport;
 use vmdepot::lifecycle::CaptureOptions;
 use vmdepot::{
@@ -18,6 +19,7 @@ use vmdepot::{
 
 use super::maint::print_verify;
 use super::output::{esc, human, print_json, show};
+use super::remote::{print_pull, print_push, remote_image, warn_damaged};
 
 /// The subcommands of `vmdepot image`.
 #[derive(Subcommand)]
@@ -38,7 +40,7 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
-    /// List images (deprecated ones only with --all)
+    /// List images (deprecated ones only with --all), of this depot or of a remote
     List(ListArgs),
     /// Change an image's name, description, protection, tags or deprecation
     Update(UpdateArgs),
@@ -77,7 +79,7 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show one image (id or name)
+    /// Show one image (id or name; REMOTE:IMAGE: a remote's)
     Show {
         image: String,
         #[arg(long)]
@@ -92,15 +94,46 @@ pub enum ImageCmd {
         format: String,
     },
     /// Delete an image (its data is freed by `gc`)
+    ///
+    /// REMOTE:IMAGE: retire its manifest on the remote (its data is freed by `gc --remote REMOTE`)
     Delete {
         image: String,
-        /// Even if it is shared or instances use it
+        /// Even if it is shared or instances use it (local images)
         #[arg(long)]
         force: bool,
     },
     /// Re-read and re-hash stored data: one image (with its digest), or all chunks
+    ///
+    /// REMOTE:IMAGE: every chunk it names fetched from the remote and re-hashed
     Verify {
         image: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push an image to a remote: only the chunks the remote lacks travel
+    ///
+    /// JSON: image,
+    /// chunks, chunks_present, chunks_sent, bytes_sent, frames_whole, already
+    Push {
+        image: String,
+        remote: String,
+        /// Name on the remote [default: the same]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull REMOTE:IMAGE into this depot as an independent image
+    ///
+    /// Only the chunks this depot lacks travel. JSON: image, chunks, chunks_present, chunks_fetched,
+    /// bytes_fetched, frames_whole. REMOTE:IMAGE names a remote only when REMOTE is a
+    /// configured remote's name (image names may hold ':' too)
+    Pull {
+        /// REMOTE:IMAGE (id or name)
+        image: String,
+        /// Name here [default: the same]
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -151,6 +184,9 @@ pub struct ListArgs {
     /// Include deprecated images
     #[arg(long)]
     all: bool,
+    /// The images of this remote (the same fields; damaged manifests are named on stderr)
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -259,13 +295,22 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
             }
             print_history(out, &h)
         }
-        ImageCmd::Show { image, json } => show(out, &depot.image(&image)?, json),
+        ImageCmd::Show { image, json } => match depot.remote_reference(&image) {
+            Some((remote, image)) => {
+                let info = depot.remote(remote)?.show(image, depot.account())?;
+                show(out, &info, json)
+            }
+            None => show(out, &depot.image(&image)?, json),
+        },
         ImageCmd::Export {
             image,
             out: path,
             format,
         } => export(depot, &image, &path, &format, progress, out),
         ImageCmd::Delete { image, force } => {
+            if let Some((remote, image)) = depot.remote_reference(&image) {
+                return delete_remote(depot, remote, image, out);
+            }
             let i = depot.delete_image(&image, force)?;
             let name = esc(&i.name);
             writeln!(
@@ -276,9 +321,48 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
             Ok(())
         }
         ImageCmd::Verify { image, json } => {
-            print_verify(out, &depot.verify(image.as_deref(), progress)?, json)
+            let report = match image.as_deref() {
+                Some(r) if depot.remote_reference(r).is_some() => {
+                    let (remote, img) = remote_image(depot, r, Op::Verify)?;
+                    remote.verify_image(&img, progress)?
+                }
+                image => depot.verify(image, progress)?,
+            };
+            print_verify(out, &report, json)
+        }
+        ImageCmd::Push {
+            image,
+            remote,
+            name,
+            json,
+        } => {
+            let r = depot.remote(&remote)?;
+            let report = depot.push_image(&r, &image, name.as_deref(), progress)?;
+            print_push(out, &report, &remote, json)
+        }
+        ImageCmd::Pull { image, name, json } => {
+            let (remote, img) = remote_image(depot, &image, Op::Copy)?;
+            let report = depot.pull_image(&remote, &img, name.as_deref(), progress)?;
+            print_pull(out, &report, json)
         }
     }
+}
+
+/// `image delete REMOTE:IMAGE`.
+fn delete_remote(
+    depot: &Depot,
+    remote: &str,
+    image: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let i = depot.delete_remote_image(&depot.remote(remote)?, image)?;
+    writeln!(
+        out,
+        "deleted {} ({}) from remote {remote}; run `vmdepot gc --remote {remote}` to free its data",
+        esc(&i.name),
+        i.id
+    )?;
+    Ok(())
 }
 
 /// `image import`.
@@ -347,8 +431,15 @@ fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> 
         }
     }
     let want = parse_tags(&a.tags)?;
-    let list: Vec<_> = depot
-        .list_images()?
+    let all = match &a.remote {
+        Some(remote) => {
+            let (list, damaged) = depot.remote(remote)?.list_images(depot.account())?;
+            warn_damaged(&damaged);
+            list
+        }
+        None => depot.list_images()?,
+    };
+    let list: Vec<_> = all
         .into_iter()
         .filter(|i| a.all || !i.deprecated)
         .filter(|i| a.kind.as_ref().is_none_or(|k| &i.kind == k))

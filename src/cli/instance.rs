@@ -9,18 +9,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use vmdepot::depot::access::Op;
 use vmdepot::launch::instance::STOP_TIMEOUT;
 use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
 
 use super::input::read_file;
 use super::output::{esc, print_json, show};
+use super::remote::remote_image;
 use super::terminal::{console, run_foreground};
 
 /// The subcommands of `vmdepot instance`.
 #[derive(Subcommand)]
 pub enum InstanceCmd {
     /// Launch instances of an image (detached unless --foreground)
+    ///
+    /// REMOTE:IMAGE (when REMOTE is a configured remote) pulls the image first unless a copy was pulled already
     Run(RunArgs),
     /// List instances
     List {
@@ -232,7 +236,11 @@ fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<
         anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
     }
     let (foreground, json) = (a.foreground, a.json);
-    let launched = depot.launch(&a.into_options()?, progress)?;
+    let mut opts = a.into_options()?;
+    if depot.remote_reference(&opts.image).is_some() {
+        opts.image = pulled(depot, &opts.image, progress)?;
+    }
+    let launched = depot.launch(&opts, progress)?;
     if foreground {
         // (the start prints the notice)
         let id = launched.instances[0].id().to_owned();
@@ -256,6 +264,16 @@ fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<
         writeln!(out, "{}  {}  {}", i.id, esc(&i.name), ssh_hint(i))?;
     }
     Ok(0)
+}
+
+/// The id of the local copy of `REMOTE:IMAGE` (which the account must be
+/// allowed to launch): one pulled before, else pulled now.
+fn pulled(depot: &Depot, reference: &str, progress: &dyn Progress) -> anyhow::Result<String> {
+    let (remote, img) = remote_image(depot, reference, Op::Launch)?;
+    if let Some(local) = depot.pulled_copy(&remote, &img)? {
+        return Ok(local.id);
+    }
+    Ok(depot.pull_image(&remote, &img, None, progress)?.image.id)
 }
 
 impl RunArgs {

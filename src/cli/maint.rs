@@ -13,6 +13,7 @@ use vmdepot::maint::{FsckReport, GcReport, Stats};
 use vmdepot::{Depot, DepotOptions, Intent, Progress};
 
 use super::output::{esc, human, print_json};
+use super::remote::print_remote_gc;
 
 /// The exit code of a check that found damage.
 const DAMAGED: i32 = 5;
@@ -21,10 +22,20 @@ const DAMAGED: i32 = 5;
 #[derive(Subcommand)]
 pub enum MaintCmd {
     /// Remove chunks and packs that no image uses, and leftovers of killed imports
+    ///
+    /// With --remote: retire a remote's dead packs and purge what was retired longer than the
+    /// grace period (VMDEPOT_REMOTE_GRACE_SECS, default 24 h), safe against pushes of other
+    /// hosts (docs/FORMAT.md, "Remote gc")
     Gc {
-        /// Only report what would be removed
+        /// Only report what would be removed (a remote: no lock taken either)
         #[arg(long)]
         dry_run: bool,
+        /// Collect this remote's garbage instead of this depot's
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
+        /// With --remote: remove the gc lock of a gc that died (however young)
+        #[arg(long, requires = "remote")]
+        break_lock: bool,
         #[arg(long)]
         json: bool,
     },
@@ -53,6 +64,9 @@ impl MaintCmd {
     /// only read; gc releases the space reserve.
     pub fn intent(&self) -> Intent {
         match self {
+            MaintCmd::Gc {
+                remote: Some(_), ..
+            } => Intent::Write,
             MaintCmd::Fsck { repair: false, .. }
             | MaintCmd::Stats { .. }
             | MaintCmd::Gc { dry_run: true, .. } => Intent::Read,
@@ -67,7 +81,18 @@ impl MaintCmd {
 pub fn run(depot: &Depot, cmd: MaintCmd, progress: &dyn Progress) -> anyhow::Result<i32> {
     let out = &mut std::io::stdout().lock();
     match cmd {
-        MaintCmd::Gc { dry_run, json } => {
+        MaintCmd::Gc {
+            dry_run,
+            remote: Some(remote),
+            break_lock,
+            json,
+        } => {
+            let r = depot
+                .remote(&remote)?
+                .gc(dry_run, break_lock, vmdepot::remote::grace())?;
+            print_remote_gc(out, &r, json)?;
+        }
+        MaintCmd::Gc { dry_run, json, .. } => {
             let r = depot.gc(dry_run)?;
             if json {
                 print_json(out, &r)?;

@@ -1,7 +1,8 @@
 //! The `vmdepot` command line: [`Cli`] (the global flags) and [`run`],
 //! which opens the depot with the [`Intent`] of the command and hands it to
 //! its group, one file each: `image.rs` (`image …`), `instance.rs`
-//! (`instance …`), `maint.rs` (`gc`, `fsck`, `stats`). Beside them:
+//! (`instance …`), `maint.rs` (`gc`, `fsck`, `stats`), `remote.rs`
+//! (`remote …`, and the `REMOTE:IMAGE` references of the others). Beside them:
 //! `output.rs` (JSON, fields, escaping, sizes), `progress.rs` (progress
 //! bars or lines), `terminal.rs` (foreground runs, the serial console) and
 //! `input.rs` (key and user-data files).
@@ -12,6 +13,7 @@ mod instance;
 mod maint;
 pub mod output;
 mod progress;
+mod remote;
 mod terminal;
 
 use std::path::PathBuf;
@@ -22,13 +24,21 @@ use vmdepot::{Depot, DepotOptions, Intent};
 use maint::MaintCmd;
 use progress::CliProgress;
 
+/// The exit codes, as `--help` lists them (and README.md).
+const EXIT_CODES: &str =
+    "Exit codes: 0 success; 1 error; 2 usage (a name matching several images too); \
+3 not found; 4 refused or bad input; 5 damaged store (fsck found damage); 6 no space; \
+7 not permitted for this account; 8 a remote failed (credentials, bucket, endpoint, network, \
+throttling: the message names the remote, the object and the status)";
+
 /// The command line: global flags and one command.
 #[derive(Parser)]
 #[command(
     name = "vmdepot",
     version,
     about = "Local machine-image depot for a hypervisor host",
-    long_about = None
+    long_about = None,
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// Depot directory [default: $VMDEPOT_DIR, /var/lib/vmdepot as root, else $XDG_DATA_HOME/vmdepot]
@@ -55,6 +65,9 @@ enum Cmd {
     /// Run and manage instances (QEMU virtual machines) of images
     #[command(subcommand)]
     Instance(instance::InstanceCmd),
+    /// Remote depots on S3-compatible object storage, shared by several hosts
+    #[command(subcommand)]
+    Remote(remote::RemoteCmd),
     #[command(flatten)]
     Maint(MaintCmd),
 }
@@ -75,7 +88,7 @@ impl Cmd {
     fn intent(&self) -> Intent {
         match self {
             Cmd::Image(c) => c.intent(),
-            Cmd::Instance(_) => Intent::Write,
+            Cmd::Instance(_) | Cmd::Remote(_) => Intent::Write,
             Cmd::Maint(c) => c.intent(),
         }
     }
@@ -96,6 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Image(cmd) => image::run(&depot, cmd, &progress).map(|()| 0),
         Cmd::Instance(cmd) => instance::run(&depot, cmd, &progress),
+        Cmd::Remote(cmd) => remote::run(&depot, cmd).map(|()| 0),
         Cmd::Maint(cmd) => maint::run(&depot, cmd, &progress),
     }
 }

@@ -354,12 +354,14 @@ fn read_marker(store: &dyn ObjectStore, name: &str, url: &str) -> Result<Option<
     let label = store.label(ObjectKind::Meta, REMOTE_MARKER);
     match store.stat(ObjectKind::Meta, REMOTE_MARKER)? {
         None => return Ok(None),
-        Some(n) if n > MAX_SMALL_OBJECT => return Err(remote_error(
-            name,
-            format!(
+        Some(n) if n > MAX_SMALL_OBJECT => {
+            return Err(remote_error(
+                name,
+                format!(
                 "{label}: {n} bytes: not a vmdepot remote's marker; {url} is not a vmdepot remote"
             ),
-        )),
+            ))
+        }
         Some(_) => {}
     }
     let Some(bytes) = store.get(ObjectKind::Meta, REMOTE_MARKER)? else {

@@ -18,6 +18,8 @@ mod config;
 mod fetch;
 mod gc;
 mod listing;
+#[cfg(test)]
+mod ops_tests;
 mod pull;
 mod push;
 #[cfg(test)]

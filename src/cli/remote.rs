@@ -191,3 +191,49 @@ pub fn print_remote_gc(out: &mut impl Write, r: &RemoteGcReport, json: bool) -> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::Cli;
+
+    fn parses(args: &[&str]) -> bool {
+        Cli::try_parse_from(std::iter::once("vmdepot").chain(args.iter().copied())).is_ok()
+    }
+
+    #[test]
+    fn the_remote_commands_parse() {
+        for ok in [
+            &[
+                "remote",
+                "add",
+                "r",
+                "s3://b/p",
+                "--endpoint",
+                "http://h:3900",
+                "--region",
+                "garage",
+            ][..],
+            &["remote", "list", "--json"],
+            &["remote", "remove", "r"],
+            &["image", "push", "img", "r", "--name", "n", "--json"],
+            &["image", "pull", "r:img", "--name", "n", "--json"],
+            &["image", "list", "--remote", "r", "--json"],
+            &["image", "show", "r:img", "--json"],
+            &["image", "delete", "r:img"],
+            &["image", "verify", "r:img", "--json"],
+            &["gc", "--remote", "r", "--dry-run", "--break-lock", "--json"],
+            &["instance", "run", "r:img", "--count", "2"],
+        ] {
+            assert!(parses(ok), "{ok:?}");
+        }
+        for bad in [
+            &["remote", "add", "r"][..],
+            &["image", "push", "img"],
+            &["gc", "--break-lock"],
+        ] {
+            assert!(!parses(bad), "{bad:?}");
+        }
+    }
+}

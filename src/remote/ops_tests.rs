@@ -163,6 +163,16 @@ impl Fixture {
         (self.manifest(img), pack)
     }
 
+    /// A manifest object of a new image id that does not decode.
+    fn garbage_manifest(&self) -> crate::ids::ImageId {
+        let id = crate::ids::ImageId::generate();
+        let name = Remote::manifest_name(&id, 0);
+        self.store
+            .put(ObjectKind::Manifest, &name, b"garbage")
+            .unwrap();
+        id
+    }
+
     fn gc(&self, dry_run: bool) -> RemoteGcReport {
         self.remote.gc(dry_run, false, GRACE).unwrap()
     }
@@ -320,14 +330,7 @@ fn a_damaged_manifest_is_named_and_hides_nothing_else() {
     let f = Fixture::new();
     let (id, _) = f.push(&Img::new("a", "alice", "custom", 1));
     f.push(&Img::new("b", "alice", "custom", 20));
-    let bad = crate::ids::ImageId::generate();
-    f.store
-        .put(
-            ObjectKind::Manifest,
-            &Remote::manifest_name(&bad, 0),
-            b"garbage",
-        )
-        .unwrap();
+    let bad = f.garbage_manifest();
     let (list, damaged) = f.remote.list_images("alice").unwrap();
     let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names.len(), 2);
@@ -372,11 +375,8 @@ fn delete_retires_every_version_for_its_owner_only() {
         "retired, not purged"
     );
     // an image no version of which verifies: deleted by its id
-    let bad = crate::ids::ImageId::generate();
+    let bad = f.garbage_manifest();
     let name = Remote::manifest_name(&bad, 0);
-    f.store
-        .put(ObjectKind::Manifest, &name, b"garbage")
-        .unwrap();
     let info = f
         .depot("bob")
         .delete_remote_image(&f.remote, bad.as_str())
@@ -569,14 +569,7 @@ fn gc_refuses_while_a_manifest_does_not_verify() {
     f.depot("alice")
         .delete_remote_image(&f.remote, &id)
         .unwrap();
-    let bad = crate::ids::ImageId::generate();
-    f.store
-        .put(
-            ObjectKind::Manifest,
-            &Remote::manifest_name(&bad, 0),
-            b"garbage",
-        )
-        .unwrap();
+    let bad = f.garbage_manifest();
     f.store.advance(GRACE + HOUR);
     let e = f.remote.gc(false, false, GRACE).unwrap_err();
     assert_eq!(e.exit_code(), 8);

@@ -156,9 +156,7 @@ impl Depot {
     /// Refuses a remote name this depot has already.
     fn check_name_free(&self, name: &str) -> Result<()> {
         if self.remote_config_path(name).exists() {
-            return Err(Error::Invalid(format!(
-                "a remote named {name:?} exists already: `vmdepot remote remove {name}` first, or pick another name"
-            )));
+            return Err(name_in_use(name));
         }
         Ok(())
     }
@@ -172,13 +170,13 @@ impl Depot {
         let path = self.remote_config_path(&cfg.name);
         let tmp = dir.join(format!(".{}.json.tmp-{}", cfg.name, random_hex(8)));
         let bytes = serde_json::to_vec_pretty(cfg).expect("a remote's config is serialisable");
-        let written = write_private(&tmp, &bytes).and_then(|()| match std::fs::hard_link(&tmp, &path) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Invalid(format!(
-                "a remote named {:?} exists already: `vmdepot remote remove {}` first, or pick another name",
-                cfg.name, cfg.name
-            ))),
-            r => r.at(&path),
-        });
+        let written =
+            write_private(&tmp, &bytes).and_then(|()| match std::fs::hard_link(&tmp, &path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Err(name_in_use(&cfg.name))
+                }
+                r => r.at(&path),
+            });
         drop(std::fs::remove_file(&tmp));
         written?;
         crate::store::sync_dir(&dir)
@@ -275,6 +273,13 @@ impl Depot {
         let known = check_remote_name(remote).is_ok() && self.remote_config_path(remote).is_file();
         known.then_some((remote, image))
     }
+}
+
+/// The error for a remote name this depot has already.
+fn name_in_use(name: &str) -> Error {
+    Error::Invalid(format!(
+        "a remote named {name:?} exists already: `vmdepot remote remove {name}` first, or pick another name"
+    ))
 }
 
 /// The error for a remote name not configured here.

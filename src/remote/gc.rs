@@ -176,16 +176,14 @@ impl Remote {
             if !valid_pack_name(name) || !older(p, t0, grace) {
                 continue;
             }
-            let dead = match indexes.contains_key(name) {
-                false => true,
-                true => match self.index(&self.index_cache(), name) {
+            let dead = !indexes.contains_key(name)
+                || match self.index(&self.index_cache(), name) {
                     Ok(ix) => !holds_live(&ix, live),
                     Err(e) => {
                         r.damaged.push(e.to_string());
                         false
                     }
-                },
-            };
+                };
             if dead {
                 self.retire(r, ObjectKind::Pack, name)?;
                 r.bytes_retired += p.size;

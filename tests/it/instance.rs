@@ -446,7 +446,7 @@ fn library_harness_launches_waits_and_drops() {
         assert!(e.contains(vm.id()) && e.contains("timed out"), "{e}");
         // QEMU gone: told at once, apart from a timeout
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
+            nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();

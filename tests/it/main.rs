@@ -14,6 +14,7 @@ mod reliability_disk;
 mod reliability_pause;
 mod reliability_powercut;
 mod reliability_repair;
+mod remote;
 mod remote_s3;
 mod security_access;
 mod security_input;

@@ -11,38 +11,48 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::*;
-use crate::garage::Garage;
+use crate::garage::{Garage, REGION};
+use vmdepot::store::{ObjectKind, ObjectStore};
 
 /// One host: a depot of its own, with the cluster's credentials in the
 /// environment of every command it runs.
-struct Host<'a> {
+struct Host {
     depot: PathBuf,
-    g: &'a Garage,
     env: Vec<(String, String)>,
 }
 
-impl<'a> Host<'a> {
-    fn new(t: &T, g: &'a Garage, name: &str) -> Host<'a> {
+impl Host {
+    fn new(t: &T, g: &Garage, name: &str) -> Host {
         let h = Host {
             depot: t.path(name),
-            g,
-            env: Vec::new(),
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), g.key_id.clone()),
+                ("AWS_SECRET_ACCESS_KEY".into(), g.secret.clone()),
+            ],
         };
-        let url = format!("s3://{}", g.bucket());
-        h.ok(&["remote", "add", "r", &url, "--endpoint", &g.endpoint(), "--region", "garage"]);
+        let url = format!("s3://{}", g.bucket);
+        h.ok(&[
+            "remote",
+            "add",
+            "r",
+            &url,
+            "--endpoint",
+            &g.endpoint(),
+            "--region",
+            REGION,
+        ]);
         h
     }
 
     /// The same depot with one more environment variable.
-    fn with_env(mut self, k: &str, v: &str) -> Host<'a> {
+    fn with_env(mut self, k: &str, v: &str) -> Host {
         self.env.push((k.to_owned(), v.to_owned()));
         self
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = cmd_in(&self.depot, args);
-        c.env("AWS_ACCESS_KEY_ID", self.g.key_id())
-            .env("AWS_SECRET_ACCESS_KEY", self.g.secret())
+        c.env("AWS_REGION", REGION)
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
@@ -78,13 +88,27 @@ impl<'a> Host<'a> {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(code), "vmdepot {args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "one-line error expected: {err}");
-        assert!(err.contains(needle), "vmdepot {args:?}: {needle:?} not in: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one-line error expected: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "vmdepot {args:?}: {needle:?} not in: {err}"
+        );
         err
     }
 
     fn import(&self, file: &std::path::Path, name: &str) {
-        self.ok(&["image", "import", file.to_str().unwrap(), "--name", name, "-q"]);
+        self.ok(&[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "-q",
+        ]);
     }
 
     fn push(&self, image: &str) -> Value {
@@ -96,11 +120,17 @@ impl<'a> Host<'a> {
     }
 
     fn digest(&self, image: &str) -> String {
-        str_at(&self.json(&["image", "show", image, "--json"]), "content_digest")
+        str_at(
+            &self.json(&["image", "show", image, "--json"]),
+            "content_digest",
+        )
     }
 
     fn remote_names(&self) -> Vec<String> {
-        let mut v = strs_at(&self.json(&["image", "list", "--remote", "r", "--json"]), "name");
+        let mut v = strs_at(
+            &self.json(&["image", "list", "--remote", "r", "--json"]),
+            "name",
+        );
         v.sort();
         v
     }
@@ -132,7 +162,10 @@ fn push_on_one_host_pull_on_another() {
     assert!(u(&pa, "bytes_sent") > 0);
     // B is A changed in place: it sends fewer than 10% of its chunks
     let pb = h1.push("b");
-    assert_eq!(u(&pb, "chunks_present") + u(&pb, "chunks_sent"), u(&pb, "chunks"));
+    assert_eq!(
+        u(&pb, "chunks_present") + u(&pb, "chunks_sent"),
+        u(&pb, "chunks")
+    );
     assert!(u(&pb, "chunks_sent") * 10 < u(&pb, "chunks"), "{pb}");
     // pushing again sends nothing
     let again = h1.push("b");
@@ -149,7 +182,10 @@ fn push_on_one_host_pull_on_another() {
         export_same(&h2, name, file, &t);
     }
     let shown = h2.json(&["image", "show", "a", "--json"]);
-    assert!(str_at(&shown, "copied_from").starts_with("remote:r "), "{shown}");
+    assert!(
+        str_at(&shown, "copied_from").starts_with("remote:r "),
+        "{shown}"
+    );
     h2.ok(&["image", "verify", "r:a", "-q"]);
     h2.ok(&["fsck", "-q"]);
 
@@ -171,17 +207,30 @@ fn a_push_killed_with_sigkill_leaves_nothing_visible_and_resumes() {
     let mut c = h1.spawn(&["image", "push", "big", "r", "-q"]);
     // kill it once a pack index is on the remote (a pack has arrived)
     let end = Instant::now() + Duration::from_secs(120);
-    while g.count_objects("packs/", ".idx") == 0 {
-        assert!(c.try_wait().unwrap().is_none(), "the push ended before it could be killed");
+    let store = g.store("");
+    while store.list(ObjectKind::PackIndex).unwrap().is_empty() {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "the push ended before it could be killed"
+        );
         assert!(Instant::now() < end, "no pack reached the remote");
         std::thread::sleep(Duration::from_millis(20));
     }
     c.kill().unwrap();
     assert!(!c.wait().unwrap().success());
-    assert!(h2.remote_names().is_empty(), "a killed push left an image visible");
+    assert!(
+        h2.remote_names().is_empty(),
+        "a killed push left an image visible"
+    );
     let rep = h1.push("big");
-    assert!(u(&rep, "chunks_present") > 0, "the resumed push sent everything again: {rep}");
-    assert_eq!(u(&rep, "chunks_present") + u(&rep, "chunks_sent"), u(&rep, "chunks"));
+    assert!(
+        u(&rep, "chunks_present") > 0,
+        "the resumed push sent everything again: {rep}"
+    );
+    assert_eq!(
+        u(&rep, "chunks_present") + u(&rep, "chunks_sent"),
+        u(&rep, "chunks")
+    );
     h2.pull("big");
     export_same(&h2, "big", &big, &t);
 }
@@ -233,7 +282,7 @@ fn remote_gc_while_another_host_pushes_keeps_every_image_whole() {
     h1.push("y");
     h1.ok(&["image", "delete", "r:x"]);
     std::thread::sleep(Duration::from_secs(4)); // x's packs are older than the grace
-    // h3 pushes while h2 collects, twice (retire, then purge after the grace)
+                                                // h3 pushes while h2 collects, twice (retire, then purge after the grace)
     let z = t.path("z.raw");
     synthetic_raw(&z, 120, 3);
     h3.import(&z, "z");
@@ -264,17 +313,17 @@ fn a_push_survives_a_node_going_down() {
     h1.import(&big, "big");
     let c = h1.spawn(&["image", "push", "big", "r", "--json", "-q"]);
     std::thread::sleep(Duration::from_millis(500));
-    g.kill_node(2);
+    g.kill(2);
     let o = c.wait_with_output().unwrap();
     if !o.status.success() {
         // a clear one-line error, and a re-run completes once the node is back
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains("remote r"), "{err}");
-        g.restart_node(2);
+        g.restart(2);
         h1.push("big");
     } else {
-        g.restart_node(2);
+        g.restart(2);
     }
     let h2 = Host::new(&t, &g, "h2");
     h2.pull("big");
@@ -291,27 +340,44 @@ fn bad_credentials_bucket_and_endpoint_each_fail_in_one_line() {
     h.import(&x, "x");
     let wrong = Host {
         depot: h.depot.clone(),
-        g: &g,
-        env: vec![("AWS_SECRET_ACCESS_KEY".into(), "0".repeat(64))],
-    };
+        env: h.env.clone(),
+    }
+    .with_env("AWS_SECRET_ACCESS_KEY", &"0".repeat(64));
     wrong.refuses(&["image", "push", "x", "r"], 8, "remote r");
     let ep = g.endpoint();
     h.refuses(
-        &["remote", "add", "nob", "s3://no-such-bucket", "--endpoint", &ep],
+        &[
+            "remote",
+            "add",
+            "nob",
+            "s3://no-such-bucket",
+            "--endpoint",
+            &ep,
+        ],
         8,
         "no-such-bucket",
     );
     h.refuses(
-        &["remote", "add", "down", "s3://b", "--endpoint", "http://127.0.0.1:9"],
+        &[
+            "remote",
+            "add",
+            "down",
+            "s3://b",
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ],
         8,
         "127.0.0.1:9",
     );
     // nothing secret in the config, which only its owner reads
     let cfg = h.depot.join("remotes/r.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(!text.contains(g.secret()));
+    assert!(!text.contains(&g.secret));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }
 
 #[test]
@@ -321,7 +387,9 @@ fn instance_run_from_a_remote_pulls_then_boots() {
     let (h1, h2) = (Host::new(&t, &g, "h1"), Host::new(&t, &g, "h2"));
     h1.import(test_guest(), "tiny");
     h1.push("tiny");
-    h2.ok(&["instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "-q"]);
+    h2.ok(&[
+        "instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "-q",
+    ]);
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let log = h2.ok(&["instance", "logs", "vm"]);
@@ -333,7 +401,9 @@ fn instance_run_from_a_remote_pulls_then_boots() {
     }
     // a second run reuses the pulled copy
     let before = items(&h2.json(&["image", "list", "--json"])).len();
-    h2.ok(&["instance", "run", "r:tiny", "--name", "vm2", "--accel", "tcg", "-q"]);
+    h2.ok(&[
+        "instance", "run", "r:tiny", "--name", "vm2", "--accel", "tcg", "-q",
+    ]);
     assert_eq!(items(&h2.json(&["image", "list", "--json"])).len(), before);
     for vm in ["vm", "vm2"] {
         h2.ok(&["instance", "delete", vm, "--force"]);

@@ -276,6 +276,11 @@ fn remote_gc_while_another_host_pushes_keeps_every_image_whole() {
     let (x, y) = (t.path("x.raw"), t.path("y.raw"));
     synthetic_raw(&x, 40, 1);
     synthetic_raw(&y, 40, 2);
+    // x's short tail differs from y's, so that x shares no chunk with y
+    // and its packs die whole when it is deleted (a remote is not repacked)
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&x).unwrap();
+    f.write_all_at(&[0x5a; 1536], 40 << 20).unwrap();
     h1.import(&x, "x");
     h1.import(&y, "y");
     h1.push("x");

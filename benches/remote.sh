@@ -42,7 +42,7 @@ json() { python3 -c "import json,sys; print(json.load(open('$work/out'))$1)"; }
 mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}'; }
 
 vd() { local h=$1; shift; "$vmdepot" --depot "$work/host$h" "$@"; }
-for h in 1 2 3; do vd "$h" remote add r s3://vmdepot --endpoint "$ep" --region garage >/dev/null 2>&1 || vd "$h" remote add r s3://vmdepot --endpoint "$ep" --region garage; done
+for h in 1 3; do vd "$h" remote add r s3://vmdepot --endpoint "$ep" --region garage >/dev/null; done
 # the bytes each import added to host 1's packs: what each image has that the earlier ones lack
 prev=0
 for i in A B B2; do
@@ -51,15 +51,15 @@ for i in A B B2; do
     R[vd.new.$i]=$((now - prev)); prev=$now
 done
 for i in A B B2; do
-    run "vd.push.$i" vd 1 image push "$i" r --json
+    run "vd.push.$i" "$vmdepot" --depot "$work/host1" image push "$i" r --json
     R[vd.push.$i.bytes]=$(json "['bytes_sent']")
 done
 vd 3 image pull r:A --name A -q >/dev/null   # host 3 holds A
 for i in A B B2; do
     rm -rf "$work/host2"; vd 2 remote add r s3://vmdepot --endpoint "$ep" --region garage >/dev/null
-    run "vd.pull0.$i" vd 2 image pull "r:$i" --json
+    run "vd.pull0.$i" "$vmdepot" --depot "$work/host2" image pull "r:$i" --json
     R[vd.pull0.$i.bytes]=$(json "['bytes_fetched']")
-    run "vd.pullA.$i" vd 3 image pull "r:$i" --name "$i-2" --json
+    run "vd.pullA.$i" "$vmdepot" --depot "$work/host3" image pull "r:$i" --name "$i-2" --json
     R[vd.pullA.$i.bytes]=$(json "['bytes_fetched']")
 done
 vd 2 image export A "$work/A.out" -q && cmp "$work/A.out" "$img/A.raw" && rm -f "$work/A.out"

@@ -22,7 +22,8 @@
 //! the retirement time, and leaves the bytes. While the tombstone exists
 //! the object is not listed, stat'ed or got, but [`ObjectStore::open`]
 //! still reads it; [`ObjectStore::revive`] deletes the tombstone and
-//! [`ObjectStore::purge`] deletes the object, then its tombstone.
+//! [`ObjectStore::purge_retired`] deletes the object, then its tombstone
+//! (if the tombstone is still as old as the caller's listing showed).
 
 mod credentials;
 mod fail;
@@ -57,7 +58,7 @@ pub use self::location::S3Location;
 const MAX_GET: u64 = 1 << 30;
 /// The largest meta object [`ObjectStore::get`] reads.
 const MAX_META: u64 = 1 << 20;
-/// Deletes [`ObjectStore::purge`] runs at once.
+/// Deletes [`ObjectStore::purge_retired`] runs at once.
 const PURGE_PARALLEL: usize = 16;
 
 /// The retry policy of every request: 6 retries, backoff from 100 ms to
@@ -361,25 +362,24 @@ impl Inner {
         Ok(Some(bytes.into()))
     }
 
-    /// Deletes a retired object then its tombstone, if it was retired
-    /// `older_than` ago or longer (by this host's clock: the grace dwarfs
-    /// any skew).
-    async fn purge_one(&self, tomb: ObjectMeta, older_than: Duration) -> Result<()> {
-        let root = self.keys.root(true);
-        let Some(rel) = tomb.location.as_ref().strip_prefix(&root) else {
-            return Ok(());
-        };
-        let known = ObjectKind::ALL
-            .iter()
-            .any(|&k| Keys::parse_relative(k, rel).is_some());
-        let age = SystemTime::now()
-            .duration_since(tomb.last_modified.into())
-            .unwrap_or_default();
-        if !known || age < older_than {
-            return Ok(());
+    /// Deletes a retired object then its tombstone, if its tombstone
+    /// still exists and was written at or before `retired_by`; returns
+    /// `name` if it did.
+    async fn purge_one(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        retired_by: SystemTime,
+    ) -> Result<Option<String>> {
+        let (key, tomb) = (self.key(kind, name, false)?, self.key(kind, name, true)?);
+        let due = (self.head_of(&tomb, &key).await?)
+            .is_some_and(|t| SystemTime::from(t.last_modified) <= retired_by);
+        if !due {
+            return Ok(None);
         }
-        self.delete(&(self.keys.root(false) + rel)).await?;
-        self.delete(tomb.location.as_ref()).await
+        self.delete(&key).await?;
+        self.delete(&tomb).await?;
+        Ok(Some(name.to_owned()))
     }
 }
 
@@ -492,21 +492,20 @@ impl ObjectStore for S3Store {
         i.block_on(i.delete(&i.key(kind, name, true)?))
     }
 
-    fn purge(&self, older_than: Duration) -> Result<()> {
+    fn purge_retired(
+        &self,
+        kind: ObjectKind,
+        names: &[String],
+        retired_by: SystemTime,
+    ) -> Result<Vec<String>> {
         let i = &self.inner;
-        let root = i.keys.root(true);
-        i.block_on(async {
-            let tombs: Vec<ObjectMeta> =
-                i.s3.list(Some(&path(&root)))
-                    .try_collect()
-                    .await
-                    .map_err(|e| i.fail("listing", &root, &e))?;
-            futures_util::stream::iter(tombs)
-                .map(|t| i.purge_one(t, older_than))
+        i.block_on(
+            futures_util::stream::iter(names)
+                .map(|n| i.purge_one(kind, n, retired_by))
                 .buffer_unordered(PURGE_PARALLEL)
-                .try_collect::<()>()
-                .await
-        })
+                .try_filter_map(|n| std::future::ready(Ok(n)))
+                .try_collect(),
+        )
     }
 
     fn label(&self, kind: ObjectKind, name: &str) -> String {

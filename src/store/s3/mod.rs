@@ -27,6 +27,7 @@
 
 mod credentials;
 mod fail;
+mod listing;
 mod location;
 mod transfer;
 
@@ -40,8 +41,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore as _, ObjectStoreExt, PutPayload,
-    RetryConfig,
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
 use self::fail::{Failure, Target};
@@ -144,9 +144,11 @@ impl S3Store {
             ..Default::default()
         };
         let prefix = Some(root.as_str()).filter(|r| !r.is_empty());
-        i.block_on(i.s3.list_paginated(prefix, opts))
-            .map(drop)
-            .map_err(|e| i.fail("listing", &root, &e))
+        match i.block_on(i.s3.list_paginated(prefix, opts)) {
+            // it answered, with a key the client cannot parse
+            Err(e) if listing::unparsable_key(&e).is_some() => Ok(()),
+            r => r.map(drop).map_err(|e| i.fail("listing", &root, &e)),
+        }
     }
 }
 
@@ -302,8 +304,7 @@ impl Inner {
     /// out.
     async fn list_kind(&self, kind: ObjectKind, trash: bool) -> Result<Vec<ObjectInfo>> {
         let (prefix, flat) = self.keys.listing(kind, trash);
-        let p = path(&prefix);
-        let p = Some(&p).filter(|p| !p.as_ref().is_empty());
+        let listed = self.list_prefix(&prefix, flat).await?;
         let info = |m: ObjectMeta| {
             Some(ObjectInfo {
                 name: self.keys.parse(kind, m.location.as_ref(), trash)?,
@@ -311,17 +312,7 @@ impl Inner {
                 modified: Some(SystemTime::from(m.last_modified)),
             })
         };
-        let listed = if flat {
-            let found = self.s3.list_with_delimiter(p).await;
-            found.map(|l| l.objects.into_iter().filter_map(info).collect())
-        } else {
-            let found = self.s3.list(p);
-            found
-                .try_filter_map(|m| std::future::ready(Ok(info(m))))
-                .try_collect()
-                .await
-        };
-        listed.map_err(|e| self.fail("listing", &prefix, &e))
+        Ok(listed.into_iter().filter_map(info).collect())
     }
 
     /// A kind's objects (retired ones too) and its tombstones by name.

@@ -144,14 +144,11 @@ impl Remote {
             let Some(bytes) = self.store().get(ObjectKind::Manifest, &o.name)? else {
                 continue; // deleted since the listing
             };
-            let m = self.check_manifest(&id, seq, &o.name, &bytes).map_err(|e| {
-                Error::Remote {
-                    remote: self.name().to_owned(),
-                    message: format!(
-                        "gc refused: {e}; the chunks it names cannot be known, so nothing can be collected safely: `vmdepot image delete {}:{id}` deletes the image",
-                        self.name()
-                    ),
-                }
+            let m = (self.check_manifest(&id, seq, &o.name, &bytes)).map_err(|e| match e {
+                Error::StoreDamaged(why) => Error::StoreDamaged(format!(
+                    "gc refused (the chunks a damaged manifest names cannot be known, so nothing can be collected safely): {why}"
+                )),
+                e => e,
             })?;
             live.extend(m.map.runs.iter().flat_map(|run| run.1.iter().copied()));
             r.manifests += 1;

@@ -316,7 +316,7 @@ fn the_local_rules_apply_to_remote_images() {
     // another's custom image does not exist for bob
     let e = r.find(&l, "carols", "bob", Op::Show).unwrap_err();
     assert!(
-        matches!(&e, crate::Error::ImageNotFound(n) if n == "r:carols"),
+        matches!(&e, crate::Error::RemoteImageNotFound { remote, image } if remote == "r" && image == "carols"),
         "{e}"
     );
     // a name two visible images have is ambiguous
@@ -341,7 +341,21 @@ fn a_damaged_manifest_is_named_and_hides_nothing_else() {
     assert_eq!(names.len(), 2);
     assert!(names.contains(&"a") && names.contains(&"b"));
     assert_eq!(damaged.len(), 1);
-    assert!(damaged[0].contains(bad.as_str()), "{}", damaged[0]);
+    let hint = format!("`vmdepot image delete r:{bad}`");
+    assert!(damaged[0].contains(&hint), "{}", damaged[0]);
+    // its id names the damage; a name no image has says where to look
+    let e = f.remote.show(bad.as_str(), "alice").unwrap_err();
+    assert_eq!(e.exit_code(), 5);
+    assert!(
+        e.to_string().contains(&format!("{bad}.0.manifest")) && e.to_string().contains(&hint),
+        "{e}"
+    );
+    let e = f.remote.show("nope", "alice").unwrap_err();
+    assert_eq!(e.exit_code(), 3);
+    assert!(
+        e.to_string().contains("`vmdepot image list --remote r`"),
+        "{e}"
+    );
     let a = list.iter().find(|i| i.id == id).unwrap();
     assert_eq!(a.state, "available");
     assert_eq!(a.virtual_size, 3 * CHUNK_SIZE as u64);
@@ -577,7 +591,7 @@ fn gc_refuses_while_a_manifest_does_not_verify() {
     let bad = f.garbage_manifest();
     f.store.advance(GRACE + HOUR);
     let e = f.remote.gc(false, false, GRACE).unwrap_err();
-    assert_eq!(e.exit_code(), 8);
+    assert_eq!(e.exit_code(), 5, "damage");
     assert!(
         e.to_string().contains(&format!("image delete r:{bad}")),
         "{e}"
@@ -586,15 +600,30 @@ fn gc_refuses_while_a_manifest_does_not_verify() {
     assert!(!f.listed(ObjectKind::Meta, GC_LOCK), "released on error");
 }
 
-/// A [`MemoryStore`] that runs `stall` once, when packs are first listed
-/// (a gc's step 3): what other hosts did while that gc was stopped
-/// (`kill -STOP`) after its step-2 listing.
-struct StallsAtPackListing {
+/// A [`MemoryStore`] that runs `stall` once, right after it first lists
+/// objects of kind `after`: what other hosts did while a gc, push or
+/// pull was stopped (`kill -STOP`) after that listing.
+struct Stalls {
     inner: MemoryStore,
+    after: ObjectKind,
     stall: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
-impl ObjectStore for StallsAtPackListing {
+impl Stalls {
+    fn new(
+        inner: &MemoryStore,
+        after: ObjectKind,
+        stall: impl FnOnce() + Send + 'static,
+    ) -> Stalls {
+        Stalls {
+            inner: inner.clone(),
+            after,
+            stall: std::sync::Mutex::new(Some(Box::new(stall))),
+        }
+    }
+}
+
+impl ObjectStore for Stalls {
     fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn crate::store::ObjectWriter>> {
         self.inner.create(kind, name)
     }
@@ -611,12 +640,13 @@ impl ObjectStore for StallsAtPackListing {
         self.inner.stat(kind, name)
     }
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        if kind == ObjectKind::Pack {
+        let listed = self.inner.list(kind)?;
+        if kind == self.after {
             if let Some(stall) = self.stall.lock().unwrap().take() {
                 stall();
             }
         }
-        self.inner.list(kind)
+        Ok(listed)
     }
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
         self.inner.delete(kind, name)
@@ -665,16 +695,13 @@ fn a_stalled_gc_purges_only_what_it_listed() {
         f.store.clone(),
         alice.remote_on("r", Arc::new(f.store.clone())),
     );
-    let stalled = StallsAtPackListing {
-        inner: f.store.clone(),
-        stall: std::sync::Mutex::new(Some(Box::new(move || {
-            let b = remote_b.gc(false, true, GRACE).unwrap();
-            assert_eq!((b.packs_retired, b.packs_purged), (1, 1), "y's; x's");
-            // the push that planned before that, reusing y's pack
-            put_manifest(&store, &Img::new("combo", "alice", "custom", 20));
-            store.advance(GRACE + HOUR);
-        }))),
-    };
+    let stalled = Stalls::new(&f.store, ObjectKind::Manifest, move || {
+        let b = remote_b.gc(false, true, GRACE).unwrap();
+        assert_eq!((b.packs_retired, b.packs_purged), (1, 1), "y's; x's");
+        // the push that planned before that, reusing y's pack
+        put_manifest(&store, &Img::new("combo", "alice", "custom", 20));
+        store.advance(GRACE + HOUR);
+    });
     let c = alice
         .remote_on("r", Arc::new(stalled))
         .gc(false, true, GRACE)
@@ -693,4 +720,45 @@ fn a_stalled_gc_purges_only_what_it_listed() {
     let l = f.remote.images().unwrap();
     let img = f.remote.find(&l, "combo", "alice", Op::Verify).unwrap();
     f.remote.verify_image(&img, &NoProgress).unwrap();
+}
+
+#[test]
+fn every_open_checks_the_marker() {
+    let f = Fixture::new();
+    let url = "s3://bucket/p";
+    super::config::check_opened(&f.store, "r", url).unwrap();
+    let replace = |bytes: &[u8]| {
+        f.store.delete(ObjectKind::Meta, REMOTE_MARKER).unwrap();
+        f.store.purge(Duration::ZERO).unwrap();
+        f.store.put(ObjectKind::Meta, REMOTE_MARKER, bytes).unwrap();
+    };
+    replace(br#"{"format":"restic","version":1}"#);
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert_eq!(e.exit_code(), 8);
+    assert!(e.to_string().contains("\"restic\""), "{e}");
+    replace(br#"{"format":"vmdepot remote","version":2,"created_at":0}"#);
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("use a newer vmdepot"), "{e}");
+    replace(b"garbage");
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("not a vmdepot remote"), "{e}");
+    f.store.delete(ObjectKind::Meta, REMOTE_MARKER).unwrap();
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("no marker"), "{e}");
+}
+
+#[test]
+fn an_index_retired_since_the_listing_counts_as_absent() {
+    let f = Fixture::new();
+    let (_, pack) = f.push(&Img::new("a", "alice", "custom", 1));
+    f.push(&Img::new("b", "alice", "custom", 20));
+    let mem = f.store.clone();
+    let gone = pack.clone();
+    let stalled = Stalls::new(&f.store, ObjectKind::PackIndex, move || {
+        mem.delete(ObjectKind::PackIndex, &gone).unwrap();
+    });
+    let remote = f.depot("alice").remote_on("r", Arc::new(stalled));
+    let map = remote.chunk_map().unwrap();
+    assert_eq!(map.len(), 2, "b's chunks only");
+    assert!(!map.packs.contains_key(&pack));
 }

@@ -36,6 +36,14 @@ pub enum Error {
     /// No image has this id or name.
     #[error("no image named or with id {0:?}: see `vmdepot image list`")]
     ImageNotFound(String),
+    /// No image of a remote depot has this id or name (for this account).
+    #[error("no image named or with id {image:?} on remote {remote}: see `vmdepot image list --remote {remote}`")]
+    RemoteImageNotFound {
+        /// The remote's name.
+        remote: String,
+        /// The reference asked.
+        image: String,
+    },
     /// No instance has this id or name.
     #[error("no instance named or with id {0:?}: see `vmdepot instance list`")]
     InstanceNotFound(String),
@@ -180,6 +188,7 @@ impl Error {
         match self {
             Error::AmbiguousName { .. } => 2,
             Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
+            Error::RemoteImageNotFound { .. } => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } | Error::NoSpaceTarget { .. } => 6,

@@ -66,8 +66,23 @@ impl Remote {
                 .collect();
             return Err(ambiguous(reference, &mut subjects));
         }
-        found
-            .pop()
-            .ok_or_else(|| Error::ImageNotFound(format!("{}:{reference}", self.name())))
+        found.pop().ok_or_else(|| self.missing(listing, reference))
+    }
+
+    /// Why `reference` is not in `listing`: an image id whose every
+    /// manifest version is damaged names that damage, else not found.
+    fn missing(&self, listing: &Listing, reference: &str) -> Error {
+        let object = format!("{reference}.");
+        let damage = (crate::ids::ImageId::parse(reference).is_some())
+            .then(|| listing.damaged.iter().find(|d| d.contains(&object)))
+            .flatten();
+        match damage {
+            Some(line) => Error::StoreDamaged(
+                line.strip_prefix("store damaged: ")
+                    .unwrap_or(line)
+                    .to_owned(),
+            ),
+            None => self.not_found(reference),
+        }
     }
 }

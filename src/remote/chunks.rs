@@ -106,7 +106,9 @@ impl Remote {
         self.prune_cache(&dir, &indexed);
         let mut map = ChunkMap::default();
         for name in &indexed {
-            let ix = self.index(&dir, name)?;
+            let Some(ix) = self.fetch_index(&dir, name)? else {
+                continue; // retired since the listing (a gc): its chunks are not there
+            };
             if packs.get(name) != Some(&ix.pack_len) {
                 continue; // a pack of another size than its index says: not trusted
             }
@@ -120,32 +122,39 @@ impl Remote {
         self.cache.join("indexes")
     }
 
-    /// One pack's index: from the cache, else fetched, checked and cached.
+    /// One pack's index (see [`Remote::fetch_index`]); one gone since the
+    /// listing is an error.
     pub(super) fn index(&self, dir: &Path, name: &str) -> Result<PackIndex> {
+        self.fetch_index(dir, name)?.ok_or_else(|| {
+            let label = self.store.label(ObjectKind::PackIndex, name);
+            self.damaged(
+                &label,
+                "listed but gone: a gc removed it meanwhile; run again",
+            )
+        })
+    }
+
+    /// One pack's index: from the cache, else fetched, checked and cached
+    /// (`None`: it was listed, but is gone or retired now).
+    fn fetch_index(&self, dir: &Path, name: &str) -> Result<Option<PackIndex>> {
         let path = dir.join(format!("{name}.idx"));
         if let Ok(b) = std::fs::read(&path) {
             match format::decode_index(&b) {
-                Ok(ix) if ix.pack == name => return Ok(ix),
+                Ok(ix) if ix.pack == name => return Ok(Some(ix)),
                 // a damaged cache entry: fetched again below
                 _ => drop(std::fs::remove_file(&path)),
             }
         }
         let label = self.store.label(ObjectKind::PackIndex, name);
-        let b = self
-            .store
-            .get(ObjectKind::PackIndex, name)?
-            .ok_or_else(|| {
-                self.damaged(
-                    &label,
-                    "listed but gone: a gc removed it meanwhile; run again",
-                )
-            })?;
+        let Some(b) = self.store.get(ObjectKind::PackIndex, name)? else {
+            return Ok(None);
+        };
         let ix = format::decode_index(&b).map_err(|e| self.damaged(&label, &e.to_string()))?;
         if ix.pack != name {
             return Err(self.damaged(&label, &format!("it indexes pack {}", ix.pack)));
         }
         self.cache_index(dir, &path, &b)?;
-        Ok(ix)
+        Ok(Some(ix))
     }
 
     /// Keeps a fetched index (written whole under a temporary name, then

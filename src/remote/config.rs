@@ -256,6 +256,7 @@ impl Depot {
         loc.endpoint = cfg.endpoint;
         loc.region = cfg.region;
         let store = S3Store::open(&loc, name)?;
+        check_opened(&store, name, &cfg.url)?;
         Ok(self.remote_on(name, Arc::new(store)))
     }
 
@@ -372,12 +373,40 @@ fn read_marker(store: &dyn ObjectStore, name: &str, url: &str) -> Result<Option<
     let Some(bytes) = store.get(ObjectKind::Meta, REMOTE_MARKER)? else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+    parse_marker(&bytes, &label, name, url).map(Some)
+}
+
+/// A marker's bytes read (hostile: bounded, must parse).
+fn parse_marker(bytes: &[u8], label: &str, name: &str, url: &str) -> Result<Marker> {
+    if bytes.len() as u64 > MAX_SMALL_OBJECT {
+        return Err(remote_error(
+            name,
+            format!(
+                "{label}: {} bytes: not a vmdepot remote's marker; {url} is not a vmdepot remote",
+                bytes.len()
+            ),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
         remote_error(
             name,
             format!("{label}: not a vmdepot remote's marker ({e}); {url} is not a vmdepot remote: use an empty prefix"),
         )
     })
+}
+
+/// Checks the marker of a configured remote being opened (one GET): every
+/// command that uses a remote refuses one whose marker is gone, of
+/// another format, or of a newer version than this vmdepot reads.
+pub(super) fn check_opened(store: &dyn ObjectStore, name: &str, url: &str) -> Result<()> {
+    let label = store.label(ObjectKind::Meta, REMOTE_MARKER);
+    let Some(bytes) = store.get(ObjectKind::Meta, REMOTE_MARKER)? else {
+        return Err(remote_error(
+            name,
+            format!("{label}: no marker: {url} is not (or no longer) a vmdepot remote; check its URL (`vmdepot remote list`), or `vmdepot remote remove {name}`"),
+        ));
+    };
+    check_marker(&parse_marker(&bytes, &label, name, url)?, store, name, url)
 }
 
 /// Accepts a marker of this format and a version this vmdepot reads.

@@ -12,8 +12,8 @@
 //!    more than `grace` before `t0` (with its index), each pack without an
 //!    index and each index without a pack older than `grace`;
 //! 4. revive each retired pack that holds a live chunk;
-//! 5. purge what has been retired for longer than `grace` (and is not
-//!    live);
+//! 5. purge what step 2 listed as retired `grace` or longer before `t0`
+//!    (and is not live): never a tombstone listed later;
 //! 6. release the lock (also when a step failed).
 //!
 //! A manifest that does not verify stops gc before anything is retired:
@@ -131,7 +131,7 @@ impl Remote {
         let live = self.live_chunks(r)?;
         self.retire_dead(r, &live, t0, grace)?;
         let revived = self.revive_live(r, &retired, &live)?;
-        self.purge(r, &retired, &revived, grace)
+        self.purge(r, &retired, &revived, t0, grace)
     }
 
     /// Step 2: every chunk any version of any manifest names.
@@ -144,14 +144,11 @@ impl Remote {
             let Some(bytes) = self.store().get(ObjectKind::Manifest, &o.name)? else {
                 continue; // deleted since the listing
             };
-            let m = self.check_manifest(&id, seq, &o.name, &bytes).map_err(|e| {
-                Error::Remote {
-                    remote: self.name().to_owned(),
-                    message: format!(
-                        "gc refused: {e}; the chunks it names cannot be known, so nothing can be collected safely: `vmdepot image delete {}:{id}` deletes the image",
-                        self.name()
-                    ),
-                }
+            let m = (self.check_manifest(&id, seq, &o.name, &bytes)).map_err(|e| match e {
+                Error::StoreDamaged(why) => Error::StoreDamaged(format!(
+                    "gc refused (the chunks a damaged manifest names cannot be known, so nothing can be collected safely): {why}"
+                )),
+                e => e,
             })?;
             live.extend(m.map.runs.iter().flat_map(|run| run.1.iter().copied()));
             r.manifests += 1;
@@ -265,35 +262,47 @@ impl Remote {
         Ok(ix)
     }
 
-    /// Step 5: purges what was retired `grace` or longer ago and was not
-    /// revived.
+    /// Step 5: purges what step 2 listed as retired at or before
+    /// `t0 - grace` and step 4 did not revive; only what it listed (a
+    /// tombstone written since, by another gc, is not this gc's to purge)
+    /// and only if its tombstone is still that old (see
+    /// [`crate::store::ObjectStore::purge_retired`]). Counts what it
+    /// really purged (in a dry run: what it would).
     fn purge(
         &self,
         r: &mut RemoteGcReport,
         retired: &Retired,
         revived: &HashSet<String>,
+        t0: SystemTime,
         grace: Duration,
     ) -> Result<()> {
-        let now = self.store().now();
-        let due = |objects: &Objects| -> (u64, u64) {
-            objects
-                .values()
-                .filter(|o| !revived.contains(&o.name) && older(o, now, grace))
-                .fold((0, 0), |(n, b), o| (n + 1, b + o.size))
-        };
-        let (packs, indexes, manifests) = (
-            due(&retired.packs),
-            due(&retired.indexes),
-            due(&retired.manifests),
-        );
-        r.packs_purged = packs.0;
-        r.indexes_purged = indexes.0;
-        r.manifests_purged = manifests.0;
-        r.bytes_freed = packs.1 + indexes.1 + manifests.1;
-        if r.dry_run {
-            return Ok(());
+        let retired_by = t0.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let kinds = [
+            (ObjectKind::Pack, &retired.packs),
+            (ObjectKind::PackIndex, &retired.indexes),
+            (ObjectKind::Manifest, &retired.manifests),
+        ];
+        for (kind, objects) in kinds {
+            let due: Vec<String> = (objects.values())
+                .filter(|o| !revived.contains(&o.name) && older(o, t0, grace))
+                .map(|o| o.name.clone())
+                .collect();
+            let purged = if r.dry_run || due.is_empty() {
+                due
+            } else {
+                self.store().purge_retired(kind, &due, retired_by)?
+            };
+            let bytes: u64 = (purged.iter().filter_map(|n| objects.get(n)))
+                .map(|o| o.size)
+                .sum();
+            r.bytes_freed += bytes;
+            *match kind {
+                ObjectKind::Pack => &mut r.packs_purged,
+                ObjectKind::PackIndex => &mut r.indexes_purged,
+                _ => &mut r.manifests_purged,
+            } += purged.len() as u64;
         }
-        self.store().purge(grace)
+        Ok(())
     }
 
     /// Step 1: writes the lock and reads it back. An existing lock younger

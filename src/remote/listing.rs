@@ -162,7 +162,9 @@ impl Depot {
     pub fn delete_remote_image(&self, remote: &Remote, reference: &str) -> Result<ImageInfo> {
         let listing = remote.images()?;
         let img = match remote.find(&listing, reference, self.account(), Op::Delete) {
-            Err(Error::ImageNotFound(_)) if ImageId::parse(reference).is_some() => {
+            Err(Error::RemoteImageNotFound { .. } | Error::StoreDamaged(_))
+                if ImageId::parse(reference).is_some() =>
+            {
                 return self.delete_damaged_remote_image(remote, &listing, reference);
             }
             r => r?,
@@ -189,7 +191,7 @@ impl Depot {
         listing: &Listing,
         reference: &str,
     ) -> Result<ImageInfo> {
-        let not_found = || Error::ImageNotFound(format!("{}:{reference}", remote.name()));
+        let not_found = || remote.not_found(reference);
         let id = ImageId::parse(reference).ok_or_else(not_found)?;
         let objects = remote.manifest_objects(&id)?;
         if objects.is_empty() || listing.images.contains_key(id.as_str()) {

@@ -162,25 +162,35 @@ impl Remote {
                 Err(e) => last_err = Some(e),
             }
         }
-        Ok(Err(last_err.unwrap_or_else(|| {
-            Error::ImageNotFound(format!("{}:{id}", self.name))
-        })))
+        Ok(Err(last_err.unwrap_or_else(|| self.not_found(id.as_str()))))
     }
 
     /// Decodes a manifest object and checks it is the one its name says.
     fn check_manifest(&self, id: &ImageId, seq: u32, name: &str, bytes: &[u8]) -> Result<Manifest> {
         let label = self.store.label(ObjectKind::Manifest, name);
-        let m = format::decode_manifest(bytes).map_err(|e| self.damaged(&label, &e.to_string()))?;
+        let damaged = |what: &str| {
+            Error::StoreDamaged(format!(
+                "remote {}: {label}: {what}; `vmdepot image delete {}:{id}` deletes the image (every version of its manifest)",
+                self.name, self.name
+            ))
+        };
+        let m = format::decode_manifest(bytes).map_err(|e| damaged(&e.to_string()))?;
         if m.seq != seq || m.meta.id != id.as_str() {
-            return Err(self.damaged(
-                &label,
-                &format!(
-                    "it says it is version {} of {:?}, its name says version {seq} of {id}",
-                    m.seq, m.meta.id
-                ),
-            ));
+            return Err(damaged(&format!(
+                "it says it is version {} of {:?}, its name says version {seq} of {id}",
+                m.seq, m.meta.id
+            )));
         }
         Ok(m)
+    }
+
+    /// The error for an image `reference` that is not on the remote (or
+    /// not seen by the account).
+    pub(crate) fn not_found(&self, reference: &str) -> Error {
+        Error::RemoteImageNotFound {
+            remote: self.name.clone(),
+            image: reference.to_owned(),
+        }
     }
 
     /// The error for a damaged remote object.

@@ -15,7 +15,7 @@ use crate::depot::Depot;
 use crate::format::{HashBlockMap, ManifestMeta, ManifestShare, CHUNK_SIZE};
 use crate::ids::ChunkHash;
 use crate::progress::NoProgress;
-use crate::store::{compress_frame, new_pack_name, MemoryStore, PackWriter};
+use crate::store::{compress_frame, new_pack_name, MemoryStore, ObjectInfo, PackWriter};
 
 const GRACE: Duration = Duration::from_secs(24 * 3600);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -61,6 +61,55 @@ fn block(seed: u8) -> Vec<u8> {
     (0..CHUNK_SIZE)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+/// Writes an image's manifest (version 0) on `store`; returns its id.
+fn put_manifest(store: &MemoryStore, img: &Img) -> String {
+    let id = crate::ids::ImageId::generate();
+    let mut content = Vec::new();
+    let mut runs: Vec<(u64, Vec<ChunkHash>)> = Vec::new();
+    for (i, b) in img.blocks.iter().enumerate() {
+        let Some(b) = b else {
+            content.extend_from_slice(&[0; CHUNK_SIZE]);
+            continue;
+        };
+        content.extend_from_slice(b);
+        match runs.last_mut() {
+            Some((s, h)) if *s + h.len() as u64 == i as u64 => h.push(ChunkHash::of(b)),
+            _ => runs.push((i as u64, vec![ChunkHash::of(b)])),
+        }
+    }
+    let meta = ManifestMeta {
+        id: id.to_string(),
+        name: img.name.into(),
+        kind: img.kind.into(),
+        owner: img.owner.into(),
+        virtual_size: content.len() as u64,
+        content_digest: blake3::hash(&content).to_hex().to_string(),
+        protected: img.protected,
+        shares: img
+            .shares
+            .iter()
+            .map(|a| ManifestShare {
+                account: (*a).into(),
+                created_at: 0,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let m = crate::format::Manifest {
+        seq: 0,
+        meta,
+        map: HashBlockMap {
+            nblocks: img.blocks.len() as u64,
+            runs,
+        },
+    };
+    let bytes = crate::format::encode_manifest(&m);
+    store
+        .put(ObjectKind::Manifest, &Remote::manifest_name(&id, 0), &bytes)
+        .unwrap();
+    id.to_string()
 }
 
 impl Fixture {
@@ -110,51 +159,7 @@ impl Fixture {
 
     /// Writes the image's manifest (version 0); returns its id.
     fn manifest(&self, img: &Img) -> String {
-        let id = crate::ids::ImageId::generate();
-        let mut content = Vec::new();
-        let mut runs: Vec<(u64, Vec<ChunkHash>)> = Vec::new();
-        for (i, b) in img.blocks.iter().enumerate() {
-            let Some(b) = b else {
-                content.extend_from_slice(&[0; CHUNK_SIZE]);
-                continue;
-            };
-            content.extend_from_slice(b);
-            match runs.last_mut() {
-                Some((s, h)) if *s + h.len() as u64 == i as u64 => h.push(ChunkHash::of(b)),
-                _ => runs.push((i as u64, vec![ChunkHash::of(b)])),
-            }
-        }
-        let meta = ManifestMeta {
-            id: id.to_string(),
-            name: img.name.into(),
-            kind: img.kind.into(),
-            owner: img.owner.into(),
-            virtual_size: content.len() as u64,
-            content_digest: blake3::hash(&content).to_hex().to_string(),
-            protected: img.protected,
-            shares: img
-                .shares
-                .iter()
-                .map(|a| ManifestShare {
-                    account: (*a).into(),
-                    created_at: 0,
-                })
-                .collect(),
-            ..Default::default()
-        };
-        let m = crate::format::Manifest {
-            seq: 0,
-            meta,
-            map: HashBlockMap {
-                nblocks: img.blocks.len() as u64,
-                runs,
-            },
-        };
-        let bytes = crate::format::encode_manifest(&m);
-        self.store
-            .put(ObjectKind::Manifest, &Remote::manifest_name(&id, 0), &bytes)
-            .unwrap();
-        id.to_string()
+        put_manifest(&self.store, img)
     }
 
     /// A pushed image: its pack, then its manifest; returns (id, pack).
@@ -311,7 +316,7 @@ fn the_local_rules_apply_to_remote_images() {
     // another's custom image does not exist for bob
     let e = r.find(&l, "carols", "bob", Op::Show).unwrap_err();
     assert!(
-        matches!(&e, crate::Error::ImageNotFound(n) if n == "r:carols"),
+        matches!(&e, crate::Error::RemoteImageNotFound { remote, image } if remote == "r" && image == "carols"),
         "{e}"
     );
     // a name two visible images have is ambiguous
@@ -336,7 +341,21 @@ fn a_damaged_manifest_is_named_and_hides_nothing_else() {
     assert_eq!(names.len(), 2);
     assert!(names.contains(&"a") && names.contains(&"b"));
     assert_eq!(damaged.len(), 1);
-    assert!(damaged[0].contains(bad.as_str()), "{}", damaged[0]);
+    let hint = format!("`vmdepot image delete r:{bad}`");
+    assert!(damaged[0].contains(&hint), "{}", damaged[0]);
+    // its id names the damage; a name no image has says where to look
+    let e = f.remote.show(bad.as_str(), "alice").unwrap_err();
+    assert_eq!(e.exit_code(), 5);
+    assert!(
+        e.to_string().contains(&format!("{bad}.0.manifest")) && e.to_string().contains(&hint),
+        "{e}"
+    );
+    let e = f.remote.show("nope", "alice").unwrap_err();
+    assert_eq!(e.exit_code(), 3);
+    assert!(
+        e.to_string().contains("`vmdepot image list --remote r`"),
+        "{e}"
+    );
     let a = list.iter().find(|i| i.id == id).unwrap();
     assert_eq!(a.state, "available");
     assert_eq!(a.virtual_size, 3 * CHUNK_SIZE as u64);
@@ -572,11 +591,174 @@ fn gc_refuses_while_a_manifest_does_not_verify() {
     let bad = f.garbage_manifest();
     f.store.advance(GRACE + HOUR);
     let e = f.remote.gc(false, false, GRACE).unwrap_err();
-    assert_eq!(e.exit_code(), 8);
+    assert_eq!(e.exit_code(), 5, "damage");
     assert!(
         e.to_string().contains(&format!("image delete r:{bad}")),
         "{e}"
     );
     assert!(f.listed(ObjectKind::Pack, &pack));
     assert!(!f.listed(ObjectKind::Meta, GC_LOCK), "released on error");
+}
+
+/// A [`MemoryStore`] that runs `stall` once, right after it first lists
+/// objects of kind `after`: what other hosts did while a gc, push or
+/// pull was stopped (`kill -STOP`) after that listing.
+struct Stalls {
+    inner: MemoryStore,
+    after: ObjectKind,
+    stall: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Stalls {
+    fn new(
+        inner: &MemoryStore,
+        after: ObjectKind,
+        stall: impl FnOnce() + Send + 'static,
+    ) -> Stalls {
+        Stalls {
+            inner: inner.clone(),
+            after,
+            stall: std::sync::Mutex::new(Some(Box::new(stall))),
+        }
+    }
+}
+
+impl ObjectStore for Stalls {
+    fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn crate::store::ObjectWriter>> {
+        self.inner.create(kind, name)
+    }
+    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        self.inner.put(kind, name, bytes)
+    }
+    fn open(&self, kind: ObjectKind, name: &str) -> Result<Arc<dyn crate::store::ObjectReader>> {
+        self.inner.open(kind, name)
+    }
+    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get(kind, name)
+    }
+    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+        self.inner.stat(kind, name)
+    }
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let listed = self.inner.list(kind)?;
+        if kind == self.after {
+            if let Some(stall) = self.stall.lock().unwrap().take() {
+                stall();
+            }
+        }
+        Ok(listed)
+    }
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        self.inner.delete(kind, name)
+    }
+    fn retired(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        self.inner.retired(kind)
+    }
+    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        self.inner.revive(kind, name)
+    }
+    fn purge_retired(
+        &self,
+        kind: ObjectKind,
+        names: &[String],
+        retired_by: std::time::SystemTime,
+    ) -> Result<Vec<String>> {
+        self.inner.purge_retired(kind, names, retired_by)
+    }
+    fn label(&self, kind: ObjectKind, name: &str) -> String {
+        self.inner.label(kind, name)
+    }
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
+}
+
+/// The stranger's interleaving: gc C lists (step 2), then stalls past
+/// `grace`;
+/// meanwhile gc B retires y's packs (y was deleted) and a push that
+/// planned before that retirement writes combo, which names y's chunks.
+/// C then purges only what its own listing showed retired before
+/// `t0 - grace` (x's old pack), never B's young tombstones.
+#[test]
+fn a_stalled_gc_purges_only_what_it_listed() {
+    let f = Fixture::new();
+    let alice = f.depot("alice");
+    let (x, x_pack) = f.push(&Img::new("x", "alice", "custom", 1));
+    alice.delete_remote_image(&f.remote, &x).unwrap();
+    f.store.advance(GRACE + HOUR);
+    assert_eq!(f.gc(false).packs_retired, 1);
+    let (y, y_pack) = f.push(&Img::new("y", "alice", "custom", 20));
+    f.store.advance(GRACE + HOUR);
+    alice.delete_remote_image(&f.remote, &y).unwrap();
+
+    let (store, remote_b) = (
+        f.store.clone(),
+        alice.remote_on("r", Arc::new(f.store.clone())),
+    );
+    let stalled = Stalls::new(&f.store, ObjectKind::Manifest, move || {
+        let b = remote_b.gc(false, true, GRACE).unwrap();
+        assert_eq!((b.packs_retired, b.packs_purged), (1, 1), "y's; x's");
+        // the push that planned before that, reusing y's pack
+        put_manifest(&store, &Img::new("combo", "alice", "custom", 20));
+        store.advance(GRACE + HOUR);
+    });
+    let c = alice
+        .remote_on("r", Arc::new(stalled))
+        .gc(false, true, GRACE)
+        .unwrap();
+    // C listed x's pack as due, but B purged it first: C counts only what
+    // it really purged
+    assert_eq!((c.packs_purged, c.indexes_purged), (0, 0), "{c:?}");
+    assert!(!f.store.holds(ObjectKind::Pack, &x_pack));
+    assert!(
+        f.store.holds(ObjectKind::Pack, &y_pack),
+        "B's tombstone is not C's to purge"
+    );
+
+    // the next gc sees combo's manifest and revives y's pack
+    assert_eq!(f.gc(false).packs_revived, 1);
+    let l = f.remote.images().unwrap();
+    let img = f.remote.find(&l, "combo", "alice", Op::Verify).unwrap();
+    f.remote.verify_image(&img, &NoProgress).unwrap();
+}
+
+#[test]
+fn every_open_checks_the_marker() {
+    let f = Fixture::new();
+    let url = "s3://bucket/p";
+    super::config::check_opened(&f.store, "r", url).unwrap();
+    let replace = |bytes: &[u8]| {
+        f.store.delete(ObjectKind::Meta, REMOTE_MARKER).unwrap();
+        f.store.purge(Duration::ZERO).unwrap();
+        f.store.put(ObjectKind::Meta, REMOTE_MARKER, bytes).unwrap();
+    };
+    replace(br#"{"format":"restic","version":1}"#);
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert_eq!(e.exit_code(), 8);
+    assert!(e.to_string().contains("\"restic\""), "{e}");
+    replace(br#"{"format":"vmdepot remote","version":2,"created_at":0}"#);
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("use a newer vmdepot"), "{e}");
+    replace(b"garbage");
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("not a vmdepot remote"), "{e}");
+    f.store.delete(ObjectKind::Meta, REMOTE_MARKER).unwrap();
+    let e = super::config::check_opened(&f.store, "r", url).unwrap_err();
+    assert!(e.to_string().contains("no marker"), "{e}");
+}
+
+#[test]
+fn an_index_retired_since_the_listing_counts_as_absent() {
+    let f = Fixture::new();
+    let (_, pack) = f.push(&Img::new("a", "alice", "custom", 1));
+    f.push(&Img::new("b", "alice", "custom", 20));
+    let mem = f.store.clone();
+    let gone = pack.clone();
+    let stalled = Stalls::new(&f.store, ObjectKind::PackIndex, move || {
+        mem.delete(ObjectKind::PackIndex, &gone).unwrap();
+    });
+    let remote = f.depot("alice").remote_on("r", Arc::new(stalled));
+    let map = remote.chunk_map().unwrap();
+    assert_eq!(map.len(), 2, "b's chunks only");
+    assert!(!map.packs.contains_key(&pack));
 }

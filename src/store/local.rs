@@ -8,7 +8,6 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::object::{ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes};
 use super::{sync_dir, valid_pack_name};
@@ -185,10 +184,6 @@ impl ObjectStore for LocalDir {
     fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
         let path = self.path(kind, name)?;
         std::fs::metadata(&path).at(&path).map(|_| ())
-    }
-
-    fn purge(&self, _older_than: Duration) -> Result<()> {
-        Ok(()) // delete unlinked already
     }
 
     fn label(&self, kind: ObjectKind, name: &str) -> String {

@@ -175,12 +175,25 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
-    fn purge(&self, older_than: Duration) -> Result<()> {
+    fn purge_retired(
+        &self,
+        kind: ObjectKind,
+        names: &[String],
+        retired_by: SystemTime,
+    ) -> Result<Vec<String>> {
         let mut st = self.state.lock().unwrap();
-        let now = st.now;
-        st.objects
-            .retain(|_, o| o.deleted.is_none_or(|at| now - at < older_than));
-        Ok(())
+        let mut purged = Vec::new();
+        for name in names {
+            let key = (kind, name.clone());
+            let due = (st.objects.get(&key))
+                .and_then(|o| o.deleted)
+                .is_some_and(|at| SystemTime::UNIX_EPOCH + at <= retired_by);
+            if due {
+                st.objects.remove(&key);
+                purged.push(name.clone());
+            }
+        }
+        Ok(purged)
     }
 
     fn label(&self, kind: ObjectKind, name: &str) -> String {

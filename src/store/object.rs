@@ -12,7 +12,7 @@
 //! why its immediate unlink keeps the same promise.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
 
@@ -161,10 +161,39 @@ pub trait ObjectStore: Send + Sync {
     /// bytes are gone.
     fn revive(&self, kind: ObjectKind, name: &str) -> Result<()>;
 
-    /// Removes the bytes of objects retired `older_than` ago or longer
-    /// (nothing to do where [`ObjectStore::delete`] frees them itself).
-    /// A depot's gc passes [`DELETE_GRACE`].
-    fn purge(&self, older_than: Duration) -> Result<()>;
+    /// Removes the bytes of the retired objects of a kind that `names`
+    /// lists (from the caller's own [`ObjectStore::retired`] listing), each
+    /// only if it is still retired and was retired at or before
+    /// `retired_by`: one revived, or retired again later, since that
+    /// listing is kept. Returns the names whose bytes it removed (none
+    /// where [`ObjectStore::delete`] frees the bytes itself).
+    fn purge_retired(
+        &self,
+        _kind: ObjectKind,
+        _names: &[String],
+        _retired_by: SystemTime,
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the bytes of every object retired `older_than` ago or
+    /// longer by the store's clock: [`ObjectStore::purge_retired`] on a
+    /// fresh listing. A depot's gc passes [`DELETE_GRACE`]; a remote gc,
+    /// which must purge only what its own earlier listing showed, calls
+    /// [`ObjectStore::purge_retired`] itself.
+    fn purge(&self, older_than: Duration) -> Result<()> {
+        let cutoff = self.now().checked_sub(older_than).unwrap_or(UNIX_EPOCH);
+        for kind in ObjectKind::ALL {
+            let due: Vec<String> = (self.retired(kind)?.into_iter())
+                .filter(|o| o.modified.is_some_and(|m| m <= cutoff))
+                .map(|o| o.name)
+                .collect();
+            if !due.is_empty() {
+                self.purge_retired(kind, &due, cutoff)?;
+            }
+        }
+        Ok(())
+    }
 
     /// How messages name an object (a file path for [`super::LocalDir`]).
     fn label(&self, kind: ObjectKind, name: &str) -> String;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vmdepot::store::{is_not_found, ObjectKind, ObjectStore, S3Credentials, S3Location, S3Store};
 use vmdepot::Error;
 
-use crate::garage::Garage;
+use crate::garage::{Garage, REGION};
 
 const PACK: &str = "00112233445566778899aabbccddeeff";
 const PACK2: &str = "ff112233445566778899aabbccddeeff";
@@ -161,10 +161,47 @@ fn s3_multipart_odd_appends_read_by_ranges() {
     assert_eq!(names(&s, ObjectKind::Pack), [PACK, PACK2]);
 }
 
+/// Writes a one-byte object at `key` by a raw signed PUT (curl), past the
+/// client's key rules: what another tool, or an attacker, may write.
+fn raw_put(g: &Garage, key: &str) {
+    let (loc, c) = (g.location(""), g.credentials());
+    let url = format!("{}/{}/{key}", g.endpoint(), loc.bucket);
+    let status = std::process::Command::new("curl")
+        .args(["-sSf", "--path-as-is", "--aws-sigv4"])
+        .arg(format!("aws:amz:{REGION}:s3"))
+        .arg("--user")
+        .arg(format!("{}:{}", c.key_id, c.secret))
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .args(["-X", "PUT", "--data-binary", "x", &url])
+        .status()
+        .unwrap();
+    assert!(status.success(), "curl PUT {key}");
+}
+
+/// Keys the S3 client cannot parse, where a listing meets them: under
+/// every kind's prefix, the trash, and a root "directory".
+const ODD_KEYS: [&str; 6] = [
+    "p/packs/00/../b",
+    "p/packs/a/../b",
+    "p/manifests/img-0123456789abcdef.0.manifest%00",
+    "p/trash/packs/x/../y",
+    "p/ctl%01char",
+    "p/ctl%01dir/x",
+];
+
 #[test]
 fn s3_delete_retires_then_purge_frees() {
     let g = Garage::start();
     let s = g.store("p");
+    // Odd keys are skipped by every listing: they hide nothing else.
+    for key in ODD_KEYS {
+        raw_put(&g, key);
+    }
+    s.put(ObjectKind::Manifest, MANIFEST, b"manifest").unwrap();
+    s.put(ObjectKind::Meta, "VMDEPOT", b"marker").unwrap();
+    assert_eq!(names(&s, ObjectKind::Manifest), [MANIFEST]);
+    assert_eq!(names(&s, ObjectKind::Meta), ["VMDEPOT"]);
+    s.probe().unwrap();
     s.put(ObjectKind::Pack, PACK, b"old pack").unwrap();
     s.put(ObjectKind::PackIndex, PACK, b"old index").unwrap();
     let reader = s.open(ObjectKind::Pack, PACK).unwrap();
@@ -200,6 +237,13 @@ fn s3_delete_retires_then_purge_frees() {
     assert!(s.retired(ObjectKind::PackIndex).unwrap().is_empty());
 
     s.delete(ObjectKind::Pack, PACK).unwrap();
+    // Only tombstones retired by the time given are purged.
+    let before = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let one = [PACK.to_owned()];
+    assert!(s
+        .purge_retired(ObjectKind::Pack, &one, before)
+        .unwrap()
+        .is_empty());
     s.purge(Duration::from_secs(3600)).unwrap();
     assert_eq!(
         s.retired(ObjectKind::Pack).unwrap().len(),

@@ -84,8 +84,8 @@ impl Failure {
             .and_then(|n| n.parse().ok());
         Failure {
             status,
-            code: between(text, "<Code>", "</Code>").map(quote),
-            message: between(text, "<Message>", "</Message>").map(quote),
+            code: between(text, "<Code>", "</Code>").map(|c| quote(&unescape(c))),
+            message: between(text, "<Message>", "</Message>").map(|m| quote(&unescape(m))),
             retries,
             unreachable: false,
             cause: quote(text),
@@ -186,6 +186,19 @@ fn between<'t>(text: &'t str, open: &str, close: &str) -> Option<&'t str> {
     rest.find(close).map(|end| &rest[..end])
 }
 
+/// XML text with its five entities decoded (`&quot;` is `"`).
+fn unescape(xml: &str) -> String {
+    [
+        ("&quot;", "\""),
+        ("&apos;", "'"),
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+    ]
+    .iter()
+    .fold(xml.to_owned(), |t, (entity, c)| t.replace(entity, c))
+    .replace("&amp;", "&")
+}
+
 /// A server's text made safe for a message: one line, short.
 fn quote(s: &str) -> String {
     let line = one_line(s.trim());
@@ -246,6 +259,10 @@ mod tests {
         let text = "Error performing PUT http://x/k in 9s, after 6 retries, max_retries: 6, retry_timeout: 150s  - Server returned non-2xx status code: 503 Service Unavailable: <Error><Code>SlowDown</Code></Error>";
         let msg = explain(text);
         assert!(msg.contains("503 Service Unavailable (SlowDown) (gave up after 6 retries); the remote is overloaded"), "{msg}");
+        // Garage's quorum message, its XML entities decoded
+        let text = text.replace("<Code>SlowDown</Code>", "<Code>ServiceUnavailable</Code><Message>Could not reach quorum of 2 (&quot;dc1&quot; &amp; &lt;2&gt;)</Message>");
+        let msg = explain(&text);
+        assert!(msg.contains(r#"quorum of 2 ("dc1" & <2>)"#), "{msg}");
     }
 
     #[test]

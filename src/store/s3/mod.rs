@@ -22,10 +22,12 @@
 //! the retirement time, and leaves the bytes. While the tombstone exists
 //! the object is not listed, stat'ed or got, but [`ObjectStore::open`]
 //! still reads it; [`ObjectStore::revive`] deletes the tombstone and
-//! [`ObjectStore::purge`] deletes the object, then its tombstone.
+//! [`ObjectStore::purge_retired`] deletes the object, then its tombstone
+//! (if the tombstone is still as old as the caller's listing showed).
 
 mod credentials;
 mod fail;
+mod listing;
 mod location;
 mod transfer;
 
@@ -39,8 +41,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore as _, ObjectStoreExt, PutPayload,
-    RetryConfig,
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
 use self::fail::{Failure, Target};
@@ -57,7 +58,7 @@ pub use self::location::S3Location;
 const MAX_GET: u64 = 1 << 30;
 /// The largest meta object [`ObjectStore::get`] reads.
 const MAX_META: u64 = 1 << 20;
-/// Deletes [`ObjectStore::purge`] runs at once.
+/// Deletes [`ObjectStore::purge_retired`] runs at once.
 const PURGE_PARALLEL: usize = 16;
 
 /// The retry policy of every request: 6 retries, backoff from 100 ms to
@@ -143,9 +144,11 @@ impl S3Store {
             ..Default::default()
         };
         let prefix = Some(root.as_str()).filter(|r| !r.is_empty());
-        i.block_on(i.s3.list_paginated(prefix, opts))
-            .map(drop)
-            .map_err(|e| i.fail("listing", &root, &e))
+        match i.block_on(i.s3.list_paginated(prefix, opts)) {
+            // it answered, with a key the client cannot parse
+            Err(e) if listing::unparsable_key(&e).is_some() => Ok(()),
+            r => r.map(drop).map_err(|e| i.fail("listing", &root, &e)),
+        }
     }
 }
 
@@ -301,8 +304,7 @@ impl Inner {
     /// out.
     async fn list_kind(&self, kind: ObjectKind, trash: bool) -> Result<Vec<ObjectInfo>> {
         let (prefix, flat) = self.keys.listing(kind, trash);
-        let p = path(&prefix);
-        let p = Some(&p).filter(|p| !p.as_ref().is_empty());
+        let listed = self.list_prefix(&prefix, flat).await?;
         let info = |m: ObjectMeta| {
             Some(ObjectInfo {
                 name: self.keys.parse(kind, m.location.as_ref(), trash)?,
@@ -310,17 +312,7 @@ impl Inner {
                 modified: Some(SystemTime::from(m.last_modified)),
             })
         };
-        let listed = if flat {
-            let found = self.s3.list_with_delimiter(p).await;
-            found.map(|l| l.objects.into_iter().filter_map(info).collect())
-        } else {
-            let found = self.s3.list(p);
-            found
-                .try_filter_map(|m| std::future::ready(Ok(info(m))))
-                .try_collect()
-                .await
-        };
-        listed.map_err(|e| self.fail("listing", &prefix, &e))
+        Ok(listed.into_iter().filter_map(info).collect())
     }
 
     /// A kind's objects (retired ones too) and its tombstones by name.
@@ -361,25 +353,24 @@ impl Inner {
         Ok(Some(bytes.into()))
     }
 
-    /// Deletes a retired object then its tombstone, if it was retired
-    /// `older_than` ago or longer (by this host's clock: the grace dwarfs
-    /// any skew).
-    async fn purge_one(&self, tomb: ObjectMeta, older_than: Duration) -> Result<()> {
-        let root = self.keys.root(true);
-        let Some(rel) = tomb.location.as_ref().strip_prefix(&root) else {
-            return Ok(());
-        };
-        let known = ObjectKind::ALL
-            .iter()
-            .any(|&k| Keys::parse_relative(k, rel).is_some());
-        let age = SystemTime::now()
-            .duration_since(tomb.last_modified.into())
-            .unwrap_or_default();
-        if !known || age < older_than {
-            return Ok(());
+    /// Deletes a retired object then its tombstone, if its tombstone
+    /// still exists and was written at or before `retired_by`; returns
+    /// `name` if it did.
+    async fn purge_one(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        retired_by: SystemTime,
+    ) -> Result<Option<String>> {
+        let (key, tomb) = (self.key(kind, name, false)?, self.key(kind, name, true)?);
+        let due = (self.head_of(&tomb, &key).await?)
+            .is_some_and(|t| SystemTime::from(t.last_modified) <= retired_by);
+        if !due {
+            return Ok(None);
         }
-        self.delete(&(self.keys.root(false) + rel)).await?;
-        self.delete(tomb.location.as_ref()).await
+        self.delete(&key).await?;
+        self.delete(&tomb).await?;
+        Ok(Some(name.to_owned()))
     }
 }
 
@@ -492,21 +483,20 @@ impl ObjectStore for S3Store {
         i.block_on(i.delete(&i.key(kind, name, true)?))
     }
 
-    fn purge(&self, older_than: Duration) -> Result<()> {
+    fn purge_retired(
+        &self,
+        kind: ObjectKind,
+        names: &[String],
+        retired_by: SystemTime,
+    ) -> Result<Vec<String>> {
         let i = &self.inner;
-        let root = i.keys.root(true);
-        i.block_on(async {
-            let tombs: Vec<ObjectMeta> =
-                i.s3.list(Some(&path(&root)))
-                    .try_collect()
-                    .await
-                    .map_err(|e| i.fail("listing", &root, &e))?;
-            futures_util::stream::iter(tombs)
-                .map(|t| i.purge_one(t, older_than))
+        i.block_on(
+            futures_util::stream::iter(names)
+                .map(|n| i.purge_one(kind, n, retired_by))
                 .buffer_unordered(PURGE_PARALLEL)
-                .try_collect::<()>()
-                .await
-        })
+                .try_filter_map(|n| std::future::ready(Ok(n)))
+                .try_collect(),
+        )
     }
 
     fn label(&self, kind: ObjectKind, name: &str) -> String {

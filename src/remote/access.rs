@@ -5,7 +5,7 @@
 //! owner, its type and its shares; launch-only content from its
 //! `restricted_from`.
 
-use super::{Listing, Remote, RemoteImage};
+use super::{Listed, Listing, Remote, RemoteImage};
 use crate::depot::access::{ambiguous, check, relation, Access, Op, Subject};
 use crate::error::{Error, Result};
 use crate::format::ManifestMeta;
@@ -40,9 +40,21 @@ impl Remote {
         account: &str,
         op: Op,
     ) -> Result<RemoteImage> {
+        let listed = self.find_listed(listing, reference, account, op)?;
+        self.load(&listed)
+    }
+
+    /// [`Remote::find`] without loading the image's map: its listing entry.
+    pub fn find_listed(
+        &self,
+        listing: &Listing,
+        reference: &str,
+        account: &str,
+        op: Op,
+    ) -> Result<Listed> {
         let (img, access) = self.visible(listing, reference, account)?;
         let where_ = format!(" on remote {}", self.name());
-        check(&subject(&img.manifest.meta), &where_, access, account, op)?;
+        check(&subject(&img.meta), &where_, access, account, op)?;
         Ok(img.clone())
     }
 
@@ -52,17 +64,17 @@ impl Remote {
         listing: &'l Listing,
         reference: &str,
         account: &str,
-    ) -> Result<(&'l RemoteImage, Access)> {
-        let mut found: Vec<(&RemoteImage, Access)> = listing
+    ) -> Result<(&'l Listed, Access)> {
+        let mut found: Vec<(&Listed, Access)> = listing
             .images
             .values()
             .filter(|i| i.id() == reference || i.name() == reference)
-            .filter_map(|i| Some((i, access_of(&i.manifest.meta, account)?)))
+            .filter_map(|i| Some((i, access_of(&i.meta, account)?)))
             .collect();
         if found.len() > 1 {
             let mut subjects: Vec<_> = found
                 .iter()
-                .map(|(i, a)| (subject(&i.manifest.meta), *a))
+                .map(|(i, a)| (subject(&i.meta), *a))
                 .collect();
             return Err(ambiguous(reference, &mut subjects));
         }

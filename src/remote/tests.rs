@@ -103,7 +103,8 @@ fn small_packs() -> PushLimits {
 }
 
 fn listed(remote: &Remote, id: &str) -> RemoteImage {
-    remote.images().unwrap().images.remove(id).unwrap()
+    let listing = remote.images().unwrap();
+    remote.load(&listing.images[id]).unwrap()
 }
 
 /// Counts what a transfer announces and what it reports done.

@@ -672,7 +672,9 @@ struct Capped<R> {
 
 impl<R: std::io::Read> std::io::Read for Capped<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = buf.len().min(usize::try_from(self.left + 1).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left + 1).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n as u64 > self.left {
             return Err(std::io::Error::other(format!(
@@ -731,7 +733,10 @@ fn open_manifest(b: &[u8]) -> Result<(u32, impl std::io::BufRead + '_), FormatEr
         limit,
         compressed: body.len(),
     };
-    Ok((le_u32(b, 12), std::io::BufReader::with_capacity(64 << 10, capped)))
+    Ok((
+        le_u32(b, 12),
+        std::io::BufReader::with_capacity(64 << 10, capped),
+    ))
 }
 
 /// Reads a manifest body's metadata (its length, then JSON).
@@ -973,7 +978,9 @@ mod tests {
         assert_eq!(seen.len(), 3);
         // a map of more blocks than the virtual size claims is refused
         m.meta.virtual_size = 4096;
-        let e = decode_manifest(&encode_manifest(&m)).unwrap_err().to_string();
+        let e = decode_manifest(&encode_manifest(&m))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("maps 3 blocks, its virtual size needs 1"), "{e}");
     }
 

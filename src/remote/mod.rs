@@ -40,9 +40,9 @@ pub use push::{grace, PushReport, PushedImage};
 use crate::error::{Error, Result};
 use crate::format::{self, Manifest, ManifestMeta};
 use crate::ids::{ChunkHash, ImageId};
-use listing::Tally;
 use crate::perms::Perms;
 use crate::store::{ObjectKind, ObjectStore};
+use listing::Tally;
 
 /// One remote depot, opened: its name (as the operator configured it),
 /// its objects, and where this host caches its pack indexes.

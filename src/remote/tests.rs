@@ -107,19 +107,27 @@ fn listed(remote: &Remote, id: &str) -> RemoteImage {
     remote.load(&listing.images[id]).unwrap()
 }
 
-/// Counts what a transfer announces and what it reports done.
+/// Counts what a transfer (phase push or pull) announces and what it
+/// reports done; other phases (a pull's verify) are not counted.
 #[derive(Default)]
 struct Counted {
     total: AtomicUsize,
     done: AtomicUsize,
+    counting: std::sync::atomic::AtomicBool,
 }
 
 impl Progress for Counted {
-    fn begin(&self, _: &str, total: u64) {
-        self.total.store(total as usize, Ordering::SeqCst);
+    fn begin(&self, phase: &str, total: u64) {
+        let transfer = phase == "push" || phase == "pull";
+        self.counting.store(transfer, Ordering::SeqCst);
+        if transfer {
+            self.total.store(total as usize, Ordering::SeqCst);
+        }
     }
     fn advance(&self, n: u64) {
-        self.done.fetch_add(n as usize, Ordering::SeqCst);
+        if self.counting.load(Ordering::SeqCst) {
+            self.done.fetch_add(n as usize, Ordering::SeqCst);
+        }
     }
     fn end(&self) {}
 }
@@ -515,4 +523,73 @@ fn reads_merge_adjacent_frames_and_refuse_bad_locations() {
     }
     let e = plan_reads(&r, &map, &[ChunkHash([9; 32])], "img").unwrap_err();
     assert!(e.to_string().contains("in no pack"), "{e}");
+}
+
+/// Writes `m` to the remote as version 0 of a new image named `name`.
+fn forge(remote: &Remote, mut m: crate::format::Manifest, name: &str) -> String {
+    let id = crate::ids::ImageId::generate();
+    m.seq = 0;
+    m.meta.id = id.to_string();
+    m.meta.name = name.into();
+    let obj = Remote::manifest_name(&id, 0);
+    let bytes = crate::format::encode_manifest(&m);
+    remote
+        .store()
+        .put(ObjectKind::Manifest, &obj, &bytes)
+        .unwrap();
+    id.to_string()
+}
+
+#[test]
+fn an_image_over_the_import_limit_is_refused_as_import_refuses_it() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    let id = env.import(&a, "base", &base_disk());
+    let ra = env.remote(&a);
+    a.push_image(&ra, "base", None, &NoProgress).unwrap();
+    let mut m = listed(&ra, &id).manifest;
+    m.meta.virtual_size = 1 << 50;
+    m.map = crate::format::HashBlockMap {
+        nblocks: 1 << 38,
+        runs: Vec::new(),
+    };
+    let huge = forge(&ra, m, "huge");
+    let l = ra.images().unwrap();
+    for op in [
+        crate::depot::access::Op::Copy,
+        crate::depot::access::Op::Show,
+    ] {
+        let e = ra.find(&l, "huge", "alice", op).unwrap_err();
+        assert_eq!(e.exit_code(), 4, "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("over the limit of 4398046511104 bytes") && e.contains(&huge),
+            "{e}"
+        );
+    }
+    // it can still be deleted
+    a.delete_remote_image(&ra, "huge").unwrap();
+}
+
+#[test]
+fn a_pull_whose_content_does_not_match_the_digest_enters_nothing() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    let id = env.import(&a, "base", &base_disk());
+    let ra = env.remote(&a);
+    a.push_image(&ra, "base", None, &NoProgress).unwrap();
+    let mut m = listed(&ra, &id).manifest;
+    m.meta.content_digest = "ab".repeat(32);
+    let bad = forge(&ra, m, "liar");
+    let b = env.depot("b", "alice");
+    let rb = env.remote(&b);
+    let e = b
+        .pull_image(&rb, &listed(&rb, &bad), None, &NoProgress)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 5, "{e}");
+    assert!(e.to_string().contains("its manifest says abab"), "{e}");
+    assert!(b.list_images().unwrap().is_empty());
+    // the honest image pulls (and reuses what the failed pull fetched)
+    b.pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
+        .unwrap();
 }

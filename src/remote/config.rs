@@ -34,6 +34,9 @@ const MARKER_VERSION: u64 = 1;
 /// The largest config file or marker read (they are a few hundred bytes).
 const MAX_SMALL_OBJECT: u64 = 64 * 1024;
 
+/// How many keys of a new remote's prefix are checked for foreign objects.
+const FOREIGN_SAMPLE: usize = 100;
+
 /// One configured remote (`remote list --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RemoteInfo {
@@ -122,11 +125,28 @@ impl Depot {
     ) -> Result<RemoteInfo> {
         check_remote_name(name)?;
         self.check_name_free(name)?;
+        if let Some(e) = endpoint {
+            check_endpoint(e)?;
+        }
         let mut loc = S3Location::parse_url(url)?;
         loc.endpoint = endpoint.map(str::to_owned);
         loc.region = region.map(str::to_owned);
         let store = S3Store::open(&loc, name)?;
         store.probe()?;
+        check_not_nested(&loc, name, url)?;
+        if let Some(k) = store
+            .foreign_keys(FOREIGN_SAMPLE, &[REMOTE_MARKER, super::GC_LOCK])?
+            .first()
+        {
+            return Err(remote_error(
+                name,
+                format!(
+                    "{url} holds s3://{}/{} which is no vmdepot remote's object: a remote's prefix holds nothing else (nor another remote); use an empty prefix (s3://BUCKET/PREFIX)",
+                    loc.bucket,
+                    crate::error::one_line(k)
+                ),
+            ));
+        }
         self.add_remote_on(name, url, endpoint, region, &store)
     }
 
@@ -400,6 +420,45 @@ fn check_marker(m: &Marker, store: &dyn ObjectStore, name: &str, url: &str) -> R
                 m.version
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Refuses an endpoint URL holding user info (`USER:PASSWORD@`): it would
+/// be written to the remote's config file and shown in every listing and
+/// error. The URL is not echoed, since it holds a secret.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err(Error::Usage(
+            "refused the --endpoint: it holds user info (USER:PASSWORD@HOST); give only the service's URL (http://HOST:PORT): credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the shared credentials file".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a prefix inside another remote: one whose parent prefix (up to
+/// the bucket's root) holds a remote's marker. One HEAD per level.
+fn check_not_nested(loc: &S3Location, name: &str, url: &str) -> Result<()> {
+    let parts: Vec<&str> = loc.prefix.split('/').filter(|p| !p.is_empty()).collect();
+    for depth in 0..parts.len() {
+        let mut parent = loc.clone();
+        parent.prefix = parts[..depth].join("/");
+        let store = S3Store::open(&parent, name)?;
+        if store.stat(ObjectKind::Meta, REMOTE_MARKER)?.is_some() {
+            return Err(remote_error(
+                name,
+                format!(
+                    "{url} is inside the remote at {}: a remote's prefix holds nothing else; use a prefix outside it",
+                    parent.url()
+                ),
+            ));
+        }
     }
     Ok(())
 }

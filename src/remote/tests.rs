@@ -593,3 +593,16 @@ fn a_pull_whose_content_does_not_match_the_digest_enters_nothing() {
     b.pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
         .unwrap();
 }
+
+#[test]
+fn an_endpoint_with_user_info_is_refused_without_echoing_it() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    for ep in ["http://key:s3cr3t@127.0.0.1:9", "https://s3cr3t@h/x"] {
+        let e = a.add_remote("cr", "s3://b/p", Some(ep), None).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        let e = e.to_string();
+        assert!(e.contains("user info") && !e.contains("s3cr3t"), "{e}");
+    }
+    assert!(a.remotes().unwrap().is_empty());
+}

@@ -246,6 +246,7 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
             description,
             json,
         } => {
+            depot.check_local_name(&name)?;
             let mut opts = CaptureOptions::new(name);
             opts.live = live;
             opts.description = description;
@@ -374,6 +375,7 @@ fn import(
 ) -> anyhow::Result<()> {
     let (file, json) = (a.file.clone(), a.json);
     let opts = a.into_options()?;
+    depot.check_local_name(&opts.name)?;
     let info = depot.import(&file, &opts, progress)?;
     print_new(out, &info, json)
 }
@@ -475,6 +477,9 @@ fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result
 
 /// `image update`.
 fn update(depot: &Depot, a: UpdateArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(n) = &a.name {
+        depot.check_local_name(n)?;
+    }
     let u = ImageUpdate {
         name: a.name,
         description: a.description,

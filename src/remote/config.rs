@@ -161,6 +161,7 @@ impl Depot {
     ) -> Result<RemoteInfo> {
         check_remote_name(name)?;
         self.check_name_free(name)?;
+        self.check_no_local_names(name)?;
         ensure_marker(store, name, url)?;
         let cfg = ConfigFile {
             name: name.to_owned(),
@@ -282,6 +283,36 @@ impl Depot {
     /// A remote called `name` over `store`, cached under this depot.
     pub(crate) fn remote_on(&self, name: &str, store: Arc<dyn ObjectStore>) -> Remote {
         Remote::new(name, store, self.remotes_dir().join(name), self.perms())
+    }
+
+    /// Refuses a local image name `R:...` where `R` is a configured
+    /// remote: every command would read it as the remote's image (the
+    /// rule of [`Depot::remote_reference`]), so such a local image could
+    /// never be named. `remote add` refuses the converse.
+    pub fn check_local_name(&self, name: &str) -> Result<()> {
+        match self.remote_reference(name) {
+            Some((remote, _)) => Err(Error::Usage(format!(
+                "the image name {:?} starts with \"{remote}:\", the name of a configured remote: `{remote}:IMAGE` always means remote {remote}'s image; pick another --name",
+                crate::error::one_line(name)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a new remote name `R` when local images named `R:...`
+    /// exist: they would become unreachable by name.
+    fn check_no_local_names(&self, name: &str) -> Result<()> {
+        let prefix = format!("{name}:");
+        let rows = crate::catalog::list_images(&self.repo.conn)?;
+        match rows.iter().find(|r| r.name.starts_with(&prefix)) {
+            Some(r) => Err(Error::Usage(format!(
+                "the local image {:?} ({}) has a name starting with \"{prefix}\": with a remote named {name}, `{prefix}IMAGE` would mean the remote's image; rename it (`vmdepot image update {} --name NEW`) or pick another remote name",
+                crate::error::one_line(&r.name),
+                r.id,
+                r.id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// `REMOTE:IMAGE` split into the remote's name and the image

@@ -6,7 +6,7 @@
 //! copy` uses (so a killed pull resumes), and the image made available in
 //! one transaction keeping the manifest's owner, type, shares and
 //! metadata, with `copied_from` = `remote:<NAME> <img-id>`.
-//! [`Depot::pulled_copy`] finds an earlier pull of the same image.
+//! [`Depot::local_copy`] finds the local original or an earlier pull.
 //! [`PullReport`] says what travelled.
 //!
 //! The manifest is hostile until [`check_pulled`] passed: its sizes agree,
@@ -75,6 +75,7 @@ impl Depot {
         let m = &image.manifest;
         check_pulled(remote, m)?;
         let opts = import_options(m, name)?;
+        self.check_local_name(&opts.name)?;
         let mut pulled = None;
         let id = create_image(
             &self.repo,
@@ -99,14 +100,17 @@ impl Depot {
         })
     }
 
-    /// The local image pulled earlier from this remote image, if one is
-    /// available (for `instance run REMOTE:IMAGE`: no second pull), by
-    /// copied_from = "remote:<NAME> <img-id>" and same content digest.
-    pub fn pulled_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
+    /// The local image that holds this remote image's content, if one is
+    /// available (for `instance run REMOTE:IMAGE`: no second pull, no name
+    /// clash): the original it was pushed from (the same id), or one
+    /// pulled from it earlier (copied_from = "remote:<NAME> <img-id>");
+    /// either with the same content digest.
+    pub fn local_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
         let origin = origin(remote, image.id());
         let digest = &image.manifest.meta.content_digest;
         for row in catalog::list_images(&self.repo.conn)? {
-            let same = row.copied_from == origin
+            let ours = row.id.as_str() == image.id() || row.copied_from == origin;
+            let same = ours
                 && row.damage.is_none()
                 && row.state == Some(ImageState::Available)
                 && row.content_digest.as_ref() == Some(digest);

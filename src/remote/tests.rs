@@ -174,8 +174,9 @@ fn push_then_pull_into_an_empty_depot_gives_the_same_bytes() {
     assert_eq!(local.copied_from, format!("remote:r {id}"));
     assert_eq!(env.export(&b, &local.id), content);
     b.verify(Some(&local.id), &NoProgress).unwrap();
-    assert_eq!(b.pulled_copy(&rb, &img).unwrap().unwrap().id, local.id);
-    assert!(a.pulled_copy(&ra, &img).unwrap().is_none());
+    assert_eq!(b.local_copy(&rb, &img).unwrap().unwrap().id, local.id);
+    // on the pushing host: the original itself
+    assert_eq!(a.local_copy(&ra, &img).unwrap().unwrap().id, id);
 }
 
 #[test]
@@ -605,4 +606,32 @@ fn an_endpoint_with_user_info_is_refused_without_echoing_it() {
         assert!(e.contains("user info") && !e.contains("s3cr3t"), "{e}");
     }
     assert!(a.remotes().unwrap().is_empty());
+}
+
+#[test]
+fn local_names_starting_with_a_remote_name_are_refused_both_ways() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    env.import(&a, "zz:web", &base_disk());
+    let store = env.mem.clone();
+    let e = a
+        .add_remote_on("zz", "s3://b/zz", None, None, &store)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(e.to_string().contains("\"zz:web\""), "{e}");
+    a.add_remote_on("r", "s3://b/r", None, None, &store)
+        .unwrap();
+    let e = a.check_local_name("r:web").unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    a.check_local_name("rr:web").unwrap();
+    a.check_local_name("web").unwrap();
+    // a pull may not make one either
+    let ra = env.remote(&a);
+    a.push_image(&ra, "zz:web", None, &NoProgress).unwrap();
+    let l = ra.images().unwrap();
+    let img = ra.load(l.images.values().next().unwrap()).unwrap();
+    let e = a
+        .pull_image(&ra, &img, Some("r:copy"), &NoProgress)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
 }

@@ -100,6 +100,7 @@ pub enum InstanceCmd {
 /// The flags of `vmdepot instance run`.
 #[derive(Args)]
 pub struct RunArgs {
+    /// An image's id or name, or REMOTE:IMAGE (pulled first unless this depot has it)
     image: String,
     /// Instance name; with --count N: NAME-1 … NAME-N
     #[arg(long)]

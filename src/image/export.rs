@@ -43,6 +43,8 @@ pub struct VerifyReport {
     pub images: u64,
     /// Chunks (4 KiB blocks) re-read and re-hashed.
     pub chunks: u64,
+    /// Bytes checked: one image's virtual size (its digest covers every
+    /// byte, zeros too), or the chunks' bytes of a whole-store verify.
     pub bytes: u64,
 }
 

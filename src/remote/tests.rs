@@ -442,6 +442,16 @@ fn a_name_the_owner_has_on_the_remote_is_refused() {
         .push_image(&ra, "other", Some("other2"), &NoProgress)
         .unwrap();
     assert_eq!(ok.image.name, "other2");
+    // pushed again under another name: nothing changes, the report says
+    // what the remote calls it
+    let again = a
+        .push_image(&ra, "other", Some("other3"), &NoProgress)
+        .unwrap();
+    assert!(
+        again.already && again.image.name == "other2",
+        "{:?}",
+        again.image.name
+    );
 }
 
 #[test]

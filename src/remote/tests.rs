@@ -551,14 +551,21 @@ fn forge(remote: &Remote, mut m: crate::format::Manifest, name: &str) -> String 
     id.to_string()
 }
 
-#[test]
-fn an_image_over_the_import_limit_is_refused_as_import_refuses_it() {
-    let env = Env::new();
+/// Depot "a" of alice with the base disk pushed to the remote: the depot,
+/// the remote, the image's id and its manifest as the remote has it.
+fn base_pushed(env: &Env) -> (Depot, Remote, String, crate::format::Manifest) {
     let a = env.depot("a", "alice");
     let id = env.import(&a, "base", &base_disk());
     let ra = env.remote(&a);
     a.push_image(&ra, "base", None, &NoProgress).unwrap();
-    let mut m = listed(&ra, &id).manifest;
+    let m = listed(&ra, &id).manifest;
+    (a, ra, id, m)
+}
+
+#[test]
+fn an_image_over_the_import_limit_is_refused_as_import_refuses_it() {
+    let env = Env::new();
+    let (a, ra, _, mut m) = base_pushed(&env);
     m.meta.virtual_size = 1 << 50;
     m.map = crate::format::HashBlockMap {
         nblocks: 1 << 38,
@@ -585,11 +592,7 @@ fn an_image_over_the_import_limit_is_refused_as_import_refuses_it() {
 #[test]
 fn a_pull_whose_content_does_not_match_the_digest_enters_nothing() {
     let env = Env::new();
-    let a = env.depot("a", "alice");
-    let id = env.import(&a, "base", &base_disk());
-    let ra = env.remote(&a);
-    a.push_image(&ra, "base", None, &NoProgress).unwrap();
-    let mut m = listed(&ra, &id).manifest;
+    let (_, ra, id, mut m) = base_pushed(&env);
     m.meta.content_digest = "ab".repeat(32);
     let bad = forge(&ra, m, "liar");
     let b = env.depot("b", "alice");

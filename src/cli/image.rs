@@ -81,6 +81,7 @@ pub enum ImageCmd {
     },
     /// Show one image (id or name; REMOTE:IMAGE: a remote's)
     Show {
+        /// An image's id or name, or REMOTE:IMAGE
         image: String,
         #[arg(long)]
         json: bool,
@@ -97,6 +98,7 @@ pub enum ImageCmd {
     ///
     /// REMOTE:IMAGE: retire its manifest on the remote (its data is freed by `gc --remote REMOTE`)
     Delete {
+        /// An image's id or name, or REMOTE:IMAGE
         image: String,
         /// Even if it is shared or instances use it (local images)
         #[arg(long)]
@@ -106,18 +108,21 @@ pub enum ImageCmd {
     ///
     /// REMOTE:IMAGE: every chunk it names fetched from the remote and re-hashed
     Verify {
+        /// An image's id or name, or REMOTE:IMAGE [default: every chunk of the depot]
         image: Option<String>,
         #[arg(long)]
         json: bool,
     },
     /// Push an image to a remote: only the chunks the remote lacks travel
     ///
-    /// JSON: image,
-    /// chunks, chunks_present, chunks_sent, bytes_sent, frames_whole, already
+    /// JSON: remote, image (id, name: as the remote calls it), chunks, chunks_present,
+    /// chunks_sent, bytes_sent, frames_whole, packs (pack objects written), already
     Push {
+        /// The local image (id or name)
         image: String,
+        /// The configured remote's name (see `vmdepot remote list`)
         remote: String,
-        /// Name on the remote [default: the same]
+        /// Name on the remote [default: the same]; an image already there keeps its name
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
@@ -125,8 +130,9 @@ pub enum ImageCmd {
     },
     /// Pull REMOTE:IMAGE into this depot as an independent image
     ///
-    /// Only the chunks this depot lacks travel. JSON: image, chunks, chunks_present, chunks_fetched,
-    /// bytes_fetched, frames_whole. REMOTE:IMAGE names a remote only when REMOTE is a
+    /// Only the chunks this depot lacks travel; the content is checked against its digest before the
+    /// image is available. JSON: remote, image, chunks, chunks_present, chunks_fetched,
+    /// bytes_fetched, frames_whole, gets. REMOTE:IMAGE names a remote only when REMOTE is a
     /// configured remote's name (image names may hold ':' too)
     Pull {
         /// REMOTE:IMAGE (id or name)
@@ -246,6 +252,7 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
             description,
             json,
         } => {
+            depot.check_local_name(&name)?;
             let mut opts = CaptureOptions::new(name);
             opts.live = live;
             opts.description = description;
@@ -356,11 +363,13 @@ fn delete_remote(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let i = depot.delete_remote_image(&depot.remote(remote)?, image)?;
+    let what = match i.name.is_empty() {
+        true => format!("damaged image {}", i.id),
+        false => format!("{} ({})", esc(&i.name), i.id),
+    };
     writeln!(
         out,
-        "deleted {} ({}) from remote {remote}; run `vmdepot gc --remote {remote}` to free its data",
-        esc(&i.name),
-        i.id
+        "deleted {what} from remote {remote}; run `vmdepot gc --remote {remote}` to free its data"
     )?;
     Ok(())
 }
@@ -374,6 +383,7 @@ fn import(
 ) -> anyhow::Result<()> {
     let (file, json) = (a.file.clone(), a.json);
     let opts = a.into_options()?;
+    depot.check_local_name(&opts.name)?;
     let info = depot.import(&file, &opts, progress)?;
     print_new(out, &info, json)
 }
@@ -475,6 +485,9 @@ fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result
 
 /// `image update`.
 fn update(depot: &Depot, a: UpdateArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(n) = &a.name {
+        depot.check_local_name(n)?;
+    }
     let u = ImageUpdate {
         name: a.name,
         description: a.description,

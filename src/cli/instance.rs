@@ -100,6 +100,7 @@ pub enum InstanceCmd {
 /// The flags of `vmdepot instance run`.
 #[derive(Args)]
 pub struct RunArgs {
+    /// An image's id or name, or REMOTE:IMAGE (pulled first unless this depot has it)
     image: String,
     /// Instance name; with --count N: NAME-1 … NAME-N
     #[arg(long)]
@@ -178,6 +179,9 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             keep,
             json,
         } => {
+            if let Some(n) = &name {
+                depot.check_local_name(n)?;
+            }
             let (info, pruned) = depot.backup_instance(&instance, name, keep, progress)?;
             print_backup(&mut out(), &info, &pruned, json)?;
         }
@@ -267,10 +271,11 @@ fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<
 }
 
 /// The id of the local copy of `REMOTE:IMAGE` (which the account must be
-/// allowed to launch): one pulled before, else pulled now.
+/// allowed to launch): the original it was pushed from or one pulled
+/// before, else pulled now.
 fn pulled(depot: &Depot, reference: &str, progress: &dyn Progress) -> anyhow::Result<String> {
     let (remote, img) = remote_image(depot, reference, Op::Launch)?;
-    if let Some(local) = depot.pulled_copy(&remote, &img)? {
+    if let Some(local) = depot.local_copy(&remote, &img)? {
         return Ok(local.id);
     }
     Ok(depot.pull_image(&remote, &img, None, progress)?.image.id)

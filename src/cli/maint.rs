@@ -158,10 +158,10 @@ pub fn print_verify(out: &mut impl Write, r: &VerifyReport, json: bool) -> anyho
     }
     writeln!(
         out,
-        "ok: {} image(s), {} chunks re-hashed ({})",
+        "ok: {} image(s), {} chunks re-hashed, {} checked",
         r.images,
         r.chunks,
-        human(r.chunks * 4096)
+        human(r.bytes)
     )?;
     Ok(())
 }

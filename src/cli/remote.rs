@@ -19,8 +19,10 @@ pub enum RemoteCmd {
     ///
     /// Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), else the
     /// shared credentials file (AWS_SHARED_CREDENTIALS_FILE, ~/.aws/credentials; AWS_PROFILE);
-    /// nothing secret is written to the depot. An empty prefix gets the remote's marker
-    /// object; a prefix holding other objects is refused.
+    /// nothing secret is written to the depot (an --endpoint with USER:PASSWORD@ is refused). An
+    /// empty prefix gets the remote's marker object; a prefix holding other objects, or inside
+    /// another remote, is refused. Local image names NAME:... are refused (NAME:IMAGE means the
+    /// remote's image).
     Add {
         /// The remote's name on this host: [a-z0-9][a-z0-9_-]{0,62}
         name: String,
@@ -39,7 +41,10 @@ pub enum RemoteCmd {
         json: bool,
     },
     /// Forget a remote on this host (its config and index cache; nothing on the remote changes)
-    Remove { name: String },
+    Remove {
+        /// The remote's name on this host
+        name: String,
+    },
 }
 
 /// Runs one `remote` subcommand.

@@ -296,7 +296,7 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Forma
     let mut dec = zstd::stream::read::Decoder::with_buffer(&blob[4..]).map_err(zerr)?;
     dec.window_log_max(MAP_WINDOW_LOG_MAX).map_err(zerr)?;
     let mut p = std::io::BufReader::with_capacity(64 << 10, dec);
-    let n = read_varint(&mut p)?;
+    let n = read_varint(&mut p, Part::Map)?;
     if n > max_blocks.min(MAP_MAX_BLOCKS) {
         return Err(invalid(Part::Map, "absurd block count"));
     }
@@ -307,8 +307,8 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Forma
     let mut pos = 0u64;
     let mut prev: i64 = 0;
     while pos < n {
-        let z = read_varint(&mut p)?;
-        let d = read_varint(&mut p)?;
+        let z = read_varint(&mut p, Part::Map)?;
+        let d = read_varint(&mut p, Part::Map)?;
         if z.checked_add(d)
             .and_then(|x| x.checked_add(pos))
             .is_none_or(|e| e > n)
@@ -322,7 +322,7 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Forma
             let mut ids = Vec::with_capacity(d.min(4096) as usize);
             for _ in 0..d {
                 let id = prev
-                    .checked_add(unzigzag(read_varint(&mut p)?))
+                    .checked_add(unzigzag(read_varint(&mut p, Part::Map)?))
                     .filter(|&id| id > 0)
                     .ok_or_else(|| invalid(Part::Map, "invalid chunk id"))?;
                 ids.push(id);
@@ -339,13 +339,13 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Forma
 }
 
 /// [`get_varint`] from a stream.
-fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, FormatError> {
+fn read_varint(r: &mut impl std::io::BufRead, part: Part) -> Result<u64, FormatError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = match r.fill_buf() {
             Ok([b, ..]) => *b,
-            Ok([]) => return Err(invalid(Part::Map, "truncated")),
-            Err(e) => return Err(invalid(Part::Map, e.to_string())),
+            Ok([]) => return Err(invalid(part, "truncated")),
+            Err(e) => return Err(invalid(part, e.to_string())),
         };
         r.consume(1);
         v |= u64::from(b & 0x7f) << shift;
@@ -353,7 +353,7 @@ fn read_varint(r: &mut impl std::io::BufRead) -> Result<u64, FormatError> {
             return Ok(v);
         }
     }
-    Err(invalid(Part::Map, "varint too long"))
+    Err(invalid(part, "varint too long"))
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -661,30 +661,35 @@ pub fn manifest_plain_limit(body_len: usize) -> usize {
     body_len.saturating_mul(64).saturating_add(16 << 20)
 }
 
-/// Decompresses one zstd frame of at most `limit` bytes, refusing more
-/// before allocating them.
-fn decompress_bounded(body: &[u8], limit: usize) -> Result<Vec<u8>, FormatError> {
-    use std::io::Read;
-    let dec =
-        zstd::stream::Decoder::new(body).map_err(|e| invalid(Part::Manifest, e.to_string()))?;
-    let mut plain = Vec::new();
-    dec.take(limit as u64 + 1)
-        .read_to_end(&mut plain)
-        .map_err(|e| invalid(Part::Manifest, e.to_string()))?;
-    if plain.len() > limit {
-        return Err(invalid(
-            Part::Manifest,
-            format!(
-                "the body decompresses to more than {limit} bytes ({} compressed): refused as a decompression bomb",
-                body.len()
-            ),
-        ));
-    }
-    Ok(plain)
+/// A reader of at most `left` bytes of `inner`: reading more is an error
+/// naming the limit (a decompression bomb), so no caller ever holds more.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+    compressed: usize,
 }
 
-/// Decodes and checks a manifest; the error says what is wrong.
-pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
+impl<R: std::io::Read> std::io::Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left + 1).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(std::io::Error::other(format!(
+                "the body decompresses to more than {} bytes ({} compressed): refused as a decompression bomb",
+                self.limit, self.compressed
+            )));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A manifest's checked header: its version and a stream of its plain
+/// body (decompressed as read, at most [`manifest_plain_limit`] bytes).
+fn open_manifest(b: &[u8]) -> Result<(u32, impl std::io::BufRead + '_), FormatError> {
     if b.len() < MANIFEST_HEADER {
         return Err(FormatError::Short {
             part: Part::Manifest,
@@ -702,7 +707,6 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
             format!("unsupported chunk size {}", le_u32(b, 8)),
         ));
     }
-    let seq = le_u32(b, 12);
     let body = &b[MANIFEST_HEADER..];
     if le_u64(b, 16) != body.len() as u64 {
         return Err(invalid(
@@ -719,52 +723,123 @@ pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
             part: Part::Manifest,
         });
     }
-    let plain = decompress_bounded(body, manifest_plain_limit(body.len()))?;
-    if plain.len() < 4 {
-        return Err(invalid(Part::Manifest, "truncated"));
-    }
-    let mlen = le_u32(&plain, 0) as usize;
-    if plain.len() - 4 < mlen {
+    let zerr = |e: std::io::Error| invalid(Part::Manifest, e.to_string());
+    let mut dec = zstd::stream::read::Decoder::with_buffer(body).map_err(zerr)?;
+    dec.window_log_max(MAP_WINDOW_LOG_MAX).map_err(zerr)?;
+    let limit = manifest_plain_limit(body.len()) as u64;
+    let capped = Capped {
+        inner: dec,
+        left: limit,
+        limit,
+        compressed: body.len(),
+    };
+    Ok((
+        le_u32(b, 12),
+        std::io::BufReader::with_capacity(64 << 10, capped),
+    ))
+}
+
+/// Reads a manifest body's metadata (its length, then JSON).
+fn read_meta(r: &mut impl std::io::BufRead) -> Result<ManifestMeta, FormatError> {
+    use std::io::Read;
+    let ioerr = |e: std::io::Error| invalid(Part::Manifest, e.to_string());
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => invalid(Part::Manifest, "truncated"),
+        _ => ioerr(e),
+    })?;
+    let mlen = u64::from(u32::from_le_bytes(len));
+    // The length is only a claim: the buffer grows with what arrives.
+    let mut json = Vec::new();
+    r.take(mlen).read_to_end(&mut json).map_err(ioerr)?;
+    if (json.len() as u64) < mlen {
         return Err(invalid(Part::Manifest, "truncated metadata"));
     }
-    let meta: ManifestMeta = serde_json::from_slice(&plain[4..4 + mlen])
-        .map_err(|e| invalid(Part::Manifest, format!("metadata: {e}")))?;
-    let mut p = &plain[4 + mlen..];
-    let n = get_varint(&mut p)?;
-    if n > (1u64 << 40) {
-        return Err(invalid(Part::Manifest, "absurd block count"));
+    serde_json::from_slice(&json).map_err(|e| invalid(Part::Manifest, format!("metadata: {e}")))
+}
+
+/// Reads a manifest body's map of `nblocks` blocks (the metadata's
+/// virtual size), calling `each(block, hash)` for every stored block in
+/// order, and checks nothing follows it.
+fn read_hash_runs(
+    r: &mut impl std::io::BufRead,
+    nblocks: u64,
+    mut each: impl FnMut(u64, ChunkHash),
+) -> Result<(), FormatError> {
+    let part = Part::Manifest;
+    let n = read_varint(r, part)?;
+    if n != nblocks {
+        return Err(invalid(
+            part,
+            format!("maps {n} blocks, its virtual size needs {nblocks}"),
+        ));
     }
-    let mut map = HashBlockMap {
-        nblocks: n,
-        runs: Vec::new(),
-    };
     let mut pos = 0u64;
     while pos < n {
-        let z = get_varint(&mut p)?;
-        let d = get_varint(&mut p)?;
+        let z = read_varint(r, part)?;
+        let d = read_varint(r, part)?;
         if z.checked_add(d)
             .and_then(|x| x.checked_add(pos))
             .is_none_or(|e| e > n)
             || (z == 0 && d == 0)
-            || d > (p.len() / 32) as u64
         {
-            return Err(invalid(Part::Manifest, "runs overflow the block count"));
+            return Err(invalid(part, "runs overflow the block count"));
         }
         pos += z;
-        if d > 0 {
-            let (run, rest) = p.split_at(d as usize * 32);
-            p = rest;
-            let hashes = run
-                .chunks_exact(32)
-                .map(|c| ChunkHash(c.try_into().unwrap()))
-                .collect();
-            map.runs.push((pos, hashes));
-            pos += d;
+        for _ in 0..d {
+            let mut h = [0u8; 32];
+            r.read_exact(&mut h)
+                .map_err(|e| invalid(part, format!("truncated hash run: {e}")))?;
+            each(pos, ChunkHash(h));
+            pos += 1;
         }
     }
-    if !p.is_empty() {
-        return Err(invalid(Part::Manifest, "trailing bytes"));
+    let ioerr = |e: std::io::Error| invalid(part, e.to_string());
+    if !r.fill_buf().map_err(ioerr)?.is_empty() {
+        return Err(invalid(part, "trailing bytes"));
     }
+    Ok(())
+}
+
+/// A manifest's version and metadata, its header and checksum checked
+/// but its map not read: what a listing needs. Memory is the metadata,
+/// whatever the map's size.
+pub fn decode_manifest_meta(b: &[u8]) -> Result<(u32, ManifestMeta), FormatError> {
+    let (seq, mut body) = open_manifest(b)?;
+    Ok((seq, read_meta(&mut body)?))
+}
+
+/// Decodes and checks a manifest, calling `each(block, hash)` for every
+/// stored block in block order instead of building its map. The body is
+/// streamed: memory is the metadata and the zstd window. Its map must
+/// describe exactly the blocks of its virtual size.
+pub fn visit_manifest(
+    b: &[u8],
+    each: impl FnMut(u64, ChunkHash),
+) -> Result<(u32, ManifestMeta), FormatError> {
+    let (seq, mut body) = open_manifest(b)?;
+    let meta = read_meta(&mut body)?;
+    let nblocks = blocks_for(meta.virtual_size);
+    if nblocks > MAP_MAX_BLOCKS {
+        return Err(invalid(Part::Manifest, "absurd virtual size"));
+    }
+    read_hash_runs(&mut body, nblocks, each)?;
+    Ok((seq, meta))
+}
+
+/// Decodes and checks a manifest; the error says what is wrong. Memory
+/// is its map (32 bytes a stored block, as many as its virtual size and
+/// [`manifest_plain_limit`] allow), never its decompressed body.
+pub fn decode_manifest(b: &[u8]) -> Result<Manifest, FormatError> {
+    let mut runs: Vec<(u64, Vec<ChunkHash>)> = Vec::new();
+    let (seq, meta) = visit_manifest(b, |blk, h| match runs.last_mut() {
+        Some((start, hs)) if *start + hs.len() as u64 == blk => hs.push(h),
+        _ => runs.push((blk, vec![h])),
+    })?;
+    let map = HashBlockMap {
+        nblocks: blocks_for(meta.virtual_size),
+        runs,
+    };
     Ok(Manifest { seq, meta, map })
 }
 
@@ -880,6 +955,33 @@ mod tests {
         assert!(b.len() < 1 << 20, "{}", b.len());
         let e = decode_manifest(&b).unwrap_err().to_string();
         assert!(e.contains("decompression bomb"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_map_must_fit_its_virtual_size_and_meta_skips_it() {
+        let mut m = Manifest {
+            seq: 1,
+            meta: ManifestMeta {
+                id: "img-0123456789abcdef".into(),
+                virtual_size: 3 * 4096,
+                ..Default::default()
+            },
+            map: HashBlockMap {
+                nblocks: 3,
+                runs: vec![(0, vec![ChunkHash([7; 32]); 3])],
+            },
+        };
+        let b = encode_manifest(&m);
+        assert_eq!(decode_manifest_meta(&b), Ok((1, m.meta.clone())));
+        let mut seen = Vec::new();
+        visit_manifest(&b, |blk, h| seen.push((blk, h))).unwrap();
+        assert_eq!(seen.len(), 3);
+        // a map of more blocks than the virtual size claims is refused
+        m.meta.virtual_size = 4096;
+        let e = decode_manifest(&encode_manifest(&m))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maps 3 blocks, its virtual size needs 1"), "{e}");
     }
 
     #[test]

@@ -292,7 +292,9 @@ fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> R
     Ok(ins)
 }
 
-fn too_big(path: &Path, size: u64) -> Error {
+/// The refusal of a disk (`path`: a file, or a remote image's label) of
+/// `size` bytes, over [`MAX_VIRTUAL_SIZE`].
+pub(crate) fn too_big(path: &Path, size: u64) -> Error {
     Error::refused(
         path,
         format!(

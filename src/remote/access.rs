@@ -3,12 +3,14 @@
 //! the local rules of [`crate::depot::access`] (the same relations, the
 //! same refusal texts), with the relation taken from the manifest: its
 //! owner, its type and its shares; launch-only content from its
-//! `restricted_from`.
+//! `restricted_from`. An image over the import limit is refused for
+//! anything but its deletion.
 
-use super::{Listing, Remote, RemoteImage};
+use super::{Listed, Listing, Remote, RemoteImage};
 use crate::depot::access::{ambiguous, check, relation, Access, Op, Subject};
 use crate::error::{Error, Result};
 use crate::format::ManifestMeta;
+use crate::image::source::{too_big, MAX_VIRTUAL_SIZE};
 
 /// The rules' view of a manifest's metadata.
 pub(crate) fn subject(m: &ManifestMeta) -> Subject<'_> {
@@ -40,10 +42,35 @@ impl Remote {
         account: &str,
         op: Op,
     ) -> Result<RemoteImage> {
+        let listed = self.find_listed(listing, reference, account, op)?;
+        self.load(&listed)
+    }
+
+    /// [`Remote::find`] without loading the image's map: its listing entry.
+    pub fn find_listed(
+        &self,
+        listing: &Listing,
+        reference: &str,
+        account: &str,
+        op: Op,
+    ) -> Result<Listed> {
         let (img, access) = self.visible(listing, reference, account)?;
         let where_ = format!(" on remote {}", self.name());
-        check(&subject(&img.manifest.meta), &where_, access, account, op)?;
+        check(&subject(&img.meta), &where_, access, account, op)?;
+        if op != Op::Delete {
+            self.check_size(&img.meta)?;
+        }
         Ok(img.clone())
+    }
+
+    /// Refuses an image over the import limit, as import does: no local
+    /// depot could hold it (only its deletion is allowed).
+    pub(crate) fn check_size(&self, m: &ManifestMeta) -> Result<()> {
+        if m.virtual_size <= MAX_VIRTUAL_SIZE {
+            return Ok(());
+        }
+        let label = format!("image {} ({}) on remote {}", m.name, m.id, self.name());
+        Err(too_big(std::path::Path::new(&label), m.virtual_size))
     }
 
     /// The one image `reference` names among those `account` sees.
@@ -52,18 +79,15 @@ impl Remote {
         listing: &'l Listing,
         reference: &str,
         account: &str,
-    ) -> Result<(&'l RemoteImage, Access)> {
-        let mut found: Vec<(&RemoteImage, Access)> = listing
+    ) -> Result<(&'l Listed, Access)> {
+        let mut found: Vec<(&Listed, Access)> = listing
             .images
             .values()
             .filter(|i| i.id() == reference || i.name() == reference)
-            .filter_map(|i| Some((i, access_of(&i.manifest.meta, account)?)))
+            .filter_map(|i| Some((i, access_of(&i.meta, account)?)))
             .collect();
         if found.len() > 1 {
-            let mut subjects: Vec<_> = found
-                .iter()
-                .map(|(i, a)| (subject(&i.manifest.meta), *a))
-                .collect();
+            let mut subjects: Vec<_> = found.iter().map(|(i, a)| (subject(&i.meta), *a)).collect();
             return Err(ambiguous(reference, &mut subjects));
         }
         found.pop().ok_or_else(|| self.missing(listing, reference))

@@ -34,6 +34,9 @@ const MARKER_VERSION: u64 = 1;
 /// The largest config file or marker read (they are a few hundred bytes).
 const MAX_SMALL_OBJECT: u64 = 64 * 1024;
 
+/// How many keys of a new remote's prefix are checked for foreign objects.
+const FOREIGN_SAMPLE: usize = 100;
+
 /// One configured remote (`remote list --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RemoteInfo {
@@ -122,11 +125,28 @@ impl Depot {
     ) -> Result<RemoteInfo> {
         check_remote_name(name)?;
         self.check_name_free(name)?;
+        if let Some(e) = endpoint {
+            check_endpoint(e)?;
+        }
         let mut loc = S3Location::parse_url(url)?;
         loc.endpoint = endpoint.map(str::to_owned);
         loc.region = region.map(str::to_owned);
         let store = S3Store::open(&loc, name)?;
         store.probe()?;
+        check_not_nested(&loc, name, url)?;
+        if let Some(k) = store
+            .foreign_keys(FOREIGN_SAMPLE, &[REMOTE_MARKER, super::GC_LOCK])?
+            .first()
+        {
+            return Err(remote_error(
+                name,
+                format!(
+                    "{url} holds s3://{}/{} which is no vmdepot remote's object: a remote's prefix holds nothing else (nor another remote); use an empty prefix (s3://BUCKET/PREFIX)",
+                    loc.bucket,
+                    crate::error::one_line(k)
+                ),
+            ));
+        }
         self.add_remote_on(name, url, endpoint, region, &store)
     }
 
@@ -141,6 +161,7 @@ impl Depot {
     ) -> Result<RemoteInfo> {
         check_remote_name(name)?;
         self.check_name_free(name)?;
+        self.check_no_local_names(name)?;
         ensure_marker(store, name, url)?;
         let cfg = ConfigFile {
             name: name.to_owned(),
@@ -263,6 +284,36 @@ impl Depot {
     /// A remote called `name` over `store`, cached under this depot.
     pub(crate) fn remote_on(&self, name: &str, store: Arc<dyn ObjectStore>) -> Remote {
         Remote::new(name, store, self.remotes_dir().join(name), self.perms())
+    }
+
+    /// Refuses a local image name `R:...` where `R` is a configured
+    /// remote: every command would read it as the remote's image (the
+    /// rule of [`Depot::remote_reference`]), so such a local image could
+    /// never be named. `remote add` refuses the converse.
+    pub fn check_local_name(&self, name: &str) -> Result<()> {
+        match self.remote_reference(name) {
+            Some((remote, _)) => Err(Error::Usage(format!(
+                "the image name {:?} starts with \"{remote}:\", the name of a configured remote: `{remote}:IMAGE` always means remote {remote}'s image; pick another --name",
+                crate::error::one_line(name)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a new remote name `R` when local images named `R:...`
+    /// exist: they would become unreachable by name.
+    fn check_no_local_names(&self, name: &str) -> Result<()> {
+        let prefix = format!("{name}:");
+        let rows = crate::catalog::list_images(&self.repo.conn)?;
+        match rows.iter().find(|r| r.name.starts_with(&prefix)) {
+            Some(r) => Err(Error::Usage(format!(
+                "the local image {:?} ({}) has a name starting with \"{prefix}\": with a remote named {name}, `{prefix}IMAGE` would mean the remote's image; rename it (`vmdepot image update {} --name NEW`) or pick another remote name",
+                crate::error::one_line(&r.name),
+                r.id,
+                r.id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// `REMOTE:IMAGE` split into the remote's name and the image
@@ -429,6 +480,45 @@ fn check_marker(m: &Marker, store: &dyn ObjectStore, name: &str, url: &str) -> R
                 m.version
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Refuses an endpoint URL holding user info (`USER:PASSWORD@`): it would
+/// be written to the remote's config file and shown in every listing and
+/// error. The URL is not echoed, since it holds a secret.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err(Error::Usage(
+            "refused the --endpoint: it holds user info (USER:PASSWORD@HOST); give only the service's URL (http://HOST:PORT): credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the shared credentials file".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a prefix inside another remote: one whose parent prefix (up to
+/// the bucket's root) holds a remote's marker. One HEAD per level.
+fn check_not_nested(loc: &S3Location, name: &str, url: &str) -> Result<()> {
+    let parts: Vec<&str> = loc.prefix.split('/').filter(|p| !p.is_empty()).collect();
+    for depth in 0..parts.len() {
+        let mut parent = loc.clone();
+        parent.prefix = parts[..depth].join("/");
+        let store = S3Store::open(&parent, name)?;
+        if store.stat(ObjectKind::Meta, REMOTE_MARKER)?.is_some() {
+            return Err(remote_error(
+                name,
+                format!(
+                    "{url} is inside the remote at {}: a remote's prefix holds nothing else; use a prefix outside it",
+                    parent.url()
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -144,13 +144,16 @@ impl Remote {
             let Some(bytes) = self.store().get(ObjectKind::Manifest, &o.name)? else {
                 continue; // deleted since the listing
             };
-            let m = (self.check_manifest(&id, seq, &o.name, &bytes)).map_err(|e| match e {
+            // the map streamed into `live`, never held whole
+            self.check_listed(&id, seq, &o.name, &bytes, |h| {
+                live.insert(h);
+            })
+            .map_err(|e| match e {
                 Error::StoreDamaged(why) => Error::StoreDamaged(format!(
                     "gc refused (the chunks a damaged manifest names cannot be known, so nothing can be collected safely): {why}"
                 )),
                 e => e,
             })?;
-            live.extend(m.map.runs.iter().flat_map(|run| run.1.iter().copied()));
             r.manifests += 1;
         }
         r.live_chunks = live.len() as u64;

@@ -5,15 +5,16 @@
 //! as locally); [`Depot::delete_remote_image`] retires every version of
 //! an image's manifest (its packs are the remote gc's business).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::access::access_of;
-use super::{ChunkMap, Listing, Remote, RemoteImage};
+use super::{ChunkMap, Listed, Listing, Remote};
 use crate::catalog::ImageState;
 use crate::depot::access::{Access, Op};
 use crate::depot::display::shown_state;
 use crate::depot::{rfc3339, Depot, ImageInfo};
 use crate::error::{Error, Result};
+use crate::format::ManifestMeta;
 use crate::ids::{ChunkHash, ImageId};
 use crate::store::ObjectKind;
 
@@ -21,48 +22,80 @@ use crate::store::ObjectKind;
 /// stored bytes shared with others.
 struct Usage(HashMap<String, (u64, u64)>);
 
-impl Usage {
-    /// Every image's share of the chunks `map` locates.
-    fn of(listing: &Listing, map: &ChunkMap) -> Usage {
-        let distinct = |img: &RemoteImage| {
-            let mut v: Vec<ChunkHash> = img
-                .manifest
-                .map
-                .runs
-                .iter()
-                .flat_map(|r| r.1.iter().copied())
-                .collect();
-            v.sort_unstable_by_key(|h| h.0);
-            v.dedup();
-            v
-        };
-        let mut users: HashMap<ChunkHash, u32> = HashMap::new();
-        for img in listing.images.values() {
-            for h in distinct(img) {
-                *users.entry(h).or_default() += 1;
+/// Counts, image by image as a listing streams their maps, how many
+/// images use each chunk and each image's stored bytes: memory is one
+/// entry per distinct chunk of the remote, never a map.
+pub(crate) struct Tally<'m> {
+    /// Where the remote's chunks are (their sizes).
+    map: &'m ChunkMap,
+    /// Ids of the images counted, in order.
+    ids: Vec<String>,
+    /// Per image (same order): all its stored bytes.
+    total: Vec<f64>,
+    /// Per chunk: how many images use it, and the last one counted.
+    users: HashMap<ChunkHash, (u32, u32)>,
+}
+
+impl<'m> Tally<'m> {
+    fn new(map: &'m ChunkMap) -> Tally<'m> {
+        Tally {
+            map,
+            ids: Vec::new(),
+            total: Vec::new(),
+            users: HashMap::new(),
+        }
+    }
+
+    /// A chunk's share of its frame's compressed size (0: no pack has it).
+    fn size(&self, h: &ChunkHash) -> f64 {
+        self.map
+            .get(h)
+            .map_or(0.0, |loc| loc.clen as f64 / f64::from(loc.nchunks.max(1)))
+    }
+
+    /// Counts image `id`, which uses the distinct chunks `chunks`.
+    pub(crate) fn add(&mut self, id: &str, chunks: HashSet<ChunkHash>) {
+        let me = self.ids.len() as u32;
+        let mut total = 0.0;
+        for h in chunks {
+            total += self.size(&h);
+            let u = self.users.entry(h).or_insert((0, me));
+            *u = (u.0 + 1, me);
+        }
+        self.ids.push(id.to_owned());
+        self.total.push(total);
+    }
+
+    /// Each image's unique and shared stored bytes.
+    fn finish(self) -> Usage {
+        let mut unique = vec![0f64; self.ids.len()];
+        for (h, (n, who)) in &self.users {
+            if *n == 1 {
+                unique[*who as usize] += self.size(h);
             }
         }
-        let mut out = HashMap::new();
-        for (id, img) in &listing.images {
-            let (mut unique, mut shared) = (0f64, 0f64);
-            for h in distinct(img) {
-                let Some(loc) = map.get(&h) else { continue };
-                let size = loc.clen as f64 / f64::from(loc.nchunks.max(1));
-                if users.get(&h) == Some(&1) {
-                    unique += size;
-                } else {
-                    shared += size;
-                }
-            }
-            out.insert(id.clone(), (unique.round() as u64, shared.round() as u64));
-        }
+        let out = self
+            .ids
+            .into_iter()
+            .zip(self.total.iter().zip(unique))
+            .map(|(id, (t, u))| (id, (u.round() as u64, (t - u).max(0.0).round() as u64)))
+            .collect();
         Usage(out)
     }
 }
 
+impl Remote {
+    /// The listing and every image's stored bytes.
+    fn images_with_usage(&self) -> Result<(Listing, Usage)> {
+        let map = self.chunk_map()?;
+        let mut tally = Tally::new(&map);
+        let listing = self.scan(Some(&mut tally))?;
+        Ok((listing, tally.finish()))
+    }
+}
+
 /// A remote image as `account` (related to it by `access`) sees it.
-fn info(img: &RemoteImage, access: Access, usage: &Usage) -> ImageInfo {
-    let m = &img.manifest.meta;
+fn info(m: &ManifestMeta, access: Access, usage: &Usage) -> ImageInfo {
     let (unique, shared) = usage.0.get(&m.id).copied().unwrap_or((0, 0));
     let shared_with = if access == Access::Owner {
         m.shares.iter().map(|s| s.account.clone()).collect()
@@ -109,27 +142,29 @@ impl Remote {
     /// line for each manifest object that does not verify (the image is
     /// left out; the others are listed).
     pub fn list_images(&self, account: &str) -> Result<(Vec<ImageInfo>, Vec<String>)> {
-        let listing = self.images()?;
-        let usage = Usage::of(&listing, &self.chunk_map()?);
-        let mut visible: Vec<(&RemoteImage, Access)> = listing
+        let (listing, usage) = self.images_with_usage()?;
+        let mut visible: Vec<(&Listed, Access)> = listing
             .images
             .values()
-            .filter_map(|i| Some((i, access_of(&i.manifest.meta, account)?)))
+            .filter_map(|i| Some((i, access_of(&i.meta, account)?)))
             .collect();
         visible.sort_by(|a, b| {
-            let key = |i: &RemoteImage| (i.manifest.meta.created_at, i.name().to_owned());
+            let key = |i: &Listed| (i.meta.created_at, i.name().to_owned());
             key(a.0).cmp(&key(b.0))
         });
-        let infos = visible.iter().map(|(i, a)| info(i, *a, &usage)).collect();
+        let infos = visible
+            .iter()
+            .map(|(i, a)| info(&i.meta, *a, &usage))
+            .collect();
         Ok((infos, listing.damaged))
     }
 
     /// One image (id or name) that `account` sees.
     pub fn show(&self, reference: &str, account: &str) -> Result<ImageInfo> {
-        let listing = self.images()?;
-        let img = self.find(&listing, reference, account, Op::Show)?;
-        let access = access_of(&img.manifest.meta, account).unwrap_or(Access::Everyone);
-        Ok(info(&img, access, &Usage::of(&listing, &self.chunk_map()?)))
+        let (listing, usage) = self.images_with_usage()?;
+        let img = self.find_listed(&listing, reference, account, Op::Show)?;
+        let access = access_of(&img.meta, account).unwrap_or(Access::Everyone);
+        Ok(info(&img.meta, access, &usage))
     }
 
     /// The manifest objects of image `id` (every version, readable or not).
@@ -161,7 +196,7 @@ impl Depot {
     /// holds only the id and the damage.
     pub fn delete_remote_image(&self, remote: &Remote, reference: &str) -> Result<ImageInfo> {
         let listing = remote.images()?;
-        let img = match remote.find(&listing, reference, self.account(), Op::Delete) {
+        let img = match remote.find_listed(&listing, reference, self.account(), Op::Delete) {
             Err(Error::RemoteImageNotFound { .. } | Error::StoreDamaged(_))
                 if ImageId::parse(reference).is_some() =>
             {
@@ -169,7 +204,7 @@ impl Depot {
             }
             r => r?,
         };
-        let shown = info(&img, Access::Owner, &Usage(HashMap::new()));
+        let shown = info(&img.meta, Access::Owner, &Usage(HashMap::new()));
         if shown.protected {
             return Err(Error::NotPermitted(format!(
                 "image {} ({}) on remote {} is protected: it cannot be deleted there (its manifest says so; push an unprotected copy under another name if it must go)",
@@ -204,19 +239,11 @@ impl Depot {
             .find(|d| d.contains(id.as_str()))
             .cloned()
             .unwrap_or_else(|| "no version of its manifest verifies".into());
-        let m = crate::format::ManifestMeta {
+        let m = ManifestMeta {
             id: id.to_string(),
             ..Default::default()
         };
-        let img = RemoteImage {
-            manifest: crate::format::Manifest {
-                seq: 0,
-                meta: m,
-                map: Default::default(),
-            },
-            objects,
-        };
-        let mut shown = info(&img, Access::Owner, &Usage(HashMap::new()));
+        let mut shown = info(&m, Access::Owner, &Usage(HashMap::new()));
         shown.state = "damaged".into();
         shown.damage = Some(damage);
         Ok(shown)

@@ -6,11 +6,12 @@
 //! copy` uses (so a killed pull resumes), and the image made available in
 //! one transaction keeping the manifest's owner, type, shares and
 //! metadata, with `copied_from` = `remote:<NAME> <img-id>`.
-//! [`Depot::pulled_copy`] finds an earlier pull of the same image.
+//! [`Depot::local_copy`] finds the local original or an earlier pull.
 //! [`PullReport`] says what travelled.
 //!
 //! The manifest is hostile until [`check_pulled`] passed: its sizes agree,
-//! its names and accounts are ones the catalog accepts.
+//! its names and accounts are ones the catalog accepts; and the fetched
+//! content must hash to its content digest before the image is available.
 
 use std::collections::{HashMap, HashSet};
 
@@ -20,10 +21,11 @@ use super::fetch::{fetch, plan_reads};
 use super::{Remote, RemoteImage};
 use crate::catalog::{self, ImageState};
 use crate::depot::{check_account, Depot, ImageInfo, ImageType, ImportOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{blocks_for, BlockMap, HashBlockMap, Manifest, Run, CHUNK};
 use crate::ids::{ChunkHash, ChunkId, ImageId};
 use crate::image::create::create_image;
+use crate::image::export::digest_unlisted;
 use crate::lifecycle::transfer::{make_available, present_in, Content, LocalSink, Sender};
 use crate::progress::Progress;
 
@@ -73,6 +75,7 @@ impl Depot {
         let m = &image.manifest;
         check_pulled(remote, m)?;
         let opts = import_options(m, name)?;
+        self.check_local_name(&opts.name)?;
         let mut pulled = None;
         let id = create_image(
             &self.repo,
@@ -97,14 +100,17 @@ impl Depot {
         })
     }
 
-    /// The local image pulled earlier from this remote image, if one is
-    /// available (for `instance run REMOTE:IMAGE`: no second pull), by
-    /// copied_from = "remote:<NAME> <img-id>" and same content digest.
-    pub fn pulled_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
+    /// The local image that holds this remote image's content, if one is
+    /// available (for `instance run REMOTE:IMAGE`: no second pull, no name
+    /// clash): the original it was pushed from (the same id), or one
+    /// pulled from it earlier (copied_from = "remote:<NAME> <img-id>");
+    /// either with the same content digest.
+    pub fn local_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
         let origin = origin(remote, image.id());
         let digest = &image.manifest.meta.content_digest;
         for row in catalog::list_images(&self.repo.conn)? {
-            let same = row.copied_from == origin
+            let ours = row.id.as_str() == image.id() || row.copied_from == origin;
+            let same = ours
                 && row.damage.is_none()
                 && row.state == Some(ImageState::Available)
                 && row.content_digest.as_ref() == Some(digest);
@@ -153,6 +159,7 @@ impl Depot {
             digest: &m.meta.content_digest,
             hashes: &hashes,
         };
+        self.check_pulled_digest(remote, m, id, &hashes, progress)?;
         let what = format!("pull of {}:{label}", remote.name());
         let map = |ids: &HashMap<ChunkHash, ChunkId>| block_map(&m.map, ids);
         let shares = |tx: &rusqlite::Connection| {
@@ -170,6 +177,56 @@ impl Depot {
             frames_whole: sent.frames_whole,
             gets: fetched.gets,
         })
+    }
+}
+
+impl Depot {
+    /// Refuses a pulled image whose content (its chunks, each already
+    /// checked against its hash) does not hash to its manifest's content
+    /// digest, before it becomes available: the digest is taken as `image
+    /// verify` takes it.
+    fn check_pulled_digest(
+        &self,
+        remote: &Remote,
+        m: &Manifest,
+        id: &ImageId,
+        hashes: &[ChunkHash],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let conn = &self.repo.conn;
+        let ids = catalog::read(conn, |tx| {
+            let mut ids = HashMap::with_capacity(hashes.len());
+            for h in hashes {
+                if let Some(c) = catalog::chunk_by_hash(tx, h, id)? {
+                    ids.insert(*h, c);
+                }
+            }
+            Ok(ids)
+        })?;
+        let label = format!("image {} ({})", m.meta.name, m.meta.id);
+        if ids.len() < hashes.len() {
+            return Err(Error::Invalid(format!(
+                "pull of {}:{label}: a chunk vanished from {} meanwhile (a gc there?): run it again",
+                remote.name(),
+                self.root().display()
+            )));
+        }
+        let mut row = catalog::find_images(conn, id.as_str())?
+            .into_iter()
+            .find(|r| r.id == *id)
+            .ok_or_else(|| Error::ImageNotFound(id.to_string()))?;
+        row.virtual_size = m.meta.virtual_size;
+        let got = digest_unlisted(&self.repo, &row, block_map(&m.map, &ids), progress)?;
+        if got == m.meta.content_digest {
+            return Ok(());
+        }
+        Err(remote.damaged(
+            &label,
+            &format!(
+                "its content hashes to {got}, its manifest says {}: the manifest does not describe this content; nothing was entered",
+                m.meta.content_digest
+            ),
+        ))
     }
 }
 
@@ -227,13 +284,15 @@ fn import_options(m: &Manifest, name: Option<&str>) -> Result<ImportOptions> {
 const MAX_TEXT: usize = 64 << 10;
 
 /// Refuses a manifest whose fields disagree or that the catalog could not
-/// hold: sizes, digest, accounts, type, text lengths.
+/// hold: sizes (over the import limit: refused as import refuses it),
+/// digest, accounts, type, text lengths.
 pub(crate) fn check_pulled(remote: &Remote, m: &Manifest) -> Result<()> {
     let meta = &m.meta;
     let bad = |what: String| {
         let label = format!("image {} ({})", meta.name, meta.id);
         remote.damaged(&label, &format!("its manifest {what}"))
     };
+    remote.check_size(meta)?;
     if m.map.nblocks != blocks_for(meta.virtual_size) {
         return Err(bad(format!(
             "maps {} blocks for a virtual size of {} bytes",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Remote, RemoteImage};
+use super::{Listed, Remote};
 use crate::catalog;
 use crate::depot::access::Op;
 use crate::depot::Depot;
@@ -129,7 +129,9 @@ impl Depot {
             packs: 0,
             already: false,
         };
-        if remote.holds_already(&manifest)? {
+        if let Some(there) = remote.holds_already(&manifest)? {
+            // Nothing is written: the remote keeps the name it has.
+            rep.image.name = there;
             rep.chunks_present = rep.chunks;
             rep.already = true;
             return Ok(rep);
@@ -158,34 +160,32 @@ impl Depot {
 }
 
 impl Remote {
-    /// Whether the remote lists this image already with the same content
-    /// (a push of it again sends nothing); an error if it holds another
-    /// image of the owner under the same name, or this id with other
-    /// content.
-    fn holds_already(&self, m: &Manifest) -> Result<bool> {
+    /// The name the remote lists this image under if it holds it already
+    /// with the same content (a push of it again sends nothing); an error
+    /// if it holds another image of the owner under the same name, or
+    /// this id with other content.
+    fn holds_already(&self, m: &Manifest) -> Result<Option<String>> {
         let listing = self.images()?;
         if let Some(there) = listing.images.get(&m.meta.id) {
-            if there.manifest.meta.content_digest == m.meta.content_digest {
-                return Ok(true);
+            if there.meta.content_digest == m.meta.content_digest {
+                return Ok(Some(there.meta.name.clone()));
             }
             let object = there.objects.first().map_or("", String::as_str);
             return Err(self.damaged(
                 &self.store.label(ObjectKind::Manifest, object),
                 &format!(
                     "image {} there has content digest {}, the local one {}",
-                    m.meta.id, there.manifest.meta.content_digest, m.meta.content_digest
+                    m.meta.id, there.meta.content_digest, m.meta.content_digest
                 ),
             ));
         }
-        let clash = |i: &&RemoteImage| {
-            i.manifest.meta.owner == m.meta.owner && i.manifest.meta.name == m.meta.name
-        };
+        let clash = |i: &&Listed| i.meta.owner == m.meta.owner && i.meta.name == m.meta.name;
         match listing.images.values().find(clash) {
             Some(other) => Err(Error::NameTaken {
                 name: m.meta.name.clone(),
                 existing: format!("{} on remote {}", other.id(), self.name),
             }),
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 

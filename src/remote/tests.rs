@@ -103,22 +103,31 @@ fn small_packs() -> PushLimits {
 }
 
 fn listed(remote: &Remote, id: &str) -> RemoteImage {
-    remote.images().unwrap().images.remove(id).unwrap()
+    let listing = remote.images().unwrap();
+    remote.load(&listing.images[id]).unwrap()
 }
 
-/// Counts what a transfer announces and what it reports done.
+/// Counts what a transfer (phase push or pull) announces and what it
+/// reports done; other phases (a pull's verify) are not counted.
 #[derive(Default)]
 struct Counted {
     total: AtomicUsize,
     done: AtomicUsize,
+    counting: std::sync::atomic::AtomicBool,
 }
 
 impl Progress for Counted {
-    fn begin(&self, _: &str, total: u64) {
-        self.total.store(total as usize, Ordering::SeqCst);
+    fn begin(&self, phase: &str, total: u64) {
+        let transfer = phase == "push" || phase == "pull";
+        self.counting.store(transfer, Ordering::SeqCst);
+        if transfer {
+            self.total.store(total as usize, Ordering::SeqCst);
+        }
     }
     fn advance(&self, n: u64) {
-        self.done.fetch_add(n as usize, Ordering::SeqCst);
+        if self.counting.load(Ordering::SeqCst) {
+            self.done.fetch_add(n as usize, Ordering::SeqCst);
+        }
     }
     fn end(&self) {}
 }
@@ -165,8 +174,9 @@ fn push_then_pull_into_an_empty_depot_gives_the_same_bytes() {
     assert_eq!(local.copied_from, format!("remote:r {id}"));
     assert_eq!(env.export(&b, &local.id), content);
     b.verify(Some(&local.id), &NoProgress).unwrap();
-    assert_eq!(b.pulled_copy(&rb, &img).unwrap().unwrap().id, local.id);
-    assert!(a.pulled_copy(&ra, &img).unwrap().is_none());
+    assert_eq!(b.local_copy(&rb, &img).unwrap().unwrap().id, local.id);
+    // on the pushing host: the original itself
+    assert_eq!(a.local_copy(&ra, &img).unwrap().unwrap().id, id);
 }
 
 #[test]
@@ -432,6 +442,16 @@ fn a_name_the_owner_has_on_the_remote_is_refused() {
         .push_image(&ra, "other", Some("other2"), &NoProgress)
         .unwrap();
     assert_eq!(ok.image.name, "other2");
+    // pushed again under another name: nothing changes, the report says
+    // what the remote calls it
+    let again = a
+        .push_image(&ra, "other", Some("other3"), &NoProgress)
+        .unwrap();
+    assert!(
+        again.already && again.image.name == "other2",
+        "{:?}",
+        again.image.name
+    );
 }
 
 #[test]
@@ -514,4 +534,117 @@ fn reads_merge_adjacent_frames_and_refuse_bad_locations() {
     }
     let e = plan_reads(&r, &map, &[ChunkHash([9; 32])], "img").unwrap_err();
     assert!(e.to_string().contains("in no pack"), "{e}");
+}
+
+/// Writes `m` to the remote as version 0 of a new image named `name`.
+fn forge(remote: &Remote, mut m: crate::format::Manifest, name: &str) -> String {
+    let id = crate::ids::ImageId::generate();
+    m.seq = 0;
+    m.meta.id = id.to_string();
+    m.meta.name = name.into();
+    let obj = Remote::manifest_name(&id, 0);
+    let bytes = crate::format::encode_manifest(&m);
+    remote
+        .store()
+        .put(ObjectKind::Manifest, &obj, &bytes)
+        .unwrap();
+    id.to_string()
+}
+
+/// Depot "a" of alice with the base disk pushed to the remote: the depot,
+/// the remote, the image's id and its manifest as the remote has it.
+fn base_pushed(env: &Env) -> (Depot, Remote, String, crate::format::Manifest) {
+    let a = env.depot("a", "alice");
+    let id = env.import(&a, "base", &base_disk());
+    let ra = env.remote(&a);
+    a.push_image(&ra, "base", None, &NoProgress).unwrap();
+    let m = listed(&ra, &id).manifest;
+    (a, ra, id, m)
+}
+
+#[test]
+fn an_image_over_the_import_limit_is_refused_as_import_refuses_it() {
+    let env = Env::new();
+    let (a, ra, _, mut m) = base_pushed(&env);
+    m.meta.virtual_size = 1 << 50;
+    m.map = crate::format::HashBlockMap {
+        nblocks: 1 << 38,
+        runs: Vec::new(),
+    };
+    let huge = forge(&ra, m, "huge");
+    let l = ra.images().unwrap();
+    for op in [
+        crate::depot::access::Op::Copy,
+        crate::depot::access::Op::Show,
+    ] {
+        let e = ra.find(&l, "huge", "alice", op).unwrap_err();
+        assert_eq!(e.exit_code(), 4, "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("over the limit of 4398046511104 bytes") && e.contains(&huge),
+            "{e}"
+        );
+    }
+    // it can still be deleted
+    a.delete_remote_image(&ra, "huge").unwrap();
+}
+
+#[test]
+fn a_pull_whose_content_does_not_match_the_digest_enters_nothing() {
+    let env = Env::new();
+    let (_, ra, id, mut m) = base_pushed(&env);
+    m.meta.content_digest = "ab".repeat(32);
+    let bad = forge(&ra, m, "liar");
+    let b = env.depot("b", "alice");
+    let rb = env.remote(&b);
+    let e = b
+        .pull_image(&rb, &listed(&rb, &bad), None, &NoProgress)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 5, "{e}");
+    assert!(e.to_string().contains("its manifest says abab"), "{e}");
+    assert!(b.list_images().unwrap().is_empty());
+    // the honest image pulls (and reuses what the failed pull fetched)
+    b.pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
+        .unwrap();
+}
+
+#[test]
+fn an_endpoint_with_user_info_is_refused_without_echoing_it() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    for ep in ["http://key:s3cr3t@127.0.0.1:9", "https://s3cr3t@h/x"] {
+        let e = a.add_remote("cr", "s3://b/p", Some(ep), None).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        let e = e.to_string();
+        assert!(e.contains("user info") && !e.contains("s3cr3t"), "{e}");
+    }
+    assert!(a.remotes().unwrap().is_empty());
+}
+
+#[test]
+fn local_names_starting_with_a_remote_name_are_refused_both_ways() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    env.import(&a, "zz:web", &base_disk());
+    let store = env.mem.clone();
+    let e = a
+        .add_remote_on("zz", "s3://b/zz", None, None, &store)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(e.to_string().contains("\"zz:web\""), "{e}");
+    a.add_remote_on("r", "s3://b/r", None, None, &store)
+        .unwrap();
+    let e = a.check_local_name("r:web").unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    a.check_local_name("rr:web").unwrap();
+    a.check_local_name("web").unwrap();
+    // a pull may not make one either
+    let ra = env.remote(&a);
+    a.push_image(&ra, "zz:web", None, &NoProgress).unwrap();
+    let l = ra.images().unwrap();
+    let img = ra.load(l.images.values().next().unwrap()).unwrap();
+    let e = a
+        .pull_image(&ra, &img, Some("r:copy"), &NoProgress)
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
 }

@@ -414,3 +414,68 @@ fn instance_run_from_a_remote_pulls_then_boots() {
         h2.ok(&["instance", "delete", vm, "--force"]);
     }
 }
+
+#[test]
+fn remote_add_refuses_foreign_objects_nested_prefixes_and_secrets() {
+    let t = T::new();
+    let g = Garage::start();
+    let h = Host {
+        depot: t.path("h"),
+        env: vec![
+            ("AWS_ACCESS_KEY_ID".into(), g.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), g.secret.clone()),
+        ],
+    };
+    let ep = g.endpoint();
+    let b = &g.bucket;
+    let add = |name: &str, url: &str| -> Vec<String> {
+        [
+            "remote",
+            "add",
+            name,
+            url,
+            "--endpoint",
+            &ep,
+            "--region",
+            REGION,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let refuses = |name: &str, url: &str, needle: &str| {
+        let args = add(name, url);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        h.refuses(&args, 8, needle);
+    };
+    g.store("plain")
+        .put(ObjectKind::Meta, "backup.tar", b"not ours")
+        .unwrap();
+    refuses("pl", &format!("s3://{b}/plain"), "plain/backup.tar");
+    let prod = format!("s3://{b}/prod");
+    let args = add("r", &prod);
+    h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let x = t.path("x.raw");
+    synthetic_raw(&x, 4, 1);
+    h.import(&x, "x");
+    h.push("x");
+    // the bucket's root holds another remote's prefix
+    refuses("root", &format!("s3://{b}"), "no vmdepot remote's object");
+    // prefixes inside the remote, holding its objects or empty
+    refuses("inpacks", &format!("{prod}/packs"), "inside the remote");
+    refuses("sub", &format!("{prod}/new"), "inside the remote");
+    // user info in the endpoint: refused as a usage error, never echoed
+    let secret_ep = ep.replacen("://", &format!("://{}:{}@", g.key_id, g.secret), 1);
+    let e = h.refuses(
+        &["remote", "add", "cr", &prod, "--endpoint", &secret_ep],
+        2,
+        "user info",
+    );
+    assert!(!e.contains(&g.secret), "{e}");
+    // a second host joins the remote
+    let h2 = Host {
+        depot: t.path("h2"),
+        env: h.env.clone(),
+    };
+    h2.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(h2.remote_names(), ["x"]);
+}

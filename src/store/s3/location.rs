@@ -254,6 +254,17 @@ impl Keys {
         Keys::parse_relative(kind, rel)
     }
 
+    /// Whether `key` is one [`Keys::key`] makes, of any kind, live or a
+    /// tombstone; of meta objects, only those named in `metas`.
+    pub(super) fn owns(&self, key: &str, metas: &[&str]) -> bool {
+        ObjectKind::ALL.into_iter().any(|k| {
+            [false, true].into_iter().any(|trash| {
+                self.parse(k, key, trash)
+                    .is_some_and(|n| k != ObjectKind::Meta || metas.contains(&n.as_str()))
+            })
+        })
+    }
+
     /// [`Keys::parse`] of a key relative to the root.
     pub(super) fn parse_relative(kind: ObjectKind, rel: &str) -> Option<String> {
         let name = match kind {

@@ -150,6 +150,29 @@ impl S3Store {
             r => r.map(drop).map_err(|e| i.fail("listing", &root, &e)),
         }
     }
+
+    /// Up to `max` keys of the prefix's whole tree (no delimiter) that
+    /// are no object or tombstone this store makes (of meta objects, the
+    /// names in `metas` only): what `remote add` refuses, so that a remote
+    /// never shares its prefix with other data (the bucket's root holding
+    /// another remote's prefix included).
+    pub fn foreign_keys(&self, max: usize, metas: &[&str]) -> Result<Vec<String>> {
+        let i = &self.inner;
+        let root = i.keys.root(false);
+        let opts = PaginatedListOptions {
+            max_keys: Some(max),
+            ..Default::default()
+        };
+        let prefix = Some(root.as_str()).filter(|r| !r.is_empty());
+        let page = i
+            .block_on(i.s3.list_paginated(prefix, opts))
+            .map_err(|e| i.fail("listing", &root, &e))?;
+        let keys = page.result.objects.into_iter();
+        Ok(keys
+            .map(|o| o.location.to_string())
+            .filter(|k| !i.keys.owns(k, metas))
+            .collect())
+    }
 }
 
 fn client_error(remote: &str, why: &str) -> Error {

@@ -15,7 +15,7 @@ use crate::depot::Depot;
 use crate::format::{HashBlockMap, ManifestMeta, ManifestShare, CHUNK_SIZE};
 use crate::ids::ChunkHash;
 use crate::progress::NoProgress;
-use crate::store::{compress_frame, new_pack_name, MemoryStore, ObjectInfo, PackWriter};
+use crate::store::{compress_frame, new_pack_name, MemoryStore, PackWriter};
 
 const GRACE: Duration = Duration::from_secs(24 * 3600);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -600,79 +600,6 @@ fn gc_refuses_while_a_manifest_does_not_verify() {
     assert!(!f.listed(ObjectKind::Meta, GC_LOCK), "released on error");
 }
 
-/// A [`MemoryStore`] that runs `stall` once, right after it first lists
-/// objects of kind `after`: what other hosts did while a gc, push or
-/// pull was stopped (`kill -STOP`) after that listing.
-struct Stalls {
-    inner: MemoryStore,
-    after: ObjectKind,
-    stall: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Stalls {
-    fn new(
-        inner: &MemoryStore,
-        after: ObjectKind,
-        stall: impl FnOnce() + Send + 'static,
-    ) -> Stalls {
-        Stalls {
-            inner: inner.clone(),
-            after,
-            stall: std::sync::Mutex::new(Some(Box::new(stall))),
-        }
-    }
-}
-
-impl ObjectStore for Stalls {
-    fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn crate::store::ObjectWriter>> {
-        self.inner.create(kind, name)
-    }
-    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
-        self.inner.put(kind, name, bytes)
-    }
-    fn open(&self, kind: ObjectKind, name: &str) -> Result<Arc<dyn crate::store::ObjectReader>> {
-        self.inner.open(kind, name)
-    }
-    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.get(kind, name)
-    }
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
-        self.inner.stat(kind, name)
-    }
-    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        let listed = self.inner.list(kind)?;
-        if kind == self.after {
-            if let Some(stall) = self.stall.lock().unwrap().take() {
-                stall();
-            }
-        }
-        Ok(listed)
-    }
-    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
-        self.inner.delete(kind, name)
-    }
-    fn retired(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        self.inner.retired(kind)
-    }
-    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
-        self.inner.revive(kind, name)
-    }
-    fn purge_retired(
-        &self,
-        kind: ObjectKind,
-        names: &[String],
-        retired_by: std::time::SystemTime,
-    ) -> Result<Vec<String>> {
-        self.inner.purge_retired(kind, names, retired_by)
-    }
-    fn label(&self, kind: ObjectKind, name: &str) -> String {
-        self.inner.label(kind, name)
-    }
-    fn now(&self) -> std::time::SystemTime {
-        self.inner.now()
-    }
-}
-
 /// The stranger's interleaving: gc C lists (step 2), then stalls past
 /// `grace`;
 /// meanwhile gc B retires y's packs (y was deleted) and a push that
@@ -695,7 +622,8 @@ fn a_stalled_gc_purges_only_what_it_listed() {
         f.store.clone(),
         alice.remote_on("r", Arc::new(f.store.clone())),
     );
-    let stalled = Stalls::new(&f.store, ObjectKind::Manifest, move || {
+    // gc C stops right after listing the manifests (C is the next to list)
+    f.store.after_first_list(ObjectKind::Manifest, move || {
         let b = remote_b.gc(false, true, GRACE).unwrap();
         assert_eq!((b.packs_retired, b.packs_purged), (1, 1), "y's; x's");
         // the push that planned before that, reusing y's pack
@@ -703,7 +631,7 @@ fn a_stalled_gc_purges_only_what_it_listed() {
         store.advance(GRACE + HOUR);
     });
     let c = alice
-        .remote_on("r", Arc::new(stalled))
+        .remote_on("r", Arc::new(f.store.clone()))
         .gc(false, true, GRACE)
         .unwrap();
     // C listed x's pack as due, but B purged it first: C counts only what
@@ -754,10 +682,10 @@ fn an_index_retired_since_the_listing_counts_as_absent() {
     f.push(&Img::new("b", "alice", "custom", 20));
     let mem = f.store.clone();
     let gone = pack.clone();
-    let stalled = Stalls::new(&f.store, ObjectKind::PackIndex, move || {
+    let remote = f.depot("alice").remote_on("r", Arc::new(f.store.clone()));
+    f.store.after_first_list(ObjectKind::PackIndex, move || {
         mem.delete(ObjectKind::PackIndex, &gone).unwrap();
     });
-    let remote = f.depot("alice").remote_on("r", Arc::new(stalled));
     let map = remote.chunk_map().unwrap();
     assert_eq!(map.len(), 2, "b's chunks only");
     assert!(!map.packs.contains_key(&pack));

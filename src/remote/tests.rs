@@ -13,12 +13,12 @@ use super::pull::check_pulled;
 use super::push::PushLimits;
 use super::{Remote, RemoteImage};
 use crate::depot::{Depot, ImportOptions};
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::format::{IndexFrame, PackIndex, CHUNK_SIZE, PACK_TARGET_BYTES};
 use crate::ids::ChunkHash;
 use crate::image::export::ExportFormat;
 use crate::progress::{NoProgress, Progress};
-use crate::store::{MemoryStore, ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter};
+use crate::store::{MemoryStore, ObjectKind, ObjectStore};
 
 /// MiB of incompressible data, from `seed`.
 fn noise(seed: &str, mib: usize) -> Vec<u8> {
@@ -206,61 +206,13 @@ fn only_missing_chunks_travel_both_ways() {
     assert_eq!(env.export(&b, "mine"), b2);
 }
 
-/// A store that fails the `nth` PUT of a pack index (1-based).
-struct FailingIndexPut {
-    inner: MemoryStore,
-    nth: usize,
-    puts: AtomicUsize,
-}
-
-impl ObjectStore for FailingIndexPut {
-    fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
-        self.inner.create(kind, name)
-    }
-    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
-        if kind == ObjectKind::PackIndex && self.puts.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
-        {
-            return Err(Error::Invalid("injected: connection reset".into()));
-        }
-        self.inner.put(kind, name, bytes)
-    }
-    fn open(&self, kind: ObjectKind, name: &str) -> Result<Arc<dyn ObjectReader>> {
-        self.inner.open(kind, name)
-    }
-    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.get(kind, name)
-    }
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
-        self.inner.stat(kind, name)
-    }
-    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        self.inner.list(kind)
-    }
-    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
-        self.inner.delete(kind, name)
-    }
-    fn revive(&self, kind: ObjectKind, name: &str) -> Result<()> {
-        self.inner.revive(kind, name)
-    }
-    fn purge(&self, older_than: Duration) -> Result<()> {
-        self.inner.purge(older_than)
-    }
-    fn label(&self, kind: ObjectKind, name: &str) -> String {
-        self.inner.label(kind, name)
-    }
-}
-
 #[test]
 fn a_push_that_dies_midway_leaves_no_image_and_resumes() {
     let env = Env::new();
     let a = env.depot("a", "alice");
     let id = env.import(&a, "base", &base_disk());
-    let flaky = Arc::new(FailingIndexPut {
-        inner: env.mem.clone(),
-        nth: 3,
-        puts: AtomicUsize::new(0),
-    });
-    let ra = env.remote_over(&a, flaky);
+    env.mem.fail_nth_put(ObjectKind::PackIndex, 3);
+    let ra = env.remote(&a);
     let err = a
         .push_within(&ra, "base", None, &NoProgress, &small_packs())
         .unwrap_err();

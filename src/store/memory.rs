@@ -26,13 +26,66 @@ struct State {
     now: Duration,
 }
 
+/// What other hosts do at a given moment of a test (see
+/// [`MemoryStore::after_first_list`], [`MemoryStore::fail_nth_put`]).
+#[derive(Default)]
+struct Hooks {
+    after_list: Option<(ObjectKind, Box<dyn FnOnce() + Send>)>,
+    /// Kind, the 1-based put of that kind to fail, puts of it so far.
+    fail_put: Option<(ObjectKind, usize, usize)>,
+}
+
 /// Objects in memory, shared by clones of the store.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    hooks: Arc<Mutex<Hooks>>,
 }
 
 impl MemoryStore {
+    /// Runs `f` once, right after the store next lists objects of `kind`
+    /// (the listing is made before `f` runs): what other hosts did while
+    /// the lister was stopped after its listing.
+    pub fn after_first_list(&self, kind: ObjectKind, f: impl FnOnce() + Send + 'static) {
+        self.hooks.lock().unwrap().after_list = Some((kind, Box::new(f)));
+    }
+
+    /// Fails the `nth` (1-based) [`ObjectStore::put`] of an object of
+    /// `kind` from now on, as a connection reset would.
+    pub fn fail_nth_put(&self, kind: ObjectKind, nth: usize) {
+        self.hooks.lock().unwrap().fail_put = Some((kind, nth, 0));
+    }
+
+    /// Whether this put is the one [`MemoryStore::fail_nth_put`] fails.
+    fn put_fails(&self, kind: ObjectKind) -> bool {
+        let mut h = self.hooks.lock().unwrap();
+        match &mut h.fail_put {
+            Some((k, nth, seen)) if *k == kind => {
+                *seen += 1;
+                *seen == *nth
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs the hook waiting for a listing of `kind`, if any (the state
+    /// lock is not held: the hook uses the store).
+    fn listed(&self, kind: ObjectKind) {
+        let hook = {
+            let mut h = self.hooks.lock().unwrap();
+            match h.after_list.take() {
+                Some((k, f)) if k == kind => Some(f),
+                other => {
+                    h.after_list = other;
+                    None
+                }
+            }
+        };
+        if let Some(f) = hook {
+            f();
+        }
+    }
+
     /// Moves the store's clock on.
     pub fn advance(&self, by: Duration) {
         self.state.lock().unwrap().now += by;
@@ -96,6 +149,9 @@ impl ObjectStore for MemoryStore {
     }
 
     fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        if self.put_fails(kind) {
+            return Err(Error::Invalid("injected: connection reset".into()));
+        }
         self.store(kind, name, bytes.to_vec())
     }
 
@@ -123,17 +179,20 @@ impl ObjectStore for MemoryStore {
     }
 
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        let st = self.state.lock().unwrap();
-        Ok(st
-            .objects
-            .iter()
-            .filter(|((k, _), o)| *k == kind && o.deleted.is_none())
-            .map(|((_, name), o)| ObjectInfo {
-                name: name.clone(),
-                size: o.bytes.len() as u64,
-                modified: Some(SystemTime::UNIX_EPOCH + o.written),
-            })
-            .collect())
+        let listed = {
+            let st = self.state.lock().unwrap();
+            st.objects
+                .iter()
+                .filter(|((k, _), o)| *k == kind && o.deleted.is_none())
+                .map(|((_, name), o)| ObjectInfo {
+                    name: name.clone(),
+                    size: o.bytes.len() as u64,
+                    modified: Some(SystemTime::UNIX_EPOCH + o.written),
+                })
+                .collect()
+        };
+        self.listed(kind);
+        Ok(listed)
     }
 
     fn retired(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {

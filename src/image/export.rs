@@ -688,11 +688,17 @@ pub(crate) fn digest_unlisted(
     let label = format!("{} ({})", row.name, row.id);
     let zero_cvs = catalog::load_zero_cvs(&repo.conn, row.virtual_size)?;
     let (digest, _) = rebuild(repo, &plan, &label, row, &zero_cvs, false, progress)?;
+    keep_zero_cvs(repo, zero_cvs);
+    Ok(digest)
+}
+
+/// Keeps the zero-leaf values a digest computed anew (best effort: a
+/// read-only depot still exports).
+fn keep_zero_cvs(repo: &Repo, zero_cvs: digest::ZeroCvs) {
     let added = zero_cvs.into_added();
     if !added.is_empty() {
-        catalog::write(&repo.conn, |c| catalog::save_zero_cvs(c, &added))?;
+        let _ = catalog::write(&repo.conn, |c| catalog::save_zero_cvs(c, &added));
     }
-    Ok(digest)
 }
 
 fn plan_map(
@@ -799,11 +805,7 @@ fn check_digest(
     digest: &str,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let added = zero_cvs.into_added();
-    if !added.is_empty() {
-        // Best effort: a read-only depot still exports.
-        let _ = catalog::write(&repo.conn, |c| catalog::save_zero_cvs(c, &added));
-    }
+    keep_zero_cvs(repo, zero_cvs);
     if row.content_digest.as_deref() == Some(digest) {
         return Ok(());
     }

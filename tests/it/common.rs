@@ -64,13 +64,7 @@ impl T {
     /// Runs and asserts the one-line failure of [`T::fails`], with exit
     /// `code` and an error that names `needle`; returns the error.
     pub fn refuses(&self, args: &[&str], code: i32, needle: &str) -> String {
-        let (got, err) = self.fails(args);
-        assert_eq!(got, code, "vmdepot {args:?}: {err}");
-        assert!(
-            err.contains(needle),
-            "vmdepot {args:?}: {needle:?} not in: {err}"
-        );
-        err
+        refused(self.run(args), args, code, needle)
     }
     /// `image import FILE --name NAME -q`, not yet started.
     pub fn import_cmd(&self, file: &Path, name: &str) -> Command {
@@ -151,6 +145,23 @@ pub fn ok_in(depot: &Path, args: &[&str]) -> String {
 /// Runs on `depot`, asserts success, parses stdout as JSON.
 pub fn json_in(depot: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&ok_in(depot, args)).unwrap()
+}
+
+/// Asserts that `vmdepot ARGS` failed with exit `code` and a one-line
+/// error naming `needle`; returns the error.
+pub fn refused(o: Output, args: &[&str], code: i32, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "vmdepot {args:?}: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line error expected: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "vmdepot {args:?}: {needle:?} not in: {err}"
+    );
+    err
 }
 
 /// Asserts that `what` succeeded; returns its stdout.

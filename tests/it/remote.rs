@@ -85,19 +85,7 @@ impl Host {
 
     /// Runs and asserts a one-line failure with `code` naming `needle`.
     fn refuses(&self, args: &[&str], code: i32, needle: &str) -> String {
-        let o = self.run(args);
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(code), "vmdepot {args:?}: {err}");
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "one-line error expected: {err}"
-        );
-        assert!(
-            err.contains(needle),
-            "vmdepot {args:?}: {needle:?} not in: {err}"
-        );
-        err
+        refused(self.run(args), args, code, needle)
     }
 
     fn import(&self, file: &std::path::Path, name: &str) {
@@ -314,10 +302,20 @@ fn a_push_survives_a_node_going_down() {
     let mut g = Garage::start();
     let h1 = Host::new(&t, &g, "h1");
     let big = t.path("big.raw");
-    synthetic_raw(&big, 200, 9);
+    synthetic_raw(&big, 300, 9);
     h1.import(&big, "big");
-    let c = h1.spawn(&["image", "push", "big", "r", "--json", "-q"]);
-    std::thread::sleep(Duration::from_millis(500));
+    let mut c = h1.spawn(&["image", "push", "big", "r", "--json", "-q"]);
+    // the node dies mid-push: once a first pack has arrived, before the end
+    let store = g.store("");
+    let end = Instant::now() + Duration::from_secs(120);
+    while store.list(ObjectKind::PackIndex).unwrap().is_empty() {
+        assert!(Instant::now() < end, "no pack reached the remote");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.try_wait().unwrap().is_none(),
+        "the push ended before the node could be killed"
+    );
     g.kill(2);
     let o = c.wait_with_output().unwrap();
     if !o.status.success() {

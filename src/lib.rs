@@ -78,6 +78,7 @@ pub use ids::{ChunkHash, ImageId};
 pub use image::export::{export_file_mode, ExportFormat};
 pub use image::source::SourceFormat;
 pub use launch::instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
+pub use launch::disk::serve_lazy_disks;
 pub use launch::qemu::{Accel, Forward};
 pub use maint::{FsckReport, GcReport, Stats, VerifyReport};
 pub use progress::{NoProgress, Progress};

@@ -113,17 +113,21 @@ pub fn count_using_image(conn: &Connection, image: &str) -> Result<i64> {
     )?)
 }
 
-/// The running overlay instances of `image` as the catalog records them:
-/// (id, name, pid). Whether each QEMU still lives is the caller's check.
-pub fn running_overlays_of(
+/// The running instances of `image` with disks of `mode` as the catalog
+/// records them: (id, name, pid). Whether each QEMU still lives is the
+/// caller's check.
+pub fn running_of(
     conn: &Connection,
     image: &str,
+    mode: DiskMode,
 ) -> Result<Vec<(String, String, Option<i32>)>> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT id, name, pid FROM instances
-         WHERE image = ?1 AND disk = 'overlay' AND state = 'running'",
+         WHERE image = ?1 AND disk = ?2 AND state = 'running'",
     )?;
-    let rows = st.query_map([image], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let rows = st.query_map(params![image, mode.as_str()], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -284,4 +288,37 @@ fn execute_write(conn: &Connection, sql: &str, params: impl rusqlite::Params) ->
         tx.execute(sql, params)?;
         Ok(())
     })
+}
+
+/// The image and disk mode of the instance `id`, whoever owns it, if it
+/// exists (what the lazy disk server checks before it serves a QEMU).
+pub fn image_and_disk(conn: &Connection, id: &str) -> Result<Option<(String, DiskMode)>> {
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT image, disk FROM instances WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row.and_then(|(img, d)| DiskMode::parse(&d).ok().map(|d| (img, d))))
+}
+
+/// Turns the lazy instances of `image` into overlays on its base file
+/// (made by the caller): what a forced delete of the image leaves them,
+/// since their disk can no longer be read from the store. Returns how
+/// many.
+pub fn lazy_to_overlay(conn: &Connection, image: &str) -> Result<usize> {
+    Ok(conn.execute(
+        "UPDATE instances SET disk = 'overlay' WHERE image = ?1 AND disk = 'lazy'",
+        [image],
+    )?)
+}
+
+/// How many lazy instances use `image`.
+pub fn count_lazy_of(conn: &Connection, image: &str) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM instances WHERE image = ?1 AND disk = 'lazy'",
+        [image],
+        |r| r.get(0),
+    )?)
 }

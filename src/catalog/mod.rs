@@ -297,10 +297,68 @@ CREATE TABLE bases (
     created_at INTEGER NOT NULL                 -- unix seconds
 ) WITHOUT ROWID;
 "#,
+    // v9: lazy instance disks (`disk = 'lazy'`: a qcow2 overlay whose
+    // backing QEMU reads from vmdepot's NBD server, image::serve). SQLite
+    // cannot change a CHECK in place: the table is rebuilt, rows as they
+    // are.
+    r#"
+CREATE TABLE instances_v9 (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    image      TEXT NOT NULL,
+    image_name TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'running', 'stopped', 'failed')),
+    disk       TEXT NOT NULL CHECK (disk IN ('lazy', 'overlay', 'copy')),
+    cpus       INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    accel      TEXT NOT NULL,
+    accel_used TEXT NOT NULL DEFAULT '',
+    hostname   TEXT NOT NULL,
+    forwards   TEXT NOT NULL DEFAULT '[]',
+    ssh_port   INTEGER,
+    pid        INTEGER,
+    created_at INTEGER NOT NULL,
+    error      TEXT NOT NULL DEFAULT '',
+    restricted_from TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO instances_v9 (id, name, image, image_name, owner, state, disk, cpus, memory_mib,
+                          accel, accel_used, hostname, forwards, ssh_port, pid, created_at,
+                          error, restricted_from)
+     SELECT id, name, image, image_name, owner, state, disk, cpus, memory_mib,
+            accel, accel_used, hostname, forwards, ssh_port, pid, created_at,
+            error, restricted_from
+       FROM instances;
+DROP TABLE instances;
+ALTER TABLE instances_v9 RENAME TO instances;
+CREATE INDEX instances_by_image ON instances(image);
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+}
+
+/// Creates an empty file at `path` with `file_mode` unless one exists.
+///
+/// A file that exists is never opened here: closing any descriptor of a
+/// SQLite file drops every POSIX lock this process holds on it, the other
+/// connections' included (fcntl locks are per process). A connection that
+/// lost its shared lock lets another process, closing its last connection,
+/// checkpoint and delete the WAL under it, after which it reads a stale
+/// snapshot and writes into a deleted file.
+fn create_only(path: &Path, file_mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(file_mode)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 /// Opens (creating if needed) the catalog at `path`, configured and migrated.
@@ -336,13 +394,7 @@ pub fn open(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Conne
     if existing.is_some() && !path.exists() {
         return Err(lost("missing"));
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(file_mode)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
+    create_only(path, file_mode)?;
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -381,7 +433,6 @@ pub fn open(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Conne
 /// be current (migrating writes).
 pub fn open_read_only(path: &Path, file_mode: u32, existing: Option<&str>) -> Result<Connection> {
     use rusqlite::OpenFlags;
-    use std::os::unix::fs::OpenOptionsExt;
     if !path.exists() {
         return Err(Error::StoreDamaged(format!(
             "{}: the catalog is missing, but {}: restore catalog.db from a backup; nothing was changed",
@@ -392,15 +443,7 @@ pub fn open_read_only(path: &Path, file_mode: u32, existing: Option<&str>) -> Re
     let mut shm = path.as_os_str().to_owned();
     shm.push("-shm");
     let shm = std::path::PathBuf::from(shm);
-    if !shm.exists() {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(file_mode)
-            .open(&shm)
-            .map_err(|e| Error::io(&shm, e))?;
-    }
+    create_only(&shm, file_mode)?;
     let mut uri = String::from("file:");
     for &b in path.as_os_str().as_encoded_bytes() {
         if b.is_ascii_alphanumeric() || b"/._-~".contains(&b) {

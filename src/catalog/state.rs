@@ -90,21 +90,26 @@ impl InstanceState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskMode {
-    /// A qcow2 overlay over the image's shared raw base (the default).
+    /// A qcow2 overlay whose backing QEMU reads from vmdepot's NBD server,
+    /// straight from the chunk store: no base file (the default).
+    Lazy,
+    /// A qcow2 overlay over the image's shared raw base file
+    /// (`bases/IMAGE.raw`, made on first use).
     Overlay,
     /// A private sparse raw copy of the image.
     Copy,
 }
 
 impl DiskMode {
-    /// `overlay` or `copy` (`--disk`); anything else is an error naming
-    /// both.
+    /// `lazy`, `overlay` or `copy` (`--disk`); anything else is an error
+    /// naming them.
     pub fn parse(s: &str) -> Result<DiskMode> {
         match s {
+            "lazy" => Ok(DiskMode::Lazy),
             "overlay" => Ok(DiskMode::Overlay),
             "copy" => Ok(DiskMode::Copy),
             _ => Err(Error::Invalid(format!(
-                "unknown disk mode {s:?}: use overlay or copy"
+                "unknown disk mode {s:?}: use lazy, overlay or copy"
             ))),
         }
     }
@@ -112,9 +117,15 @@ impl DiskMode {
     /// The text the catalog stores (and `--disk` takes).
     pub fn as_str(self) -> &'static str {
         match self {
+            DiskMode::Lazy => "lazy",
             DiskMode::Overlay => "overlay",
             DiskMode::Copy => "copy",
         }
+    }
+
+    /// Whether the disk is a qcow2 overlay (lazy or over a base file).
+    pub fn is_overlay(self) -> bool {
+        self != DiskMode::Copy
     }
 }
 
@@ -160,7 +171,7 @@ mod tests {
         ] {
             assert_eq!(InstanceState::parse(s.as_str()), Some(s));
         }
-        for d in [DiskMode::Overlay, DiskMode::Copy] {
+        for d in [DiskMode::Lazy, DiskMode::Overlay, DiskMode::Copy] {
             assert_eq!(DiskMode::parse(d.as_str()).unwrap(), d);
         }
         assert_eq!(ImageState::parse("sealed"), None);

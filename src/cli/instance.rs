@@ -113,8 +113,8 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M or 2G
     #[arg(long, default_value = "512M")]
     memory: String,
-    /// overlay (qcow2 over a shared base) or copy (private raw disk)
-    #[arg(long, default_value = "overlay")]
+    /// lazy (qcow2 overlay; the image is read from the store as the guest needs it, no base file), overlay (qcow2 over a raw base file of the image, made on first use) or copy (private raw disk)
+    #[arg(long, default_value = "lazy")]
     disk: String,
     /// auto (KVM if it really works here, else TCG), kvm or tcg
     #[arg(long, default_value = "auto")]

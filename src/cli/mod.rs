@@ -70,6 +70,12 @@ enum Cmd {
     Remote(remote::RemoteCmd),
     #[command(flatten)]
     Maint(MaintCmd),
+    /// The lazy disk server of one image (started by vmdepot itself)
+    #[command(hide = true)]
+    DiskServer {
+        /// The image id
+        image: String,
+    },
 }
 
 impl Cli {
@@ -88,7 +94,7 @@ impl Cmd {
     fn intent(&self) -> Intent {
         match self {
             Cmd::Image(c) => c.intent(),
-            Cmd::Instance(_) | Cmd::Remote(_) => Intent::Write,
+            Cmd::Instance(_) | Cmd::Remote(_) | Cmd::DiskServer { .. } => Intent::Write,
             Cmd::Maint(c) => c.intent(),
         }
     }
@@ -111,5 +117,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Instance(cmd) => instance::run(&depot, cmd, &progress),
         Cmd::Remote(cmd) => remote::run(&depot, cmd).map(|()| 0),
         Cmd::Maint(cmd) => maint::run(&depot, cmd, &progress),
+        Cmd::DiskServer { image } => vmdepot::serve_lazy_disks(&depot, &image).map(|()| 0).map_err(Into::into),
     }
 }

@@ -90,6 +90,35 @@ impl Depot {
                  (they keep running from their base)"
             )));
         }
+        // Lazy instances read the image from the store: they get its base
+        // file first and become overlays on it, which a running one cannot.
+        let _base_lock = crate::image::bases::base_flock(
+            &self.repo,
+            &info.id,
+            nix::fcntl::FlockArg::LockExclusive,
+        )?;
+        if catalog::instances::count_lazy_of(&self.repo.conn, &info.id)? > 0 {
+            let running = catalog::instances::running_of(
+                &self.repo.conn,
+                &info.id,
+                catalog::DiskMode::Lazy,
+            )?;
+            if let Some((id, name, _)) = running
+                .iter()
+                .find(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id)))
+            {
+                return Err(Error::NotPermitted(format!(
+                    "{what} is read by the running instance {name} ({id}), whose disk is lazy: \
+                     stop it first"
+                )));
+            }
+            let img = catalog::find_images(&self.repo.conn, &info.id)?
+                .into_iter()
+                .find(|r| r.id.as_str() == info.id)
+                .ok_or_else(|| Error::ImageNotFound(info.id.clone()))?;
+            crate::image::bases::ensure_base(&self.repo, &img, &crate::progress::NoProgress)?;
+            catalog::instances::lazy_to_overlay(&self.repo.conn, &info.id)?;
+        }
         catalog::images::delete_image(&self.repo.conn, &info.id)?;
         // After the commit (a crash in between leaves an orphan gc removes).
         if let Some(id) = ImageId::parse(&info.id) {

@@ -192,7 +192,7 @@ pub(crate) fn base_problem(
 
 /// A running instance whose QEMU has the base of `image` open, if any.
 fn base_in_use(repo: &Repo, image: &str) -> Result<Option<String>> {
-    let running = catalog::instances::running_overlays_of(&repo.conn, image)?;
+    let running = catalog::instances::running_of(&repo.conn, image, catalog::DiskMode::Overlay)?;
     Ok(running
         .into_iter()
         .find(|(id, _, pid)| pid.is_some_and(|pid| crate::proc::pid_alive(pid, id)))

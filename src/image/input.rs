@@ -74,24 +74,33 @@ impl Input<'_> {
         })
     }
 
-    /// A raw base (the parent's content) plus a qcow2 overlay on it. Only
-    /// the overlay's own clusters are read from it (`qemu-img map`);
-    /// `--force-share` lets a paused QEMU keep the image open.
+    /// A raw base (the parent's content: a base file, or the image read in
+    /// place for a lazy overlay) plus a qcow2 overlay on it. Only the
+    /// overlay's own clusters are read from it (`qemu-img map` of the
+    /// overlay opened without its backing, so a lazy overlay's absent base
+    /// file is never opened; unallocated clusters are not "present");
+    /// `--force-share` lets a paused QEMU keep the image open. `base_path`
+    /// names the base in messages.
     #[instrument(skip_all, err(level = "debug"))]
     pub(crate) fn overlay(
-        base: &Path,
+        base_path: &Path,
+        base: Reader,
         overlay: &Path,
         parent: Option<BlockMap>,
     ) -> Result<Input<'static>> {
+        let file = overlay.to_str().ok_or_else(|| {
+            Error::Invalid(format!("{}: path is not UTF-8", overlay.display()))
+        })?;
+        let spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": file},
+            "backing": null,
+        });
         let out = source::qemu_img(&[
             "map",
             "--force-share",
             "--output=json",
-            "-f",
-            "qcow2",
-            overlay.to_str().ok_or_else(|| {
-                Error::Invalid(format!("{}: path is not UTF-8", overlay.display()))
-            })?,
+            &format!("json:{spec}"),
         ])?;
         let map: Vec<serde_json::Value> =
             serde_json::from_slice(&out).map_err(|e| Error::Tool {
@@ -100,9 +109,9 @@ impl Input<'_> {
             })?;
         let (size, patches) = overlay_patches(overlay, &map)?;
         Ok(Input {
-            path: base.to_owned(),
+            path: base_path.to_owned(),
             size,
-            file: Reader::File(File::open(base).at(base)?),
+            file: base,
             source: None,
             overlay: Some(Overlay {
                 path: overlay.to_owned(),
@@ -251,6 +260,21 @@ fn own_cluster(
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false)
     };
+    // Opened without its backing: a cluster the overlay does not hold is
+    // "present": false (qemu-img 6.1 and later), the base's bytes.
+    match m.get("present").and_then(serde_json::Value::as_bool) {
+        Some(false) => return Ok(None),
+        Some(true) => {}
+        None => {
+            return Err(Error::Tool {
+                tool: "qemu-img map".into(),
+                detail: format!(
+                    "{}: no \"present\" field in its output: qemu-img 6.1 or later is needed",
+                    overlay.display()
+                ),
+            })
+        }
+    }
     let at = if flag("zero") && !flag("data") {
         None
     } else if flag("data") {
@@ -341,10 +365,10 @@ mod tests {
     #[test]
     fn clusters_of_the_overlay_only() {
         let map: Vec<serde_json::Value> = serde_json::from_str(
-            r#"[{"start": 0, "length": 4096, "depth": 1, "data": true},
-                {"start": 4096, "length": 4096, "depth": 0, "data": true, "offset": 327680},
-                {"start": 8192, "length": 8192, "depth": 0, "zero": true, "data": false},
-                {"start": 16384, "length": 4096, "depth": 0, "data": false}]"#,
+            r#"[{"start": 0, "length": 4096, "depth": 1, "present": true, "data": true},
+                {"start": 4096, "length": 4096, "depth": 0, "present": true, "data": true, "offset": 327680},
+                {"start": 8192, "length": 8192, "depth": 0, "present": true, "zero": true, "data": false},
+                {"start": 16384, "length": 4096, "depth": 0, "present": false, "zero": true, "data": false}]"#,
         )
         .unwrap();
         let (size, p) = overlay_patches(Path::new("o.qcow2"), &map).unwrap();
@@ -354,8 +378,10 @@ mod tests {
             vec![(4096, 8192, Some(327680)), (8192, 16384, None)]
         );
         let compressed: Vec<serde_json::Value> =
-            serde_json::from_str(r#"[{"start": 0, "length": 4096, "depth": 0, "data": true}]"#)
-                .unwrap();
+            serde_json::from_str(
+                r#"[{"start": 0, "length": 4096, "depth": 0, "present": true, "data": true}]"#,
+            )
+            .unwrap();
         let e = overlay_patches(Path::new("o.qcow2"), &compressed).unwrap_err();
         assert!(e.to_string().contains("no plain offset"), "{e}");
     }

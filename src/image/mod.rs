@@ -17,5 +17,8 @@ pub mod import;
 pub mod input;
 pub mod names;
 pub mod nbd;
+pub mod lazy;
+pub(crate) mod nbd_server;
+pub mod serve;
 pub mod reap;
 pub mod source;

@@ -22,16 +22,16 @@ use crate::error::{Error, Result};
 use tracing::instrument;
 
 /// `NBDMAGIC`, the first 8 bytes a server sends.
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub(crate) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle negotiation, also the prefix of every option.
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-const OPT_EXPORT_NAME: u32 = 1;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const CMD_READ: u16 = 0;
-const CMD_DISC: u16 = 2;
+pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub(crate) const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub(crate) const OPT_EXPORT_NAME: u32 = 1;
+pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(crate) const CMD_READ: u16 = 0;
+pub(crate) const CMD_DISC: u16 = 2;
 /// Largest read sent in one request (qemu-nbd accepts up to 32 MiB).
 const MAX_READ: usize = 4 << 20;
 /// A server that does not answer within this long is taken as dead: an
@@ -41,6 +41,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// A pool of connections to one NBD export.
 pub struct Client {
     socket: PathBuf,
+    export: String,
     size: u64,
     idle: Mutex<Vec<UnixStream>>,
 }
@@ -49,9 +50,15 @@ impl Client {
     /// Connects once (learning the export's size); more connections are
     /// opened as concurrent readers need them.
     pub fn connect(socket: &Path) -> std::io::Result<Client> {
-        let (conn, size) = handshake(socket)?;
+        Client::connect_to(socket, "")
+    }
+
+    /// Connects to the export named `export`.
+    pub fn connect_to(socket: &Path, export: &str) -> std::io::Result<Client> {
+        let (conn, size) = handshake(socket, export)?;
         Ok(Client {
             socket: socket.to_owned(),
+            export: export.to_owned(),
             size,
             idle: Mutex::new(vec![conn]),
         })
@@ -72,7 +79,7 @@ impl Client {
         let taken = self.idle.lock().unwrap().pop();
         let mut conn = match taken {
             Some(c) => c,
-            None => handshake(&self.socket)?.0,
+            None => handshake(&self.socket, &self.export)?.0,
         };
         let mut done = 0;
         while done < want {
@@ -93,7 +100,7 @@ impl Drop for Client {
     }
 }
 
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().unwrap())
 }
 
@@ -104,7 +111,7 @@ fn protocol(what: &str) -> std::io::Error {
     )
 }
 
-fn handshake(socket: &Path) -> std::io::Result<(UnixStream, u64)> {
+fn handshake(socket: &Path, export: &str) -> std::io::Result<(UnixStream, u64)> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -123,7 +130,8 @@ fn handshake(socket: &Path) -> std::io::Result<(UnixStream, u64)> {
     opt.extend_from_slice(&cflags.to_be_bytes());
     opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
     opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-    opt.extend_from_slice(&0u32.to_be_bytes()); // the default export ""
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
     s.write_all(&opt)?;
     let mut info = [0u8; 10 + 124];
     let n = if no_zeroes { 10 } else { 134 };
@@ -131,7 +139,7 @@ fn handshake(socket: &Path) -> std::io::Result<(UnixStream, u64)> {
     Ok((s, be_u64(&info)))
 }
 
-fn request(kind: u16, handle: u64, off: u64, len: u32) -> [u8; 28] {
+pub(crate) fn request(kind: u16, handle: u64, off: u64, len: u32) -> [u8; 28] {
     let mut r = [0u8; 28];
     r[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     r[6..8].copy_from_slice(&kind.to_be_bytes());

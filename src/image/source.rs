@@ -511,6 +511,8 @@ pub enum Reader {
         /// as zeros and is never read.
         extents: Vec<(u64, u64)>,
     },
+    /// An image of the depot read in place (a lazy instance's base).
+    Image(std::sync::Arc<crate::image::lazy::LazyImage>),
 }
 
 /// Gaps of zeros shorter than this between data ranges are read rather
@@ -546,6 +548,16 @@ impl Reader {
         match self {
             Reader::File(f) => read_full_at(f, buf, off),
             Reader::Nbd { served, .. } => served.client.read_at(buf, off),
+            Reader::Image(img) => {
+                let n = (buf.len() as u64).min(img.size.saturating_sub(off)) as usize;
+                img.read(&mut buf[..n], off).map_err(|f| {
+                    std::io::Error::other(format!(
+                        "image {} at byte offset {}: {}",
+                        img.label, f.offset, f.detail
+                    ))
+                })?;
+                Ok(n)
+            }
         }
     }
 
@@ -554,6 +566,7 @@ impl Reader {
         match self {
             Reader::File(f) => data_extents(f, size),
             Reader::Nbd { extents, .. } => Ok(extents.clone()),
+            Reader::Image(img) => Ok(img.data_ranges(size)),
         }
     }
 }

@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -28,7 +27,7 @@ use crate::launch::handle::Instance;
 use crate::launch::instance::{forwards_json, LaunchOptions, Launched};
 use crate::launch::names::{check_hostname, check_name, hostname_from};
 use crate::launch::paths::{path_str, Paths};
-use crate::launch::process::{spawn_detached, stop_qemu};
+use crate::launch::process::{spawn_detached, stop_qemu, Spawned};
 use crate::launch::qemu::{self, Forward};
 use crate::launch::seed::{self, write_seed, Seed};
 use crate::progress::Progress;
@@ -200,7 +199,7 @@ impl Depot {
         instances::insert_pending(&self.repo.conn, &rows)?;
         match opts.disk {
             DiskMode::Overlay => Ok(Some(bases::ensure_base(&self.repo, img, progress)?)),
-            DiskMode::Copy => Ok(None),
+            DiskMode::Lazy | DiskMode::Copy => Ok(None),
         }
     }
 
@@ -221,7 +220,7 @@ impl Depot {
         for f in [p.files().qmp, p.files().console] {
             qemu::check_socket_path(&f)?;
         }
-        make_disk(&self.repo, img, base, &p.disk(opts.disk), progress)?;
+        make_disk(&self.repo, img, opts.disk, base, &p.disk(opts.disk), progress)?;
         let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &opts.ssh_keys);
         write_seed(&p.seed(), &seed, self.perms().file())?;
         let forwards = launch_forwards(opts, ports_taken)?;
@@ -233,9 +232,12 @@ impl Depot {
     /// overlaps); the first failure is the error.
     fn start_all(&self, ids: &[String], qemu_bin: &Path, accel: Accel) -> Result<()> {
         let rows: Vec<InstanceRow> = ids.iter().map(|id| self.row(id)).collect::<Result<_>>()?;
-        let started: Vec<Result<Child>> = rows
+        let started: Vec<Result<Spawned>> = rows
             .iter()
-            .map(|r| spawn_detached(&Paths::new(self.root(), &r.id), qemu_bin, r, accel))
+            .map(|r| {
+                let p = Paths::new(self.root(), &r.id);
+                spawn_detached(&p, qemu_bin, r, accel, &self.repo)
+            })
             .collect();
         let mut first_err = None;
         for (r, c) in rows.iter().zip(started) {
@@ -271,17 +273,20 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
-/// An instance disk at `dest`: a qcow2 overlay on `base`, or without a
-/// base a private sparse raw copy of the image.
+/// An instance disk at `dest` of `mode`: a qcow2 overlay on `base` (made
+/// by the caller), a lazy overlay (its header names the base file path
+/// all the same, so the overlay says whose content it holds; QEMU is given
+/// its backing at start), or a private sparse raw copy of the image.
 pub(crate) fn make_disk(
     repo: &Repo,
     img: &ImageRow,
+    mode: DiskMode,
     base: Option<&Path>,
     dest: &Path,
     progress: &dyn Progress,
 ) -> Result<()> {
-    match base {
-        Some(b) => crate::image::source::qemu_img(&[
+    match (mode, base) {
+        (DiskMode::Overlay, Some(b)) => crate::image::source::qemu_img(&[
             "create",
             "-q",
             "-f",
@@ -293,6 +298,23 @@ pub(crate) fn make_disk(
             path_str(dest)?,
         ])
         .map(drop),
-        None => crate::image::export::export(repo, img, dest, ExportFormat::Raw, progress),
+        (DiskMode::Lazy, _) => {
+            let b = bases::base_path(repo.root(), img.id.as_str());
+            crate::image::source::qemu_img(&[
+                "create",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                path_str(&b)?,
+                "-F",
+                "raw",
+                path_str(dest)?,
+                &img.virtual_size.to_string(),
+            ])
+            .map(drop)
+        }
+        _ => crate::image::export::export(repo, img, dest, ExportFormat::Raw, progress),
     }
 }

@@ -71,8 +71,9 @@ pub struct LaunchOptions {
 }
 
 impl LaunchOptions {
-    /// One instance of `image`: 1 CPU, 512 MiB, an overlay disk, the
-    /// accelerator chosen automatically, SSH forwarded.
+    /// One instance of `image`: 1 CPU, 512 MiB, a lazy disk (served by
+    /// the `vmdepot` binary: see `launch::disk` for where it is looked
+    /// for), the accelerator chosen automatically, SSH forwarded.
     pub fn new(image: impl Into<String>) -> LaunchOptions {
         LaunchOptions {
             image: image.into(),
@@ -80,7 +81,7 @@ impl LaunchOptions {
             count: 1,
             cpus: 1,
             memory_mib: 512,
-            disk: DiskMode::Overlay,
+            disk: DiskMode::Lazy,
             accel: Accel::Auto,
             hostname: None,
             ssh_keys: Vec::new(),
@@ -124,6 +125,15 @@ pub struct InstanceInfo {
     pub console_socket: PathBuf,
     /// Why it failed (empty otherwise).
     pub error: String,
+    /// A lazy disk: bytes of stored image data its disk server served to
+    /// it so far (zero blocks not counted); `None` for other disks.
+    pub store_bytes_read: Option<u64>,
+    /// A lazy disk of a remote image: bytes fetched from the remote for it;
+    /// `None` otherwise.
+    pub remote_bytes_fetched: Option<u64>,
+    /// A lazy disk: the last read its disk server could not serve (the
+    /// guest got an I/O error), empty if none.
+    pub disk_error: String,
 }
 
 /// Result of a launch.
@@ -227,6 +237,7 @@ impl Depot {
         let p = Paths::new(self.root(), &r.id);
         let files = p.files();
         let paused = r.state == InstanceState::Running && run_state == Some(RunState::Paused);
+        let stats = (r.disk == DiskMode::Lazy).then(|| crate::image::serve::read_stats(&p.dir));
         InstanceInfo {
             accel: if r.accel_used.is_empty() {
                 r.accel.clone()
@@ -253,6 +264,12 @@ impl Depot {
             qmp_socket: files.qmp,
             console_socket: files.console,
             error: r.error,
+            store_bytes_read: stats.as_ref().map(|s| s.store_bytes_read),
+            remote_bytes_fetched: stats
+                .as_ref()
+                .filter(|s| s.remote_bytes_fetched > 0)
+                .map(|s| s.remote_bytes_fetched),
+            disk_error: stats.map(|s| s.error).unwrap_or_default(),
         }
     }
 
@@ -264,6 +281,10 @@ impl Depot {
             InstanceState::Running => self.run_state(&r),
             _ => None,
         };
+        if r.state == InstanceState::Running && r.disk == DiskMode::Lazy {
+            // Its disk server died: QEMU reconnects to a new one.
+            crate::launch::disk::restart_if_gone(&self.repo, &r.image);
+        }
         Ok(self.info(r, run_state))
     }
 

@@ -32,7 +32,7 @@ impl Paths {
     /// The disk, by how it is made.
     pub(crate) fn disk(&self, mode: DiskMode) -> PathBuf {
         self.dir.join(match mode {
-            DiskMode::Overlay => "disk.qcow2",
+            DiskMode::Lazy | DiskMode::Overlay => "disk.qcow2",
             DiskMode::Copy => "disk.raw",
         })
     }
@@ -55,6 +55,19 @@ impl Paths {
     /// The temporary a pause lease is written to before its rename.
     pub(crate) fn pause_tmp(&self) -> PathBuf {
         self.dir.join("pause.tmp")
+    }
+
+    /// The socket of a foreground start's own lazy disk server.
+    pub(crate) fn disk_sock(&self) -> PathBuf {
+        self.dir.join("disk.sock")
+    }
+
+    /// The depot's root (`DEPOT` of `DEPOT/instances/ID`).
+    pub(crate) fn root(&self) -> &Path {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"))
     }
 
     /// QEMU's own messages when it runs in the foreground.

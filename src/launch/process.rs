@@ -18,24 +18,40 @@ use crate::error::{Error, IoContext, Result};
 use crate::launch::accel::{kvm_internal_error, Accel};
 use crate::launch::instance::forwards_of;
 use crate::launch::paths::Paths;
-use crate::launch::qemu::{VmConfig, VmFiles};
+use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles};
 use crate::launch::qmp::{Qmp, RunState};
 use crate::perms::Perms;
 
-/// What QEMU is asked to run for the instance `r` (files under `p`).
-pub(crate) fn vm_config(p: &Paths, r: &InstanceRow, accel: Accel) -> VmConfig {
+/// What QEMU is asked to run for the instance `r` (files under `p`); a
+/// lazy disk is read from the image's disk server, or with `foreground`
+/// from this process's own server on the instance's `disk.sock`.
+pub(crate) fn vm_config(p: &Paths, r: &InstanceRow, accel: Accel, foreground: bool) -> VmConfig {
+    let path = p.disk(r.disk);
+    let disk = match r.disk {
+        DiskMode::Lazy => DiskSpec::Lazy {
+            overlay: path,
+            socket: if foreground {
+                p.disk_sock()
+            } else {
+                crate::image::serve::server_files(p.root(), &r.image).sock
+            },
+            export: r.id.clone(),
+        },
+        DiskMode::Overlay => DiskSpec::File {
+            path,
+            format: "qcow2",
+        },
+        DiskMode::Copy => DiskSpec::File {
+            path,
+            format: "raw",
+        },
+    };
     VmConfig {
         tag: r.id.clone(),
         accel,
         cpus: r.cpus,
         memory_mib: r.memory_mib,
-        disk: (
-            p.disk(r.disk),
-            match r.disk {
-                DiskMode::Overlay => "qcow2",
-                DiskMode::Copy => "raw",
-            },
-        ),
+        disk,
         seed: Some(p.seed()),
         forwards: forwards_of(r),
         files: p.files(),
@@ -47,7 +63,7 @@ pub(crate) fn vm_config(p: &Paths, r: &InstanceRow, accel: Accel) -> VmConfig {
 /// which names a pause of the QEMU that is gone.
 pub(crate) fn clean_runtime_files(p: &Paths) {
     let f = p.files();
-    for path in [&f.qmp, &f.console, &f.pidfile, &p.pause()] {
+    for path in [&f.qmp, &f.console, &f.pidfile, &p.pause(), &p.disk_sock()] {
         let _ = fs::remove_file(path);
     }
 }
@@ -64,23 +80,40 @@ pub(crate) fn fix_runtime_modes(perms: Perms, f: &VmFiles) {
     }
 }
 
+/// A QEMU started with `-daemonize`, and for a lazy disk the users lease
+/// of its image's disk server, held until QEMU is up (connected to it).
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) _lease: Option<crate::launch::disk::UsersLease>,
+}
+
 /// Starts QEMU with `-daemonize` (the child returns once the VM is set up).
+/// A lazy disk's server is made sure of first (`launch::disk`).
 pub(crate) fn spawn_detached(
     p: &Paths,
     qemu_bin: &Path,
     r: &InstanceRow,
     accel: Accel,
-) -> Result<Child> {
-    let cfg = vm_config(p, r, accel);
+    repo: &crate::repo::Repo,
+) -> Result<Spawned> {
+    let cfg = vm_config(p, r, accel, false);
     clean_runtime_files(p);
-    Command::new(qemu_bin)
+    let lease = match r.disk {
+        DiskMode::Lazy => Some(crate::launch::disk::ensure_server(repo, &r.image)?),
+        _ => None,
+    };
+    let child = Command::new(qemu_bin)
         .args(cfg.args())
         .arg("-daemonize")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .at(qemu_bin)
+        .at(qemu_bin)?;
+    Ok(Spawned {
+        child,
+        _lease: lease,
+    })
 }
 
 /// Waits for a detached start: QEMU's pid once the VM runs (under KVM,
@@ -89,11 +122,11 @@ pub(crate) fn spawn_detached(
 pub(crate) fn wait_detached(
     p: &Paths,
     id: &str,
-    child: Child,
+    spawned: Spawned,
     accel: Accel,
 ) -> Result<std::result::Result<i32, String>> {
     let files = p.files();
-    let out = child.wait_with_output().at(&files.pidfile)?;
+    let out = spawned.child.wait_with_output().at(&files.pidfile)?;
     let pid = crate::proc::read_pidfile(&files.pidfile);
     Ok(match (out.status.success(), pid) {
         (true, Some(pid)) if accel == Accel::Kvm => {

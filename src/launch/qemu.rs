@@ -110,6 +110,63 @@ pub struct VmFiles {
     pub pidfile: PathBuf,
 }
 
+/// How long QEMU's NBD client keeps a lazy disk's requests waiting for
+/// its server to come back (then they fail: I/O errors in the guest).
+pub const RECONNECT_DELAY_SECS: u32 = 30;
+
+/// The boot disk of a VM.
+#[derive(Clone, Debug)]
+pub enum DiskSpec {
+    /// A file QEMU opens itself: a qcow2 overlay (its backing file named in
+    /// its header) or a raw disk.
+    File {
+        path: PathBuf,
+        /// `qcow2` or `raw`.
+        format: &'static str,
+    },
+    /// A qcow2 overlay whose backing is read over NBD from vmdepot's disk
+    /// server on `socket`, export `export` (the instance id); whatever
+    /// backing file the overlay's header names is not opened.
+    Lazy {
+        overlay: PathBuf,
+        socket: PathBuf,
+        export: String,
+    },
+}
+
+impl DiskSpec {
+    /// The `-blockdev` options (JSON) of a lazy disk: the NBD client
+    /// (`base-nbd`), the raw image on it (`base`), and the overlay `disk0`
+    /// backed by that node (a node reference: the file name in the
+    /// overlay's header is not used).
+    fn lazy_blockdevs(overlay: &Path, socket: &Path, export: &str) -> [String; 3] {
+        [
+            serde_json::json!({
+                "driver": "nbd",
+                "node-name": "base-nbd",
+                "read-only": true,
+                "server": {"type": "unix", "path": socket.display().to_string()},
+                "export": export,
+                "reconnect-delay": RECONNECT_DELAY_SECS,
+            }),
+            serde_json::json!({
+                "driver": "raw",
+                "node-name": "base",
+                "read-only": true,
+                "file": "base-nbd",
+            }),
+            serde_json::json!({
+                "driver": "qcow2",
+                "node-name": "disk0",
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": overlay.display().to_string()},
+                "backing": "base",
+            }),
+        ]
+        .map(|j| j.to_string())
+    }
+}
+
 /// What QEMU is asked to run.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -118,8 +175,8 @@ pub struct VmConfig {
     pub accel: Accel,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// The boot disk and its format (`qcow2` overlay or `raw`).
-    pub disk: (PathBuf, &'static str),
+    /// The boot disk.
+    pub disk: DiskSpec,
     /// The NoCloud seed (raw, read-only), if any.
     pub seed: Option<PathBuf>,
     pub forwards: Vec<Forward>,
@@ -159,14 +216,25 @@ impl VmConfig {
         ]);
         push(&["-serial", "chardev:console"]);
         push(&["-pidfile", &self.files.pidfile.display().to_string()]);
-        push(&[
-            "-drive",
-            &format!(
-                "file={},format={},if=virtio,cache=writeback,discard=unmap",
-                opt_value(&self.disk.0),
-                self.disk.1
-            ),
-        ]);
+        match &self.disk {
+            DiskSpec::File { path, format } => push(&[
+                "-drive",
+                &format!(
+                    "file={},format={format},if=virtio,cache=writeback,discard=unmap",
+                    opt_value(path),
+                ),
+            ]),
+            DiskSpec::Lazy {
+                overlay,
+                socket,
+                export,
+            } => {
+                for b in DiskSpec::lazy_blockdevs(overlay, socket, export) {
+                    push(&["-blockdev", &b]);
+                }
+                push(&["-device", "virtio-blk-pci,drive=disk0"]);
+            }
+        }
         if let Some(seed) = &self.seed {
             push(&[
                 "-drive",
@@ -288,7 +356,10 @@ mod tests {
             accel: Accel::Tcg,
             cpus: 2,
             memory_mib: 256,
-            disk: ("/d/disk.qcow2".into(), "qcow2"),
+            disk: DiskSpec::File {
+                path: "/d/disk.qcow2".into(),
+                format: "qcow2",
+            },
             seed: Some("/d/seed.img".into()),
             forwards: vec![Forward::parse("2222:22").unwrap()],
             files: VmFiles {
@@ -324,7 +395,10 @@ mod tests {
             accel: Accel::Tcg,
             cpus: 1,
             memory_mib: 256,
-            disk: (d.join("disk.qcow2"), "qcow2"),
+            disk: DiskSpec::File {
+                path: d.join("disk.qcow2"),
+                format: "qcow2",
+            },
             seed: Some(d.join("seed.img")),
             forwards: vec![],
             files: VmFiles {

@@ -21,10 +21,12 @@ use crate::depot::Depot;
 use crate::error::{Error, IoContext, Result};
 use crate::image::bases::{self, base_flock, base_path};
 use crate::launch::accel::{choose_accel, Accel};
+use crate::launch::disk::InProcess;
 use crate::launch::instance::{forwards_json, forwards_of, Held, InstanceInfo};
 use crate::launch::paths::Paths;
 use crate::launch::process::{
     clean_runtime_files, first_lines, fix_runtime_modes, spawn_detached, vm_config, wait_detached,
+    Spawned,
     watch_accel,
 };
 use crate::launch::qemu;
@@ -145,14 +147,14 @@ impl Depot {
     pub fn start_instance(&self, reference: &str) -> Result<(InstanceInfo, Option<String>)> {
         let s = self.prepare_start(reference)?;
         let Held { r, p, .. } = &s.held;
-        let child = spawn_detached(p, &s.qemu_bin, r, s.accel)?;
+        let child = spawn_detached(p, &s.qemu_bin, r, s.accel, &self.repo)?;
         self.finish_start(r, child, s.accel)?;
         Ok((self.instance(&r.id)?, s.notice))
     }
 
     /// Waits for a detached start; records `running` (or `failed`, with
     /// QEMU's own words, which the error repeats).
-    pub(crate) fn finish_start(&self, r: &InstanceRow, child: Child, accel: Accel) -> Result<()> {
+    pub(crate) fn finish_start(&self, r: &InstanceRow, child: Spawned, accel: Accel) -> Result<()> {
         let p = Paths::new(self.root(), &r.id);
         match wait_detached(&p, &r.id, child, accel)? {
             Ok(pid) => {
@@ -177,8 +179,12 @@ impl Depot {
             accel,
             notice,
         } = self.prepare_start(reference)?;
-        let cfg = vm_config(&p, &r, accel);
+        let cfg = vm_config(&p, &r, accel, true);
         clean_runtime_files(&p);
+        let disk_server = match r.disk {
+            DiskMode::Lazy => Some(InProcess::start(&self.repo, &r.image, &r.id, &p.disk_sock())?),
+            _ => None,
+        };
         let (log, log_file) = QemuLog::open(&p, self.perms())?;
         let mut child = Command::new(&qemu_bin)
             .args(cfg.args())
@@ -205,6 +211,7 @@ impl Depot {
             id: r.id,
             qmp: cfg.files.qmp,
             child,
+            _disk_server: disk_server,
         };
         Ok((fg, notice))
     }
@@ -245,6 +252,9 @@ pub struct Foreground {
     id: String,
     qmp: PathBuf,
     child: Child,
+    /// A lazy disk's server, a thread of this process (one process tree
+    /// for a systemd unit); it stops after QEMU.
+    _disk_server: Option<InProcess>,
 }
 
 impl Foreground {

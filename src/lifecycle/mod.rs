@@ -13,6 +13,7 @@ pub mod copy;
 pub(crate) mod transfer;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nix::fcntl::FlockArg;
@@ -27,6 +28,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::bases::{base_flock, base_path, ensure_base};
 use crate::image::import;
 use crate::image::input::Input;
+use crate::image::lazy::LazyImage;
+use crate::image::source::Reader;
 use crate::launch::create::make_disk;
 use crate::launch::instance::{Held, InstanceInfo, STOP_TIMEOUT};
 use crate::launch::paths::Paths;
@@ -213,11 +216,24 @@ impl Depot {
                     Some(row) => Some(catalog::image_map(&self.repo.conn, &row.id)?),
                     None => None,
                 };
-                Input::overlay(
-                    &base_path(self.root(), &r.image),
-                    &p.disk(DiskMode::Overlay),
-                    map,
-                )?
+                let base = base_path(self.root(), &r.image);
+                let file = std::fs::File::open(&base).at(&base)?;
+                Input::overlay(&base, Reader::File(file), &p.disk(r.disk), map)?
+            }
+            DiskMode::Lazy => {
+                let row = catalog::find_images(&self.repo.conn, &r.image)?
+                    .into_iter()
+                    .find(|i| i.id.as_str() == r.image)
+                    .ok_or_else(|| {
+                        Error::StoreDamaged(format!(
+                            "instance {} ({}): its image {} is gone from the catalog",
+                            r.name, r.id, r.image
+                        ))
+                    })?;
+                let img = LazyImage::new(&row, self.repo.connect()?, self.repo.own_store())?;
+                let map = Some(catalog::image_map(&self.repo.conn, &row.id)?);
+                let label = std::path::PathBuf::from(format!("image {}", img.label));
+                Input::overlay(&label, Reader::Image(Arc::new(img)), &p.disk(r.disk), map)?
             }
             DiskMode::Copy => {
                 let d = p.disk(DiskMode::Copy);
@@ -343,9 +359,9 @@ impl Depot {
         let _base_lock = base_flock(&self.repo, img.id.as_str(), FlockArg::LockExclusive)?;
         let base = match r.disk {
             DiskMode::Overlay => Some(ensure_base(&self.repo, img, progress)?),
-            DiskMode::Copy => None,
+            DiskMode::Lazy | DiskMode::Copy => None,
         };
-        make_disk(&self.repo, img, base.as_deref(), &fresh, progress)?;
+        make_disk(&self.repo, img, r.disk, base.as_deref(), &fresh, progress)?;
         install_durably(&fresh, &disk, &p.dir)?;
         // The disk is the image's content now, launch-only or not.
         instances::set_image(

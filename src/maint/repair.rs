@@ -357,7 +357,12 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
             continue;
         }
         let (disk, image) = if d.join("disk.qcow2").exists() {
-            ("overlay", overlay_base(&d.join("disk.qcow2")))
+            let image = overlay_base(&d.join("disk.qcow2"));
+            // A lazy overlay names the base file too, which does not exist.
+            let base_made = image
+                .as_ref()
+                .is_some_and(|i| crate::image::bases::base_path(root, i.as_str()).exists());
+            (if base_made { "overlay" } else { "lazy" }, image)
         } else if d.join("disk.raw").exists() {
             ("copy", None)
         } else {

@@ -48,6 +48,21 @@ impl Repo {
         &*self.store
     }
 
+    /// Another handle on the same store, owned (for threads that outlive a
+    /// borrow of this repository: the lazy disk server's).
+    pub(crate) fn own_store(&self) -> Box<dyn ObjectStore> {
+        Box::new(LocalDir::new(&self.root, self.perms))
+    }
+
+    /// A second connection to this repository's catalog.
+    pub(crate) fn connect(&self) -> Result<Connection> {
+        crate::catalog::open(
+            &self.root.join("catalog.db"),
+            self.perms.file(),
+            Some("it was open a moment ago"),
+        )
+    }
+
     /// The depot's root directory (absolute).
     pub fn root(&self) -> &Path {
         &self.root

@@ -77,6 +77,25 @@ pub fn reap(root: &Path, failed: bool) {
             eprintln!("=== guard: killed QEMU pid {pid} ===");
         }
     }
+    // Lazy disk servers exit by themselves once their QEMUs are gone.
+    let servers = || {
+        procs_naming("disk-server")
+            .into_iter()
+            .filter(|&p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmd).contains(&format!("{}/", root.display()))
+                    && alive(p.into())
+            })
+            .collect::<Vec<_>>()
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while !servers().is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in servers() {
+        eprintln!("=== guard: disk server pid {pid} outlived its QEMUs: killed ===");
+        kill(pid);
+    }
 }
 
 /// `ROOT/*/instances/*`: the instances of every depot in the test's

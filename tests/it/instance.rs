@@ -141,8 +141,8 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         Value::Array(vec![])
     );
     t.ok(&["image", "verify", "tiny", "-q"]);
-    // the unused base is evictable
-    assert_eq!(t.json(&["gc", "--json"])["bases_evicted"], 1);
+    // a lazy disk made no base to evict
+    assert_eq!(t.json(&["gc", "--json"])["bases_evicted"], 0);
     t.assert_fsck_clean();
 }
 
@@ -160,12 +160,12 @@ fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     // Two launches of the same image at once, on a depot without its base:
     // the base is made once and both work.
     let other = t
-        .cmd(&["instance", "run", "tiny", "--name", "c", "-q"])
+        .cmd(&["instance", "run", "tiny", "--name", "c", "--disk", "overlay", "-q"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let out: Value = t.json(&[
-        "instance", "run", "tiny", "--count", "3", "--name", "b", "--json",
+        "instance", "run", "tiny", "--count", "3", "--name", "b", "--disk", "overlay", "--json",
     ]);
     assert!(other.wait_with_output().unwrap().status.success());
     t.ok(&["instance", "delete", "c", "--force"]);
@@ -344,7 +344,14 @@ fn bad_launches_are_refused_and_leave_nothing() {
         assert!(err.contains("KVM"), "{err}");
         check_unchanged("kvm");
     }
-    assert_eq!(t.json(&["instance", "list", "--json"]), before);
+    // (what its disk server served grows while the guest runs)
+    let steady = |mut v: Value| {
+        for i in v.as_array_mut().unwrap() {
+            i.as_object_mut().unwrap().remove("store_bytes_read");
+        }
+        v
+    };
+    assert_eq!(steady(t.json(&["instance", "list", "--json"])), steady(before));
     t.ok(&["instance", "delete", "taken", "--force"]);
 }
 

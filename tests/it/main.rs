@@ -8,6 +8,7 @@ mod guard;
 mod image;
 mod instance;
 mod layers;
+mod lazy;
 mod lifecycle;
 mod reliability_bases;
 mod reliability_disk;

@@ -26,7 +26,7 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
     let t = depot_with_guest();
     // Make the base (the guest need not get far).
     t.ok(&[
-        "instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q",
+        "instance", "run", "tiny", "--name", "a", "--disk", "overlay", "--accel", "tcg", "-q",
     ]);
     t.ok(&["instance", "delete", "a", "--force"]);
     let base = the_base(&t);
@@ -52,7 +52,7 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
     // A launch notices (sampled check) and rebuilds it: the guest reads
     // its real disk.
     t.ok(&[
-        "instance", "run", "tiny", "--name", "b", "--accel", "tcg", "-q",
+        "instance", "run", "tiny", "--name", "b", "--disk", "overlay", "--accel", "tcg", "-q",
     ]);
     assert!(allocated(&base) > 0);
     t.assert_fsck_clean();
@@ -65,7 +65,7 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
     // and leaves nothing behind.
     lose_data(&base);
     let err = t.refuses(
-        &["instance", "run", "tiny", "--name", "c", "--accel", "tcg"],
+        &["instance", "run", "tiny", "--name", "c", "--disk", "overlay", "--accel", "tcg"],
         5,
         "runs from it",
     );

@@ -191,7 +191,7 @@ fn power_cut_at(m: Moment) {
 
     let mut run = t
         .cmd(&[
-            "instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q",
+            "instance", "run", "tiny", "--name", "a", "--disk", "overlay", "--accel", "tcg", "-q",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -265,7 +265,7 @@ fn power_cut_at(m: Moment) {
 
     // A launch from the copy boots the guest from its real disk.
     t2.ok(&[
-        "instance", "run", "tiny", "--name", "b", "--accel", "tcg", "-q",
+        "instance", "run", "tiny", "--name", "b", "--disk", "overlay", "--accel", "tcg", "-q",
     ]);
     let base = base_file(&depot).expect("a base");
     assert!(same_content(&base, guest), "the launch's base is not whole");
@@ -303,7 +303,7 @@ fn power_cut_after_boot() {
 fn start_and_restart_rebuild_a_zeroed_base() {
     let t = depot_with_guest();
     t.ok(&[
-        "instance", "run", "tiny", "--name", "a", "--accel", "tcg", "-q",
+        "instance", "run", "tiny", "--name", "a", "--disk", "overlay", "--accel", "tcg", "-q",
     ]);
     wait_serial_count(&t, "a", DISK_MARKER, 1);
     t.ok(&["instance", "stop", "a", "--force"]);

@@ -1,0 +1,276 @@
+//! An image read in place from the chunk store, at any offset: what a lazy
+//! instance's disk server serves (`image::serve`) and what a capture of a
+//! lazy instance reads where its overlay has no cluster of its own.
+//!
+//! [`LazyImage`] holds the image's block map and its own catalog
+//! connection. A read looks up where its blocks' chunks are now (one range
+//! query per run of chunk ids, then each frame's row), decompresses each
+//! frame once into a small cache, and checks **every chunk it returns
+//! against its BLAKE3 hash**: damaged or missing data is a [`ReadFailure`]
+//! naming the byte offset, never wrong bytes. Since the locations are
+//! looked up per read, a gc that repacks meanwhile is harmless: a pack
+//! removed between the look-up and the read is retried once with fresh
+//! locations (a pack opened before its removal stays readable).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+use crate::catalog::{self, ImageRow};
+use crate::error::{Error, Result};
+use crate::format::{BlockMap, CHUNK, CHUNK_SIZE, ZERO_BLOCK};
+use crate::ids::ChunkId;
+use crate::store::{ObjectStore, PackReader};
+
+/// Decompressed frames kept (1 MiB each at most).
+const FRAMES_KEPT: usize = 32;
+/// Packs kept open.
+const PACKS_KEPT: usize = 64;
+
+/// Why a read of a lazy image failed: the first bad byte offset and what
+/// was wrong there.
+#[derive(Clone, Debug)]
+pub struct ReadFailure {
+    pub(crate) offset: u64,
+    pub(crate) detail: String,
+}
+
+/// An image of the depot, readable at any offset (see the module docs).
+pub struct LazyImage {
+    /// `NAME (img-…)`.
+    pub(crate) label: String,
+    pub(crate) size: u64,
+    map: BlockMap,
+    db: Mutex<Connection>,
+    store: Box<dyn ObjectStore>,
+    packs: Mutex<Kept<String, Arc<PackReader>>>,
+    frames: Mutex<Kept<(String, u64), Arc<Vec<u8>>>>,
+    /// Bytes of stored (non-zero) blocks returned so far.
+    pub(crate) data_read: AtomicU64,
+}
+
+/// A small cache that forgets the oldest entry first.
+struct Kept<K, V> {
+    cap: usize,
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+}
+
+impl<K: Clone + Eq + std::hash::Hash, V: Clone> Kept<K, V> {
+    fn new(cap: usize) -> Self {
+        Kept {
+            cap,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<V> {
+        self.map.get(k).cloned()
+    }
+
+    fn put(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+            if self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
+/// Where one stored block's bytes are.
+struct BlockLoc {
+    blk: u64,
+    hash: crate::ids::ChunkHash,
+    pack: String,
+    offset: u64,
+    clen: u64,
+    nchunks: u32,
+    slot: u32,
+}
+
+impl LazyImage {
+    /// The available image `row`, read through its own connection `db` to
+    /// the catalog and the depot's `store`.
+    pub(crate) fn new(
+        row: &ImageRow,
+        db: Connection,
+        store: Box<dyn ObjectStore>,
+    ) -> Result<LazyImage> {
+        let map = catalog::image_map(&db, &row.id)?;
+        Ok(LazyImage {
+            label: format!("{} ({})", row.name, row.id),
+            size: row.virtual_size,
+            map,
+            db: Mutex::new(db),
+            store,
+            packs: Mutex::new(Kept::new(PACKS_KEPT)),
+            frames: Mutex::new(Kept::new(FRAMES_KEPT)),
+            data_read: AtomicU64::new(0),
+        })
+    }
+
+    /// The byte ranges of `[0, size)` that hold stored blocks, in order.
+    pub(crate) fn data_ranges(&self, size: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (blk, _) in self.map.data() {
+            let (s, e) = (blk * CHUNK, ((blk + 1) * CHUNK).min(size));
+            if s >= e {
+                break;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
+    /// Fills `buf` with the image's bytes at `off` (zeros past its end).
+    /// Returns how many of them were stored data.
+    pub(crate) fn read(&self, buf: &mut [u8], off: u64) -> std::result::Result<u64, ReadFailure> {
+        match self.read_once(buf, off) {
+            Ok(n) => Ok(n),
+            // A pack removed by gc after the look-up: look up again, with
+            // nothing cached.
+            Err(_) => {
+                self.packs.lock().unwrap().clear();
+                self.frames.lock().unwrap().clear();
+                self.read_once(buf, off)
+            }
+        }
+    }
+
+    fn read_once(&self, buf: &mut [u8], off: u64) -> std::result::Result<u64, ReadFailure> {
+        buf.fill(0);
+        if buf.is_empty() || off >= self.size {
+            return Ok(0);
+        }
+        let end = (off + buf.len() as u64).min(self.size);
+        let locs = self.locate(off / CHUNK, (end - 1) / CHUNK)?;
+        let mut data = 0u64;
+        let mut frame_buf = Vec::new();
+        for l in &locs {
+            let frame = self.frame(l, &mut frame_buf)?;
+            let s = l.slot as usize * CHUNK_SIZE;
+            let Some(chunk) = frame.get(s..s + CHUNK_SIZE) else {
+                return Err(self.failure(
+                    l.blk * CHUNK,
+                    format!("slot {} lies outside its frame in pack {}", l.slot, l.pack),
+                ));
+            };
+            if crate::ids::ChunkHash::of(chunk) != l.hash {
+                return Err(self.failure(
+                    l.blk * CHUNK,
+                    format!(
+                        "the stored chunk does not match its hash (pack {}, frame at byte {})",
+                        l.pack, l.offset
+                    ),
+                ));
+            }
+            // The part of this block inside [off, end).
+            let b0 = l.blk * CHUNK;
+            let from = off.max(b0);
+            let to = end.min(b0 + CHUNK);
+            let dst = (from - off) as usize..(to - off) as usize;
+            let src = (from - b0) as usize..(to - b0) as usize;
+            buf[dst].copy_from_slice(&chunk[src]);
+            data += to - from;
+        }
+        self.data_read.fetch_add(data, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    fn failure(&self, offset: u64, detail: String) -> ReadFailure {
+        ReadFailure { offset, detail }
+    }
+
+    /// Where the stored blocks in `first..=last` are now.
+    fn locate(&self, first: u64, last: u64) -> std::result::Result<Vec<BlockLoc>, ReadFailure> {
+        let blocks: Vec<(u64, ChunkId)> = (first..=last)
+            .map(|b| (b, self.map.get(b)))
+            .filter(|&(_, c)| c != ZERO_BLOCK)
+            .collect();
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<ChunkId> = blocks.iter().map(|&(_, c)| c).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let db = self.db.lock().unwrap();
+        let fail = |b: u64, e: Error| self.failure(b * CHUNK, e.to_string());
+        let chunks = catalog::chunk_locs(&db, &ids).map_err(|e| fail(first, e))?;
+        let mut frames = HashMap::new();
+        let mut out = Vec::with_capacity(blocks.len());
+        for (blk, cid) in blocks {
+            let Some(c) = chunks.get(&cid) else {
+                return Err(self.failure(
+                    blk * CHUNK,
+                    format!("chunk {cid} is missing from the catalog"),
+                ));
+            };
+            if let std::collections::hash_map::Entry::Vacant(v) = frames.entry(c.frame) {
+                let f = catalog::frame_loc(&db, c.frame)
+                    .map_err(|e| fail(blk, e))?
+                    .ok_or_else(|| {
+                        self.failure(blk * CHUNK, format!("frame {} is missing from the catalog", c.frame))
+                    })?;
+                let pack = catalog::pack_name(&db, f.pack)
+                    .map_err(|e| fail(blk, e))?
+                    .ok_or_else(|| {
+                        self.failure(blk * CHUNK, format!("pack {} is missing from the catalog", f.pack))
+                    })?;
+                v.insert((f, pack));
+            }
+            let (f, pack) = &frames[&c.frame];
+            out.push(BlockLoc {
+                blk,
+                hash: c.hash,
+                pack: pack.clone(),
+                offset: f.offset,
+                clen: f.clen,
+                nchunks: f.nchunks,
+                slot: c.slot,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The decompressed frame `l` is in.
+    fn frame(
+        &self,
+        l: &BlockLoc,
+        buf: &mut Vec<u8>,
+    ) -> std::result::Result<Arc<Vec<u8>>, ReadFailure> {
+        let key = (l.pack.clone(), l.offset);
+        if let Some(f) = self.frames.lock().unwrap().get(&key) {
+            return Ok(f);
+        }
+        let fail = |e: Error| self.failure(l.blk * CHUNK, e.to_string());
+        let cached = self.packs.lock().unwrap().get(&l.pack);
+        let reader = match cached {
+            Some(r) => r,
+            None => {
+                let r = Arc::new(PackReader::open(&*self.store, &l.pack).map_err(fail)?);
+                self.packs.lock().unwrap().put(l.pack.clone(), r.clone());
+                r
+            }
+        };
+        reader
+            .read_frame(l.offset, l.clen, l.nchunks as usize, buf)
+            .map_err(fail)?;
+        let f = Arc::new(std::mem::take(buf));
+        self.frames.lock().unwrap().put(key, f.clone());
+        Ok(f)
+    }
+}

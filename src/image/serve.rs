@@ -1,0 +1,353 @@
+//! The lazy disk server: QEMU's NBD client reads an instance's image
+//! straight from the chunk store through it (instance disk mode `lazy`).
+//!
+//! One server per image serves every lazy instance of it, each on its own
+//! export named by the instance id (only an instance of this image whose
+//! disk is lazy is served). Its files are in `DEPOT/serve/`:
+//! `IMAGE.sock` (the socket, in the depot's private directory),
+//! `IMAGE.lock` (flocked exclusively for the server's whole life: whether a
+//! server runs), `IMAGE.users` (flocked *shared* by a launch from before
+//! it checks for a server until its QEMU is up and connected) and
+//! `IMAGE.log` (the server's own messages).
+//!
+//! **Lifetime**: the server exits once no client is connected, it can
+//! take `IMAGE.users` exclusively (no launch is starting a QEMU of it) and
+//! the catalog has no running lazy instance of the image whose QEMU lives
+//! (one that reconnects to a restarted server keeps it). It then removes
+//! its socket and gives up `IMAGE.lock` before `IMAGE.users`, so a launch
+//! that got its shared lock after that sees no server and starts one. See
+//! `launch::disk` for the launcher's side.
+//!
+//! Per instance, the bytes of stored data served and the last read error
+//! go to `instances/ID/disk.json` (at most once a second, and when the
+//! connection ends); a failed read is an I/O error to the guest and a line
+//! in the instance's serial log (what `instance logs` shows).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, DiskMode, ImageState};
+use crate::error::{Error, IoContext, Result};
+use crate::image::lazy::LazyImage;
+use crate::image::nbd_server::{serve_connection, Export, READ_FAILED};
+use crate::perms::Perms;
+use crate::repo::Repo;
+
+/// The files of the disk server of one image.
+pub(crate) struct ServerFiles {
+    pub(crate) sock: PathBuf,
+    pub(crate) lock: PathBuf,
+    pub(crate) users: PathBuf,
+    pub(crate) log: PathBuf,
+}
+
+/// `DEPOT/serve/`.
+pub(crate) fn serve_dir(root: &Path) -> PathBuf {
+    root.join("serve")
+}
+
+/// The server files of `image` in the depot at `root`.
+pub(crate) fn server_files(root: &Path, image: &str) -> ServerFiles {
+    let d = serve_dir(root);
+    ServerFiles {
+        sock: d.join(format!("{image}.sock")),
+        lock: d.join(format!("{image}.lock")),
+        users: d.join(format!("{image}.users")),
+        log: d.join(format!("{image}.log")),
+    }
+}
+
+/// What `instances/ID/disk.json` holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Bytes of stored image data served to this instance (zero blocks
+    /// not counted), over all its runs from this server.
+    pub store_bytes_read: u64,
+    /// Bytes of image data fetched from a remote depot for it.
+    pub remote_bytes_fetched: u64,
+    /// The last read that failed, if any (empty: none).
+    pub error: String,
+}
+
+/// The stats file of the instance whose directory is `dir`.
+pub(crate) fn stats_path(dir: &Path) -> PathBuf {
+    dir.join("disk.json")
+}
+
+/// The stats of an instance (defaults when there are none yet).
+pub(crate) fn read_stats(dir: &Path) -> DiskStats {
+    std::fs::read(stats_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// One instance's export: the image, and what is counted for it.
+struct InstanceExport {
+    image: Arc<LazyImage>,
+    dir: PathBuf,
+    perms: Perms,
+    stats: Mutex<(DiskStats, Instant)>,
+}
+
+impl InstanceExport {
+    fn save(&self, stats: &DiskStats) {
+        let p = stats_path(&self.dir);
+        let tmp = self.dir.join("disk.json.tmp");
+        let body = serde_json::to_vec(stats).unwrap_or_default();
+        let written = self
+            .perms
+            .open_options()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&body))
+            .and_then(|_| std::fs::rename(&tmp, &p));
+        if let Err(e) = written {
+            // The instance was deleted meanwhile, most likely.
+            tracing::debug!("{}: {e}", p.display());
+        }
+    }
+
+    fn flush(&self) {
+        let st = self.stats.lock().unwrap();
+        self.save(&st.0);
+    }
+
+    /// A line in the instance's serial log, where `instance logs` shows it.
+    fn log_failure(&self, line: &str) {
+        let p = self.dir.join("serial.log");
+        let r = self
+            .perms
+            .open_options()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| f.write_all(format!("\r\n{line}\r\n").as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!("{}: {e}", p.display());
+        }
+    }
+}
+
+impl Export for InstanceExport {
+    fn size(&self) -> u64 {
+        self.image.size
+    }
+
+    fn read(&self, buf: &mut [u8], off: u64) -> std::result::Result<(), u32> {
+        let r = self.image.read(buf, off);
+        let mut st = self.stats.lock().unwrap();
+        match r {
+            Ok(n) => {
+                st.0.store_bytes_read += n;
+                if st.1.elapsed() >= Duration::from_secs(1) {
+                    st.1 = Instant::now();
+                    self.save(&st.0);
+                }
+                Ok(())
+            }
+            Err(f) => {
+                let line = format!(
+                    "vmdepot: disk read failed at byte offset {} of image {}: {}; the guest got \
+                     an I/O error (`vmdepot image verify` checks the image)",
+                    f.offset, self.image.label, f.detail
+                );
+                tracing::error!("{line}");
+                st.0.error = line.clone();
+                st.1 = Instant::now();
+                self.save(&st.0);
+                drop(st);
+                self.log_failure(&line);
+                Err(READ_FAILED)
+            }
+        }
+    }
+}
+
+/// The exports of one image's server.
+pub(crate) struct Exports {
+    root: PathBuf,
+    perms: Perms,
+    image_id: String,
+    image: Arc<LazyImage>,
+    db: Mutex<Connection>,
+    /// Only this instance (a foreground start's private server), if set.
+    only: Option<String>,
+}
+
+impl Exports {
+    /// The exports of the available image `image_id` of `repo` (every lazy
+    /// instance of it, or with `only` that one instance).
+    pub(crate) fn new(repo: &Repo, image_id: &str, only: Option<String>) -> Result<Exports> {
+        let row = catalog::find_images(&repo.conn, image_id)?
+            .into_iter()
+            .find(|r| r.id.as_str() == image_id && r.state == Some(ImageState::Available))
+            .ok_or_else(|| Error::ImageNotFound(image_id.to_owned()))?;
+        let image = LazyImage::new(&row, repo.connect()?, repo.own_store())?;
+        Ok(Exports {
+            root: repo.root().to_owned(),
+            perms: repo.perms(),
+            image_id: image_id.to_owned(),
+            image: Arc::new(image),
+            db: Mutex::new(repo.connect()?),
+            only,
+        })
+    }
+
+    /// The export of instance `name`, if it is a lazy instance of this image.
+    fn resolve(&self, name: &str) -> Option<Arc<InstanceExport>> {
+        if self.only.as_deref().is_some_and(|o| o != name) {
+            return None;
+        }
+        let row = catalog::instances::image_and_disk(&self.db.lock().unwrap(), name);
+        match row {
+            Ok(Some(r)) if r == (self.image_id.clone(), DiskMode::Lazy) => {}
+            other => {
+                tracing::warn!(
+                    "refused NBD export {name:?}: not a lazy instance of image {} ({other:?})",
+                    self.image_id
+                );
+                return None;
+            }
+        }
+        let dir = self.root.join("instances").join(name);
+        let stats = read_stats(&dir);
+        Some(Arc::new(InstanceExport {
+            image: self.image.clone(),
+            dir,
+            perms: self.perms,
+            stats: Mutex::new((stats, Instant::now())),
+        }))
+    }
+}
+
+/// Serves `exports` on `listener` until `stop` says so (checked every
+/// 200 ms while no client connects); one thread per connection.
+pub(crate) fn serve(listener: UnixListener, exports: Arc<Exports>, stop: &dyn Fn(usize) -> bool) {
+    use std::os::fd::AsFd;
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)).unwrap_or(0);
+        if ready == 0 {
+            if stop(open.load(Ordering::SeqCst)) {
+                return;
+            }
+            continue;
+        }
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
+        };
+        open.fetch_add(1, Ordering::SeqCst);
+        let (exports, open) = (exports.clone(), open.clone());
+        std::thread::spawn(move || {
+            connection(conn, &exports);
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+fn connection(conn: UnixStream, exports: &Exports) {
+    let current: Mutex<Option<Arc<InstanceExport>>> = Mutex::new(None);
+    let resolve = |name: &str| -> Option<Arc<dyn Export>> {
+        let e = exports.resolve(name)?;
+        *current.lock().unwrap() = Some(e.clone());
+        Some(e)
+    };
+    let r = serve_connection(conn, &resolve, &|_| {});
+    // The last counts reach the file.
+    if let Some(e) = current.lock().unwrap().take() {
+        e.flush();
+    }
+    match r {
+        Ok(Some(name)) => tracing::info!("instance {name} disconnected"),
+        Ok(None) => {}
+        // A probe that connected and left, or QEMU killed mid-request.
+        Err(e) => tracing::debug!("connection ended: {e}"),
+    }
+}
+
+/// A server whose socket is bound: `serve` it.
+pub(crate) struct Bound {
+    pub(crate) listener: UnixListener,
+    pub(crate) exports: Arc<Exports>,
+}
+
+/// Binds `sock` (a stale socket file is replaced: the caller holds the
+/// lock that makes it the only server there) with the depot's file mode.
+pub(crate) fn bind(repo: &Repo, sock: &Path, exports: Exports) -> Result<Bound> {
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).at(sock)?;
+    repo.perms().fix(sock)?;
+    Ok(Bound {
+        listener,
+        exports: Arc::new(exports),
+    })
+}
+
+/// The body of a detached disk server process for `image` (the `vmdepot`
+/// binary's hidden `disk-server` command): returns at once when another
+/// server of it runs; otherwise serves until no QEMU uses it.
+pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
+    let f = server_files(repo.root(), image);
+    repo.perms().mkdir_all(&serve_dir(repo.root()))?;
+    let lock = match repo.perms().flock(&f.lock, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err(_) => return Ok(()), // another server runs
+    };
+    let exports = Exports::new(repo, image, None)?;
+    let bound = bind(repo, &f.sock, exports)?;
+    tracing::info!("serving image {image} on {}", f.sock.display());
+    let exiting: Mutex<Option<Flock<File>>> = Mutex::new(None);
+    serve(bound.listener, bound.exports, &|open| {
+        if open > 0 {
+            return false;
+        }
+        // No client: exit unless a launch holds the users lock or a QEMU
+        // of a lazy instance of this image lives (one reconnecting to a
+        // restarted server, say).
+        if !f.users.exists() {
+            // The depot was removed under us: nobody can use this server.
+            return true;
+        }
+        let Ok(users) = repo.perms().flock(&f.users, FlockArg::LockExclusiveNonblock) else {
+            return false;
+        };
+        let running = catalog::instances::running_of(&repo.conn, image, DiskMode::Lazy);
+        let alive = match running {
+            Ok(rows) => rows
+                .iter()
+                .any(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id))),
+            Err(e) => {
+                tracing::warn!("{e}");
+                true
+            }
+        };
+        if alive {
+            return false;
+        }
+        *exiting.lock().unwrap() = Some(users);
+        true
+    });
+    // Holding the users lock: no launcher is between its check and its
+    // QEMU. Remove the socket, then give up the server lock, then users.
+    let _ = std::fs::remove_file(&f.sock);
+    drop(lock);
+    drop(exiting);
+    tracing::info!("no instance uses image {image} any more: exiting");
+    Ok(())
+}

@@ -117,6 +117,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Instance(cmd) => instance::run(&depot, cmd, &progress),
         Cmd::Remote(cmd) => remote::run(&depot, cmd).map(|()| 0),
         Cmd::Maint(cmd) => maint::run(&depot, cmd, &progress),
-        Cmd::DiskServer { image } => vmdepot::serve_lazy_disks(&depot, &image).map(|()| 0).map_err(Into::into),
+        Cmd::DiskServer { image } => vmdepot::serve_lazy_disks(&depot, &image)
+            .map(|()| 0)
+            .map_err(Into::into),
     }
 }

@@ -92,17 +92,16 @@ impl Depot {
         }
         // Lazy instances read the image from the store: they get its base
         // file first and become overlays on it, which a running one cannot.
-        let _base_lock = crate::image::bases::base_flock(
-            &self.repo,
-            &info.id,
-            nix::fcntl::FlockArg::LockExclusive,
-        )?;
+        let mut _base_lock = None;
         if catalog::instances::count_lazy_of(&self.repo.conn, &info.id)? > 0 {
-            let running = catalog::instances::running_of(
-                &self.repo.conn,
+            self.perms().mkdir_all(&self.root().join("bases"))?;
+            _base_lock = Some(crate::image::bases::base_flock(
+                &self.repo,
                 &info.id,
-                catalog::DiskMode::Lazy,
-            )?;
+                nix::fcntl::FlockArg::LockExclusive,
+            )?);
+            let running =
+                catalog::instances::running_of(&self.repo.conn, &info.id, catalog::DiskMode::Lazy)?;
             if let Some((id, name, _)) = running
                 .iter()
                 .find(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id)))

@@ -88,9 +88,9 @@ impl Input<'_> {
         overlay: &Path,
         parent: Option<BlockMap>,
     ) -> Result<Input<'static>> {
-        let file = overlay.to_str().ok_or_else(|| {
-            Error::Invalid(format!("{}: path is not UTF-8", overlay.display()))
-        })?;
+        let file = overlay
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", overlay.display())))?;
         let spec = serde_json::json!({
             "driver": "qcow2",
             "file": {"driver": "file", "filename": file},
@@ -377,11 +377,10 @@ mod tests {
             p.iter().map(|p| (p.start, p.end, p.at)).collect::<Vec<_>>(),
             vec![(4096, 8192, Some(327680)), (8192, 16384, None)]
         );
-        let compressed: Vec<serde_json::Value> =
-            serde_json::from_str(
-                r#"[{"start": 0, "length": 4096, "depth": 0, "present": true, "data": true}]"#,
-            )
-            .unwrap();
+        let compressed: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"start": 0, "length": 4096, "depth": 0, "present": true, "data": true}]"#,
+        )
+        .unwrap();
         let e = overlay_patches(Path::new("o.qcow2"), &compressed).unwrap_err();
         assert!(e.to_string().contains("no plain offset"), "{e}");
     }

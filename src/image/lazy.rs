@@ -46,10 +46,14 @@ pub struct LazyImage {
     db: Mutex<Connection>,
     store: Box<dyn ObjectStore>,
     packs: Mutex<Kept<String, Arc<PackReader>>>,
-    frames: Mutex<Kept<(String, u64), Arc<Vec<u8>>>>,
+    frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
     /// Bytes of stored (non-zero) blocks returned so far.
     pub(crate) data_read: AtomicU64,
 }
+
+/// A frame by its pack's name and its offset there (content that never
+/// changes: a repacked frame is at another pack).
+type FrameKey = (String, u64);
 
 /// A small cache that forgets the oldest entry first.
 struct Kept<K, V> {
@@ -223,12 +227,18 @@ impl LazyImage {
                 let f = catalog::frame_loc(&db, c.frame)
                     .map_err(|e| fail(blk, e))?
                     .ok_or_else(|| {
-                        self.failure(blk * CHUNK, format!("frame {} is missing from the catalog", c.frame))
+                        self.failure(
+                            blk * CHUNK,
+                            format!("frame {} is missing from the catalog", c.frame),
+                        )
                     })?;
                 let pack = catalog::pack_name(&db, f.pack)
                     .map_err(|e| fail(blk, e))?
                     .ok_or_else(|| {
-                        self.failure(blk * CHUNK, format!("pack {} is missing from the catalog", f.pack))
+                        self.failure(
+                            blk * CHUNK,
+                            format!("pack {} is missing from the catalog", f.pack),
+                        )
                     })?;
                 v.insert((f, pack));
             }

@@ -240,7 +240,8 @@ fn transmission(s: &mut UnixStream, export: &dyn Export) -> std::result::Result<
         let handle = be_u64(&req[8..]);
         let off = be_u64(&req[16..]);
         let len = be_u32(&req[24..]);
-        let in_range = len <= MAX_REQUEST && off.checked_add(u64::from(len)).is_some_and(|e| e <= size);
+        let in_range =
+            len <= MAX_REQUEST && off.checked_add(u64::from(len)).is_some_and(|e| e <= size);
         match kind {
             CMD_READ if !in_range => simple_reply(s, EINVAL, handle, &[])?,
             CMD_READ => {
@@ -357,7 +358,8 @@ mod tests {
         let mut r = [0u8; 16];
         s.read_exact(&mut r).unwrap();
         assert_eq!((be_u32(&r[4..]), be_u64(&r[8..])), (EPERM, 7));
-        s.write_all(&request(CMD_READ, 8, (1 << 20) - 10, 20)).unwrap();
+        s.write_all(&request(CMD_READ, 8, (1 << 20) - 10, 20))
+            .unwrap();
         s.read_exact(&mut r).unwrap();
         assert_eq!((be_u32(&r[4..]), be_u64(&r[8..])), (EINVAL, 8));
         // an unsupported option is answered, and the handshake goes on

@@ -324,7 +324,10 @@ pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
             // The depot was removed under us: nobody can use this server.
             return true;
         }
-        let Ok(users) = repo.perms().flock(&f.users, FlockArg::LockExclusiveNonblock) else {
+        let Ok(users) = repo
+            .perms()
+            .flock(&f.users, FlockArg::LockExclusiveNonblock)
+        else {
             return false;
         };
         let running = catalog::instances::running_of(&repo.conn, image, DiskMode::Lazy);

@@ -220,7 +220,14 @@ impl Depot {
         for f in [p.files().qmp, p.files().console] {
             qemu::check_socket_path(&f)?;
         }
-        make_disk(&self.repo, img, opts.disk, base, &p.disk(opts.disk), progress)?;
+        make_disk(
+            &self.repo,
+            img,
+            opts.disk,
+            base,
+            &p.disk(opts.disk),
+            progress,
+        )?;
         let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &opts.ssh_keys);
         write_seed(&p.seed(), &seed, self.perms().file())?;
         let forwards = launch_forwards(opts, ports_taken)?;

@@ -104,14 +104,17 @@ fn spawn_server(repo: &Repo, image: &str) -> Result<Child> {
         .open(&f.log)
         .at(&f.log)?;
     let mut cmd = Command::new(&bin);
-    cmd.env("VMDEPOT_LOG", std::env::var("VMDEPOT_LOG").unwrap_or_else(|_| "info".into()))
-        .arg("--depot")
-        .arg(repo.root())
-        .arg("disk-server")
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+    cmd.env(
+        "VMDEPOT_LOG",
+        std::env::var("VMDEPOT_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .arg("--depot")
+    .arg(repo.root())
+    .arg("disk-server")
+    .arg(image)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log);
     // A process group of its own: a Ctrl-C meant for the launcher does
     // not reach it.
     cmd.process_group(0);
@@ -141,7 +144,11 @@ fn wait_listening(f: &serve::ServerFiles, mut child: Child) -> Result<()> {
         if Instant::now() > deadline {
             return Err(server_failed(
                 f,
-                &format!("no server on {} after {} s", f.sock.display(), SERVER_START.as_secs()),
+                &format!(
+                    "no server on {} after {} s",
+                    f.sock.display(),
+                    SERVER_START.as_secs()
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -150,7 +157,11 @@ fn wait_listening(f: &serve::ServerFiles, mut child: Child) -> Result<()> {
 
 fn server_failed(f: &serve::ServerFiles, what: &str) -> Error {
     let log = std::fs::read_to_string(&f.log).unwrap_or_default();
-    let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     Error::Tool {
         tool: "vmdepot disk-server".into(),
         detail: format!(
@@ -184,7 +195,12 @@ pub(crate) struct InProcess {
 
 impl InProcess {
     /// Serves instance `instance` of `image` on `sock`.
-    pub(crate) fn start(repo: &Repo, image: &str, instance: &str, sock: &Path) -> Result<InProcess> {
+    pub(crate) fn start(
+        repo: &Repo,
+        image: &str,
+        instance: &str,
+        sock: &Path,
+    ) -> Result<InProcess> {
         crate::launch::qemu::check_socket_path(sock)?;
         let exports = Exports::new(repo, image, Some(instance.to_owned()))?;
         let bound = serve::bind(repo, sock, exports)?;

@@ -26,8 +26,7 @@ use crate::launch::instance::{forwards_json, forwards_of, Held, InstanceInfo};
 use crate::launch::paths::Paths;
 use crate::launch::process::{
     clean_runtime_files, first_lines, fix_runtime_modes, spawn_detached, vm_config, wait_detached,
-    Spawned,
-    watch_accel,
+    watch_accel, Spawned,
 };
 use crate::launch::qemu;
 use crate::launch::qmp::Qmp;
@@ -182,7 +181,12 @@ impl Depot {
         let cfg = vm_config(&p, &r, accel, true);
         clean_runtime_files(&p);
         let disk_server = match r.disk {
-            DiskMode::Lazy => Some(InProcess::start(&self.repo, &r.image, &r.id, &p.disk_sock())?),
+            DiskMode::Lazy => Some(InProcess::start(
+                &self.repo,
+                &r.image,
+                &r.id,
+                &p.disk_sock(),
+            )?),
             _ => None,
         };
         let (log, log_file) = QemuLog::open(&p, self.perms())?;

@@ -160,7 +160,9 @@ fn batch_of_three_shares_one_base_and_keeps_writes_apart() {
     // Two launches of the same image at once, on a depot without its base:
     // the base is made once and both work.
     let other = t
-        .cmd(&["instance", "run", "tiny", "--name", "c", "--disk", "overlay", "-q"])
+        .cmd(&[
+            "instance", "run", "tiny", "--name", "c", "--disk", "overlay", "-q",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -351,7 +353,10 @@ fn bad_launches_are_refused_and_leave_nothing() {
         }
         v
     };
-    assert_eq!(steady(t.json(&["instance", "list", "--json"])), steady(before));
+    assert_eq!(
+        steady(t.json(&["instance", "list", "--json"])),
+        steady(before)
+    );
     t.ok(&["instance", "delete", "taken", "--force"]);
 }
 

@@ -18,8 +18,7 @@ fn disk_servers(t: &T) -> Vec<i32> {
                 .split(|&b| b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            args.iter().any(|a| a == "disk-server") && args.iter().any(|a| *a == depot)
-                && alive(p.into())
+            args.iter().any(|a| a == "disk-server") && args.contains(&depot) && alive(p.into())
         })
         .collect()
 }
@@ -48,12 +47,17 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
     let a = show(&t, "a");
     assert_eq!(a["disk"], "lazy");
     let read = a["store_bytes_read"].as_u64().unwrap();
-    assert!(read > 0 && read <= 4 * data, "read {read} of {data} data bytes");
+    assert!(
+        read > 0 && read <= 4 * data,
+        "read {read} of {data} data bytes"
+    );
     assert_eq!(a["disk_error"], "");
     assert_eq!(disk_servers(&t).len(), 1);
 
     // two more instances (a batch) use the same server
-    t.ok(&["instance", "run", "tiny", "--name", "b", "--count", "2", "-q"]);
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "b", "--count", "2", "-q",
+    ]);
     for n in ["b-1", "b-2"] {
         wait_serial(&t, n, READY);
         assert!(serial(&t, n).contains(DISK_MARKER));
@@ -77,7 +81,9 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
     assert_eq!(disk_servers(&t).len(), 1);
     assert_eq!(base_files(&t), Vec::<PathBuf>::new());
     // a base file is made only when asked for: --disk overlay
-    t.ok(&["instance", "run", "tiny", "--name", "o", "--disk", "overlay", "-q"]);
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "o", "--disk", "overlay", "-q",
+    ]);
     wait_serial(&t, "o", READY);
     assert_eq!(base_files(&t).len(), 1);
     for n in ["a", "b-1", "b-2", "o"] {
@@ -128,14 +134,18 @@ fn frame_of_block(t: &T, raw: &Path, off: u64) -> (PathBuf, u64, u64) {
     let hash = blake3::hash(&block);
     let c = rusqlite::Connection::open(t.depot().join("catalog.db")).unwrap();
     let frame: i64 = c
-        .query_row("SELECT frame FROM chunks WHERE hash = ?1", [hash.as_bytes().as_slice()], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT frame FROM chunks WHERE hash = ?1",
+            [hash.as_bytes().as_slice()],
+            |r| r.get(0),
+        )
         .unwrap();
     let (pack, offset, clen): (i64, i64, i64) = c
-        .query_row("SELECT pack, offset, clen FROM frames WHERE id = ?1", [frame], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT pack, offset, clen FROM frames WHERE id = ?1",
+            [frame],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     let name: String = c
         .query_row("SELECT name FROM packs WHERE id = ?1", [pack], |r| r.get(0))
@@ -164,7 +174,11 @@ fn a_flipped_byte_in_a_pack_is_an_io_error_in_the_guest_never_wrong_data() {
     // check can catch it (looked for near where the chunk's slot lies in
     // the frame, in proportion).
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
     let mut frame = vec![0u8; clen as usize];
     f.read_exact_at(&mut frame, off).unwrap();
     let want = &bytes[block as usize..block as usize + 4096];
@@ -187,7 +201,8 @@ fn a_flipped_byte_in_a_pack_is_an_io_error_in_the_guest_never_wrong_data() {
             })
         })
         .expect("a byte whose flip changes the marker's chunk");
-    f.write_all_at(&[frame[at_frame] ^ 0x10], off + at_frame as u64).unwrap();
+    f.write_all_at(&[frame[at_frame] ^ 0x10], off + at_frame as u64)
+        .unwrap();
     drop(f);
 
     t.ok(&["instance", "run", "tiny", "--name", "a", "-q"]);
@@ -199,9 +214,14 @@ fn a_flipped_byte_in_a_pack_is_an_io_error_in_the_guest_never_wrong_data() {
     assert!(err.contains("does not match its hash"), "{err}");
     assert!(err.contains("tiny (img-"), "{err}");
     // it is in the instance's log too, and the guest never saw the marker
-    wait_until("the guest moves on", BOOT, || serial(&t, "a").contains(READY));
+    wait_until("the guest moves on", BOOT, || {
+        serial(&t, "a").contains(READY)
+    });
     let log = serial(&t, "a");
-    assert!(log.contains("vmdepot: disk read failed at byte offset"), "{log}");
+    assert!(
+        log.contains("vmdepot: disk read failed at byte offset"),
+        "{log}"
+    );
     assert!(!log.contains(DISK_MARKER), "{log}");
     t.ok(&["instance", "delete", "a", "--force"]);
 }
@@ -210,12 +230,22 @@ fn a_flipped_byte_in_a_pack_is_an_io_error_in_the_guest_never_wrong_data() {
 fn a_foreground_start_serves_its_lazy_disk_in_its_own_process() {
     let t = depot_with_guest();
     let mut fg = t
-        .cmd(&["instance", "run", "tiny", "--name", "a", "--foreground", "-q"])
+        .cmd(&[
+            "instance",
+            "run",
+            "tiny",
+            "--name",
+            "a",
+            "--foreground",
+            "-q",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the instance exists", BOOT, || t.run(&["instance", "show", "a"]).status.success());
+    wait_until("the instance exists", BOOT, || {
+        t.run(&["instance", "show", "a"]).status.success()
+    });
     wait_serial(&t, "a", READY);
     assert!(serial(&t, "a").contains(DISK_MARKER));
     // no detached server: the foreground process serves the disk
@@ -228,5 +258,31 @@ fn a_foreground_start_serves_its_lazy_disk_in_its_own_process() {
     assert!(st.success(), "{st}");
     assert!(serial(&t, "a").contains("VMDEPOT-GUEST: power button"));
     assert_eq!(show(&t, "a")["state"], "stopped");
-    assert!(!t.depot().join("instances").join(id_of(&show(&t, "a"))).join("disk.sock").exists());
+    assert!(!t
+        .depot()
+        .join("instances")
+        .join(id_of(&show(&t, "a")))
+        .join("disk.sock")
+        .exists());
+}
+
+#[test]
+fn a_forced_delete_gives_stopped_lazy_instances_a_base_and_refuses_running_ones() {
+    let t = depot_with_guest();
+    boot(&t, "tiny", "a");
+    let a = id_of(&show(&t, "a"));
+    let err = t.refuses(&["image", "delete", "tiny", "--force"], 7, "stop it first");
+    assert!(err.contains("a (ins-"), "{err}");
+    t.ok(&["instance", "stop", "a"]);
+    t.ok(&["image", "delete", "tiny", "--force"]);
+    // the instance kept its content: a base file, and its disk is an overlay on it
+    assert_eq!(show(&t, "a")["disk"], "overlay");
+    assert_eq!(base_files(&t).len(), 1);
+    let gc = t.json(&["gc", "--json"]);
+    assert!(gc["chunks_removed"].as_u64().unwrap() > 0, "{gc}");
+    t.ok(&["instance", "start", "a", "-q"]);
+    wait_serial_count(&t, "a", READY, 2);
+    assert!(serial(&t, "a").contains(&format!("VMDEPOT-WRITTEN: written-by {a}")));
+    t.ok(&["instance", "delete", "a", "--force"]);
+    t.assert_fsck_clean();
 }

@@ -65,7 +65,9 @@ fn zeroed_base_is_noticed_rebuilt_and_reported() {
     // and leaves nothing behind.
     lose_data(&base);
     let err = t.refuses(
-        &["instance", "run", "tiny", "--name", "c", "--disk", "overlay", "--accel", "tcg"],
+        &[
+            "instance", "run", "tiny", "--name", "c", "--disk", "overlay", "--accel", "tcg",
+        ],
         5,
         "runs from it",
     );

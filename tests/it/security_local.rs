@@ -83,10 +83,16 @@ fn depot_is_private_whatever_the_umask_after_import_and_run() {
     ok_umask(
         "000",
         &d,
-        &["instance", "run", "tiny", "--name", "web", "--disk", "overlay", "-q"],
+        &[
+            "instance", "run", "tiny", "--name", "web", "--disk", "overlay", "-q",
+        ],
     );
     // and a lazy one: its disk server's socket, lock and log
-    ok_umask("000", &d, &["instance", "run", "tiny", "--name", "lazy", "-q"]);
+    ok_umask(
+        "000",
+        &d,
+        &["instance", "run", "tiny", "--name", "lazy", "-q"],
+    );
     // A reader keeps the catalog open, so its -wal and -shm exist.
     let mut logs = umask_cmd("000", &d, &["instance", "logs", "--follow", "web"])
         .stdout(Stdio::null())
@@ -111,7 +117,10 @@ fn depot_is_private_whatever_the_umask_after_import_and_run() {
         assert!(all.iter().any(|e| e.0 == dir.join(f)), "no {f} in {all:?}");
     }
     assert!(all.iter().any(|e| is_base(&e.0)), "no base in {all:?}");
-    let served = all.iter().filter(|e| e.0.starts_with(d.join("serve"))).count();
+    let served = all
+        .iter()
+        .filter(|e| e.0.starts_with(d.join("serve")))
+        .count();
     assert!(served >= 4, "no disk server files in {all:?}");
     let wrong = wrong_modes(&d, 0o700, 0o600, 0o400);
     logs.kill().unwrap();

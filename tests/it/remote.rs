@@ -257,7 +257,8 @@ fn concurrent_pushes_of_related_images_both_land_and_dedup() {
 fn remote_gc_while_another_host_pushes_keeps_every_image_whole() {
     let t = T::new();
     let g = Garage::start();
-    let grace = "3";
+    // (a push must finish within half the grace: 3 s on a loaded machine)
+    let grace = "6";
     let h1 = Host::new(&t, &g, "h1").with_env("VMDEPOT_REMOTE_GRACE_SECS", grace);
     let h2 = Host::new(&t, &g, "h2").with_env("VMDEPOT_REMOTE_GRACE_SECS", grace);
     let h3 = Host::new(&t, &g, "h3").with_env("VMDEPOT_REMOTE_GRACE_SECS", grace);
@@ -274,7 +275,7 @@ fn remote_gc_while_another_host_pushes_keeps_every_image_whole() {
     h1.push("x");
     h1.push("y");
     h1.ok(&["image", "delete", "r:x"]);
-    std::thread::sleep(Duration::from_secs(4)); // x's packs are older than the grace
+    std::thread::sleep(Duration::from_secs(7)); // x's packs are older than the grace
                                                 // h3 pushes while h2 collects, twice (retire, then purge after the grace)
     let z = t.path("z.raw");
     synthetic_raw(&z, 120, 3);
@@ -282,7 +283,7 @@ fn remote_gc_while_another_host_pushes_keeps_every_image_whole() {
     let push = h3.spawn(&["image", "push", "z", "r", "--json", "-q"]);
     let g1 = h2.json(&["gc", "--remote", "r", "--json"]);
     assert!(u(&g1, "packs_retired") > 0, "{g1}");
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(7));
     let g2 = h2.json(&["gc", "--remote", "r", "--json"]);
     assert!(u(&g2, "packs_purged") > 0, "{g2}");
     let o = push.wait_with_output().unwrap();

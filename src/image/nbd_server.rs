@@ -49,6 +49,8 @@ const EINVAL: u32 = 22;
 /// 32 MiB, the maximum we announce).
 const MAX_OPTION: u32 = 64 << 10;
 pub(crate) const MAX_REQUEST: u32 = 32 << 20;
+/// How long a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What one export serves.
 pub(crate) trait Export: Send + Sync {
@@ -81,9 +83,13 @@ pub(crate) fn serve_connection(
     resolve: &dyn Fn(&str) -> Option<Arc<dyn Export>>,
     on_open: &dyn Fn(&str),
 ) -> std::result::Result<Option<String>, ConnError> {
+    // A client that does not finish its handshake in time is dropped (an
+    // idle one afterwards is fine: QEMU may not read for hours).
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let Some((name, export)) = handshake(&mut s, resolve)? else {
         return Ok(None);
     };
+    s.set_read_timeout(None)?;
     on_open(&name);
     transmission(&mut s, export.as_ref())?;
     Ok(Some(name))

@@ -93,6 +93,7 @@ impl Depot {
         // Lazy instances read the image from the store: they get its base
         // file first and become overlays on it, which a running one cannot.
         let mut _base_lock = None;
+        let mut _no_server = None;
         if catalog::instances::count_lazy_of(&self.repo.conn, &info.id)? > 0 {
             self.perms().mkdir_all(&self.root().join("bases"))?;
             _base_lock = Some(crate::image::bases::base_flock(
@@ -111,6 +112,11 @@ impl Depot {
                      stop it first"
                 )));
             }
+            // No disk server of it may run, nor a launch start one, while
+            // its lazy instances are turned into overlays.
+            _no_server = Some(crate::image::serve::hold_no_server(
+                &self.repo, &info.id, &what,
+            )?);
             let img = catalog::find_images(&self.repo.conn, &info.id)?
                 .into_iter()
                 .find(|r| r.id.as_str() == info.id)

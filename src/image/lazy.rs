@@ -42,8 +42,10 @@ pub struct LazyImage {
     /// `NAME (img-…)`.
     pub(crate) label: String,
     pub(crate) size: u64,
-    map: BlockMap,
-    db: Mutex<Connection>,
+    db: Mutex<Db>,
+    image: crate::ids::ImageId,
+    catalog: std::path::PathBuf,
+    file_mode: u32,
     store: Box<dyn ObjectStore>,
     packs: Mutex<Kept<String, Arc<PackReader>>>,
     frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
@@ -92,6 +94,21 @@ impl<K: Clone + Eq + std::hash::Hash, V: Clone> Kept<K, V> {
     }
 }
 
+/// The connection reads go through, the map it read, and the inode of
+/// the catalog file it opened: a catalog replaced meanwhile (`fsck
+/// --repair` rebuilds it, with new chunk ids) is opened again and the map
+/// read again.
+struct Db {
+    conn: Connection,
+    map: BlockMap,
+    ino: u64,
+}
+
+pub(crate) fn inode(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0)
+}
+
 /// Where one stored block's bytes are.
 struct BlockLoc {
     blk: u64,
@@ -104,20 +121,21 @@ struct BlockLoc {
 }
 
 impl LazyImage {
-    /// The available image `row`, read through its own connection `db` to
-    /// the catalog and the depot's `store`.
-    pub(crate) fn new(
-        row: &ImageRow,
-        db: Connection,
-        store: Box<dyn ObjectStore>,
-    ) -> Result<LazyImage> {
-        let map = catalog::image_map(&db, &row.id)?;
+    /// The available image `row` of `repo`, read through a connection of
+    /// its own.
+    pub(crate) fn new(row: &ImageRow, repo: &crate::repo::Repo) -> Result<LazyImage> {
+        let catalog = repo.root().join("catalog.db");
+        let ino = inode(&catalog);
+        let conn = repo.connect()?;
+        let map = catalog::image_map(&conn, &row.id)?;
         Ok(LazyImage {
             label: format!("{} ({})", row.name, row.id),
             size: row.virtual_size,
-            map,
-            db: Mutex::new(db),
-            store,
+            db: Mutex::new(Db { conn, map, ino }),
+            image: row.id.clone(),
+            catalog,
+            file_mode: repo.perms().file(),
+            store: repo.own_store(),
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
             frames: Mutex::new(Kept::new(FRAMES_KEPT)),
             data_read: AtomicU64::new(0),
@@ -127,7 +145,8 @@ impl LazyImage {
     /// The byte ranges of `[0, size)` that hold stored blocks, in order.
     pub(crate) fn data_ranges(&self, size: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (blk, _) in self.map.data() {
+        let db = self.db.lock().unwrap();
+        for (blk, _) in db.map.data() {
             let (s, e) = (blk * CHUNK, ((blk + 1) * CHUNK).min(size));
             if s >= e {
                 break;
@@ -201,8 +220,16 @@ impl LazyImage {
 
     /// Where the stored blocks in `first..=last` are now.
     fn locate(&self, first: u64, last: u64) -> std::result::Result<Vec<BlockLoc>, ReadFailure> {
+        let mut guard = self.db.lock().unwrap();
+        if inode(&self.catalog) != guard.ino {
+            let fresh = self
+                .reopen()
+                .map_err(|e| self.failure(first * CHUNK, e.to_string()))?;
+            *guard = fresh;
+        }
+        let db = &guard.conn;
         let blocks: Vec<(u64, ChunkId)> = (first..=last)
-            .map(|b| (b, self.map.get(b)))
+            .map(|b| (b, guard.map.get(b)))
             .filter(|&(_, c)| c != ZERO_BLOCK)
             .collect();
         if blocks.is_empty() {
@@ -211,9 +238,8 @@ impl LazyImage {
         let mut ids: Vec<ChunkId> = blocks.iter().map(|&(_, c)| c).collect();
         ids.sort_unstable();
         ids.dedup();
-        let db = self.db.lock().unwrap();
         let fail = |b: u64, e: Error| self.failure(b * CHUNK, e.to_string());
-        let chunks = catalog::chunk_locs(&db, &ids).map_err(|e| fail(first, e))?;
+        let chunks = catalog::chunk_locs(db, &ids).map_err(|e| fail(first, e))?;
         let mut frames = HashMap::new();
         let mut out = Vec::with_capacity(blocks.len());
         for (blk, cid) in blocks {
@@ -224,7 +250,7 @@ impl LazyImage {
                 ));
             };
             if let std::collections::hash_map::Entry::Vacant(v) = frames.entry(c.frame) {
-                let f = catalog::frame_loc(&db, c.frame)
+                let f = catalog::frame_loc(db, c.frame)
                     .map_err(|e| fail(blk, e))?
                     .ok_or_else(|| {
                         self.failure(
@@ -232,7 +258,7 @@ impl LazyImage {
                             format!("frame {} is missing from the catalog", c.frame),
                         )
                     })?;
-                let pack = catalog::pack_name(&db, f.pack)
+                let pack = catalog::pack_name(db, f.pack)
                     .map_err(|e| fail(blk, e))?
                     .ok_or_else(|| {
                         self.failure(
@@ -254,6 +280,16 @@ impl LazyImage {
             });
         }
         Ok(out)
+    }
+
+    /// A new connection to the catalog file now at its path, and the map
+    /// read through it.
+    fn reopen(&self) -> Result<Db> {
+        let ino = inode(&self.catalog);
+        let conn = catalog::open(&self.catalog, self.file_mode, Some("the depot is in use"))?;
+        let map = catalog::image_map(&conn, &self.image)?;
+        tracing::info!("the catalog was replaced: image {} read anew", self.label);
+        Ok(Db { conn, map, ino })
     }
 
     /// The decompressed frame `l` is in.

@@ -44,11 +44,11 @@ const CMD_CACHE: u16 = 5;
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
-/// The largest option payload accepted, and the largest read or write:
-/// a client that asks for more is not a sane client (QEMU asks for at most
-/// 32 MiB, the maximum we announce).
+/// The largest option payload accepted, and the largest read or write (4
+/// MiB, announced as the maximum block size, which QEMU honours: a
+/// connection's buffer stays small).
 const MAX_OPTION: u32 = 64 << 10;
-pub(crate) const MAX_REQUEST: u32 = 32 << 20;
+pub(crate) const MAX_REQUEST: u32 = 4 << 20;
 /// How long a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

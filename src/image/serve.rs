@@ -97,7 +97,13 @@ struct InstanceExport {
     dir: PathBuf,
     perms: Perms,
     stats: Mutex<(DiskStats, Instant)>,
+    /// When a failed read was last logged, and how many since were not.
+    logged: Mutex<(Option<Instant>, u64)>,
 }
+
+/// Failed reads are logged at most this often per instance (a guest may
+/// retry a bad block forever).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl InstanceExport {
     fn save(&self, stats: &DiskStats) {
@@ -163,12 +169,23 @@ impl Export for InstanceExport {
                      an I/O error (`vmdepot image verify` checks the image)",
                     f.offset, self.image.label, f.detail
                 );
-                tracing::error!("{line}");
                 st.0.error = line.clone();
                 st.1 = Instant::now();
                 self.save(&st.0);
                 drop(st);
-                self.log_failure(&line);
+                let mut logged = self.logged.lock().unwrap();
+                if logged.0.is_none_or(|t| t.elapsed() >= FAILURE_LOG_EVERY) {
+                    let line = match logged.1 {
+                        0 => line,
+                        n => format!("{line} ({n} more failed reads not logged)"),
+                    };
+                    *logged = (Some(Instant::now()), 0);
+                    drop(logged);
+                    tracing::error!("{line}");
+                    self.log_failure(&line);
+                } else {
+                    logged.1 += 1;
+                }
                 Err(READ_FAILED)
             }
         }
@@ -181,7 +198,9 @@ pub(crate) struct Exports {
     perms: Perms,
     image_id: String,
     image: Arc<LazyImage>,
-    db: Mutex<Connection>,
+    /// The connection and the inode of the catalog it opened (one replaced
+    /// by `fsck --repair` is opened again).
+    db: Mutex<(Connection, u64)>,
     /// Only this instance (a foreground start's private server), if set.
     only: Option<String>,
 }
@@ -194,13 +213,16 @@ impl Exports {
             .into_iter()
             .find(|r| r.id.as_str() == image_id && r.state == Some(ImageState::Available))
             .ok_or_else(|| Error::ImageNotFound(image_id.to_owned()))?;
-        let image = LazyImage::new(&row, repo.connect()?, repo.own_store())?;
+        let image = LazyImage::new(&row, repo)?;
         Ok(Exports {
             root: repo.root().to_owned(),
             perms: repo.perms(),
             image_id: image_id.to_owned(),
             image: Arc::new(image),
-            db: Mutex::new(repo.connect()?),
+            db: Mutex::new((
+                repo.connect()?,
+                crate::image::lazy::inode(&repo.root().join("catalog.db")),
+            )),
             only,
         })
     }
@@ -210,12 +232,24 @@ impl Exports {
         if self.only.as_deref().is_some_and(|o| o != name) {
             return None;
         }
-        let row = catalog::instances::image_and_disk(&self.db.lock().unwrap(), name);
+        let row = {
+            let mut db = self.db.lock().unwrap();
+            let path = self.root.join("catalog.db");
+            let ino = crate::image::lazy::inode(&path);
+            if ino != db.1 {
+                match catalog::open(&path, self.perms.file(), Some("the depot is in use")) {
+                    Ok(c) => *db = (c, ino),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            catalog::instances::image_and_disk(&db.0, name)
+        };
         match row {
             Ok(Some(r)) if r == (self.image_id.clone(), DiskMode::Lazy) => {}
             other => {
+                let shown: String = name.chars().take(64).collect();
                 tracing::warn!(
-                    "refused NBD export {name:?}: not a lazy instance of image {} ({other:?})",
+                    "refused NBD export {shown:?}: not a lazy instance of image {} ({other:?})",
                     self.image_id
                 );
                 return None;
@@ -228,9 +262,13 @@ impl Exports {
             dir,
             perms: self.perms,
             stats: Mutex::new((stats, Instant::now())),
+            logged: Mutex::new((None, 0)),
         }))
     }
 }
+
+/// Connections served at once (QEMU opens one per lazy instance).
+const MAX_CONNECTIONS: usize = 128;
 
 /// Serves `exports` on `listener` until `stop` says so (checked every
 /// 200 ms while no client connects); one thread per connection.
@@ -252,6 +290,10 @@ pub(crate) fn serve(listener: UnixListener, exports: Arc<Exports>, stop: &dyn Fn
         let Ok((conn, _)) = listener.accept() else {
             continue;
         };
+        if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            tracing::warn!("{MAX_CONNECTIONS} connections open: one more refused");
+            continue;
+        }
         open.fetch_add(1, Ordering::SeqCst);
         let (exports, open) = (exports.clone(), open.clone());
         std::thread::spawn(move || {
@@ -332,9 +374,16 @@ pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
         };
         let running = catalog::instances::running_of(&repo.conn, image, DiskMode::Lazy);
         let alive = match running {
-            Ok(rows) => rows
-                .iter()
-                .any(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id))),
+            // (a foreground start serves its own disk: its socket exists)
+            Ok(rows) => rows.iter().any(|(id, _, pid)| {
+                pid.is_some_and(|p| crate::proc::pid_alive(p, id))
+                    && !repo
+                        .root()
+                        .join("instances")
+                        .join(id)
+                        .join("disk.sock")
+                        .exists()
+            }),
             Err(e) => {
                 tracing::warn!("{e}");
                 true
@@ -353,4 +402,70 @@ pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
     drop(exiting);
     tracing::info!("no instance uses image {image} any more: exiting");
     Ok(())
+}
+
+/// Removes the server files of images the catalog no longer has and no
+/// server holds (gc).
+pub(crate) fn remove_stale(repo: &Repo) -> Result<usize> {
+    let dir = serve_dir(repo.root());
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut images: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let id = n.split('.').next()?.to_owned();
+            crate::ids::ImageId::parse(&id).map(|_| id)
+        })
+        .collect();
+    images.sort();
+    images.dedup();
+    let mut removed = 0;
+    for id in images {
+        let known = catalog::find_images(&repo.conn, &id)?
+            .iter()
+            .any(|r| r.id.as_str() == id);
+        let f = server_files(repo.root(), &id);
+        if known || crate::repo::held(&f.lock) {
+            continue;
+        }
+        for p in [&f.sock, &f.users, &f.log, &f.lock] {
+            if std::fs::remove_file(p).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Makes sure no disk server of `image` runs and none starts until the
+/// returned lock drops: waits a moment for one that is exiting, then takes
+/// `IMAGE.users` exclusively (a launch that is starting one holds it
+/// shared; a server does not exit while anyone holds it, hence the order).
+/// `what` names the image in the refusal.
+pub(crate) fn hold_no_server(repo: &Repo, image: &str, what: &str) -> Result<Flock<File>> {
+    let f = server_files(repo.root(), image);
+    repo.perms().mkdir_all(&serve_dir(repo.root()))?;
+    let busy = || {
+        Error::NotPermitted(format!(
+            "{what} is being read by a lazy instance (its disk server runs): stop its lazy \
+             instances first"
+        ))
+    };
+    let end = Instant::now() + Duration::from_secs(3);
+    while crate::repo::held(&f.lock) {
+        if Instant::now() > end {
+            return Err(busy());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let users = repo
+        .perms()
+        .flock(&f.users, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| busy())?;
+    if crate::repo::held(&f.lock) {
+        return Err(busy());
+    }
+    Ok(users)
 }

@@ -64,7 +64,12 @@ impl Depot {
         }
         let info = self.info(r.clone(), None);
         instances::delete_instance(&self.repo.conn, &r.id)?;
-        fs::remove_dir_all(&p.dir).at(&p.dir)?;
+        // A lazy disk's server may write its last counts into the
+        // directory as its QEMU disconnects: try again once.
+        if fs::remove_dir_all(&p.dir).is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            fs::remove_dir_all(&p.dir).at(&p.dir)?;
+        }
         Ok(info)
     }
 }

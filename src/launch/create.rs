@@ -292,7 +292,7 @@ pub(crate) fn make_disk(
     dest: &Path,
     progress: &dyn Progress,
 ) -> Result<()> {
-    match (mode, base) {
+    let made = match (mode, base) {
         (DiskMode::Overlay, Some(b)) => crate::image::source::qemu_img(&[
             "create",
             "-q",
@@ -322,6 +322,10 @@ pub(crate) fn make_disk(
             ])
             .map(drop)
         }
-        _ => crate::image::export::export(repo, img, dest, ExportFormat::Raw, progress),
-    }
+        _ => return crate::image::export::export(repo, img, dest, ExportFormat::Raw, progress),
+    };
+    made?;
+    // qemu-img creates it with its own idea of the mode (0640 under a
+    // group depot's umask 007).
+    repo.perms().fix(dest)
 }

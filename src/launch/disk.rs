@@ -30,13 +30,13 @@ const SERVER_START: Duration = Duration::from_secs(15);
 
 /// The `vmdepot` binary that serves lazy disks.
 pub(crate) fn server_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("VMDEPOT_BIN") {
+    if let Some(p) = std::env::var_os("VMDEPOT_BIN").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if p.is_file() {
             Ok(p)
         } else {
             Err(Error::Tool {
-                tool: "vmdepot".into(),
+                tool: "lazy disk server".into(),
                 detail: format!("VMDEPOT_BIN={} is not a file", p.display()),
             })
         };
@@ -59,7 +59,7 @@ pub(crate) fn server_binary() -> Result<PathBuf> {
             .find(|p| p.is_file())
     });
     in_path.ok_or_else(|| Error::Tool {
-        tool: "vmdepot".into(),
+        tool: "lazy disk server".into(),
         detail: "a lazy disk is served by the vmdepot binary, which is not beside this program \
                  or in PATH: set VMDEPOT_BIN, or launch with --disk overlay"
             .into(),
@@ -110,6 +110,10 @@ fn spawn_server(repo: &Repo, image: &str) -> Result<Child> {
     )
     .arg("--depot")
     .arg(repo.root())
+    // The server acts for no account; a fixed valid label keeps a
+    // caller's unusual user name or VMDEPOT_ACCOUNT from mattering.
+    .arg("--account")
+    .arg("disk-server")
     .arg("disk-server")
     .arg(image)
     .stdin(Stdio::null())
@@ -142,6 +146,8 @@ fn wait_listening(f: &serve::ServerFiles, mut child: Child) -> Result<()> {
             }
         }
         if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(server_failed(
                 f,
                 &format!(
@@ -174,15 +180,33 @@ fn server_failed(f: &serve::ServerFiles, what: &str) -> Error {
 
 /// Starts the server of `image` again if instances run from it and none
 /// runs (it died): they reconnect (QEMU's `reconnect-delay`).
-pub(crate) fn restart_if_gone(repo: &Repo, image: &str) {
+pub(crate) fn restart_if_gone(repo: &Repo, image: &str, instance_dir: &Path) {
     let f = server_files(repo.root(), image);
-    if held(&f.lock) {
+    // A foreground start serves its own disk (its socket exists while it
+    // runs).
+    if held(&f.lock) || instance_dir.join("disk.sock").exists() {
         return;
     }
     tracing::warn!("the disk server of image {image} is gone: starting it again");
-    if let Err(e) = spawn_server(repo, image).and_then(|c| wait_listening(&f, c)) {
-        tracing::warn!("{e}");
-    }
+    let line = match spawn_server(repo, image).and_then(|c| wait_listening(&f, c)) {
+        Ok(()) => format!(
+            "vmdepot: the disk server of image {image} was gone and is started again; the \
+             guest's disk reads waited meanwhile, and failed if that took over {} s",
+            crate::launch::qemu::RECONNECT_DELAY_SECS
+        ),
+        Err(e) => {
+            tracing::warn!("{e}");
+            format!("vmdepot: the disk server of image {image} is gone: {e}")
+        }
+    };
+    // Where `instance logs` shows it.
+    let log = instance_dir.join("serial.log");
+    let _ = repo
+        .perms()
+        .open_options()
+        .append(true)
+        .open(&log)
+        .and_then(|mut l| std::io::Write::write_all(&mut l, format!("\r\n{line}\r\n").as_bytes()));
 }
 
 /// A foreground start's own disk server: a thread of this process serving

@@ -283,7 +283,8 @@ impl Depot {
         };
         if r.state == InstanceState::Running && r.disk == DiskMode::Lazy {
             // Its disk server died: QEMU reconnects to a new one.
-            crate::launch::disk::restart_if_gone(&self.repo, &r.image);
+            let dir = Paths::new(self.root(), &r.id).dir;
+            crate::launch::disk::restart_if_gone(&self.repo, &r.image, &dir);
         }
         Ok(self.info(r, run_state))
     }

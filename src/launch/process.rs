@@ -99,7 +99,11 @@ pub(crate) fn spawn_detached(
     let cfg = vm_config(p, r, accel, false);
     clean_runtime_files(p);
     let lease = match r.disk {
-        DiskMode::Lazy => Some(crate::launch::disk::ensure_server(repo, &r.image)?),
+        DiskMode::Lazy => {
+            // This run's counts start from zero.
+            let _ = fs::remove_file(crate::image::serve::stats_path(&p.dir));
+            Some(crate::launch::disk::ensure_server(repo, &r.image)?)
+        }
         _ => None,
     };
     let child = Command::new(qemu_bin)

@@ -181,12 +181,16 @@ impl Depot {
         let cfg = vm_config(&p, &r, accel, true);
         clean_runtime_files(&p);
         let disk_server = match r.disk {
-            DiskMode::Lazy => Some(InProcess::start(
-                &self.repo,
-                &r.image,
-                &r.id,
-                &p.disk_sock(),
-            )?),
+            DiskMode::Lazy => {
+                // This run's counts start from zero.
+                let _ = fs::remove_file(crate::image::serve::stats_path(&p.dir));
+                Some(InProcess::start(
+                    &self.repo,
+                    &r.image,
+                    &r.id,
+                    &p.disk_sock(),
+                )?)
+            }
             _ => None,
         };
         let (log, log_file) = QemuLog::open(&p, self.perms())?;

@@ -230,7 +230,7 @@ impl Depot {
                             r.name, r.id, r.image
                         ))
                     })?;
-                let img = LazyImage::new(&row, self.repo.connect()?, self.repo.own_store())?;
+                let img = LazyImage::new(&row, &self.repo)?;
                 let map = Some(catalog::image_map(&self.repo.conn, &row.id)?);
                 let label = std::path::PathBuf::from(format!("image {}", img.label));
                 Input::overlay(&label, Reader::Image(Arc::new(img)), &p.disk(r.disk), map)?

@@ -356,13 +356,29 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
         if !id.starts_with("ins-") {
             continue;
         }
+        // A QEMU still running for it is adopted (by its pid file, checked
+        // against its command line), never started twice.
+        let pid = crate::proc::read_pidfile(&d.join("qemu.pid"))
+            .filter(|&p| crate::proc::pid_alive(p, &id));
         let (disk, image) = if d.join("disk.qcow2").exists() {
             let image = overlay_base(&d.join("disk.qcow2"));
-            // A lazy overlay names the base file too, which does not exist.
+            // A lazy overlay names the base file too: a running one reads
+            // its disk server (its QEMU's command line says so); a stopped
+            // one is lazy unless the base file exists (an overlay on it
+            // works either way).
+            let served = pid.is_some_and(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\"base-nbd\""))
+            });
             let base_made = image
                 .as_ref()
                 .is_some_and(|i| crate::image::bases::base_path(root, i.as_str()).exists());
-            (if base_made { "overlay" } else { "lazy" }, image)
+            let mode = if served || !base_made {
+                "lazy"
+            } else {
+                "overlay"
+            };
+            (mode, image)
         } else if d.join("disk.raw").exists() {
             ("copy", None)
         } else {
@@ -385,10 +401,6 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
-        // A QEMU still running for it is adopted (by its pid file, checked
-        // against its command line), never started twice.
-        let pid = crate::proc::read_pidfile(&d.join("qemu.pid"))
-            .filter(|&p| crate::proc::pid_alive(p, &id));
         catalog::insert_rebuilt_instance(
             tx,
             &catalog::RebuiltInstance {

@@ -166,3 +166,41 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             .map_err(Into::into),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every argument of every (sub)command has help, every command
+    /// examples in its long help (the integration tests check the same
+    /// through the binary's output).
+    #[test]
+    fn every_argument_has_help_and_every_command_examples() {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "vmdepot", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        if cmd.is_hide_set() || cmd.get_name() == "help" {
+            return;
+        }
+        for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{path}: {} has no help", a.get_id()));
+            }
+        }
+        let examples = cmd.get_after_long_help().map(|h| h.to_string());
+        if !examples.is_some_and(|h| h.starts_with("Examples:\n  vmdepot ")) {
+            missing.push(format!("{path}: no examples"));
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+}

@@ -89,7 +89,8 @@ fn short_help_problems(path: &str, help: &str) -> Vec<String> {
                 .split_once("  ")
                 .is_some_and(|(_, d)| !d.trim().is_empty());
             let next = lines.get(k + 1).copied().unwrap_or("");
-            if !described && !(indent(next) >= 10 && !next.trim().is_empty()) {
+            let below = indent(next) >= 10 && !next.trim().is_empty();
+            if !described && !below {
                 v.push(format!("{path} -h: {:?} has no description", l.trim()));
             }
         }
@@ -369,7 +370,7 @@ fn stop_start_restart_delete_several_and_all_and_logs_n() {
     );
     assert_eq!(
         strs_at(&t.json(&["instance", "ls", "--json"]), "id"),
-        [ida.clone()]
+        [ida.as_str()]
     );
 
     // delete --all --force: a killed and deleted

@@ -38,10 +38,8 @@ fn report(e: &anyhow::Error) -> i32 {
     if is_broken_pipe(e) {
         return 0;
     }
-    eprintln!("vmdepot: {}", cli::output::esc(&format!("{e:#}")));
-    e.downcast_ref::<vmdepot::Error>()
-        .map(|e| e.exit_code())
-        .unwrap_or(1)
+    eprintln!("{}", cli::output::error_line(e));
+    cli::output::exit_code(e)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -25,121 +25,212 @@ use super::remote::{print_pull, print_push, remote_image, warn_damaged};
 #[derive(Subcommand)]
 pub enum ImageCmd {
     /// Import a disk image file (format detected from the content)
+    ///
+    /// Raw, qcow2, VMDK, VHD, VHDX and VDI; images that refer to other files (backing files,
+    /// extents, parents) are refused, and so is a file that changes while it is imported.
+    #[command(after_long_help = "Examples:
+  vmdepot image import debian-12.qcow2 --name debian-12 --type public
+  vmdepot image import /dev/vg/base --name base --tag os=debian --tag release=12
+  vmdepot image import app.qcow2 --name app --type marketplace --vendor Acme --application shop --app-version 2.1")]
     Import(ImportArgs),
     /// Create a custom image from an instance's disk
+    ///
+    /// Only what the instance changed is stored: the new image shares the rest with its parent.
+    #[command(after_long_help = "Examples:
+  vmdepot image create --from-instance web --name web-v2
+  vmdepot image create --from-instance web --name web-live --live --description \"before the upgrade\"")]
     Create {
+        /// The instance (id or name) whose disk becomes the image
         #[arg(long = "from-instance", value_name = "INSTANCE")]
         from_instance: String,
+        /// The new image's name
         #[arg(long)]
         name: String,
         /// Capture a running instance: pause it while its disk is read
         #[arg(long)]
         live: bool,
-        #[arg(long, default_value = "")]
+        /// A free-text description of the new image
+        #[arg(
+            long,
+            value_name = "TEXT",
+            default_value = "",
+            hide_default_value = true
+        )]
         description: String,
+        /// Print the new image as a JSON object instead of its id
         #[arg(long)]
         json: bool,
     },
     /// List images (deprecated ones only with --all), of this depot or of a remote
+    #[command(
+        visible_alias = "ls",
+        after_long_help = "Examples:
+  vmdepot image list
+  vmdepot image ls --type custom --tag os=debian
+  vmdepot image list --remote eu --json"
+    )]
     List(ListArgs),
     /// Change an image's name, description, protection, tags or deprecation
+    #[command(after_long_help = "Examples:
+  vmdepot image update web-v2 --name web-v3 --description \"nginx 1.24\"
+  vmdepot image update web-v2 --protect --tag stage=prod
+  vmdepot image update debian-11 --deprecate")]
     Update(UpdateArgs),
     /// Share a custom image with another account (it may only launch it)
+    #[command(after_long_help = "Examples:
+  vmdepot image share web-v2 --with bob")]
     Share {
+        /// The custom image (id or name) to share
         image: String,
+        /// The account that may launch it
         #[arg(long = "with", value_name = "ACCOUNT")]
         with: String,
     },
     /// Stop sharing an image with an account
+    #[command(after_long_help = "Examples:
+  vmdepot image unshare web-v2 --with bob")]
     Unshare {
+        /// The image (id or name) shared
         image: String,
+        /// The account it is no longer shared with
         #[arg(long = "with", value_name = "ACCOUNT")]
         with: String,
     },
     /// The accounts an image is shared with
+    #[command(after_long_help = "Examples:
+  vmdepot image shares web-v2
+  vmdepot image shares web-v2 --json")]
     Shares {
+        /// The image (id or name)
         image: String,
+        /// Print a JSON array of account names instead of one per line
         #[arg(long)]
         json: bool,
     },
     /// Copy an image into another depot (only the chunks it lacks travel)
+    ///
+    /// An interrupted copy resumes where it stopped when run again.
+    #[command(after_long_help = "Examples:
+  vmdepot image copy web-v2 --to-depot /srv/region2
+  vmdepot image copy web-v2 --to-depot /srv/region2 --name web --json")]
     Copy {
+        /// The image (id or name) to copy
         image: String,
+        /// The target depot's directory (created if missing)
         #[arg(long = "to-depot", value_name = "DIR")]
         to_depot: PathBuf,
-        /// Name in the target [default: the same]
+        /// The image's name in the target [default: the same]
         #[arg(long)]
         name: Option<String>,
+        /// Print the copy's report as a JSON object
         #[arg(long)]
         json: bool,
     },
     /// Lineage: parent images, source instance, copies, children
+    #[command(after_long_help = "Examples:
+  vmdepot image history web-v2
+  vmdepot image history web-v2 --json")]
     History {
+        /// The image (id or name)
         image: String,
+        /// Print a JSON array of lineage entries instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Show one image (id or name; REMOTE:IMAGE: a remote's)
+    #[command(after_long_help = "Examples:
+  vmdepot image show debian-12
+  vmdepot image show img-0123456789abcdef --json
+  vmdepot image show eu:web-v2")]
     Show {
         /// An image's id or name, or REMOTE:IMAGE
         image: String,
+        /// Print a JSON object instead of one `field value` line each
         #[arg(long)]
         json: bool,
     },
     /// Write an image to a file, a block device (in place), or `-` (raw, stdout)
+    #[command(after_long_help = "Examples:
+  vmdepot image export debian-12 debian-12.raw
+  vmdepot image export debian-12 debian-12.qcow2 --format qcow2
+  vmdepot image export debian-12 - | ssh host 'dd of=/dev/vg/lv bs=1M'")]
     Export {
+        /// The image (id or name) to export
         image: String,
+        /// The destination: a file, a block device, or - for stdout
         out: PathBuf,
-        /// raw (sparse) or qcow2
+        /// The output format: raw (sparse) or qcow2
         #[arg(long, default_value = "raw")]
         format: String,
     },
     /// Delete an image (its data is freed by `gc`)
     ///
-    /// REMOTE:IMAGE: retire its manifest on the remote (its data is freed by `gc --remote REMOTE`)
+    /// A local image is refused while it is shared or instances use it (unless --force), or
+    /// while it is protected. REMOTE:IMAGE: retire its manifest on the remote (its data is freed
+    /// by `gc --remote REMOTE`).
+    #[command(
+        visible_alias = "rm",
+        after_long_help = "Examples:
+  vmdepot image delete web-v2
+  vmdepot image rm web-v2 --force
+  vmdepot image delete eu:web-v2"
+    )]
     Delete {
         /// An image's id or name, or REMOTE:IMAGE
         image: String,
-        /// Even if it is shared or instances use it (local images)
+        /// Delete it even if it is shared or instances use it (local images)
         #[arg(long)]
         force: bool,
     },
     /// Re-read and re-hash stored data: one image (with its digest), or all chunks
     ///
-    /// REMOTE:IMAGE: every chunk it names fetched from the remote and re-hashed
+    /// REMOTE:IMAGE: every chunk it names fetched from the remote and re-hashed.
+    #[command(after_long_help = "Examples:
+  vmdepot image verify
+  vmdepot image verify debian-12 --json
+  vmdepot image verify eu:web-v2")]
     Verify {
         /// An image's id or name, or REMOTE:IMAGE [default: every chunk of the depot]
         image: Option<String>,
+        /// Print the report as a JSON object instead of one line
         #[arg(long)]
         json: bool,
     },
     /// Push an image to a remote: only the chunks the remote lacks travel
     ///
     /// JSON: remote, image (id, name: as the remote calls it), chunks, chunks_present,
-    /// chunks_sent, bytes_sent, frames_whole, packs (pack objects written), already
+    /// chunks_sent, bytes_sent, frames_whole, packs (pack objects written), already.
+    #[command(after_long_help = "Examples:
+  vmdepot image push web-v2 eu
+  vmdepot image push web-v2 eu --name web --json")]
     Push {
         /// The local image (id or name)
         image: String,
         /// The configured remote's name (see `vmdepot remote list`)
         remote: String,
-        /// Name on the remote [default: the same]; an image already there keeps its name
+        /// The image's name on the remote [default: the same]; an image already there keeps its name
         #[arg(long)]
         name: Option<String>,
+        /// Print the push's report as a JSON object
         #[arg(long)]
         json: bool,
     },
     /// Pull REMOTE:IMAGE into this depot as an independent image
     ///
-    /// Only the chunks this depot lacks travel; the content is checked against its digest before the
-    /// image is available. JSON: remote, image, chunks, chunks_present, chunks_fetched,
+    /// Only the chunks this depot lacks travel; the content is checked against its digest before
+    /// the image is available. JSON: remote, image, chunks, chunks_present, chunks_fetched,
     /// bytes_fetched, frames_whole, gets. REMOTE:IMAGE names a remote only when REMOTE is a
-    /// configured remote's name (image names may hold ':' too)
+    /// configured remote's name (image names may hold ':' too).
+    #[command(after_long_help = "Examples:
+  vmdepot image pull eu:web-v2
+  vmdepot image pull eu:img-0123456789abcdef --name web --json")]
     Pull {
         /// REMOTE:IMAGE (id or name)
         image: String,
-        /// Name here [default: the same]
+        /// The image's name here [default: the same]
         #[arg(long)]
         name: Option<String>,
+        /// Print the pull's report as a JSON object
         #[arg(long)]
         json: bool,
     },
@@ -148,32 +239,46 @@ pub enum ImageCmd {
 /// The flags of `vmdepot image import`.
 #[derive(Args)]
 pub struct ImportArgs {
+    /// The disk image: a regular file or a block device
     file: PathBuf,
+    /// The new image's name
     #[arg(long)]
     name: String,
-    /// auto, raw, qcow2, vmdk, vhdx or vhd
+    /// The input format: auto (from the content), raw, qcow2, vmdk, vhdx, vhd or vdi
     #[arg(long, default_value = "auto")]
     format: String,
-    /// public, marketplace or custom
-    #[arg(long = "type", default_value = "custom")]
+    /// The image's type: public, marketplace or custom
+    #[arg(long = "type", value_name = "TYPE", default_value = "custom")]
     kind: String,
-    #[arg(long, default_value = "")]
+    /// A free-text description of the image
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "",
+        hide_default_value = true
+    )]
     description: String,
     /// Read the file even if it is unchanged since an earlier import
     #[arg(long)]
     reread: bool,
-    /// Marketplace images: the vendor
-    #[arg(long, default_value = "")]
+    /// The vendor of a marketplace image
+    #[arg(long, default_value = "", hide_default_value = true)]
     vendor: String,
-    /// Marketplace images: the application
-    #[arg(long, default_value = "")]
+    /// The application of a marketplace image
+    #[arg(long, default_value = "", hide_default_value = true)]
     application: String,
-    /// Marketplace images: the application's version
-    #[arg(long = "app-version", default_value = "")]
+    /// The application's version of a marketplace image
+    #[arg(
+        long = "app-version",
+        value_name = "VERSION",
+        default_value = "",
+        hide_default_value = true
+    )]
     app_version: String,
     /// A tag KEY=VALUE (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     tags: Vec<String>,
+    /// Print the new image as a JSON object instead of its id
     #[arg(long)]
     json: bool,
 }
@@ -181,8 +286,8 @@ pub struct ImportArgs {
 /// The flags of `vmdepot image list`.
 #[derive(Args)]
 pub struct ListArgs {
-    /// public, marketplace, custom or shared
-    #[arg(long = "type")]
+    /// Only images of this type: public, marketplace, custom or shared
+    #[arg(long = "type", value_name = "TYPE")]
     kind: Option<String>,
     /// Only images with this tag KEY=VALUE (repeatable: all must match)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
@@ -190,9 +295,10 @@ pub struct ListArgs {
     /// Include deprecated images
     #[arg(long)]
     all: bool,
-    /// The images of this remote (the same fields; damaged manifests are named on stderr)
+    /// List this remote's images instead (damaged manifests are named on stderr)
     #[arg(long, value_name = "REMOTE")]
     remote: Option<String>,
+    /// Print a JSON array of images instead of a table
     #[arg(long)]
     json: bool,
 }
@@ -200,24 +306,30 @@ pub struct ListArgs {
 /// The flags of `vmdepot image update`.
 #[derive(Args)]
 pub struct UpdateArgs {
+    /// The image (id or name) to change
     image: String,
+    /// Rename the image
     #[arg(long)]
     name: Option<String>,
-    #[arg(long)]
+    /// Replace the image's description
+    #[arg(long, value_name = "TEXT")]
     description: Option<String>,
-    /// Refuse deletion until --unprotect
+    /// Refuse the image's deletion until --unprotect
     #[arg(long, conflicts_with = "unprotect")]
     protect: bool,
+    /// Allow the image's deletion again
     #[arg(long)]
     unprotect: bool,
     /// Set a tag KEY=VALUE (KEY= removes it; repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     tags: Vec<String>,
-    /// Hide from default listings (still launchable)
+    /// Hide the image from default listings (it can still be launched)
     #[arg(long, conflicts_with = "undeprecate")]
     deprecate: bool,
+    /// List the image by default again
     #[arg(long)]
     undeprecate: bool,
+    /// Print the updated image as a JSON object instead of `field value` lines
     #[arg(long)]
     json: bool,
 }

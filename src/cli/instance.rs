@@ -15,7 +15,7 @@ use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
 
 use super::input::read_file;
-use super::output::{esc, print_json, show};
+use super::output::{error_line, esc, exit_code, print_json, show};
 use super::remote::remote_image;
 use super::terminal::{console, run_foreground};
 
@@ -24,74 +24,181 @@ use super::terminal::{console, run_foreground};
 pub enum InstanceCmd {
     /// Launch instances of an image (detached unless --foreground)
     ///
-    /// REMOTE:IMAGE (when REMOTE is a configured remote) pulls the image first unless a copy was pulled already
+    /// Each instance gets a qcow2 overlay over the image (--disk), a NoCloud seed (hostname,
+    /// SSH keys or user-data) and user-mode networking with SSH forwarded from a free host port.
+    /// REMOTE:IMAGE (when REMOTE is a configured remote) pulls the image first unless a copy was
+    /// pulled already.
+    #[command(
+        visible_alias = "launch",
+        after_long_help = "Examples:
+  vmdepot instance run debian-12 --name web --forward 8080:80
+  vmdepot instance launch debian-12 --name node --count 3 --cpus 2 --memory 2G
+  vmdepot instance run debian-12 --name ci --ssh-key ~/.ssh/id_ed25519.pub --foreground"
+    )]
     Run(RunArgs),
-    /// List instances
+    /// List this account's instances with their true states
+    #[command(
+        visible_alias = "ls",
+        after_long_help = "Examples:
+  vmdepot instance list
+  vmdepot instance ls --json"
+    )]
     List {
+        /// Print a JSON array of instances instead of a table
         #[arg(long)]
         json: bool,
     },
-    /// Show one instance (id or name)
+    /// Show one instance: state, pid, SSH port, files, disk, image
+    #[command(after_long_help = "Examples:
+  vmdepot instance show web
+  vmdepot instance show ins-0123456789abcdef --json")]
     Show {
+        /// The instance's id (ins-…) or name
         instance: String,
+        /// Print a JSON object instead of one `field value` line each
         #[arg(long)]
         json: bool,
     },
-    /// Stop: ACPI power button through QMP, then kill after --timeout
+    /// Stop instances: ACPI power button through QMP, then kill after --timeout
+    ///
+    /// Several instances are stopped in order, one line each; a failure is reported on stderr
+    /// and the others are still stopped (the exit code is the first failure's). Stopping a
+    /// stopped instance is no error.
+    #[command(after_long_help = "Examples:
+  vmdepot instance stop web
+  vmdepot instance stop web db cache --timeout 20
+  vmdepot instance stop --all --force")]
     Stop {
-        instance: String,
-        /// Kill at once
+        /// The instances to stop (ids or names), in order
+        #[arg(value_name = "INSTANCE", required_unless_present = "all")]
+        instances: Vec<String>,
+        /// Stop every instance of this account
+        #[arg(long, conflicts_with = "instances")]
+        all: bool,
+        /// Kill QEMU at once instead of pressing the power button
         #[arg(long)]
         force: bool,
-        /// Seconds to wait for the guest to power off
-        #[arg(long, default_value_t = STOP_TIMEOUT.as_secs())]
+        /// Seconds to wait for the guest to power off before killing it
+        #[arg(long, value_name = "SECONDS", default_value_t = STOP_TIMEOUT.as_secs())]
         timeout: u64,
     },
-    /// Start a stopped instance
+    /// Start stopped instances (detached unless --foreground)
+    ///
+    /// Several instances are started in order, one line each; a failure is reported on stderr
+    /// and the others are still started (the exit code is the first failure's).
+    #[command(after_long_help = "Examples:
+  vmdepot instance start web
+  vmdepot instance start web db
+  vmdepot instance start --all")]
     Start {
-        instance: String,
-        /// Keep QEMU as a child (for systemd units: Type=notify)
+        /// The instances to start (ids or names), in order
+        #[arg(value_name = "INSTANCE", required_unless_present = "all")]
+        instances: Vec<String>,
+        /// Start every instance of this account that is not running
+        #[arg(long, conflicts_with_all = ["instances", "foreground"])]
+        all: bool,
+        /// Keep QEMU as a child, for systemd units (Type=notify); one instance only
         #[arg(long)]
         foreground: bool,
     },
-    /// Stop and start
+    /// Stop instances and start them again
+    ///
+    /// Several instances are restarted in order, one line each; a failure is reported on stderr
+    /// and the others are still restarted (the exit code is the first failure's). A stopped
+    /// instance is started.
+    #[command(after_long_help = "Examples:
+  vmdepot instance restart web
+  vmdepot instance restart web db --timeout 20
+  vmdepot instance restart --all")]
     Restart {
-        instance: String,
-        #[arg(long, default_value_t = STOP_TIMEOUT.as_secs())]
+        /// The instances to restart (ids or names), in order
+        #[arg(value_name = "INSTANCE", required_unless_present = "all")]
+        instances: Vec<String>,
+        /// Restart every instance of this account
+        #[arg(long, conflicts_with = "instances")]
+        all: bool,
+        /// Seconds to wait for the guest to power off before killing it
+        #[arg(long, value_name = "SECONDS", default_value_t = STOP_TIMEOUT.as_secs())]
         timeout: u64,
     },
-    /// Delete an instance (its disk, seed, sockets and logs)
+    /// Delete instances: their disks, seeds, sockets and logs
+    ///
+    /// A running instance is refused unless --force (which kills it). Several instances are
+    /// deleted in order, one line each; a failure is reported on stderr and the others are still
+    /// deleted (the exit code is the first failure's).
+    #[command(
+        visible_alias = "rm",
+        after_long_help = "Examples:
+  vmdepot instance delete web
+  vmdepot instance rm web db --force
+  vmdepot instance delete --all --force"
+    )]
     Delete {
-        instance: String,
-        /// Kill it first if it is running
+        /// The instances to delete (ids or names), in order
+        #[arg(value_name = "INSTANCE", required_unless_present = "all")]
+        instances: Vec<String>,
+        /// Delete every instance of this account (running ones only with --force)
+        #[arg(long, conflicts_with = "instances")]
+        all: bool,
+        /// Kill running instances first instead of refusing them
         #[arg(long)]
         force: bool,
     },
-    /// Print the serial console log
+    /// Print an instance's serial console log
+    #[command(after_long_help = "Examples:
+  vmdepot instance logs web
+  vmdepot instance logs web -n 20
+  vmdepot instance logs web -n 0 --follow")]
     Logs {
+        /// The instance's id (ins-…) or name
         instance: String,
-        /// Keep printing while the instance runs
+        /// Keep printing what the log gains while the instance runs (as `tail -f`)
         #[arg(long, short)]
         follow: bool,
+        /// Print only the last N lines (with --follow: then what follows, as `tail -n N -f`)
+        #[arg(long, short = 'n', value_name = "N")]
+        lines: Option<u64>,
     },
-    /// Attach to the serial console (Ctrl-] to detach)
-    Console { instance: String },
-    /// Print a systemd unit that runs the instance
-    Unit { instance: String },
-    /// Capture the instance as a backup image (tagged backup-of=ID)
-    Backup {
+    /// Attach to an instance's serial console (Ctrl-] to detach)
+    #[command(after_long_help = "Examples:
+  vmdepot instance console web")]
+    Console {
+        /// The instance's id (ins-…) or name; it must be running
         instance: String,
+    },
+    /// Print a systemd unit (Type=notify) that runs the instance
+    #[command(after_long_help = "Examples:
+  vmdepot instance unit web > /etc/systemd/system/vm-web.service
+  systemctl daemon-reload && systemctl enable --now vm-web")]
+    Unit {
+        /// The instance's id (ins-…) or name
+        instance: String,
+    },
+    /// Capture an instance as a backup image (tagged backup-of=ID)
+    #[command(after_long_help = "Examples:
+  vmdepot instance backup web
+  vmdepot instance backup web --name web-nightly --keep 7")]
+    Backup {
+        /// The instance's id (ins-…) or name
+        instance: String,
+        /// The backup image's name [default: INSTANCE-backup-TIME-XXXX]
         #[arg(long)]
         name: Option<String>,
-        /// Keep only the N newest backups of this instance
-        #[arg(long)]
+        /// Keep only the N newest backups of this instance (older ones are deleted)
+        #[arg(long, value_name = "N")]
         keep: Option<usize>,
+        /// Print the backup and the pruned images as a JSON object
         #[arg(long)]
         json: bool,
     },
-    /// Make the instance's disk an image's content again (restarts it if running)
+    /// Make an instance's disk an image's content again (restarts it if running)
+    #[command(after_long_help = "Examples:
+  vmdepot instance restore web --from web-v2
+  vmdepot instance restore web --from img-0123456789abcdef")]
     Restore {
+        /// The instance's id (ins-…) or name
         instance: String,
+        /// The image (id or name) whose content the disk becomes
         #[arg(long = "from", value_name = "IMAGE")]
         from: String,
     },
@@ -102,38 +209,44 @@ pub enum InstanceCmd {
 pub struct RunArgs {
     /// An image's id or name, or REMOTE:IMAGE (pulled first unless this depot has it)
     image: String,
-    /// Instance name; with --count N: NAME-1 … NAME-N
+    /// The instance's name (with --count N: NAME-1 … NAME-N) [default: IMAGE-XXXX, XXXX random]
     #[arg(long)]
     name: Option<String>,
-    /// How many instances (batch launch)
-    #[arg(long, default_value_t = 1)]
+    /// How many instances to launch in one call
+    #[arg(long, value_name = "N", default_value_t = 1)]
     count: u32,
-    #[arg(long, default_value_t = 1)]
+    /// Virtual CPUs per instance
+    #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// Guest memory, e.g. 512M or 2G
-    #[arg(long, default_value = "512M")]
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: String,
-    /// lazy (qcow2 overlay; the image is read from the store as the guest needs it, no base file), overlay (qcow2 over a raw base file of the image, made on first use) or copy (private raw disk)
-    #[arg(long, default_value = "lazy")]
+    /// The instance's disk: lazy, overlay or copy
+    ///
+    /// lazy: a qcow2 overlay whose backing is read from the chunk store as the guest needs it (no
+    /// base file); overlay: a qcow2 overlay over a raw base file of the image, made on first use;
+    /// copy: a private raw copy of the image.
+    #[arg(long, value_name = "MODE", default_value = "lazy")]
     disk: String,
-    /// auto (KVM if it really works here, else TCG), kvm or tcg
-    #[arg(long, default_value = "auto")]
+    /// Acceleration: auto (KVM if it works here, else TCG), kvm or tcg
+    #[arg(long, value_name = "ACCEL", default_value = "auto")]
     accel: String,
-    /// Guest hostname (NoCloud local-hostname) [default: the instance name]
+    /// The guest's hostname (NoCloud local-hostname) [default: the instance name]
     #[arg(long)]
     hostname: Option<String>,
-    /// Public key file to authorise (generated user-data)
+    /// A public key file to authorise in the generated user-data (repeatable)
     #[arg(long = "ssh-key", value_name = "FILE")]
     ssh_keys: Vec<PathBuf>,
-    /// User-data file for cloud-init (replaces the generated one)
+    /// A cloud-init user-data file (replaces the generated one)
     #[arg(long, value_name = "FILE")]
     user_data: Option<PathBuf>,
-    /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST
+    /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST (repeatable)
     #[arg(long = "forward", value_name = "HOST:GUEST")]
     forwards: Vec<String>,
     /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
     #[arg(long)]
     foreground: bool,
+    /// Print the launched instances as a JSON array
     #[arg(long)]
     json: bool,
 }
@@ -146,33 +259,68 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
     match cmd {
         InstanceCmd::Run(a) => return launch(depot, a, progress),
         InstanceCmd::Start {
-            instance,
+            instances,
             foreground: true,
-        } => return run_foreground(|| depot.start_foreground(&instance)),
-        InstanceCmd::Start { instance, .. } => start(depot, &instance, &mut out())?,
+            ..
+        } => {
+            let [instance] = &instances[..] else {
+                anyhow::bail!(vmdepot::Error::Usage(
+                    "--foreground starts one instance: name only one".into()
+                ));
+            };
+            return run_foreground(|| depot.start_foreground(instance));
+        }
+        InstanceCmd::Start { instances, all, .. } => {
+            let targets = targets(depot, instances, all, |i| !is_up(i))?;
+            return each(&targets, &mut out(), |name| {
+                let (i, notice) = depot.start_instance(name)?;
+                Ok((started_line(&i), notice))
+            });
+        }
+        InstanceCmd::Stop {
+            instances,
+            all,
+            force,
+            timeout,
+        } => {
+            let targets = targets(depot, instances, all, |_| true)?;
+            return each(&targets, &mut out(), |name| {
+                let i = depot.stop_instance(name, force, Duration::from_secs(timeout))?;
+                Ok((state_line(&i), None))
+            });
+        }
+        InstanceCmd::Restart {
+            instances,
+            all,
+            timeout,
+        } => {
+            let targets = targets(depot, instances, all, |_| true)?;
+            return each(&targets, &mut out(), |name| {
+                let (i, notice) = depot.restart_instance(name, Duration::from_secs(timeout))?;
+                Ok((state_line(&i), notice))
+            });
+        }
+        InstanceCmd::Delete {
+            instances,
+            all,
+            force,
+        } => {
+            let targets = targets(depot, instances, all, |_| true)?;
+            return each(&targets, &mut out(), |name| {
+                let i = depot.delete_instance(name, force)?;
+                Ok((format!("deleted {} ({})", esc(&i.name), i.id), None))
+            });
+        }
         InstanceCmd::Console { instance } => attach(depot, &instance)?,
         InstanceCmd::List { json } => list(depot, json, &mut out())?,
         InstanceCmd::Show { instance, json } => {
             show(&mut out(), &depot.instance(&instance)?, json)?
         }
-        InstanceCmd::Stop {
+        InstanceCmd::Logs {
             instance,
-            force,
-            timeout,
-        } => {
-            let i = depot.stop_instance(&instance, force, Duration::from_secs(timeout))?;
-            print_state(&mut out(), &i)?;
-        }
-        InstanceCmd::Restart { instance, timeout } => {
-            let (i, notice) = depot.restart_instance(&instance, Duration::from_secs(timeout))?;
-            print_notice(notice.as_deref());
-            print_state(&mut out(), &i)?;
-        }
-        InstanceCmd::Delete { instance, force } => {
-            let i = depot.delete_instance(&instance, force)?;
-            writeln!(out(), "deleted {} ({})", esc(&i.name), i.id)?;
-        }
-        InstanceCmd::Logs { instance, follow } => logs(depot, &instance, follow, &mut out())?,
+            follow,
+            lines,
+        } => logs(depot, &instance, follow, lines, &mut out())?,
         InstanceCmd::Backup {
             instance,
             name,
@@ -195,6 +343,54 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
     Ok(0)
 }
 
+/// The instances a stop, start, restart or delete acts on: those named,
+/// or with `all` the ids of this account's instances (oldest first) that
+/// `wanted` picks.
+fn targets(
+    depot: &Depot,
+    named: Vec<String>,
+    all: bool,
+    wanted: impl Fn(&InstanceInfo) -> bool,
+) -> anyhow::Result<Vec<String>> {
+    if !all {
+        return Ok(named);
+    }
+    let list = depot.list_instances()?;
+    Ok(list.into_iter().filter(wanted).map(|i| i.id).collect())
+}
+
+/// Acts on each instance in order: `act`'s line on stdout for each that
+/// succeeded, one error line on stderr for each that failed (and its notice,
+/// such as why TCG, once). Returns the first failure's exit code, 0 if none
+/// failed. Only a failing stdout ends it early.
+fn each(
+    instances: &[String],
+    out: &mut impl Write,
+    mut act: impl FnMut(&str) -> anyhow::Result<(String, Option<String>)>,
+) -> anyhow::Result<i32> {
+    let mut code = 0;
+    let mut notices = Vec::new();
+    for name in instances {
+        match act(name) {
+            Ok((line, notice)) => {
+                if let Some(n) = notice.filter(|n| !notices.contains(n)) {
+                    print_notice(Some(&n));
+                    notices.push(n);
+                }
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
+            Err(e) => {
+                eprintln!("{}", error_line(&e));
+                if code == 0 {
+                    code = exit_code(&e);
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
 /// `instance list`.
 fn list(depot: &Depot, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let list = depot.list_instances()?;
@@ -204,13 +400,11 @@ fn list(depot: &Depot, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     print_instance_table(out, &list)
 }
 
-/// `instance start` (not in the foreground).
-fn start(depot: &Depot, instance: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let (i, notice) = depot.start_instance(instance)?;
-    print_notice(notice.as_deref());
-    let name = esc(&i.name);
-    writeln!(out, "{name} ({}) {}  {}", i.id, i.state, ssh_hint(&i))?;
-    Ok(())
+/// A started instance: `NAME (ID) STATE  ssh -p PORT …`.
+fn started_line(i: &InstanceInfo) -> String {
+    format!("{} ({}) {}  {}", esc(&i.name), i.id, i.state, ssh_hint(i))
+        .trim_end()
+        .to_owned()
 }
 
 /// `instance backup`: the new backup and the ones pruned.
@@ -327,11 +521,20 @@ fn attach(depot: &Depot, instance: &str) -> anyhow::Result<()> {
     console(&i)
 }
 
-/// `instance logs`: the serial log; with `follow`, what it gains until the
-/// instance stops.
-fn logs(depot: &Depot, instance: &str, follow: bool, out: &mut impl Write) -> anyhow::Result<()> {
+/// `instance logs`: the serial log (its last `lines` lines); with
+/// `follow`, then what it gains until the instance stops.
+fn logs(
+    depot: &Depot,
+    instance: &str,
+    follow: bool,
+    lines: Option<u64>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let i = depot.instance(instance)?;
-    let mut pos = 0u64;
+    let mut pos = match lines {
+        Some(n) => tail_start(&i.serial_log, n)?,
+        None => 0,
+    };
     loop {
         pos += copy_from(&i.serial_log, pos, out)?;
         out.flush()?;
@@ -344,6 +547,40 @@ fn logs(depot: &Depot, instance: &str, follow: bool, out: &mut impl Write) -> an
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Where the last `n` lines of the file begin, as `tail -n` counts them (a
+/// last line without its newline is a line): 0 if it has no more than `n`
+/// lines or does not exist.
+fn tail_start(path: &Path, n: u64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    let len = f.metadata()?.len();
+    if n == 0 {
+        return Ok(len);
+    }
+    // Newlines from the end, the last byte's own not counted: the n-th
+    // ends the line before the last n.
+    let mut left = n;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut end = len.saturating_sub(1);
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let block = &mut buf[..(end - start) as usize];
+        f.read_exact_at(block, start)?;
+        for (k, _) in block.iter().enumerate().rev().filter(|(_, b)| **b == b'\n') {
+            left -= 1;
+            if left == 0 {
+                return Ok(start + k as u64 + 1);
+            }
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// Whether QEMU runs for the instance (running or paused).
@@ -359,9 +596,8 @@ fn print_notice(notice: Option<&str>) {
 }
 
 /// `NAME (ID) STATE`.
-fn print_state(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> {
-    writeln!(out, "{} ({}) {}", esc(&i.name), i.id, i.state)?;
-    Ok(())
+fn state_line(i: &InstanceInfo) -> String {
+    format!("{} ({}) {}", esc(&i.name), i.id, i.state)
 }
 
 fn print_restored(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> {

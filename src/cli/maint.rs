@@ -26,6 +26,10 @@ pub enum MaintCmd {
     /// With --remote: retire a remote's dead packs and purge what was retired longer than the
     /// grace period (VMDEPOT_REMOTE_GRACE_SECS, default 24 h), safe against pushes of other
     /// hosts (docs/FORMAT.md, "Remote gc")
+    #[command(after_long_help = "Examples:
+  vmdepot gc --dry-run
+  vmdepot gc
+  vmdepot gc --remote eu --json")]
     Gc {
         /// Only report what would be removed (a remote: no lock taken either)
         #[arg(long)]
@@ -36,24 +40,36 @@ pub enum MaintCmd {
         /// With --remote: remove the gc lock of a gc that died (however young)
         #[arg(long, requires = "remote")]
         break_lock: bool,
+        /// Print the report as a JSON object instead of one line
         #[arg(long)]
         json: bool,
     },
-    /// Check the catalog and the store for damage
+    /// Check the catalog and the store for damage (exit code 5 if there is any)
+    #[command(after_long_help = "Examples:
+  vmdepot fsck
+  vmdepot fsck --bases --json
+  vmdepot fsck --repair")]
     Fsck {
         /// Also read every launch base back in full and compare its digest
         #[arg(long)]
         bases: bool,
+        /// Print the report as a JSON object instead of lines
         #[arg(long)]
         json: bool,
-        /// Rebuild a missing, empty or damaged catalog from the packs, their
-        /// indexes and the image manifests (run it alone); on a sound
-        /// catalog, write the manifests and pack indexes it lacks
+        /// Rebuild a lost or damaged catalog from packs, indexes and manifests
+        ///
+        /// Rebuilds a missing, empty or damaged catalog from the packs, their indexes and the
+        /// image manifests (run it alone); on a sound catalog, writes the manifests and pack
+        /// indexes it lacks.
         #[arg(long)]
         repair: bool,
     },
     /// Logical vs stored bytes, dedup and compression ratios
+    #[command(after_long_help = "Examples:
+  vmdepot stats
+  vmdepot stats --json")]
     Stats {
+        /// Print the statistics as a JSON object instead of a table
         #[arg(long)]
         json: bool,
     },

@@ -24,12 +24,19 @@ use vmdepot::{Depot, DepotOptions, Intent};
 use maint::MaintCmd;
 use progress::CliProgress;
 
-/// The exit codes, as `--help` lists them (and README.md).
-const EXIT_CODES: &str =
-    "Exit codes: 0 success; 1 error; 2 usage (a name matching several images too); \
+/// The exit codes, as `--help` lists them (and README.md): a macro, for
+/// `concat!`.
+macro_rules! exit_codes {
+    () => {
+        "Exit codes: 0 success; 1 error; 2 usage (a name matching several images too); \
 3 not found; 4 refused or bad input; 5 damaged store (fsck found damage); 6 no space; \
 7 not permitted for this account; 8 a remote failed (credentials, bucket, endpoint, network, \
-throttling: the message names the remote, the object and the status)";
+throttling: the message names the remote, the object and the status)"
+    };
+}
+
+/// The heading of the global flags in every command's help.
+const GLOBAL: &str = "Global options";
 
 /// The command line: global flags and one command.
 #[derive(Parser)]
@@ -38,20 +45,39 @@ throttling: the message names the remote, the object and the status)";
     version,
     about = "Local machine-image depot for a hypervisor host",
     long_about = None,
-    after_help = EXIT_CODES
+    after_help = exit_codes!(),
+    after_long_help = concat!(
+        "Examples:
+  vmdepot image import debian-12.qcow2 --name debian-12
+  vmdepot instance run debian-12 --name web --forward 8080:80
+  vmdepot --depot /srv/depot --group vmusers image list
+
+",
+        exit_codes!()
+    )
 )]
 pub struct Cli {
-    /// Depot directory [default: $VMDEPOT_DIR, /var/lib/vmdepot as root, else $XDG_DATA_HOME/vmdepot]
-    #[arg(long, global = true, value_name = "DIR")]
+    /// The depot directory [default: $VMDEPOT_DIR, else /var/lib/vmdepot or a per-user one]
+    ///
+    /// Without --depot and $VMDEPOT_DIR: /var/lib/vmdepot for root, else $XDG_DATA_HOME/vmdepot
+    /// (~/.local/share/vmdepot).
+    #[arg(long, global = true, value_name = "DIR", help_heading = GLOBAL)]
     depot: Option<PathBuf>,
-    /// Act as this account (a Unix user name: [a-z_][a-z0-9_-]*$?, at most 32) [default: $VMDEPOT_ACCOUNT, else the Unix user]
-    #[arg(long, global = true, value_name = "NAME")]
+    /// Act as this account [default: $VMDEPOT_ACCOUNT, else the Unix user]
+    ///
+    /// An account name is a Unix user name: 1-32 characters, a lowercase letter or `_` first,
+    /// then lowercase letters, digits, `_` or `-`, optionally a final `$`.
+    #[arg(long, global = true, value_name = "NAME", help_heading = GLOBAL)]
     account: Option<String>,
-    /// Create the depot shared by this Unix group (dirs 2770, files 0660) instead of private (0700/0600); only when the depot is created
-    #[arg(long, global = true, value_name = "GROUP")]
+    /// Create the depot shared by this Unix group instead of private to you
+    ///
+    /// Only when the command creates the depot: directories 2770 (setgid), files 0660, group
+    /// GROUP, kept in DEPOT/group (later commands need no --group). Else the depot is private:
+    /// directories 0700, files 0600.
+    #[arg(long, global = true, value_name = "GROUP", help_heading = GLOBAL)]
     group: Option<String>,
-    /// No progress output
-    #[arg(long, short, global = true)]
+    /// Print no progress bars or lines
+    #[arg(long, short, global = true, help_heading = GLOBAL)]
     quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,13 +86,31 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Manage images
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_long_help = "Examples:
+  vmdepot image import debian-12.qcow2 --name debian-12
+  vmdepot image ls --type custom
+  vmdepot image export debian-12 out.qcow2 --format qcow2"
+    )]
     Image(image::ImageCmd),
     /// Run and manage instances (QEMU virtual machines) of images
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_long_help = "Examples:
+  vmdepot instance run debian-12 --name web --forward 8080:80
+  vmdepot instance ls
+  vmdepot instance stop web db"
+    )]
     Instance(instance::InstanceCmd),
     /// Remote depots on S3-compatible object storage, shared by several hosts
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_long_help = "Examples:
+  vmdepot remote add eu s3://images/prod --endpoint http://garage:3900 --region garage
+  vmdepot image push web-v2 eu
+  vmdepot image pull eu:web-v2"
+    )]
     Remote(remote::RemoteCmd),
     #[command(flatten)]
     Maint(MaintCmd),
@@ -120,5 +164,43 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::DiskServer { image } => vmdepot::serve_lazy_disks(&depot, &image)
             .map(|()| 0)
             .map_err(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every argument of every (sub)command has help, every command
+    /// examples in its long help (the integration tests check the same
+    /// through the binary's output).
+    #[test]
+    fn every_argument_has_help_and_every_command_examples() {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "vmdepot", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        if cmd.is_hide_set() || cmd.get_name() == "help" {
+            return;
+        }
+        for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{path}: {} has no help", a.get_id()));
+            }
+        }
+        let examples = cmd.get_after_long_help().map(|h| h.to_string());
+        if !examples.is_some_and(|h| h.starts_with("Examples:\n  vmdepot ")) {
+            missing.push(format!("{path}: no examples"));
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
     }
 }

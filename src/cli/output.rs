@@ -1,6 +1,7 @@
 //! Output of the CLI: [`print_json`] (`--json`), [`print_fields`] (the
 //! plain form of `show`), [`show`] (one of the two), [`human`] (binary
-//! sizes) and [`esc`], which every catalog string printed outside JSON goes
+//! sizes), [`error_line`] and [`exit_code`] (a failure's line on stderr and
+//! its exit code) and [`esc`], which every catalog string printed outside JSON goes
 //! through so that it cannot forge output lines or drive the terminal.
 
 use std::borrow::Cow;
@@ -71,6 +72,20 @@ fn escape(s: &str, backslash: bool) -> Cow<'_, str> {
         }
     }
     Cow::Owned(o)
+}
+
+/// A failure as the one line it prints on stderr: `vmdepot: …` (escaped,
+/// with its causes).
+pub fn error_line(e: &anyhow::Error) -> String {
+    format!("vmdepot: {}", esc(&format!("{e:#}")))
+}
+
+/// The exit code of a failure: the library error's
+/// ([`vmdepot::Error::exit_code`]), else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    e.downcast_ref::<vmdepot::Error>()
+        .map(|e| e.exit_code())
+        .unwrap_or(1)
 }
 
 /// `b` bytes in binary units: `512 B`, `1.5 KiB` … `PiB`.

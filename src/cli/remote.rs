@@ -23,10 +23,13 @@ pub enum RemoteCmd {
     /// empty prefix gets the remote's marker object; a prefix holding other objects, or inside
     /// another remote, is refused. Local image names NAME:... are refused (NAME:IMAGE means the
     /// remote's image).
+    #[command(after_long_help = "Examples:
+  vmdepot remote add eu s3://images/prod --endpoint http://garage:3900 --region garage
+  vmdepot remote add aws s3://my-bucket/vmdepot --region eu-west-1")]
     Add {
         /// The remote's name on this host: [a-z0-9][a-z0-9_-]{0,62}
         name: String,
-        /// s3://BUCKET[/PREFIX]
+        /// The bucket, or a prefix in it: s3://BUCKET[/PREFIX]
         url: String,
         /// The S3 endpoint URL (Garage, MinIO, Ceph RGW) [default: AWS S3]
         #[arg(long, value_name = "URL")]
@@ -36,11 +39,24 @@ pub enum RemoteCmd {
         region: Option<String>,
     },
     /// List the remotes of this depot (JSON: name, url, endpoint, region, added_at)
+    #[command(
+        visible_alias = "ls",
+        after_long_help = "Examples:
+  vmdepot remote list
+  vmdepot remote ls --json"
+    )]
     List {
+        /// Print a JSON array of remotes instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Forget a remote on this host (its config and index cache; nothing on the remote changes)
+    #[command(
+        visible_alias = "rm",
+        after_long_help = "Examples:
+  vmdepot remote remove eu
+  vmdepot remote rm eu"
+    )]
     Remove {
         /// The remote's name on this host
         name: String,

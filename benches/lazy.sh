@@ -20,7 +20,8 @@
 # Usage: benches/lazy.sh [OUT.md]
 # Environment: MODES (default "lazy overlay"; e.g. "copy overlay"),
 #   SIZES (synthetic data sizes in GiB, default "2 20"; "" skips them),
-#   ACCEL (default auto), BOOT_TIMEOUT (s, default 600).
+#   ACCEL (default auto), BOOT_TIMEOUT (s, default 600), VMDEPOT (a vmdepot
+#   binary to measure instead of building this tree's).
 # Needs root (the Debian fixture's build), ssh and ssh-keygen, openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,25 +34,37 @@ bash .ci/setup >/dev/null
 for t in ssh ssh-keygen openssl; do
     command -v "$t" >/dev/null || { echo "lazy: needs $t" >&2; exit 1; }
 done
-cargo build --release -q
-vmdepot=$PWD/target/release/vmdepot
+if [ -n "${VMDEPOT:-}" ]; then
+    vmdepot=$(realpath "$VMDEPOT")
+else
+    cargo build --release -q
+    vmdepot=$PWD/target/release/vmdepot
+fi
 debian=$(bash fixtures/build-debian-guest.sh)
 tiny=$(bash fixtures/build-test-guest.sh)
 work=$(mktemp -d /var/tmp/vmdepot-lazy.XXXXXX)
 
 log() { echo "lazy: $*" >&2; }
-# Every depot this script made; on any exit their instances are deleted
-# (QEMU killed), then QEMUs left behind are killed by their pid files.
+# Every depot this script made: on any exit, drop_depot on each.
 depots=()
-cleanup() {
-    local d n f
-    for d in "${depots[@]}"; do
-        [ -d "$d" ] || continue
-        for n in $("$vmdepot" --depot "$d" instance list --json 2>/dev/null | awk -F'"' '/"name":/{print $4}'); do
-            "$vmdepot" --depot "$d" -q instance delete "$n" --force >/dev/null 2>&1 || true
-        done
+# drop_depot DIR: deletes its instances, kills by pid what still runs on it
+# (a QEMU names its instance's files on its command line, a disk server
+# the depot), removes it.
+drop_depot() {
+    local d=$1 n p
+    [ -d "$d" ] || return 0
+    for n in $("$vmdepot" --depot "$d" instance list --json 2>/dev/null | awk -F'"' '/"name":/{print $4}'); do
+        "$vmdepot" --depot "$d" -q instance delete "$n" --force >/dev/null 2>&1 || true
     done
-    for f in $(find "$work" -name '*.pid' 2>/dev/null); do kill -9 "$(cat "$f")" 2>/dev/null || true; done
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -e "--depot $d " -e "$d/instances/" &&
+            kill -9 "${p#/proc/}" 2>/dev/null || true
+    done
+    rm -rf "$d"
+}
+cleanup() {
+    local d
+    for d in "${depots[@]}"; do drop_depot "$d"; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -141,8 +154,7 @@ for mode in $modes; do
     else
         R[debian,$mode,run]=$RUN_S
     fi
-    vd "$d" -q instance delete "$name" --force >/dev/null 2>&1 || true
-    rm -rf "$d"
+    drop_depot "$d"
 done
 
 # --- Tiny test guest: one depot, its base removed before each run.
@@ -168,7 +180,7 @@ for mode in $modes; do
     fi
     vd "$d" -q instance delete "$name" --force >/dev/null 2>&1 || true
 done
-rm -rf "$d"
+drop_depot "$d"
 
 # --- Synthetic images: N GiB of data (AES-CTR of zeros: incompressible,
 # cheap) at the start of a 24 GiB sparse disk. Peak disk use: the raw file
@@ -205,7 +217,7 @@ for g in $sizes; do
         vd "$d" -q instance delete "$name" --force >/dev/null 2>&1 || true
         rm -f "$d"/bases/*.raw
     done
-    rm -rf "$d"
+    drop_depot "$d"
 done
 
 val() { local v=${1:-}; [ -n "$v" ] || v=n/a; echo "$v"; }

@@ -45,6 +45,7 @@ tiny=$(bash fixtures/build-test-guest.sh)
 work=$(mktemp -d /var/tmp/vmdepot-lazy.XXXXXX)
 
 log() { echo "lazy: $*" >&2; }
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 # Every depot this script made: on any exit, drop_depot on each.
 depots=()
 # drop_depot DIR: deletes its instances, kills by pid what still runs on it
@@ -57,7 +58,7 @@ drop_depot() {
         "$vmdepot" --depot "$d" -q instance delete "$n" --force >/dev/null 2>&1 || true
     done
     for p in /proc/[0-9]*; do
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -e "--depot $d " -e "$d/instances/" &&
+        tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF -e "--depot $d " -e "$d/instances/" &&
             kill -9 "${p#/proc/}" 2>/dev/null || true
     done
     rm -rf "$d"
@@ -224,7 +225,7 @@ val() { local v=${1:-}; [ -n "$v" ] || v=n/a; echo "$v"; }
 bytes_cell() { case $1 in '' | - | null) echo "n/a" ;; *) echo "$1 ($(mib "$1") MiB)" ;; esac; }
 share_cell() { case $1 in '' | - | null) echo "n/a" ;; *) pct "$1" "$2" ;; esac; }
 {
-    echo "Disk modes of \`instance run\`; $(nproc) cores; accel $accel; $(date -u +%Y-%m-%d). Each run starts with no base file made."
+    echo "Disk modes of \`instance run\`; $(nproc) cores; accel $accel; $(date -u +%Y-%m-%d); load average (1, 5, 15 min) $load0 at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (TCG guests slow down with it). Each run starts with no base file made."
     echo
     echo "Debian 12 guest (cloud-init, sshd; 2 vCPUs, 1 GiB): $(mib "$(($(stat -c %s "$debian")))") MiB apparent, $(mib "${deb_data:-0}") MiB of data (data_bytes), one fresh depot per mode:"
     echo

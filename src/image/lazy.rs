@@ -42,7 +42,8 @@ pub struct LazyImage {
     /// `NAME (img-…)`.
     pub(crate) label: String,
     pub(crate) size: u64,
-    db: Mutex<Db>,
+    /// Opened on first use (`warm`): a launch does not wait for the map.
+    db: Mutex<Option<Db>>,
     image: crate::ids::ImageId,
     catalog: std::path::PathBuf,
     file_mode: u32,
@@ -122,18 +123,14 @@ struct BlockLoc {
 
 impl LazyImage {
     /// The available image `row` of `repo`, read through a connection of
-    /// its own.
+    /// its own, opened (and the map read) on first use.
     pub(crate) fn new(row: &ImageRow, repo: &crate::repo::Repo) -> Result<LazyImage> {
-        let catalog = repo.root().join("catalog.db");
-        let ino = inode(&catalog);
-        let conn = repo.connect()?;
-        let map = catalog::image_map(&conn, &row.id)?;
         Ok(LazyImage {
             label: format!("{} ({})", row.name, row.id),
             size: row.virtual_size,
-            db: Mutex::new(Db { conn, map, ino }),
+            db: Mutex::new(None),
             image: row.id.clone(),
-            catalog,
+            catalog: repo.root().join("catalog.db"),
             file_mode: repo.perms().file(),
             store: repo.own_store(),
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
@@ -142,10 +139,26 @@ impl LazyImage {
         })
     }
 
+    /// Opens the connection and reads the map now, if not done yet, or
+    /// again if the catalog was replaced.
+    pub(crate) fn warm(&self) -> Result<()> {
+        let mut guard = self.db.lock().unwrap();
+        self.current(&mut guard).map(drop)
+    }
+
+    /// The open connection and map, (re)opened as needed.
+    fn current<'g>(&self, guard: &'g mut Option<Db>) -> Result<&'g Db> {
+        if guard.as_ref().is_none_or(|d| d.ino != inode(&self.catalog)) {
+            *guard = Some(self.reopen()?);
+        }
+        Ok(guard.as_ref().expect("just set"))
+    }
+
     /// The byte ranges of `[0, size)` that hold stored blocks, in order.
-    pub(crate) fn data_ranges(&self, size: u64) -> Vec<(u64, u64)> {
+    pub(crate) fn data_ranges(&self, size: u64) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let db = self.db.lock().unwrap();
+        let mut guard = self.db.lock().unwrap();
+        let db = self.current(&mut guard)?;
         for (blk, _) in db.map.data() {
             let (s, e) = (blk * CHUNK, ((blk + 1) * CHUNK).min(size));
             if s >= e {
@@ -156,7 +169,7 @@ impl LazyImage {
                 _ => out.push((s, e)),
             }
         }
-        out
+        Ok(out)
     }
 
     /// Fills `buf` with the image's bytes at `off` (zeros past its end).
@@ -221,15 +234,12 @@ impl LazyImage {
     /// Where the stored blocks in `first..=last` are now.
     fn locate(&self, first: u64, last: u64) -> std::result::Result<Vec<BlockLoc>, ReadFailure> {
         let mut guard = self.db.lock().unwrap();
-        if inode(&self.catalog) != guard.ino {
-            let fresh = self
-                .reopen()
-                .map_err(|e| self.failure(first * CHUNK, e.to_string()))?;
-            *guard = fresh;
-        }
-        let db = &guard.conn;
+        let cur = self
+            .current(&mut guard)
+            .map_err(|e| self.failure(first * CHUNK, e.to_string()))?;
+        let db = &cur.conn;
         let blocks: Vec<(u64, ChunkId)> = (first..=last)
-            .map(|b| (b, guard.map.get(b)))
+            .map(|b| (b, cur.map.get(b)))
             .filter(|&(_, c)| c != ZERO_BLOCK)
             .collect();
         if blocks.is_empty() {
@@ -288,7 +298,7 @@ impl LazyImage {
         let ino = inode(&self.catalog);
         let conn = catalog::open(&self.catalog, self.file_mode, Some("the depot is in use"))?;
         let map = catalog::image_map(&conn, &self.image)?;
-        tracing::info!("the catalog was replaced: image {} read anew", self.label);
+        tracing::debug!("image {}: catalog opened, map read", self.label);
         Ok(Db { conn, map, ino })
     }
 

@@ -353,6 +353,13 @@ pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
     };
     let exports = Exports::new(repo, image, None)?;
     let bound = bind(repo, &f.sock, exports)?;
+    // The map is read while QEMU starts, not before the socket listens.
+    let img = bound.exports.image.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = img.warm() {
+            tracing::error!("{e}");
+        }
+    });
     tracing::info!("serving image {image} on {}", f.sock.display());
     let exiting: Mutex<Option<Flock<File>>> = Mutex::new(None);
     serve(bound.listener, bound.exports, &|open| {

@@ -566,7 +566,9 @@ impl Reader {
         match self {
             Reader::File(f) => data_extents(f, size),
             Reader::Nbd { extents, .. } => Ok(extents.clone()),
-            Reader::Image(img) => Ok(img.data_ranges(size)),
+            Reader::Image(img) => img
+                .data_ranges(size)
+                .map_err(|e| std::io::Error::other(e.to_string())),
         }
     }
 }

@@ -13,7 +13,6 @@
 //! locations (a pack opened before its removal stays readable).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -50,8 +49,6 @@ pub struct LazyImage {
     store: Box<dyn ObjectStore>,
     packs: Mutex<Kept<String, Arc<PackReader>>>,
     frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
-    /// Bytes of stored (non-zero) blocks returned so far.
-    pub(crate) data_read: AtomicU64,
 }
 
 /// A frame by its pack's name and its offset there (content that never
@@ -135,7 +132,6 @@ impl LazyImage {
             store: repo.own_store(),
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
             frames: Mutex::new(Kept::new(FRAMES_KEPT)),
-            data_read: AtomicU64::new(0),
         })
     }
 
@@ -223,7 +219,6 @@ impl LazyImage {
             buf[dst].copy_from_slice(&chunk[src]);
             data += to - from;
         }
-        self.data_read.fetch_add(data, Ordering::Relaxed);
         Ok(data)
     }
 

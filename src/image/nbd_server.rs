@@ -81,7 +81,6 @@ fn proto(what: impl Into<String>) -> ConnError {
 pub(crate) fn serve_connection(
     mut s: UnixStream,
     resolve: &dyn Fn(&str) -> Option<Arc<dyn Export>>,
-    on_open: &dyn Fn(&str),
 ) -> std::result::Result<Option<String>, ConnError> {
     // A client that does not finish its handshake in time is dropped (an
     // idle one afterwards is fine: QEMU may not read for hours).
@@ -90,7 +89,6 @@ pub(crate) fn serve_connection(
         return Ok(None);
     };
     s.set_read_timeout(None)?;
-    on_open(&name);
     transmission(&mut s, export.as_ref())?;
     Ok(Some(name))
 }
@@ -315,7 +313,7 @@ mod tests {
                     let resolve = |n: &str| -> Option<Arc<dyn Export>> {
                         (n == "disk").then(|| Arc::new(Pattern(1 << 20)) as Arc<dyn Export>)
                     };
-                    let _ = serve_connection(c, &resolve, &|_| {});
+                    let _ = serve_connection(c, &resolve);
                 });
             }
         });

@@ -91,6 +91,21 @@ pub(crate) fn read_stats(dir: &Path) -> DiskStats {
         .unwrap_or_default()
 }
 
+/// Appends `line` to the serial log of the instance whose directory is
+/// `dir`, where `instance logs` shows it beside the guest's own lines.
+pub(crate) fn log_to_instance(perms: Perms, dir: &Path, line: &str) {
+    let p = dir.join("serial.log");
+    let r = perms
+        .open_options()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .and_then(|mut f| f.write_all(format!("\r\n{line}\r\n").as_bytes()));
+    if let Err(e) = r {
+        tracing::warn!("{}: {e}", p.display());
+    }
+}
+
 /// One instance's export: the image, and what is counted for it.
 struct InstanceExport {
     image: Arc<LazyImage>,
@@ -128,21 +143,6 @@ impl InstanceExport {
     fn flush(&self) {
         let st = self.stats.lock().unwrap();
         self.save(&st.0);
-    }
-
-    /// A line in the instance's serial log, where `instance logs` shows it.
-    fn log_failure(&self, line: &str) {
-        let p = self.dir.join("serial.log");
-        let r = self
-            .perms
-            .open_options()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .and_then(|mut f| f.write_all(format!("\r\n{line}\r\n").as_bytes()));
-        if let Err(e) = r {
-            tracing::warn!("{}: {e}", p.display());
-        }
     }
 }
 
@@ -182,7 +182,7 @@ impl Export for InstanceExport {
                     *logged = (Some(Instant::now()), 0);
                     drop(logged);
                     tracing::error!("{line}");
-                    self.log_failure(&line);
+                    log_to_instance(self.perms, &self.dir, &line);
                 } else {
                     logged.1 += 1;
                 }
@@ -310,7 +310,7 @@ fn connection(conn: UnixStream, exports: &Exports) {
         *current.lock().unwrap() = Some(e.clone());
         Some(e)
     };
-    let r = serve_connection(conn, &resolve, &|_| {});
+    let r = serve_connection(conn, &resolve);
     // The last counts reach the file.
     if let Some(e) = current.lock().unwrap().take() {
         e.flush();
@@ -345,6 +345,11 @@ pub(crate) fn bind(repo: &Repo, sock: &Path, exports: Exports) -> Result<Bound> 
 /// binary's hidden `disk-server` command): returns at once when another
 /// server of it runs; otherwise serves until no QEMU uses it.
 pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
+    if crate::ids::ImageId::parse(image).is_none() {
+        return Err(Error::Invalid(format!(
+            "disk-server {image:?}: not an image id (img-<16 hex>)"
+        )));
+    }
     let f = server_files(repo.root(), image);
     repo.perms().mkdir_all(&serve_dir(repo.root()))?;
     let lock = match repo.perms().flock(&f.lock, FlockArg::LockExclusiveNonblock) {

@@ -199,14 +199,7 @@ pub(crate) fn restart_if_gone(repo: &Repo, image: &str, instance_dir: &Path) {
             format!("vmdepot: the disk server of image {image} is gone: {e}")
         }
     };
-    // Where `instance logs` shows it.
-    let log = instance_dir.join("serial.log");
-    let _ = repo
-        .perms()
-        .open_options()
-        .append(true)
-        .open(&log)
-        .and_then(|mut l| std::io::Write::write_all(&mut l, format!("\r\n{line}\r\n").as_bytes()));
+    serve::log_to_instance(repo.perms(), instance_dir, &line);
 }
 
 /// A foreground start's own disk server: a thread of this process serving

@@ -475,6 +475,26 @@ pub fn procs_naming(needle: &str) -> Vec<i32> {
     v
 }
 
+/// Live lazy disk servers (`vmdepot … disk-server IMG`) of the depot at
+/// `dir` or of depots below it (pids).
+pub fn disk_servers_in(dir: &Path) -> Vec<i32> {
+    let dir = dir.display().to_string();
+    let below = format!("{dir}/");
+    procs_naming("disk-server")
+        .into_iter()
+        .filter(|&p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmd
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter().any(|a| a == "disk-server")
+                && args.iter().any(|a| *a == dir || a.starts_with(&below))
+                && alive(p.into())
+        })
+        .collect()
+}
+
 /// The process lives (and is no zombie).
 pub fn alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

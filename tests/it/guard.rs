@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{alive, procs_naming};
+use crate::common::{alive, disk_servers_in, procs_naming};
 
 /// How much of a log the guard prints (its end).
 const LOG_TAIL: usize = 32 << 10;
@@ -78,16 +78,7 @@ pub fn reap(root: &Path, failed: bool) {
         }
     }
     // Lazy disk servers exit by themselves once their QEMUs are gone.
-    let servers = || {
-        procs_naming("disk-server")
-            .into_iter()
-            .filter(|&p| {
-                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                String::from_utf8_lossy(&cmd).contains(&format!("{}/", root.display()))
-                    && alive(p.into())
-            })
-            .collect::<Vec<_>>()
-    };
+    let servers = || disk_servers_in(root);
     let end = Instant::now() + Duration::from_secs(5);
     while !servers().is_empty() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));

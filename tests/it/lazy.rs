@@ -9,18 +9,7 @@ use crate::common::*;
 
 /// The disk servers of the depot of `t` (pids).
 fn disk_servers(t: &T) -> Vec<i32> {
-    let depot = t.depot().display().to_string();
-    procs_naming("disk-server")
-        .into_iter()
-        .filter(|&p| {
-            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let args: Vec<String> = cmd
-                .split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            args.iter().any(|a| a == "disk-server") && args.contains(&depot) && alive(p.into())
-        })
-        .collect()
+    disk_servers_in(&t.depot())
 }
 
 fn base_files(t: &T) -> Vec<PathBuf> {

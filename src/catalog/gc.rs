@@ -26,15 +26,17 @@ pub fn for_each_chunk(conn: &Connection, mut f: impl FnMut(i64, i64)) -> Result<
 }
 
 /// Calls `f(chunk)` for the chunks no image holds that must stay: those
-/// pending for a running import, and those an unfinished copy brought
-/// after `copy_cutoff` (unix seconds).
+/// pending for a running import, those an unfinished copy brought after
+/// `copy_cutoff` (unix seconds), and those fetched for a partial image
+/// (`catalog::partial`), whatever their age.
 pub fn for_each_kept_chunk(
     conn: &Connection,
     copy_cutoff: i64,
     mut f: impl FnMut(i64),
 ) -> Result<()> {
     let mut st = conn.prepare(
-        "SELECT id FROM pending_chunks UNION ALL SELECT id FROM copy_chunks WHERE at > ?1",
+        "SELECT id FROM pending_chunks UNION ALL SELECT id FROM copy_chunks
+          WHERE at > ?1 OR job IN (SELECT copied_from FROM images WHERE state = 'partial')",
     )?;
     let mut rows = st.query([copy_cutoff])?;
     while let Some(r) = rows.next()? {
@@ -131,7 +133,8 @@ pub fn delete_empty_packs(tx: &Connection) -> Result<Vec<(String, i64)>> {
 /// images that are gone.
 pub fn delete_unreferenced(tx: &Connection, copy_cutoff: i64) -> Result<()> {
     tx.execute(
-        "DELETE FROM copy_chunks WHERE id NOT IN (SELECT id FROM chunks) OR at <= ?1",
+        "DELETE FROM copy_chunks WHERE id NOT IN (SELECT id FROM chunks)
+             OR (at <= ?1 AND job NOT IN (SELECT copied_from FROM images WHERE state = 'partial'))",
         [copy_cutoff],
     )?;
     for t in ["source_files", "image_tags", "image_shares"] {

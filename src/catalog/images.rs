@@ -89,6 +89,7 @@ pub fn delete_image(conn: &Connection, image: &str) -> Result<()> {
         c.execute("DELETE FROM images WHERE id = ?1", [image])?;
         c.execute("DELETE FROM image_tags WHERE image = ?1", [image])?;
         c.execute("DELETE FROM image_shares WHERE image = ?1", [image])?;
+        crate::catalog::partial::forget_partial(c, image)?;
         Ok(())
     })
 }

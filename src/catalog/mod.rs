@@ -45,6 +45,7 @@ mod imports;
 pub mod instances;
 pub mod integrity;
 mod manifest;
+pub mod partial;
 pub mod state;
 
 pub use chunks::{chunk_runs_usable, chunk_sequence, delete_pending_marks, ChunkInserter};
@@ -333,6 +334,57 @@ DROP TABLE instances;
 ALTER TABLE instances_v9 RENAME TO instances;
 CREATE INDEX instances_by_image ON instances(image);
 "#,
+    // v10: partial images (`state = 'partial'`): a remote image run lazily,
+    // whose chunks are fetched as its instances read them. The images
+    // table is rebuilt for the CHECK, rows and indexes as they are;
+    // `partial_images` holds each one's remote and manifest.
+    r#"
+CREATE TABLE images_v10 (
+    id             TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    type           TEXT NOT NULL CHECK (type IN ('public', 'marketplace', 'custom')),
+    state          TEXT NOT NULL CHECK (state IN ('importing', 'available', 'partial')),
+    owner          TEXT NOT NULL,
+    description    TEXT NOT NULL DEFAULT '',
+    source_format  TEXT NOT NULL DEFAULT '',
+    virtual_size   INTEGER NOT NULL DEFAULT 0,
+    data_bytes     INTEGER NOT NULL DEFAULT 0,
+    content_digest TEXT,
+    created_at     INTEGER NOT NULL,
+    map            BLOB,
+    map_digest     BLOB,
+    parent TEXT,
+    parent_name TEXT NOT NULL DEFAULT '',
+    source_instance TEXT,
+    copied_from TEXT NOT NULL DEFAULT '',
+    protected INTEGER NOT NULL DEFAULT 0,
+    deprecated INTEGER NOT NULL DEFAULT 0,
+    vendor TEXT NOT NULL DEFAULT '',
+    application TEXT NOT NULL DEFAULT '',
+    app_version TEXT NOT NULL DEFAULT '',
+    restricted_from TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO images_v10 (id, name, type, state, owner, description, source_format, virtual_size,
+                        data_bytes, content_digest, created_at, map, map_digest, parent,
+                        parent_name, source_instance, copied_from, protected, deprecated,
+                        vendor, application, app_version, restricted_from)
+     SELECT id, name, type, state, owner, description, source_format, virtual_size,
+            data_bytes, content_digest, created_at, map, map_digest, parent,
+            parent_name, source_instance, copied_from, protected, deprecated,
+            vendor, application, app_version, restricted_from
+       FROM images;
+DROP TABLE images;
+ALTER TABLE images_v10 RENAME TO images;
+CREATE UNIQUE INDEX images_by_owner_name ON images(owner, name);
+CREATE INDEX images_by_name ON images(name);
+CREATE UNIQUE INDEX images_public_name ON images(name) WHERE type IN ('public', 'marketplace');
+CREATE TABLE partial_images (
+    image    TEXT PRIMARY KEY,                  -- images.id, state 'partial'
+    remote   TEXT NOT NULL,                     -- the remote's name (DEPOT/remotes/NAME.json)
+    manifest BLOB NOT NULL,                     -- the remote manifest it is run from (FORMAT.md)
+    prefetch INTEGER NOT NULL DEFAULT 0         -- 1: its disk server fetches the rest
+) WITHOUT ROWID;
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -612,7 +664,7 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
     let state = ImageState::parse(&state_text);
     if state.is_none() {
         l.bad.push(format!(
-            "state {state_text:?} is not importing or available"
+            "state {state_text:?} is not importing, available or partial"
         ));
     }
     let mut row = ImageRow {

@@ -20,6 +20,9 @@ pub enum ImageState {
     Importing,
     /// Its content is complete and durable.
     Available,
+    /// A remote image run lazily: its content is at the remote, and the
+    /// depot holds the chunks its instances read so far (`partial_images`).
+    Partial,
 }
 
 impl ImageState {
@@ -28,6 +31,7 @@ impl ImageState {
         match self {
             ImageState::Importing => "importing",
             ImageState::Available => "available",
+            ImageState::Partial => "partial",
         }
     }
 
@@ -36,6 +40,7 @@ impl ImageState {
         match s {
             "importing" => Some(ImageState::Importing),
             "available" => Some(ImageState::Available),
+            "partial" => Some(ImageState::Partial),
             _ => None,
         }
     }
@@ -160,7 +165,11 @@ mod tests {
 
     #[test]
     fn texts_round_trip() {
-        for s in [ImageState::Importing, ImageState::Available] {
+        for s in [
+            ImageState::Importing,
+            ImageState::Available,
+            ImageState::Partial,
+        ] {
             assert_eq!(ImageState::parse(s.as_str()), Some(s));
         }
         for s in [

@@ -207,7 +207,7 @@ pub enum InstanceCmd {
 /// The flags of `vmdepot instance run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// An image's id or name, or REMOTE:IMAGE (pulled first unless this depot has it)
+    /// An image's id or name, or REMOTE:IMAGE (run lazily from the remote unless this depot has it)
     image: String,
     /// The instance's name (with --count N: NAME-1 … NAME-N) [default: IMAGE-XXXX, XXXX random]
     #[arg(long)]
@@ -246,6 +246,12 @@ pub struct RunArgs {
     /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
     #[arg(long)]
     foreground: bool,
+    /// With REMOTE:IMAGE, fetch the rest of the image in the background
+    ///
+    /// A lazy disk of a remote image fetches only the chunks the guest reads; with --prefetch its
+    /// disk server also fetches the rest, and the image becomes a complete local one.
+    #[arg(long)]
+    prefetch: bool,
     /// Print the launched instances as a JSON array
     #[arg(long)]
     json: bool,
@@ -433,10 +439,14 @@ fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<
     if a.foreground && a.count != 1 {
         anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
     }
-    let (foreground, json) = (a.foreground, a.json);
+    let (foreground, json, prefetch) = (a.foreground, a.json, a.prefetch);
     let mut opts = a.into_options()?;
     if depot.remote_reference(&opts.image).is_some() {
-        opts.image = pulled(depot, &opts.image, progress)?;
+        opts.image = from_remote(depot, &opts.image, opts.disk, prefetch, progress)?;
+    } else if prefetch {
+        anyhow::bail!(vmdepot::Error::Usage(
+            "--prefetch is for REMOTE:IMAGE: a local image has nothing to fetch".into()
+        ));
     }
     let launched = depot.launch(&opts, progress)?;
     if foreground {
@@ -464,15 +474,33 @@ fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<
     Ok(0)
 }
 
-/// The id of the local copy of `REMOTE:IMAGE` (which the account must be
-/// allowed to launch): the original it was pushed from or one pulled
-/// before, else pulled now.
-fn pulled(depot: &Depot, reference: &str, progress: &dyn Progress) -> anyhow::Result<String> {
+/// The id of the local image that runs `REMOTE:IMAGE` (which the account
+/// must be allowed to launch): the original it was pushed from or one
+/// pulled before; else, for a lazy disk, a partial image (made now unless
+/// an earlier run made it; `prefetch` asks its disk server for the rest);
+/// else one pulled now.
+fn from_remote(
+    depot: &Depot,
+    reference: &str,
+    disk: vmdepot::DiskMode,
+    prefetch: bool,
+    progress: &dyn Progress,
+) -> anyhow::Result<String> {
     let (remote, img) = remote_image(depot, reference, Op::Launch)?;
     if let Some(local) = depot.local_copy(&remote, &img)? {
         return Ok(local.id);
     }
-    Ok(depot.pull_image(&remote, &img, None, progress)?.image.id)
+    if disk != vmdepot::DiskMode::Lazy {
+        return Ok(depot.pull_image(&remote, &img, None, progress)?.image.id);
+    }
+    let partial = match depot.partial_copy(&remote, &img)? {
+        Some(p) => p,
+        None => depot.begin_partial(&remote, &img)?,
+    };
+    if prefetch {
+        depot.prefetch(&partial.id)?;
+    }
+    Ok(partial.id)
 }
 
 impl RunArgs {

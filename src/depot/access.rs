@@ -282,8 +282,35 @@ impl Depot {
 
     /// Like [`Depot::image_for`], and the image must be available.
     pub(crate) fn available_for(&self, reference: &str, op: Op) -> Result<(ImageRow, Access)> {
+        self.usable_for(reference, op, false)
+    }
+
+    /// [`Depot::available_for`], or a partial image too when `partial_ok`
+    /// (a lazy launch: its disk server fetches what it lacks). A partial
+    /// image refused says how to complete it.
+    pub(crate) fn usable_for(
+        &self,
+        reference: &str,
+        op: Op,
+        partial_ok: bool,
+    ) -> Result<(ImageRow, Access)> {
         let (row, access) = self.image_for(reference, op)?;
         row.check_sound()?;
+        if row.state == Some(ImageState::Partial) && !partial_ok {
+            let origin = row.copied_from.strip_prefix("remote:").unwrap_or("");
+            let remote = origin.split(' ').next().unwrap_or("REMOTE");
+            return Err(Error::ImageNotAvailable {
+                image: format!("{} ({})", row.name, row.id),
+                state: format!(
+                    "partial (only what its lazy instances read is here: `vmdepot image pull \
+                     {remote}:{}` fetches the rest)",
+                    row.name
+                ),
+            });
+        }
+        if row.state == Some(ImageState::Partial) {
+            return Ok((row, access));
+        }
         if row.state != Some(ImageState::Available) {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),

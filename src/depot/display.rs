@@ -34,6 +34,7 @@ pub(crate) fn shown_state(state: Option<ImageState>, deprecated: bool) -> String
         Some(ImageState::Importing) => "creating",
         Some(ImageState::Available) if deprecated => "deprecated",
         Some(ImageState::Available) => "available",
+        Some(ImageState::Partial) => "partial",
         None => "damaged",
     }
     .into()

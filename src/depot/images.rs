@@ -62,6 +62,7 @@ impl Depot {
     pub fn delete_image(&self, reference: &str, force: bool) -> Result<ImageInfo> {
         let (row, access) = self.image_for(reference, Op::Delete)?;
         let importing = row.state == Some(ImageState::Importing);
+        let partial = row.state == Some(ImageState::Partial);
         let info = self.info_from_row(row, access, &maint::usage(&self.repo)?)?;
         let what = format!("image {} ({})", info.name, info.id);
         // A damaged row may be deleted whatever its state.
@@ -88,6 +89,14 @@ impl Depot {
             return Err(Error::NotPermitted(format!(
                 "{what} is used by {users} instance(s): delete them first, or delete with --force \
                  (they keep running from their base)"
+            )));
+        }
+        if partial && users > 0 {
+            // Its instances' disks need the remote image: no base to give them.
+            return Err(Error::NotPermitted(format!(
+                "{what} is partial and {users} instance(s) run from it lazily: delete them \
+                 first, or `vmdepot image pull` it (which completes it) and then delete it \
+                 with --force"
             )));
         }
         // Lazy instances read the image from the store: they get its base

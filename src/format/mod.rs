@@ -607,6 +607,15 @@ pub struct HashBlockMap {
     pub runs: Vec<(u64, Vec<ChunkHash>)>,
 }
 
+impl HashBlockMap {
+    /// The hash of block `blk`'s chunk (`None`: a zero block).
+    pub fn get(&self, blk: u64) -> Option<&ChunkHash> {
+        let i = self.runs.partition_point(|r| r.0 <= blk);
+        let r = &self.runs[i.checked_sub(1)?];
+        r.1.get((blk - r.0) as usize)
+    }
+}
+
 /// One version of an image's manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {

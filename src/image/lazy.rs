@@ -11,6 +11,11 @@
 //! looked up per read, a gc that repacks meanwhile is harmless: a pack
 //! removed between the look-up and the read is retried once with fresh
 //! locations (a pack opened before its removal stays readable).
+//!
+//! A **partial** image (a remote image run lazily, `remote::ondemand`)
+//! has no map of chunk ids yet: its blocks are the manifest's hashes,
+//! each looked up in the depot when first read (and remembered), and a
+//! chunk the depot lacks is fetched from the remote, checked the same way.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,7 +25,8 @@ use rusqlite::Connection;
 use crate::catalog::{self, ImageRow};
 use crate::error::{Error, Result};
 use crate::format::{BlockMap, CHUNK, CHUNK_SIZE, ZERO_BLOCK};
-use crate::ids::ChunkId;
+use crate::ids::{ChunkHash, ChunkId};
+use crate::remote::ondemand::OnDemand;
 use crate::store::{ObjectStore, PackReader};
 
 /// Decompressed frames kept (1 MiB each at most).
@@ -34,6 +40,17 @@ const PACKS_KEPT: usize = 64;
 pub struct ReadFailure {
     pub(crate) offset: u64,
     pub(crate) detail: String,
+    /// The remote failed (not the depot's data).
+    pub(crate) remote: bool,
+}
+
+/// What one read served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Served {
+    /// Bytes of stored data (not zero blocks).
+    pub(crate) data: u64,
+    /// Compressed bytes fetched from a remote for it.
+    pub(crate) fetched: u64,
 }
 
 /// An image of the depot, readable at any offset (see the module docs).
@@ -49,6 +66,8 @@ pub struct LazyImage {
     store: Box<dyn ObjectStore>,
     packs: Mutex<Kept<String, Arc<PackReader>>>,
     frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
+    /// A partial image's remote side.
+    remote: Option<Arc<OnDemand>>,
 }
 
 /// A frame by its pack's name and its offset there (content that never
@@ -98,8 +117,15 @@ impl<K: Clone + Eq + std::hash::Hash, V: Clone> Kept<K, V> {
 /// read again.
 struct Db {
     conn: Connection,
-    map: BlockMap,
+    map: Map,
     ino: u64,
+}
+
+/// An image's blocks: chunk ids, or (a partial image) the hashes of its
+/// manifest, each resolved to the depot's chunk when there is one.
+enum Map {
+    Ids(BlockMap),
+    Hashes(HashMap<ChunkHash, ChunkId>),
 }
 
 pub(crate) fn inode(p: &std::path::Path) -> u64 {
@@ -132,7 +158,25 @@ impl LazyImage {
             store: repo.own_store(),
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
             frames: Mutex::new(Kept::new(FRAMES_KEPT)),
+            remote: None,
         })
+    }
+
+    /// The partial image `row` of `repo`, whose chunks the depot lacks
+    /// come from `remote`.
+    pub(crate) fn partial(
+        row: &ImageRow,
+        repo: &crate::repo::Repo,
+        remote: OnDemand,
+    ) -> Result<LazyImage> {
+        let mut img = LazyImage::new(row, repo)?;
+        img.remote = Some(Arc::new(remote));
+        Ok(img)
+    }
+
+    /// A partial image's remote side.
+    pub(crate) fn remote(&self) -> Option<&Arc<OnDemand>> {
+        self.remote.as_ref()
     }
 
     /// Opens the connection and reads the map now, if not done yet, or
@@ -143,11 +187,11 @@ impl LazyImage {
     }
 
     /// The open connection and map, (re)opened as needed.
-    fn current<'g>(&self, guard: &'g mut Option<Db>) -> Result<&'g Db> {
+    fn current<'g>(&self, guard: &'g mut Option<Db>) -> Result<&'g mut Db> {
         if guard.as_ref().is_none_or(|d| d.ino != inode(&self.catalog)) {
             *guard = Some(self.reopen()?);
         }
-        Ok(guard.as_ref().expect("just set"))
+        Ok(guard.as_mut().expect("just set"))
     }
 
     /// The byte ranges of `[0, size)` that hold stored blocks, in order.
@@ -155,7 +199,17 @@ impl LazyImage {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut guard = self.db.lock().unwrap();
         let db = self.current(&mut guard)?;
-        for (blk, _) in db.map.data() {
+        let blocks: Box<dyn Iterator<Item = u64>> = match (&db.map, &self.remote) {
+            (Map::Ids(m), _) => Box::new(m.data().map(|(b, _)| b)),
+            (Map::Hashes(_), Some(r)) => Box::new(
+                r.map()
+                    .runs
+                    .iter()
+                    .flat_map(|(s, h)| *s..*s + h.len() as u64),
+            ),
+            (Map::Hashes(_), None) => Box::new(std::iter::empty()),
+        };
+        for blk in blocks {
             let (s, e) = (blk * CHUNK, ((blk + 1) * CHUNK).min(size));
             if s >= e {
                 break;
@@ -170,27 +224,60 @@ impl LazyImage {
 
     /// Fills `buf` with the image's bytes at `off` (zeros past its end).
     /// Returns how many of them were stored data.
-    pub(crate) fn read(&self, buf: &mut [u8], off: u64) -> std::result::Result<u64, ReadFailure> {
+    pub(crate) fn read(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+    ) -> std::result::Result<Served, ReadFailure> {
         match self.read_once(buf, off) {
             Ok(n) => Ok(n),
+            // The remote failed: its own retries were tried.
+            Err(f) if f.remote => Err(f),
             // A pack removed by gc after the look-up: look up again, with
             // nothing cached.
             Err(_) => {
                 self.packs.lock().unwrap().clear();
                 self.frames.lock().unwrap().clear();
+                if let Some(Db {
+                    map: Map::Hashes(resolved),
+                    ..
+                }) = &mut *self.db.lock().unwrap()
+                {
+                    resolved.clear();
+                }
                 self.read_once(buf, off)
             }
         }
     }
 
-    fn read_once(&self, buf: &mut [u8], off: u64) -> std::result::Result<u64, ReadFailure> {
+    fn read_once(&self, buf: &mut [u8], off: u64) -> std::result::Result<Served, ReadFailure> {
         buf.fill(0);
         if buf.is_empty() || off >= self.size {
-            return Ok(0);
+            return Ok(Served::default());
         }
         let end = (off + buf.len() as u64).min(self.size);
-        let locs = self.locate(off / CHUNK, (end - 1) / CHUNK)?;
-        let mut data = 0u64;
+        let (locs, missing) = self.locate(off / CHUNK, (end - 1) / CHUNK)?;
+        let mut served = Served::default();
+        // The part of block `b0..b0 + CHUNK` inside [off, end) into `buf`.
+        let mut put = |buf: &mut [u8], b0: u64, chunk: &[u8]| {
+            let from = off.max(b0);
+            let to = end.min(b0 + CHUNK);
+            let dst = (from - off) as usize..(to - off) as usize;
+            let src = (from - b0) as usize..(to - b0) as usize;
+            buf[dst].copy_from_slice(&chunk[src]);
+            served.data += to - from;
+        };
+        if let Some(remote) = &self.remote {
+            for (blk, hash) in &missing {
+                let ((frame, at), n) = remote.chunk(hash).map_err(|e| ReadFailure {
+                    offset: blk * CHUNK,
+                    detail: crate::error::one_line(&e.to_string()),
+                    remote: true,
+                })?;
+                put(buf, blk * CHUNK, &frame[at..at + CHUNK_SIZE]);
+                served.fetched += n;
+            }
+        }
         let mut frame_buf = Vec::new();
         for l in &locs {
             let frame = self.frame(l, &mut frame_buf)?;
@@ -210,35 +297,61 @@ impl LazyImage {
                     ),
                 ));
             }
-            // The part of this block inside [off, end).
-            let b0 = l.blk * CHUNK;
-            let from = off.max(b0);
-            let to = end.min(b0 + CHUNK);
-            let dst = (from - off) as usize..(to - off) as usize;
-            let src = (from - b0) as usize..(to - b0) as usize;
-            buf[dst].copy_from_slice(&chunk[src]);
-            data += to - from;
+            put(buf, l.blk * CHUNK, chunk);
         }
-        Ok(data)
+        Ok(served)
     }
 
     fn failure(&self, offset: u64, detail: String) -> ReadFailure {
-        ReadFailure { offset, detail }
+        ReadFailure {
+            offset,
+            detail,
+            remote: false,
+        }
     }
 
-    /// Where the stored blocks in `first..=last` are now.
-    fn locate(&self, first: u64, last: u64) -> std::result::Result<Vec<BlockLoc>, ReadFailure> {
+    /// Where the stored blocks in `first..=last` are now; and (a partial
+    /// image) those the depot lacks, with their hashes.
+    #[allow(clippy::type_complexity)]
+    fn locate(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> std::result::Result<(Vec<BlockLoc>, Vec<(u64, ChunkHash)>), ReadFailure> {
         let mut guard = self.db.lock().unwrap();
         let cur = self
             .current(&mut guard)
             .map_err(|e| self.failure(first * CHUNK, e.to_string()))?;
+        let mut missing = Vec::new();
+        let blocks: Vec<(u64, ChunkId)> = match (&mut cur.map, &self.remote) {
+            (Map::Ids(m), _) => (first..=last)
+                .map(|b| (b, m.get(b)))
+                .filter(|&(_, c)| c != ZERO_BLOCK)
+                .collect(),
+            (Map::Hashes(resolved), Some(r)) => {
+                let mut v = Vec::new();
+                for b in first..=last {
+                    let Some(h) = r.map().get(b) else { continue };
+                    let id = match resolved.get(h) {
+                        Some(&id) => Some(id),
+                        None => catalog::chunk_by_hash(&cur.conn, h, &self.image)
+                            .map_err(|e| self.failure(b * CHUNK, e.to_string()))?,
+                    };
+                    match id {
+                        Some(id) => {
+                            resolved.insert(*h, id);
+                            v.push((b, id));
+                        }
+                        None => missing.push((b, *h)),
+                    }
+                }
+                v
+            }
+            (Map::Hashes(_), None) => Vec::new(),
+        };
         let db = &cur.conn;
-        let blocks: Vec<(u64, ChunkId)> = (first..=last)
-            .map(|b| (b, cur.map.get(b)))
-            .filter(|&(_, c)| c != ZERO_BLOCK)
-            .collect();
         if blocks.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), missing));
         }
         let mut ids: Vec<ChunkId> = blocks.iter().map(|&(_, c)| c).collect();
         ids.sort_unstable();
@@ -284,7 +397,7 @@ impl LazyImage {
                 slot: c.slot,
             });
         }
-        Ok(out)
+        Ok((out, missing))
     }
 
     /// A new connection to the catalog file now at its path, and the map
@@ -292,7 +405,10 @@ impl LazyImage {
     fn reopen(&self) -> Result<Db> {
         let ino = inode(&self.catalog);
         let conn = catalog::open(&self.catalog, self.file_mode, Some("the depot is in use"))?;
-        let map = catalog::image_map(&conn, &self.image)?;
+        let map = match self.remote {
+            Some(_) => Map::Hashes(HashMap::new()),
+            None => Map::Ids(catalog::image_map(&conn, &self.image)?),
+        };
         tracing::debug!("image {}: catalog opened, map read", self.label);
         Ok(Db { conn, map, ino })
     }

@@ -40,7 +40,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::lazy::LazyImage;
 use crate::image::nbd_server::{serve_connection, Export, READ_FAILED};
 use crate::perms::Perms;
+use crate::remote::ondemand::OnDemand;
 use crate::repo::Repo;
+use crate::store::Patience;
 
 /// The files of the disk server of one image.
 pub(crate) struct ServerFiles {
@@ -156,17 +158,24 @@ impl Export for InstanceExport {
         let mut st = self.stats.lock().unwrap();
         match r {
             Ok(n) => {
-                st.0.store_bytes_read += n;
-                if st.1.elapsed() >= Duration::from_secs(1) {
+                st.0.store_bytes_read += n.data;
+                st.0.remote_bytes_fetched += n.fetched;
+                // (a fetch from a remote costs far more than this write)
+                if n.fetched > 0 || st.1.elapsed() >= Duration::from_secs(1) {
                     st.1 = Instant::now();
                     self.save(&st.0);
                 }
                 Ok(())
             }
             Err(f) => {
+                let hint = if f.remote {
+                    "the remote is tried again at the guest's next read"
+                } else {
+                    "`vmdepot image verify` checks the image"
+                };
                 let line = format!(
                     "vmdepot: disk read failed at byte offset {} of image {}: {}; the guest got \
-                     an I/O error (`vmdepot image verify` checks the image)",
+                     an I/O error ({hint})",
                     f.offset, self.image.label, f.detail
                 );
                 st.0.error = line.clone();
@@ -206,14 +215,20 @@ pub(crate) struct Exports {
 }
 
 impl Exports {
-    /// The exports of the available image `image_id` of `repo` (every lazy
-    /// instance of it, or with `only` that one instance).
+    /// The exports of the available or partial image `image_id` of `repo`
+    /// (every lazy instance of it, or with `only` that one instance).
     pub(crate) fn new(repo: &Repo, image_id: &str, only: Option<String>) -> Result<Exports> {
         let row = catalog::find_images(&repo.conn, image_id)?
             .into_iter()
-            .find(|r| r.id.as_str() == image_id && r.state == Some(ImageState::Available))
+            .find(|r| {
+                r.id.as_str() == image_id
+                    && matches!(r.state, Some(ImageState::Available | ImageState::Partial))
+            })
             .ok_or_else(|| Error::ImageNotFound(image_id.to_owned()))?;
-        let image = LazyImage::new(&row, repo)?;
+        let image = match row.state {
+            Some(ImageState::Partial) => LazyImage::partial(&row, repo, on_demand(repo, &row)?)?,
+            _ => LazyImage::new(&row, repo)?,
+        };
         Ok(Exports {
             root: repo.root().to_owned(),
             perms: repo.perms(),
@@ -255,6 +270,14 @@ impl Exports {
                 return None;
             }
         }
+        if let Some(r) = self.image.remote() {
+            let db = self.db.lock().unwrap();
+            match catalog::partial::partial(&db.0, &self.image_id) {
+                Ok(Some(p)) if p.prefetch => r.prefetch(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let dir = self.root.join("instances").join(name);
         let stats = read_stats(&dir);
         Some(Arc::new(InstanceExport {
@@ -265,6 +288,29 @@ impl Exports {
             logged: Mutex::new((None, 0)),
         }))
     }
+}
+
+/// The remote side of the partial image `row`: its remote opened with
+/// [`Patience::Interactive`] (when that fails, because this process has
+/// no credentials say, reads of chunks the depot lacks fail with why).
+fn on_demand(repo: &Repo, row: &catalog::ImageRow) -> Result<OnDemand> {
+    let depot = crate::Depot::open(repo.root())?;
+    let (name, manifest) = depot
+        .partial_source(row.id.as_str())?
+        .ok_or_else(|| Error::ImageNotFound(row.id.to_string()))?;
+    let remote = depot
+        .remote_patient(&name, Patience::Interactive)
+        .map_err(|e| crate::error::one_line(&e.to_string()));
+    if let Err(e) = &remote {
+        tracing::error!("{e}");
+    }
+    Ok(OnDemand::new(
+        repo.root().to_owned(),
+        row.id.clone(),
+        format!("{} ({})", row.name, row.id),
+        remote,
+        manifest,
+    ))
 }
 
 /// Connections served at once (QEMU opens one per lazy instance).

@@ -120,7 +120,8 @@ impl Depot {
     #[instrument(skip_all, err(level = "debug"))]
     pub fn launch(&self, opts: &LaunchOptions, progress: &dyn Progress) -> Result<Launched> {
         let qemu_bin = qemu::qemu_binary()?;
-        let (img, _) = self.available_for(&opts.image, Op::Launch)?;
+        let lazy = opts.disk == DiskMode::Lazy;
+        let (img, _) = self.usable_for(&opts.image, Op::Launch, lazy)?;
         let names = checked_names(opts, &img.name)?;
         let (accel, notice) =
             choose_accel(&qemu_bin, opts.accel, self.root(), self.perms().file())?;

@@ -238,6 +238,12 @@ impl Depot {
         let files = p.files();
         let paused = r.state == InstanceState::Running && run_state == Some(RunState::Paused);
         let stats = (r.disk == DiskMode::Lazy).then(|| crate::image::serve::read_stats(&p.dir));
+        // (a remote image run lazily: fetched bytes are shown, 0 too)
+        let partial = stats.is_some()
+            && matches!(
+                crate::catalog::partial::partial(&self.repo.conn, &r.image),
+                Ok(Some(_))
+            );
         InstanceInfo {
             accel: if r.accel_used.is_empty() {
                 r.accel.clone()
@@ -267,7 +273,7 @@ impl Depot {
             store_bytes_read: stats.as_ref().map(|s| s.store_bytes_read),
             remote_bytes_fetched: stats
                 .as_ref()
-                .filter(|s| s.remote_bytes_fetched > 0)
+                .filter(|s| s.remote_bytes_fetched > 0 || partial)
                 .map(|s| s.remote_bytes_fetched),
             disk_error: stats.map(|s| s.error).unwrap_or_default(),
         }

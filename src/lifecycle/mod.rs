@@ -230,6 +230,10 @@ impl Depot {
                             r.name, r.id, r.image
                         ))
                     })?;
+                if row.state == Some(crate::catalog::ImageState::Partial) {
+                    // (no map of its own yet: its content is at the remote)
+                    self.usable_for(row.id.as_str(), Op::Capture, false)?;
+                }
                 let img = LazyImage::new(&row, &self.repo)?;
                 let map = Some(catalog::image_map(&self.repo.conn, &row.id)?);
                 let label = std::path::PathBuf::from(format!("image {}", img.label));

@@ -294,6 +294,22 @@ fn check_image(repo: &Repo, row: &ImageRow, chunk_ids: &HashSet<i64>, rep: &mut 
         }
         return;
     }
+    if row.state == Some(ImageState::Partial) {
+        // Its content is at its remote; the chunks fetched so far are
+        // checked with the store's.
+        rep.images += 1;
+        match catalog::partial::partial(&repo.conn, row.id.as_str()) {
+            Ok(Some(p)) if crate::format::decode_manifest(&p.manifest).is_ok() => {}
+            Ok(Some(_)) => rep.problems.push(format!(
+                "{who}: partial, but the manifest it runs from cannot be decoded: delete it"
+            )),
+            Ok(None) => rep.problems.push(format!(
+                "{who}: partial, but its remote and manifest are not recorded: delete it"
+            )),
+            Err(e) => rep.problems.push(format!("{who}: {e}")),
+        }
+        return;
+    }
     rep.images += 1;
     match catalog::image_map(&repo.conn, &row.id) {
         Err(e) => rep.problems.push(format!("{who}: {e}")),

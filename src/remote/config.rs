@@ -23,7 +23,7 @@ use super::Remote;
 use crate::depot::{rfc3339, Depot};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::random_hex;
-use crate::store::{ObjectKind, ObjectStore, S3Location, S3Store};
+use crate::store::{ObjectKind, ObjectStore, Patience, S3Location, S3Store};
 
 /// The remote's marker object: what `remote add` writes on an empty prefix.
 pub const REMOTE_MARKER: &str = "VMDEPOT";
@@ -272,11 +272,17 @@ impl Depot {
     /// Opens a configured remote (its S3 store, with this host's
     /// credentials; its index cache under the depot).
     pub fn remote(&self, name: &str) -> Result<Remote> {
+        self.remote_patient(name, Patience::Batch)
+    }
+
+    /// [`Depot::remote`] whose requests have `patience` (a lazy disk
+    /// server's are [`Patience::Interactive`]: a guest waits for them).
+    pub fn remote_patient(&self, name: &str, patience: Patience) -> Result<Remote> {
         let cfg = self.read_config(name)?;
         let mut loc = S3Location::parse_url(&cfg.url)?;
         loc.endpoint = cfg.endpoint;
         loc.region = cfg.region;
-        let store = S3Store::open(&loc, name)?;
+        let store = S3Store::open_patient(&loc, name, patience)?;
         check_opened(&store, name, &cfg.url)?;
         Ok(self.remote_on(name, Arc::new(store)))
     }

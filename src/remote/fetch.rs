@@ -105,7 +105,7 @@ pub(crate) fn plan_reads(
 }
 
 /// Refuses a location no honest index gives.
-fn check_loc(remote: &Remote, map: &ChunkMap, loc: &super::ChunkLoc) -> Result<()> {
+pub(super) fn check_loc(remote: &Remote, map: &ChunkMap, loc: &super::ChunkLoc) -> Result<()> {
     let size = map.packs.get(&loc.pack).copied().unwrap_or(0);
     let end = loc.offset.checked_add(loc.clen);
     let ok = loc.offset >= PackHeader::SIZE as u64

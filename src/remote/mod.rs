@@ -19,8 +19,10 @@ mod config;
 mod fetch;
 mod gc;
 mod listing;
+pub(crate) mod ondemand;
 #[cfg(test)]
 mod ops_tests;
+mod partial;
 mod pull;
 mod push;
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub struct PullReport {
 }
 
 /// The counts of a pull before its image is shown.
-struct Pulled {
+pub(super) struct Pulled {
     chunks: u64,
     present: u64,
     fetched: u64,
@@ -74,6 +74,12 @@ impl Depot {
     ) -> Result<PullReport> {
         let m = &image.manifest;
         check_pulled(remote, m)?;
+        if let Some(p) = self.partial_copy(remote, image)? {
+            if name.is_none_or(|n| n == p.name) {
+                // run lazily before: complete it in place
+                return self.complete_partial(remote, &p.id, progress);
+            }
+        }
         let opts = import_options(m, name)?;
         self.check_local_name(&opts.name)?;
         let mut pulled = None;
@@ -88,16 +94,7 @@ impl Depot {
             },
         )?;
         let p = pulled.expect("set by a successful pull");
-        Ok(PullReport {
-            remote: remote.name().to_owned(),
-            image: self.image(id.as_str())?,
-            chunks: p.chunks,
-            chunks_present: p.present,
-            chunks_fetched: p.fetched,
-            bytes_fetched: p.bytes,
-            frames_whole: p.frames_whole,
-            gets: p.gets,
-        })
+        Ok(p.report(remote, self.image(id.as_str())?))
     }
 
     /// The local image that holds this remote image's content, if one is
@@ -106,13 +103,25 @@ impl Depot {
     /// pulled from it earlier (copied_from = "remote:<NAME> <img-id>");
     /// either with the same content digest.
     pub fn local_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
+        self.copy_of(remote, image, ImageState::Available)
+    }
+
+    /// The local image in `state` with this remote image's content that
+    /// this account may see: its original (the same id) or one pulled or
+    /// run from it (its `copied_from`).
+    pub(super) fn copy_of(
+        &self,
+        remote: &Remote,
+        image: &RemoteImage,
+        state: ImageState,
+    ) -> Result<Option<ImageInfo>> {
         let origin = origin(remote, image.id());
         let digest = &image.manifest.meta.content_digest;
         for row in catalog::list_images(&self.repo.conn)? {
             let ours = row.id.as_str() == image.id() || row.copied_from == origin;
             let same = ours
                 && row.damage.is_none()
-                && row.state == Some(ImageState::Available)
+                && row.state == Some(state)
                 && row.content_digest.as_ref() == Some(digest);
             if same && self.access(&row)?.is_some() {
                 return self.image(row.id.as_str()).map(Some);
@@ -121,10 +130,10 @@ impl Depot {
         Ok(None)
     }
 
-    /// Fetches what the depot lacks of `m` into the new image `id` and
-    /// makes it available (one transaction); the caller's guard undoes a
-    /// failure.
-    fn fetch_into(
+    /// Fetches what the depot lacks of `m` into the new (or partial)
+    /// image `id` and makes it available (one transaction); the caller's
+    /// guard undoes a failure of a new one.
+    pub(super) fn fetch_into(
         &self,
         remote: &Remote,
         m: &Manifest,
@@ -166,7 +175,7 @@ impl Depot {
             for s in &m.meta.shares {
                 catalog::images::share(tx, id.as_str(), &s.account, s.created_at)?;
             }
-            Ok(())
+            catalog::partial::forget_partial(tx, id.as_str())
         };
         make_available(self, id, &job, &what, &content, map, shares)?;
         Ok(Pulled {
@@ -177,6 +186,22 @@ impl Depot {
             frames_whole: sent.frames_whole,
             gets: fetched.gets,
         })
+    }
+}
+
+impl Pulled {
+    /// The report of this pull of `image` from `remote`.
+    pub(super) fn report(self, remote: &Remote, image: ImageInfo) -> PullReport {
+        PullReport {
+            remote: remote.name().to_owned(),
+            image,
+            chunks: self.chunks,
+            chunks_present: self.present,
+            chunks_fetched: self.fetched,
+            bytes_fetched: self.bytes,
+            frames_whole: self.frames_whole,
+            gets: self.gets,
+        }
     }
 }
 
@@ -231,7 +256,7 @@ impl Depot {
 }
 
 /// The lineage text (and transfer job) of a pull of remote image `id`.
-fn origin(remote: &Remote, id: &str) -> String {
+pub(super) fn origin(remote: &Remote, id: &str) -> String {
     format!("remote:{} {id}", remote.name())
 }
 
@@ -262,7 +287,7 @@ fn block_map(map: &HashBlockMap, ids: &HashMap<ChunkHash, ChunkId>) -> BlockMap 
 }
 
 /// The new image's options from its manifest (`name`: renamed locally).
-fn import_options(m: &Manifest, name: Option<&str>) -> Result<ImportOptions> {
+pub(super) fn import_options(m: &Manifest, name: Option<&str>) -> Result<ImportOptions> {
     let meta = &m.meta;
     let mut opts = ImportOptions::new(name.unwrap_or(&meta.name));
     opts.kind = ImageType::parse(&meta.kind)?;

@@ -39,7 +39,7 @@ pub use object::{
 };
 pub use pack::{read_index, remove_pack, write_index, PackReader, PackWriter};
 pub use rotate::{PackRotator, Placed, Register, Sealed};
-pub use s3::{S3Credentials, S3Location, S3Store};
+pub use s3::{Patience, S3Credentials, S3Location, S3Store};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::CHUNK_SIZE;

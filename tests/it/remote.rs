@@ -392,7 +392,7 @@ fn instance_run_from_a_remote_pulls_then_boots() {
     h1.import(test_guest(), "tiny");
     h1.push("tiny");
     h2.ok(&[
-        "instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "-q",
+        "instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "--disk", "overlay", "-q",
     ]);
     let end = Instant::now() + Duration::from_secs(120);
     loop {
@@ -412,6 +412,192 @@ fn instance_run_from_a_remote_pulls_then_boots() {
     for vm in ["vm", "vm2"] {
         h2.ok(&["instance", "delete", vm, "--force"]);
     }
+}
+
+impl Host {
+    /// Waits for `needle` in the serial log of instance `vm`; returns the log.
+    fn wait_log(&self, vm: &str, needle: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let log = self.ok(&["instance", "logs", vm]);
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < end, "no {needle:?} from {vm}:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Writes `line` to the guest's serial console (its console socket).
+    fn console_line(&self, vm: &str, line: &str) {
+        use std::io::Write;
+        let sock = str_at(
+            &self.json(&["instance", "show", vm, "--json"]),
+            "console_socket",
+        );
+        let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        c.write_all(format!("{line}\n").as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// The guest's md5 of its disk's /noise.bin (a 4 MiB file nothing
+    /// reads at boot), or its error: the `n`th answer in its log.
+    fn read_noise(&self, vm: &str, n: usize) -> String {
+        self.console_line(vm, "VMDEPOT-READ-NOISE");
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = self.ok(&["instance", "logs", vm]);
+            let answers: Vec<&str> = log
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("VMDEPOT-NOISE: "))
+                .collect();
+            if answers.len() >= n {
+                return answers[n - 1].to_owned();
+            }
+            assert!(Instant::now() < end, "no answer {n} from {vm}:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn image_state(&self, image: &str) -> (String, String) {
+        let v = self.json(&["image", "show", image, "--json"]);
+        (str_at(&v, "state"), str_at(&v, "id"))
+    }
+}
+
+fn noise_md5() -> String {
+    let p = test_guest().parent().unwrap().join("noise.md5");
+    std::fs::read_to_string(p).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_lazy_run_from_a_remote_fetches_what_the_guest_reads_and_a_pull_completes_it() {
+    let t = T::new();
+    let g = Garage::start();
+    let (h1, h2) = (Host::new(&t, &g, "h1"), Host::new(&t, &g, "h2"));
+    h1.import(test_guest(), "tiny");
+    let pushed = h1.push("tiny");
+    let stored = u(&pushed, "bytes_sent");
+    // lazy is the default: no pull, a partial image, the guest boots
+    h2.ok(&[
+        "instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "-q",
+    ]);
+    let (state, id) = h2.image_state("tiny");
+    assert_eq!(state, "partial");
+    let log = h2.wait_log("vm", READY, Duration::from_secs(120));
+    assert!(log.contains(DISK_MARKER), "{log}");
+    let shown = h2.json(&["instance", "show", "vm", "--json"]);
+    let at_boot = u(&shown, "remote_bytes_fetched");
+    assert!(
+        at_boot > 0 && at_boot < stored,
+        "fetched {at_boot} of {stored} stored bytes"
+    );
+    assert_eq!(shown["disk_error"], "");
+    // what it reads later is fetched then, checked: the file's own bytes
+    assert_eq!(h2.read_noise("vm", 1), noise_md5());
+    let later = u(
+        &h2.json(&["instance", "show", "vm", "--json"]),
+        "remote_bytes_fetched",
+    );
+    assert!(later > at_boot, "{later} <= {at_boot}");
+    // other commands refuse it and say how to complete it
+    h2.refuses(
+        &["image", "export", "tiny", t.path("x").to_str().unwrap()],
+        1,
+        "image pull r:tiny",
+    );
+    // a second run uses the same partial image
+    h2.ok(&[
+        "instance", "run", "r:tiny", "--name", "vm2", "--accel", "tcg", "-q",
+    ]);
+    h2.wait_log("vm2", READY, Duration::from_secs(120));
+    assert_eq!(items(&h2.json(&["image", "list", "--json"])).len(), 1);
+    // gc keeps what was fetched; a pull completes the same image in place
+    h2.ok(&["gc"]);
+    assert_eq!(h2.read_noise("vm2", 1), noise_md5());
+    let pull = h2.pull("tiny");
+    assert!(u(&pull, "bytes_fetched") < stored, "{pull}");
+    assert_eq!(h2.image_state("tiny"), ("available".into(), id));
+    assert_eq!(h2.digest("tiny"), h1.digest("tiny"));
+    export_same(&h2, "tiny", test_guest(), &t);
+    for vm in ["vm", "vm2"] {
+        h2.ok(&["instance", "delete", vm, "--force"]);
+    }
+    let fsck = h2.json(&["fsck", "--json"]);
+    assert!(problems(&fsck).is_empty(), "{fsck}");
+
+    // --prefetch: the disk server fetches the rest; the image completes
+    let h3 = Host::new(&t, &g, "h3");
+    h3.ok(&[
+        "instance",
+        "run",
+        "r:tiny",
+        "--name",
+        "p",
+        "--accel",
+        "tcg",
+        "--prefetch",
+        "-q",
+    ]);
+    let end = Instant::now() + Duration::from_secs(120);
+    while h3.image_state("tiny").0 != "available" {
+        assert!(
+            Instant::now() < end,
+            "the prefetch did not complete the image"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    h3.wait_log("p", READY, Duration::from_secs(120));
+    assert_eq!(h3.read_noise("p", 1), noise_md5());
+    assert_eq!(h3.digest("tiny"), h1.digest("tiny"));
+    h3.ok(&["instance", "delete", "p", "--force"]);
+}
+
+#[test]
+fn losing_the_remote_under_a_lazy_guest_is_an_io_error_never_a_hang() {
+    let t = T::new();
+    let mut g = Garage::start();
+    let (h1, h2) = (Host::new(&t, &g, "h1"), Host::new(&t, &g, "h2"));
+    h1.import(test_guest(), "tiny");
+    h1.push("tiny");
+    h2.ok(&[
+        "instance", "run", "r:tiny", "--name", "vm", "--accel", "tcg", "-q",
+    ]);
+    h2.wait_log("vm", READY, Duration::from_secs(120));
+    // the node the remote's endpoint names goes away
+    g.kill(0);
+    let answer = h2.read_noise("vm", 1);
+    assert!(answer.starts_with("failed"), "the guest read {answer:?}");
+    let started = Instant::now();
+    let shown = h2.json(&["instance", "show", "vm", "--json"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "instance show hung"
+    );
+    assert_eq!(shown["state"], "running");
+    let err = str_at(&shown, "disk_error");
+    assert!(
+        err.contains("remote r") && err.contains("I/O error"),
+        "{err}"
+    );
+    let log = h2.ok(&["instance", "logs", "vm"]);
+    assert!(log.contains("vmdepot: disk read failed"), "{log}");
+    // the remote back: the next read is fetched
+    g.restart(0);
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut n = 2;
+    loop {
+        if h2.read_noise("vm", n) == noise_md5() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the remote came back, the read still fails"
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    h2.ok(&["instance", "delete", "vm", "--force"]);
 }
 
 #[test]

@@ -61,17 +61,41 @@ const MAX_META: u64 = 1 << 20;
 /// Deletes [`ObjectStore::purge_retired`] runs at once.
 const PURGE_PARALLEL: usize = 16;
 
-/// The retry policy of every request: 6 retries, backoff from 100 ms to
-/// 10 s, none started after 150 s.
-fn retry_config() -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
-            base: 2.0,
+/// How long a request may take before it fails: a batch job (push, pull,
+/// gc) waits out a remote's hiccups; a guest waiting for a disk read
+/// (a lazy disk server) must get its I/O error soon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patience {
+    /// 6 retries, backoff from 100 ms to 10 s, none started after 150 s;
+    /// 120 s per attempt.
+    Batch,
+    /// 1 retry after 200 ms, none started after 5 s; 10 s per attempt: a
+    /// refused connection fails in well under a second, a silent endpoint
+    /// in about 25 s.
+    Interactive,
+}
+
+/// The retry policy of every request.
+fn retry_config(p: Patience) -> RetryConfig {
+    match p {
+        Patience::Batch => RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(10),
+                base: 2.0,
+            },
+            max_retries: 6,
+            retry_timeout: Duration::from_secs(150),
         },
-        max_retries: 6,
-        retry_timeout: Duration::from_secs(150),
+        Patience::Interactive => RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: 1,
+            retry_timeout: Duration::from_secs(5),
+        },
     }
 }
 
@@ -98,8 +122,13 @@ impl S3Store {
     /// `loc`, with the credentials of the environment or of the shared
     /// credentials file. Sends nothing: see [`S3Store::probe`].
     pub fn open(loc: &S3Location, remote: &str) -> Result<S3Store> {
+        S3Store::open_patient(loc, remote, Patience::Batch)
+    }
+
+    /// [`S3Store::open`] with the [`Patience`] of its requests.
+    pub fn open_patient(loc: &S3Location, remote: &str, patience: Patience) -> Result<S3Store> {
         loc.validate(remote)?;
-        S3Store::open_with(loc, remote, &S3Credentials::load(remote)?)
+        S3Store::open_with_patience(loc, remote, &S3Credentials::load(remote)?, patience)
     }
 
     /// [`S3Store::open`] with the credentials given (a library user's own,
@@ -107,10 +136,21 @@ impl S3Store {
     /// The endpoint and region not in `loc` still come from the
     /// environment (see [`S3Location`]).
     pub fn open_with(loc: &S3Location, remote: &str, creds: &S3Credentials) -> Result<S3Store> {
+        S3Store::open_with_patience(loc, remote, creds, Patience::Batch)
+    }
+
+    /// [`S3Store::open_with`] with the [`Patience`] of its requests.
+    pub fn open_with_patience(
+        loc: &S3Location,
+        remote: &str,
+        creds: &S3Credentials,
+        patience: Patience,
+    ) -> Result<S3Store> {
         let loc = loc.resolved();
         loc.validate(remote)?;
         let region = loc.region.as_deref().unwrap_or(DEFAULT_REGION);
-        let s3 = build_client(&loc, creds).map_err(|e| client_error(remote, &e.to_string()))?;
+        let s3 = build_client(&loc, creds, patience)
+            .map_err(|e| client_error(remote, &e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmdepot-s3")
@@ -190,20 +230,28 @@ fn client_error(remote: &str, why: &str) -> Error {
 /// plain HTTP only when the endpoint says `http://`; a connect timeout of
 /// 2 s (an endpoint that refuses fails in about a second, one that drops
 /// packets after 7 attempts of 2 s and their backoff) and 120 s for a
-/// whole request.
-fn build_client(loc: &S3Location, creds: &S3Credentials) -> object_store::Result<AmazonS3> {
+/// whole request (10 s when [`Patience::Interactive`]).
+fn build_client(
+    loc: &S3Location,
+    creds: &S3Credentials,
+    patience: Patience,
+) -> object_store::Result<AmazonS3> {
     let endpoint = loc.endpoint.as_deref();
+    let attempt = match patience {
+        Patience::Batch => Duration::from_secs(120),
+        Patience::Interactive => Duration::from_secs(10),
+    };
     let options = ClientOptions::new()
         .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
         .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(120));
+        .with_timeout(attempt);
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&loc.bucket)
         .with_region(loc.region.as_deref().unwrap_or(DEFAULT_REGION))
         .with_access_key_id(&creds.key_id)
         .with_secret_access_key(&creds.secret)
         .with_virtual_hosted_style_request(endpoint.is_none())
-        .with_retry(retry_config())
+        .with_retry(retry_config(patience))
         .with_client_options(options);
     if let Some(token) = &creds.token {
         b = b.with_token(token);

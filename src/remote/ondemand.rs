@@ -1,0 +1,322 @@
+//! The remote side of a partial image's disk server (`image::lazy`): the
+//! chunks its instances read that the depot lacks are fetched here, one
+//! remote frame per miss (a ranged read of the frame's bytes, its
+//! location checked against the pack's listed size), decompressed, and
+//! every chunk of the frame that the image needs checked against its hash
+//! before any of it is served. The frame's needed chunks are then
+//! entered in the depot by a writer thread, batch by batch (one small
+//! pack per batch, under the pull's job, as a pull enters them), and
+//! served from memory until they are. A prefetch thread fetches the rest
+//! ([`Depot::complete_partial`]: the pull itself), when asked.
+//!
+//! The remote's chunk map (its pack indexes, cached under the depot) is
+//! read on the first miss, not before: a launch does not wait for it.
+//! Its requests have [`Patience::Interactive`]: a remote that went away
+//! is an error within seconds, which the guest sees as an I/O error.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender as Tx};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::fetch::check_loc;
+use super::{ChunkLoc, Remote};
+use crate::depot::Depot;
+use crate::error::{Error, Result};
+use crate::format::{HashBlockMap, CHUNK_SIZE};
+use crate::ids::{ChunkHash, ImageId};
+use crate::lifecycle::transfer::{check_frame, Checked, FrameWant, LocalSink, Sender};
+use crate::progress::NoProgress;
+use crate::store::{ObjectKind, ObjectReader};
+
+/// A remote frame: its pack and offset there.
+type FrameKey = (String, u64);
+
+/// A chunk served from a fetched frame: the decompressed frame and the
+/// chunk's byte offset in it.
+pub(crate) type FetchedChunk = (Arc<Vec<u8>>, usize);
+
+/// Where the image's chunks are on the remote, by hash, and which of
+/// them each remote frame holds.
+struct Needs {
+    locs: HashMap<ChunkHash, ChunkLoc>,
+    frames: HashMap<FrameKey, FrameWant>,
+}
+
+/// The remote side of one partial image (see the module docs).
+pub(crate) struct OnDemand {
+    /// `NAME (img-…)`, for messages.
+    label: String,
+    image: ImageId,
+    root: PathBuf,
+    /// The remote, or why it could not be opened (no credentials, say):
+    /// then every miss fails with that.
+    remote: std::result::Result<Remote, String>,
+    /// The image's map by hash (the manifest's).
+    map: HashBlockMap,
+    needs: Mutex<Option<Arc<Needs>>>,
+    readers: Mutex<HashMap<String, Arc<dyn ObjectReader>>>,
+    /// Chunks fetched and not entered yet.
+    fetched: Arc<Mutex<HashMap<ChunkHash, FetchedChunk>>>,
+    /// One fetch of a frame at a time (readers of the same frame wait).
+    inflight: Mutex<HashMap<FrameKey, Arc<Mutex<()>>>>,
+    writer: Mutex<Tx<Checked>>,
+    prefetching: AtomicBool,
+}
+
+impl OnDemand {
+    /// The remote side of the partial image `image` (`label` names it) of
+    /// the depot at `root`, run from `manifest` of `remote`; starts its
+    /// writer.
+    pub(crate) fn new(
+        root: PathBuf,
+        image: ImageId,
+        label: String,
+        remote: std::result::Result<Remote, String>,
+        manifest: crate::format::Manifest,
+    ) -> OnDemand {
+        let map = manifest.map;
+        let (tx, rx) = channel();
+        let fetched = Arc::new(Mutex::new(HashMap::new()));
+        let job = match &remote {
+            Ok(r) => super::pull::origin(r, &manifest.meta.id),
+            Err(_) => String::new(),
+        };
+        if remote.is_ok() {
+            let (root, id, fetched) = (root.clone(), image.clone(), fetched.clone());
+            std::thread::spawn(move || write_fetched(&root, &id, &job, &rx, &fetched));
+        }
+        OnDemand {
+            label,
+            image,
+            root,
+            remote,
+            map,
+            needs: Mutex::new(None),
+            readers: Mutex::new(HashMap::new()),
+            fetched,
+            inflight: Mutex::new(HashMap::new()),
+            writer: Mutex::new(tx),
+            prefetching: AtomicBool::new(false),
+        }
+    }
+
+    /// The image's map by hash.
+    pub(crate) fn map(&self) -> &HashBlockMap {
+        &self.map
+    }
+
+    /// The chunk `hash` from a frame fetched for it (or for a neighbour),
+    /// and the compressed bytes fetched from the remote for it now (0: it
+    /// was in memory). Errors name the remote, the object and what was wrong.
+    pub(crate) fn chunk(&self, hash: &ChunkHash) -> Result<(FetchedChunk, u64)> {
+        if let Some(c) = self.fetched.lock().unwrap().get(hash) {
+            return Ok((c.clone(), 0));
+        }
+        let remote = self
+            .remote
+            .as_ref()
+            .map_err(|e| Error::Invalid(e.clone()))?;
+        let needs = self.needs(remote)?;
+        let loc = needs.locs.get(hash).ok_or_else(|| {
+            remote.damaged(
+                &format!("image {}", self.label),
+                &format!(
+                    "its chunk {} is in no pack the remote lists (a pack lost or retired)",
+                    crate::ids::hex(&hash.0)
+                ),
+            )
+        })?;
+        let key = (loc.pack.clone(), loc.offset);
+        let gate = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one = gate.lock().unwrap();
+        if let Some(c) = self.fetched.lock().unwrap().get(hash) {
+            return Ok((c.clone(), 0));
+        }
+        let want = &needs.frames[&key];
+        let reader = self.reader(remote, &loc.pack)?;
+        let bytes = reader.read_range(loc.offset, loc.clen)?;
+        if bytes.len() as u64 != loc.clen {
+            return Err(remote.damaged(
+                reader.label(),
+                &format!(
+                    "a read of {} bytes at offset {} returned {}",
+                    loc.clen,
+                    loc.offset,
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut buf = Vec::new();
+        let checked = check_frame(&bytes, want, &mut buf).map_err(|bad| {
+            remote.damaged(
+                reader.label(),
+                &format!(
+                    "frame at offset {}: {bad}; not served to image {}",
+                    loc.offset, self.label
+                ),
+            )
+        })?;
+        let frame = Arc::new(buf);
+        let mut mine = None;
+        {
+            let mut f = self.fetched.lock().unwrap();
+            for &(slot, h) in &want.slots {
+                let c = (frame.clone(), slot as usize * CHUNK_SIZE);
+                if h == *hash {
+                    mine = Some(c.clone());
+                }
+                f.insert(h, c);
+            }
+        }
+        // The writer enters them (a closed writer: they stay in memory).
+        let _ = self.writer.lock().unwrap().send(checked);
+        self.inflight.lock().unwrap().remove(&key);
+        let mine = mine.expect("the frame of a chunk holds it");
+        Ok((mine, loc.clen))
+    }
+
+    /// Where the image's chunks are on the remote: read on first use (the
+    /// remote's listing and its pack indexes, cached under the depot).
+    fn needs(&self, remote: &Remote) -> Result<Arc<Needs>> {
+        let mut g = self.needs.lock().unwrap();
+        if let Some(n) = &*g {
+            return Ok(n.clone());
+        }
+        let all = remote.chunk_map()?;
+        let mut locs = HashMap::new();
+        let mut frames: HashMap<FrameKey, FrameWant> = HashMap::new();
+        for h in self.map.runs.iter().flat_map(|r| r.1.iter()) {
+            if locs.contains_key(h) {
+                continue;
+            }
+            let Some(loc) = all.get(h) else {
+                continue; // an error when a guest reads it
+            };
+            check_loc(remote, &all, loc)?;
+            let want = frames
+                .entry((loc.pack.clone(), loc.offset))
+                .or_insert_with(|| FrameWant {
+                    nchunks: loc.nchunks,
+                    slots: Vec::new(),
+                });
+            want.slots.push((loc.slot, *h));
+            locs.insert(*h, loc.clone());
+        }
+        tracing::info!(
+            "image {}: {} chunks at remote {}, in {} frames",
+            self.label,
+            locs.len(),
+            remote.name(),
+            frames.len()
+        );
+        let n = Arc::new(Needs { locs, frames });
+        *g = Some(n.clone());
+        Ok(n)
+    }
+
+    /// The reader of a remote pack, opened once.
+    fn reader(&self, remote: &Remote, pack: &str) -> Result<Arc<dyn ObjectReader>> {
+        if let Some(r) = self.readers.lock().unwrap().get(pack) {
+            return Ok(r.clone());
+        }
+        let r = remote.store().open(ObjectKind::Pack, pack)?;
+        self.readers
+            .lock()
+            .unwrap()
+            .insert(pack.to_owned(), r.clone());
+        Ok(r)
+    }
+
+    /// Starts fetching the rest of the image in the background (once per
+    /// server): the pull itself, retried every 15 s while it fails.
+    pub(crate) fn prefetch(&self) {
+        let Ok(remote) = self.remote.clone() else {
+            return;
+        };
+        if self.prefetching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (root, id, label) = (self.root.clone(), self.image.clone(), self.label.clone());
+        std::thread::spawn(move || loop {
+            let r = Depot::open(&root)
+                .and_then(|d| d.complete_partial(&remote, id.as_str(), &NoProgress));
+            match r {
+                Ok(p) => {
+                    tracing::info!(
+                        "image {label}: prefetched ({} chunks, {} bytes fetched): it is complete",
+                        p.chunks_fetched,
+                        p.bytes_fetched
+                    );
+                    return;
+                }
+                Err(Error::ImageNotAvailable { .. }) => return, // completed by another
+                Err(e) => {
+                    tracing::warn!("image {label}: prefetch failed, tried again in 15 s: {e}");
+                    std::thread::sleep(Duration::from_secs(15));
+                }
+            }
+        });
+    }
+}
+
+/// The writer: enters fetched frames in the depot at `root` as the
+/// image's (`id`) pull job `job` does, a batch at a time (what arrived
+/// within 2 s, or 256 frames), then forgets them in `fetched` (they are
+/// found in the depot from then on). Ends when the server does.
+fn write_fetched(
+    root: &std::path::Path,
+    id: &ImageId,
+    job: &str,
+    rx: &Receiver<Checked>,
+    fetched: &Mutex<HashMap<ChunkHash, FetchedChunk>>,
+) {
+    let depot = match Depot::open(root) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("fetched chunks are kept in memory only: {e}");
+            return;
+        }
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let start = Instant::now();
+        while batch.len() < 256 && start.elapsed() < Duration::from_secs(2) {
+            match rx.recv_timeout(Duration::from_millis(300)) {
+                Ok(c) => batch.push(c),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let hashes: Vec<ChunkHash> = batch
+            .iter()
+            .flat_map(|c| match c {
+                Checked::Whole { hashes, .. } | Checked::Chunks { hashes, .. } => hashes.clone(),
+            })
+            .collect();
+        let entered = (|| {
+            let mut sink = LocalSink::new(&depot, id, job);
+            let mut sender = Sender::new(&mut sink, &NoProgress);
+            for c in batch {
+                sender.take(c)?;
+            }
+            sender.finish()
+        })();
+        match entered {
+            Ok(s) => tracing::debug!("{} fetched chunks entered", s.chunks),
+            Err(e) => tracing::warn!("fetched chunks not entered (fetched again if read): {e}"),
+        }
+        let mut f = fetched.lock().unwrap();
+        for h in &hashes {
+            f.remove(h);
+        }
+    }
+}

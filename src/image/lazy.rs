@@ -26,7 +26,6 @@ use crate::catalog::{self, ImageRow};
 use crate::error::{Error, Result};
 use crate::format::{BlockMap, CHUNK, CHUNK_SIZE, ZERO_BLOCK};
 use crate::ids::{ChunkHash, ChunkId};
-use crate::remote::ondemand::OnDemand;
 use crate::store::{ObjectStore, PackReader};
 
 /// Decompressed frames kept (1 MiB each at most).
@@ -42,6 +41,19 @@ pub struct ReadFailure {
     pub(crate) detail: String,
     /// The remote failed (not the depot's data).
     pub(crate) remote: bool,
+}
+
+/// Where a partial image's chunks that the depot lacks come from (the
+/// remote layer's `remote::ondemand`: this layer only reads through it).
+pub(crate) trait RemoteChunks: Send + Sync {
+    /// The image's map by hash (its manifest's).
+    fn map(&self) -> &crate::format::HashBlockMap;
+    /// The chunk `hash`: its frame, decompressed and checked, with the
+    /// chunk's byte offset there, and the compressed bytes fetched for it
+    /// now (0: it was in memory).
+    fn chunk(&self, hash: &ChunkHash) -> Result<((Arc<Vec<u8>>, usize), u64)>;
+    /// Starts fetching the rest of the image in the background (once).
+    fn prefetch(&self);
 }
 
 /// What one read served.
@@ -67,7 +79,7 @@ pub struct LazyImage {
     packs: Mutex<Kept<String, Arc<PackReader>>>,
     frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
     /// A partial image's remote side.
-    remote: Option<Arc<OnDemand>>,
+    remote: Option<Arc<dyn RemoteChunks>>,
 }
 
 /// A frame by its pack's name and its offset there (content that never
@@ -167,15 +179,15 @@ impl LazyImage {
     pub(crate) fn partial(
         row: &ImageRow,
         repo: &crate::repo::Repo,
-        remote: OnDemand,
+        remote: Arc<dyn RemoteChunks>,
     ) -> Result<LazyImage> {
         let mut img = LazyImage::new(row, repo)?;
-        img.remote = Some(Arc::new(remote));
+        img.remote = Some(remote);
         Ok(img)
     }
 
     /// A partial image's remote side.
-    pub(crate) fn remote(&self) -> Option<&Arc<OnDemand>> {
+    pub(crate) fn remote(&self) -> Option<&Arc<dyn RemoteChunks>> {
         self.remote.as_ref()
     }
 

@@ -37,12 +37,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, DiskMode, ImageState};
 use crate::error::{Error, IoContext, Result};
-use crate::image::lazy::LazyImage;
+use crate::image::lazy::{LazyImage, RemoteChunks};
 use crate::image::nbd_server::{serve_connection, Export, READ_FAILED};
 use crate::perms::Perms;
-use crate::remote::ondemand::OnDemand;
 use crate::repo::Repo;
-use crate::store::Patience;
 
 /// The files of the disk server of one image.
 pub(crate) struct ServerFiles {
@@ -217,7 +215,12 @@ pub(crate) struct Exports {
 impl Exports {
     /// The exports of the available or partial image `image_id` of `repo`
     /// (every lazy instance of it, or with `only` that one instance).
-    pub(crate) fn new(repo: &Repo, image_id: &str, only: Option<String>) -> Result<Exports> {
+    pub(crate) fn new(
+        repo: &Repo,
+        image_id: &str,
+        only: Option<String>,
+        partial: Option<PartialSource<'_>>,
+    ) -> Result<Exports> {
         let row = catalog::find_images(&repo.conn, image_id)?
             .into_iter()
             .find(|r| {
@@ -226,7 +229,16 @@ impl Exports {
             })
             .ok_or_else(|| Error::ImageNotFound(image_id.to_owned()))?;
         let image = match row.state {
-            Some(ImageState::Partial) => LazyImage::partial(&row, repo, on_demand(repo, &row)?)?,
+            Some(ImageState::Partial) => {
+                let source = partial.ok_or_else(|| Error::ImageNotAvailable {
+                    image: format!("{} ({})", row.name, row.id),
+                    state: "partial (a --foreground start serves only complete images: \
+                                start it without --foreground, or complete the image with \
+                                `vmdepot image pull`)"
+                        .into(),
+                })?;
+                LazyImage::partial(&row, repo, source(repo, &row)?)?
+            }
             _ => LazyImage::new(&row, repo)?,
         };
         Ok(Exports {
@@ -290,28 +302,10 @@ impl Exports {
     }
 }
 
-/// The remote side of the partial image `row`: its remote opened with
-/// [`Patience::Interactive`] (when that fails, because this process has
-/// no credentials say, reads of chunks the depot lacks fail with why).
-fn on_demand(repo: &Repo, row: &catalog::ImageRow) -> Result<OnDemand> {
-    let depot = crate::Depot::open(repo.root())?;
-    let (name, manifest) = depot
-        .partial_source(row.id.as_str())?
-        .ok_or_else(|| Error::ImageNotFound(row.id.to_string()))?;
-    let remote = depot
-        .remote_patient(&name, Patience::Interactive)
-        .map_err(|e| crate::error::one_line(&e.to_string()));
-    if let Err(e) = &remote {
-        tracing::error!("{e}");
-    }
-    Ok(OnDemand::new(
-        repo.root().to_owned(),
-        row.id.clone(),
-        format!("{} ({})", row.name, row.id),
-        remote,
-        manifest,
-    ))
-}
+/// Makes the remote side of a partial image (the remote layer's: see
+/// `remote::ondemand`); a server without one refuses partial images.
+pub(crate) type PartialSource<'a> =
+    &'a (dyn Fn(&Repo, &catalog::ImageRow) -> Result<Arc<dyn RemoteChunks>> + Sync);
 
 /// Connections served at once (QEMU opens one per lazy instance).
 const MAX_CONNECTIONS: usize = 128;
@@ -390,7 +384,7 @@ pub(crate) fn bind(repo: &Repo, sock: &Path, exports: Exports) -> Result<Bound> 
 /// The body of a detached disk server process for `image` (the `vmdepot`
 /// binary's hidden `disk-server` command): returns at once when another
 /// server of it runs; otherwise serves until no QEMU uses it.
-pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
+pub(crate) fn run_detached(repo: &Repo, image: &str, partial: PartialSource<'_>) -> Result<()> {
     if crate::ids::ImageId::parse(image).is_none() {
         return Err(Error::Invalid(format!(
             "disk-server {image:?}: not an image id (img-<16 hex>)"
@@ -402,7 +396,7 @@ pub(crate) fn run_detached(repo: &Repo, image: &str) -> Result<()> {
         Ok(l) => l,
         Err(_) => return Ok(()), // another server runs
     };
-    let exports = Exports::new(repo, image, None)?;
+    let exports = Exports::new(repo, image, None, Some(partial))?;
     let bound = bind(repo, &f.sock, exports)?;
     // The map is read while QEMU starts, not before the socket listens.
     let img = bound.exports.image.clone();

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::depot::Depot;
 use crate::error::{Error, IoContext, Result};
 use crate::image::serve::{self, server_files, Exports};
 use crate::repo::{held, Repo};
@@ -219,7 +218,7 @@ impl InProcess {
         sock: &Path,
     ) -> Result<InProcess> {
         crate::launch::qemu::check_socket_path(sock)?;
-        let exports = Exports::new(repo, image, Some(instance.to_owned()))?;
+        let exports = Exports::new(repo, image, Some(instance.to_owned()), None)?;
         let bound = serve::bind(repo, sock, exports)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -242,11 +241,4 @@ impl Drop for InProcess {
         }
         let _ = std::fs::remove_file(&self.sock);
     }
-}
-
-/// The hidden `vmdepot disk-server IMAGE`: the detached server of one
-/// image of `depot` (see `image::serve`). Not for users.
-#[doc(hidden)]
-pub fn serve_lazy_disks(depot: &Depot, image: &str) -> Result<()> {
-    serve::run_detached(&depot.repo, image)
 }

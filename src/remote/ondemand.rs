@@ -27,9 +27,10 @@ use crate::depot::Depot;
 use crate::error::{Error, Result};
 use crate::format::{HashBlockMap, CHUNK_SIZE};
 use crate::ids::{ChunkHash, ImageId};
+use crate::image::lazy::RemoteChunks;
 use crate::lifecycle::transfer::{check_frame, Checked, FrameWant, LocalSink, Sender};
 use crate::progress::NoProgress;
-use crate::store::{ObjectKind, ObjectReader};
+use crate::store::{ObjectKind, ObjectReader, Patience};
 
 /// A remote frame: its pack and offset there.
 type FrameKey = (String, u64);
@@ -103,15 +104,10 @@ impl OnDemand {
         }
     }
 
-    /// The image's map by hash.
-    pub(crate) fn map(&self) -> &HashBlockMap {
-        &self.map
-    }
-
     /// The chunk `hash` from a frame fetched for it (or for a neighbour),
     /// and the compressed bytes fetched from the remote for it now (0: it
     /// was in memory). Errors name the remote, the object and what was wrong.
-    pub(crate) fn chunk(&self, hash: &ChunkHash) -> Result<(FetchedChunk, u64)> {
+    fn fetch(&self, hash: &ChunkHash) -> Result<(FetchedChunk, u64)> {
         if let Some(c) = self.fetched.lock().unwrap().get(hash) {
             return Ok((c.clone(), 0));
         }
@@ -238,7 +234,7 @@ impl OnDemand {
 
     /// Starts fetching the rest of the image in the background (once per
     /// server): the pull itself, retried every 15 s while it fails.
-    pub(crate) fn prefetch(&self) {
+    fn start_prefetch(&self) {
         let Ok(remote) = self.remote.clone() else {
             return;
         };
@@ -266,6 +262,55 @@ impl OnDemand {
             }
         });
     }
+}
+
+impl RemoteChunks for OnDemand {
+    fn map(&self) -> &HashBlockMap {
+        &self.map
+    }
+
+    fn chunk(&self, hash: &ChunkHash) -> Result<(FetchedChunk, u64)> {
+        self.fetch(hash)
+    }
+
+    fn prefetch(&self) {
+        self.start_prefetch()
+    }
+}
+
+/// The remote side of the partial image `row` of `repo` (the disk
+/// server's [`crate::image::serve::PartialSource`]): its remote opened with
+/// [`Patience::Interactive`]; when that fails (this process has no
+/// credentials, say) reads of chunks the depot lacks fail with why.
+fn on_demand(
+    repo: &crate::repo::Repo,
+    row: &crate::catalog::ImageRow,
+) -> Result<Arc<dyn RemoteChunks>> {
+    let depot = Depot::open(repo.root())?;
+    let (name, manifest) = depot
+        .partial_source(row.id.as_str())?
+        .ok_or_else(|| Error::ImageNotFound(row.id.to_string()))?;
+    let remote = depot
+        .remote_patient(&name, Patience::Interactive)
+        .map_err(|e| crate::error::one_line(&e.to_string()));
+    if let Err(e) = &remote {
+        tracing::error!("{e}");
+    }
+    Ok(Arc::new(OnDemand::new(
+        repo.root().to_owned(),
+        row.id.clone(),
+        format!("{} ({})", row.name, row.id),
+        remote,
+        manifest,
+    )))
+}
+
+/// The hidden `vmdepot disk-server IMAGE`: the detached server of one
+/// image of `depot` (see `image::serve`), partial images included. Not for
+/// users.
+#[doc(hidden)]
+pub fn serve_lazy_disks(depot: &Depot, image: &str) -> Result<()> {
+    crate::image::serve::run_detached(&depot.repo, image, &on_demand)
 }
 
 /// The writer: enters fetched frames in the depot at `root` as the

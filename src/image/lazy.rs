@@ -43,6 +43,10 @@ pub struct ReadFailure {
     pub(crate) remote: bool,
 }
 
+/// A chunk served from a fetched frame: the decompressed frame and the
+/// chunk's byte offset in it.
+pub(crate) type FetchedChunk = (Arc<Vec<u8>>, usize);
+
 /// Where a partial image's chunks that the depot lacks come from (the
 /// remote layer's `remote::ondemand`: this layer only reads through it).
 pub(crate) trait RemoteChunks: Send + Sync {
@@ -51,7 +55,7 @@ pub(crate) trait RemoteChunks: Send + Sync {
     /// The chunk `hash`: its frame, decompressed and checked, with the
     /// chunk's byte offset there, and the compressed bytes fetched for it
     /// now (0: it was in memory).
-    fn chunk(&self, hash: &ChunkHash) -> Result<((Arc<Vec<u8>>, usize), u64)>;
+    fn chunk(&self, hash: &ChunkHash) -> Result<(FetchedChunk, u64)>;
     /// Starts fetching the rest of the image in the background (once).
     fn prefetch(&self);
 }

@@ -27,7 +27,7 @@ use crate::depot::Depot;
 use crate::error::{Error, Result};
 use crate::format::{HashBlockMap, CHUNK_SIZE};
 use crate::ids::{ChunkHash, ImageId};
-use crate::image::lazy::RemoteChunks;
+use crate::image::lazy::{FetchedChunk, RemoteChunks};
 use crate::lifecycle::transfer::{check_frame, Checked, FrameWant, LocalSink, Sender};
 use crate::progress::NoProgress;
 use crate::store::{ObjectKind, ObjectReader, Patience};
@@ -35,9 +35,6 @@ use crate::store::{ObjectKind, ObjectReader, Patience};
 /// A remote frame: its pack and offset there.
 type FrameKey = (String, u64);
 
-/// A chunk served from a fetched frame: the decompressed frame and the
-/// chunk's byte offset in it.
-pub(crate) type FetchedChunk = (Arc<Vec<u8>>, usize);
 
 /// Where the image's chunks are on the remote, by hash, and which of
 /// them each remote frame holds.

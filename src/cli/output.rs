@@ -80,6 +80,27 @@ pub fn error_line(e: &anyhow::Error) -> String {
     format!("vmdepot: {}", esc(&format!("{e:#}")))
 }
 
+/// A usage error as clap renders it (`error: …`, indented details, tips,
+/// `Usage: …`, `For more information, try '--help'.`) on one line:
+/// `vmdepot: … (usage: …; see --help)`.
+pub fn usage_line(rendered: &str) -> String {
+    let mut what = Vec::new();
+    let mut usage = None;
+    for l in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(u) = l.strip_prefix("Usage: ") {
+            usage = Some(u);
+        } else if !l.starts_with("For more information") {
+            what.push(l.strip_prefix("error: ").unwrap_or(l));
+        }
+    }
+    let what = what.join(" ");
+    let line = match usage {
+        Some(u) => format!("{what} (usage: {u}; see --help)"),
+        None => format!("{what} (see --help)"),
+    };
+    format!("vmdepot: {}", esc(&line))
+}
+
 /// The exit code of a failure: the library error's
 /// ([`vmdepot::Error::exit_code`]), else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {

@@ -72,20 +72,20 @@ impl Depot {
             });
         }
         if info.protected {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is protected: `vmdepot image update {} --unprotect` first",
                 info.id
             )));
         }
         let users = catalog::instances::count_using_image(&self.repo.conn, &info.id)?;
         if !force && !info.shared_with.is_empty() {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is shared with {}: unshare it first, or delete with --force",
                 info.shared_with.join(", ")
             )));
         }
         if !force && users > 0 {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is used by {users} instance(s): delete them first, or delete with --force \
                  (they keep running from their base)"
             )));
@@ -107,7 +107,7 @@ impl Depot {
                 .iter()
                 .find(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id)))
             {
-                return Err(Error::NotPermitted(format!(
+                return Err(Error::Conflict(format!(
                     "{what} is read by the running instance {name} ({id}), whose disk is lazy: \
                      stop it first"
                 )));

@@ -180,7 +180,7 @@ fn aliases_are_shown_and_work() {
         t.json(&["instance", "list", "--json"])
     );
     assert_eq!(items(&t.json(&["remote", "ls", "--json"])).len(), 0);
-    t.refuses(&["remote", "rm", "eu"], 1, "no remote named \"eu\"");
+    t.refuses(&["remote", "rm", "eu"], 3, "no remote named \"eu\"");
     let out = t.ok(&["image", "rm", "small"]);
     assert!(out.contains(&format!("deleted small ({id})")), "{out}");
     assert_eq!(items(&t.json(&["image", "ls", "--json"])).len(), 0);

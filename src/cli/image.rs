@@ -335,6 +335,11 @@ pub struct UpdateArgs {
 }
 
 impl ImageCmd {
+    /// Whether the command only looks (see `Cmd::looks_only`).
+    pub fn looks_only(&self) -> bool {
+        self.intent() == Intent::Read
+    }
+
     /// What the command does with the depot: the read-only commands work
     /// on a full filesystem without writing; delete releases the space
     /// reserve.

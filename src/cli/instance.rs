@@ -254,6 +254,20 @@ pub struct RunArgs {
     json: bool,
 }
 
+impl InstanceCmd {
+    /// Whether the command only looks (see `Cmd::looks_only`).
+    pub fn looks_only(&self) -> bool {
+        matches!(
+            self,
+            InstanceCmd::List { .. }
+                | InstanceCmd::Show { .. }
+                | InstanceCmd::Logs { .. }
+                | InstanceCmd::Console { .. }
+                | InstanceCmd::Unit { .. }
+        )
+    }
+}
+
 /// Runs one `instance` subcommand on `depot`; the exit code is QEMU's for
 /// a foreground run or start. (stdout is locked only by the commands that
 /// print: the console's output thread writes to it.)

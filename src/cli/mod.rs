@@ -123,17 +123,32 @@ enum Cmd {
 }
 
 impl Cli {
-    /// How to open the depot for a command of this intent.
+    /// How to open the depot for a command of this intent. A command
+    /// that only looks creates no depot (unless --group asks for one).
     fn options(&self, intent: Intent) -> DepotOptions {
         DepotOptions {
             account: self.account.clone(),
             group: self.group.clone(),
             intent,
+            existing_only: self.cmd.looks_only() && self.group.is_none(),
         }
     }
 }
 
 impl Cmd {
+    /// Whether the command only looks at the depot (list, show, logs,
+    /// export, verify, fsck, stats, `gc --dry-run` …): then a missing depot
+    /// is an error (exit 3), not created.
+    fn looks_only(&self) -> bool {
+        match self {
+            Cmd::Image(c) => c.looks_only(),
+            Cmd::Instance(c) => c.looks_only(),
+            Cmd::Remote(c) => matches!(c, remote::RemoteCmd::List { .. }),
+            Cmd::Maint(c) => c.intent() == Intent::Read,
+            Cmd::DiskServer { .. } => true,
+        }
+    }
+
     /// What the command does with the depot (see [`Intent`]).
     fn intent(&self) -> Intent {
         match self {

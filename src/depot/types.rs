@@ -93,6 +93,12 @@ pub struct DepotOptions {
     /// without writing anything; one opened to [`Intent::Free`] on a full
     /// filesystem first releases the depot's space reserve.
     pub intent: Intent,
+    /// Open only a depot that exists: a directory holding no depot (no
+    /// catalog, no marker, no packs), or none at all, is
+    /// [`Error::DepotNotFound`](crate::Error::DepotNotFound) and nothing is
+    /// created (the CLI's commands that only look). Default: a missing
+    /// depot is created.
+    pub existing_only: bool,
 }
 
 /// What a caller of [`Depot::open_with`](super::Depot::open_with) will do with the depot.

@@ -153,7 +153,7 @@ fn export_gets_the_callers_umask_not_the_depots() {
 #[test]
 fn existing_depot_root_is_closed_when_its_owner_opens_it() {
     let t = T::new();
-    t.ok(&["image", "list"]);
+    t.ok(&["gc"]); // creates the depot
     let root = t.depot();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
     t.ok(&["image", "list"]);
@@ -218,7 +218,7 @@ fn group_depot_is_shared_by_its_group_and_stays_so() {
         "only when a depot is created",
     );
     let private = T::new();
-    private.ok(&["image", "list"]);
+    private.ok(&["gc"]); // creates the depot
     private.refuses(&["--group", &group, "image", "list"], 2, "private");
     let fresh = T::new();
     fresh.refuses(

@@ -248,7 +248,8 @@ fn print_repair(out: &mut impl Write, r: &RepairReport) -> anyhow::Result<()> {
 
 /// What a rebuilt catalog was made of.
 fn print_rebuilt(out: &mut impl Write, r: &RepairReport) -> anyhow::Result<()> {
-    writeln!(out, "catalog rebuilt ({})", esc(&r.reason))?;
+    let reason = r.reason.as_deref().unwrap_or("");
+    writeln!(out, "catalog rebuilt ({})", esc(reason))?;
     for p in &r.set_aside {
         writeln!(out, "damaged catalog kept as {}", esc(p))?;
     }

@@ -141,7 +141,7 @@ impl Depot {
         let root = fs::canonicalize(root).at(root)?;
         let mut rep = RepairReport {
             rebuilt: true,
-            reason,
+            reason: Some(reason),
             ..Default::default()
         };
         let perms = perms_for(read_group(&root)?.is_some());

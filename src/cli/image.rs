@@ -18,7 +18,7 @@ use vmdepot::{
 };
 
 use super::maint::print_verify;
-use super::output::{esc, human, print_json, show};
+use super::output::{esc, human, print_json, show, Table};
 use super::remote::{print_pull, print_push, remote_image, warn_damaged};
 
 /// The subcommands of `vmdepot image`.
@@ -574,25 +574,19 @@ fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> 
 }
 
 fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  CREATED",
-        "ID", "NAME", "TYPE", "STATE", "SIZE", "STORED"
-    )?;
+    let mut t = Table::new(&["ID", "NAME", "TYPE", "STATE", ">SIZE", ">STORED", "CREATED"]);
     for i in list {
-        writeln!(
-            out,
-            "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  {}",
-            i.id,
-            esc(&i.name),
-            i.kind,
-            i.state,
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            i.kind.clone(),
+            i.state.clone(),
             human(i.virtual_size),
             human(i.unique_stored_bytes + i.shared_stored_bytes),
-            i.created_at
-        )?;
+            i.created_at.clone(),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 /// `image update`.
@@ -627,23 +621,21 @@ fn print_copy(out: &mut impl Write, r: &CopyReport, to_depot: &Path) -> anyhow::
 }
 
 fn print_history(out: &mut impl Write, history: &[HistoryEntry]) -> anyhow::Result<()> {
+    let mut t = Table::new(&["RELATION", "ID", "NAME", "DEPOT", "EXISTS"]);
     for e in history {
-        let depot = if e.depot.is_empty() {
-            String::new()
-        } else {
-            format!("  in {}", esc(&e.depot))
+        let depot = match e.depot.is_empty() {
+            true => "-".into(),
+            false => esc(&e.depot).into_owned(),
         };
-        writeln!(
-            out,
-            "{:<16} {:<20}  {:<30}{}{}",
-            e.relation,
-            esc(&e.id),
-            esc(&e.name),
+        t.row(vec![
+            e.relation.clone(),
+            esc(&e.id).into_owned(),
+            esc(&e.name).into_owned(),
             depot,
-            if e.exists { "" } else { "  (deleted)" }
-        )?;
+            if e.exists { "yes" } else { "no (deleted)" }.into(),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 /// `image export`: to a file or device, or the raw image to stdout (`-`).

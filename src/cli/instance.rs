@@ -16,7 +16,7 @@ use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
 
 use super::input::read_file;
-use super::output::{error_line, esc, exit_code, print_json, show};
+use super::output::{error_line, esc, exit_code, print_json, show, Table};
 use super::remote::remote_image;
 use super::terminal::{console, run_foreground};
 
@@ -629,25 +629,20 @@ fn print_restored(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> 
 }
 
 fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-        "ID", "NAME", "IMAGE", "STATE", "ACCEL", "PID", "SSH"
-    )?;
+    let mut t = Table::new(&["ID", "NAME", "IMAGE", "STATE", "ACCEL", ">PID", ">SSH"]);
+    let or_dash = |n: Option<String>| n.unwrap_or_else(|| "-".into());
     for i in list {
-        writeln!(
-            out,
-            "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-            i.id,
-            esc(&i.name),
-            esc(&i.image_name),
-            i.state,
-            i.accel,
-            i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
-            i.ssh_port.map(|p| p.to_string()).unwrap_or("-".into()),
-        )?;
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            esc(&i.image_name).into_owned(),
+            i.state.clone(),
+            i.accel.clone(),
+            or_dash(i.pid.map(|p| p.to_string())),
+            or_dash(i.ssh_port.map(|p| p.to_string())),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 fn ssh_hint(i: &InstanceInfo) -> String {

@@ -12,7 +12,7 @@ use vmdepot::maint::repair::RepairReport;
 use vmdepot::maint::{FsckReport, GcReport, Stats};
 use vmdepot::{Depot, DepotOptions, Intent, Progress};
 
-use super::output::{esc, human, print_json};
+use super::output::{esc, human, print_json, Table};
 use super::remote::print_remote_gc;
 
 /// The exit code of a check that found damage.
@@ -293,15 +293,18 @@ fn print_stats(out: &mut impl Write, s: &Stats) -> anyhow::Result<()> {
     for (label, r) in ratios {
         writeln!(out, "{label:<16} {r:.2}")?;
     }
-    for i in &s.per_image {
-        writeln!(
-            out,
-            "  {:<20} {:<24} unique {:>10}  shared {:>10}",
-            i.id,
-            esc(&i.name),
-            human(i.unique_stored_bytes),
-            human(i.shared_stored_bytes)
-        )?;
+    if s.per_image.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    writeln!(out)?;
+    let mut t = Table::new(&["ID", "NAME", ">UNIQUE", ">SHARED"]);
+    for i in &s.per_image {
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            human(i.unique_stored_bytes),
+            human(i.shared_stored_bytes),
+        ]);
+    }
+    t.print(out)
 }

@@ -385,7 +385,7 @@ fn descriptions_and_fields_are_printed_escaped() {
     assert!(show.contains("V\\x1b]0;pwned\\x07"), "{show}");
     assert!(show.contains("shop\\r"), "{show}");
     assert!(show.contains("1\\u{202e}2"), "{show}");
-    assert!(show.contains("v\\u001b[2J"), "{show}");
+    assert!(show.contains("k=v\\x1b[2J"), "{show}");
     // update prints the same form
     let upd = t.ok(&["image", "update", "app", "--description", "a\x1b[2Jb\\c"]);
     clean("update", &upd);

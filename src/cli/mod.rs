@@ -28,10 +28,12 @@ use progress::CliProgress;
 /// `concat!`.
 macro_rules! exit_codes {
     () => {
-        "Exit codes: 0 success; 1 error; 2 usage (a name matching several images too); \
-3 not found; 4 refused or bad input; 5 damaged store (fsck found damage); 6 no space; \
-7 not permitted for this account; 8 a remote failed (credentials, bucket, endpoint, network, \
-throttling: the message names the remote, the object and the status)"
+        "Exit codes: 0 success; 1 error (a name taken; an image protected, shared or in use; an \
+instance running); 2 usage (a bad flag or value, a name matching several images too); 3 not \
+found (an image, instance, remote, or no depot for a command that only looks); 4 refused or \
+bad input; 5 damaged store (fsck found damage); 6 no space; 7 not permitted for this account; \
+8 a remote failed (credentials, bucket, endpoint, network, throttling: the message names the \
+remote, the object and the status)"
     };
 }
 

@@ -142,7 +142,7 @@ impl Depot {
         }
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "bad tag key {k:?}: use --tag KEY=VALUE"
                 )));
             }
@@ -179,7 +179,7 @@ impl Depot {
         }
         check_account(account)?;
         if account == self.account() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "share with another account than yourself ({account:?})"
             )));
         }

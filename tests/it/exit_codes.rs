@@ -169,6 +169,32 @@ fn exit_2_usage_errors_are_one_line() {
         let err = t.refuses(args, 2, needle);
         assert!(err.starts_with("vmdepot: "), "{args:?}: {err}");
     }
+    // names vmdepot checks (the image exists: they are checked before a launch)
+    let raw = t.path("x.raw");
+    let raw = raw.to_str().unwrap();
+    let me = str_at(&t.json(&["image", "show", "x", "--json"]), "owner");
+    for (args, needle) in [
+        (
+            &["image", "import", raw, "--name", "a/b"][..],
+            "invalid image name",
+        ),
+        (
+            &["image", "update", "x", "--name", ""],
+            "invalid image name",
+        ),
+        (
+            &["instance", "run", "x", "--name", "bad name"],
+            "bad instance name",
+        ),
+        (
+            &["instance", "run", "x", "--hostname", "bad_host"],
+            "--hostname",
+        ),
+        (&["image", "share", "x", "--with", &me], "yourself"),
+    ] {
+        t.refuses(args, 2, needle);
+    }
+    assert_eq!(items(&t.json(&["instance", "list", "--json"])).len(), 0);
     // clap's own errors point to the usage and --help
     let err = t.refuses(
         &["image", "import", "x.raw"],

@@ -62,7 +62,9 @@ pub struct Cli {
     /// The depot directory [default: $VMDEPOT_DIR, else /var/lib/vmdepot or a per-user one]
     ///
     /// Without --depot and $VMDEPOT_DIR: /var/lib/vmdepot for root, else $XDG_DATA_HOME/vmdepot
-    /// (~/.local/share/vmdepot).
+    /// (~/.local/share/vmdepot). The first command that writes (import, instance run, remote add)
+    /// creates the depot; a command that only looks (list, show, logs, export, verify, fsck,
+    /// stats) creates none: where there is none it exits 3.
     #[arg(long, global = true, value_name = "DIR", help_heading = GLOBAL)]
     depot: Option<PathBuf>,
     /// Act as this account [default: $VMDEPOT_ACCOUNT, else the Unix user]

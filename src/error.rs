@@ -47,6 +47,14 @@ pub enum Error {
     /// No instance has this id or name.
     #[error("no instance named or with id {0:?}: see `vmdepot instance list`")]
     InstanceNotFound(String),
+    /// No remote of this name is configured (the message says how to add
+    /// one).
+    #[error("{0}")]
+    RemoteNotFound(String),
+    /// A command that only looks at a depot found none at this path (it
+    /// creates none).
+    #[error("no depot at {}: check --depot (or VMDEPOT_DIR); a depot is created by the first command that writes to it, such as `vmdepot image import`", path.display())]
+    DepotNotFound { path: PathBuf },
     /// The image exists but is not in a state that allows the operation.
     #[error("image {image} is {state}, not available")]
     ImageNotAvailable { image: String, state: String },
@@ -83,6 +91,11 @@ pub enum Error {
     /// The acting account may not do this (the message names the rule).
     #[error("{0}")]
     NotPermitted(String),
+    /// The state of an image or instance refuses the operation, whoever
+    /// asks (it is protected, shared, in use, being read): exit code 1, and
+    /// the message names what to do first.
+    #[error("{0}")]
+    Conflict(String),
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
@@ -180,15 +193,18 @@ impl Error {
         }
     }
 
-    /// Exit code for scripts: 1 generic (a taken name too), 2 usage (a
-    /// name that matches several images), 3 not found, 4 refused/bad
+    /// Exit code for scripts: 1 generic (a taken name, an image protected,
+    /// shared or in use too), 2 usage (a name that matches several images),
+    /// 3 not found (an image, instance, remote or depot), 4 refused/bad
     /// input, 5 corrupt store, 6 no space, 7 not permitted for this
     /// account, 8 a remote depot failed.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::AmbiguousName { .. } => 2,
             Error::ImageNotFound(_) | Error::InstanceNotFound(_) => 3,
-            Error::RemoteImageNotFound { .. } => 3,
+            Error::RemoteImageNotFound { .. }
+            | Error::RemoteNotFound(_)
+            | Error::DepotNotFound { .. } => 3,
             Error::Refused { .. } | Error::BadInput { .. } => 4,
             Error::Corrupt { .. } | Error::StoreDamaged(_) => 5,
             Error::NoSpace { .. } | Error::NoSpaceTarget { .. } => 6,

@@ -3,20 +3,37 @@
 //!
 //! Errors are printed as one line (`vmdepot: …` with `{:#}`) and the exit
 //! code comes from [`vmdepot::Error::exit_code`] (2 for usage errors, as
-//! clap does). A closed stdout (`| head`) is not an error.
+//! clap does; clap's own usage errors are made one line too). A closed
+//! stdout (`| head`) is not an error.
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 mod cli;
 
 fn main() {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => usage_error(e),
+    };
     init_tracing();
     let code = match cli::run(args) {
         Ok(code) => code,
         Err(e) => report(&e),
     };
     std::process::exit(code);
+}
+
+/// A command line clap refuses, as one line on stderr (`vmdepot: …`, its
+/// usage line, a pointer to `--help`) and exit code 2. Help and version
+/// requests, and a group without its subcommand (which shows the group's
+/// help), print as clap prints them.
+fn usage_error(e: clap::Error) -> ! {
+    if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        e.exit();
+    }
+    eprintln!("{}", cli::output::usage_line(&e.render().to_string()));
+    std::process::exit(2);
 }
 
 /// Log records at the level of `VMDEPOT_LOG` (default `warn`) on stderr:

@@ -18,7 +18,7 @@ use vmdepot::{
 };
 
 use super::maint::print_verify;
-use super::output::{esc, human, print_json, show};
+use super::output::{esc, human, print_json, show, Table};
 use super::remote::{print_pull, print_push, remote_image, warn_damaged};
 
 /// The subcommands of `vmdepot image`.
@@ -160,8 +160,8 @@ pub enum ImageCmd {
         /// The destination: a file, a block device, or - for stdout
         out: PathBuf,
         /// The output format: raw (sparse) or qcow2
-        #[arg(long, default_value = "raw")]
-        format: String,
+        #[arg(long, default_value = "raw", value_parser = ExportFormat::parse)]
+        format: ExportFormat,
     },
     /// Delete an image (its data is freed by `gc`)
     ///
@@ -245,11 +245,11 @@ pub struct ImportArgs {
     #[arg(long)]
     name: String,
     /// The input format: auto (from the content), raw, qcow2, vmdk, vhdx, vhd or vdi
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = checked(SourceFormat::parse))]
     format: String,
     /// The image's type: public, marketplace or custom
-    #[arg(long = "type", value_name = "TYPE", default_value = "custom")]
-    kind: String,
+    #[arg(long = "type", value_name = "TYPE", default_value = "custom", value_parser = ImageType::parse)]
+    kind: ImageType,
     /// A free-text description of the image
     #[arg(
         long,
@@ -276,8 +276,8 @@ pub struct ImportArgs {
     )]
     app_version: String,
     /// A tag KEY=VALUE (repeatable)
-    #[arg(long = "tag", value_name = "KEY=VALUE")]
-    tags: Vec<String>,
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = tag)]
+    tags: Vec<(String, String)>,
     /// Print the new image as a JSON object instead of its id
     #[arg(long)]
     json: bool,
@@ -287,11 +287,11 @@ pub struct ImportArgs {
 #[derive(Args)]
 pub struct ListArgs {
     /// Only images of this type: public, marketplace, custom or shared
-    #[arg(long = "type", value_name = "TYPE")]
+    #[arg(long = "type", value_name = "TYPE", value_parser = list_type)]
     kind: Option<String>,
     /// Only images with this tag KEY=VALUE (repeatable: all must match)
-    #[arg(long = "tag", value_name = "KEY=VALUE")]
-    tags: Vec<String>,
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = tag)]
+    tags: Vec<(String, String)>,
     /// Include deprecated images
     #[arg(long)]
     all: bool,
@@ -321,8 +321,8 @@ pub struct UpdateArgs {
     #[arg(long)]
     unprotect: bool,
     /// Set a tag KEY=VALUE (KEY= removes it; repeatable)
-    #[arg(long = "tag", value_name = "KEY=VALUE")]
-    tags: Vec<String>,
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = tag_or_removal)]
+    tags: Vec<(String, String)>,
     /// Hide the image from default listings (it can still be launched)
     #[arg(long, conflicts_with = "undeprecate")]
     deprecate: bool,
@@ -335,6 +335,11 @@ pub struct UpdateArgs {
 }
 
 impl ImageCmd {
+    /// Whether the command only looks (see `Cmd::looks_only`).
+    pub fn looks_only(&self) -> bool {
+        self.intent() == Intent::Read
+    }
+
     /// What the command does with the depot: the read-only commands work
     /// on a full filesystem without writing; delete releases the space
     /// reserve.
@@ -425,7 +430,7 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
             image,
             out: path,
             format,
-        } => export(depot, &image, &path, &format, progress, out),
+        } => export(depot, &image, &path, format, progress, out),
         ImageCmd::Delete { image, force } => {
             if let Some((remote, image)) = depot.remote_reference(&image) {
                 return delete_remote(depot, remote, image, out);
@@ -504,19 +509,17 @@ impl ImportArgs {
     /// The library's options; marketplace fields only on (and required
     /// by) a marketplace image.
     fn into_options(self) -> anyhow::Result<ImportOptions> {
-        let kind = ImageType::parse(&self.kind)?;
         let format = SourceFormat::parse(&self.format)?;
-        self.check_marketplace(kind)?;
-        let tags = parse_tags(&self.tags)?;
+        self.check_marketplace(self.kind)?;
         let mut opts = ImportOptions::new(self.name);
-        opts.kind = kind;
+        opts.kind = self.kind;
         opts.description = self.description;
         opts.format = format;
         opts.reread = self.reread;
         opts.vendor = self.vendor;
         opts.application = self.application;
         opts.app_version = self.app_version;
-        opts.tags = tags;
+        opts.tags = self.tags;
         Ok(opts)
     }
 
@@ -525,12 +528,14 @@ impl ImportArgs {
         let any =
             !(self.vendor.is_empty() && self.application.is_empty() && self.app_version.is_empty());
         if !market && any {
-            anyhow::bail!("--vendor, --application and --app-version are for --type marketplace");
+            anyhow::bail!(vmdepot::Error::Usage(
+                "--vendor, --application and --app-version are for --type marketplace".into()
+            ));
         }
         if market && (self.vendor.is_empty() || self.application.is_empty()) {
-            anyhow::bail!(
-                "a marketplace image needs --vendor and --application (and --app-version)"
-            );
+            anyhow::bail!(vmdepot::Error::Usage(
+                "a marketplace image needs --vendor and --application (and --app-version)".into()
+            ));
         }
         Ok(())
     }
@@ -547,12 +552,7 @@ fn print_new(out: &mut impl Write, info: &ImageInfo, json: bool) -> anyhow::Resu
 
 /// `image list`: the images of the type, with all the tags, asked for.
 fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    if let Some(k) = &a.kind {
-        if !["public", "marketplace", "custom", "shared"].contains(&k.as_str()) {
-            anyhow::bail!("unknown --type {k:?}: use public, marketplace, custom or shared");
-        }
-    }
-    let want = parse_tags(&a.tags)?;
+    let want = a.tags;
     let all = match &a.remote {
         Some(remote) => {
             let (list, damaged) = depot.remote(remote)?.list_images(depot.account())?;
@@ -574,25 +574,19 @@ fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> 
 }
 
 fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  CREATED",
-        "ID", "NAME", "TYPE", "STATE", "SIZE", "STORED"
-    )?;
+    let mut t = Table::new(&["ID", "NAME", "TYPE", "STATE", ">SIZE", ">STORED", "CREATED"]);
     for i in list {
-        writeln!(
-            out,
-            "{:<20}  {:<24}  {:<11}  {:<9}  {:>10}  {:>10}  {}",
-            i.id,
-            esc(&i.name),
-            i.kind,
-            i.state,
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            i.kind.clone(),
+            i.state.clone(),
             human(i.virtual_size),
             human(i.unique_stored_bytes + i.shared_stored_bytes),
-            i.created_at
-        )?;
+            i.created_at.clone(),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 /// `image update`.
@@ -605,7 +599,7 @@ fn update(depot: &Depot, a: UpdateArgs, out: &mut impl Write) -> anyhow::Result<
         description: a.description,
         protected: (a.protect || a.unprotect).then_some(a.protect),
         deprecated: (a.deprecate || a.undeprecate).then_some(a.deprecate),
-        tags: parse_tags_allow_empty(&a.tags)?,
+        tags: a.tags,
     };
     let info = depot.update_image(&a.image, &u)?;
     show(out, &info, a.json)
@@ -627,23 +621,21 @@ fn print_copy(out: &mut impl Write, r: &CopyReport, to_depot: &Path) -> anyhow::
 }
 
 fn print_history(out: &mut impl Write, history: &[HistoryEntry]) -> anyhow::Result<()> {
+    let mut t = Table::new(&["RELATION", "ID", "NAME", "DEPOT", "EXISTS"]);
     for e in history {
-        let depot = if e.depot.is_empty() {
-            String::new()
-        } else {
-            format!("  in {}", esc(&e.depot))
+        let depot = match e.depot.is_empty() {
+            true => "-".into(),
+            false => esc(&e.depot).into_owned(),
         };
-        writeln!(
-            out,
-            "{:<16} {:<20}  {:<30}{}{}",
-            e.relation,
-            esc(&e.id),
-            esc(&e.name),
+        t.row(vec![
+            e.relation.clone(),
+            esc(&e.id).into_owned(),
+            esc(&e.name).into_owned(),
             depot,
-            if e.exists { "" } else { "  (deleted)" }
-        )?;
+            if e.exists { "yes" } else { "no (deleted)" }.into(),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 /// `image export`: to a file or device, or the raw image to stdout (`-`).
@@ -651,17 +643,16 @@ fn export(
     depot: &Depot,
     image: &str,
     path: &Path,
-    format: &str,
+    format: ExportFormat,
     progress: &dyn Progress,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let format = ExportFormat::parse(format)?;
     if path.as_os_str() != "-" {
         depot.export(image, path, format, progress)?;
         return Ok(());
     }
     if format != ExportFormat::Raw {
-        anyhow::bail!(vmdepot::Error::Invalid(
+        anyhow::bail!(vmdepot::Error::Usage(
             "`-` streams the raw image to stdout: qcow2 needs a file (give a path)".into()
         ));
     }
@@ -670,21 +661,34 @@ fn export(
     Ok(())
 }
 
-/// `KEY=VALUE` arguments.
-fn parse_tags(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    let v = parse_tags_allow_empty(tags)?;
-    if let Some((k, _)) = v.iter().find(|(_, v)| v.is_empty()) {
-        anyhow::bail!("--tag {k}= has no value: use --tag KEY=VALUE");
-    }
-    Ok(v)
+/// A clap value parser that checks a value with the library's `parse`
+/// (its error is clap's usage error, exit code 2) and keeps the text.
+fn checked<T: 'static>(
+    parse: fn(&str) -> vmdepot::Result<T>,
+) -> impl Fn(&str) -> vmdepot::Result<String> + Clone + Send + Sync + 'static {
+    move |s| parse(s).map(|_| s.to_owned())
 }
 
-/// `KEY=VALUE` arguments; `KEY=` (empty value) allowed.
-fn parse_tags_allow_empty(tags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    tags.iter()
-        .map(|t| match t.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => anyhow::bail!("bad --tag {t:?}: use KEY=VALUE"),
-        })
-        .collect()
+/// `image list --type`: an image type or `shared`.
+fn list_type(s: &str) -> Result<String, String> {
+    match s {
+        "public" | "marketplace" | "custom" | "shared" => Ok(s.to_owned()),
+        _ => Err("use public, marketplace, custom or shared".into()),
+    }
+}
+
+/// A `--tag KEY=VALUE` argument (a value is required).
+fn tag(t: &str) -> Result<(String, String), String> {
+    match tag_or_removal(t)? {
+        (k, v) if v.is_empty() => Err(format!("--tag {k}= has no value: use KEY=VALUE")),
+        kv => Ok(kv),
+    }
+}
+
+/// A `--tag KEY=VALUE` argument of `image update` (`KEY=`: remove it).
+fn tag_or_removal(t: &str) -> Result<(String, String), String> {
+    match t.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("use KEY=VALUE".into()),
+    }
 }

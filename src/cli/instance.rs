@@ -11,11 +11,12 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vmdepot::depot::access::Op;
 use vmdepot::launch::instance::STOP_TIMEOUT;
+use vmdepot::launch::qemu::{parse_memory, MAX_COUNT, MAX_CPUS};
 use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
 
 use super::input::read_file;
-use super::output::{error_line, esc, exit_code, print_json, show};
+use super::output::{error_line, esc, exit_code, print_json, show, Table};
 use super::remote::remote_image;
 use super::terminal::{console, run_foreground};
 
@@ -212,25 +213,27 @@ pub struct RunArgs {
     /// The instance's name (with --count N: NAME-1 … NAME-N) [default: IMAGE-XXXX, XXXX random]
     #[arg(long)]
     name: Option<String>,
-    /// How many instances to launch in one call
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// How many instances to launch in one call (1 to 1000)
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_COUNT)))]
     count: u32,
-    /// Virtual CPUs per instance
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Virtual CPUs per instance (1 to 255)
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CPUS)))]
     cpus: u32,
-    /// Guest memory, e.g. 512M or 2G
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    memory: String,
+    /// Guest memory, e.g. 512M or 2G (at least 16M)
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    memory: u64,
     /// The instance's disk: lazy, overlay or copy
     ///
     /// lazy: a qcow2 overlay whose backing is read from the chunk store as the guest needs it (no
     /// base file); overlay: a qcow2 overlay over a raw base file of the image, made on first use;
     /// copy: a private raw copy of the image.
-    #[arg(long, value_name = "MODE", default_value = "lazy")]
-    disk: String,
+    #[arg(long, value_name = "MODE", default_value = "lazy", value_parser = DiskMode::parse)]
+    disk: DiskMode,
     /// Acceleration: auto (KVM if it works here, else TCG), kvm or tcg
-    #[arg(long, value_name = "ACCEL", default_value = "auto")]
-    accel: String,
+    #[arg(long, value_name = "ACCEL", default_value = "auto", value_parser = Accel::parse)]
+    accel: Accel,
     /// The guest's hostname (NoCloud local-hostname) [default: the instance name]
     #[arg(long)]
     hostname: Option<String>,
@@ -241,8 +244,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     user_data: Option<PathBuf>,
     /// Forward a host TCP port to the guest: [ADDR:]HOST:GUEST (repeatable)
-    #[arg(long = "forward", value_name = "HOST:GUEST")]
-    forwards: Vec<String>,
+    #[arg(long = "forward", value_name = "HOST:GUEST", value_parser = Forward::parse)]
+    forwards: Vec<Forward>,
     /// Keep QEMU as a child: exit with the guest; SIGTERM powers it off
     #[arg(long)]
     foreground: bool,
@@ -255,6 +258,20 @@ pub struct RunArgs {
     /// Print the launched instances as a JSON array
     #[arg(long)]
     json: bool,
+}
+
+impl InstanceCmd {
+    /// Whether the command only looks (see `Cmd::looks_only`).
+    pub fn looks_only(&self) -> bool {
+        matches!(
+            self,
+            InstanceCmd::List { .. }
+                | InstanceCmd::Show { .. }
+                | InstanceCmd::Logs { .. }
+                | InstanceCmd::Console { .. }
+                | InstanceCmd::Unit { .. }
+        )
+    }
 }
 
 /// Runs one `instance` subcommand on `depot`; the exit code is QEMU's for
@@ -437,7 +454,9 @@ fn print_backup(
 /// instance in the foreground.
 fn launch(depot: &Depot, a: RunArgs, progress: &dyn Progress) -> anyhow::Result<i32> {
     if a.foreground && a.count != 1 {
-        anyhow::bail!("--foreground runs one instance: drop --count or --foreground");
+        anyhow::bail!(vmdepot::Error::Usage(
+            "--foreground runs one instance: drop --count or --foreground".into()
+        ));
     }
     let (foreground, json, prefetch) = (a.foreground, a.json, a.prefetch);
     let mut opts = a.into_options()?;
@@ -511,9 +530,9 @@ impl RunArgs {
         opts.name = self.name;
         opts.count = self.count;
         opts.cpus = self.cpus;
-        opts.memory_mib = vmdepot::launch::qemu::parse_memory(&self.memory)?;
-        opts.disk = DiskMode::parse(&self.disk)?;
-        opts.accel = Accel::parse(&self.accel)?;
+        opts.memory_mib = self.memory;
+        opts.disk = self.disk;
+        opts.accel = self.accel;
         opts.hostname = self.hostname;
         opts.ssh_keys = self
             .ssh_keys
@@ -525,11 +544,7 @@ impl RunArgs {
             .as_ref()
             .map(|p| read_file(p, MAX_USER_DATA))
             .transpose()?;
-        opts.forwards = self
-            .forwards
-            .iter()
-            .map(|f| Forward::parse(f))
-            .collect::<Result<_, _>>()?;
+        opts.forwards = self.forwards;
         opts.no_start = self.foreground;
         Ok(opts)
     }
@@ -642,25 +657,20 @@ fn print_restored(out: &mut impl Write, i: &InstanceInfo) -> anyhow::Result<()> 
 }
 
 fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-        "ID", "NAME", "IMAGE", "STATE", "ACCEL", "PID", "SSH"
-    )?;
+    let mut t = Table::new(&["ID", "NAME", "IMAGE", "STATE", "ACCEL", ">PID", ">SSH"]);
+    let or_dash = |n: Option<String>| n.unwrap_or_else(|| "-".into());
     for i in list {
-        writeln!(
-            out,
-            "{:<20}  {:<20}  {:<20}  {:<8}  {:<4}  {:>8}  {:>6}",
-            i.id,
-            esc(&i.name),
-            esc(&i.image_name),
-            i.state,
-            i.accel,
-            i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
-            i.ssh_port.map(|p| p.to_string()).unwrap_or("-".into()),
-        )?;
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            esc(&i.image_name).into_owned(),
+            i.state.clone(),
+            i.accel.clone(),
+            or_dash(i.pid.map(|p| p.to_string())),
+            or_dash(i.ssh_port.map(|p| p.to_string())),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 fn ssh_hint(i: &InstanceInfo) -> String {

@@ -12,7 +12,7 @@ use vmdepot::maint::repair::RepairReport;
 use vmdepot::maint::{FsckReport, GcReport, Stats};
 use vmdepot::{Depot, DepotOptions, Intent, Progress};
 
-use super::output::{esc, human, print_json};
+use super::output::{esc, human, print_json, Table};
 use super::remote::print_remote_gc;
 
 /// The exit code of a check that found damage.
@@ -248,7 +248,8 @@ fn print_repair(out: &mut impl Write, r: &RepairReport) -> anyhow::Result<()> {
 
 /// What a rebuilt catalog was made of.
 fn print_rebuilt(out: &mut impl Write, r: &RepairReport) -> anyhow::Result<()> {
-    writeln!(out, "catalog rebuilt ({})", esc(&r.reason))?;
+    let reason = r.reason.as_deref().unwrap_or("");
+    writeln!(out, "catalog rebuilt ({})", esc(reason))?;
     for p in &r.set_aside {
         writeln!(out, "damaged catalog kept as {}", esc(p))?;
     }
@@ -292,15 +293,18 @@ fn print_stats(out: &mut impl Write, s: &Stats) -> anyhow::Result<()> {
     for (label, r) in ratios {
         writeln!(out, "{label:<16} {r:.2}")?;
     }
-    for i in &s.per_image {
-        writeln!(
-            out,
-            "  {:<20} {:<24} unique {:>10}  shared {:>10}",
-            i.id,
-            esc(&i.name),
-            human(i.unique_stored_bytes),
-            human(i.shared_stored_bytes)
-        )?;
+    if s.per_image.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    writeln!(out)?;
+    let mut t = Table::new(&["ID", "NAME", ">UNIQUE", ">SHARED"]);
+    for i in &s.per_image {
+        t.row(vec![
+            i.id.clone(),
+            esc(&i.name).into_owned(),
+            human(i.unique_stored_bytes),
+            human(i.shared_stored_bytes),
+        ]);
+    }
+    t.print(out)
 }

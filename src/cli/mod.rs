@@ -28,10 +28,12 @@ use progress::CliProgress;
 /// `concat!`.
 macro_rules! exit_codes {
     () => {
-        "Exit codes: 0 success; 1 error; 2 usage (a name matching several images too); \
-3 not found; 4 refused or bad input; 5 damaged store (fsck found damage); 6 no space; \
-7 not permitted for this account; 8 a remote failed (credentials, bucket, endpoint, network, \
-throttling: the message names the remote, the object and the status)"
+        "Exit codes: 0 success; 1 error (a name taken; an image protected, shared or in use; an \
+instance running); 2 usage (a bad flag or value, a name matching several images too); 3 not \
+found (an image, instance, remote, or no depot for a command that only looks); 4 refused or \
+bad input; 5 damaged store (fsck found damage); 6 no space; 7 not permitted for this account; \
+8 a remote failed (credentials, bucket, endpoint, network, throttling: the message names the \
+remote, the object and the status)"
     };
 }
 
@@ -60,7 +62,9 @@ pub struct Cli {
     /// The depot directory [default: $VMDEPOT_DIR, else /var/lib/vmdepot or a per-user one]
     ///
     /// Without --depot and $VMDEPOT_DIR: /var/lib/vmdepot for root, else $XDG_DATA_HOME/vmdepot
-    /// (~/.local/share/vmdepot).
+    /// (~/.local/share/vmdepot). The first command that writes (import, instance run, remote add)
+    /// creates the depot; a command that only looks (list, show, logs, export, verify, fsck,
+    /// stats) creates none: where there is none it exits 3.
     #[arg(long, global = true, value_name = "DIR", help_heading = GLOBAL)]
     depot: Option<PathBuf>,
     /// Act as this account [default: $VMDEPOT_ACCOUNT, else the Unix user]
@@ -123,17 +127,32 @@ enum Cmd {
 }
 
 impl Cli {
-    /// How to open the depot for a command of this intent.
+    /// How to open the depot for a command of this intent. A command
+    /// that only looks creates no depot (unless --group asks for one).
     fn options(&self, intent: Intent) -> DepotOptions {
         DepotOptions {
             account: self.account.clone(),
             group: self.group.clone(),
             intent,
+            existing_only: self.cmd.looks_only() && self.group.is_none(),
         }
     }
 }
 
 impl Cmd {
+    /// Whether the command only looks at the depot (list, show, logs,
+    /// export, verify, fsck, stats, `gc --dry-run` …): then a missing depot
+    /// is an error (exit 3), not created.
+    fn looks_only(&self) -> bool {
+        match self {
+            Cmd::Image(c) => c.looks_only(),
+            Cmd::Instance(c) => c.looks_only(),
+            Cmd::Remote(c) => matches!(c, remote::RemoteCmd::List { .. }),
+            Cmd::Maint(c) => c.intent() == Intent::Read,
+            Cmd::DiskServer { .. } => true,
+        }
+    }
+
     /// What the command does with the depot (see [`Intent`]).
     fn intent(&self) -> Intent {
         match self {

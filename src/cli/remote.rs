@@ -10,7 +10,7 @@ use vmdepot::depot::access::Op;
 use vmdepot::remote::{PullReport, PushReport, Remote, RemoteGcReport, RemoteImage, RemoteInfo};
 use vmdepot::Depot;
 
-use super::output::{esc, human, print_json};
+use super::output::{esc, human, print_json, Table};
 
 /// The subcommands of `vmdepot remote`.
 #[derive(Subcommand)]
@@ -97,23 +97,17 @@ pub fn run(depot: &Depot, cmd: RemoteCmd) -> anyhow::Result<()> {
 }
 
 fn print_remotes(out: &mut impl Write, list: &[RemoteInfo]) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<16}  {:<40}  {:<32}  {:<12}  ADDED",
-        "NAME", "URL", "ENDPOINT", "REGION"
-    )?;
+    let mut t = Table::new(&["NAME", "URL", "ENDPOINT", "REGION", "ADDED"]);
     for r in list {
-        writeln!(
-            out,
-            "{:<16}  {:<40}  {:<32}  {:<12}  {}",
-            r.name,
-            esc(&r.url),
-            esc(r.endpoint.as_deref().unwrap_or("-")),
-            esc(r.region.as_deref().unwrap_or("-")),
-            r.added_at
-        )?;
+        t.row(vec![
+            r.name.clone(),
+            esc(&r.url).into_owned(),
+            esc(r.endpoint.as_deref().unwrap_or("-")).into_owned(),
+            esc(r.region.as_deref().unwrap_or("-")).into_owned(),
+            r.added_at.clone(),
+        ]);
     }
-    Ok(())
+    t.print(out)
 }
 
 /// The remote and the image of a `REMOTE:IMAGE` reference that the

@@ -1,7 +1,18 @@
-//! How the depot shows values to users: times as RFC 3339 ([`rfc3339`])
-//! and an image's state in the cloud services' words (`shown_state`).
+//! How the depot shows values to users: times as RFC 3339 ([`rfc3339`]),
+//! an image's state in the cloud services' words (`shown_state`), and the
+//! JSON convention for a value that is absent: `null`, never `""`
+//! ([`empty_as_null`]).
 
 use crate::catalog::ImageState;
+
+/// Serializes an empty string as `null` (`#[serde(serialize_with)]`): in
+/// every `--json` output a value that is absent is `null`.
+pub fn empty_as_null<S: serde::Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        "" => ser.serialize_none(),
+        s => ser.serialize_str(s),
+    }
+}
 
 /// Unix seconds as RFC 3339 UTC (`2026-11-27T10:38:21Z`).
 pub fn rfc3339(secs: i64) -> String {

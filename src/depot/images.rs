@@ -73,20 +73,20 @@ impl Depot {
             });
         }
         if info.protected {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is protected: `vmdepot image update {} --unprotect` first",
                 info.id
             )));
         }
         let users = catalog::instances::count_using_image(&self.repo.conn, &info.id)?;
         if !force && !info.shared_with.is_empty() {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is shared with {}: unshare it first, or delete with --force",
                 info.shared_with.join(", ")
             )));
         }
         if !force && users > 0 {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is used by {users} instance(s): delete them first, or delete with --force \
                  (they keep running from their base)"
             )));
@@ -116,7 +116,7 @@ impl Depot {
                 .iter()
                 .find(|(id, _, pid)| pid.is_some_and(|p| crate::proc::pid_alive(p, id)))
             {
-                return Err(Error::NotPermitted(format!(
+                return Err(Error::Conflict(format!(
                     "{what} is read by the running instance {name} ({id}), whose disk is lazy: \
                      stop it first"
                 )));
@@ -151,7 +151,7 @@ impl Depot {
         }
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "bad tag key {k:?}: use --tag KEY=VALUE"
                 )));
             }
@@ -188,7 +188,7 @@ impl Depot {
         }
         check_account(account)?;
         if account == self.account() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "share with another account than yourself ({account:?})"
             )));
         }

@@ -165,7 +165,11 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<()> {
         let (row, _) = self.available_for(image, Op::Export)?;
-        export::export_stream(&self.repo, &row, w, progress)
+        // Only writes to `w` fail for space: it is never the depot.
+        export::export_stream(&self.repo, &row, w, progress).map_err(|e| match e {
+            Error::NoSpace { path } => Error::NoSpaceTarget { path },
+            e => e,
+        })
     }
 
     /// Re-reads and re-hashes every chunk: of one image (and its content

@@ -55,6 +55,9 @@ impl Depot {
     pub fn open_with(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<Depot> {
         let account = resolve_account(opts)?;
         let root = root.as_ref().to_owned();
+        if opts.existing_only && !holds_depot(&root) {
+            return Err(Error::DepotNotFound { path: root });
+        }
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).at(parent)?;
         }
@@ -138,7 +141,7 @@ impl Depot {
         let root = fs::canonicalize(root).at(root)?;
         let mut rep = RepairReport {
             rebuilt: true,
-            reason,
+            reason: Some(reason),
             ..Default::default()
         };
         let perms = perms_for(read_group(&root)?.is_some());
@@ -427,4 +430,12 @@ pub fn check_account(a: &str) -> Result<()> {
              then lowercase letters, digits, '_' or '-' (a Unix user name)"
         )))
     }
+}
+
+/// Whether `root` holds a depot (or what is left of one: its marker or
+/// packs without a catalog, which the open then refuses).
+fn holds_depot(root: &Path) -> bool {
+    ["catalog.db", MARKER, "packs"]
+        .iter()
+        .any(|f| root.join(f).symlink_metadata().is_ok())
 }

@@ -23,7 +23,8 @@ pub struct HistoryEntry {
     pub relation: String,
     pub id: String,
     pub name: String,
-    /// Where it lives: a depot directory, or empty for this depot.
+    /// Where it lives: a depot directory, or null for this depot.
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub depot: String,
     /// Whether it still exists (as far as this depot knows).
     pub exists: bool,
@@ -38,6 +39,7 @@ pub struct ImageInfo {
     pub kind: String,
     pub state: String,
     pub owner: String,
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub description: String,
     pub source_format: String,
     pub virtual_size: u64,
@@ -54,17 +56,22 @@ pub struct ImageInfo {
     pub shared_stored_bytes: u64,
     /// Image it was captured or copied from (lineage), and its name then.
     pub parent: Option<String>,
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub parent_name: String,
     /// Instance it was captured from.
     pub source_instance: Option<String>,
     /// For a copy: `DEPOT img-…` of the image it was copied from.
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub copied_from: String,
     pub protected: bool,
     pub deprecated: bool,
     pub tags: std::collections::BTreeMap<String, String>,
     /// Marketplace images: vendor, application, version.
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub vendor: String,
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub application: String,
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub app_version: String,
     /// Accounts it is shared with (shown to its owner only).
     pub shared_with: Vec<String>,
@@ -72,10 +79,10 @@ pub struct ImageInfo {
     /// launched and captured, never exported, copied or shared.
     pub launch_only: bool,
     /// For a launch-only image: `"<owner> <img-id>"` of that shared image.
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub restricted_from: String,
     /// Why the image is damaged (its catalog row or block map), if it is:
     /// then its state is `damaged`, and it can only be shown and deleted.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub damage: Option<String>,
 }
 
@@ -93,6 +100,12 @@ pub struct DepotOptions {
     /// without writing anything; one opened to [`Intent::Free`] on a full
     /// filesystem first releases the depot's space reserve.
     pub intent: Intent,
+    /// Open only a depot that exists: a directory holding no depot (no
+    /// catalog, no marker, no packs), or none at all, is
+    /// [`Error::DepotNotFound`](crate::Error::DepotNotFound) and nothing is
+    /// created (the CLI's commands that only look). Default: a missing
+    /// depot is created.
+    pub existing_only: bool,
 }
 
 /// What a caller of [`Depot::open_with`](super::Depot::open_with) will do with the depot.

@@ -10,14 +10,14 @@ use crate::error::{Error, Result};
 use crate::ids::ImageId;
 
 /// Refuses a name that is empty, over 200 bytes, has a control character
-/// or `/`, or looks like an image id (`img-<16 hex>`).
+/// or `/`, or looks like an image id (`img-<16 hex>`): a usage error.
 pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 200
         || name.chars().any(|c| c.is_control() || c == '/')
         || ImageId::parse(name).is_some()
     {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "invalid image name {name:?}: use 1-200 printable characters without '/', not of the form img-<16 hex>"
         )));
     }

@@ -500,7 +500,7 @@ pub(crate) fn hold_no_server(repo: &Repo, image: &str, what: &str) -> Result<Flo
     let f = server_files(repo.root(), image);
     repo.perms().mkdir_all(&serve_dir(repo.root()))?;
     let busy = || {
-        Error::NotPermitted(format!(
+        Error::Conflict(format!(
             "{what} is being read by a lazy instance (its disk server runs): stop its lazy \
              instances first"
         ))

@@ -97,6 +97,15 @@ pub struct Inspected {
 /// claim is refused before anything is hashed.
 pub const MAX_VIRTUAL_SIZE: u64 = 4 << 40;
 
+/// Smallest virtual size accepted (64 KiB: a partition table and a boot
+/// loader's first stage need more than a few sectors). With sizes that are
+/// not a multiple of [`SECTOR`] this keeps files that cannot be disks (a
+/// text file taken for raw) out of the depot.
+pub const MIN_VIRTUAL_SIZE: u64 = 64 << 10;
+
+/// A disk's size is a whole number of sectors of this many bytes.
+pub const SECTOR: u64 = 512;
+
 /// The identity of the file `m` describes (see [`FileIdent`]).
 fn file_ident(m: &std::fs::Metadata) -> FileIdent {
     use std::os::unix::fs::MetadataExt;
@@ -289,7 +298,32 @@ fn inspect_with(input: &Opened, expected: Option<SourceFormat>, qemu: bool) -> R
             return Err(too_big(path, ins.virtual_size));
         }
     }
+    check_disk_size(path, ins.virtual_size)?;
     Ok(ins)
+}
+
+/// Refuses a virtual size that no disk has: not a whole number of
+/// [`SECTOR`]s, or below [`MIN_VIRTUAL_SIZE`].
+fn check_disk_size(path: &Path, size: u64) -> Result<()> {
+    if size % SECTOR != 0 {
+        return Err(Error::refused(
+            path,
+            format!(
+                "its size, {size} bytes, is not a multiple of {SECTOR} (a disk is a whole number \
+                 of sectors): not a disk image"
+            ),
+        ));
+    }
+    if size < MIN_VIRTUAL_SIZE {
+        return Err(Error::refused(
+            path,
+            format!(
+                "its size, {size} bytes, is below the smallest disk vmdepot imports \
+                 ({MIN_VIRTUAL_SIZE} bytes, 64 KiB): not a disk image"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The refusal of a disk (`path`: a file, or a remote image's label) of

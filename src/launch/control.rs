@@ -53,7 +53,7 @@ impl Depot {
         let Held { r, p, .. } = &self.hold(reference)?;
         if r.state == InstanceState::Running {
             if !force {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Conflict(format!(
                     "instance {} ({}) is running: stop it first, or delete it with --force",
                     r.name, r.id
                 )));

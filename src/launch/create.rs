@@ -37,23 +37,26 @@ use crate::repo::Repo;
 /// names of its instances (`opts.name`, or the image's name with a random
 /// suffix; NAME-1 … NAME-N for several).
 fn checked_names(opts: &LaunchOptions, image_name: &str) -> Result<Vec<String>> {
-    if opts.count == 0 || opts.count > 1000 {
-        return Err(Error::Invalid(format!(
-            "--count {}: launch 1 to 1000 instances at once",
-            opts.count
+    if !(1..=qemu::MAX_COUNT).contains(&opts.count) {
+        return Err(Error::Usage(format!(
+            "--count {}: launch 1 to {} instances at once",
+            opts.count,
+            qemu::MAX_COUNT
         )));
     }
-    if opts.cpus == 0 || opts.cpus > 255 {
-        return Err(Error::Invalid(format!(
-            "--cpus {}: use 1 to 255",
-            opts.cpus
+    if !(1..=qemu::MAX_CPUS).contains(&opts.cpus) {
+        return Err(Error::Usage(format!(
+            "--cpus {}: use 1 to {}",
+            opts.cpus,
+            qemu::MAX_CPUS
         )));
     }
+    qemu::check_memory(opts.memory_mib)?;
     for f in &opts.forwards {
         f.check_free()?;
     }
     if opts.count > 1 && !opts.forwards.is_empty() {
-        return Err(Error::Invalid(
+        return Err(Error::Usage(
             "--forward with --count > 1: every instance would need the same host port; \
              launch them one by one"
                 .into(),

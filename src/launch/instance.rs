@@ -123,7 +123,8 @@ pub struct InstanceInfo {
     pub serial_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub console_socket: PathBuf,
-    /// Why it failed (empty otherwise).
+    /// Why it failed (empty otherwise; null in JSON).
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub error: String,
     /// A lazy disk: bytes of stored image data its disk server served to
     /// it so far (zero blocks not counted); `None` for other disks.
@@ -132,7 +133,8 @@ pub struct InstanceInfo {
     /// `None` otherwise.
     pub remote_bytes_fetched: Option<u64>,
     /// A lazy disk: the last read its disk server could not serve (the
-    /// guest got an I/O error), empty if none.
+    /// guest got an I/O error), empty if none (null in JSON).
+    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub disk_error: String,
 }
 

@@ -19,7 +19,7 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
+        Err(Error::Usage(format!(
             "bad instance name {name:?}: use 1-63 letters, digits, '-', '_' or '.' \
              (and not the form of an id, ins-…)"
         )))
@@ -41,7 +41,7 @@ pub(crate) fn check_hostname(h: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
+        Err(Error::Usage(format!(
             "bad --hostname {h:?}: use letters, digits and '-' in dot-separated labels of 1-63"
         )))
     }

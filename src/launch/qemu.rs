@@ -57,7 +57,7 @@ impl Forward {
     /// `[ADDR:]HOST:GUEST`.
     pub fn parse(s: &str) -> Result<Forward> {
         let bad = || {
-            Error::Invalid(format!(
+            Error::Usage(format!(
                 "bad --forward {s:?}: use HOST:GUEST or ADDR:HOST:GUEST, e.g. 8080:80"
             ))
         };
@@ -293,11 +293,32 @@ pub fn sd_notify_ready() -> Result<bool> {
     Ok(true)
 }
 
+/// The most instances one launch makes (`--count`).
+pub const MAX_COUNT: u32 = 1000;
+
+/// The most virtual CPUs of an instance (`--cpus`).
+pub const MAX_CPUS: u32 = 255;
+
+/// The least guest memory, in MiB (`--memory`): below it no firmware and
+/// kernel boot, and QEMU would start a guest that never prints a line.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
+/// Refuses guest memory below [`MIN_MEMORY_MIB`] (a usage error).
+pub fn check_memory(mib: u64) -> Result<()> {
+    if mib < MIN_MEMORY_MIB {
+        return Err(Error::Usage(format!(
+            "--memory {mib}M: a guest needs at least {MIN_MEMORY_MIB} MiB (e.g. 512M or 2G)"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses a memory size for `--memory`: a number with an optional unit
-/// suffix K, M, G or T (binary; default M). Returns MiB.
+/// suffix K, M, G or T (binary; default M). Returns MiB; refuses less than
+/// [`MIN_MEMORY_MIB`]. Errors are usage errors (exit code 2).
 pub fn parse_memory(s: &str) -> Result<u64> {
     let bad = || {
-        Error::Invalid(format!(
+        Error::Usage(format!(
             "bad memory size {s:?}: use a number of MiB or a size like 512M or 2G"
         ))
     };
@@ -317,6 +338,7 @@ pub fn parse_memory(s: &str) -> Result<u64> {
     if mib == 0 {
         return Err(bad());
     }
+    check_memory(mib)?;
     Ok(mib)
 }
 
@@ -333,6 +355,12 @@ mod tests {
         assert_eq!(parse_memory("1T").unwrap(), 1 << 20);
         assert!(parse_memory("0").is_err());
         assert!(parse_memory("12X").is_err());
+        assert_eq!(parse_memory("16").unwrap(), MIN_MEMORY_MIB);
+        for small in ["1", "15M", "8192K"] {
+            let e = parse_memory(small).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{small}: {e}");
+            assert!(e.to_string().contains("at least 16 MiB"), "{e}");
+        }
         assert!(parse_memory("").is_err());
     }
 

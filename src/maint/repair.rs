@@ -41,8 +41,8 @@ use crate::store::{
 pub struct RepairReport {
     /// Whether the catalog was rebuilt (it was missing, empty or damaged).
     pub rebuilt: bool,
-    /// Why it was rebuilt.
-    pub reason: String,
+    /// Why it was rebuilt (none if it was kept).
+    pub reason: Option<String>,
     /// Where the damaged catalog's files were moved.
     pub set_aside: Vec<String>,
     pub packs: u64,

@@ -342,7 +342,7 @@ fn name_in_use(name: &str) -> Error {
 
 /// The error for a remote name not configured here.
 fn unknown_remote(name: &str) -> Error {
-    Error::Invalid(format!(
+    Error::RemoteNotFound(format!(
         "no remote named {name:?}: see `vmdepot remote list`; `vmdepot remote add {name} s3://BUCKET[/PREFIX] --endpoint URL` adds it"
     ))
 }

@@ -206,7 +206,7 @@ impl Depot {
         };
         let shown = info(&img.meta, Access::Owner, &Usage(HashMap::new()));
         if shown.protected {
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "image {} ({}) on remote {} is protected: it cannot be deleted there (its manifest says so; push an unprotected copy under another name if it must go)",
                 shown.name,
                 shown.id,

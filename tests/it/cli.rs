@@ -180,7 +180,7 @@ fn aliases_are_shown_and_work() {
         t.json(&["instance", "list", "--json"])
     );
     assert_eq!(items(&t.json(&["remote", "ls", "--json"])).len(), 0);
-    t.refuses(&["remote", "rm", "eu"], 1, "no remote named \"eu\"");
+    t.refuses(&["remote", "rm", "eu"], 3, "no remote named \"eu\"");
     let out = t.ok(&["image", "rm", "small"]);
     assert!(out.contains(&format!("deleted small ({id})")), "{out}");
     assert_eq!(items(&t.json(&["image", "ls", "--json"])).len(), 0);
@@ -272,6 +272,34 @@ fn stop_start_restart_delete_several_and_all_and_logs_n() {
     wait_serial(&t, "a", READY);
     let ida = id_of(&show(&t, "a"));
     let idb = id_of(&show(&t, "b"));
+
+    // show for people: sizes, times, forwards as text, - for absent
+    let plain = t.ok(&["instance", "show", "a"]);
+    let field = |k: &str| -> String {
+        let l = plain
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(k))
+            .unwrap_or_else(|| panic!("no {k} in {plain}"));
+        l[k.len()..].trim().to_owned()
+    };
+    assert_eq!(field("memory_mib"), "512 MiB", "{plain}");
+    assert_eq!(field("state"), "running", "{plain}");
+    assert_eq!(field("error"), "-", "{plain}");
+    let port = show(&t, "a")["ssh_port"].as_u64().unwrap();
+    assert!(
+        field("forwards").contains(&format!(":{port}->22")),
+        "{plain}"
+    );
+    assert!(field("created_at").contains(" UTC ("), "{plain}");
+    assert!(field("store_bytes_read").contains(" bytes"), "{plain}");
+    assert!(!plain.contains('{') && !plain.contains('['), "{plain}");
+    // the list's columns line up
+    let list = t.ok(&["instance", "list"]);
+    let header = list.lines().next().unwrap();
+    let at = header.find("STATE").unwrap();
+    for l in list.lines().skip(1) {
+        assert!(l[at..].starts_with("running "), "{list}");
+    }
 
     // logs -n N: the last N lines, as tail -n counts them
     let log = settled_log(&t, "a");

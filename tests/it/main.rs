@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod exit_codes;
 mod garage;
 mod guard;
 mod image;

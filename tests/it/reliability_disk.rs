@@ -130,7 +130,7 @@ fn a_full_disk_still_lists_shows_exports_verifies_checks_deletes_and_collects() 
 fn a_damaged_catalog_file_is_store_damaged_exit_5() {
     // Not a database at all (SQLITE_NOTADB).
     let t = T::new();
-    t.ok(&["image", "list"]);
+    t.ok(&["gc"]); // creates the depot
     let cat = t.depot().join("catalog.db");
     {
         use std::os::unix::fs::FileExt;

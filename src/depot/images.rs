@@ -93,7 +93,7 @@ impl Depot {
         }
         if partial && users > 0 {
             // Its instances' disks need the remote image: no base to give them.
-            return Err(Error::NotPermitted(format!(
+            return Err(Error::Conflict(format!(
                 "{what} is partial and {users} instance(s) run from it lazily: delete them \
                  first, or `vmdepot image pull` it (which completes it) and then delete it \
                  with --force"

@@ -35,7 +35,6 @@ use crate::store::{ObjectKind, ObjectReader, Patience};
 /// A remote frame: its pack and offset there.
 type FrameKey = (String, u64);
 
-
 /// Where the image's chunks are on the remote, by hash, and which of
 /// them each remote frame holds.
 struct Needs {

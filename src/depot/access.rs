@@ -297,14 +297,14 @@ impl Depot {
         let (row, access) = self.image_for(reference, op)?;
         row.check_sound()?;
         if row.state == Some(ImageState::Partial) && !partial_ok {
+            // by the remote image's id: the local name may have changed
             let origin = row.copied_from.strip_prefix("remote:").unwrap_or("");
-            let remote = origin.split(' ').next().unwrap_or("REMOTE");
+            let (remote, id) = origin.split_once(' ').unwrap_or(("REMOTE", "IMAGE"));
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),
                 state: format!(
                     "partial (only what its lazy instances read is here: `vmdepot image pull \
-                     {remote}:{}` fetches the rest)",
-                    row.name
+                     {remote}:{id}` fetches the rest)"
                 ),
             });
         }

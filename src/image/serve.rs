@@ -74,8 +74,12 @@ pub struct DiskStats {
     pub store_bytes_read: u64,
     /// Bytes of image data fetched from a remote depot for it.
     pub remote_bytes_fetched: u64,
-    /// The last read that failed, if any (empty: none).
+    /// The last read that failed, if any (empty: none). A failure to
+    /// reach the remote is cleared by the next read fetched from it.
     pub error: String,
+    /// Whether `error` is a failure to reach the remote.
+    #[serde(default)]
+    pub error_remote: bool,
 }
 
 /// The stats file of the instance whose directory is `dir`.
@@ -158,6 +162,11 @@ impl Export for InstanceExport {
             Ok(n) => {
                 st.0.store_bytes_read += n.data;
                 st.0.remote_bytes_fetched += n.fetched;
+                if n.fetched > 0 && st.0.error_remote {
+                    // the remote is back
+                    st.0.error.clear();
+                    st.0.error_remote = false;
+                }
                 // (a fetch from a remote costs far more than this write)
                 if n.fetched > 0 || st.1.elapsed() >= Duration::from_secs(1) {
                     st.1 = Instant::now();
@@ -177,6 +186,7 @@ impl Export for InstanceExport {
                     f.offset, self.image.label, f.detail
                 );
                 st.0.error = line.clone();
+                st.0.error_remote = f.remote;
                 st.1 = Instant::now();
                 self.save(&st.0);
                 drop(st);

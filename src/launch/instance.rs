@@ -133,7 +133,8 @@ pub struct InstanceInfo {
     /// `None` otherwise.
     pub remote_bytes_fetched: Option<u64>,
     /// A lazy disk: the last read its disk server could not serve (the
-    /// guest got an I/O error), empty if none (null in JSON).
+    /// guest got an I/O error), empty if none (null in JSON); a remote
+    /// that failed and came back is cleared by the next read from it.
     #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub disk_error: String,
 }

@@ -342,14 +342,11 @@ impl Remote {
     }
 
     /// The lock object, if there is one: who holds it (one line, its
-    /// token included) and its age by the store's clock.
+    /// token included) and its age by the store's clock. Asked of the
+    /// object itself, never of a listing (which a store may serve stale).
     fn current_lock(&self) -> Result<Option<(String, Option<Duration>)>> {
         let store = self.store().as_ref();
-        let Some(info) = store
-            .list(ObjectKind::Meta)?
-            .into_iter()
-            .find(|o| o.name == GC_LOCK)
-        else {
+        let Some(info) = store.info(ObjectKind::Meta, GC_LOCK)? else {
             return Ok(None);
         };
         let age = info

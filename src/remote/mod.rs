@@ -306,8 +306,18 @@ impl Remote {
 
     /// The error for a damaged remote object.
     pub(crate) fn damaged(&self, label: &str, what: &str) -> Error {
+        self.damaged_of(label, what, "IMAGE")
+    }
+
+    /// [`Remote::damaged`] of an object that the remote image `image` (an
+    /// id) reads, which the hint names.
+    pub(crate) fn damaged_of(&self, label: &str, what: &str, image: &str) -> Error {
+        // (an object's label names the remote too)
+        let label = label
+            .strip_suffix(&format!(" (remote {})", self.name))
+            .unwrap_or(label);
         Error::StoreDamaged(format!(
-            "remote {}: {label}: {what}; `vmdepot image verify {}:IMAGE` checks an image, `vmdepot gc --remote {}` removes what no image needs",
+            "remote {}: {label}: {what}; `vmdepot image verify {}:{image}` checks the image, `vmdepot gc --remote {}` removes what no image needs",
             self.name, self.name, self.name
         ))
     }

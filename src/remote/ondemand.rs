@@ -46,11 +46,14 @@ struct Needs {
 pub(crate) struct OnDemand {
     /// `NAME (img-…)`, for messages.
     label: String,
+    /// The remote image's id (its manifest's), for hints.
+    remote_id: String,
     image: ImageId,
     root: PathBuf,
-    /// The remote, or why it could not be opened (no credentials, say):
-    /// then every miss fails with that.
-    remote: std::result::Result<Remote, String>,
+    /// The remote, or why it could not be opened (no credentials, say)
+    /// and when: a miss opens it again once that is [`REOPEN_AFTER`] old.
+    remote: Mutex<std::result::Result<Remote, (String, Instant)>>,
+    open: Opener,
     /// The image's map by hash (the manifest's).
     map: HashBlockMap,
     needs: Mutex<Option<Arc<Needs>>>,
@@ -63,33 +66,45 @@ pub(crate) struct OnDemand {
     prefetching: AtomicBool,
 }
 
+/// Opens the remote (again).
+type Opener = Arc<dyn Fn() -> Result<Remote> + Send + Sync>;
+
+/// How long a failure to open the remote is the answer to every miss
+/// before one opens it again (credentials put in place meanwhile).
+const REOPEN_AFTER: Duration = Duration::from_secs(5);
+
 impl OnDemand {
     /// The remote side of the partial image `image` (`label` names it) of
-    /// the depot at `root`, run from `manifest` of `remote`; starts its
-    /// writer.
+    /// the depot at `root`, run from `manifest` of the remote
+    /// `remote_name` (which `open` opens); starts its writer.
     pub(crate) fn new(
         root: PathBuf,
         image: ImageId,
         label: String,
-        remote: std::result::Result<Remote, String>,
+        remote_name: &str,
+        open: Opener,
         manifest: crate::format::Manifest,
     ) -> OnDemand {
         let map = manifest.map;
         let (tx, rx) = channel();
         let fetched = Arc::new(Mutex::new(HashMap::new()));
-        let job = match &remote {
-            Ok(r) => super::pull::origin(r, &manifest.meta.id),
-            Err(_) => String::new(),
-        };
-        if remote.is_ok() {
+        let remote = open().map_err(|e| {
+            let e = crate::error::one_line(&e.to_string());
+            tracing::error!("{e}");
+            (e, Instant::now())
+        });
+        let job = super::pull::origin_of(remote_name, &manifest.meta.id);
+        {
             let (root, id, fetched) = (root.clone(), image.clone(), fetched.clone());
             std::thread::spawn(move || write_fetched(&root, &id, &job, &rx, &fetched));
         }
         OnDemand {
             label,
+            remote_id: manifest.meta.id.clone(),
             image,
             root,
-            remote,
+            remote: Mutex::new(remote),
+            open,
             map,
             needs: Mutex::new(None),
             readers: Mutex::new(HashMap::new()),
@@ -107,18 +122,17 @@ impl OnDemand {
         if let Some(c) = self.fetched.lock().unwrap().get(hash) {
             return Ok((c.clone(), 0));
         }
-        let remote = self
-            .remote
-            .as_ref()
-            .map_err(|e| Error::Invalid(e.clone()))?;
+        let remote = &self.remote()?;
         let needs = self.needs(remote)?;
+        let id = &self.remote_id;
         let loc = needs.locs.get(hash).ok_or_else(|| {
-            remote.damaged(
+            remote.damaged_of(
                 &format!("image {}", self.label),
                 &format!(
                     "its chunk {} is in no pack the remote lists (a pack lost or retired)",
                     crate::ids::hex(&hash.0)
                 ),
+                id,
             )
         })?;
         let key = (loc.pack.clone(), loc.offset);
@@ -137,7 +151,7 @@ impl OnDemand {
         let reader = self.reader(remote, &loc.pack)?;
         let bytes = reader.read_range(loc.offset, loc.clen)?;
         if bytes.len() as u64 != loc.clen {
-            return Err(remote.damaged(
+            return Err(remote.damaged_of(
                 reader.label(),
                 &format!(
                     "a read of {} bytes at offset {} returned {}",
@@ -145,16 +159,18 @@ impl OnDemand {
                     loc.offset,
                     bytes.len()
                 ),
+                id,
             ));
         }
         let mut buf = Vec::new();
         let checked = check_frame(&bytes, want, &mut buf).map_err(|bad| {
-            remote.damaged(
+            remote.damaged_of(
                 reader.label(),
                 &format!(
                     "frame at offset {}: {bad}; not served to image {}",
                     loc.offset, self.label
                 ),
+                id,
             )
         })?;
         let frame = Arc::new(buf);
@@ -174,6 +190,28 @@ impl OnDemand {
         self.inflight.lock().unwrap().remove(&key);
         let mine = mine.expect("the frame of a chunk holds it");
         Ok((mine, loc.clen))
+    }
+
+    /// The remote, opened again if opening it failed long enough ago.
+    fn remote(&self) -> Result<Remote> {
+        let mut g = self.remote.lock().unwrap();
+        match &*g {
+            Ok(r) => return Ok(r.clone()),
+            Err((e, at)) if at.elapsed() < REOPEN_AFTER => return Err(Error::Invalid(e.clone())),
+            Err(_) => {}
+        }
+        match (self.open)() {
+            Ok(r) => {
+                tracing::info!("image {}: remote {} opened", self.label, r.name());
+                *g = Ok(r.clone());
+                Ok(r)
+            }
+            Err(e) => {
+                let e = crate::error::one_line(&e.to_string());
+                *g = Err((e.clone(), Instant::now()));
+                Err(Error::Invalid(e))
+            }
+        }
     }
 
     /// Where the image's chunks are on the remote: read on first use (the
@@ -231,16 +269,16 @@ impl OnDemand {
     /// Starts fetching the rest of the image in the background (once per
     /// server): the pull itself, retried every 15 s while it fails.
     fn start_prefetch(&self) {
-        let Ok(remote) = self.remote.clone() else {
-            return;
-        };
         if self.prefetching.swap(true, Ordering::SeqCst) {
             return;
         }
         let (root, id, label) = (self.root.clone(), self.image.clone(), self.label.clone());
+        let open = self.open.clone();
         std::thread::spawn(move || loop {
-            let r = Depot::open(&root)
-                .and_then(|d| d.complete_partial(&remote, id.as_str(), &NoProgress));
+            let r = Depot::open(&root).and_then(|d| {
+                let remote = open()?;
+                d.complete_partial(&remote, id.as_str(), &NoProgress)
+            });
             match r {
                 Ok(p) => {
                     tracing::info!(
@@ -277,7 +315,8 @@ impl RemoteChunks for OnDemand {
 /// The remote side of the partial image `row` of `repo` (the disk
 /// server's [`crate::image::serve::PartialSource`]): its remote opened with
 /// [`Patience::Interactive`]; when that fails (this process has no
-/// credentials, say) reads of chunks the depot lacks fail with why.
+/// credentials, say) reads of chunks the depot lacks fail with why, and
+/// open it again once [`REOPEN_AFTER`] has passed.
 fn on_demand(
     repo: &crate::repo::Repo,
     row: &crate::catalog::ImageRow,
@@ -286,17 +325,15 @@ fn on_demand(
     let (name, manifest) = depot
         .partial_source(row.id.as_str())?
         .ok_or_else(|| Error::ImageNotFound(row.id.to_string()))?;
-    let remote = depot
-        .remote_patient(&name, Patience::Interactive)
-        .map_err(|e| crate::error::one_line(&e.to_string()));
-    if let Err(e) = &remote {
-        tracing::error!("{e}");
-    }
+    let (root, remote) = (repo.root().to_owned(), name.clone());
+    let open: Opener =
+        Arc::new(move || Depot::open(&root)?.remote_patient(&remote, Patience::Interactive));
     Ok(Arc::new(OnDemand::new(
         repo.root().to_owned(),
         row.id.clone(),
         format!("{} ({})", row.name, row.id),
-        remote,
+        &name,
+        open,
         manifest,
     )))
 }

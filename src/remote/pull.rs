@@ -257,7 +257,12 @@ impl Depot {
 
 /// The lineage text (and transfer job) of a pull of remote image `id`.
 pub(super) fn origin(remote: &Remote, id: &str) -> String {
-    format!("remote:{} {id}", remote.name())
+    origin_of(remote.name(), id)
+}
+
+/// [`origin`] by the remote's name.
+pub(super) fn origin_of(remote: &str, id: &str) -> String {
+    format!("remote:{remote} {id}")
 }
 
 /// The distinct hashes of a map, in map order.

@@ -150,10 +150,14 @@ impl ObjectStore for LocalDir {
         }
     }
 
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+    fn info(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path(kind, name)?;
         match std::fs::metadata(&path) {
-            Ok(m) => Ok(Some(m.len())),
+            Ok(m) => Ok(Some(ObjectInfo {
+                name: name.to_owned(),
+                size: m.len(),
+                modified: m.modified().ok(),
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(&path, e)),
         }

@@ -174,8 +174,15 @@ impl ObjectStore for MemoryStore {
         Ok(self.live(kind, name).map(|b| b.to_vec()))
     }
 
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
-        Ok(self.live(kind, name).map(|b| b.len() as u64))
+    fn info(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectInfo>> {
+        let st = self.state.lock().unwrap();
+        Ok((st.objects.get(&(kind, name.to_owned())))
+            .filter(|o| o.deleted.is_none())
+            .map(|o| ObjectInfo {
+                name: name.to_owned(),
+                size: o.bytes.len() as u64,
+                modified: Some(SystemTime::UNIX_EPOCH + o.written),
+            }))
     }
 
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
@@ -228,7 +235,10 @@ impl ObjectStore for MemoryStore {
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         let now = st.now;
-        if let Some(o) = st.objects.get_mut(&(kind, name.to_owned())) {
+        let key = (kind, name.to_owned());
+        if kind == ObjectKind::Meta {
+            st.objects.remove(&key);
+        } else if let Some(o) = st.objects.get_mut(&key) {
             o.deleted.get_or_insert(now);
         }
         Ok(())

@@ -122,7 +122,10 @@ pub trait ObjectReader: Send + Sync {
 /// for longer than the grace period. [`super::LocalDir`] unlinks at once:
 /// a local reader holds the file open (its descriptor and its frame
 /// mappings), and POSIX keeps an unlinked file's bytes readable through
-/// them, for as long as the reader lives.
+/// them, for as long as the reader lives. Objects of kind
+/// [`ObjectKind::Meta`] (the remote's marker, the gc lock) are not
+/// deferred: no reader plans from them, and a lock must be gone, not
+/// retired, once released.
 pub trait ObjectStore: Send + Sync {
     /// Starts writing a new object (its name must be free).
     fn create(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectWriter>>;
@@ -137,15 +140,21 @@ pub trait ObjectStore: Send + Sync {
     /// Reads a whole object (`Ok(None)`: there is none).
     fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>>;
 
+    /// A live object's size and time, asked of that object alone (no
+    /// listing, which some stores serve stale); `Ok(None)`: there is none.
+    fn info(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectInfo>>;
+
     /// The size of an object (`Ok(None)`: there is none).
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>>;
+    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+        Ok(self.info(kind, name)?.map(|o| o.size))
+    }
 
     /// Every object of a kind, in no particular order (torn ones too, where
     /// the store keeps them).
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>>;
 
     /// Retires an object (gone already is fine); see the trait's doc for
-    /// what stays readable, and for how long.
+    /// what stays readable, and for how long (a meta object is deleted).
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()>;
 
     /// The retired objects of a kind whose bytes are still held, with the

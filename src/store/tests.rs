@@ -106,6 +106,21 @@ fn deleted_objects_vanish_but_open_readers_keep_reading() {
 }
 
 #[test]
+fn a_meta_object_is_deleted_at_once_and_info_names_its_size_and_time() {
+    on_both(|s| {
+        s.put(ObjectKind::Meta, "gc.lock", b"token").unwrap();
+        let i = s.info(ObjectKind::Meta, "gc.lock").unwrap().unwrap();
+        assert_eq!((i.name.as_str(), i.size), ("gc.lock", 5));
+        assert!(i.modified.is_some());
+        s.delete(ObjectKind::Meta, "gc.lock").unwrap();
+        assert_eq!(s.info(ObjectKind::Meta, "gc.lock").unwrap(), None);
+        assert!(s.retired(ObjectKind::Meta).unwrap().is_empty(), "no grace");
+        s.put(ObjectKind::Meta, "gc.lock", b"next").unwrap();
+        assert_eq!(s.stat(ObjectKind::Meta, "gc.lock").unwrap(), Some(4));
+    });
+}
+
+#[test]
 fn a_remote_store_keeps_deleted_objects_for_the_grace_period() {
     let s = MemoryStore::default();
     let name = new_pack_name();

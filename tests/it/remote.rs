@@ -500,12 +500,19 @@ fn a_lazy_run_from_a_remote_fetches_what_the_guest_reads_and_a_pull_completes_it
         "remote_bytes_fetched",
     );
     assert!(later > at_boot, "{later} <= {at_boot}");
-    // other commands refuse it and say how to complete it
+    // other commands refuse it and say how to complete it: by the remote
+    // image's id, which a local rename does not change
+    let hint = format!("image pull r:{}", h1.image_state("tiny").1);
+    let export =
+        |name: &str| ["image", "export", name, t.path("x").to_str().unwrap()].map(str::to_owned);
+    h2.refuses(&export("tiny").each_ref().map(String::as_str), 1, &hint);
+    h2.ok(&["image", "update", "tiny", "--name", "tiny-local"]);
     h2.refuses(
-        &["image", "export", "tiny", t.path("x").to_str().unwrap()],
+        &export("tiny-local").each_ref().map(String::as_str),
         1,
-        "image pull r:tiny",
+        &hint,
     );
+    h2.ok(&["image", "update", "tiny-local", "--name", "tiny"]);
     // a second run uses the same partial image
     h2.ok(&[
         "instance", "run", "r:tiny", "--name", "vm2", "--accel", "tcg", "-q",
@@ -597,6 +604,8 @@ fn losing_the_remote_under_a_lazy_guest_is_an_io_error_never_a_hang() {
         n += 1;
         std::thread::sleep(Duration::from_secs(2));
     }
+    let shown = h2.json(&["instance", "show", "vm", "--json"]);
+    assert!(shown["disk_error"].is_null(), "the remote is back: {shown}");
     h2.ok(&["instance", "delete", "vm", "--force"]);
 }
 

@@ -206,6 +206,18 @@ fn s3_delete_retires_then_purge_frees() {
     s.put(ObjectKind::PackIndex, PACK, b"old index").unwrap();
     let reader = s.open(ObjectKind::Pack, PACK).unwrap();
 
+    // A meta object (the gc lock) is deleted outright, tombstone-free.
+    s.put(ObjectKind::Meta, "gc.lock", b"lock").unwrap();
+    let lock = s.info(ObjectKind::Meta, "gc.lock").unwrap().unwrap();
+    assert_eq!(lock.size, 4);
+    assert!(lock.modified.is_some());
+    s.delete(ObjectKind::Meta, "gc.lock").unwrap();
+    assert_eq!(s.info(ObjectKind::Meta, "gc.lock").unwrap(), None);
+    assert!(s.retired(ObjectKind::Meta).unwrap().is_empty());
+    assert_eq!(names(&s, ObjectKind::Meta), ["VMDEPOT"]);
+    s.put(ObjectKind::Meta, "gc.lock", b"again").unwrap();
+    s.delete(ObjectKind::Meta, "gc.lock").unwrap();
+
     s.delete(ObjectKind::Pack, PACK).unwrap();
     s.delete(ObjectKind::Pack, PACK).unwrap(); // gone already is fine
     s.delete(ObjectKind::Pack, PACK2).unwrap(); // never was, too

@@ -505,10 +505,14 @@ impl ObjectStore for S3Store {
         i.block_on(i.get(&key, &tomb, limit))
     }
 
-    fn stat(&self, kind: ObjectKind, name: &str) -> Result<Option<u64>> {
+    fn info(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectInfo>> {
         let i = &self.inner;
         let st = i.block_on(i.state(kind, name))?;
-        Ok(st.live().map(|m| m.size))
+        Ok(st.live().map(|m| ObjectInfo {
+            name: name.to_owned(),
+            size: m.size,
+            modified: Some(SystemTime::from(m.last_modified)),
+        }))
     }
 
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
@@ -521,6 +525,13 @@ impl ObjectStore for S3Store {
 
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
         let i = &self.inner;
+        if kind == ObjectKind::Meta {
+            // no grace: gone at once, with any tombstone an older version
+            // of vmdepot wrote for it
+            let (key, tomb) = (i.key(kind, name, false)?, i.key(kind, name, true)?);
+            i.block_on(i.delete(&key))?;
+            return i.block_on(i.delete(&tomb));
+        }
         let st = i.block_on(i.state(kind, name))?;
         if st.live().is_none() {
             return Ok(());

@@ -106,18 +106,29 @@ fn deleted_objects_vanish_but_open_readers_keep_reading() {
 }
 
 #[test]
-fn a_meta_object_is_deleted_at_once_and_info_names_its_size_and_time() {
+fn info_names_an_objects_size_and_time() {
     on_both(|s| {
-        s.put(ObjectKind::Meta, "gc.lock", b"token").unwrap();
-        let i = s.info(ObjectKind::Meta, "gc.lock").unwrap().unwrap();
-        assert_eq!((i.name.as_str(), i.size), ("gc.lock", 5));
+        let name = new_pack_name();
+        s.put(ObjectKind::Pack, &name, b"frames").unwrap();
+        let i = s.info(ObjectKind::Pack, &name).unwrap().unwrap();
+        assert_eq!((i.name.as_str(), i.size), (name.as_str(), 6));
         assert!(i.modified.is_some());
-        s.delete(ObjectKind::Meta, "gc.lock").unwrap();
-        assert_eq!(s.info(ObjectKind::Meta, "gc.lock").unwrap(), None);
-        assert!(s.retired(ObjectKind::Meta).unwrap().is_empty(), "no grace");
-        s.put(ObjectKind::Meta, "gc.lock", b"next").unwrap();
-        assert_eq!(s.stat(ObjectKind::Meta, "gc.lock").unwrap(), Some(4));
+        s.delete(ObjectKind::Pack, &name).unwrap();
+        assert_eq!(s.info(ObjectKind::Pack, &name).unwrap(), None);
     });
+}
+
+#[test]
+fn a_remote_stores_meta_object_is_deleted_at_once() {
+    let s = MemoryStore::default();
+    s.put(ObjectKind::Meta, "gc.lock", b"token").unwrap();
+    assert_eq!(s.stat(ObjectKind::Meta, "gc.lock").unwrap(), Some(5));
+    s.delete(ObjectKind::Meta, "gc.lock").unwrap();
+    assert_eq!(s.info(ObjectKind::Meta, "gc.lock").unwrap(), None);
+    assert!(s.retired(ObjectKind::Meta).unwrap().is_empty(), "no grace");
+    assert!(!s.holds(ObjectKind::Meta, "gc.lock"));
+    s.put(ObjectKind::Meta, "gc.lock", b"next").unwrap();
+    assert_eq!(s.stat(ObjectKind::Meta, "gc.lock").unwrap(), Some(4));
 }
 
 #[test]

@@ -90,6 +90,14 @@ pub fn seal_copied_pack(tx: &Connection, pack: i64, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// The chunk ids the copy `job` brought so far (of a partial image: what
+/// its instances' reads fetched), sorted.
+pub fn copy_chunk_ids(conn: &Connection, job: &str) -> Result<Vec<i64>> {
+    let mut st = conn.prepare("SELECT id FROM copy_chunks WHERE job = ?1 ORDER BY id")?;
+    let ids = st.query_map([job], |r| r.get(0))?;
+    Ok(ids.collect::<rusqlite::Result<Vec<i64>>>()?)
+}
+
 /// Forgets the chunks the copy `job` brought (in the caller's write
 /// transaction, the one that gives them to the copied image).
 pub fn delete_copy_chunks(tx: &Connection, job: &str) -> Result<()> {

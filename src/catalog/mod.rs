@@ -50,7 +50,8 @@ pub mod state;
 
 pub use chunks::{chunk_runs_usable, chunk_sequence, delete_pending_marks, ChunkInserter};
 pub use copies::{
-    delete_copy_chunks, record_copy, seal_copied_pack, set_copied_from, CopyInserter,
+    copy_chunk_ids, delete_copy_chunks, record_copy, seal_copied_pack, set_copied_from,
+    CopyInserter,
 };
 pub use imports::{
     delete_importing_row, delete_pending_chunks, delete_pending_packs, insert_importing,

@@ -12,7 +12,8 @@ use crate::store::{ObjectKind, ObjectStore};
 
 /// Per image: stored bytes no other image uses, and stored bytes shared.
 /// A chunk's stored size is its frame's compressed size shared equally by
-/// the frame's chunks. Memory: 16 bytes per (image, distinct chunk).
+/// the frame's chunks; a partial image's are the chunks fetched for it.
+/// Memory: 16 bytes per (image, distinct chunk).
 pub(crate) fn usage(repo: &Repo) -> Result<Usage> {
     let conn = &repo.conn;
     // Distinct chunk ids of each image, sorted; maps decoded one at a time.
@@ -21,6 +22,11 @@ pub(crate) fn usage(repo: &Repo) -> Result<Usage> {
     for r in catalog::list_images(conn)? {
         if let Some(d) = r.damage {
             damaged.insert(r.id, d);
+            continue;
+        }
+        if r.state == Some(ImageState::Partial) {
+            // what its lazy instances fetched (held under its pull's job)
+            per.push((r.id, catalog::copy_chunk_ids(conn, &r.copied_from)?));
             continue;
         }
         if r.state != Some(ImageState::Available) {

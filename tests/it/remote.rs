@@ -500,6 +500,9 @@ fn a_lazy_run_from_a_remote_fetches_what_the_guest_reads_and_a_pull_completes_it
         "remote_bytes_fetched",
     );
     assert!(later > at_boot, "{later} <= {at_boot}");
+    // what was fetched is the partial image's share of the store
+    let img = h2.json(&["image", "show", "tiny", "--json"]);
+    assert!(u(&img, "unique_stored_bytes") > 0, "{img}");
     // other commands refuse it and say how to complete it: by the remote
     // image's id, which a local rename does not change
     let hint = format!("image pull r:{}", h1.image_state("tiny").1);

@@ -506,15 +506,11 @@ fn a_lazy_run_from_a_remote_fetches_what_the_guest_reads_and_a_pull_completes_it
     // other commands refuse it and say how to complete it: by the remote
     // image's id, which a local rename does not change
     let hint = format!("image pull r:{}", h1.image_state("tiny").1);
-    let export =
-        |name: &str| ["image", "export", name, t.path("x").to_str().unwrap()].map(str::to_owned);
-    h2.refuses(&export("tiny").each_ref().map(String::as_str), 1, &hint);
+    let x = t.path("x");
+    let x = x.to_str().unwrap();
+    h2.refuses(&["image", "export", "tiny", x], 1, &hint);
     h2.ok(&["image", "update", "tiny", "--name", "tiny-local"]);
-    h2.refuses(
-        &export("tiny-local").each_ref().map(String::as_str),
-        1,
-        &hint,
-    );
+    h2.refuses(&["image", "export", "tiny-local", x], 1, &hint);
     h2.ok(&["image", "update", "tiny-local", "--name", "tiny"]);
     // a second run uses the same partial image
     h2.ok(&[

@@ -12,7 +12,9 @@
 #   Tiny test guest (fixtures/build-test-guest.sh): the same, to the
 #     serial marker `VMDEPOT-GUEST: ready`.
 # Usage: benches/lazy-remote.sh [OUT.md]
-# Environment: ACCEL (default auto), BOOT_TIMEOUT (s, default 600).
+# Environment: ACCEL (default auto), BOOT_TIMEOUT (s, default 600),
+#   GUESTS (default "tiny debian-12"), WAYS (default "lazy pull"): the
+#   rows measured (the others show n/a).
 # Needs root (the Debian fixture's build), ssh and ssh-keygen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,8 +116,8 @@ measure() {
     log "$g ($mode): run ${R[$g,$mode,run]} s, ready ${R[$g,$mode,boot]} s, fetched ${R[$g,$mode,fetched]}"
     vd "$h" -q instance delete vm --force >/dev/null 2>&1 || true
 }
-for g in tiny debian-12; do
-    for mode in lazy pull; do measure "$g" "$mode"; done
+for g in ${GUESTS:-tiny debian-12}; do
+    for mode in ${WAYS:-lazy pull}; do measure "$g" "$mode"; done
 done
 
 {
@@ -129,7 +131,7 @@ done
         for mode in lazy pull; do
             way="lazy from the remote"
             [ "$mode" = pull ] && way="pull, then run"
-            f=${R[$g,$mode,fetched]}
+            f=${R[$g,$mode,fetched]:--}
             if [ "$mode" = pull ]; then
                 fshow="${R[$g,stored]} (the pull)"; share="100 %"; f=${R[$g,stored]}
                 fshow="$(mib "$f") MiB (the pull)"
@@ -138,7 +140,7 @@ done
             else
                 fshow="$(mib "$f") MiB"; share=$(pct "$f" "${R[$g,stored]}")
             fi
-            echo "| $g ($what) | $(mib "${R[$g,data]}") / $(mib "${R[$g,stored]}") MiB | $way | ${R[$g,$mode,run]} | ${R[$g,$mode,boot]} | $fshow | $share |"
+            echo "| $g ($what) | $(mib "${R[$g,data]}") / $(mib "${R[$g,stored]}") MiB | $way | ${R[$g,$mode,run]:-n/a} | ${R[$g,$mode,boot]:-n/a} | $fshow | $share |"
         done
     done
 } | tee "$work/table.md"

@@ -33,6 +33,17 @@ pub const FRAME_CHUNKS: usize = 256;
 // The import's in-progress map keeps the slot in 8 bits.
 const _: () = assert!(FRAME_CHUNKS <= 256);
 
+/// How many chunks a frame that a push writes to a remote holds at most
+/// (local frames of more are recompressed on the way). A lazy boot from
+/// the remote fetches whole frames, so smaller ones fetch less that the
+/// guest does not read. Measured on the Debian 12 fixture (622.6 MiB of
+/// data), pushed, then booted lazily from the remote until SSH answered:
+/// 256 chunks: 178.3 MiB stored, 79.1 MiB fetched; 64 chunks: 185.3 MiB
+/// stored (+3.9 %), 54.9 MiB fetched (-31 %); 32 chunks: 192.3 MiB
+/// (+7.9 %), 50.7 MiB (-36 %).
+pub const REMOTE_FRAME_CHUNKS: usize = 64;
+const _: () = assert!(REMOTE_FRAME_CHUNKS <= FRAME_CHUNKS);
+
 /// A pack file is sealed and a new one started once it reaches this size.
 pub const PACK_TARGET_BYTES: u64 = 64 << 20;
 

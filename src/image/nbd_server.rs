@@ -3,7 +3,8 @@
 //! connection speaks the "fixed newstyle" handshake (`NBD_OPT_GO`,
 //! `NBD_OPT_INFO` and the older `NBD_OPT_EXPORT_NAME`; every other option,
 //! structured replies included, is answered "unsupported") and simple
-//! replies in transmission. Exports are read-only: reads are served,
+//! replies in transmission, reads served by a few threads at once and
+//! answered as they complete. Exports are read-only: reads are served,
 //! flushes and cache hints succeed, writes and trims fail with `EPERM`.
 //!
 //! Main items: [`Export`] (what is served: a size and reads that may fail
@@ -13,7 +14,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::nbd::{
     be_u64, CMD_DISC, CMD_READ, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC,
@@ -225,10 +226,68 @@ fn simple_reply(s: &mut UnixStream, err: u32, handle: u64, data: &[u8]) -> std::
     s.write_all(data)
 }
 
-/// Requests until `NBD_CMD_DISC` or the client goes away.
+/// Reads served at once on one connection (QEMU's client keeps up to 16
+/// requests in flight): a read that waits for the remote does not hold
+/// up the others.
+const READERS: usize = 4;
+
+/// A read to serve: its handle, offset and length.
+type ReadJob = (u64, u64, u32);
+
+/// Requests until `NBD_CMD_DISC` or the client goes away. Reads are served
+/// by [`READERS`] threads and answered as each completes (replies carry
+/// the request's handle, so their order is free); everything else is
+/// answered at once, in order. At the end, reads in flight are answered
+/// before it returns.
 fn transmission(s: &mut UnixStream, export: &dyn Export) -> std::result::Result<(), ConnError> {
-    let size = export.size();
-    let mut buf = Vec::new();
+    let out = Mutex::new(s.try_clone()?);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ReadJob>(READERS);
+    let rx = Mutex::new(rx);
+    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
+    let ended = std::thread::scope(|scope| {
+        for _ in 0..READERS {
+            scope.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let job = rx.lock().unwrap().recv();
+                    let Ok((handle, off, len)) = job else {
+                        return;
+                    };
+                    if failed.lock().unwrap().is_some() {
+                        continue; // the client is gone: drop what is queued
+                    }
+                    buf.resize(len as usize, 0);
+                    let sent = match export.read(&mut buf, off) {
+                        Ok(()) => simple_reply(&mut out.lock().unwrap(), 0, handle, &buf),
+                        Err(errno) => simple_reply(&mut out.lock().unwrap(), errno, handle, &[]),
+                    };
+                    if let Err(e) = sent {
+                        // The client is gone: the request loop ends too.
+                        let _ = out.lock().unwrap().shutdown(std::net::Shutdown::Both);
+                        failed.lock().unwrap().get_or_insert(e);
+                    }
+                }
+            });
+        }
+        let ended = requests(s, export.size(), &tx, &out);
+        drop(tx); // the readers answer what is queued, then end
+        ended
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) if ended.is_ok() => Err(e.into()),
+        _ => ended,
+    }
+}
+
+/// The request loop of [`transmission`]: reads go to the readers through
+/// `reads`, other replies are written on `out`.
+fn requests(
+    s: &mut UnixStream,
+    size: u64,
+    reads: &std::sync::mpsc::SyncSender<ReadJob>,
+    out: &Mutex<UnixStream>,
+) -> std::result::Result<(), ConnError> {
+    let reply = |err: u32, handle: u64| simple_reply(&mut out.lock().unwrap(), err, handle, &[]);
     loop {
         let mut req = [0u8; 28];
         match s.read_exact(&mut req) {
@@ -247,13 +306,10 @@ fn transmission(s: &mut UnixStream, export: &dyn Export) -> std::result::Result<
         let in_range =
             len <= MAX_REQUEST && off.checked_add(u64::from(len)).is_some_and(|e| e <= size);
         match kind {
-            CMD_READ if !in_range => simple_reply(s, EINVAL, handle, &[])?,
+            CMD_READ if !in_range => reply(EINVAL, handle)?,
             CMD_READ => {
-                buf.resize(len as usize, 0);
-                match export.read(&mut buf, off) {
-                    Ok(()) => simple_reply(s, 0, handle, &buf)?,
-                    Err(errno) => simple_reply(s, errno, handle, &[])?,
-                }
+                // The readers live as long as the channel: this never fails.
+                let _ = reads.send((handle, off, len));
             }
             CMD_DISC => return Ok(()),
             CMD_WRITE => {
@@ -268,12 +324,13 @@ fn transmission(s: &mut UnixStream, export: &dyn Export) -> std::result::Result<
                     s.read_exact(&mut sink[..n])?;
                     left -= n as u64;
                 }
-                simple_reply(s, EPERM, handle, &[])?;
+                reply(EPERM, handle)?;
             }
-            CMD_FLUSH | CMD_CACHE => simple_reply(s, 0, handle, &[])?,
+            // Nothing is ever written: a flush has nothing to wait for.
+            CMD_FLUSH | CMD_CACHE => reply(0, handle)?,
             // TRIM, WRITE_ZEROES: the export is read-only.
-            4 | 6 => simple_reply(s, EPERM, handle, &[])?,
-            _ => simple_reply(s, EINVAL, handle, &[])?,
+            4 | 6 => reply(EPERM, handle)?,
+            _ => reply(EINVAL, handle)?,
         }
     }
 }
@@ -286,15 +343,28 @@ mod tests {
     use super::*;
     use crate::image::nbd::{request, Client};
 
-    struct Pattern(u64);
+    /// Bytes `(offset % 251)`; a read at 8192 fails; one at 12288 waits
+    /// (up to 5 s, then fails) until the export read offset 0.
+    struct Pattern(u64, std::sync::atomic::AtomicBool);
 
     impl Export for Pattern {
         fn size(&self) -> u64 {
             self.0
         }
         fn read(&self, buf: &mut [u8], off: u64) -> std::result::Result<(), u32> {
+            use std::sync::atomic::Ordering::SeqCst;
             if off == 8192 {
                 return Err(READ_FAILED);
+            }
+            if off == 0 {
+                self.1.store(true, SeqCst);
+            }
+            let t0 = std::time::Instant::now();
+            while off == 12288 && !self.1.load(SeqCst) {
+                if t0.elapsed() > std::time::Duration::from_secs(5) {
+                    return Err(READ_FAILED);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = ((off + i as u64) % 251) as u8;
@@ -311,7 +381,9 @@ mod tests {
                 let c = c.unwrap();
                 std::thread::spawn(move || {
                     let resolve = |n: &str| -> Option<Arc<dyn Export>> {
-                        (n == "disk").then(|| Arc::new(Pattern(1 << 20)) as Arc<dyn Export>)
+                        (n == "disk").then(|| {
+                            Arc::new(Pattern(1 << 20, Default::default())) as Arc<dyn Export>
+                        })
                     };
                     let _ = serve_connection(c, &resolve);
                 });
@@ -337,14 +409,10 @@ mod tests {
         assert!(Client::connect_to(&sock, "other").is_err());
     }
 
-    #[test]
-    fn writes_and_out_of_range_reads_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = server(dir.path());
-        let c = Client::connect_to(&sock, "disk").unwrap();
-        drop(c);
-        // speak the protocol by hand: export name, then a write and a read past the end
-        let mut s = UnixStream::connect(&sock).unwrap();
+    /// The export name handshake on `sock`, by hand: the stream, in
+    /// transmission.
+    fn connect_raw(sock: &std::path::Path) -> UnixStream {
+        let mut s = UnixStream::connect(sock).unwrap();
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello).unwrap();
         let mut opt = Vec::new();
@@ -357,6 +425,50 @@ mod tests {
         let mut info = [0u8; 10];
         s.read_exact(&mut info).unwrap();
         assert_eq!(be_u16(&info[8..]) & FLAG_READ_ONLY, FLAG_READ_ONLY);
+        s
+    }
+
+    #[test]
+    fn a_slow_read_does_not_hold_up_the_next_and_replies_come_as_reads_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = server(dir.path());
+        let mut s = connect_raw(&sock);
+        // The read at 12288 can only end once the one at 0 was served.
+        s.write_all(&request(CMD_READ, 1, 12288, 4096)).unwrap();
+        s.write_all(&request(CMD_READ, 2, 0, 4096)).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let mut r = [0u8; 16];
+            s.read_exact(&mut r).unwrap();
+            assert_eq!(be_u32(&r[4..]), 0, "both reads succeed");
+            let handle = be_u64(&r[8..]);
+            let mut data = vec![0u8; 4096];
+            s.read_exact(&mut data).unwrap();
+            let off = if handle == 1 { 12288 } else { 0 };
+            assert_eq!(
+                data[1],
+                ((off + 1) % 251) as u8,
+                "read {handle}'s own bytes"
+            );
+            got.push(handle);
+        }
+        assert_eq!(got, [2, 1], "the later read is answered first");
+        // Reads in flight are answered before a disconnect ends the connection.
+        s.write_all(&request(CMD_READ, 3, 4096, 4096)).unwrap();
+        s.write_all(&request(CMD_DISC, 4, 0, 0)).unwrap();
+        let mut r = [0u8; 16];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!((be_u32(&r[4..]), be_u64(&r[8..])), (0, 3));
+    }
+
+    #[test]
+    fn writes_and_out_of_range_reads_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = server(dir.path());
+        let c = Client::connect_to(&sock, "disk").unwrap();
+        drop(c);
+        // speak the protocol by hand: export name, then a write and a read past the end
+        let mut s = connect_raw(&sock);
         s.write_all(&request(CMD_WRITE, 7, 0, 5)).unwrap();
         s.write_all(b"hello").unwrap();
         let mut r = [0u8; 16];
@@ -368,6 +480,7 @@ mod tests {
         assert_eq!((be_u32(&r[4..]), be_u64(&r[8..])), (EINVAL, 8));
         // an unsupported option is answered, and the handshake goes on
         let mut s = UnixStream::connect(&sock).unwrap();
+        let mut hello = [0u8; 18];
         s.read_exact(&mut hello).unwrap();
         let mut opt = Vec::new();
         opt.extend_from_slice(&3u32.to_be_bytes());

@@ -39,9 +39,10 @@ pub(crate) struct FrameWant {
 }
 
 impl FrameWant {
-    /// Whether every slot of the frame travels (the frame goes as it is).
-    fn whole(&self) -> bool {
-        self.slots.len() == self.nchunks as usize
+    /// Whether the frame goes as it is: every slot of it travels, and it
+    /// holds at most `max` chunks (the target's frame size).
+    fn whole(&self, max: usize) -> bool {
+        self.slots.len() == self.nchunks as usize && self.nchunks as usize <= max
     }
 }
 
@@ -94,10 +95,13 @@ pub(crate) enum Checked {
 }
 
 /// Decompresses a source frame (`buf`: scratch space, reused) and checks
-/// each wanted chunk against its hash.
+/// each wanted chunk against its hash; the frame travels whole when all
+/// of it is wanted and it has at most `max` chunks (the sender's
+/// [`Sender::frame_chunks`]).
 pub(crate) fn check_frame(
     compressed: &[u8],
     want: &FrameWant,
+    max: usize,
     buf: &mut Vec<u8>,
 ) -> std::result::Result<Checked, Bad> {
     store::decompress_frame(compressed, want.nchunks as usize, buf).map_err(Bad::Frame)?;
@@ -107,7 +111,7 @@ pub(crate) fn check_frame(
             return Err(Bad::Chunk { slot, hash });
         }
     }
-    if want.whole() {
+    if want.whole(max) {
         let mut hashes = vec![UNUSED_SLOT; want.nchunks as usize];
         for &(slot, hash) in &want.slots {
             hashes[slot as usize] = hash;
@@ -148,21 +152,35 @@ pub(crate) struct Sent {
 }
 
 /// Checked frames into a sink: whole ones as they are, the chunks of the
-/// others gathered and recompressed into full frames.
+/// others gathered and recompressed into frames of up to its
+/// `frame_chunks` chunks.
 pub(crate) struct Sender<'s> {
     sink: &'s mut dyn FrameSink,
     progress: &'s dyn Progress,
+    frame_chunks: usize,
     data: Vec<u8>,
     hashes: Vec<ChunkHash>,
     sent: Sent,
 }
 
 impl<'s> Sender<'s> {
-    /// A sender into `sink`, advancing `progress` by each chunk's bytes.
+    /// A sender into `sink`, advancing `progress` by each chunk's bytes,
+    /// making frames of up to [`FRAME_CHUNKS`] chunks.
     pub(crate) fn new(sink: &'s mut dyn FrameSink, progress: &'s dyn Progress) -> Sender<'s> {
+        Sender::with_frames(sink, progress, FRAME_CHUNKS)
+    }
+
+    /// A sender whose frames hold up to `frame_chunks` chunks (1 to
+    /// [`FRAME_CHUNKS`]).
+    pub(crate) fn with_frames(
+        sink: &'s mut dyn FrameSink,
+        progress: &'s dyn Progress,
+        frame_chunks: usize,
+    ) -> Sender<'s> {
         Sender {
             sink,
             progress,
+            frame_chunks: frame_chunks.clamp(1, FRAME_CHUNKS),
             data: Vec::new(),
             hashes: Vec::new(),
             sent: Sent::default(),
@@ -184,7 +202,7 @@ impl<'s> Sender<'s> {
                 for (d, h) in data.chunks_exact(CHUNK_SIZE).zip(hashes) {
                     self.data.extend_from_slice(d);
                     self.hashes.push(h);
-                    if self.hashes.len() >= FRAME_CHUNKS {
+                    if self.hashes.len() >= self.frame_chunks {
                         self.flush()?;
                     }
                 }
@@ -194,6 +212,11 @@ impl<'s> Sender<'s> {
         self.sent.chunks += n as u64;
         self.progress.advance(n as u64 * CHUNK);
         Ok(())
+    }
+
+    /// The most chunks a frame it sends holds.
+    pub(crate) fn frame_chunks(&self) -> usize {
+        self.frame_chunks
     }
 
     /// Compresses and sends the gathered chunks as one frame.
@@ -267,7 +290,8 @@ pub(crate) fn send_plan(
         };
         let reader = readers.get(f.pack, &plan.packs[&f.pack])?;
         let bytes = reader.frame_bytes(f.offset, f.clen)?;
-        let checked = check_frame(&bytes, &want, &mut buf).map_err(|bad| match bad {
+        let max = sender.frame_chunks();
+        let checked = check_frame(&bytes, &want, max, &mut buf).map_err(|bad| match bad {
             Bad::Frame(e) => Error::StoreDamaged(format!(
                 "image {} ({}): pack {}: frame at offset {}: {e}; not sent; `vmdepot image verify` checks every image's data",
                 row.name, row.id, plan.packs[&f.pack], f.offset
@@ -455,13 +479,13 @@ mod tests {
             slots: (0..3).map(|s| (s, h[s as usize])).collect(),
         };
         assert!(
-            matches!(check_frame(&c, &all, &mut buf), Ok(Checked::Whole { bytes, .. }) if bytes == c)
+            matches!(check_frame(&c, &all, FRAME_CHUNKS, &mut buf), Ok(Checked::Whole { bytes, .. }) if bytes == c)
         );
         let some = FrameWant {
             nchunks: 3,
             slots: vec![(2, h[2])],
         };
-        match check_frame(&c, &some, &mut buf).unwrap() {
+        match check_frame(&c, &some, FRAME_CHUNKS, &mut buf).unwrap() {
             Checked::Chunks { data, hashes } => {
                 assert_eq!(data, vec![3; CHUNK_SIZE]);
                 assert_eq!(hashes, vec![h[2]]);
@@ -479,7 +503,7 @@ mod tests {
             slots: vec![(1, h[0])],
         };
         assert!(matches!(
-            check_frame(&c, &wrong, &mut buf),
+            check_frame(&c, &wrong, FRAME_CHUNKS, &mut buf),
             Err(Bad::Chunk { slot: 1, .. })
         ));
         let past = FrameWant {
@@ -487,7 +511,7 @@ mod tests {
             slots: vec![(7, h[0])],
         };
         assert!(matches!(
-            check_frame(&c, &past, &mut buf),
+            check_frame(&c, &past, FRAME_CHUNKS, &mut buf),
             Err(Bad::Chunk { slot: 7, .. })
         ));
         let short = FrameWant {
@@ -495,13 +519,69 @@ mod tests {
             slots: vec![(0, h[0])],
         };
         assert!(matches!(
-            check_frame(&c, &short, &mut buf),
+            check_frame(&c, &short, FRAME_CHUNKS, &mut buf),
             Err(Bad::Frame(_))
         ));
         assert!(matches!(
-            check_frame(&c[..5], &short, &mut buf),
+            check_frame(&c[..5], &short, FRAME_CHUNKS, &mut buf),
             Err(Bad::Frame(_))
         ));
+    }
+
+    /// Collects what a sender sends: each frame's chunk count and bytes.
+    #[derive(Default)]
+    struct Frames(Vec<(usize, Vec<u8>)>);
+
+    impl FrameSink for Frames {
+        fn push(&mut self, frame: &[u8], hashes: Vec<ChunkHash>) -> Result<()> {
+            self.0.push((hashes.len(), frame.to_vec()));
+            Ok(())
+        }
+
+        fn finish(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sender_with_smaller_frames_splits_whole_frames_and_keeps_the_order() {
+        let bytes: Vec<u8> = (1..=10).collect();
+        let (c, h) = frame(&bytes);
+        let all = FrameWant {
+            nchunks: 10,
+            slots: (0..10).map(|s| (s, h[s as usize])).collect(),
+        };
+        let mut sink = Frames::default();
+        let mut sender = Sender::with_frames(&mut sink, &crate::progress::NoProgress, 4);
+        let mut buf = Vec::new();
+        let checked = check_frame(&c, &all, sender.frame_chunks(), &mut buf).unwrap();
+        assert!(
+            matches!(checked, Checked::Chunks { .. }),
+            "10 chunks do not go whole into frames of 4"
+        );
+        sender.take(checked).unwrap();
+        let sent = sender.finish().unwrap();
+        assert_eq!((sent.chunks, sent.frames_whole), (10, 0));
+        let counts: Vec<usize> = sink.0.iter().map(|f| f.0).collect();
+        assert_eq!(counts, [4, 4, 2]);
+        let mut back = Vec::new();
+        for (n, f) in &sink.0 {
+            store::decompress_frame(f, *n, &mut buf).unwrap();
+            back.extend(buf.chunks_exact(CHUNK_SIZE).map(|d| d[0]));
+        }
+        assert_eq!(
+            back, bytes,
+            "the chunks keep their order across the new frames"
+        );
+        // A frame within the size goes as it is.
+        let (c3, h3) = frame(&[7, 8, 9]);
+        let small = FrameWant {
+            nchunks: 3,
+            slots: (0..3).map(|s| (s, h3[s as usize])).collect(),
+        };
+        assert!(
+            matches!(check_frame(&c3, &small, 4, &mut buf), Ok(Checked::Whole { bytes, .. }) if bytes == c3)
+        );
     }
 
     #[test]

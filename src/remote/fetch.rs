@@ -239,7 +239,7 @@ impl Work<'_> {
         for f in &read.frames {
             let at = (f.offset - read.offset) as usize;
             let src = &bytes[at..at + f.clen as usize];
-            let checked = check_frame(src, &f.want, buf).map_err(|bad| {
+            let checked = check_frame(src, &f.want, FRAME_CHUNKS, buf).map_err(|bad| {
                 self.remote.damaged(
                     reader.label(),
                     &format!(

@@ -1,9 +1,12 @@
 //! The remote side of a partial image's disk server (`image::lazy`): the
 //! chunks its instances read that the depot lacks are fetched here, one
-//! remote frame per miss (a ranged read of the frame's bytes, its
-//! location checked against the pack's listed size), decompressed, and
-//! every chunk of the frame that the image needs checked against its hash
-//! before any of it is served. The frame's needed chunks are then
+//! ranged read per miss: the remote frame that holds the chunk (its
+//! location checked against the pack's listed size) and, when the miss
+//! starts where the last read of that pack ended, the frames right after
+//! it, twice as many as that read took, up to [`MAX_WINDOW`] (read-ahead
+//! of a guest that reads in order). Each frame is decompressed and every
+//! chunk of it that the image needs checked against its hash before any
+//! of it is served. The frame's needed chunks are then
 //! entered in the depot by a writer thread, batch by batch (one small
 //! pack per batch, under the pull's job, as a pull enters them), and
 //! served from memory until they are. A prefetch thread fetches the rest
@@ -25,7 +28,7 @@ use super::fetch::check_loc;
 use super::{ChunkLoc, Remote};
 use crate::depot::Depot;
 use crate::error::{Error, Result};
-use crate::format::{HashBlockMap, CHUNK_SIZE};
+use crate::format::{HashBlockMap, CHUNK_SIZE, FRAME_CHUNKS};
 use crate::ids::{ChunkHash, ImageId};
 use crate::image::lazy::{FetchedChunk, RemoteChunks};
 use crate::lifecycle::transfer::{check_frame, Checked, FrameWant, LocalSink, Sender};
@@ -40,7 +43,37 @@ type FrameKey = (String, u64);
 struct Needs {
     locs: HashMap<ChunkHash, ChunkLoc>,
     frames: HashMap<FrameKey, FrameWant>,
+    /// Each pack's frames the image needs, `(offset, clen)` by offset.
+    order: HashMap<String, Vec<(u64, u64)>>,
 }
+
+impl Needs {
+    /// The frames of one ranged read that starts with the frame at `key`:
+    /// it and up to `window - 1` frames right after it in its pack (no
+    /// gap between them) that the image needs and `skip` does not rule
+    /// out. `(offset, clen)` each, in pack order.
+    fn span(&self, key: &FrameKey, window: usize, skip: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+        let order = &self.order[&key.0];
+        let Ok(i) = order.binary_search_by_key(&key.1, |f| f.0) else {
+            unreachable!("a needed frame is in its pack's order");
+        };
+        let mut span = vec![order[i]];
+        for &(off, clen) in order[i + 1..].iter().take(window.saturating_sub(1)) {
+            let (last_off, last_len) = span[span.len() - 1];
+            if off != last_off + last_len || skip(off) {
+                break;
+            }
+            span.push((off, clen));
+        }
+        span
+    }
+}
+
+/// The most frames one miss reads ahead of a guest that reads a pack's
+/// frames in order (the window doubles from 1 with each miss that starts
+/// where the last read of the pack ended): 8 frames of
+/// [`crate::format::REMOTE_FRAME_CHUNKS`] chunks, 2 MiB of image data.
+const MAX_WINDOW: usize = 8;
 
 /// The remote side of one partial image (see the module docs).
 pub(crate) struct OnDemand {
@@ -62,6 +95,8 @@ pub(crate) struct OnDemand {
     fetched: Arc<Mutex<HashMap<ChunkHash, FetchedChunk>>>,
     /// One fetch of a frame at a time (readers of the same frame wait).
     inflight: Mutex<HashMap<FrameKey, Arc<Mutex<()>>>>,
+    /// Per pack: where its last read ended, and that read's window.
+    ahead: Mutex<HashMap<String, (u64, usize)>>,
     writer: Mutex<Tx<Checked>>,
     prefetching: AtomicBool,
 }
@@ -110,6 +145,7 @@ impl OnDemand {
             readers: Mutex::new(HashMap::new()),
             fetched,
             inflight: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
             writer: Mutex::new(tx),
             prefetching: AtomicBool::new(false),
         }
@@ -147,49 +183,92 @@ impl OnDemand {
         if let Some(c) = self.fetched.lock().unwrap().get(hash) {
             return Ok((c.clone(), 0));
         }
-        let want = &needs.frames[&key];
+        // A miss where the last read of the pack ended reads ahead, with
+        // twice the window of that read; any other starts over with 1.
+        let window = {
+            let ahead = self.ahead.lock().unwrap();
+            match ahead.get(&loc.pack) {
+                Some(&(end, w)) if end == loc.offset => (w * 2).min(MAX_WINDOW),
+                _ => 1,
+            }
+        };
+        let span = {
+            let (fetched, inflight) = (self.fetched.lock().unwrap(), self.inflight.lock().unwrap());
+            needs.span(&key, window, |off| {
+                let k = (key.0.clone(), off);
+                let first = needs.frames[&k].slots.first().map(|s| s.1);
+                inflight.contains_key(&k) || first.is_some_and(|h| fetched.contains_key(&h))
+            })
+        };
+        let (start, last) = (span[0], span[span.len() - 1]);
+        let len = last.0 + last.1 - start.0;
+        let t0 = Instant::now();
         let reader = self.reader(remote, &loc.pack)?;
-        let bytes = reader.read_range(loc.offset, loc.clen)?;
-        if bytes.len() as u64 != loc.clen {
+        let bytes = reader.read_range(start.0, len)?;
+        let got = t0.elapsed();
+        if bytes.len() as u64 != len {
             return Err(remote.damaged_of(
                 reader.label(),
                 &format!(
-                    "a read of {} bytes at offset {} returned {}",
-                    loc.clen,
-                    loc.offset,
+                    "a read of {len} bytes at offset {} returned {}",
+                    start.0,
                     bytes.len()
                 ),
                 id,
             ));
         }
-        let mut buf = Vec::new();
-        let checked = check_frame(&bytes, want, &mut buf).map_err(|bad| {
-            remote.damaged_of(
-                reader.label(),
-                &format!(
-                    "frame at offset {}: {bad}; not served to image {}",
-                    loc.offset, self.label
-                ),
-                id,
-            )
-        })?;
-        let frame = Arc::new(buf);
+        self.ahead
+            .lock()
+            .unwrap()
+            .insert(loc.pack.clone(), (start.0 + len, span.len()));
         let mut mine = None;
-        {
-            let mut f = self.fetched.lock().unwrap();
-            for &(slot, h) in &want.slots {
-                let c = (frame.clone(), slot as usize * CHUNK_SIZE);
-                if h == *hash {
-                    mine = Some(c.clone());
+        let mut buf = Vec::new();
+        for (i, &(off, clen)) in span.iter().enumerate() {
+            let k = (key.0.clone(), off);
+            let want = &needs.frames[&k];
+            let at = (off - start.0) as usize;
+            let checked =
+                match check_frame(&bytes[at..at + clen as usize], want, FRAME_CHUNKS, &mut buf) {
+                    Ok(c) => c,
+                    // A frame read ahead is fetched again (and reported) when read.
+                    Err(_) if i > 0 => break,
+                    Err(bad) => {
+                        return Err(remote.damaged_of(
+                            reader.label(),
+                            &format!(
+                                "frame at offset {off}: {bad}; not served to image {}",
+                                self.label
+                            ),
+                            id,
+                        ))
+                    }
+                };
+            let frame = Arc::new(std::mem::take(&mut buf));
+            {
+                let mut f = self.fetched.lock().unwrap();
+                for &(slot, h) in &want.slots {
+                    let c = (frame.clone(), slot as usize * CHUNK_SIZE);
+                    if h == *hash {
+                        mine = Some(c.clone());
+                    }
+                    f.insert(h, c);
                 }
-                f.insert(h, c);
             }
+            // The writer enters them (a closed writer: they stay in memory).
+            let _ = self.writer.lock().unwrap().send(checked);
         }
-        // The writer enters them (a closed writer: they stay in memory).
-        let _ = self.writer.lock().unwrap().send(checked);
+        tracing::debug!(
+            "image {}: {} frame(s) of pack {} at {} ({len} bytes, window {window}) fetched in {} ms, checked in {} ms",
+            self.label,
+            span.len(),
+            loc.pack,
+            start.0,
+            got.as_millis(),
+            (t0.elapsed() - got).as_millis()
+        );
         self.inflight.lock().unwrap().remove(&key);
         let mine = mine.expect("the frame of a chunk holds it");
-        Ok((mine, loc.clen))
+        Ok((mine, len))
     }
 
     /// The remote, opened again if opening it failed long enough ago.
@@ -248,7 +327,22 @@ impl OnDemand {
             remote.name(),
             frames.len()
         );
-        let n = Arc::new(Needs { locs, frames });
+        let mut order: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+        for loc in locs.values() {
+            order
+                .entry(loc.pack.clone())
+                .or_default()
+                .push((loc.offset, loc.clen));
+        }
+        for o in order.values_mut() {
+            o.sort_unstable();
+            o.dedup();
+        }
+        let n = Arc::new(Needs {
+            locs,
+            frames,
+            order,
+        });
         *g = Some(n.clone());
         Ok(n)
     }
@@ -396,5 +490,44 @@ fn write_fetched(
         for h in &hashes {
             f.remove(h);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs of frames `(offset, clen)` in pack "p" (one chunk each).
+    fn needs(frames: &[(u64, u64)]) -> Needs {
+        let mut n = Needs {
+            locs: HashMap::new(),
+            frames: HashMap::new(),
+            order: HashMap::new(),
+        };
+        for (i, &(off, _)) in frames.iter().enumerate() {
+            let want = FrameWant {
+                nchunks: 1,
+                slots: vec![(0, ChunkHash([i as u8; 32]))],
+            };
+            n.frames.insert(("p".into(), off), want);
+        }
+        n.order.insert("p".into(), frames.to_vec());
+        n
+    }
+
+    #[test]
+    fn a_read_spans_the_adjacent_frames_that_follow_up_to_its_window() {
+        let n = needs(&[(16, 10), (26, 5), (31, 7), (38, 2), (50, 4), (54, 4)]);
+        let at = |off: u64| ("p".to_string(), off);
+        let none = |_: u64| false;
+        assert_eq!(n.span(&at(16), 1, none), [(16, 10)]);
+        assert_eq!(n.span(&at(16), 3, none), [(16, 10), (26, 5), (31, 7)]);
+        // A gap (38 + 2 < 50: another image's frames) ends it.
+        assert_eq!(n.span(&at(31), 8, none), [(31, 7), (38, 2)]);
+        assert_eq!(n.span(&at(50), 8, none), [(50, 4), (54, 4)]);
+        // So does a frame fetched already (or being fetched).
+        assert_eq!(n.span(&at(16), 8, |off| off == 31), [(16, 10), (26, 5)]);
+        // The frame asked for is always read.
+        assert_eq!(n.span(&at(26), 0, |_| true), [(26, 5)]);
     }
 }

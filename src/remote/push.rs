@@ -145,7 +145,8 @@ impl Depot {
         rep.chunks_present = rep.chunks - missing.len() as u64;
         progress.begin("push", missing.len() as u64 * CHUNK);
         let mut sink = RemoteSink::new(remote.store().as_ref(), limits.pack_target);
-        let mut sender = Sender::new(&mut sink, progress);
+        let mut sender =
+            Sender::with_frames(&mut sink, progress, crate::format::REMOTE_FRAME_CHUNKS);
         send_plan(self, &row, &plan, &missing, &mut sender)?;
         let sent = sender.finish()?;
         progress.end();

@@ -419,6 +419,31 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
     t.ok(&["instance", "delete", "fg"]);
 }
 
+/// After `image update --name`, instances name their image as it is
+/// called now: list (JSON and table), show and the unit.
+#[test]
+fn instances_show_the_current_name_of_their_image() {
+    let t = depot_with_guest();
+    t.ok(&["instance", "run", "tiny", "--name", "vm", "-q"]);
+    t.ok(&["image", "update", "tiny", "--name", "renamed"]);
+    assert_eq!(show(&t, "vm")["image_name"], "renamed");
+    let list = t.json(&["instance", "list", "--json"]);
+    assert_eq!(list[0]["image_name"], "renamed");
+    let table = t.ok(&["instance", "list"]);
+    assert!(
+        table.contains("renamed") && !table.contains("tiny"),
+        "{table}"
+    );
+    let human = t.ok(&["instance", "show", "vm"]);
+    assert!(
+        human.contains("renamed") && !human.contains("tiny"),
+        "{human}"
+    );
+    let unit = t.ok(&["instance", "unit", "vm"]);
+    assert!(unit.contains("image renamed ("), "{unit}");
+    t.ok(&["instance", "delete", "vm", "--force"]);
+}
+
 #[test]
 fn library_harness_launches_waits_and_drops() {
     use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};

@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::launch::accel::{kvm_internal_error, Accel};
 use crate::launch::instance::forwards_of;
 use crate::launch::paths::Paths;
-use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles};
+use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles, CONSOLE_CHARDEV};
 use crate::launch::qmp::{Qmp, RunState};
 use crate::perms::Perms;
 
@@ -217,6 +217,16 @@ pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Dur
         wait_gone(pid, id, end, Duration::from_millis(10));
     }
     clean_runtime_files(p);
+}
+
+/// Whether a client (another `vmdepot instance console`, a harness) is
+/// attached to the serial console of the QEMU behind `qmp`: QEMU serves one
+/// at a time, and a second one would wait, connected but dead, until the
+/// first detaches. False if QMP does not say.
+pub fn console_attached(qmp: &Path) -> bool {
+    Qmp::connect_timeout(qmp, crate::launch::instance::QMP_STATUS_TIMEOUT)
+        .and_then(|mut q| q.chardev_connected(CONSOLE_CHARDEV))
+        .is_ok_and(|c| c == Some(true))
 }
 
 /// Presses the power button of the QEMU behind `qmp` (signal handlers).

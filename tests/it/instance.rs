@@ -82,6 +82,11 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         stdin.write_all(b"hello console\n").unwrap();
         stdin.flush().unwrap();
         wait_serial(&t, "web", "VMDEPOT-ECHO: hello console");
+        // QEMU serves one console client: a second one is told it is busy
+        // (one line, exit 1), never "Connected" and dead.
+        let err = t.refuses(&["instance", "console", "web"], 1, "is busy");
+        assert!(err.contains("console of instance web (ins-"), "{err}");
+        assert!(!err.contains("Connected"), "{err}");
         std::thread::sleep(Duration::from_millis(300));
         stdin.write_all(&[0x1d]).unwrap(); // Ctrl-]
     }
@@ -92,6 +97,10 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         "console output: {}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // detached: the console is free again (stdin at its end: detaches)
+    wait_until("the console is free", Duration::from_secs(10), || {
+        t.run(&["instance", "console", "web"]).status.success()
+    });
 
     // What `list` and `show` say.
     let list = t.json(&["instance", "list", "--json"]);

@@ -200,15 +200,36 @@ fn wait_gone(pid: i32, id: &str, deadline: Instant, poll: Duration) {
     }
 }
 
+/// How [`stop_qemu`] ended a QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// The guest powered off (or QEMU was already gone).
+    PoweredOff,
+    /// Killed at once, as asked (`force`).
+    Forced,
+    /// The power button was pressed, but QEMU still ran at the timeout:
+    /// killed.
+    IgnoredButton,
+    /// QMP did not take the press (no answer): killed.
+    NoQmp,
+}
+
 /// Powers a QEMU off (or, with `force` or after `timeout`, kills it) and
-/// waits until it is gone. The caller holds the instance lock, so no live
-/// capture pauses the guest meanwhile.
-pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) {
+/// waits until it is gone; says how it ended. The caller holds the
+/// instance lock, so no live capture pauses the guest meanwhile.
+pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) -> Stopped {
     let deadline = Instant::now() + timeout;
-    if !force && press_resuming(&p.files().qmp, id) {
+    let pressed = !force && press_resuming(&p.files().qmp, id);
+    if pressed {
         wait_gone(pid, id, deadline, Duration::from_millis(50));
     }
+    let mut how = Stopped::PoweredOff;
     if crate::proc::pid_alive(pid, id) {
+        how = match (force, pressed) {
+            (true, _) => Stopped::Forced,
+            (false, true) => Stopped::IgnoredButton,
+            (false, false) => Stopped::NoQmp,
+        };
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -217,6 +238,7 @@ pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Dur
         wait_gone(pid, id, end, Duration::from_millis(10));
     }
     clean_runtime_files(p);
+    how
 }
 
 /// Whether a client (another `vmdepot instance console`, a harness) is

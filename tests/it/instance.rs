@@ -453,6 +453,64 @@ fn instances_show_the_current_name_of_their_image() {
     t.ok(&["instance", "delete", "vm", "--force"]);
 }
 
+/// A guest that did not power off in time is killed, and the user is told
+/// so on stderr with a non-zero exit: `stop --timeout` on a guest still
+/// booting, and SIGTERM to `start --foreground` (a unit's stop) before the
+/// guest listens to its power button (killed after 60 s).
+#[test]
+fn a_guest_killed_after_ignoring_the_power_button_is_said_so() {
+    let t = depot_with_guest();
+    // TCG takes seconds to boot the guest: 1 s after QEMU started, it does
+    // not listen to its power button yet.
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "early", "--accel", "tcg", "-q",
+    ]);
+    let o = t.run(&["instance", "stop", "early", "--timeout", "1"]);
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = refused(o, &["instance", "stop"], 1, "instance early (ins-");
+    assert!(
+        err.contains("ignored the power button for 1 s and was killed (it is stopped)"),
+        "{err}"
+    );
+    assert_eq!(show(&t, "early")["state"], "stopped");
+    assert!(!serial(&t, "early").contains("VMDEPOT-GUEST: power button"));
+    // ... and a guest that listens powers off, said as before
+    t.ok(&["instance", "start", "early", "-q"]);
+    wait_serial(&t, "early", READY);
+    let out = t.ok(&["instance", "stop", "early", "--timeout", "60"]);
+    assert!(out.contains("stopped"), "{out}");
+
+    let fg = t
+        .cmd(&["instance", "start", "early", "--foreground", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the foreground QEMU runs", Duration::from_secs(30), || {
+        show(&t, "early")["state"] == "running"
+    });
+    Command::new("kill")
+        .args(["-TERM", &fg.id().to_string()])
+        .status()
+        .unwrap();
+    let o = fg.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let said: Vec<_> = err.lines().filter(|l| l.contains("power button")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(
+        said[0].starts_with("vmdepot: instance ins-")
+            && said[0].contains("ignored the power button for 60 s and was killed"),
+        "{err}"
+    );
+    assert_eq!(show(&t, "early")["state"], "stopped");
+    t.ok(&["instance", "delete", "early"]);
+}
+
 #[test]
 fn library_harness_launches_waits_and_drops() {
     use vmdepot::{Depot, DiskMode, ImportOptions, LaunchOptions, NoProgress};

@@ -119,6 +119,17 @@ pub enum Error {
         needle: String,
         last: String,
     },
+    /// Stopping an instance had to kill its QEMU: the guest was still
+    /// running `waited` after its power button was pressed (a guest that is
+    /// still booting may not listen to the button yet), or, with `waited`
+    /// `None`, QMP did not take the press. The instance is stopped.
+    #[error("instance {instance} {} and was killed (it is stopped){}", ignored_how(.waited), ignored_fix(.waited))]
+    PowerButtonIgnored {
+        /// `NAME (ID)`.
+        instance: String,
+        /// How long the guest had after the press.
+        waited: Option<std::time::Duration>,
+    },
     /// A remote depot (S3-compatible object storage) failed: the request
     /// was refused (wrong credentials, missing bucket), the endpoint is
     /// unreachable, or the retries gave up. Exit code 8. The message is
@@ -213,6 +224,24 @@ impl Error {
             Error::Usage(_) => 2,
             _ => 1,
         }
+    }
+}
+
+/// What the guest did with the power button ([`Error::PowerButtonIgnored`]).
+fn ignored_how(waited: &Option<std::time::Duration>) -> String {
+    match waited {
+        Some(w) => format!("ignored the power button for {} s", w.as_secs()),
+        None => "did not take the power button (its QMP socket did not answer)".to_owned(),
+    }
+}
+
+/// The advice of [`Error::PowerButtonIgnored`].
+fn ignored_fix(waited: &Option<std::time::Duration>) -> &'static str {
+    match waited {
+        Some(_) => {
+            ": a guest still booting may not listen to it yet (a longer --timeout gives it time; --force kills at once)"
+        }
+        None => "",
     }
 }
 

@@ -43,12 +43,17 @@ pub fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
-/// Renames an image (in the caller's write transaction). A name taken by
-/// another of the owner's images, or by another public or marketplace
-/// image, fails with SQLite's unique constraint ([`is_unique_violation`]).
+/// Renames an image (in the caller's write transaction), and with it the
+/// image name its instances show. A name taken by another of the owner's
+/// images, or by another public or marketplace image, fails with SQLite's
+/// unique constraint ([`is_unique_violation`]).
 pub fn set_name(tx: &Connection, image: &str, name: &str) -> Result<()> {
     tx.execute(
         "UPDATE images SET name = ?2 WHERE id = ?1",
+        params![image, name],
+    )?;
+    tx.execute(
+        "UPDATE instances SET image_name = ?2 WHERE image = ?1",
         params![image, name],
     )?;
     Ok(())

@@ -20,7 +20,7 @@ pub struct InstanceRow {
     /// Id of the image it was launched (or restored) from; that image may
     /// be deleted since.
     pub image: String,
-    /// The image's name at launch.
+    /// The image's current name (its last one, once it is deleted).
     pub image_name: String,
     pub owner: String,
     pub state: InstanceState,

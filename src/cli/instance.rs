@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use vmdepot::depot::access::Op;
-use vmdepot::launch::instance::STOP_TIMEOUT;
+use vmdepot::launch::instance::{console_attached, STOP_TIMEOUT};
 use vmdepot::launch::qemu::{parse_memory, MAX_COUNT, MAX_CPUS};
 use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
@@ -560,6 +560,13 @@ fn attach(depot: &Depot, instance: &str) -> anyhow::Result<()> {
             i.id,
             i.state
         );
+    }
+    if console_attached(&i.qmp_socket) {
+        anyhow::bail!(vmdepot::Error::Conflict(format!(
+            "the console of instance {} ({}) is busy: another client is attached; detach it \
+             first (Ctrl-] in its `vmdepot instance console`)",
+            i.name, i.id
+        )));
     }
     console(&i)
 }

@@ -5,6 +5,8 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,8 +21,10 @@ use super::output::esc;
 /// The byte Ctrl-] sends: it detaches from the console.
 const DETACH: u8 = 0x1d;
 
-/// Waits for a QEMU started as our child: READY=1 to systemd (QEMU is up); SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
-/// if it still runs STOP_TIMEOUT later. Exits with QEMU's code.
+/// Waits for a QEMU started as our child: READY=1 to systemd (QEMU is
+/// up); SIGTERM/SIGINT/SIGHUP press the power button, and QEMU is killed
+/// if it still runs STOP_TIMEOUT later (said on stderr, exit code 1).
+/// Exits with QEMU's code.
 pub fn run_foreground(
     start: impl FnOnce() -> vmdepot::Result<(vmdepot::Foreground, Option<String>)>,
 ) -> anyhow::Result<i32> {
@@ -34,6 +38,8 @@ pub fn run_foreground(
     }
     let qmp = fg.qmp_socket().to_owned();
     let pid = fg.pid() as i32;
+    let killed = Arc::new(AtomicBool::new(false));
+    let killing = Arc::clone(&killed);
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             let pid = Pid::from_raw(pid);
@@ -42,6 +48,9 @@ pub fn run_foreground(
                 let _ = kill(pid, Signal::SIGTERM);
             }
             std::thread::sleep(STOP_TIMEOUT);
+            // (QEMU is our child, not reaped before `wait` returns: the
+            // pid is still QEMU's.)
+            killing.store(true, Ordering::SeqCst);
             let _ = kill(pid, Signal::SIGKILL);
         }
     });
@@ -49,8 +58,18 @@ pub fn run_foreground(
     if let Err(e) = vmdepot::launch::qemu::sd_notify_ready() {
         eprintln!("vmdepot: could not notify systemd: {e}");
     }
-    eprintln!("vmdepot: instance {} running (QEMU pid {pid})", fg.id());
-    Ok(fg.wait()?)
+    let id = fg.id().to_owned();
+    eprintln!("vmdepot: instance {id} running (QEMU pid {pid})");
+    let code = fg.wait()?;
+    if killed.load(Ordering::SeqCst) {
+        eprintln!(
+            "vmdepot: instance {id} ignored the power button for {} s and was killed (it is \
+             stopped): a guest still booting may not listen to it yet",
+            STOP_TIMEOUT.as_secs()
+        );
+        return Ok(code.max(1));
+    }
+    Ok(code)
 }
 
 /// Bridges the terminal and the serial console socket.

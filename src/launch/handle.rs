@@ -100,10 +100,16 @@ impl Instance {
         }
     }
 
-    /// Stops the instance (power button, then kill after `timeout`).
+    /// Stops the instance (power button, then kill after `timeout`: then
+    /// [`Error::PowerButtonIgnored`], the instance stopped all the same).
     #[tracing::instrument(skip_all, err(level = "debug"), fields(instance = %self.info.id))]
     pub fn stop(&mut self, timeout: Duration) -> Result<()> {
-        self.info = self.depot()?.stop_instance(&self.info.id, false, timeout)?;
+        let depot = self.depot()?;
+        let stopped = depot.stop_instance(&self.info.id, false, timeout);
+        if let Err(Error::PowerButtonIgnored { .. }) = &stopped {
+            self.info = depot.instance(&self.info.id)?;
+        }
+        self.info = stopped?;
         Ok(())
     }
 

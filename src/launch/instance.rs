@@ -25,7 +25,7 @@ use serde::Serialize;
 use tracing::instrument;
 
 pub use super::handle::Instance;
-pub use super::process::press_power_button;
+pub use super::process::{console_attached, press_power_button};
 pub use super::start::Foreground;
 pub use crate::catalog::DiskMode;
 

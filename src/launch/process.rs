@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::launch::accel::{kvm_internal_error, Accel};
 use crate::launch::instance::forwards_of;
 use crate::launch::paths::Paths;
-use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles};
+use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles, CONSOLE_CHARDEV};
 use crate::launch::qmp::{Qmp, RunState};
 use crate::perms::Perms;
 
@@ -200,15 +200,36 @@ fn wait_gone(pid: i32, id: &str, deadline: Instant, poll: Duration) {
     }
 }
 
+/// How [`stop_qemu`] ended a QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// The guest powered off (or QEMU was already gone).
+    PoweredOff,
+    /// Killed at once, as asked (`force`).
+    Forced,
+    /// The power button was pressed, but QEMU still ran at the timeout:
+    /// killed.
+    IgnoredButton,
+    /// QMP did not take the press (no answer): killed.
+    NoQmp,
+}
+
 /// Powers a QEMU off (or, with `force` or after `timeout`, kills it) and
-/// waits until it is gone. The caller holds the instance lock, so no live
-/// capture pauses the guest meanwhile.
-pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) {
+/// waits until it is gone; says how it ended. The caller holds the
+/// instance lock, so no live capture pauses the guest meanwhile.
+pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Duration) -> Stopped {
     let deadline = Instant::now() + timeout;
-    if !force && press_resuming(&p.files().qmp, id) {
+    let pressed = !force && press_resuming(&p.files().qmp, id);
+    if pressed {
         wait_gone(pid, id, deadline, Duration::from_millis(50));
     }
+    let mut how = Stopped::PoweredOff;
     if crate::proc::pid_alive(pid, id) {
+        how = match (force, pressed) {
+            (true, _) => Stopped::Forced,
+            (false, true) => Stopped::IgnoredButton,
+            (false, false) => Stopped::NoQmp,
+        };
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -217,6 +238,17 @@ pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Dur
         wait_gone(pid, id, end, Duration::from_millis(10));
     }
     clean_runtime_files(p);
+    how
+}
+
+/// Whether a client (another `vmdepot instance console`, a harness) is
+/// attached to the serial console of the QEMU behind `qmp`: QEMU serves one
+/// at a time, and a second one would wait, connected but dead, until the
+/// first detaches. False if QMP does not say.
+pub fn console_attached(qmp: &Path) -> bool {
+    Qmp::connect_timeout(qmp, crate::launch::instance::QMP_STATUS_TIMEOUT)
+        .and_then(|mut q| q.chardev_connected(CONSOLE_CHARDEV))
+        .is_ok_and(|c| c == Some(true))
 }
 
 /// Presses the power button of the QEMU behind `qmp` (signal handlers).

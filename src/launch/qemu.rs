@@ -114,6 +114,9 @@ pub struct VmFiles {
 /// its server to come back (then they fail: I/O errors in the guest).
 pub const RECONNECT_DELAY_SECS: u32 = 30;
 
+/// The id of the chardev of the serial console (its socket and log).
+pub const CONSOLE_CHARDEV: &str = "console";
+
 /// The boot disk of a VM.
 #[derive(Clone, Debug)]
 pub enum DiskSpec {
@@ -209,12 +212,12 @@ impl VmConfig {
         push(&[
             "-chardev",
             &format!(
-                "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+                "socket,id={CONSOLE_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
                 opt_value(&self.files.console),
                 opt_value(&self.files.serial_log)
             ),
         ]);
-        push(&["-serial", "chardev:console"]);
+        push(&["-serial", &format!("chardev:{CONSOLE_CHARDEV}")]);
         push(&["-pidfile", &self.files.pidfile.display().to_string()]);
         match &self.disk {
             DiskSpec::File { path, format } => push(&[

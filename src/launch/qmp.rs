@@ -172,6 +172,19 @@ impl Qmp {
         ))
     }
 
+    /// Whether a client is connected to the socket chardev `label` (QEMU
+    /// serves one at a time and names a free one `disconnected:…`); `None`
+    /// if there is no such chardev.
+    pub fn chardev_connected(&mut self, label: &str) -> Result<Option<bool>> {
+        let r = self.execute("query-chardev", json!({}))?;
+        Ok(r.as_array().and_then(|devs| {
+            devs.iter()
+                .find(|d| d.get("label").and_then(Value::as_str) == Some(label))
+                .and_then(|d| d.get("filename").and_then(Value::as_str))
+                .map(|f| !f.starts_with("disconnected:"))
+        }))
+    }
+
     /// Presses the ACPI power button.
     pub fn powerdown(&mut self) -> Result<()> {
         self.execute("system_powerdown", json!({}))?;

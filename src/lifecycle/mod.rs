@@ -332,7 +332,7 @@ impl Depot {
         let r = self.fresh_row(instance)?;
         let was_running = r.state == InstanceState::Running;
         if was_running {
-            self.stop_instance(&r.id, false, STOP_TIMEOUT)?;
+            self.stop_quietly(&r.id, false, STOP_TIMEOUT)?;
         }
         self.replace_disk(&r, &img, progress)?;
         if was_running {

@@ -82,6 +82,11 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         stdin.write_all(b"hello console\n").unwrap();
         stdin.flush().unwrap();
         wait_serial(&t, "web", "VMDEPOT-ECHO: hello console");
+        // QEMU serves one console client: a second one is told it is busy
+        // (one line, exit 1), never "Connected" and dead.
+        let err = t.refuses(&["instance", "console", "web"], 1, "is busy");
+        assert!(err.contains("console of instance web (ins-"), "{err}");
+        assert!(!err.contains("Connected"), "{err}");
         std::thread::sleep(Duration::from_millis(300));
         stdin.write_all(&[0x1d]).unwrap(); // Ctrl-]
     }
@@ -92,6 +97,10 @@ fn instance_boots_from_the_stored_image_and_reads_its_seed() {
         "console output: {}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // detached: the console is free again (stdin at its end: detaches)
+    wait_until("the console is free", Duration::from_secs(10), || {
+        t.run(&["instance", "console", "web"]).status.success()
+    });
 
     // What `list` and `show` say.
     let list = t.json(&["instance", "list", "--json"]);
@@ -417,6 +426,89 @@ fn foreground_notifies_systemd_and_powers_off_on_sigterm() {
         "{unit}"
     );
     t.ok(&["instance", "delete", "fg"]);
+}
+
+/// After `image update --name`, instances name their image as it is
+/// called now: list (JSON and table), show and the unit.
+#[test]
+fn instances_show_the_current_name_of_their_image() {
+    let t = depot_with_guest();
+    t.ok(&["instance", "run", "tiny", "--name", "vm", "-q"]);
+    t.ok(&["image", "update", "tiny", "--name", "renamed"]);
+    assert_eq!(show(&t, "vm")["image_name"], "renamed");
+    let list = t.json(&["instance", "list", "--json"]);
+    assert_eq!(list[0]["image_name"], "renamed");
+    let table = t.ok(&["instance", "list"]);
+    assert!(
+        table.contains("renamed") && !table.contains("tiny"),
+        "{table}"
+    );
+    let human = t.ok(&["instance", "show", "vm"]);
+    assert!(
+        human.contains("renamed") && !human.contains("tiny"),
+        "{human}"
+    );
+    let unit = t.ok(&["instance", "unit", "vm"]);
+    assert!(unit.contains("image renamed ("), "{unit}");
+    t.ok(&["instance", "delete", "vm", "--force"]);
+}
+
+/// A guest that did not power off in time is killed, and the user is told
+/// so on stderr with a non-zero exit: `stop --timeout` on a guest still
+/// booting, and SIGTERM to `start --foreground` (a unit's stop) before the
+/// guest listens to its power button (killed after 60 s).
+#[test]
+fn a_guest_killed_after_ignoring_the_power_button_is_said_so() {
+    let t = depot_with_guest();
+    // TCG takes seconds to boot the guest: 1 s after QEMU started, it does
+    // not listen to its power button yet.
+    t.ok(&[
+        "instance", "run", "tiny", "--name", "early", "--accel", "tcg", "-q",
+    ]);
+    let o = t.run(&["instance", "stop", "early", "--timeout", "1"]);
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = refused(o, &["instance", "stop"], 1, "instance early (ins-");
+    assert!(
+        err.contains("ignored the power button for 1 s and was killed (it is stopped)"),
+        "{err}"
+    );
+    assert_eq!(show(&t, "early")["state"], "stopped");
+    assert!(!serial(&t, "early").contains("VMDEPOT-GUEST: power button"));
+    // ... and a guest that listens powers off, said as before
+    t.ok(&["instance", "start", "early", "-q"]);
+    wait_serial(&t, "early", READY);
+    let out = t.ok(&["instance", "stop", "early", "--timeout", "60"]);
+    assert!(out.contains("stopped"), "{out}");
+
+    let fg = t
+        .cmd(&["instance", "start", "early", "--foreground", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the foreground QEMU runs", Duration::from_secs(30), || {
+        show(&t, "early")["state"] == "running"
+    });
+    Command::new("kill")
+        .args(["-TERM", &fg.id().to_string()])
+        .status()
+        .unwrap();
+    let o = fg.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let said: Vec<_> = err.lines().filter(|l| l.contains("power button")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(
+        said[0].starts_with("vmdepot: instance ins-")
+            && said[0].contains("ignored the power button for 60 s and was killed"),
+        "{err}"
+    );
+    assert_eq!(show(&t, "early")["state"], "stopped");
+    t.ok(&["instance", "delete", "early"]);
 }
 
 #[test]

@@ -69,7 +69,19 @@ pub fn choose_accel(
     file_mode: u32,
 ) -> Result<(Accel, Option<String>)> {
     match requested {
-        Accel::Kvm | Accel::Tcg => Ok((requested, None)),
+        // KVM asked for where it plainly cannot work: said so before QEMU
+        // starts (a CPU without vmx/svm may still let QEMU open /dev/kvm,
+        // and the guest then dies at some point after the start).
+        Accel::Kvm => match kvm_cannot() {
+            Some(reason) => Err(Error::Tool {
+                tool: "qemu-system-x86_64".into(),
+                detail: format!(
+                    "--accel kvm: KVM cannot run guests here ({reason}); use --accel tcg (or auto)"
+                ),
+            }),
+            None => Ok((requested, None)),
+        },
+        Accel::Tcg => Ok((requested, None)),
         Accel::Auto => {
             let (works, reason) = kvm_verdict(qemu, cache_dir, file_mode)?;
             if works {
@@ -86,10 +98,11 @@ pub fn choose_accel(
     }
 }
 
-fn kvm_verdict(qemu: &Path, cache_dir: &Path, file_mode: u32) -> Result<(bool, String)> {
-    // Cheap checks first: they decide on most hosts without starting QEMU.
+/// Why KVM cannot work here by the cheap checks (no /dev/kvm to write, no
+/// vmx/svm CPU flag), if it cannot.
+fn kvm_cannot() -> Option<String> {
     if nix::unistd::access("/dev/kvm", nix::unistd::AccessFlags::W_OK).is_err() {
-        return Ok((false, "/dev/kvm is missing or not writable".into()));
+        return Some("/dev/kvm is missing or not writable".into());
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = cpuinfo
@@ -97,7 +110,15 @@ fn kvm_verdict(qemu: &Path, cache_dir: &Path, file_mode: u32) -> Result<(bool, S
         .find(|l| l.starts_with("flags"))
         .unwrap_or("");
     if !flags.split_whitespace().any(|f| f == "vmx" || f == "svm") {
-        return Ok((false, "the CPU has no vmx/svm flag".into()));
+        return Some("the CPU has no vmx/svm flag".into());
+    }
+    None
+}
+
+fn kvm_verdict(qemu: &Path, cache_dir: &Path, file_mode: u32) -> Result<(bool, String)> {
+    // Cheap checks first: they decide on most hosts without starting QEMU.
+    if let Some(reason) = kvm_cannot() {
+        return Ok((false, reason));
     }
     // Then a real guest, once per host boot and QEMU binary.
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")

@@ -199,7 +199,8 @@ pub enum ImageCmd {
     /// Push an image to a remote: only the chunks the remote lacks travel
     ///
     /// JSON: remote, image (id, name: as the remote calls it), chunks, chunks_present,
-    /// chunks_sent, bytes_sent, frames_whole, packs (pack objects written), already.
+    /// chunks_sent, chunks_read_first (sent first: what the image's first lazily served run read,
+    /// its read profile), bytes_sent, frames_whole, packs (pack objects written), already.
     #[command(after_long_help = "Examples:
   vmdepot image push web-v2 eu
   vmdepot image push web-v2 eu --name web --json")]

@@ -137,6 +137,7 @@ impl Depot {
         // After the commit (a crash in between leaves an orphan gc removes).
         if let Some(id) = ImageId::parse(&info.id) {
             crate::repo::manifest::remove_all(&self.repo.root, &id)?;
+            let _ = std::fs::remove_file(crate::image::profile::path(&self.repo.root, id.as_str()));
         }
         Ok(info)
     }

@@ -84,6 +84,8 @@ pub struct LazyImage {
     frames: Mutex<Kept<FrameKey, Arc<Vec<u8>>>>,
     /// A partial image's remote side.
     remote: Option<Arc<dyn RemoteChunks>>,
+    /// The image's read profile being recorded (`image::profile`).
+    reads: Option<Mutex<super::profile::Recorder>>,
 }
 
 /// A frame by its pack's name and its offset there (content that never
@@ -175,6 +177,8 @@ impl LazyImage {
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
             frames: Mutex::new(Kept::new(FRAMES_KEPT)),
             remote: None,
+            reads: super::profile::Recorder::new(repo.root(), &row.id, repo.perms())
+                .map(Mutex::new),
         })
     }
 
@@ -273,6 +277,15 @@ impl LazyImage {
         }
         let end = (off + buf.len() as u64).min(self.size);
         let (locs, missing) = self.locate(off / CHUNK, (end - 1) / CHUNK)?;
+        if let Some(r) = &self.reads {
+            let mut blocks: Vec<u64> = locs
+                .iter()
+                .map(|l| l.blk)
+                .chain(missing.iter().map(|m| m.0))
+                .collect();
+            blocks.sort_unstable();
+            r.lock().unwrap().note(blocks);
+        }
         let mut served = Served::default();
         // The part of block `b0..b0 + CHUNK` inside [off, end) into `buf`.
         let mut put = |buf: &mut [u8], b0: u64, chunk: &[u8]| {

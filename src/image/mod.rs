@@ -19,6 +19,7 @@ pub mod lazy;
 pub mod names;
 pub mod nbd;
 pub(crate) mod nbd_server;
+pub(crate) mod profile;
 pub mod reap;
 pub mod serve;
 pub mod source;

@@ -214,6 +214,12 @@ impl<'s> Sender<'s> {
         Ok(())
     }
 
+    /// Compresses and sends the chunks gathered so far as a frame now:
+    /// the chunks taken next start a new one.
+    pub(crate) fn end_frame(&mut self) -> Result<()> {
+        self.flush()
+    }
+
     /// The most chunks a frame it sends holds.
     pub(crate) fn frame_chunks(&self) -> usize {
         self.frame_chunks

@@ -40,7 +40,7 @@ const FOREIGN_SAMPLE: usize = 100;
 /// One configured remote (`remote list --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RemoteInfo {
-    /// Its name on this host ([a-z0-9][a-z0-9_-]{0,62}).
+    /// Its name on this host (`[a-z0-9][a-z0-9_-]{0,62}`).
     pub name: String,
     /// `s3://BUCKET[/PREFIX]`.
     pub url: String,
@@ -72,7 +72,7 @@ struct Marker {
     created_at: i64,
 }
 
-/// Refuses a remote name that is not [a-z0-9][a-z0-9_-]{0,62}.
+/// Refuses a remote name that is not `[a-z0-9][a-z0-9_-]{0,62}`.
 pub fn check_remote_name(name: &str) -> Result<()> {
     let b = name.as_bytes();
     let ok = !b.is_empty()

@@ -100,7 +100,7 @@ impl Depot {
     /// The local image that holds this remote image's content, if one is
     /// available (for `instance run REMOTE:IMAGE`: no second pull, no name
     /// clash): the original it was pushed from (the same id), or one
-    /// pulled from it earlier (copied_from = "remote:<NAME> <img-id>");
+    /// pulled from it earlier (`copied_from` = `"remote:<NAME> <img-id>"`);
     /// either with the same content digest.
     pub fn local_copy(&self, remote: &Remote, image: &RemoteImage) -> Result<Option<ImageInfo>> {
         self.copy_of(remote, image, ImageState::Available)

@@ -53,6 +53,10 @@ pub struct PushReport {
     pub chunks_present: u64,
     /// Chunks sent.
     pub chunks_sent: u64,
+    /// Of them, those sent first, in the order the image's first lazily
+    /// served run read them (its read profile; 0 without one): frames
+    /// that hold what a boot reads together.
+    pub chunks_read_first: u64,
     /// Compressed bytes sent (in new packs).
     pub bytes_sent: u64,
     /// Frames sent as they were (no recompression).
@@ -124,6 +128,7 @@ impl Depot {
             chunks: order.len() as u64,
             chunks_present: 0,
             chunks_sent: 0,
+            chunks_read_first: 0,
             bytes_sent: 0,
             frames_whole: 0,
             packs: 0,
@@ -147,7 +152,13 @@ impl Depot {
         let mut sink = RemoteSink::new(remote.store().as_ref(), limits.pack_target);
         let mut sender =
             Sender::with_frames(&mut sink, progress, crate::format::REMOTE_FRAME_CHUNKS);
-        send_plan(self, &row, &plan, &missing, &mut sender)?;
+        // What the image's first lazy run read goes first, in its own
+        // frames; then the rest, in map order.
+        let (first, rest) = read_first(self.root(), &row, &plan, &missing);
+        rep.chunks_read_first = first.len() as u64;
+        send_plan(self, &row, &plan, &first, &mut sender)?;
+        sender.end_frame()?;
+        send_plan(self, &row, &plan, &rest, &mut sender)?;
         let sent = sender.finish()?;
         progress.end();
         (rep.chunks_sent, rep.bytes_sent, rep.frames_whole) =
@@ -158,6 +169,35 @@ impl Depot {
         catalog::record_copy(&self.repo.conn, &row.id, &to, &row.id)?;
         Ok(rep)
     }
+}
+
+/// The `missing` chunks of image `row` (`plan`) split in two: those of
+/// the blocks of its read profile (`image::profile`), in the order read,
+/// and the others, in map order.
+fn read_first(
+    root: &std::path::Path,
+    row: &crate::catalog::ImageRow,
+    plan: &crate::image::export::Plan,
+    missing: &[ChunkId],
+) -> (Vec<ChunkId>, Vec<ChunkId>) {
+    let blocks = crate::format::blocks_for(row.virtual_size);
+    let profile = crate::image::profile::read(root, row.id.as_str(), blocks);
+    if profile.is_empty() {
+        return (Vec::new(), missing.to_vec());
+    }
+    let wanted: std::collections::HashSet<ChunkId> = missing.iter().copied().collect();
+    let mut taken = std::collections::HashSet::new();
+    let first: Vec<ChunkId> = profile
+        .iter()
+        .map(|&b| plan.map.get(b))
+        .filter(|c| wanted.contains(c) && taken.insert(*c))
+        .collect();
+    let rest = missing
+        .iter()
+        .copied()
+        .filter(|c| !taken.contains(c))
+        .collect();
+    (first, rest)
 }
 
 impl Remote {

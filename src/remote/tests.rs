@@ -213,6 +213,55 @@ fn only_missing_chunks_travel_both_ways() {
 }
 
 #[test]
+fn a_push_sends_what_the_first_lazy_run_read_first_in_frames_of_its_own() {
+    let env = Env::new();
+    let a = env.depot("a", "alice");
+    let content = base_disk();
+    let id = env.import(&a, "base", &content);
+    // The read profile a lazy run of it records (image::profile).
+    let read = [900u64, 10, 500, 11, 10];
+    {
+        let id = crate::ids::ImageId::parse(&id).unwrap();
+        let mut r = crate::image::profile::Recorder::new(a.root(), &id, a.perms()).unwrap();
+        r.note(read);
+    }
+    let ra = env.remote(&a);
+    let push = a.push_image(&ra, "base", None, &NoProgress).unwrap();
+    assert_eq!((push.chunks_sent, push.chunks_read_first), (1024, 4));
+    let map = ra.chunk_map().unwrap();
+    let loc = |b: u64| {
+        let b = b as usize * CHUNK_SIZE;
+        map.get(&ChunkHash::of(&content[b..b + CHUNK_SIZE]))
+            .unwrap()
+            .clone()
+    };
+    let first = loc(900);
+    assert_eq!(
+        (first.nchunks, first.slot),
+        (4, 0),
+        "one frame of the 4 read first"
+    );
+    for (b, slot) in [(10, 1), (11, 2), (500, 3)] {
+        let l = loc(b);
+        assert_eq!(
+            (&l.pack, l.offset, l.slot),
+            (&first.pack, first.offset, slot),
+            "block {b}"
+        );
+    }
+    // the others follow, in frames of up to 64, map order
+    let (l0, l1) = (loc(0), loc(1));
+    assert_eq!((l0.offset, l0.slot, l1.slot), (l1.offset, 0, 1));
+    assert_ne!(l0.offset, first.offset);
+    let b = env.depot("b", "alice");
+    let rb = env.remote(&b);
+    let pull = b
+        .pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
+        .unwrap();
+    assert_eq!(env.export(&b, &pull.image.id), content);
+}
+
+#[test]
 fn a_push_that_dies_midway_leaves_no_image_and_resumes() {
     let env = Env::new();
     let a = env.depot("a", "alice");

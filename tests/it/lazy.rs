@@ -63,6 +63,20 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
     wait_until("the disk server exits", Duration::from_secs(10), || {
         disk_servers(&t).is_empty()
     });
+    // it recorded the image's read profile: the blocks read, each once
+    let img = t.json(&["image", "show", "tiny", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let profile = t.depot().join("profiles").join(format!("{img}.reads"));
+    let bytes = std::fs::read(&profile).expect("a read profile");
+    assert_eq!(&bytes[..8], b"VMDREAD1");
+    let blocks = (bytes.len() as u64 - 8) / 8;
+    assert!(
+        blocks > 0 && blocks * 4096 <= data && (bytes.len() - 8) % 8 == 0,
+        "{blocks} blocks in the profile, {data} data bytes"
+    );
+    let recorded = std::fs::metadata(&profile).unwrap().modified().unwrap();
     // `instance start` starts it again; what the guest wrote is kept
     let a_id = id_of(&show(&t, "a"));
     t.ok(&["instance", "start", "a"]);
@@ -70,6 +84,11 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
     assert!(serial(&t, "a").contains(&format!("VMDEPOT-WRITTEN: written-by {a_id}")));
     assert_eq!(disk_servers(&t).len(), 1);
     assert_eq!(base_files(&t), Vec::<PathBuf>::new());
+    // a profile is recorded once: the second run leaves it as it was
+    assert_eq!(
+        std::fs::metadata(&profile).unwrap().modified().unwrap(),
+        recorded
+    );
     // a base file is made only when asked for: --disk overlay
     t.ok(&[
         "instance", "run", "tiny", "--name", "o", "--disk", "overlay", "-q",
@@ -83,6 +102,9 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
         disk_servers(&t).is_empty()
     });
     t.assert_fsck_clean();
+    // the profile goes with its image
+    t.ok(&["image", "delete", "tiny", "--force"]);
+    assert!(!profile.exists());
 }
 
 #[test]

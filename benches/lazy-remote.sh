@@ -102,9 +102,10 @@ for g in ${GUESTS:-tiny debian-12}; do
     vd host1 -q instance delete rec --force >/dev/null
     id=$(vd host1 image show "$g" --json | jfield id)
     wait_until 30 test -s "$work/host1/profiles/$id.reads" || log "$g: no read profile recorded"
+    t0=$(now)
     push=$(vd host1 image push "$g" p --json)
     R[$g,pstored]=$(jfield bytes_sent <<<"$push")
-    log "$g: pushed to p with $(jfield chunks_read_first <<<"$push") chunks read first"
+    log "$g: pushed to p in $(secs "$t0" "$(now)") s with $(jfield chunks_read_first <<<"$push") chunks read first"
 done
 sync
 # measure GUEST MODE: MODE lazy (instance run r:GUEST) or pull (pull, then run)

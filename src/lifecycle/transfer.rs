@@ -158,6 +158,7 @@ pub(crate) struct Sender<'s> {
     sink: &'s mut dyn FrameSink,
     progress: &'s dyn Progress,
     frame_chunks: usize,
+    level: i32,
     data: Vec<u8>,
     hashes: Vec<ChunkHash>,
     sent: Sent,
@@ -181,6 +182,7 @@ impl<'s> Sender<'s> {
             sink,
             progress,
             frame_chunks: frame_chunks.clamp(1, FRAME_CHUNKS),
+            level: ZSTD_LEVEL,
             data: Vec::new(),
             hashes: Vec::new(),
             sent: Sent::default(),
@@ -214,10 +216,14 @@ impl<'s> Sender<'s> {
         Ok(())
     }
 
-    /// Compresses and sends the chunks gathered so far as a frame now:
-    /// the chunks taken next start a new one.
-    pub(crate) fn end_frame(&mut self) -> Result<()> {
-        self.flush()
+    /// Sends the chunks gathered so far as a frame now; the chunks taken
+    /// next go into frames of up to `frame_chunks` chunks (1 to
+    /// [`FRAME_CHUNKS`]) compressed at zstd level `level`.
+    pub(crate) fn next_frames(&mut self, frame_chunks: usize, level: i32) -> Result<()> {
+        self.flush()?;
+        self.frame_chunks = frame_chunks.clamp(1, FRAME_CHUNKS);
+        self.level = level;
+        Ok(())
     }
 
     /// The most chunks a frame it sends holds.
@@ -230,7 +236,7 @@ impl<'s> Sender<'s> {
         if self.hashes.is_empty() {
             return Ok(());
         }
-        let c = store::compress_frame(&self.data, ZSTD_LEVEL)
+        let c = store::compress_frame(&self.data, self.level)
             .map_err(|e| Error::Invalid(format!("zstd could not compress a frame: {e}")))?;
         self.sent.bytes += c.len() as u64;
         self.sink.push(&c, std::mem::take(&mut self.hashes))?;

@@ -150,14 +150,15 @@ impl Depot {
         rep.chunks_present = rep.chunks - missing.len() as u64;
         progress.begin("push", missing.len() as u64 * CHUNK);
         let mut sink = RemoteSink::new(remote.store().as_ref(), limits.pack_target);
-        let mut sender =
-            Sender::with_frames(&mut sink, progress, crate::format::REMOTE_FRAME_CHUNKS);
-        // What the image's first lazy run read goes first, in its own
-        // frames; then the rest, in map order.
+        // What the image's first lazy run read goes first, in frames of
+        // its own (large ones, compressed harder: a lazy boot reads them
+        // whole); then the rest, in map order, in small frames.
         let (first, rest) = read_first(self.root(), &row, &plan, &missing);
         rep.chunks_read_first = first.len() as u64;
+        let mut sender = Sender::new(&mut sink, progress);
+        sender.next_frames(format::FRAME_CHUNKS, format::READ_FIRST_LEVEL)?;
         send_plan(self, &row, &plan, &first, &mut sender)?;
-        sender.end_frame()?;
+        sender.next_frames(format::REMOTE_FRAME_CHUNKS, format::ZSTD_LEVEL)?;
         send_plan(self, &row, &plan, &rest, &mut sender)?;
         let sent = sender.finish()?;
         progress.end();

@@ -177,8 +177,7 @@ impl LazyImage {
             packs: Mutex::new(Kept::new(PACKS_KEPT)),
             frames: Mutex::new(Kept::new(FRAMES_KEPT)),
             remote: None,
-            reads: super::profile::Recorder::new(repo.root(), &row.id, repo.perms())
-                .map(Mutex::new),
+            reads: None,
         })
     }
 
@@ -192,6 +191,14 @@ impl LazyImage {
         let mut img = LazyImage::new(row, repo)?;
         img.remote = Some(remote);
         Ok(img)
+    }
+
+    /// Records the image's read profile while it has none (a disk
+    /// server's reads; not a capture's, which reads everything).
+    pub(crate) fn recording_reads(mut self, repo: &crate::repo::Repo) -> LazyImage {
+        self.reads =
+            super::profile::Recorder::new(repo.root(), &self.image, repo.perms()).map(Mutex::new);
+        self
     }
 
     /// A partial image's remote side.

@@ -10,7 +10,8 @@
 //! recording, at the end of the window, and when the disk server ends. A
 //! file that exists is never recorded again; one that is malformed is
 //! ignored (with a warning) and block numbers past the image's end are
-//! skipped: it only ever orders a push, never what is served.
+//! skipped: it only ever orders a push, never what is served. Only a disk
+//! server records (not a capture, which reads the whole image).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -38,6 +39,14 @@ pub(crate) fn path(root: &Path, id: &str) -> PathBuf {
 /// is none, or a malformed one).
 pub(crate) fn read(root: &Path, id: &str, nblocks: u64) -> Vec<u64> {
     let p = path(root, id);
+    let too_long = std::fs::metadata(&p).is_ok_and(|m| m.len() > 8 + 8 * MAX_BLOCKS as u64);
+    if too_long {
+        tracing::warn!(
+            "{}: longer than a read profile can be (ignored)",
+            p.display()
+        );
+        return Vec::new();
+    }
     let Ok(bytes) = std::fs::read(&p) else {
         return Vec::new();
     };

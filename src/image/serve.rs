@@ -250,7 +250,8 @@ impl Exports {
                 LazyImage::partial(&row, repo, source(repo, &row)?)?
             }
             _ => LazyImage::new(&row, repo)?,
-        };
+        }
+        .recording_reads(repo);
         Ok(Exports {
             root: repo.root().to_owned(),
             perms: repo.perms(),

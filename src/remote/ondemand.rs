@@ -101,6 +101,15 @@ pub(crate) struct OnDemand {
     prefetching: AtomicBool,
 }
 
+/// Takes a frame out of the fetches in flight when it drops.
+struct InFlight<'a>(&'a Mutex<HashMap<FrameKey, Arc<Mutex<()>>>>, FrameKey);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
+}
+
 /// Opens the remote (again).
 type Opener = Arc<dyn Fn() -> Result<Remote> + Send + Sync>;
 
@@ -180,6 +189,9 @@ impl OnDemand {
             .or_default()
             .clone();
         let _one = gate.lock().unwrap();
+        // However this ends (an error included), the frame is no longer
+        // in flight: later misses fetch it, and read-ahead may take it.
+        let _done = InFlight(&self.inflight, key.clone());
         if let Some(c) = self.fetched.lock().unwrap().get(hash) {
             return Ok((c.clone(), 0));
         }
@@ -266,7 +278,6 @@ impl OnDemand {
             got.as_millis(),
             (t0.elapsed() - got).as_millis()
         );
-        self.inflight.lock().unwrap().remove(&key);
         let mine = mine.expect("the frame of a chunk holds it");
         Ok((mine, len))
     }

@@ -83,6 +83,19 @@ impl Perms {
         o
     }
 
+    /// Replaces the file `p` with `body`: written to `tmp` (the file
+    /// mode), then renamed over `p` (readers see the old or the new one).
+    pub(crate) fn replace_file(self, p: &Path, tmp: &Path, body: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.open_options()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(tmp)
+            .and_then(|mut f| f.write_all(body))
+            .and_then(|_| std::fs::rename(tmp, p))
+    }
+
     /// Opens the lock file at `p` (created with the file mode if missing)
     /// and takes a flock on it (`how`: shared or exclusive, waiting or
     /// not); held until the returned value drops. Every lock file of a

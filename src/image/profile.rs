@@ -14,7 +14,6 @@
 //! server records (not a capture, which reads the whole image).
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -134,16 +133,7 @@ impl Recorder {
             .map_or(Ok(()), |d| {
                 self.perms.mkdir_all(d).map_err(std::io::Error::other)
             })
-            .and_then(|_| {
-                self.perms
-                    .open_options()
-                    .create(true)
-                    .truncate(true)
-                    .write(true)
-                    .open(&tmp)
-            })
-            .and_then(|mut f| f.write_all(&body))
-            .and_then(|_| std::fs::rename(&tmp, &self.path));
+            .and_then(|_| self.perms.replace_file(&self.path, &tmp, &body));
         match r {
             Ok(()) => self.written = self.order.len(),
             Err(e) => {

@@ -129,15 +129,7 @@ impl InstanceExport {
         let p = stats_path(&self.dir);
         let tmp = self.dir.join("disk.json.tmp");
         let body = serde_json::to_vec(stats).unwrap_or_default();
-        let written = self
-            .perms
-            .open_options()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&body))
-            .and_then(|_| std::fs::rename(&tmp, &p));
+        let written = self.perms.replace_file(&p, &tmp, &body);
         if let Err(e) = written {
             // The instance was deleted meanwhile, most likely.
             tracing::debug!("{}: {e}", p.display());

@@ -21,7 +21,9 @@
 # Environment: MODES (default "lazy overlay"; e.g. "copy overlay"),
 #   SIZES (synthetic data sizes in GiB, default "2 20"; "" skips them),
 #   ACCEL (default auto), BOOT_TIMEOUT (s, default 600), VMDEPOT (a vmdepot
-#   binary to measure instead of building this tree's).
+#   binary to measure instead of building this tree's), ROUNDS (default 1:
+#   the guests' boots are measured that many times, the modes taking turns,
+#   and the boot columns show the median, then every time in brackets).
 # Needs root (the Debian fixture's build), ssh and ssh-keygen, openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,7 @@ modes=${MODES:-lazy overlay}
 sizes=${SIZES-2 20}
 accel=${ACCEL:-auto}
 boot_timeout=${BOOT_TIMEOUT:-600}
+rounds=${ROUNDS:-1}
 bash .ci/setup >/dev/null
 for t in ssh ssh-keygen openssl; do
     command -v "$t" >/dev/null || { echo "lazy: needs $t" >&2; exit 1; }
@@ -131,8 +134,22 @@ ssh_ok() { # ssh_ok PORT
         -o ConnectTimeout=3 -o BatchMode=yes -o LogLevel=ERROR debian@127.0.0.1 true </dev/null
 }
 
-# --- Debian 12 guest: one fresh depot per mode.
+# boots GUEST MODE: notes R[GUEST,MODE,boot] of this round in
+# R[GUEST,MODE,boots].
+boots() { R[$1,$2,boots]="${R[$1,$2,boots]:-} ${R[$1,$2,boot]}"; }
+# median GUEST MODE: R[GUEST,MODE,boot] becomes the median of its rounds
+# (then all of them), when there was more than one.
+median() {
+    local all=${R[$1,$2,boots]:-}
+    [ "$rounds" -gt 1 ] || return 0
+    R[$1,$2,boot]=$(tr ' ' '\n' <<<"$all" | grep -E '^[0-9.]+$' | sort -n |
+        awk -v all="$all" '{v[NR]=$1} END { if (NR == 0) { print "n/a (" all " )"; exit }
+            m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.2f [%s ]", m, all }')
+}
+
+# --- Debian 12 guest: one fresh depot per mode and round.
 deb_data=
+for round in $(seq "$rounds"); do
 for mode in $modes; do
     d=$(new_depot "debian-$mode")
     vd "$d" -q image import "$debian" --name debian-12 >/dev/null
@@ -151,18 +168,22 @@ for mode in $modes; do
             log "debian ($mode): no SSH; serial log tail:"
             vd "$d" instance logs "$name" 2>/dev/null | tail -n 15 >&2 || true
         fi
-        log "debian ($mode): run ${R[debian,$mode,run]} s, SSH ${R[debian,$mode,boot]} s, store_bytes_read ${R[debian,$mode,read]:-n/a}"
+        log "debian ($mode, round $round): run ${R[debian,$mode,run]} s, SSH ${R[debian,$mode,boot]} s, store_bytes_read ${R[debian,$mode,read]:-n/a}"
     else
         R[debian,$mode,run]=$RUN_S
     fi
+    boots debian "$mode"
     drop_depot "$d"
 done
+done
+for mode in $modes; do median debian "$mode"; done
 
 # --- Tiny test guest: one depot, its base removed before each run.
 d=$(new_depot tiny)
 vd "$d" -q image import "$tiny" --name tiny >/dev/null
 tiny_data=$(vd "$d" image show tiny --json | jfield data_bytes)
 marker() { vd "$1" instance logs "$2" 2>/dev/null | grep -q "VMDEPOT-GUEST: ready"; }
+for round in $(seq "$rounds"); do
 for mode in $modes; do
     name=t-$mode
     R[tiny,$mode,run]=- R[tiny,$mode,boot]=n/a R[tiny,$mode,read]=-
@@ -175,12 +196,15 @@ for mode in $modes; do
         else
             R[tiny,$mode,boot]="timeout (120 s)"
         fi
-        log "tiny ($mode): run ${R[tiny,$mode,run]} s, marker ${R[tiny,$mode,boot]} s"
+        log "tiny ($mode, round $round): run ${R[tiny,$mode,run]} s, marker ${R[tiny,$mode,boot]} s"
     else
         R[tiny,$mode,run]=$RUN_S
     fi
+    boots tiny "$mode"
     vd "$d" -q instance delete "$name" --force >/dev/null 2>&1 || true
 done
+done
+for mode in $modes; do median tiny "$mode"; done
 drop_depot "$d"
 
 # --- Synthetic images: N GiB of data (AES-CTR of zeros: incompressible,

@@ -84,10 +84,12 @@ impl Perms {
     }
 
     /// Replaces the file `p` with `body`: written to `tmp` (the file
-    /// mode), then renamed over `p` (readers see the old or the new one).
+    /// mode; a symlink there is refused, not followed), then renamed over
+    /// `p` (readers see the old or the new one).
     pub(crate) fn replace_file(self, p: &Path, tmp: &Path, body: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
         self.open_options()
+            .custom_flags(libc::O_NOFOLLOW)
             .create(true)
             .truncate(true)
             .write(true)

@@ -8,8 +8,9 @@
 //! bytes `VMDREAD1`, then block numbers, u64 little-endian each. Written
 //! whole (a temporary file renamed over it) every [`EVERY`] while
 //! recording, at the end of the window, and when the disk server ends. A
-//! file that exists is never recorded again; one that is malformed is
-//! ignored (with a warning) and block numbers past the image's end are
+//! file that exists is never recorded again; one that is malformed, or is
+//! not a regular file (a symlink, a FIFO, a device), is ignored (with a
+//! warning) and block numbers past the image's end are
 //! skipped: it only ever orders a push, never what is served. Only a disk
 //! server records (not a capture, which reads the whole image).
 
@@ -38,17 +39,47 @@ pub(crate) fn path(root: &Path, id: &str) -> PathBuf {
 /// is none, or a malformed one).
 pub(crate) fn read(root: &Path, id: &str, nblocks: u64) -> Vec<u64> {
     let p = path(root, id);
-    let too_long = std::fs::metadata(&p).is_ok_and(|m| m.len() > 8 + 8 * MAX_BLOCKS as u64);
-    if too_long {
-        tracing::warn!(
-            "{}: longer than a read profile can be (ignored)",
-            p.display()
-        );
+    let limit = 8 + 8 * MAX_BLOCKS as u64;
+    // Never a symlink, a FIFO or a device: only a regular file, read up
+    // to the longest a profile can be.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&p)
+    };
+    let f = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!("{}: {e} (ignored)", p.display());
+            return Vec::new();
+        }
+    };
+    match f.metadata() {
+        Ok(m) if !m.is_file() => {
+            tracing::warn!("{}: not a regular file (ignored)", p.display());
+            return Vec::new();
+        }
+        Ok(m) if m.len() > limit => {
+            tracing::warn!(
+                "{}: longer than a read profile can be (ignored)",
+                p.display()
+            );
+            return Vec::new();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("{}: {e} (ignored)", p.display());
+            return Vec::new();
+        }
+    }
+    let mut bytes = Vec::new();
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut bytes) {
+        tracing::warn!("{}: {e} (ignored)", p.display());
         return Vec::new();
     }
-    let Ok(bytes) = std::fs::read(&p) else {
-        return Vec::new();
-    };
     if bytes.get(..8) != Some(MAGIC) || bytes.len() % 8 != 0 {
         tracing::warn!("{}: not a read profile (ignored)", p.display());
         return Vec::new();
@@ -60,6 +91,29 @@ pub(crate) fn read(root: &Path, id: &str, nblocks: u64) -> Vec<u64> {
         .filter(|&b| b < nblocks && seen.insert(b))
         .take(MAX_BLOCKS)
         .collect()
+}
+
+/// Removes the read profiles (and their temporary files) of images the
+/// catalog no longer has: what a crash between an image's deletion and
+/// its profile's left (gc).
+pub(crate) fn remove_stale(repo: &crate::repo::Repo) -> crate::error::Result<usize> {
+    let Ok(rd) = std::fs::read_dir(repo.root().join("profiles")) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = n.split('.').next().and_then(ImageId::parse) else {
+            continue;
+        };
+        let known = crate::catalog::find_images(&repo.conn, id.as_str())?
+            .iter()
+            .any(|r| r.id == id);
+        if !known && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Records a run's first reads (see the module docs).
@@ -79,8 +133,8 @@ impl Recorder {
     /// profile already.
     pub(crate) fn new(root: &Path, id: &ImageId, perms: Perms) -> Option<Recorder> {
         let path = path(root, id.as_str());
-        if path.exists() {
-            return None;
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return None; // a profile, or whatever is in its place
         }
         Some(Recorder {
             path,
@@ -174,6 +228,14 @@ mod tests {
         std::fs::write(path(dir.path(), id.as_str()), b"VMDREAD1\x01\x02").unwrap();
         assert!(read(dir.path(), id.as_str(), 1000).is_empty());
         std::fs::write(path(dir.path(), id.as_str()), b"not one at all!!").unwrap();
+        assert!(read(dir.path(), id.as_str(), 1000).is_empty());
+        // never a symlink (to a device that never ends, say) nor a FIFO
+        let p = path(dir.path(), id.as_str());
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        assert!(read(dir.path(), id.as_str(), 1000).is_empty());
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(read(dir.path(), id.as_str(), 1000).is_empty());
     }
 }

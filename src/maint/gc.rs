@@ -226,6 +226,7 @@ pub(crate) fn apply(repo: &Repo, plan: GcPlan) -> Result<GcReport> {
     super::repack::repack(repo, &plan.sparse)?;
     (rep.bases_evicted, rep.base_bytes_freed) = evict_unused_bases(repo, false)?;
     crate::image::serve::remove_stale(repo)?;
+    crate::image::profile::remove_stale(repo)?;
     catalog::vacuum_free_pages(&repo.conn);
     remove_dead_run_files(repo);
     Ok(rep)

@@ -102,9 +102,16 @@ fn lazy_instances_boot_from_the_store_and_share_one_server() {
         disk_servers(&t).is_empty()
     });
     t.assert_fsck_clean();
-    // the profile goes with its image
+    // the profile goes with its image; gc removes one a crash left
     t.ok(&["image", "delete", "tiny", "--force"]);
     assert!(!profile.exists());
+    let stale = t
+        .depot()
+        .join("profiles")
+        .join("img-00000000000000ff.reads");
+    std::fs::write(&stale, b"VMDREAD1").unwrap();
+    t.ok(&["gc"]);
+    assert!(!stale.exists());
 }
 
 #[test]

@@ -50,7 +50,7 @@ const _: () = assert!(REMOTE_FRAME_CHUNKS <= FRAME_CHUNKS);
 /// the remote. Measured on the Debian 12 fixture (21,800 chunks read
 /// first, 85 MiB), fetched until SSH by a lazy boot from the remote: at
 /// level 9, 37.4 MiB (20.3 % of stored); at 19, 35.7 MiB (19.5 %), for a
-/// push of 18.0 s instead of about 4 s.
+/// push of 18.0 s where a push without a profile takes 5.9 s.
 pub const READ_FIRST_LEVEL: i32 = 19;
 
 /// A pack file is sealed and a new one started once it reaches this size.

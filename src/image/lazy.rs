@@ -285,12 +285,10 @@ impl LazyImage {
         let end = (off + buf.len() as u64).min(self.size);
         let (locs, missing) = self.locate(off / CHUNK, (end - 1) / CHUNK)?;
         if let Some(r) = &self.reads {
-            let mut blocks: Vec<u64> = locs
+            let blocks = locs
                 .iter()
                 .map(|l| l.blk)
-                .chain(missing.iter().map(|m| m.0))
-                .collect();
-            blocks.sort_unstable();
+                .chain(missing.iter().map(|m| m.0));
             r.lock().unwrap().note(blocks);
         }
         let mut served = Served::default();

@@ -166,22 +166,13 @@ pub(crate) struct Sender<'s> {
 
 impl<'s> Sender<'s> {
     /// A sender into `sink`, advancing `progress` by each chunk's bytes,
-    /// making frames of up to [`FRAME_CHUNKS`] chunks.
+    /// making frames of up to [`FRAME_CHUNKS`] chunks at [`ZSTD_LEVEL`]
+    /// (see [`Sender::next_frames`]).
     pub(crate) fn new(sink: &'s mut dyn FrameSink, progress: &'s dyn Progress) -> Sender<'s> {
-        Sender::with_frames(sink, progress, FRAME_CHUNKS)
-    }
-
-    /// A sender whose frames hold up to `frame_chunks` chunks (1 to
-    /// [`FRAME_CHUNKS`]).
-    pub(crate) fn with_frames(
-        sink: &'s mut dyn FrameSink,
-        progress: &'s dyn Progress,
-        frame_chunks: usize,
-    ) -> Sender<'s> {
         Sender {
             sink,
             progress,
-            frame_chunks: frame_chunks.clamp(1, FRAME_CHUNKS),
+            frame_chunks: FRAME_CHUNKS,
             level: ZSTD_LEVEL,
             data: Vec::new(),
             hashes: Vec::new(),
@@ -564,7 +555,8 @@ mod tests {
             slots: (0..10).map(|s| (s, h[s as usize])).collect(),
         };
         let mut sink = Frames::default();
-        let mut sender = Sender::with_frames(&mut sink, &crate::progress::NoProgress, 4);
+        let mut sender = Sender::new(&mut sink, &crate::progress::NoProgress);
+        sender.next_frames(4, ZSTD_LEVEL).unwrap();
         let mut buf = Vec::new();
         let checked = check_frame(&c, &all, sender.frame_chunks(), &mut buf).unwrap();
         assert!(

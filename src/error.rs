@@ -119,6 +119,32 @@ pub enum Error {
         needle: String,
         last: String,
     },
+    /// [`crate::Depot::ensure_imported`]: an image of that name exists with
+    /// other content than the file. Exit code 1.
+    #[error("image {image} exists with other content than {}: delete it first (`vmdepot image delete`) or import the file under another name", .file.display())]
+    ContentDiffers {
+        /// `NAME (ID)` of the existing image.
+        image: String,
+        /// The file.
+        file: PathBuf,
+    },
+    /// An instance's QEMU did not start (it exited, or never answered):
+    /// QEMU's own words in `detail`. The instance is `failed`, with the
+    /// same words as its error.
+    #[error("instance {instance} did not start: {detail}")]
+    QemuFailed {
+        /// `NAME (ID)`.
+        instance: String,
+        /// What QEMU said (its first lines), or why it was given up on.
+        detail: String,
+    },
+    /// Another client (an `instance console`, another harness) holds the
+    /// instance's serial console: QEMU serves one at a time.
+    #[error("the console of instance {instance} is busy: another client is attached; detach it first (Ctrl-] in its `vmdepot instance console`)")]
+    ConsoleBusy {
+        /// `NAME (ID)`.
+        instance: String,
+    },
     /// Stopping an instance had to kill its QEMU: the guest was still
     /// running `waited` after its power button was pressed (a guest that is
     /// still booting may not listen to the button yet), or, with `waited`

@@ -77,7 +77,10 @@ pub use error::{Error, Result};
 pub use ids::{ChunkHash, ImageId};
 pub use image::export::{export_file_mode, ExportFormat};
 pub use image::source::SourceFormat;
-pub use launch::instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
+pub use launch::instance::{
+    DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched, SerialLines,
+    SSH_USER_TAG,
+};
 pub use launch::qemu::{Accel, Forward};
 pub use maint::{FsckReport, GcReport, Stats, VerifyReport};
 pub use progress::{NoProgress, Progress};

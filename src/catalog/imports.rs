@@ -158,6 +158,18 @@ pub fn remember_source(conn: &Connection, f: &FileIdent, image: &ImageId) -> Res
     })
 }
 
+/// Remembers the files remembered as image `from`'s as image `to`'s (of
+/// the same content).
+pub fn repoint_sources(conn: &Connection, from: &str, to: &str) -> Result<()> {
+    write(conn, |c| {
+        c.execute(
+            "UPDATE source_files SET image = ?2 WHERE image = ?1",
+            params![from, to],
+        )?;
+        Ok(())
+    })
+}
+
 /// Makes the `importing` image `id` available with the content (size, data
 /// bytes, digest, map) of the available image that the unchanged file `f`
 /// became, in the caller's write transaction. Returns whether there was

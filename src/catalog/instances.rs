@@ -45,11 +45,16 @@ pub struct InstanceRow {
     /// Launch-only origin of the disk's content (see `depot/access.rs`),
     /// or empty.
     pub restricted_from: String,
+    /// An ephemeral instance's owner: the process whose end ends the
+    /// instance (`proc::Lease`), `None` for the others.
+    pub owner_lease: Option<String>,
+    /// The user to SSH in as (the image's `ssh-user` tag at launch).
+    pub ssh_user: Option<String>,
 }
 
 const COLS: &str = "id, name, image, image_name, owner, state, disk, cpus, memory_mib, accel, \
                     accel_used, hostname, forwards, ssh_port, pid, created_at, error, \
-                    restricted_from";
+                    restricted_from, owner_lease, ssh_user";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -71,6 +76,8 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
         created_at: r.get(15)?,
         error: r.get(16)?,
         restricted_from: r.get(17)?,
+        owner_lease: r.get(18)?,
+        ssh_user: r.get(19)?,
     })
 }
 
@@ -147,6 +154,10 @@ pub struct NewInstance<'a> {
     pub hostname: String,
     pub created_at: i64,
     pub restricted_from: &'a str,
+    /// An ephemeral instance's owner (`proc::Lease`).
+    pub owner_lease: Option<&'a str>,
+    /// The image's `ssh-user` tag.
+    pub ssh_user: Option<&'a str>,
 }
 
 /// Enters the instances of one launch as `pending`, all or none. A name
@@ -155,8 +166,10 @@ pub fn insert_pending(conn: &Connection, rows: &[NewInstance<'_>]) -> Result<()>
     write(conn, |tx| {
         let mut ins = tx.prepare_cached(
             "INSERT INTO instances (id, name, image, image_name, owner, state, disk, cpus,
-                     memory_mib, accel, hostname, created_at, restricted_from)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     memory_mib, accel, hostname, created_at, restricted_from, owner_lease,
+                     ssh_user)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                             ?13, ?14)",
         )?;
         for n in rows {
             let r = ins.execute(params![
@@ -171,7 +184,9 @@ pub fn insert_pending(conn: &Connection, rows: &[NewInstance<'_>]) -> Result<()>
                 n.accel,
                 n.hostname,
                 n.created_at,
-                n.restricted_from
+                n.restricted_from,
+                n.owner_lease,
+                n.ssh_user
             ]);
             match r {
                 Err(e)
@@ -272,6 +287,15 @@ pub fn set_image(
                  WHERE id = ?1",
         params![id, image, image_name, restricted_from],
     )
+}
+
+/// The ephemeral instances (of any owner): (id, pid, owner lease).
+pub fn ephemeral(conn: &Connection) -> Result<Vec<(String, Option<i32>, String)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, pid, owner_lease FROM instances WHERE owner_lease IS NOT NULL",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Deletes an instance's row.

@@ -55,8 +55,8 @@ pub use copies::{
 };
 pub use imports::{
     delete_importing_row, delete_pending_chunks, delete_pending_packs, insert_importing,
-    name_holder, pending_pack_names, public_name_holder, remember_source, reuse_source,
-    seal_pending_packs, FileIdent, NameHolder, NewImage,
+    name_holder, pending_pack_names, public_name_holder, remember_source, repoint_sources,
+    reuse_source, seal_pending_packs, FileIdent, NameHolder, NewImage,
 };
 pub use manifest::{image_exists, image_shares, image_state, image_tags};
 pub use state::{DiskMode, ImageState, InstanceState};
@@ -385,6 +385,13 @@ CREATE TABLE partial_images (
     manifest BLOB NOT NULL,                     -- the remote manifest it is run from (FORMAT.md)
     prefetch INTEGER NOT NULL DEFAULT 0         -- 1: its disk server fetches the rest
 ) WITHOUT ROWID;
+"#,
+    // v11: ephemeral instances record their owner (a process: when it is
+    // gone, any later opening of the depot kills and deletes them), and
+    // instances the user their image names for SSH (its `ssh-user` tag).
+    r#"
+ALTER TABLE instances ADD COLUMN owner_lease TEXT;  -- ephemeral: 'BOOT_ID PID START_TICKS' of its owner
+ALTER TABLE instances ADD COLUMN ssh_user TEXT;     -- the image's ssh-user tag at launch
 "#,
 ];
 

@@ -13,7 +13,10 @@ use vmdepot::depot::access::Op;
 use vmdepot::launch::instance::{console_attached, STOP_TIMEOUT};
 use vmdepot::launch::qemu::{parse_memory, MAX_COUNT, MAX_CPUS};
 use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
-use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
+use vmdepot::{
+    check_account, Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions,
+    Progress,
+};
 
 use super::input::read_file;
 use super::output::{error_line, esc, exit_code, print_json, show, Table};
@@ -562,11 +565,9 @@ fn attach(depot: &Depot, instance: &str) -> anyhow::Result<()> {
         );
     }
     if console_attached(&i.qmp_socket) {
-        anyhow::bail!(vmdepot::Error::Conflict(format!(
-            "the console of instance {} ({}) is busy: another client is attached; detach it \
-             first (Ctrl-] in its `vmdepot instance console`)",
-            i.name, i.id
-        )));
+        anyhow::bail!(vmdepot::Error::ConsoleBusy {
+            instance: format!("{} ({})", i.name, i.id)
+        });
     }
     console(&i)
 }
@@ -682,7 +683,11 @@ fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::
 
 fn ssh_hint(i: &InstanceInfo) -> String {
     match i.ssh_port {
-        Some(p) => format!("ssh -p {p} <user>@127.0.0.1"),
+        // A tag that is no user name is not printed as one.
+        Some(p) => match i.ssh_user.as_deref().filter(|u| check_account(u).is_ok()) {
+            Some(u) => format!("ssh -p {p} {u}@127.0.0.1"),
+            None => format!("ssh -p {p} 127.0.0.1"),
+        },
         None => String::new(),
     }
 }

@@ -111,6 +111,53 @@ impl Depot {
         self.image(id.as_str())
     }
 
+    /// Makes sure the disk image `file` is imported as `opts.name`: the
+    /// image of that name (one this account can see) if it has the same
+    /// content, else a new import. Idempotent, for a harness that imports
+    /// its fixture on every run.
+    ///
+    /// The content is compared by its digest, nothing else (type, tags and
+    /// description of an existing image are left as they are). To learn
+    /// the file's digest it is imported under a temporary name
+    /// (`.vmdepot-ensure-<hex>`, a custom image, deleted after): an
+    /// unchanged file (same device, inode, size, mtime and ctime) is not
+    /// read again, and a changed one stores only what no image holds.
+    /// Other content is [`Error::ContentDiffers`] (exit code 1): nothing of
+    /// the existing image changes; delete it, or import under another name.
+    #[instrument(skip_all, err(level = "debug"), fields(file = %file.as_ref().display()))]
+    pub fn ensure_imported(
+        &self,
+        file: impl AsRef<Path>,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<ImageInfo> {
+        let file = file.as_ref();
+        let existing = match self.image(&opts.name) {
+            Ok(i) => i,
+            Err(Error::ImageNotFound(_)) => return self.import(file, opts, progress),
+            Err(e) => return Err(e),
+        };
+        let mut probe =
+            ImportOptions::new(format!(".vmdepot-ensure-{}", crate::ids::random_hex(8)));
+        probe.format = opts.format;
+        probe.reread = opts.reread;
+        let probed = self.import(file, &probe, progress)?;
+        let same = probed.content_digest == existing.content_digest;
+        if same {
+            // The file is now remembered as the probe's: as the existing
+            // image's instead, so that the next call does not read it.
+            crate::catalog::repoint_sources(&self.repo.conn, &probed.id, &existing.id)?;
+        }
+        self.delete_image(&probed.id, true)?;
+        if !same {
+            return Err(Error::ContentDiffers {
+                image: format!("{} ({})", existing.name, existing.id),
+                file: file.to_owned(),
+            });
+        }
+        Ok(existing)
+    }
+
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking
     /// the image's content digest of what was written.
     ///

@@ -90,10 +90,11 @@ impl Depot {
                 tracing::warn!("could not write the depot marker: {e}");
             }
         }
-        Ok(Depot {
-            repo: Repo::new(root, conn, perms),
-            account,
-        })
+        let repo = Repo::new(root, conn, perms);
+        if let Err(e) = crate::repo::orphans::reap(&repo) {
+            tracing::warn!("could not remove the ephemeral instances of owners that are gone: {e}");
+        }
+        Ok(Depot { repo, account })
     }
 
     /// [`Depot::open_with`] for [`Intent::Read`] on a full or read-only

@@ -24,7 +24,7 @@ use crate::image::bases::{self, base_flock};
 use crate::image::export::ExportFormat;
 use crate::launch::accel::{choose_accel, Accel};
 use crate::launch::handle::Instance;
-use crate::launch::instance::{forwards_json, LaunchOptions, Launched};
+use crate::launch::instance::{forwards_json, LaunchOptions, Launched, SSH_USER_TAG};
 use crate::launch::names::{check_hostname, check_name, hostname_from};
 use crate::launch::paths::{path_str, Paths};
 use crate::launch::process::{spawn_detached, stop_qemu, Spawned};
@@ -180,6 +180,16 @@ impl Depot {
         }
         let now = catalog::now();
         let restricted_from = restriction_of(img, self.account());
+        let owner_lease = match opts.ephemeral {
+            true => Some(crate::proc::own_lease().ok_or_else(|| {
+                Error::Invalid(
+                    "an ephemeral launch needs /proc (to record its owner process)".into(),
+                )
+            })?),
+            false => None,
+        };
+        let ssh_user =
+            catalog::images::tags_of(&self.repo.conn, img.id.as_str())?.remove(SSH_USER_TAG);
         let rows: Vec<NewInstance<'_>> = guard
             .ids
             .iter()
@@ -198,6 +208,8 @@ impl Depot {
                 hostname: hostname_for(opts, i, name),
                 created_at: now,
                 restricted_from: &restricted_from,
+                owner_lease: owner_lease.as_deref(),
+                ssh_user: ssh_user.as_deref(),
             })
             .collect();
         instances::insert_pending(&self.repo.conn, &rows)?;

@@ -24,7 +24,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::instrument;
 
-pub use super::handle::Instance;
+pub use super::handle::{Instance, SerialLines};
 pub use super::process::{console_attached, press_power_button};
 pub use super::start::Foreground;
 pub use crate::catalog::DiskMode;
@@ -63,7 +63,11 @@ pub struct LaunchOptions {
     pub forwards: Vec<Forward>,
     /// Forward a free host port to guest port 22 (shown as `ssh_port`).
     pub ssh_forward: bool,
-    /// Destroy the instance when its [`Instance`] handle drops (harnesses).
+    /// Tie the instances to this process (harnesses): each is destroyed
+    /// when its [`Instance`] handle drops, and its QEMU dies with this
+    /// process however it ends (a child with a parent-death signal, not
+    /// daemonized); what is left of it (row, directory) is removed by the
+    /// next opening of the depot once this process is gone.
     pub ephemeral: bool,
     /// Create and prepare the instances but do not start them (the caller
     /// starts one in the foreground).
@@ -137,7 +141,17 @@ pub struct InstanceInfo {
     /// that failed and came back is cleared by the next read from it.
     #[serde(serialize_with = "crate::depot::display::empty_as_null")]
     pub disk_error: String,
+    /// The user to SSH in as: its image's `ssh-user` tag at launch.
+    pub ssh_user: Option<String>,
+    /// Whether it is ephemeral: tied to the process that launched it (see
+    /// [`LaunchOptions::ephemeral`]).
+    pub ephemeral: bool,
 }
+
+/// The image tag naming the user to SSH in as (`ssh-user=debian`): an
+/// instance records it at launch, and `instance run` prints it in its
+/// `ssh` command.
+pub const SSH_USER_TAG: &str = "ssh-user";
 
 /// Result of a launch.
 pub struct Launched {
@@ -279,6 +293,8 @@ impl Depot {
                 .filter(|s| s.remote_bytes_fetched > 0 || partial)
                 .map(|s| s.remote_bytes_fetched),
             disk_error: stats.map(|s| s.error).unwrap_or_default(),
+            ssh_user: r.ssh_user,
+            ephemeral: r.owner_lease.is_some(),
         }
     }
 

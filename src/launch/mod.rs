@@ -14,6 +14,7 @@ pub mod disk;
 pub(crate) mod handle;
 pub mod instance;
 pub(crate) mod names;
+pub(crate) mod owned;
 pub(crate) mod paths;
 pub(crate) mod pause;
 pub(crate) mod process;

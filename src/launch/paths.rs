@@ -21,7 +21,7 @@ pub(crate) struct Paths {
 impl Paths {
     /// The files of instance `id` of the depot at `root`.
     pub(crate) fn new(root: &Path, id: &str) -> Paths {
-        Paths::in_dir(root.join("instances").join(id))
+        Paths::in_dir(crate::repo::orphans::instance_dir(root, id))
     }
 
     /// The files of the instance whose directory is `dir`.

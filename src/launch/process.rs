@@ -6,7 +6,8 @@
 //! signal handler presses ([`press_power_button`]).
 
 use std::fs::{self, File};
-use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use crate::catalog::DiskMode;
 use crate::error::{Error, IoContext, Result};
 use crate::launch::accel::{kvm_internal_error, Accel};
 use crate::launch::instance::forwards_of;
+use crate::launch::owned::{spawn_owned, OwnedChild};
 use crate::launch::paths::Paths;
 use crate::launch::qemu::{DiskSpec, VmConfig, VmFiles, CONSOLE_CHARDEV};
 use crate::launch::qmp::{Qmp, RunState};
@@ -80,15 +82,26 @@ pub(crate) fn fix_runtime_modes(perms: Perms, f: &VmFiles) {
     }
 }
 
-/// A QEMU started with `-daemonize`, and for a lazy disk the users lease
-/// of its image's disk server, held until QEMU is up (connected to it).
+/// A QEMU started for an instance, and for a lazy disk the users lease of
+/// its image's disk server, held until QEMU is up (connected to it).
 pub(crate) struct Spawned {
-    pub(crate) child: Child,
+    qemu: Started,
     pub(crate) _lease: Option<crate::launch::disk::UsersLease>,
 }
 
-/// Starts QEMU with `-daemonize` (the child returns once the VM is set up).
-/// A lazy disk's server is made sure of first (`launch::disk`).
+/// How a QEMU was started.
+enum Started {
+    /// With `-daemonize`: the child returns once the VM is set up.
+    Daemonizing(Child),
+    /// An ephemeral instance's, by the process that owns it: a child of
+    /// this process that dies with it ([`super::owned`]), its messages in
+    /// `qemu.log`.
+    Owned(OwnedChild, QemuLog),
+}
+
+/// Starts QEMU for the instance `r`: detached (`-daemonize`), or for an
+/// ephemeral instance that this process owns, as its child that dies with
+/// it. A lazy disk's server is made sure of first (`launch::disk`).
 pub(crate) fn spawn_detached(
     p: &Paths,
     qemu_bin: &Path,
@@ -106,18 +119,37 @@ pub(crate) fn spawn_detached(
         }
         _ => None,
     };
-    let child = Command::new(qemu_bin)
-        .args(cfg.args())
-        .arg("-daemonize")
+    let mut cmd = Command::new(qemu_bin);
+    cmd.args(cfg.args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .at(qemu_bin)?;
+        .process_group(0);
+    let mine = r.owner_lease.is_some() && r.owner_lease == crate::proc::own_lease();
+    let qemu = if mine {
+        let (log, log_file) = QemuLog::open(p, repo.perms)?;
+        cmd.stderr(log_file);
+        Started::Owned(spawn_owned(cmd).at(qemu_bin)?, log)
+    } else {
+        cmd.arg("-daemonize").stderr(Stdio::piped());
+        Started::Daemonizing(cmd.spawn().at(qemu_bin)?)
+    };
     Ok(Spawned {
-        child,
+        qemu,
         _lease: lease,
     })
+}
+
+/// Waits until an owned QEMU answers on QMP (it runs then), or it exits,
+/// or `timeout`.
+fn wait_owned(qmp: &Path, child: &OwnedChild, timeout: Duration) -> Result<Qmp> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Qmp::connect(qmp) {
+            Ok(q) => return Ok(q),
+            Err(e) if child.exited() || Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 /// Waits for a detached start: QEMU's pid once the VM runs (under KVM,
@@ -130,27 +162,90 @@ pub(crate) fn wait_detached(
     accel: Accel,
 ) -> Result<std::result::Result<i32, String>> {
     let files = p.files();
-    let out = spawned.child.wait_with_output().at(&files.pidfile)?;
-    let pid = crate::proc::read_pidfile(&files.pidfile);
-    Ok(match (out.status.success(), pid) {
-        (true, Some(pid)) if accel == Accel::Kvm => {
-            let watched = Qmp::connect_retry(&files.qmp, Duration::from_secs(10))
-                .and_then(|mut q| watch_accel(&mut q, accel));
-            watched.map(|_| pid).map_err(|e| {
-                stop_qemu(p, pid, id, true, Duration::ZERO);
-                e.to_string()
-            })
+    let kvm_hint = |mut msg: String| {
+        if accel == Accel::Kvm {
+            msg.push_str(" (KVM may not work on this host: try --accel tcg or auto)");
         }
-        (true, Some(pid)) => Ok(pid),
-        _ => {
-            let mut msg = first_lines(&out.stderr)
-                .unwrap_or_else(|| format!("QEMU exited with {}", out.status));
-            if accel == Accel::Kvm {
-                msg.push_str(" (KVM may not work on this host: try --accel tcg or auto)");
+        msg
+    };
+    let (pid, qmp) = match spawned.qemu {
+        Started::Daemonizing(child) => {
+            let out = child.wait_with_output().at(&files.pidfile)?;
+            match (
+                out.status.success(),
+                crate::proc::read_pidfile(&files.pidfile),
+            ) {
+                (true, Some(pid)) => (pid, None),
+                _ => {
+                    let msg = first_lines(&out.stderr)
+                        .unwrap_or_else(|| format!("QEMU exited with {}", out.status));
+                    return Ok(Err(kvm_hint(msg)));
+                }
             }
-            Err(msg)
         }
-    })
+        Started::Owned(child, log) => {
+            let pid = child.pid() as i32;
+            match wait_owned(&files.qmp, &child, Duration::from_secs(30)) {
+                Ok(q) => (pid, Some(q)),
+                Err(e) => {
+                    kill(pid);
+                    let msg = log
+                        .said()
+                        .unwrap_or_else(|| format!("QEMU did not start: {e}"));
+                    return Ok(Err(kvm_hint(msg)));
+                }
+            }
+        }
+    };
+    if accel != Accel::Kvm {
+        return Ok(Ok(pid));
+    }
+    let watched = match qmp {
+        Some(q) => Ok(q),
+        None => Qmp::connect_retry(&files.qmp, Duration::from_secs(10)),
+    }
+    .and_then(|mut q| watch_accel(&mut q, accel));
+    Ok(watched.map(|_| pid).map_err(|e| {
+        stop_qemu(p, pid, id, true, Duration::ZERO);
+        e.to_string()
+    }))
+}
+
+/// SIGKILL to `pid`.
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// QEMU's messages of a start that does not daemonize (foreground, ephemeral): a file (a pipe nobody reads
+/// would block a long-running QEMU once full), appended to.
+pub(crate) struct QemuLog {
+    path: PathBuf,
+    /// Its length before this start.
+    start: u64,
+}
+
+impl QemuLog {
+    /// Opens the instance's `qemu.log` for QEMU's stderr.
+    pub(crate) fn open(p: &Paths, perms: Perms) -> Result<(QemuLog, File)> {
+        let path = p.qemu_log();
+        let file = perms
+            .open_options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .at(&path)?;
+        let start = file.metadata().at(&path)?.len();
+        Ok((QemuLog { path, start }, file))
+    }
+
+    /// The first lines QEMU wrote during this start, if any.
+    pub(crate) fn said(&self) -> Option<String> {
+        let said = fs::read(&self.path).unwrap_or_default();
+        first_lines(said.get(self.start as usize..).unwrap_or_default())
+    }
 }
 
 /// The first lines of QEMU's stderr, joined.
@@ -230,10 +325,7 @@ pub(crate) fn stop_qemu(p: &Paths, pid: i32, id: &str, force: bool, timeout: Dur
             (false, true) => Stopped::IgnoredButton,
             (false, false) => Stopped::NoQmp,
         };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        kill(pid);
         let end = Instant::now() + Duration::from_secs(10);
         wait_gone(pid, id, end, Duration::from_millis(10));
     }

@@ -6,7 +6,7 @@
 //! launch base checks out, and record `running` or `failed` (with QEMU's
 //! own words).
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,12 +25,11 @@ use crate::launch::disk::InProcess;
 use crate::launch::instance::{forwards_json, forwards_of, Held, InstanceInfo};
 use crate::launch::paths::Paths;
 use crate::launch::process::{
-    clean_runtime_files, first_lines, fix_runtime_modes, spawn_detached, vm_config, wait_detached,
-    watch_accel, Spawned,
+    clean_runtime_files, fix_runtime_modes, spawn_detached, vm_config, wait_detached, watch_accel,
+    QemuLog, Spawned,
 };
 use crate::launch::qemu;
 use crate::launch::qmp::Qmp;
-use crate::perms::Perms;
 use crate::progress::NoProgress;
 
 /// An instance ready to start (see `Depot::prepare_start`).
@@ -43,9 +42,9 @@ struct Starting {
 
 /// The error of an instance that did not start, with QEMU's words `msg`.
 fn start_error(r: &InstanceRow, msg: &str) -> Error {
-    Error::Tool {
-        tool: "qemu-system-x86_64".into(),
-        detail: format!("instance {} ({}) did not start: {msg}", r.name, r.id),
+    Error::QemuFailed {
+        instance: format!("{} ({})", r.name, r.id),
+        detail: msg.to_owned(),
     }
 }
 
@@ -222,35 +221,6 @@ impl Depot {
             _disk_server: disk_server,
         };
         Ok((fg, notice))
-    }
-}
-
-/// QEMU's messages of a foreground start: a file (a pipe nobody reads
-/// would block a long-running QEMU once full), appended to.
-struct QemuLog {
-    path: PathBuf,
-    /// Its length before this start.
-    start: u64,
-}
-
-impl QemuLog {
-    /// Opens the instance's `qemu.log` for QEMU's stderr.
-    fn open(p: &Paths, perms: Perms) -> Result<(QemuLog, File)> {
-        let path = p.qemu_log();
-        let file = perms
-            .open_options()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .at(&path)?;
-        let start = file.metadata().at(&path)?.len();
-        Ok((QemuLog { path, start }, file))
-    }
-
-    /// The first lines QEMU wrote during this start, if any.
-    fn said(&self) -> Option<String> {
-        let said = fs::read(&self.path).unwrap_or_default();
-        first_lines(said.get(self.start as usize..).unwrap_or_default())
     }
 }
 

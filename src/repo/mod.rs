@@ -9,6 +9,7 @@
 //! (`manifests/`, docs/FORMAT.md) a lost catalog is rebuilt from.
 
 pub mod manifest;
+pub(crate) mod orphans;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ mod common;
 mod exit_codes;
 mod garage;
 mod guard;
+mod harness;
 mod image;
 mod instance;
 mod layers;

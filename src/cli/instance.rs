@@ -170,6 +170,64 @@ pub enum InstanceCmd {
         /// The instance's id (ins-…) or name; it must be running
         instance: String,
     },
+    /// Wait until an instance's guest is reachable: its SSH port answers (or a serial line)
+    ///
+    /// Exits 0 once the forwarded SSH port answers with an SSH banner (the guest's sshd
+    /// listens), or with --serial once a serial console line contains TEXT; 1 at the timeout
+    /// or if QEMU exits first.
+    #[command(after_long_help = "Examples:
+  vmdepot instance wait web
+  vmdepot instance wait web --timeout 600 && vmdepot instance exec web -- uptime
+  vmdepot instance wait tiny --serial 'login:'")]
+    Wait {
+        /// The instance's id (ins-…) or name
+        instance: String,
+        /// Wait for the SSH banner on the forwarded port (the default)
+        #[arg(long, conflicts_with = "serial")]
+        ssh: bool,
+        /// Wait for a serial console line containing TEXT instead
+        #[arg(long, value_name = "TEXT")]
+        serial: Option<String>,
+        /// Give up after this many seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Log into an instance over SSH (as the user its image names), or run a command there
+    ///
+    /// Uses the instance's forwarded port, the account's own key (injected at launch) and
+    /// yours, and the instance's host key learnt on first use (no prompt). COMMAND is run by
+    /// the guest's shell, as ssh runs it. The exit status is ssh's (the command's).
+    #[command(after_long_help = "Examples:
+  vmdepot instance ssh web
+  vmdepot instance ssh web -- 'journalctl -b | tail'
+  vmdepot instance ssh web --user root")]
+    Ssh {
+        /// The instance's id (ins-…) or name; it must be running
+        instance: String,
+        /// Log in as USER [default: the image's ssh-user tag]
+        #[arg(long, short = 'l', value_name = "USER")]
+        user: Option<String>,
+        /// What to run instead of a login shell
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Run a command in an instance over SSH, without a terminal; its exit status is passed through
+    ///
+    /// Each argument reaches the guest as one word (quoted for its shell), as `docker exec`
+    /// runs them. Exit status: the command's, or 255 if SSH failed.
+    #[command(after_long_help = "Examples:
+  vmdepot instance exec web -- hostname
+  vmdepot instance exec web -- sh -c 'systemctl is-active nginx'")]
+    Exec {
+        /// The instance's id (ins-…) or name; it must be running
+        instance: String,
+        /// Run it as USER [default: the image's ssh-user tag]
+        #[arg(long, short = 'l', value_name = "USER")]
+        user: Option<String>,
+        /// The command and its arguments
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Print a systemd unit (Type=notify) that runs the instance
     #[command(after_long_help = "Examples:
   vmdepot instance unit web > /etc/systemd/system/vm-web.service
@@ -273,6 +331,9 @@ impl InstanceCmd {
                 | InstanceCmd::Logs { .. }
                 | InstanceCmd::Console { .. }
                 | InstanceCmd::Unit { .. }
+                | InstanceCmd::Wait { .. }
+                | InstanceCmd::Ssh { .. }
+                | InstanceCmd::Exec { .. }
         )
     }
 }
@@ -365,8 +426,51 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             print_restored(&mut out(), &i)?;
         }
         InstanceCmd::Unit { instance } => write!(out(), "{}", depot.instance_unit(&instance)?)?,
+        InstanceCmd::Wait {
+            instance,
+            serial,
+            timeout,
+            ..
+        } => {
+            let timeout = Duration::from_secs(timeout);
+            let i = match serial {
+                Some(text) => {
+                    let i = depot.instance(&instance)?;
+                    let line = depot
+                        .instance_handle(&i.id)?
+                        .wait_for_serial(&text, timeout)?;
+                    writeln!(out(), "{line}")?;
+                    i
+                }
+                None => depot.wait_for_ssh(&instance, timeout)?,
+            };
+            eprintln!("{} ({}) is ready", esc(&i.name), i.id);
+        }
+        InstanceCmd::Ssh {
+            instance,
+            user,
+            command,
+        } => return ssh(depot.ssh_command(&instance, user.as_deref(), false, &command)?),
+        InstanceCmd::Exec {
+            instance,
+            user,
+            command,
+        } => {
+            let words = vmdepot::launch::ssh::shell_quote(&command);
+            return ssh(depot.ssh_command(&instance, user.as_deref(), true, &words)?);
+        }
     }
     Ok(0)
+}
+
+/// Runs ssh in place of this process (its terminal, its exit status).
+fn ssh(mut cmd: std::process::Command) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let e = cmd.exec();
+    anyhow::bail!(vmdepot::Error::Tool {
+        tool: "ssh".into(),
+        detail: format!("{e}: install the Debian package openssh-client (apt-get install openssh-client)"),
+    })
 }
 
 /// The instances a stop, start, restart or delete acts on: those named,

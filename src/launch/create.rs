@@ -244,7 +244,14 @@ impl Depot {
             &p.disk(opts.disk),
             progress,
         )?;
-        let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &opts.ssh_keys);
+        let mut keys = opts.ssh_keys.clone();
+        if opts.depot_key && opts.user_data.is_none() {
+            match self.ssh_public_key() {
+                Ok(k) => keys.push(k),
+                Err(e) => tracing::warn!("the guest gets no key of the depot's: {e}"),
+            }
+        }
+        let seed = Seed::new(id, &row.hostname, opts.user_data.clone(), &keys);
         write_seed(&p.seed(), &seed, self.perms().file())?;
         let forwards = launch_forwards(opts, ports_taken)?;
         let ssh = forwards.iter().find(|f| f.guest == 22).map(|f| f.host);

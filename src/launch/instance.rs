@@ -63,6 +63,10 @@ pub struct LaunchOptions {
     pub forwards: Vec<Forward>,
     /// Forward a free host port to guest port 22 (shown as `ssh_port`).
     pub ssh_forward: bool,
+    /// Also give the generated user-data the account's own public key
+    /// ([`Depot::ssh_key`], made the first time), so that
+    /// [`Depot::ssh_command`] logs in without a key of the caller's.
+    pub depot_key: bool,
     /// Tie the instances to this process (harnesses): each is destroyed
     /// when its [`Instance`] handle drops, and its QEMU dies with this
     /// process however it ends (a child with a parent-death signal, not
@@ -92,6 +96,7 @@ impl LaunchOptions {
             user_data: None,
             forwards: Vec::new(),
             ssh_forward: true,
+            depot_key: true,
             ephemeral: false,
             no_start: false,
         }
@@ -296,6 +301,14 @@ impl Depot {
             ssh_user: r.ssh_user,
             ephemeral: r.owner_lease.is_some(),
         }
+    }
+
+    /// A handle on this account's existing instance `reference` (by id or
+    /// name), to wait for its serial lines or write to its console. Not
+    /// ephemeral: dropping it leaves the instance as it is.
+    pub fn instance_handle(&self, reference: &str) -> Result<Instance> {
+        let info = self.instance(reference)?;
+        Ok(Instance::new(self, info, false))
     }
 
     /// One instance by id or name, with its true state.

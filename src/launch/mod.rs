@@ -21,5 +21,6 @@ pub(crate) mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod seed;
+pub mod ssh;
 pub(crate) mod start;
 pub mod unit;

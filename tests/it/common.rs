@@ -243,6 +243,13 @@ pub fn test_guest() -> &'static Path {
     DISK.get_or_init(|| fixture_script("build-test-guest.sh", &[]))
 }
 
+/// The Debian 12 guest (cloud-init, sshd, user `debian`; a raw disk; see
+/// fixtures/build-debian-guest.sh, built once and cached).
+pub fn debian_guest() -> &'static Path {
+    static DISK: OnceLock<PathBuf> = OnceLock::new();
+    DISK.get_or_init(|| fixture_script("build-debian-guest.sh", &[]))
+}
+
 /// Runs a fixtures/ script; returns the path it prints.
 fn fixture_script(name: &str, args: &[&str]) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,6 +7,7 @@ mod common;
 mod exit_codes;
 mod garage;
 mod guard;
+mod guest_access;
 mod harness;
 mod image;
 mod instance;

@@ -14,6 +14,7 @@ mod instance;
 mod layers;
 mod lazy;
 mod lifecycle;
+mod readme;
 mod reliability_bases;
 mod reliability_disk;
 mod reliability_pause;

@@ -469,7 +469,9 @@ fn ssh(mut cmd: std::process::Command) -> anyhow::Result<i32> {
     let e = cmd.exec();
     anyhow::bail!(vmdepot::Error::Tool {
         tool: "ssh".into(),
-        detail: format!("{e}: install the Debian package openssh-client (apt-get install openssh-client)"),
+        detail: format!(
+            "{e}: install the Debian package openssh-client (apt-get install openssh-client)"
+        ),
     })
 }
 

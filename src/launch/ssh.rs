@@ -70,7 +70,10 @@ impl Depot {
     /// The account's public SSH key (made the first time: [`Depot::ssh_key`]).
     pub(crate) fn ssh_public_key(&self) -> Result<String> {
         let public = self.ssh_key()?.with_extension("pub");
-        Ok(std::fs::read_to_string(&public).at(&public)?.trim().to_owned())
+        Ok(std::fs::read_to_string(&public)
+            .at(&public)?
+            .trim()
+            .to_owned())
     }
 
     /// Waits until the forwarded SSH port of instance `reference` answers
@@ -147,10 +150,14 @@ impl Depot {
         })?;
         let known = Paths::new(self.root(), &i.id).dir.join("known_hosts");
         let mut cmd = Command::new("ssh");
-        cmd.arg("-p").arg(port.to_string()).arg("-i").arg(self.ssh_key()?);
+        cmd.arg("-p")
+            .arg(port.to_string())
+            .arg("-i")
+            .arg(self.ssh_key()?);
         for o in [
             format!("UserKnownHostsFile={}", known.display()),
             "StrictHostKeyChecking=accept-new".to_owned(),
+            "HashKnownHosts=no".to_owned(),
             format!("HostKeyAlias=vmdepot-{}", i.id),
             "LogLevel=ERROR".to_owned(),
             "ConnectTimeout=10".to_owned(),
@@ -225,7 +232,10 @@ mod tests {
         // the shell gives back each word as it was
         let out = Command::new("sh")
             .arg("-c")
-            .arg(format!("for w in {}; do printf '[%s]' \"$w\"; done", q[1..].join(" ")))
+            .arg(format!(
+                "for w in {}; do printf '[%s]' \"$w\"; done",
+                q[1..].join(" ")
+            ))
             .output()
             .unwrap();
         let want: String = words[1..].iter().map(|w| format!("[{w}]")).collect();

@@ -12,10 +12,31 @@ use crate::common::*;
 fn a_debian_guest_is_reached_over_ssh_with_the_depots_key() {
     let t = T::new();
     let disk = debian_guest().to_str().unwrap();
-    t.ok(&["image", "import", disk, "--name", "debian-12", "--tag", "ssh-user=debian", "-q"]);
+    t.ok(&[
+        "image",
+        "import",
+        disk,
+        "--name",
+        "debian-12",
+        "--tag",
+        "ssh-user=debian",
+        "-q",
+    ]);
     // Before it runs: refused, saying what to do.
-    t.ok(&["instance", "run", "debian-12", "--name", "web", "--hostname", "web-one",
-           "--memory", "1024M", "--cpus", "2", "-q"]);
+    t.ok(&[
+        "instance",
+        "run",
+        "debian-12",
+        "--name",
+        "web",
+        "--hostname",
+        "web-one",
+        "--memory",
+        "1024M",
+        "--cpus",
+        "2",
+        "-q",
+    ]);
     let key = t.depot().join("keys").join(whoami()).join("id_ed25519");
     assert_eq!(mode(&key), 0o600);
     assert!(key.with_extension("pub").is_file());
@@ -24,7 +45,15 @@ fn a_debian_guest_is_reached_over_ssh_with_the_depots_key() {
     let o = t.run(&["instance", "exec", "web", "--", "hostname"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "web-one");
-    let o = t.run(&["instance", "exec", "web", "--", "sh", "-c", "echo \"a  b\"; exit 7"]);
+    let o = t.run(&[
+        "instance",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo \"a  b\"; exit 7",
+    ]);
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "a  b\n");
     // `ssh` runs its command through the guest's shell, as ssh does
@@ -32,7 +61,11 @@ fn a_debian_guest_is_reached_over_ssh_with_the_depots_key() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "DEBIAN");
     // The host key was learnt once and is pinned: a changed one is refused.
-    let known = t.depot().join("instances").join(str_at(&show(&t, "web"), "id")).join("known_hosts");
+    let known = t
+        .depot()
+        .join("instances")
+        .join(str_at(&show(&t, "web"), "id"))
+        .join("known_hosts");
     let pinned = std::fs::read_to_string(&known).unwrap();
     assert!(pinned.contains("vmdepot-ins-"), "{pinned}");
     let forged = pinned
@@ -49,14 +82,32 @@ fn a_debian_guest_is_reached_over_ssh_with_the_depots_key() {
         .join("\n");
     std::fs::write(&known, forged + "\n").unwrap();
     let o = t.run(&["instance", "exec", "web", "--", "true"]);
-    assert_eq!(o.status.code(), Some(255), "a changed host key must be refused");
+    assert_eq!(
+        o.status.code(),
+        Some(255),
+        "a changed host key must be refused"
+    );
     std::fs::write(&known, pinned).unwrap();
     t.ok(&["instance", "exec", "web", "--", "true"]);
     // Errors are one line with the fix.
-    t.refuses(&["instance", "exec", "web", "--user", "Bad User", "--", "true"], 2, "invalid SSH user");
+    t.refuses(
+        &[
+            "instance", "exec", "web", "--user", "Bad User", "--", "true",
+        ],
+        2,
+        "invalid SSH user",
+    );
     t.ok(&["instance", "stop", "web", "--force", "-q"]);
-    t.refuses(&["instance", "exec", "web", "--", "true"], 1, "start it first");
-    t.refuses(&["instance", "wait", "web", "--timeout", "1"], 1, "QEMU exited");
+    t.refuses(
+        &["instance", "exec", "web", "--", "true"],
+        1,
+        "start it first",
+    );
+    t.refuses(
+        &["instance", "wait", "web", "--timeout", "1"],
+        1,
+        "QEMU exited",
+    );
     t.ok(&["instance", "delete", "web"]);
 }
 
@@ -64,7 +115,15 @@ fn a_debian_guest_is_reached_over_ssh_with_the_depots_key() {
 fn wait_on_the_serial_console_and_no_user_known() {
     let t = depot_with_guest();
     t.ok(&["instance", "run", "tiny", "--name", "a", "-q"]);
-    let line = t.ok(&["instance", "wait", "a", "--serial", READY, "--timeout", "120"]);
+    let line = t.ok(&[
+        "instance",
+        "wait",
+        "a",
+        "--serial",
+        READY,
+        "--timeout",
+        "120",
+    ]);
     assert!(line.contains(READY), "{line}");
     // the tiny guest has no sshd: a timeout, exit 1, one line
     let err = t.refuses(&["instance", "wait", "a", "--timeout", "2"], 1, "timed out");

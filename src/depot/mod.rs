@@ -134,7 +134,11 @@ impl Depot {
         let file = file.as_ref();
         let existing = match self.image(&opts.name) {
             Ok(i) => i,
-            Err(Error::ImageNotFound(_)) => return self.import(file, opts, progress),
+            Err(Error::ImageNotFound(_)) => match self.import(file, opts, progress) {
+                // Another process imported it meanwhile: compare with that.
+                Err(Error::NameTaken { .. }) => self.image(&opts.name)?,
+                r => return r,
+            },
             Err(e) => return Err(e),
         };
         let mut probe =

@@ -70,14 +70,16 @@ pub mod repo;
 pub mod store;
 
 pub use depot::{
-    check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageType, ImageUpdate,
-    ImportOptions, Intent,
+    check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageType,
+    ImageUpdate, ImportOptions, Intent, Relation, Timestamp,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkHash, ImageId};
 pub use image::export::{export_file_mode, ExportFormat};
 pub use image::source::SourceFormat;
-pub use launch::instance::{DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched};
+pub use launch::instance::{
+    DiskMode, Foreground, Instance, InstanceInfo, InstanceState, LaunchOptions, Launched,
+};
 pub use launch::qemu::{Accel, Forward};
 pub use maint::{FsckReport, GcReport, Stats, VerifyReport};
 pub use progress::{NoProgress, Progress};

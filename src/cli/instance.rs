@@ -635,7 +635,7 @@ fn tail_start(path: &Path, n: u64) -> anyhow::Result<u64> {
 
 /// Whether QEMU runs for the instance (running or paused).
 fn is_up(i: &InstanceInfo) -> bool {
-    matches!(i.state.as_str(), "running" | "paused")
+    i.state.is_up()
 }
 
 /// A notice of the library for the user (e.g. why TCG), on stderr.
@@ -671,8 +671,8 @@ fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::
             i.id.clone(),
             esc(&i.name).into_owned(),
             esc(&i.image_name).into_owned(),
-            i.state.clone(),
-            i.accel.clone(),
+            i.state.to_string(),
+            i.accel.as_str().to_owned(),
             or_dash(i.pid.map(|p| p.to_string())),
             or_dash(i.ssh_port.map(|p| p.to_string())),
         ]);

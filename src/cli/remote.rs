@@ -104,7 +104,7 @@ fn print_remotes(out: &mut impl Write, list: &[RemoteInfo]) -> anyhow::Result<()
             esc(&r.url).into_owned(),
             esc(r.endpoint.as_deref().unwrap_or("-")).into_owned(),
             esc(r.region.as_deref().unwrap_or("-")).into_owned(),
-            r.added_at.clone(),
+            r.added_at.to_string(),
         ]);
     }
     t.print(out)

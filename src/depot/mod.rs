@@ -32,7 +32,10 @@ pub use crate::catalog::ImageType;
 pub use crate::image::import::ImportOptions;
 pub use display::rfc3339;
 pub use open::{check_account, FORMAT_VERSION, MARKER};
-pub use types::{DepotOptions, HistoryEntry, ImageInfo, ImageUpdate, Intent};
+pub use types::{
+    DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageUpdate, Intent, Relation,
+    Timestamp,
+};
 
 use crate::depot::access::Op;
 use crate::error::{Error, Result};

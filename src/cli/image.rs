@@ -9,12 +9,9 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use vmdepot::depot::access::Op;
-use vmdepot::lifecycle::copy::CopyReport;
-use vmdepot::lifecycle::CaptureOptions;
 use vmdepot::{
-    Depot, ExportFormat, HistoryEntry, ImageInfo, ImageKind, ImageType, ImageUpdate, ImportOptions,
-    Intent, Progress, SourceFormat,
+    CaptureOptions, CopyReport, Depot, ExportFormat, HistoryEntry, ImageInfo, ImageKind, ImageType,
+    ImageUpdate, ImportOptions, Intent, Op, Progress, SourceFormat,
 };
 
 use super::maint::print_verify;

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vmdepot::depot::access::Op;
-use vmdepot::launch::instance::{console_attached, STOP_TIMEOUT};
-use vmdepot::launch::qemu::{parse_memory, MAX_COUNT, MAX_CPUS};
-use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
-use vmdepot::{Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions, Progress};
+use vmdepot::{
+    console_attached, parse_memory, Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo,
+    LaunchOptions, Op, Progress, MAX_COUNT, MAX_CPUS, MAX_SSH_KEY, MAX_USER_DATA, STOP_TIMEOUT,
+};
 
 use super::input::read_file;
 use super::output::{error_line, esc, exit_code, print_json, show, Table};

@@ -6,9 +6,7 @@
 use std::io::Write;
 
 use clap::Subcommand;
-use vmdepot::depot::access::Op;
-use vmdepot::remote::{PullReport, PushReport, Remote, RemoteGcReport, RemoteImage, RemoteInfo};
-use vmdepot::Depot;
+use vmdepot::{Depot, Op, PullReport, PushReport, Remote, RemoteGcReport, RemoteImage, RemoteInfo};
 
 use super::output::{esc, human, print_json, Table};
 

@@ -31,7 +31,7 @@ use tracing::instrument;
 pub use crate::catalog::ImageType;
 pub use crate::image::import::ImportOptions;
 pub use display::rfc3339;
-pub use open::{check_account, FORMAT_VERSION, MARKER};
+pub use open::check_account;
 pub use types::{
     DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageUpdate, Intent, Relation,
     Timestamp,
@@ -63,7 +63,7 @@ impl Depot {
     }
 
     /// The modes of this depot's files and directories.
-    pub fn perms(&self) -> Perms {
+    pub(crate) fn perms(&self) -> Perms {
         self.repo.perms
     }
 

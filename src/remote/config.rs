@@ -277,7 +277,7 @@ impl Depot {
 
     /// [`Depot::remote`] whose requests have `patience` (a lazy disk
     /// server's are [`Patience::Interactive`]: a guest waits for them).
-    pub fn remote_patient(&self, name: &str, patience: Patience) -> Result<Remote> {
+    pub(crate) fn remote_patient(&self, name: &str, patience: Patience) -> Result<Remote> {
         let cfg = self.read_config(name)?;
         let mut loc = S3Location::parse_url(&cfg.url)?;
         loc.endpoint = cfg.endpoint;

@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::config::{check_remote_name, REMOTE_MARKER};
 use super::*;
 use crate::depot::access::Op;
 use crate::depot::Depot;

@@ -1,6 +1,6 @@
 //! Parallel BLAKE3 of a whole image: the image's content digest.
 //!
-//! BLAKE3 is a binary tree over 1 KiB chunks. [`split`] cuts `[0, len)` into
+//! BLAKE3 is a binary tree over 1 KiB chunks. [`split_sparse`] cuts `[0, len)` into
 //! pieces that are subtrees of that tree (each a multiple of 4 KiB, except
 //! possibly the last), so that workers can hash pieces independently, in any
 //! order, and [`Pieces::root`] merges their chaining values into exactly
@@ -39,13 +39,15 @@ pub struct Pieces {
     total: u64,
 }
 
-/// Splits `[0, len)` into subtree pieces of at most `max_piece` bytes
-/// (`max_piece` ≥ 4 KiB). An empty or single-chunk input is one piece.
+/// [`split_sparse`] of an input that is data throughout (the tests).
+#[cfg(test)]
 pub fn split(len: u64, max_piece: u64) -> Pieces {
     split_sparse(len, max_piece, |_, _| true)
 }
 
-/// Like [`split`], but a subtree for which `has_data(offset, len)` is false
+/// Splits `[0, len)` into subtree pieces of at most `max_piece` bytes
+/// (`max_piece` ≥ 4 KiB; an empty or single-chunk input is one piece),
+/// except that a subtree for which `has_data(offset, len)` is false
 /// becomes one zero piece (of at most [`MAX_ZERO_PIECE`]) however large:
 /// the number of pieces follows the data, not the size.
 pub fn split_sparse(len: u64, max_piece: u64, has_data: impl Fn(u64, u64) -> bool) -> Pieces {

@@ -10,7 +10,7 @@ pub struct ImageId(String);
 
 impl ImageId {
     /// A fresh random id.
-    pub fn generate() -> ImageId {
+    pub(crate) fn generate() -> ImageId {
         ImageId(format!("img-{}", random_hex(8)))
     }
 
@@ -27,7 +27,7 @@ impl ImageId {
 
     /// The id's 64 bits as an integer: how the catalog marks what this
     /// image's running import owns (`pending_chunks.import`).
-    pub fn key(&self) -> i64 {
+    pub(crate) fn key(&self) -> i64 {
         u64::from_str_radix(&self.0[4..], 16).unwrap_or(0) as i64
     }
 

@@ -43,45 +43,59 @@
 //! ```
 //!
 //! Layers, each depending only on those above it in this list (checked by
-//! `tests/it/layers.rs`): [`format`](mod@format) (byte layouts, no I/O), [`digest`],
-//! [`store`] (immutable pack objects), [`catalog`] (every SQL statement),
-//! [`repo`] (the context below the depot), [`image`] (import, export,
-//! sources), [`maint`] (gc, fsck, verify, stats, repair), [`depot`] (the
-//! public face and access rules), [`launch`] (QEMU, seeds, instances),
-//! [`lifecycle`] (capture, backup, restore, copy). [`error`], [`ids`],
-//! [`perms`], [`progress`] and [`proc`] are shared by all.
+//! `tests/it/layers.rs`): `format` (byte layouts, no I/O), `digest`,
+//! `store` (immutable pack objects), `catalog` (every SQL statement),
+//! `repo` (the context below the depot), `image` (import, export,
+//! sources), `maint` (gc, fsck, verify, stats, repair), `depot` (the
+//! public face and access rules), `launch` (QEMU, seeds, instances),
+//! `lifecycle` (capture, backup, restore, copy), `remote` (remote depots).
+//! `error`, `ids`, `perms`, `progress` and `proc` are shared by all. The
+//! modules are private: the API is what this page lists, re-exported here.
 #![deny(unsafe_code)]
 
-pub mod catalog;
-pub mod depot;
-pub mod digest;
-pub mod error;
-pub mod format;
-pub mod ids;
-pub mod image;
-pub mod launch;
-pub mod lifecycle;
-pub mod maint;
-pub mod perms;
-pub mod proc;
-pub mod progress;
-pub mod remote;
-pub mod repo;
-pub mod store;
+mod catalog;
+mod depot;
+mod digest;
+mod error;
+mod format;
+mod ids;
+mod image;
+#[doc(hidden)]
+pub mod internals;
+mod launch;
+mod lifecycle;
+mod maint;
+mod perms;
+mod proc;
+mod progress;
+mod remote;
+mod repo;
+mod store;
 
+pub use depot::access::Op;
 pub use depot::{
-    check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageType, ImageUpdate,
-    ImportOptions, Intent,
+    check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageType,
+    ImageUpdate, ImportOptions, Intent, Relation, Timestamp,
 };
 pub use error::{Error, Result};
-pub use ids::{ChunkHash, ImageId};
 pub use image::export::{export_file_mode, ExportFormat};
 pub use image::source::SourceFormat;
 pub use launch::instance::{
-    DiskMode, Foreground, Instance, InstanceInfo, LaunchOptions, Launched, SerialLines,
-    SSH_USER_TAG,
+    console_attached, press_power_button, DiskMode, Foreground, Instance, InstanceInfo,
+    InstanceState, LaunchOptions, Launched, SerialLines, SSH_USER_TAG, STOP_TIMEOUT,
 };
-pub use launch::qemu::{Accel, Forward};
-pub use maint::{FsckReport, GcReport, Stats, VerifyReport};
+pub use launch::qemu::{
+    parse_memory, sd_notify_ready, Accel, Forward, MAX_COUNT, MAX_CPUS, MIN_MEMORY_MIB,
+};
+pub use launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
+pub use launch::ssh::shell_quote;
+pub use lifecycle::copy::CopyReport;
+pub use lifecycle::CaptureOptions;
+pub use maint::repair::RepairReport;
+pub use maint::{FsckReport, GcReport, ImageStats, Stats, VerifyReport};
 pub use progress::{NoProgress, Progress};
 pub use remote::ondemand::serve_lazy_disks;
+pub use remote::{
+    grace as remote_grace, Listing, PullReport, PushReport, PushedImage, Remote, RemoteGcReport,
+    RemoteImage, RemoteInfo,
+};

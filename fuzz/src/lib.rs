@@ -12,9 +12,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use vmdepot::format;
-use vmdepot::image::source::{self, SourceFormat};
-use vmdepot::store;
+use vmdepot::internals::{format, source, store};
+use vmdepot::SourceFormat;
 
 /// Largest heap, live in total or in one allocation, that a target may use
 /// on any input (the limit). AFL's `-m` is a second, coarser
@@ -198,7 +197,7 @@ fn write_scratch_pack(pack: &[u8]) -> &'static store::LocalDir {
     static S: OnceLock<LocalDir> = OnceLock::new();
     let s = S.get_or_init(|| {
         let root = scratch().with_extension("depot");
-        LocalDir::new(&root, vmdepot::perms::Perms::PRIVATE)
+        LocalDir::new(&root, vmdepot::internals::Perms::PRIVATE)
     });
     let p = s.path(ObjectKind::Pack, SCRATCH_PACK).expect("a pack name");
     std::fs::create_dir_all(p.parent().expect("a pack directory")).expect("make the scratch store");

@@ -56,7 +56,7 @@ pub use copies::{
 pub use imports::{
     delete_importing_row, delete_pending_chunks, delete_pending_packs, insert_importing,
     name_holder, pending_pack_names, public_name_holder, remember_source, repoint_sources,
-    reuse_source, seal_pending_packs, FileIdent, NameHolder, NewImage,
+    reuse_source, seal_pending_packs, FileIdent, NewImage,
 };
 pub use manifest::{image_exists, image_shares, image_state, image_tags};
 pub use state::{DiskMode, ImageState, InstanceState};

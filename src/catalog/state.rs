@@ -2,9 +2,10 @@
 //! (`images.state`), [`InstanceState`] (`instances.state`) and [`DiskMode`]
 //! (`instances.disk`), and the typed accessor [`ImageRow::image_type`]
 //! (`ImageType` itself is older and lives in `catalog/mod.rs`;
-//! [`ImageRow::state`] is an `ImageState` already). Each has `as_str`, `parse` and the rusqlite
-//! conversions, so that no code above the catalog compares these columns
-//! as strings. The text of each value is the one the schema's `CHECK`
+//! [`ImageRow::state`] is an `ImageState` already). Each has `parse` and
+//! the rusqlite conversions it needs, so that no code above the catalog
+//! compares these columns as strings. These are the stored states; what
+//! users see is `depot::ImageState` and `launch::instance::InstanceState`. The text of each value is the one the schema's `CHECK`
 //! constraints name (migrations in `catalog/mod.rs`).
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
@@ -26,7 +27,9 @@ pub enum ImageState {
 }
 
 impl ImageState {
-    /// The text the catalog stores.
+    /// The text the catalog stores (SQL names it literally; the tests use
+    /// this).
+    #[cfg(test)]
     pub fn as_str(self) -> &'static str {
         match self {
             ImageState::Importing => "importing",
@@ -69,7 +72,9 @@ pub enum InstanceState {
 }
 
 impl InstanceState {
-    /// The text the catalog stores (and `instance show` prints).
+    /// The text the catalog stores (SQL names it literally; the tests use
+    /// this).
+    #[cfg(test)]
     pub fn as_str(self) -> &'static str {
         match self {
             InstanceState::Pending => "pending",
@@ -126,11 +131,6 @@ impl DiskMode {
             DiskMode::Overlay => "overlay",
             DiskMode::Copy => "copy",
         }
-    }
-
-    /// Whether the disk is a qcow2 overlay (lazy or over a base file).
-    pub fn is_overlay(self) -> bool {
-        self != DiskMode::Copy
     }
 }
 

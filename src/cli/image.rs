@@ -9,12 +9,9 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use vmdepot::depot::access::Op;
-use vmdepot::lifecycle::copy::CopyReport;
-use vmdepot::lifecycle::CaptureOptions;
 use vmdepot::{
-    Depot, ExportFormat, HistoryEntry, ImageInfo, ImageType, ImageUpdate, ImportOptions, Intent,
-    Progress, SourceFormat,
+    CaptureOptions, CopyReport, Depot, ExportFormat, HistoryEntry, ImageInfo, ImageKind, ImageType,
+    ImageUpdate, ImportOptions, Intent, Op, Progress, SourceFormat,
 };
 
 use super::maint::print_verify;
@@ -288,8 +285,8 @@ pub struct ImportArgs {
 #[derive(Args)]
 pub struct ListArgs {
     /// Only images of this type: public, marketplace, custom or shared
-    #[arg(long = "type", value_name = "TYPE", value_parser = list_type)]
-    kind: Option<String>,
+    #[arg(long = "type", value_name = "TYPE", value_parser = str::parse::<ImageKind>)]
+    kind: Option<ImageKind>,
     /// Only images with this tag KEY=VALUE (repeatable: all must match)
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = tag)]
     tags: Vec<(String, String)>,
@@ -565,7 +562,7 @@ fn list(depot: &Depot, a: ListArgs, out: &mut impl Write) -> anyhow::Result<()> 
     let list: Vec<_> = all
         .into_iter()
         .filter(|i| a.all || !i.deprecated)
-        .filter(|i| a.kind.as_ref().is_none_or(|k| &i.kind == k))
+        .filter(|i| a.kind.is_none_or(|k| i.kind == Some(k)))
         .filter(|i| want.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
         .collect();
     if a.json {
@@ -580,11 +577,11 @@ fn print_image_table(out: &mut impl Write, list: &[ImageInfo]) -> anyhow::Result
         t.row(vec![
             i.id.clone(),
             esc(&i.name).into_owned(),
-            i.kind.clone(),
-            i.state.clone(),
+            i.kind.map_or("-".into(), |k| k.to_string()),
+            i.state.to_string(),
             human(i.virtual_size),
             human(i.unique_stored_bytes + i.shared_stored_bytes),
-            i.created_at.clone(),
+            i.created_at.to_string(),
         ]);
     }
     t.print(out)
@@ -624,12 +621,12 @@ fn print_copy(out: &mut impl Write, r: &CopyReport, to_depot: &Path) -> anyhow::
 fn print_history(out: &mut impl Write, history: &[HistoryEntry]) -> anyhow::Result<()> {
     let mut t = Table::new(&["RELATION", "ID", "NAME", "DEPOT", "EXISTS"]);
     for e in history {
-        let depot = match e.depot.is_empty() {
-            true => "-".into(),
-            false => esc(&e.depot).into_owned(),
+        let depot = match &e.depot {
+            None => "-".into(),
+            Some(d) => esc(d).into_owned(),
         };
         t.row(vec![
-            e.relation.clone(),
+            e.relation.to_string(),
             esc(&e.id).into_owned(),
             esc(&e.name).into_owned(),
             depot,
@@ -668,14 +665,6 @@ fn checked<T: 'static>(
     parse: fn(&str) -> vmdepot::Result<T>,
 ) -> impl Fn(&str) -> vmdepot::Result<String> + Clone + Send + Sync + 'static {
     move |s| parse(s).map(|_| s.to_owned())
-}
-
-/// `image list --type`: an image type or `shared`.
-fn list_type(s: &str) -> Result<String, String> {
-    match s {
-        "public" | "marketplace" | "custom" | "shared" => Ok(s.to_owned()),
-        _ => Err("use public, marketplace, custom or shared".into()),
-    }
 }
 
 /// A `--tag KEY=VALUE` argument (a value is required).

@@ -9,13 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vmdepot::depot::access::Op;
-use vmdepot::launch::instance::{console_attached, STOP_TIMEOUT};
-use vmdepot::launch::qemu::{parse_memory, MAX_COUNT, MAX_CPUS};
-use vmdepot::launch::seed::{MAX_SSH_KEY, MAX_USER_DATA};
 use vmdepot::{
-    check_account, Accel, Depot, DiskMode, Forward, ImageInfo, InstanceInfo, LaunchOptions,
-    Progress,
+    check_account, console_attached, parse_memory, Accel, Depot, DiskMode, Forward, ImageInfo,
+    InstanceInfo, LaunchOptions, Op, Progress, MAX_COUNT, MAX_CPUS, MAX_SSH_KEY, MAX_USER_DATA,
+    STOP_TIMEOUT,
 };
 
 use super::input::read_file;
@@ -456,7 +453,7 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             user,
             command,
         } => {
-            let words = vmdepot::launch::ssh::shell_quote(&command);
+            let words = vmdepot::shell_quote(&command);
             return ssh(depot.ssh_command(&instance, user.as_deref(), true, &words)?);
         }
     }
@@ -742,7 +739,7 @@ fn tail_start(path: &Path, n: u64) -> anyhow::Result<u64> {
 
 /// Whether QEMU runs for the instance (running or paused).
 fn is_up(i: &InstanceInfo) -> bool {
-    matches!(i.state.as_str(), "running" | "paused")
+    i.state.is_up()
 }
 
 /// A notice of the library for the user (e.g. why TCG), on stderr.
@@ -778,8 +775,8 @@ fn print_instance_table(out: &mut impl Write, list: &[InstanceInfo]) -> anyhow::
             i.id.clone(),
             esc(&i.name).into_owned(),
             esc(&i.image_name).into_owned(),
-            i.state.clone(),
-            i.accel.clone(),
+            i.state.to_string(),
+            i.accel.as_str().to_owned(),
             or_dash(i.pid.map(|p| p.to_string())),
             or_dash(i.ssh_port.map(|p| p.to_string())),
         ]);

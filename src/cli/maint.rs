@@ -7,10 +7,9 @@ use std::io::Write;
 use std::path::Path;
 
 use clap::Subcommand;
-use vmdepot::image::export::VerifyReport;
-use vmdepot::maint::repair::RepairReport;
-use vmdepot::maint::{FsckReport, GcReport, Stats};
-use vmdepot::{Depot, DepotOptions, Intent, Progress};
+use vmdepot::{
+    Depot, DepotOptions, FsckReport, GcReport, Intent, Progress, RepairReport, Stats, VerifyReport,
+};
 
 use super::output::{esc, human, print_json, Table};
 use super::remote::print_remote_gc;
@@ -105,7 +104,7 @@ pub fn run(depot: &Depot, cmd: MaintCmd, progress: &dyn Progress) -> anyhow::Res
         } => {
             let r = depot
                 .remote(&remote)?
-                .gc(dry_run, break_lock, vmdepot::remote::grace())?;
+                .gc(dry_run, break_lock, vmdepot::remote_grace())?;
             print_remote_gc(out, &r, json)?;
         }
         MaintCmd::Gc { dry_run, json, .. } => {

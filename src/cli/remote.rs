@@ -6,9 +6,7 @@
 use std::io::Write;
 
 use clap::Subcommand;
-use vmdepot::depot::access::Op;
-use vmdepot::remote::{PullReport, PushReport, Remote, RemoteGcReport, RemoteImage, RemoteInfo};
-use vmdepot::Depot;
+use vmdepot::{Depot, Op, PullReport, PushReport, Remote, RemoteGcReport, RemoteImage, RemoteInfo};
 
 use super::output::{esc, human, print_json, Table};
 
@@ -104,7 +102,7 @@ fn print_remotes(out: &mut impl Write, list: &[RemoteInfo]) -> anyhow::Result<()
             esc(&r.url).into_owned(),
             esc(r.endpoint.as_deref().unwrap_or("-")).into_owned(),
             esc(r.region.as_deref().unwrap_or("-")).into_owned(),
-            r.added_at.clone(),
+            r.added_at.to_string(),
         ]);
     }
     t.print(out)

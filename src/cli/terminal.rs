@@ -13,8 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::termios::{self, Termios};
 use nix::unistd::Pid;
-use vmdepot::launch::instance::{press_power_button, STOP_TIMEOUT};
-use vmdepot::InstanceInfo;
+use vmdepot::{press_power_button, InstanceInfo, STOP_TIMEOUT};
 
 use super::output::esc;
 
@@ -55,7 +54,7 @@ pub fn run_foreground(
         }
     });
     // QEMU runs now: a failing notification must not orphan it.
-    if let Err(e) = vmdepot::launch::qemu::sd_notify_ready() {
+    if let Err(e) = vmdepot::sd_notify_ready() {
         eprintln!("vmdepot: could not notify systemd: {e}");
     }
     let id = fg.id().to_owned();

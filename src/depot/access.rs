@@ -314,7 +314,7 @@ impl Depot {
         if row.state != Some(ImageState::Available) {
             return Err(Error::ImageNotAvailable {
                 image: format!("{} ({})", row.name, row.id),
-                state: shown_state(row.state, row.deprecated),
+                state: shown_state(row.state, row.deprecated).to_string(),
             });
         }
         Ok((row, access))

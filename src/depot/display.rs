@@ -1,17 +1,14 @@
 //! How the depot shows values to users: times as RFC 3339 ([`rfc3339`]),
 //! an image's state in the cloud services' words (`shown_state`), and the
-//! JSON convention for a value that is absent: `null`, never `""`
-//! ([`empty_as_null`]).
+//! convention for a value that is absent: `None` (`null` in JSON), never
+//! `""` (`non_empty`).
 
-use crate::catalog::ImageState;
+use crate::catalog;
+use crate::depot::types::ImageState;
 
-/// Serializes an empty string as `null` (`#[serde(serialize_with)]`): in
-/// every `--json` output a value that is absent is `null`.
-pub fn empty_as_null<S: serde::Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
-    match s {
-        "" => ser.serialize_none(),
-        s => ser.serialize_str(s),
-    }
+/// A catalog text that may be empty as an option: `None` for `""`.
+pub(crate) fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
 }
 
 /// Unix seconds as RFC 3339 UTC (`2026-11-27T10:38:21Z`).
@@ -37,18 +34,17 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
-/// The state users see: `creating` while the import or capture runs,
-/// `available`, or `deprecated`; `damaged` for a row whose state is none
-/// the catalog knows (`None`).
-pub(crate) fn shown_state(state: Option<ImageState>, deprecated: bool) -> String {
+/// The state users see of a stored one: `creating` while the import or
+/// capture runs, `available`, or `deprecated`; `damaged` for a row whose
+/// state is none the catalog knows (`None`).
+pub(crate) fn shown_state(state: Option<catalog::ImageState>, deprecated: bool) -> ImageState {
     match state {
-        Some(ImageState::Importing) => "creating",
-        Some(ImageState::Available) if deprecated => "deprecated",
-        Some(ImageState::Available) => "available",
-        Some(ImageState::Partial) => "partial",
-        None => "damaged",
+        Some(catalog::ImageState::Importing) => ImageState::Creating,
+        Some(catalog::ImageState::Available) if deprecated => ImageState::Deprecated,
+        Some(catalog::ImageState::Available) => ImageState::Available,
+        Some(catalog::ImageState::Partial) => ImageState::Partial,
+        None => ImageState::Damaged,
     }
-    .into()
 }
 
 #[cfg(test)]
@@ -64,9 +60,73 @@ mod tests {
 
     #[test]
     fn states_as_shown() {
-        assert_eq!(shown_state(Some(ImageState::Importing), false), "creating");
-        assert_eq!(shown_state(Some(ImageState::Available), false), "available");
-        assert_eq!(shown_state(Some(ImageState::Available), true), "deprecated");
-        assert_eq!(shown_state(None, false), "damaged");
+        let shown = |s, d| shown_state(s, d).to_string();
+        assert_eq!(
+            shown(Some(catalog::ImageState::Importing), false),
+            "creating"
+        );
+        assert_eq!(
+            shown(Some(catalog::ImageState::Available), false),
+            "available"
+        );
+        assert_eq!(
+            shown(Some(catalog::ImageState::Available), true),
+            "deprecated"
+        );
+        assert_eq!(shown(Some(catalog::ImageState::Partial), false), "partial");
+        assert_eq!(shown(None, false), "damaged");
+    }
+
+    #[test]
+    fn shown_values_serialize_as_they_display() {
+        use crate::depot::types::{ImageKind, Relation, Timestamp};
+        fn same<T: serde::Serialize + std::fmt::Display>(v: T) -> String {
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(json, format!("\"{v}\""));
+            v.to_string()
+        }
+        assert_eq!(
+            same(Timestamp::from_unix(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        use ImageState::*;
+        for (s, text) in [
+            (Creating, "creating"),
+            (Available, "available"),
+            (Deprecated, "deprecated"),
+            (Partial, "partial"),
+            (Damaged, "damaged"),
+        ] {
+            assert_eq!(same(s), text);
+        }
+        for k in [
+            ImageKind::Public,
+            ImageKind::Marketplace,
+            ImageKind::Custom,
+            ImageKind::Shared,
+        ] {
+            assert_eq!(same(k).parse::<ImageKind>().unwrap(), k);
+        }
+        assert!("private".parse::<ImageKind>().is_err());
+        use Relation::*;
+        let relations = [Itself, Parent, SourceInstance, CopiedFrom, Copy, Child];
+        let texts: Vec<String> = relations.into_iter().map(same).collect();
+        assert_eq!(
+            texts,
+            [
+                "self",
+                "parent",
+                "source-instance",
+                "copied-from",
+                "copy",
+                "child"
+            ]
+        );
+        assert_eq!(
+            std::time::SystemTime::from(Timestamp::from_unix(-1)),
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)
+        );
+        assert_eq!(non_empty(String::new()), None);
+        assert_eq!(non_empty("x".into()).as_deref(), Some("x"));
     }
 }

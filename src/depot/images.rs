@@ -8,21 +8,23 @@ use tracing::instrument;
 
 use crate::catalog::{self, ImageRow, ImageState, ImageType};
 use crate::depot::access::{Access, Op};
-use crate::depot::display::{rfc3339, shown_state};
+use crate::depot::display::{non_empty, shown_state};
 use crate::depot::open::check_account;
-use crate::depot::types::{HistoryEntry, ImageInfo, ImageUpdate};
+use crate::depot::types::{
+    self, HistoryEntry, ImageInfo, ImageKind, ImageUpdate, Relation, Timestamp,
+};
 use crate::depot::Depot;
 use crate::error::{Error, Result};
 use crate::ids::ImageId;
 use crate::maint;
 
 /// The relation of an image of this depot in `image history`.
-fn entry(relation: &str, id: String, name: String, exists: bool) -> HistoryEntry {
+fn entry(relation: Relation, id: String, name: String, exists: bool) -> HistoryEntry {
     HistoryEntry {
-        relation: relation.into(),
+        relation,
         id,
         name,
-        depot: String::new(),
+        depot: None,
         exists,
     }
 }
@@ -69,7 +71,7 @@ impl Depot {
         if importing && info.damage.is_none() {
             return Err(Error::ImageNotAvailable {
                 image: what,
-                state: info.state,
+                state: info.state.to_string(),
             });
         }
         if info.protected {
@@ -238,11 +240,16 @@ impl Depot {
     pub fn image_history(&self, reference: &str) -> Result<Vec<HistoryEntry>> {
         let (row, _) = self.image_for(reference, Op::Show)?;
         let conn = &self.repo.conn;
-        let mut out = vec![entry("self", row.id.to_string(), row.name.clone(), true)];
+        let mut out = vec![entry(
+            Relation::Itself,
+            row.id.to_string(),
+            row.name.clone(),
+            true,
+        )];
         if let Some(i) = &row.source_instance {
             let name = catalog::instances::instance_name(conn, i)?;
             out.push(entry(
-                "source-instance",
+                Relation::SourceInstance,
                 i.clone(),
                 name.clone().unwrap_or_default(),
                 name.is_some(),
@@ -254,20 +261,25 @@ impl Depot {
                 .rsplit_once(' ')
                 .unwrap_or(("", &row.copied_from));
             out.push(HistoryEntry {
-                depot: d.to_owned(),
-                ..entry("copied-from", id.to_owned(), row.parent_name.clone(), true)
+                depot: non_empty(d.to_owned()),
+                ..entry(
+                    Relation::CopiedFrom,
+                    id.to_owned(),
+                    row.parent_name.clone(),
+                    true,
+                )
             });
         } else {
             out.extend(parent_chain(conn, &row)?);
         }
         for (depot, id) in catalog::images::copies_of(conn, row.id.as_str())? {
             out.push(HistoryEntry {
-                depot,
-                ..entry("copy", id, String::new(), true)
+                depot: non_empty(depot),
+                ..entry(Relation::Copy, id, String::new(), true)
             });
         }
         for (id, name) in catalog::images::children_of(conn, row.id.as_str())? {
-            out.push(entry("child", id, name, true));
+            out.push(entry(Relation::Child, id, name, true));
         }
         Ok(out)
     }
@@ -294,38 +306,38 @@ impl Depot {
         Ok(ImageInfo {
             id: r.id.to_string(),
             state: if damage.is_some() {
-                "damaged".into()
+                types::ImageState::Damaged
             } else {
                 shown_state(r.state, r.deprecated)
             },
-            name: r.name,
             kind: if access == Access::Shared {
-                "shared".into()
+                Some(ImageKind::Shared)
             } else {
-                r.kind
+                r.image_type().map(ImageKind::from)
             },
+            name: r.name,
             owner: r.owner,
-            description: r.description,
+            description: non_empty(r.description),
             source_format: r.source_format,
             virtual_size: r.virtual_size,
             data_bytes: r.data_bytes,
             content_digest: r.content_digest,
-            created_at: rfc3339(r.created_at),
+            created_at: Timestamp::from_unix(r.created_at),
             unique_stored_bytes: unique,
             shared_stored_bytes: shared,
             parent: r.parent,
-            parent_name: r.parent_name,
+            parent_name: non_empty(r.parent_name),
             source_instance: r.source_instance,
-            copied_from: r.copied_from,
+            copied_from: non_empty(r.copied_from),
             protected: r.protected,
             deprecated: r.deprecated,
             tags,
-            vendor: r.vendor,
-            application: r.application,
-            app_version: r.app_version,
+            vendor: non_empty(r.vendor),
+            application: non_empty(r.application),
+            app_version: non_empty(r.app_version),
             shared_with,
             launch_only: !r.restricted_from.is_empty(),
-            restricted_from: r.restricted_from,
+            restricted_from: non_empty(r.restricted_from),
             damage,
         })
     }
@@ -361,7 +373,7 @@ fn parent_chain(conn: &Connection, row: &ImageRow) -> Result<Vec<HistoryEntry>> 
         }
         let p = catalog::find_images(conn, &pid)?.into_iter().next();
         let name = p.as_ref().map(|p| p.name.clone()).unwrap_or(pname);
-        out.push(entry("parent", pid, name, p.is_some()));
+        out.push(entry(Relation::Parent, pid, name, p.is_some()));
         next = p.and_then(|p| p.parent.map(|q| (q, p.parent_name)));
     }
     Ok(out)

@@ -31,8 +31,11 @@ use tracing::instrument;
 pub use crate::catalog::ImageType;
 pub use crate::image::import::ImportOptions;
 pub use display::rfc3339;
-pub use open::{check_account, FORMAT_VERSION, MARKER};
-pub use types::{DepotOptions, HistoryEntry, ImageInfo, ImageUpdate, Intent};
+pub use open::check_account;
+pub use types::{
+    DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageUpdate, Intent, Relation,
+    Timestamp,
+};
 
 use crate::depot::access::Op;
 use crate::error::{Error, Result};
@@ -60,7 +63,7 @@ impl Depot {
     }
 
     /// The modes of this depot's files and directories.
-    pub fn perms(&self) -> Perms {
+    pub(crate) fn perms(&self) -> Perms {
         self.repo.perms
     }
 

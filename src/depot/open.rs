@@ -37,7 +37,7 @@ pub const FORMAT_VERSION: u32 = 1;
 impl Depot {
     /// Opens the depot at `root`, creating the directory and catalog if
     /// needed (private to the owner). Several processes may open one depot
-    /// at once. Sets the process umask (see [`crate::perms`]).
+    /// at once. Sets the process umask (see [`Depot::open_with`]).
     pub fn open(root: impl AsRef<Path>) -> Result<Depot> {
         Depot::open_with(root, &DepotOptions::default())
     }
@@ -47,10 +47,10 @@ impl Depot {
     ///
     /// Permissions: the process umask becomes 0077 (0007 for a group
     /// depot), and everything the library creates gets explicit modes
-    /// (see [`crate::perms`]). An existing depot whose root directory is
-    /// more open than that is closed again (root chmod 0700, or 2770) when
-    /// its owner opens it: the root's mode alone closes access to
-    /// everything below it.
+    /// (docs/ARCHITECTURE.md, "Depot permissions"). An existing depot
+    /// whose root directory is more open than that is closed again (root
+    /// chmod 0700, or 2770) when its owner opens it: the root's mode alone
+    /// closes access to everything below it.
     #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
     pub fn open_with(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<Depot> {
         let account = resolve_account(opts)?;
@@ -127,7 +127,8 @@ impl Depot {
     /// image manifests (the damaged catalog's files are moved aside to
     /// `catalog.db.damaged-<unix time>`); a sound catalog is kept, and the
     /// manifests and pack indexes it lacks are written. Run it while no
-    /// other vmdepot process uses the depot. See [`crate::maint::repair`].
+    /// other vmdepot process uses the depot (docs/ARCHITECTURE.md, "A lost
+    /// catalog").
     #[instrument(skip_all, err(level = "debug"), fields(root = %root.as_ref().display()))]
     pub fn repair(root: impl AsRef<Path>, opts: &DepotOptions) -> Result<RepairReport> {
         let root = root.as_ref();

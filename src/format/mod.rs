@@ -79,7 +79,7 @@ pub const MANIFEST_MAGIC_1_0: [u8; 8] = [0xf5, 0x89, 0xf7, 0x4f, 0x0e, 0x10, 0x6
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PackHeader {
-    /// [`PACK_MAGIC_1_0`].
+    /// `PACK_MAGIC_1_0`.
     pub magic: [u8; 8],
     /// Chunk size in bytes, little-endian (4096).
     pub chunk_size: u32,
@@ -358,7 +358,7 @@ pub fn decode_map_within(blob: &[u8], max_blocks: u64) -> Result<BlockMap, Forma
     Ok(map)
 }
 
-/// [`get_varint`] from a stream.
+/// Reads a LEB128 varint from a stream.
 fn read_varint(r: &mut impl std::io::BufRead, part: Part) -> Result<u64, FormatError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
@@ -391,22 +391,6 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-/// Reads a LEB128 varint, advancing the slice.
-pub fn get_varint(p: &mut &[u8]) -> Result<u64, FormatError> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = p
-            .split_first()
-            .ok_or_else(|| invalid(Part::Map, "truncated"))?;
-        *p = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(invalid(Part::Map, "varint too long"))
 }
 
 /// Runs of consecutive values in sorted `ids`, as inclusive `(first, last)`.
@@ -830,14 +814,6 @@ fn read_hash_runs(
     Ok(())
 }
 
-/// A manifest's version and metadata, its header and checksum checked
-/// but its map not read: what a listing needs. Memory is the metadata,
-/// whatever the map's size.
-pub fn decode_manifest_meta(b: &[u8]) -> Result<(u32, ManifestMeta), FormatError> {
-    let (seq, mut body) = open_manifest(b)?;
-    Ok((seq, read_meta(&mut body)?))
-}
-
 /// Decodes and checks a manifest, calling `each(block, hash)` for every
 /// stored block in block order instead of building its map. The body is
 /// streamed: memory is the metadata and the zstd window. Its map must
@@ -1001,9 +977,9 @@ mod tests {
             },
         };
         let b = encode_manifest(&m);
-        assert_eq!(decode_manifest_meta(&b), Ok((1, m.meta.clone())));
         let mut seen = Vec::new();
-        visit_manifest(&b, |blk, h| seen.push((blk, h))).unwrap();
+        let visited = visit_manifest(&b, |blk, h| seen.push((blk, h)));
+        assert_eq!(visited, Ok((1, m.meta.clone())));
         assert_eq!(seen.len(), 3);
         // a map of more blocks than the virtual size claims is refused
         m.meta.virtual_size = 4096;
@@ -1172,7 +1148,7 @@ mod tests {
             let mut b = Vec::new();
             put_varint(&mut b, v);
             let mut p = &b[..];
-            assert_eq!(get_varint(&mut p).unwrap(), v);
+            assert_eq!(read_varint(&mut p, Part::Map).unwrap(), v);
             assert!(p.is_empty());
         }
         for v in [0i64, 1, -1, i64::MAX, i64::MIN] {

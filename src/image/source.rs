@@ -240,7 +240,7 @@ pub fn inspect(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspect
     inspect_with(input, expected, true)
 }
 
-/// What [`inspect`] does before it calls qemu-img: detection and header
+/// What `inspect` does before it calls qemu-img: detection and header
 /// checks only (for fuzzing; never a reason to skip qemu's checks).
 pub fn inspect_headers(input: &Opened, expected: Option<SourceFormat>) -> Result<Inspected> {
     inspect_with(input, expected, false)

@@ -16,6 +16,7 @@
 //! `query-status` says so, and a pause whose owner died is ended by
 //! whichever command looks at the instance next.
 
+use std::fmt;
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,10 +32,10 @@ pub use crate::catalog::DiskMode;
 
 use super::paths::Paths;
 use super::pause::end_orphaned_pause;
+use crate::catalog;
 use crate::catalog::instances::{self, InstanceRow};
-use crate::catalog::InstanceState;
-use crate::depot::display::rfc3339;
-use crate::depot::Depot;
+use crate::depot::display::non_empty;
+use crate::depot::{Depot, Timestamp};
 use crate::error::{Error, Result};
 use crate::launch::qemu::{Accel, Forward};
 use crate::launch::qmp::{Qmp, RunState};
@@ -103,38 +104,95 @@ impl LaunchOptions {
     }
 }
 
+/// Where an instance is in its life, as users see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Its launch is making it (disks and seed not ready yet).
+    Pending,
+    /// Its QEMU lives and the guest runs.
+    Running,
+    /// Its QEMU lives and the guest's CPUs are stopped (QMP `stop`, a
+    /// live capture, `instance pause`).
+    Paused,
+    /// Made, and no QEMU runs it.
+    Stopped,
+    /// Its launch was interrupted or its QEMU did not start
+    /// ([`InstanceInfo::error`] says why).
+    Failed,
+}
+
+impl InstanceState {
+    /// `pending`, `running`, `paused`, `stopped` or `failed` (the JSON text).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Paused => "paused",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+        }
+    }
+
+    /// Whether QEMU runs for the instance (running or paused).
+    pub fn is_up(self) -> bool {
+        matches!(self, InstanceState::Running | InstanceState::Paused)
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An instance as users see it (`instance show --json`).
 #[derive(Clone, Debug, Serialize)]
 pub struct InstanceInfo {
+    /// Its id (`ins-…`).
     pub id: String,
+    /// Its name (unique per account).
     pub name: String,
     /// Id of the image it was launched from.
     pub image: String,
+    /// That image's name at launch.
     pub image_name: String,
+    /// The account that owns it.
     pub owner: String,
-    /// pending, running, paused (QEMU lives, the guest's CPUs are
-    /// stopped), stopped or failed.
-    pub state: String,
+    /// Where it is in its life, as the process table and QMP say now.
+    pub state: InstanceState,
     /// What QMP `query-status` said (`running`, `paused`, `io-error`, …),
     /// when QEMU lives and answered.
     pub run_state: Option<String>,
-    /// The accelerator of the last start (kvm or tcg), or the request.
-    pub accel: String,
+    /// The accelerator of the last start (kvm or tcg), or the request
+    /// before its first start.
+    pub accel: Accel,
+    /// QEMU's process id while it runs.
     pub pid: Option<i32>,
+    /// The host port forwarded to the guest's SSH port (22), if any.
     pub ssh_port: Option<u16>,
+    /// Host ports forwarded to guest ports.
     pub forwards: Vec<Forward>,
+    /// Virtual CPUs.
     pub cpus: u32,
+    /// Guest memory, in MiB.
     pub memory_mib: u64,
-    pub disk: String,
+    /// How its disk is made.
+    pub disk: DiskMode,
+    /// The guest's hostname (in its seed).
     pub hostname: String,
-    pub created_at: String,
+    /// When it was launched.
+    pub created_at: Timestamp,
+    /// Its directory (`DEPOT/instances/ins-…`).
     pub dir: PathBuf,
+    /// The guest's serial console output, as a file.
     pub serial_log: PathBuf,
+    /// QEMU's QMP control socket.
     pub qmp_socket: PathBuf,
+    /// The socket of the guest's serial console (`instance console`).
     pub console_socket: PathBuf,
-    /// Why it failed (empty otherwise; null in JSON).
-    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
-    pub error: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
     /// A lazy disk: bytes of stored image data its disk server served to
     /// it so far (zero blocks not counted); `None` for other disks.
     pub store_bytes_read: Option<u64>,
@@ -142,10 +200,9 @@ pub struct InstanceInfo {
     /// `None` otherwise.
     pub remote_bytes_fetched: Option<u64>,
     /// A lazy disk: the last read its disk server could not serve (the
-    /// guest got an I/O error), empty if none (null in JSON); a remote
-    /// that failed and came back is cleared by the next read from it.
-    #[serde(serialize_with = "crate::depot::display::empty_as_null")]
-    pub disk_error: String,
+    /// guest got an I/O error), if any; a remote that failed and came back
+    /// is cleared by the next read from it.
+    pub disk_error: Option<String>,
     /// The user to SSH in as: its image's `ssh-user` tag at launch.
     pub ssh_user: Option<String>,
     /// Whether it is ephemeral: tied to the process that launched it (see
@@ -201,10 +258,12 @@ impl Depot {
     pub(crate) fn fresh_row(&self, reference: &str) -> Result<InstanceRow> {
         let r = self.row(reference)?;
         match r.state {
-            InstanceState::Running if !r.pid.is_some_and(|p| crate::proc::pid_alive(p, &r.id)) => {
+            catalog::InstanceState::Running
+                if !r.pid.is_some_and(|p| crate::proc::pid_alive(p, &r.id)) =>
+            {
                 instances::set_stopped(&self.repo.conn, &r.id, r.pid)?;
             }
-            InstanceState::Pending
+            catalog::InstanceState::Pending
                 if !crate::repo::held(&Paths::new(self.root(), &r.id).lock()) =>
             {
                 instances::fail_interrupted_launch(&self.repo.conn, &r.id)?;
@@ -221,7 +280,7 @@ impl Depot {
         let p = Paths::new(self.root(), &id);
         let lock = self.perms().flock(&p.lock(), FlockArg::LockExclusive)?;
         let r = self.fresh_row(&id)?;
-        if r.state == InstanceState::Running {
+        if r.state == catalog::InstanceState::Running {
             // With the lock ours, a lease left here is a dead process's.
             end_orphaned_pause(&p);
         }
@@ -258,7 +317,8 @@ impl Depot {
     pub(crate) fn info(&self, r: InstanceRow, run_state: Option<RunState>) -> InstanceInfo {
         let p = Paths::new(self.root(), &r.id);
         let files = p.files();
-        let paused = r.state == InstanceState::Running && run_state == Some(RunState::Paused);
+        let paused =
+            r.state == catalog::InstanceState::Running && run_state == Some(RunState::Paused);
         let stats = (r.disk == DiskMode::Lazy).then(|| crate::image::serve::read_stats(&p.dir));
         // (a remote image run lazily: fetched bytes are shown, 0 too)
         let partial = stats.is_some()
@@ -266,13 +326,20 @@ impl Depot {
                 crate::catalog::partial::partial(&self.repo.conn, &r.image),
                 Ok(Some(_))
             );
+        let accel = match r.accel_used.as_str() {
+            "" => &r.accel,
+            used => used,
+        };
         InstanceInfo {
-            accel: if r.accel_used.is_empty() {
-                r.accel.clone()
-            } else {
-                r.accel_used.clone()
+            // (only `Accel::as_str` texts are stored)
+            accel: Accel::parse(accel).unwrap_or(Accel::Auto),
+            state: match r.state {
+                catalog::InstanceState::Running if paused => InstanceState::Paused,
+                catalog::InstanceState::Running => InstanceState::Running,
+                catalog::InstanceState::Pending => InstanceState::Pending,
+                catalog::InstanceState::Stopped => InstanceState::Stopped,
+                catalog::InstanceState::Failed => InstanceState::Failed,
             },
-            state: if paused { "paused" } else { r.state.as_str() }.to_owned(),
             run_state: run_state.map(|s| s.as_str().to_owned()),
             forwards: forwards_of(&r),
             id: r.id,
@@ -284,20 +351,20 @@ impl Depot {
             ssh_port: r.ssh_port,
             cpus: r.cpus,
             memory_mib: r.memory_mib,
-            disk: r.disk.as_str().to_owned(),
+            disk: r.disk,
             hostname: r.hostname,
-            created_at: rfc3339(r.created_at),
+            created_at: Timestamp::from_unix(r.created_at),
             dir: p.dir,
             serial_log: files.serial_log,
             qmp_socket: files.qmp,
             console_socket: files.console,
-            error: r.error,
+            error: non_empty(r.error),
             store_bytes_read: stats.as_ref().map(|s| s.store_bytes_read),
             remote_bytes_fetched: stats
                 .as_ref()
                 .filter(|s| s.remote_bytes_fetched > 0 || partial)
                 .map(|s| s.remote_bytes_fetched),
-            disk_error: stats.map(|s| s.error).unwrap_or_default(),
+            disk_error: stats.and_then(|s| non_empty(s.error)),
             ssh_user: r.ssh_user,
             ephemeral: r.owner_lease.is_some(),
         }
@@ -316,10 +383,10 @@ impl Depot {
     pub fn instance(&self, reference: &str) -> Result<InstanceInfo> {
         let r = self.fresh_row(reference)?;
         let run_state = match r.state {
-            InstanceState::Running => self.run_state(&r),
+            catalog::InstanceState::Running => self.run_state(&r),
             _ => None,
         };
-        if r.state == InstanceState::Running && r.disk == DiskMode::Lazy {
+        if r.state == catalog::InstanceState::Running && r.disk == DiskMode::Lazy {
             // Its disk server died: QEMU reconnects to a new one.
             let dir = Paths::new(self.root(), &r.id).dir;
             crate::launch::disk::restart_if_gone(&self.repo, &r.image, &dir);
@@ -340,5 +407,52 @@ impl Depot {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON of `instance show --json`: typed fields serialize as the
+    /// text the CLI always printed, absent ones as null.
+    #[test]
+    fn info_serializes_as_the_cli_prints_it() {
+        let info = InstanceInfo {
+            id: "ins-0123456789abcdef".into(),
+            name: "web".into(),
+            image: "img-0123456789abcdef".into(),
+            image_name: "base".into(),
+            owner: "alice".into(),
+            state: InstanceState::Paused,
+            run_state: Some("paused".into()),
+            accel: Accel::Kvm,
+            pid: Some(42),
+            ssh_port: None,
+            forwards: vec![Forward {
+                addr: "127.0.0.1".into(),
+                host: 8080,
+                guest: 80,
+            }],
+            cpus: 1,
+            memory_mib: 512,
+            disk: DiskMode::Lazy,
+            hostname: "web".into(),
+            created_at: Timestamp::from_unix(1_700_000_000),
+            dir: "/d/instances/ins-0123456789abcdef".into(),
+            serial_log: "/d/s.log".into(),
+            qmp_socket: "/d/qmp.sock".into(),
+            console_socket: "/d/console.sock".into(),
+            error: None,
+            store_bytes_read: Some(4096),
+            remote_bytes_fetched: None,
+            disk_error: Some("read at offset 0 failed".into()),
+            ssh_user: Some("debian".into()),
+            ephemeral: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&info).unwrap(),
+            r#"{"id":"ins-0123456789abcdef","name":"web","image":"img-0123456789abcdef","image_name":"base","owner":"alice","state":"paused","run_state":"paused","accel":"kvm","pid":42,"ssh_port":null,"forwards":[{"addr":"127.0.0.1","host":8080,"guest":80}],"cpus":1,"memory_mib":512,"disk":"lazy","hostname":"web","created_at":"2023-11-14T22:13:20Z","dir":"/d/instances/ins-0123456789abcdef","serial_log":"/d/s.log","qmp_socket":"/d/qmp.sock","console_socket":"/d/console.sock","error":null,"store_bytes_read":4096,"remote_bytes_fetched":null,"disk_error":"read at offset 0 failed","ssh_user":"debian","ephemeral":true}"#
+        );
     }
 }

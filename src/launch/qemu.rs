@@ -83,7 +83,7 @@ impl Forward {
     }
 
     /// Fails with a clear error if the host port is taken.
-    pub fn check_free(&self) -> Result<()> {
+    pub(crate) fn check_free(&self) -> Result<()> {
         std::net::TcpListener::bind((self.addr.as_str(), self.host))
             .map(drop)
             .map_err(|e| {

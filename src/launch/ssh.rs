@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::depot::Depot;
 use crate::error::{Error, IoContext, Result};
-use crate::launch::instance::{InstanceInfo, SSH_USER_TAG};
+use crate::launch::instance::{InstanceInfo, InstanceState, SSH_USER_TAG};
 use crate::launch::paths::Paths;
 
 /// `DEPOT/keys/ACCOUNT/id_ed25519`: the private key of the account's key
@@ -91,11 +91,11 @@ impl Depot {
                 return Ok(i);
             }
             let i = self.instance(&i.id)?;
-            if i.state != "running" && i.state != "paused" {
+            if !matches!(i.state, InstanceState::Running | InstanceState::Paused) {
                 return Err(Error::GuestExited {
                     instance: what,
                     needle,
-                    last: format!("it is {}", i.state),
+                    last: format!("it is {}", i.state.as_str()),
                 });
             }
             if Instant::now() >= deadline {
@@ -126,10 +126,13 @@ impl Depot {
         remote: &[String],
     ) -> Result<Command> {
         let i = self.instance(reference)?;
-        if i.state != "running" && i.state != "paused" {
+        if !matches!(i.state, InstanceState::Running | InstanceState::Paused) {
             return Err(Error::Conflict(format!(
                 "instance {} ({}) is {}: start it first (`vmdepot instance start {}`)",
-                i.name, i.id, i.state, i.name
+                i.name,
+                i.id,
+                i.state.as_str(),
+                i.name
             )));
         }
         let port = ssh_port(&i)?;

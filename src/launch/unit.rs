@@ -13,7 +13,7 @@ impl Depot {
     /// A systemd unit that runs the instance in the foreground
     /// (`Type=notify`: ready once QEMU is up; stop = ACPI power button).
     /// Every word of `ExecStart=` is quoted and every value escaped per
-    /// systemd.syntax(7) ([`systemd_word`], [`systemd_text`]).
+    /// systemd.syntax(7).
     #[instrument(skip_all, err(level = "debug"))]
     pub fn instance_unit(&self, reference: &str) -> Result<String> {
         let r = self.row(reference)?;

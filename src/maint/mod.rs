@@ -33,7 +33,6 @@ pub use crate::image::export::VerifyReport;
 use crate::store::{ObjectInfo, ObjectKind, ObjectStore};
 pub(crate) use fsck::fsck;
 pub(crate) use gc::gc;
-pub use gc::COPY_GRACE_SECS;
 pub(crate) use stats::{stats, usage};
 pub(crate) use verify::verify_all;
 

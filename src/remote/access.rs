@@ -47,7 +47,7 @@ impl Remote {
     }
 
     /// [`Remote::find`] without loading the image's map: its listing entry.
-    pub fn find_listed(
+    pub(crate) fn find_listed(
         &self,
         listing: &Listing,
         reference: &str,

@@ -54,13 +54,9 @@ impl ChunkMap {
     }
 
     /// Chunks held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.chunks.len()
-    }
-
-    /// Whether the remote holds no chunk.
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
     }
 
     /// Adds the chunks of one pack's index (the first location found for
@@ -87,7 +83,7 @@ impl ChunkMap {
 impl Remote {
     /// The chunks the remote holds now: one listing of packs and one of
     /// indexes, then every index not cached yet fetched (and cached).
-    pub fn chunk_map(&self) -> Result<ChunkMap> {
+    pub(crate) fn chunk_map(&self) -> Result<ChunkMap> {
         let packs: HashMap<String, u64> = self
             .store
             .list(ObjectKind::Pack)?

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::Remote;
-use crate::depot::{rfc3339, Depot};
+use crate::depot::{Depot, Timestamp};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::random_hex;
 use crate::store::{ObjectKind, ObjectStore, Patience, S3Location, S3Store};
@@ -48,8 +48,8 @@ pub struct RemoteInfo {
     pub endpoint: Option<String>,
     /// The S3 region (none: the client's default).
     pub region: Option<String>,
-    /// When it was added, RFC 3339 UTC.
-    pub added_at: String,
+    /// When it was added.
+    pub added_at: Timestamp,
 }
 
 /// `DEPOT/remotes/NAME.json`, as written.
@@ -96,7 +96,7 @@ impl ConfigFile {
             url: self.url,
             endpoint: self.endpoint,
             region: self.region,
-            added_at: rfc3339(self.added_at),
+            added_at: Timestamp::from_unix(self.added_at),
         }
     }
 }
@@ -277,7 +277,7 @@ impl Depot {
 
     /// [`Depot::remote`] whose requests have `patience` (a lazy disk
     /// server's are [`Patience::Interactive`]: a guest waits for them).
-    pub fn remote_patient(&self, name: &str, patience: Patience) -> Result<Remote> {
+    pub(crate) fn remote_patient(&self, name: &str, patience: Patience) -> Result<Remote> {
         let cfg = self.read_config(name)?;
         let mut loc = S3Location::parse_url(&cfg.url)?;
         loc.endpoint = cfg.endpoint;

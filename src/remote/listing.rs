@@ -9,10 +9,10 @@ use std::collections::{HashMap, HashSet};
 
 use super::access::access_of;
 use super::{ChunkMap, Listed, Listing, Remote};
-use crate::catalog::ImageState;
+use crate::catalog::{self, ImageType};
 use crate::depot::access::{Access, Op};
-use crate::depot::display::shown_state;
-use crate::depot::{rfc3339, Depot, ImageInfo};
+use crate::depot::display::{non_empty, shown_state};
+use crate::depot::{Depot, ImageInfo, ImageKind, ImageState, Timestamp};
 use crate::error::{Error, Result};
 use crate::format::ManifestMeta;
 use crate::ids::{ChunkHash, ImageId};
@@ -106,33 +106,33 @@ fn info(m: &ManifestMeta, access: Access, usage: &Usage) -> ImageInfo {
         id: m.id.clone(),
         name: m.name.clone(),
         kind: if access == Access::Shared {
-            "shared".into()
+            Some(ImageKind::Shared)
         } else {
-            m.kind.clone()
+            ImageType::parse(&m.kind).ok().map(ImageKind::from)
         },
-        state: shown_state(Some(ImageState::Available), m.deprecated),
+        state: shown_state(Some(catalog::ImageState::Available), m.deprecated),
         owner: m.owner.clone(),
-        description: m.description.clone(),
+        description: non_empty(m.description.clone()),
         source_format: m.source_format.clone(),
         virtual_size: m.virtual_size,
         data_bytes: m.data_bytes,
         content_digest: Some(m.content_digest.clone()).filter(|d| !d.is_empty()),
-        created_at: rfc3339(m.created_at),
+        created_at: Timestamp::from_unix(m.created_at),
         unique_stored_bytes: unique,
         shared_stored_bytes: shared,
         parent: m.parent.clone(),
-        parent_name: m.parent_name.clone(),
+        parent_name: non_empty(m.parent_name.clone()),
         source_instance: m.source_instance.clone(),
-        copied_from: m.copied_from.clone(),
+        copied_from: non_empty(m.copied_from.clone()),
         protected: m.protected,
         deprecated: m.deprecated,
         tags: m.tags.clone(),
-        vendor: m.vendor.clone(),
-        application: m.application.clone(),
-        app_version: m.app_version.clone(),
+        vendor: non_empty(m.vendor.clone()),
+        application: non_empty(m.application.clone()),
+        app_version: non_empty(m.app_version.clone()),
         shared_with,
         launch_only: !m.restricted_from.is_empty(),
-        restricted_from: m.restricted_from.clone(),
+        restricted_from: non_empty(m.restricted_from.clone()),
         damage: None,
     }
 }
@@ -244,7 +244,7 @@ impl Depot {
             ..Default::default()
         };
         let mut shown = info(&m, Access::Owner, &Usage(HashMap::new()));
-        shown.state = "damaged".into();
+        shown.state = ImageState::Damaged;
         shown.damage = Some(damage);
         Ok(shown)
     }

@@ -33,9 +33,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use chunks::{ChunkLoc, ChunkMap};
-pub use config::{check_remote_name, RemoteInfo, REMOTE_MARKER};
-pub use gc::{RemoteGcReport, GC_LOCK, LOCK_FRESH};
+pub(crate) use chunks::{ChunkLoc, ChunkMap};
+pub use config::RemoteInfo;
+pub use gc::RemoteGcReport;
+pub(crate) use gc::GC_LOCK;
 pub use pull::PullReport;
 pub use push::{grace, PushReport, PushedImage};
 
@@ -57,21 +58,17 @@ pub struct Remote {
 }
 
 /// One image of a remote, ready for an operation: its manifest (the
-/// version in force, map included) and the names of every version's
-/// object. [`Remote::find`] gives one.
+/// version in force, map included). [`Remote::find`] gives one.
 #[derive(Clone, Debug)]
 pub struct RemoteImage {
     /// The manifest the image is read from.
-    pub manifest: Manifest,
-    /// Object names of all its versions, highest first (the first is
-    /// `manifest`'s unless a higher one did not verify).
-    pub objects: Vec<String>,
+    pub(crate) manifest: Manifest,
 }
 
 /// One image of a remote's listing: the metadata of the highest version
 /// of its manifest that verifies (its map was checked, not kept).
 #[derive(Clone, Debug)]
-pub struct Listed {
+pub(crate) struct Listed {
     /// The version in force.
     pub seq: u32,
     /// Its metadata.
@@ -86,7 +83,7 @@ pub struct Listed {
 #[derive(Clone, Debug, Default)]
 pub struct Listing {
     /// The images, by id.
-    pub images: BTreeMap<String, Listed>,
+    pub(crate) images: BTreeMap<String, Listed>,
     /// One line for each image left out because no version of its
     /// manifest verifies (the object and what is wrong).
     pub damaged: Vec<String>,
@@ -119,7 +116,12 @@ impl RemoteImage {
 impl Remote {
     /// A remote called `name` over `store`; pack indexes are cached in
     /// `cache` (created when first needed, with the depot's `perms`).
-    pub fn new(name: &str, store: Arc<dyn ObjectStore>, cache: PathBuf, perms: Perms) -> Remote {
+    pub(crate) fn new(
+        name: &str,
+        store: Arc<dyn ObjectStore>,
+        cache: PathBuf,
+        perms: Perms,
+    ) -> Remote {
         Remote {
             name: name.to_owned(),
             store,
@@ -134,17 +136,12 @@ impl Remote {
     }
 
     /// Its objects.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }
 
-    /// Where its pack indexes are cached on this host.
-    pub fn cache_dir(&self) -> &std::path::Path {
-        &self.cache
-    }
-
     /// The object name of version `seq` of image `id`'s manifest.
-    pub fn manifest_name(id: &ImageId, seq: u32) -> String {
+    pub(crate) fn manifest_name(id: &ImageId, seq: u32) -> String {
         format!("{id}.{seq}.manifest")
     }
 
@@ -225,17 +222,14 @@ impl Remote {
     /// The listed image with its map, for an operation on it: its
     /// manifest read again and decoded (memory: its own map, which its
     /// virtual size bounds). Gone meanwhile: not found.
-    pub fn load(&self, listed: &Listed) -> Result<RemoteImage> {
+    pub(crate) fn load(&self, listed: &Listed) -> Result<RemoteImage> {
         let id = ImageId::parse(listed.id())
             .ok_or_else(|| Error::ImageNotFound(format!("{}:{}", self.name, listed.id())))?;
         let Some(bytes) = self.store.get(ObjectKind::Manifest, &listed.object)? else {
             return Err(Error::ImageNotFound(format!("{}:{id}", self.name)));
         };
         let manifest = self.check_manifest(&id, listed.seq, &listed.object, &bytes)?;
-        Ok(RemoteImage {
-            manifest,
-            objects: listed.objects.clone(),
-        })
+        Ok(RemoteImage { manifest })
     }
 
     /// Decodes a manifest object and checks it is the one its name says.

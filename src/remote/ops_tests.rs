@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::config::{check_remote_name, REMOTE_MARKER};
 use super::*;
 use crate::depot::access::Op;
 use crate::depot::Depot;
@@ -357,7 +358,7 @@ fn a_damaged_manifest_is_named_and_hides_nothing_else() {
         "{e}"
     );
     let a = list.iter().find(|i| i.id == id).unwrap();
-    assert_eq!(a.state, "available");
+    assert_eq!(a.state, crate::depot::ImageState::Available);
     assert_eq!(a.virtual_size, 3 * CHUNK_SIZE as u64);
     assert!(a.unique_stored_bytes > 0);
     assert_eq!(f.remote.show("a", "alice").unwrap().id, id);
@@ -400,7 +401,7 @@ fn delete_retires_every_version_for_its_owner_only() {
         .depot("bob")
         .delete_remote_image(&f.remote, bad.as_str())
         .unwrap();
-    assert_eq!(info.state, "damaged");
+    assert_eq!(info.state, crate::depot::ImageState::Damaged);
     assert!(!f.listed(ObjectKind::Manifest, &name));
 }
 

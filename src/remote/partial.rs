@@ -95,7 +95,7 @@ impl Depot {
     /// makes it available (an ordinary pulled image from then on). One
     /// process at a time: another one completing it is an error.
     #[tracing::instrument(skip_all, err(level = "debug"))]
-    pub fn complete_partial(
+    pub(crate) fn complete_partial(
         &self,
         remote: &Remote,
         id: &str,

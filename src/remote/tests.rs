@@ -12,7 +12,7 @@ use super::fetch::plan_reads;
 use super::pull::check_pulled;
 use super::push::PushLimits;
 use super::{Remote, RemoteImage};
-use crate::depot::{Depot, ImportOptions};
+use crate::depot::{Depot, ImageKind, ImportOptions};
 use crate::error::Error;
 use crate::format::{IndexFrame, PackIndex, CHUNK_SIZE, PACK_TARGET_BYTES};
 use crate::ids::ChunkHash;
@@ -177,7 +177,7 @@ fn push_then_pull_into_an_empty_depot_gives_the_same_bytes() {
         a.image("base").unwrap().content_digest
     );
     assert_eq!(local.parent.as_deref(), Some(id.as_str()));
-    assert_eq!(local.copied_from, format!("remote:r {id}"));
+    assert_eq!(local.copied_from, Some(format!("remote:r {id}")));
     assert_eq!(env.export(&b, &local.id), content);
     b.verify(Some(&local.id), &NoProgress).unwrap();
     assert_eq!(b.local_copy(&rb, &img).unwrap().unwrap().id, local.id);
@@ -418,19 +418,25 @@ fn a_pulled_image_keeps_owner_type_shares_and_tags() {
         .pull_image(&rb, &listed(&rb, &id), None, &NoProgress)
         .unwrap()
         .image;
-    assert_eq!((p.owner.as_str(), p.kind.as_str()), ("alice", "public"));
-    assert_eq!(p.description, "a public image");
+    assert_eq!(
+        (p.owner.as_str(), p.kind),
+        ("alice", Some(ImageKind::Public))
+    );
+    assert_eq!(p.description.as_deref(), Some("a public image"));
     assert_eq!(p.tags.get("os").map(String::as_str), Some("linux"));
     let s = b
         .pull_image(&rb, &listed(&rb, &own.image.id), None, &NoProgress)
         .unwrap()
         .image;
     // bob, its receiver, sees it as shared with him; alice as her custom image
-    assert_eq!((s.owner.as_str(), s.kind.as_str()), ("alice", "shared"));
+    assert_eq!(
+        (s.owner.as_str(), s.kind),
+        ("alice", Some(ImageKind::Shared))
+    );
     let mine = env.depot("b", "alice").image(&s.id).unwrap();
     assert_eq!(
-        (mine.kind.as_str(), mine.shared_with),
-        ("custom", vec!["bob".to_owned()])
+        (mine.kind, mine.shared_with),
+        (Some(ImageKind::Custom), vec!["bob".to_owned()])
     );
 }
 

@@ -37,8 +37,10 @@ pub use memory::MemoryStore;
 pub use object::{
     ObjectInfo, ObjectKind, ObjectReader, ObjectStore, ObjectWriter, RangeBytes, DELETE_GRACE,
 };
-pub use pack::{read_index, remove_pack, write_index, PackReader, PackWriter};
-pub use rotate::{PackRotator, Placed, Register, Sealed};
+#[cfg(test)]
+pub use pack::PackWriter;
+pub use pack::{read_index, remove_pack, write_index, PackReader};
+pub use rotate::{PackRotator, Sealed};
 pub use s3::{Patience, S3Credentials, S3Location, S3Store};
 
 use crate::error::{Error, IoContext, Result};

@@ -86,11 +86,6 @@ impl<'s> PackWriter<'s> {
         self.object.len()
     }
 
-    /// Whether no frame was appended yet.
-    pub fn is_empty(&self) -> bool {
-        self.index.frames.is_empty()
-    }
-
     /// Makes the pack durable, then its index (so an index exists only for
     /// a complete pack); returns the pack's size.
     pub fn seal(mut self) -> Result<u64> {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmdepot::store::{S3Credentials, S3Location, S3Store};
+use vmdepot::internals::store::{S3Credentials, S3Location, S3Store};
 
 /// The S3 region of the cluster.
 pub const REGION: &str = "garage";

@@ -38,11 +38,12 @@ fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// The layer of a source file under src/ (None: the binary or lib.rs).
+/// The layer of a source file under src/ (None: the binary, or lib.rs and
+/// internals.rs, which only re-export).
 fn file_rank(rel: &Path) -> Option<usize> {
     let first = rel.components().next()?.as_os_str().to_str()?;
     let module = first.strip_suffix(".rs").unwrap_or(first);
-    if matches!(module, "lib" | "main" | "cli") {
+    if matches!(module, "lib" | "internals" | "main" | "cli") {
         return None;
     }
     Some(rank(module).unwrap_or_else(|| {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::common::*;
 use crate::garage::{Garage, REGION};
-use vmdepot::store::{ObjectKind, ObjectStore};
+use vmdepot::internals::store::{ObjectKind, ObjectStore};
 
 /// One host: a depot of its own, with the cluster's credentials in the
 /// environment of every command it runs.

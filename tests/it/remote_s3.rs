@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use vmdepot::store::{is_not_found, ObjectKind, ObjectStore, S3Credentials, S3Location, S3Store};
+use vmdepot::internals::store::{
+    is_not_found, ObjectKind, ObjectStore, S3Credentials, S3Location, S3Store,
+};
 use vmdepot::Error;
 
 use crate::garage::{Garage, REGION};

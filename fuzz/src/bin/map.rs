@@ -1,4 +1,4 @@
-//! Fuzz target: vmdepot::format::decode_map_within on a whole map blob
+//! Fuzz target: vmdepot::internals::format::decode_map_within on a whole map blob
 //! (magic + zstd frame), see vmdepot_fuzz::map_target.
 use vmdepot_fuzz::{map_target, LimitAlloc};
 

@@ -8,7 +8,7 @@ static ALLOC: LimitAlloc = LimitAlloc;
 
 fn main() {
     afl::fuzz!(|data: &[u8]| {
-        let mut blob = vmdepot::format::MAP_MAGIC_1_0.to_vec();
+        let mut blob = vmdepot::internals::format::MAP_MAGIC_1_0.to_vec();
         blob.extend(zstd::bulk::compress(data, 1).expect("zstd compress to memory"));
         map_target(&blob);
     });

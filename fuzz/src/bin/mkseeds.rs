@@ -5,9 +5,9 @@
 use std::fs;
 use std::path::Path;
 
-use vmdepot::format::{self, BlockMap, MapBuilder};
-use vmdepot::perms::Perms;
-use vmdepot::store::{LocalDir, ObjectKind, ObjectStore};
+use vmdepot::internals::format::{self, BlockMap, MapBuilder};
+use vmdepot::internals::store::{LocalDir, ObjectKind, ObjectStore};
+use vmdepot::internals::Perms;
 use vmdepot::{Depot, ImportOptions, NoProgress};
 
 fn main() {
@@ -41,7 +41,11 @@ fn main() {
         .unwrap();
     drop(depot);
 
-    let conn = vmdepot::catalog::open(&depot_dir.join("catalog.db"), 0o600, None).unwrap();
+    let conn = rusqlite::Connection::open_with_flags(
+        depot_dir.join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     let blob: Vec<u8> = conn
         .query_row(
             "SELECT map FROM images WHERE id = ?1",
@@ -71,7 +75,7 @@ fn main() {
     // A pack of one header and nothing else, and one 1-chunk frame.
     let mut seed = vec![0u8];
     seed.extend(16u32.to_le_bytes());
-    let frame = vmdepot::store::compress_frame(&first, 3).unwrap();
+    let frame = vmdepot::internals::store::compress_frame(&first, 3).unwrap();
     seed.extend((frame.len() as u32).to_le_bytes());
     seed.extend(format::PackHeader::new().to_bytes());
     fs::write(out.join("pack").join("header-only.pack"), &seed).unwrap();

@@ -1,5 +1,5 @@
-//! Fuzz target: pack header and frame readers (vmdepot::format::PackHeader,
-//! vmdepot::store::{decompress_frame, PackReader}), see vmdepot_fuzz::pack_target.
+//! Fuzz target: pack header and frame readers (vmdepot::internals::format::PackHeader,
+//! vmdepot::internals::store::{decompress_frame, PackReader}), see vmdepot_fuzz::pack_target.
 use vmdepot_fuzz::{pack_target, LimitAlloc};
 
 #[global_allocator]

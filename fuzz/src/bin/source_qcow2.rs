@@ -1,4 +1,4 @@
-//! Fuzz target: vmdepot::image::source::inspect_headers (see vmdepot_fuzz::source_target).
+//! Fuzz target: vmdepot::internals::source::inspect_headers (see vmdepot_fuzz::source_target).
 use vmdepot_fuzz::{source_target, LimitAlloc, Source};
 
 #[global_allocator]

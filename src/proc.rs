@@ -24,27 +24,45 @@ pub fn read_pidfile(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
-/// The owner lease of this process: `BOOT_ID PID START_TICKS`, what an
-/// ephemeral instance records of the process it must not outlive (the
-/// start time and boot id guard against pid reuse). `None` where `/proc`
-/// does not say.
+/// The owner lease of this process: `BOOT_ID PIDNS PID START_TICKS`, what
+/// an ephemeral instance records of the process it must not outlive (the
+/// boot id and start time guard against pid reuse; PIDNS, the inode of
+/// `/proc/self/ns/pid`, says which pid namespace the pid is of). `None`
+/// where `/proc` does not say.
 pub fn own_lease() -> Option<String> {
     let pid = std::process::id() as i32;
-    Some(format!("{} {pid} {}", boot_id()?, start_ticks(pid)?))
+    Some(format!("{} {} {pid} {}", boot_id()?, pid_ns()?, start_ticks(pid)?))
 }
 
-/// Whether the process an owner lease names still lives. A lease of
-/// another boot, or one that does not parse, is not held.
-pub fn lease_held(lease: &str) -> bool {
-    let mut it = lease.split(' ');
-    let (Some(boot), Some(pid), Some(start), None) = (it.next(), it.next(), it.next(), it.next())
-    else {
-        return false;
+/// Whether the process an owner lease names is surely gone: the lease is
+/// of another boot, or of this boot and of this process's pid namespace
+/// and no process of that pid and start time lives. A lease of another
+/// pid namespace (a container sharing the depot) is never taken as gone:
+/// its pid means nothing here. One that does not parse is gone.
+pub fn lease_gone(lease: &str) -> bool {
+    let f: Vec<&str> = lease.split(' ').collect();
+    let [boot, ns, pid, start] = f[..] else {
+        return true;
     };
     let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
-        return false;
+        return true;
     };
-    pid > 0 && boot_id().as_deref() == Some(boot) && start_ticks(pid) == Some(start)
+    if boot_id().as_deref() != Some(boot) {
+        return true;
+    }
+    if pid_ns().as_deref() != Some(ns) {
+        return false;
+    }
+    pid <= 0 || start_ticks(pid) != Some(start)
+}
+
+/// This process's pid namespace: the inode in `/proc/self/ns/pid`'s link
+/// (`pid:[4026531836]`).
+fn pid_ns() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let link = link.to_str()?;
+    let ino = link.strip_prefix("pid:[")?.strip_suffix(']')?;
+    ino.bytes().all(|b| b.is_ascii_digit()).then(|| ino.to_owned())
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`).
@@ -74,26 +92,35 @@ mod tests {
     #[test]
     fn own_lease_is_held_and_others_are_not() {
         let mine = own_lease().expect("a lease from /proc");
-        assert!(lease_held(&mine), "{mine}");
-        let mut parts: Vec<String> = mine.split(' ').map(str::to_owned).collect();
+        assert!(!lease_gone(&mine), "{mine}");
+        let parts: Vec<&str> = mine.split(' ').collect();
+        let with = |i: usize, v: &str| {
+            let mut p = parts.clone();
+            p[i] = v;
+            p.join(" ")
+        };
         // Another start time of this pid: a reused pid.
-        parts[2] = (parts[2].parse::<u64>().unwrap() + 1).to_string();
-        assert!(!lease_held(&parts.join(" ")));
+        let later = (parts[3].parse::<u64>().unwrap() + 1).to_string();
+        assert!(lease_gone(&with(3, &later)));
         // Another boot.
-        let other_boot = format!(
-            "00000000-0000-0000-0000-000000000000 {}",
-            std::process::id()
-        );
-        assert!(!lease_held(&format!("{other_boot} 1")));
+        assert!(lease_gone(&with(0, "00000000-0000-0000-0000-000000000000")));
+        // Another pid namespace: its pid means nothing here, never gone.
+        assert!(!lease_gone(&with(1, "1")));
+        assert!(!lease_gone(&with(3, &later).replacen(parts[1], "1", 1)));
         // A child that exited (and was reaped).
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let lease = format!("{} {} {}", boot_id().unwrap(), child.id(), {
-            start_ticks(child.id() as i32).unwrap_or(0)
-        });
+        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let lease = format!(
+            "{} {} {} {}",
+            parts[0],
+            parts[1],
+            child.id(),
+            start_ticks(child.id() as i32).unwrap()
+        );
+        assert!(!lease_gone(&lease), "{lease}");
         child.wait().unwrap();
-        assert!(!lease_held(&lease), "{lease}");
-        for bad in ["", "x", "a b c d", "a -1 3", "a 1 x"] {
-            assert!(!lease_held(bad), "{bad:?}");
+        assert!(lease_gone(&lease), "{lease}");
+        for bad in ["", "x", "a b c d e", "a b -1 3", "a b 1 x"] {
+            assert!(lease_gone(bad), "{bad:?}");
         }
     }
 }

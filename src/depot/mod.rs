@@ -51,6 +51,9 @@ pub struct Depot {
     account: String,
 }
 
+/// The name prefix of [`Depot::ensure_imported`]'s probe images.
+const PROBE_PREFIX: &str = ".vmdepot-ensure-";
+
 impl Depot {
     /// Acts as `account` from now on (default: the Unix user, or
     /// `VMDEPOT_ACCOUNT`). The name must be a valid account name
@@ -135,17 +138,19 @@ impl Depot {
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
         let file = file.as_ref();
-        let existing = match self.image(&opts.name) {
+        self.remove_stale_probes();
+        let existing = self.settled_image(file, opts, progress)?;
+        let existing = match existing {
             Ok(i) => i,
-            Err(Error::ImageNotFound(_)) => match self.import(file, opts, progress) {
-                // Another process imported it meanwhile: compare with that.
-                Err(Error::NameTaken { .. }) => self.image(&opts.name)?,
-                r => return r,
-            },
-            Err(e) => return Err(e),
+            Err(imported) => return Ok(imported),
         };
-        let mut probe =
-            ImportOptions::new(format!(".vmdepot-ensure-{}", crate::ids::random_hex(8)));
+        // The probe's name carries this process's lease, so that the
+        // probe of a process killed meanwhile is known for what it is.
+        let lease = crate::proc::own_lease().unwrap_or_default().replace(' ', "_");
+        let mut probe = ImportOptions::new(format!(
+            "{PROBE_PREFIX}{lease}_{}",
+            crate::ids::random_hex(4)
+        ));
         probe.format = opts.format;
         probe.reread = opts.reread;
         let probed = self.import(file, &probe, progress)?;
@@ -163,6 +168,52 @@ impl Depot {
             });
         }
         Ok(existing)
+    }
+
+    /// [`Depot::ensure_imported`]'s image named `opts.name` once no import
+    /// of it runs (`Ok`), or the image it imported when there was none
+    /// (`Err`: nothing to compare).
+    fn settled_image(
+        &self,
+        file: &Path,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<std::result::Result<ImageInfo, ImageInfo>> {
+        loop {
+            match self.image(&opts.name) {
+                // Another process imports it: its content is known once
+                // that import ends (or fails, and the name is free again).
+                Ok(i) if i.state == ImageState::Creating => {
+                    std::thread::sleep(std::time::Duration::from_millis(200))
+                }
+                Ok(i) => return Ok(Ok(i)),
+                Err(Error::ImageNotFound(_)) => match self.import(file, opts, progress) {
+                    // Another process took the name meanwhile: look again.
+                    Err(Error::NameTaken { .. }) => continue,
+                    r => return r.map(Err),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Deletes the probes of [`Depot::ensure_imported`] that a process
+    /// killed before it deleted them left (their names carry its lease).
+    fn remove_stale_probes(&self) {
+        let Ok(images) = self.list_images() else {
+            return;
+        };
+        for i in images {
+            let Some(rest) = i.name.strip_prefix(PROBE_PREFIX) else {
+                continue;
+            };
+            let lease = rest.rsplit_once('_').map_or("", |(l, _)| l).replace('_', " ");
+            if i.state != ImageState::Creating && crate::proc::lease_gone(&lease) {
+                if let Err(e) = self.delete_image(&i.id, true) {
+                    tracing::warn!("could not delete the stale probe image {}: {e}", i.name);
+                }
+            }
+        }
     }
 
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking

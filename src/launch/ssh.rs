@@ -6,10 +6,13 @@
 //! directory).
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::fcntl::FlockArg;
 
 use crate::depot::Depot;
 use crate::error::{Error, IoContext, Result};
@@ -29,13 +32,15 @@ impl Depot {
     pub fn ssh_key(&self) -> Result<PathBuf> {
         let key = key_path(self.root(), self.account());
         let public = key.with_extension("pub");
+        let dir = key.parent().expect("a key has a directory");
+        self.perms().mkdir_all(dir)?;
+        // One maker at a time: concurrent first launches get one key.
+        let _lock = self.perms().flock(&dir.join("lock"), FlockArg::LockExclusive)?;
         if key.is_file() && public.is_file() {
             return Ok(key);
         }
-        let dir = key.parent().expect("a key has a directory");
-        self.perms().mkdir_all(dir)?;
-        // Made under a temporary name and renamed, so that a key is
-        // there whole or not at all.
+        // Made under a temporary name and renamed, the public key last:
+        // once it is there, so is its private key.
         let tmp = dir.join(format!(".tmp-{}", crate::ids::random_hex(4)));
         let out = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C"])
@@ -59,11 +64,12 @@ impl Depot {
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        for p in [&tmp, &tmp_pub] {
-            self.perms().fix(p)?;
-        }
-        std::fs::rename(&tmp_pub, &public).at(&public)?;
+        // 0600 even in a group depot: ssh refuses a private key others
+        // can read.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).at(&tmp)?;
+        self.perms().fix(&tmp_pub)?;
         std::fs::rename(&tmp, &key).at(&key)?;
+        std::fs::rename(&tmp_pub, &public).at(&public)?;
         Ok(key)
     }
 
@@ -117,7 +123,8 @@ impl Depot {
     /// first use and pinned (`instances/ID/known_hosts`), never a prompt
     /// about it. `batch`: no terminal, no password prompt (`-T`, BatchMode),
     /// for commands. `remote` is run by the guest's shell as ssh runs it
-    /// (words joined by spaces).
+    /// (words joined by spaces). The command runs in the depot's directory
+    /// (the key and known hosts are named relative to it).
     pub fn ssh_command(
         &self,
         reference: &str,
@@ -151,12 +158,21 @@ impl Depot {
                 "invalid SSH user {user:?}: use a Unix user name (lowercase letters, digits, _ and -)"
             ))
         })?;
-        let known = Paths::new(self.root(), &i.id).dir.join("known_hosts");
+        self.ssh_key()?;
+        // ssh expands `%` and `${…}` in these paths and splits them at
+        // spaces: they are given relative to the depot's root (the
+        // command's directory), in words vmdepot makes (an account name,
+        // an instance id), whatever the root's path holds.
+        let rel = |p: &Path| {
+            p.strip_prefix(self.root())
+                .expect("under the depot")
+                .to_owned()
+        };
+        let key = rel(&key_path(self.root(), self.account()));
+        let known = rel(&Paths::new(self.root(), &i.id).dir.join("known_hosts"));
         let mut cmd = Command::new("ssh");
-        cmd.arg("-p")
-            .arg(port.to_string())
-            .arg("-i")
-            .arg(self.ssh_key()?);
+        cmd.current_dir(self.root());
+        cmd.arg("-p").arg(port.to_string()).arg("-i").arg(&key);
         for o in [
             format!("UserKnownHostsFile={}", known.display()),
             "StrictHostKeyChecking=accept-new".to_owned(),

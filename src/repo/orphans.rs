@@ -26,7 +26,7 @@ pub(crate) fn instance_dir(root: &Path, id: &str) -> PathBuf {
 pub(crate) fn reap(repo: &Repo) -> Result<Vec<String>> {
     let mut reaped = Vec::new();
     for (id, pid, lease) in instances::ephemeral(&repo.conn)? {
-        if crate::proc::lease_held(&lease) {
+        if !crate::proc::lease_gone(&lease) {
             continue;
         }
         let dir = instance_dir(&repo.root, &id);
@@ -53,7 +53,7 @@ pub(crate) fn reap(repo: &Repo) -> Result<Vec<String>> {
                 tracing::warn!("could not remove {}: {e}", dir.display());
             }
         }
-        let owner = lease.split(' ').nth(1).unwrap_or("?");
+        let owner = lease.split(' ').nth(2).unwrap_or("?");
         tracing::info!("removed ephemeral instance {id}: its owner (pid {owner}) is gone");
         reaped.push(id);
     }

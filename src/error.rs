@@ -17,16 +17,24 @@ pub enum Error {
     /// CLI prints the chain, which would say it twice.)
     #[error("{path}: {error}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         error: std::io::Error,
     },
     /// The filesystem holding the depot is full.
     #[error("no space left on the device holding {path}: run `vmdepot gc` (after `vmdepot image delete` of images no longer needed) or free some space on that filesystem, and retry")]
-    NoSpace { path: PathBuf },
+    NoSpace {
+        /// The file being written when the space ran out.
+        path: PathBuf,
+    },
     /// The filesystem holding an output outside the depot (an export's
     /// destination) is full: gc cannot help there.
     #[error("no space left on the filesystem holding {path} (not the depot's filesystem): free space there, or export somewhere else, and retry")]
-    NoSpaceTarget { path: PathBuf },
+    NoSpaceTarget {
+        /// The output file.
+        path: PathBuf,
+    },
     /// The SQLite catalog failed.
     #[error("catalog: {0}")]
     Sqlite(rusqlite::Error),
@@ -54,32 +62,69 @@ pub enum Error {
     /// A command that only looks at a depot found none at this path (it
     /// creates none).
     #[error("no depot at {}: check --depot (or VMDEPOT_DIR); a depot is created by the first command that writes to it, such as `vmdepot image import`", path.display())]
-    DepotNotFound { path: PathBuf },
+    DepotNotFound {
+        /// The directory asked for.
+        path: PathBuf,
+    },
     /// The image exists but is not in a state that allows the operation.
     #[error("image {image} is {state}, not available")]
-    ImageNotAvailable { image: String, state: String },
+    ImageNotAvailable {
+        /// `NAME (ID)`.
+        image: String,
+        /// Its state as users see it (`creating`, `partial` with the hint).
+        state: String,
+    },
     /// An image name is already taken by one of the account's images
     /// (`existing`: that image).
     #[error("an image named {name:?} already exists ({existing}): pick another --name or delete that image first")]
-    NameTaken { name: String, existing: String },
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The image that has it (`ID, TYPE`), or why none can be named.
+        existing: String,
+    },
     /// A public or marketplace name is taken by another public or
     /// marketplace image (of any owner).
     #[error("the name {name:?} is taken by {existing}: public and marketplace names are unique across accounts; pick another --name")]
-    PublicNameTaken { name: String, existing: String },
+    PublicNameTaken {
+        /// The name asked for.
+        name: String,
+        /// `TYPE image ID of OWNER`: the image that has it.
+        existing: String,
+    },
     /// A name matches several images the account sees.
     #[error("the name {name:?} matches several images: {matches}; use the id")]
-    AmbiguousName { name: String, matches: String },
+    AmbiguousName {
+        /// The name asked for.
+        name: String,
+        /// The images it matches, oldest first (ids, types and owners).
+        matches: String,
+    },
     /// An input file was refused before it was read as a disk.
     #[error("refused {file}: {reason}")]
-    Refused { file: PathBuf, reason: String },
+    Refused {
+        /// The input or destination file.
+        file: PathBuf,
+        /// Why it was refused, and what to do instead.
+        reason: String,
+    },
     /// An input file is damaged or not what it claims to be.
     #[error("{file}: {reason}")]
-    BadInput { file: PathBuf, reason: String },
+    BadInput {
+        /// The input file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Stored data does not match its hash.
     #[error("image {image}: corrupt data at byte offset {offset}: {detail}")]
     Corrupt {
+        /// `NAME (ID)` of the image whose data it is.
         image: String,
+        /// Byte offset in the image of the damaged block (0 when the damage
+        /// is not one block's, such as a wrong content digest).
         offset: u64,
+        /// What is wrong (which chunk, pack or frame, and how).
         detail: String,
     },
     /// The store is damaged outside of any one image.
@@ -87,7 +132,12 @@ pub enum Error {
     StoreDamaged(String),
     /// An external tool (qemu-img) failed or is missing.
     #[error("{tool}: {detail}")]
-    Tool { tool: String, detail: String },
+    Tool {
+        /// The tool (`qemu-img info`, `qemu-img map`, …).
+        tool: String,
+        /// What went wrong, naming the file it worked on.
+        detail: String,
+    },
     /// The acting account may not do this (the message names the rule).
     #[error("{0}")]
     NotPermitted(String),
@@ -107,16 +157,23 @@ pub enum Error {
     /// (QEMU still runs).
     #[error("instance {instance}: timed out after {waited:?} before {needle:?} appeared on its serial console (last lines: {last:?})")]
     Timeout {
+        /// `NAME (ID)`.
         instance: String,
+        /// The text waited for.
         needle: String,
+        /// How long it waited.
         waited: std::time::Duration,
+        /// The console's last lines.
         last: String,
     },
     /// The instance's QEMU exited while something waited for the guest.
     #[error("instance {instance}: QEMU exited before {needle:?} appeared on its serial console (last lines: {last:?}); `vmdepot instance logs` shows the console")]
     GuestExited {
+        /// `NAME (ID)`.
         instance: String,
+        /// The text waited for.
         needle: String,
+        /// The console's last lines.
         last: String,
     },
     /// [`crate::Depot::ensure_imported`]: an image of that name exists with
@@ -162,7 +219,12 @@ pub enum Error {
     /// one line: what failed, on which object or bucket, the HTTP status
     /// or cause, and the fix.
     #[error("remote {remote}: {message}")]
-    Remote { remote: String, message: String },
+    Remote {
+        /// The remote's name.
+        remote: String,
+        /// What failed, on which object, and the fix.
+        message: String,
+    },
     /// Internal: a concurrent gc removed chunks this import referenced; the
     /// import starts over (never escapes `Depot::import`).
     #[error("chunks referenced by this import were collected by a concurrent gc")]

@@ -52,6 +52,7 @@
 //! `error`, `ids`, `perms`, `progress` and `proc` are shared by all. The
 //! modules are private: the API is what this page lists, re-exported here.
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod catalog;
 mod depot;

@@ -61,16 +61,20 @@ pub use imports::{
 pub use manifest::{image_exists, image_shares, image_state, image_tags};
 pub use state::{DiskMode, ImageState, InstanceState};
 
-/// The type of an image (the product brief).
+/// The type of an image: who sees it, and how unique its name is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageType {
+    /// Every account sees and launches it; its name is unique across owners.
     Public,
+    /// A public image with a vendor, application and version.
     Marketplace,
+    /// Its owner's own image (shared with other accounts if its owner says so).
     Custom,
 }
 
 impl ImageType {
+    /// `public`, `marketplace` or `custom` (the catalog's text, `--type`).
     pub fn as_str(self) -> &'static str {
         match self {
             ImageType::Public => "public",
@@ -79,6 +83,7 @@ impl ImageType {
         }
     }
 
+    /// The type `as_str` names; anything else is an error naming the three.
     pub fn parse(s: &str) -> Result<ImageType> {
         match s {
             "public" => Ok(ImageType::Public),

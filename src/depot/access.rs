@@ -44,14 +44,23 @@ pub enum Access {
 /// What the account wants to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// See it: list, show, history.
     Show,
+    /// Launch an instance of it (and restore an instance to it).
     Launch,
+    /// Export its content to a file.
     Export,
+    /// Copy it to another depot, push it to a remote or pull it from one.
     Copy,
+    /// Capture (or back up) an instance launched from it.
     Capture,
+    /// Verify its content against its digest.
     Verify,
+    /// Change its metadata (name, description, protection, tags).
     Update,
+    /// Share it with an account, or stop sharing it.
     Share,
+    /// Delete it.
     Delete,
 }
 

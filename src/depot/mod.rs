@@ -219,9 +219,10 @@ impl Depot {
     /// Writes an image to `out` (raw: sparse; qcow2: via qemu-img), checking
     /// the image's content digest of what was written.
     ///
-    /// A file is written as a new file (mode [`export::export_file_mode`])
-    /// and renamed over `out`, never through a link planted there; a block
-    /// device is written in place (every block, zeros included). Refused:
+    /// A file is written as a new file (mode
+    /// [`export_file_mode`](crate::export_file_mode)) and renamed over
+    /// `out`, never through a link planted there; a block device is
+    /// written in place (every block, zeros included). Refused:
     /// a destination inside the depot, a symlink, a directory, a FIFO, a
     /// socket or a character device (see [`Depot::export_to`] for streams).
     #[instrument(skip_all, err(level = "debug"))]

@@ -93,6 +93,7 @@ impl PackHeader {
     /// Size of the header on disk; frames start at this offset.
     pub const SIZE: usize = 16;
 
+    /// The header of a pack written now: the current magic, 4 KiB chunks.
     pub fn new() -> PackHeader {
         PackHeader {
             magic: PACK_MAGIC_1_0,
@@ -101,6 +102,7 @@ impl PackHeader {
         }
     }
 
+    /// The header's 16 bytes as they are on disk.
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
         b[..8].copy_from_slice(&self.magic);
@@ -227,6 +229,7 @@ pub struct MapBuilder {
 }
 
 impl MapBuilder {
+    /// Appends one block: chunk `id`, or a zero block for [`ZERO_BLOCK`].
     pub fn push(&mut self, id: ChunkId) {
         if id == ZERO_BLOCK {
             self.map.nblocks += 1;
@@ -248,14 +251,17 @@ impl MapBuilder {
         self.map.nblocks
     }
 
+    /// Whether no block was described yet.
     pub fn is_empty(&self) -> bool {
         self.map.nblocks == 0
     }
 
+    /// Appends `n` zero blocks.
     pub fn push_zeros(&mut self, n: u64) {
         self.map.nblocks += n;
     }
 
+    /// The map of the blocks pushed.
     pub fn finish(self) -> BlockMap {
         self.map
     }

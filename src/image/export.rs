@@ -40,6 +40,7 @@ use crate::store::ReaderCache;
 /// Result of `verify`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VerifyReport {
+    /// Images whose content was checked against their digest.
     pub images: u64,
     /// Chunks (4 KiB blocks) re-read and re-hashed.
     pub chunks: u64,
@@ -51,11 +52,15 @@ pub struct VerifyReport {
 /// Output formats of `image export`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
+    /// The disk byte for byte (sparse where the image is zero).
     Raw,
+    /// A qcow2 file written by `qemu-img convert` (only to a file, not a
+    /// stream).
     Qcow2,
 }
 
 impl ExportFormat {
+    /// `raw` or `qcow2` (`--format`); anything else is an error naming them.
     pub fn parse(s: &str) -> Result<ExportFormat> {
         match s {
             "raw" => Ok(ExportFormat::Raw),
@@ -67,7 +72,9 @@ impl ExportFormat {
     }
 }
 
-/// Mode of the files `image export` creates: `0666 & !caller_umask()`.
+/// Mode of the files `image export` creates: 0666 less the umask the
+/// process had before [`Depot::open`](crate::Depot::open) set the depot's
+/// (exports are the caller's files, not the depot's).
 pub fn export_file_mode() -> u32 {
     0o666 & !crate::perms::caller_umask()
 }

@@ -51,7 +51,8 @@ const READ_BYTES: usize = 1 << 20;
 /// What `import` needs besides the file.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
-    /// The new image's name (see `crate::image::names::check_name`).
+    /// The new image's name: 1 to 200 bytes, no control character or `/`,
+    /// not shaped like an image id (`img-` and 16 hex digits).
     pub name: String,
     /// Public, marketplace or custom (the default).
     pub kind: ImageType,
@@ -62,9 +63,11 @@ pub struct ImportOptions {
     /// Read the file even when it is unchanged (same device, inode, size,
     /// mtime and ctime) since an earlier import whose image still exists.
     pub reread: bool,
-    /// Marketplace images: vendor, application and its version.
+    /// A marketplace image's vendor (required for one, empty for others).
     pub vendor: String,
+    /// A marketplace image's application (required for one, empty for others).
     pub application: String,
+    /// A marketplace image's application version (may be empty).
     pub app_version: String,
     /// Tags (key, value) set on the new image.
     pub tags: Vec<(String, String)>,

@@ -31,9 +31,13 @@ mod headers;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
+    /// A raw disk: the file is the disk, byte for byte.
     Raw,
+    /// QEMU's copy-on-write format (versions 2 and 3).
     Qcow2,
+    /// VMware's virtual disk (monolithic sparse, stream-optimized or flat).
     Vmdk,
+    /// Hyper-V's virtual hard disk v2.
     Vhdx,
     /// VHD (Virtual PC), qemu's `vpc`.
     Vhd,
@@ -42,6 +46,8 @@ pub enum SourceFormat {
 }
 
 impl SourceFormat {
+    /// `raw`, `qcow2`, `vmdk`, `vhdx`, `vhd` or `vdi` (`--format`, and an
+    /// image's `source_format`).
     pub fn name(self) -> &'static str {
         match self {
             SourceFormat::Raw => "raw",

@@ -20,6 +20,7 @@ use crate::launch::qmp::{Qmp, RunState};
 pub enum Accel {
     /// KVM if it really runs a guest here, else TCG.
     Auto,
+    /// KVM hardware virtualization (refused where it cannot work).
     Kvm,
     /// Software emulation.
     Tcg,

@@ -48,19 +48,24 @@ pub struct LaunchOptions {
     /// Instance name; with `count` > 1 the instances are NAME-1 … NAME-N.
     /// Default: the image's name plus a short random suffix.
     pub name: Option<String>,
-    /// How many instances (1 to 1000).
+    /// How many instances (1 to [`MAX_COUNT`](crate::MAX_COUNT)).
     pub count: u32,
-    /// Virtual CPUs (1 to 255).
+    /// Virtual CPUs (1 to [`MAX_CPUS`](crate::MAX_CPUS)).
     pub cpus: u32,
+    /// Guest memory in MiB (at least [`MIN_MEMORY_MIB`](crate::MIN_MEMORY_MIB)).
     pub memory_mib: u64,
+    /// How each instance's disk is made (default: lazy).
     pub disk: DiskMode,
+    /// The accelerator (default: auto).
     pub accel: Accel,
-    /// Default: the instance name.
+    /// The guest's hostname (default: the instance name).
     pub hostname: Option<String>,
     /// Public keys (file contents) for the generated user-data.
     pub ssh_keys: Vec<String>,
     /// User-data document; replaces the generated one.
     pub user_data: Option<String>,
+    /// Host ports to forward to guest ports (refused with a `count` over
+    /// 1: every instance would need the same host port).
     pub forwards: Vec<Forward>,
     /// Forward a free host port to guest port 22 (shown as `ssh_port`).
     pub ssh_forward: bool,
@@ -81,8 +86,9 @@ pub struct LaunchOptions {
 
 impl LaunchOptions {
     /// One instance of `image`: 1 CPU, 512 MiB, a lazy disk (served by
-    /// the `vmdepot` binary: see `launch::disk` for where it is looked
-    /// for), the accelerator chosen automatically, SSH forwarded.
+    /// the `vmdepot` binary: `VMDEPOT_BIN`, this executable if it is
+    /// `vmdepot`, one beside or above it, or the one on `PATH`), the
+    /// accelerator chosen automatically, SSH forwarded.
     pub fn new(image: impl Into<String>) -> LaunchOptions {
         LaunchOptions {
             image: image.into(),
@@ -217,6 +223,7 @@ pub const SSH_USER_TAG: &str = "ssh-user";
 
 /// Result of a launch.
 pub struct Launched {
+    /// The instances, in the order of their names (NAME-1 … NAME-N).
     pub instances: Vec<Instance>,
     /// A one-line notice for the user (e.g. why TCG instead of KVM).
     pub notice: Option<String>,

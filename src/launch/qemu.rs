@@ -49,7 +49,9 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 pub struct Forward {
     /// Host address to listen on (default 127.0.0.1).
     pub addr: String,
+    /// The host's TCP port.
     pub host: u16,
+    /// The guest's TCP port it reaches.
     pub guest: u16,
 }
 

@@ -40,15 +40,20 @@ use crate::progress::Progress;
 /// What `image create --from-instance` asks for.
 #[derive(Clone, Debug)]
 pub struct CaptureOptions {
+    /// The new image's name.
     pub name: String,
+    /// The new image's description (empty: none).
     pub description: String,
     /// Capture a running instance: pause it (QMP `stop`, which flushes its
     /// disks), read, resume. Without it a running instance is refused.
     pub live: bool,
+    /// Tags (key, value) set on the new image.
     pub tags: Vec<(String, String)>,
 }
 
 impl CaptureOptions {
+    /// A capture into a custom image named `name`, of a stopped instance,
+    /// with no description and no tags.
     pub fn new(name: impl Into<String>) -> CaptureOptions {
         CaptureOptions {
             name: name.into(),

@@ -40,21 +40,29 @@ pub(crate) use verify::verify_all;
 /// plan).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
+    /// Whether this is the plan only (`gc --dry-run`): nothing was changed.
     pub dry_run: bool,
+    /// Imports and captures whose process died, whose leftovers were
+    /// removed.
     pub abandoned_imports: u64,
+    /// Chunks no image uses any more, removed from the catalog.
     pub chunks_removed: u64,
     /// Chunks that held the same content as another (two imports running
     /// at once each stored it): images now use one, the other is removed.
     pub chunks_merged: u64,
+    /// Frames none of whose chunks is used any more.
     pub frames_removed: u64,
+    /// Pack files removed: no live frame was left in them.
     pub packs_removed: u64,
     /// Packs less than half live whose live frames were copied to new packs.
     pub packs_repacked: u64,
+    /// Bytes of pack files freed (removed, or repacked into smaller ones).
     pub bytes_freed: u64,
     /// Dead bytes left in packs that are at least half live.
     pub bytes_in_partly_live_packs: u64,
     /// Raw bases (launch cache) that no instance uses, and their bytes.
     pub bases_evicted: u64,
+    /// Bytes of the raw bases evicted.
     pub base_bytes_freed: u64,
 }
 
@@ -68,12 +76,16 @@ pub struct FsckReport {
     /// What a lost catalog could not be rebuilt from (an image without a
     /// manifest, a pack without an index): `fsck --repair` writes them.
     pub warnings: Vec<String>,
+    /// Images checked.
     pub images: u64,
+    /// Pack files checked.
     pub packs: u64,
+    /// Chunks the catalog knows.
     pub chunks: u64,
 }
 
 impl FsckReport {
+    /// Whether fsck found no damage (garbage and warnings do not count).
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
@@ -82,17 +94,25 @@ impl FsckReport {
 /// Per-image stored bytes.
 #[derive(Clone, Debug, Serialize)]
 pub struct ImageStats {
+    /// The image's id.
     pub id: String,
+    /// The image's name.
     pub name: String,
+    /// Size of its disk, in bytes.
     pub virtual_size: u64,
+    /// Bytes of the image in non-zero 4 KiB blocks.
     pub data_bytes: u64,
+    /// Stored (compressed) bytes no other image refers to.
     pub unique_stored_bytes: u64,
+    /// Stored bytes it shares with other images.
     pub shared_stored_bytes: u64,
 }
 
 /// Result of `stats`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
+    /// Available images counted (partial, unfinished and damaged ones are
+    /// not; so in every sum below).
     pub images: u64,
     /// Sum of the images' virtual sizes.
     pub logical_bytes: u64,
@@ -100,6 +120,7 @@ pub struct Stats {
     pub data_bytes: u64,
     /// Distinct chunks stored, times 4 KiB.
     pub unique_chunk_bytes: u64,
+    /// Distinct chunks stored.
     pub chunks: u64,
     /// Bytes of pack files on disk.
     pub stored_bytes: u64,
@@ -119,6 +140,7 @@ pub struct Stats {
     /// Images left out because their catalog row or map is damaged (see
     /// `fsck`).
     pub damaged_images: Vec<String>,
+    /// Each counted image's sizes, oldest first.
     pub per_image: Vec<ImageStats>,
 }
 

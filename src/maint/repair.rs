@@ -45,13 +45,17 @@ pub struct RepairReport {
     pub reason: Option<String>,
     /// Where the damaged catalog's files were moved.
     pub set_aside: Vec<String>,
+    /// Packs entered into the rebuilt catalog (0 when it was kept).
     pub packs: u64,
+    /// Frames entered into the rebuilt catalog.
     pub frames: u64,
+    /// Chunks entered into the rebuilt catalog.
     pub chunks: u64,
     /// Packs re-indexed by reading them (no index, or a damaged one).
     pub packs_reindexed: u64,
-    /// Index files and manifests written.
+    /// Pack index files written (for packs that lacked a sound one).
     pub indexes_written: u64,
+    /// Image manifests written (for images that lacked one).
     pub manifests_written: u64,
     /// `name (img-…)` of every image restored.
     pub images: Vec<String>,

@@ -44,6 +44,7 @@ const MAX_INDEX_BYTES: u64 = 256 << 20;
 pub struct RemoteGcReport {
     /// The remote's name.
     pub remote: String,
+    /// Whether this is the plan only (`gc --dry-run`): nothing was changed.
     pub dry_run: bool,
     /// An old lock, or one `--break-lock` named, was removed first.
     pub lock_broken: bool,
@@ -51,14 +52,23 @@ pub struct RemoteGcReport {
     pub manifests: u64,
     /// Distinct chunks they name.
     pub live_chunks: u64,
+    /// Packs retired (tombstoned): none of their chunks is live.
     pub packs_retired: u64,
+    /// Pack indexes retired (with their packs, or without a pack of theirs).
     pub indexes_retired: u64,
     /// Bytes of the packs retired (freed when they are purged).
     pub bytes_retired: u64,
+    /// Retired packs taken back because a push made one of their chunks
+    /// live again.
     pub packs_revived: u64,
+    /// Retired pack indexes taken back with their packs.
     pub indexes_revived: u64,
+    /// Packs removed for good: retired longer ago than the grace period.
     pub packs_purged: u64,
+    /// Pack indexes removed for good with their packs.
     pub indexes_purged: u64,
+    /// Manifest objects removed for good (retired by `image delete
+    /// REMOTE:IMAGE` longer ago than the grace period).
     pub manifests_purged: u64,
     /// Bytes of the objects purged.
     pub bytes_freed: u64,

@@ -8,13 +8,21 @@
 //! ```
 //!
 //! The depot is `$VMDEPOT_DIR`, else `vmdepot-example` in the temp dir; the
-//! disk is imported once (again only if its content changed).
+//! disk is imported once, as image `example` (another disk's content under
+//! that name is an error: delete the image first).
 
 use std::time::Duration;
 
 use vmdepot::{Depot, ImportOptions, LaunchOptions, NoProgress};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("three_guests: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let disk = args.next().ok_or("usage: three_guests DISK [LINE]")?;
     let line = args.next().unwrap_or_else(|| "login:".into());

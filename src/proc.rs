@@ -31,7 +31,12 @@ pub fn read_pidfile(p: &Path) -> Option<i32> {
 /// where `/proc` does not say.
 pub fn own_lease() -> Option<String> {
     let pid = std::process::id() as i32;
-    Some(format!("{} {} {pid} {}", boot_id()?, pid_ns()?, start_ticks(pid)?))
+    Some(format!(
+        "{} {} {pid} {}",
+        boot_id()?,
+        pid_ns()?,
+        start_ticks(pid)?
+    ))
 }
 
 /// Whether the process an owner lease names is surely gone: the lease is
@@ -62,7 +67,9 @@ fn pid_ns() -> Option<String> {
     let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
     let link = link.to_str()?;
     let ino = link.strip_prefix("pid:[")?.strip_suffix(']')?;
-    ino.bytes().all(|b| b.is_ascii_digit()).then(|| ino.to_owned())
+    ino.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| ino.to_owned())
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`).
@@ -108,7 +115,10 @@ mod tests {
         assert!(!lease_gone(&with(1, "1")));
         assert!(!lease_gone(&with(3, &later).replacen(parts[1], "1", 1)));
         // A child that exited (and was reaped).
-        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
         let lease = format!(
             "{} {} {} {}",
             parts[0],

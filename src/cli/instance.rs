@@ -433,6 +433,15 @@ pub fn run(depot: &Depot, cmd: InstanceCmd, progress: &dyn Progress) -> anyhow::
             let i = match serial {
                 Some(text) => {
                     let i = depot.instance(&instance)?;
+                    if !i.state.is_up() {
+                        anyhow::bail!(vmdepot::Error::Conflict(format!(
+                            "instance {} ({}) is {}: start it first (`vmdepot instance start {}`)",
+                            esc(&i.name),
+                            i.id,
+                            i.state,
+                            esc(&i.name)
+                        )));
+                    }
                     let line = depot
                         .instance_handle(&i.id)?
                         .wait_for_serial(&text, timeout)?;

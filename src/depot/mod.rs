@@ -146,7 +146,9 @@ impl Depot {
         };
         // The probe's name carries this process's lease, so that the
         // probe of a process killed meanwhile is known for what it is.
-        let lease = crate::proc::own_lease().unwrap_or_default().replace(' ', "_");
+        let lease = crate::proc::own_lease()
+            .unwrap_or_default()
+            .replace(' ', "_");
         let mut probe = ImportOptions::new(format!(
             "{PROBE_PREFIX}{lease}_{}",
             crate::ids::random_hex(4)
@@ -207,7 +209,10 @@ impl Depot {
             let Some(rest) = i.name.strip_prefix(PROBE_PREFIX) else {
                 continue;
             };
-            let lease = rest.rsplit_once('_').map_or("", |(l, _)| l).replace('_', " ");
+            let lease = rest
+                .rsplit_once('_')
+                .map_or("", |(l, _)| l)
+                .replace('_', " ");
             if i.state != ImageState::Creating && crate::proc::lease_gone(&lease) {
                 if let Err(e) = self.delete_image(&i.id, true) {
                     tracing::warn!("could not delete the stale probe image {}: {e}", i.name);

@@ -70,8 +70,9 @@ impl Instance {
         }
     }
 
-    /// The lines the guest writes to its serial console, from the first one
-    /// in its log, each as soon as it is complete (see [`SerialLines`]).
+    /// The lines the guest writes to its serial console in QEMU's current
+    /// (or last) run, from the first, each as soon as it is complete (see
+    /// [`SerialLines`]; [`Instance::serial`] has every run's).
     pub fn serial_lines(&self) -> SerialLines {
         SerialLines {
             path: self.info.serial_log.clone(),
@@ -84,7 +85,8 @@ impl Instance {
         }
     }
 
-    /// Waits until a serial console line contains `needle`; returns that
+    /// Waits until a serial console line of the current run contains
+    /// `needle` (a line still without its end too: a prompt); returns that
     /// line. Fails with [`Error::Timeout`] at the timeout, or with
     /// [`Error::GuestExited`] at once if QEMU is gone, quoting the end of
     /// the console log.
@@ -94,10 +96,18 @@ impl Instance {
         let mut lines = self.serial_lines();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match lines.next_line(left) {
+            match lines.next_line(left.min(Duration::from_millis(100))) {
                 Ok(l) if l.contains(needle) => return Ok(l),
                 Ok(_) => {}
-                Err(Error::Timeout { .. }) => return Err(lines.timeout(needle, timeout)),
+                Err(Error::Timeout { .. }) => {
+                    // A prompt (`login: `) ends no line.
+                    if let Some(p) = lines.partial().filter(|p| p.contains(needle)) {
+                        return Ok(p);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(lines.timeout(needle, timeout));
+                    }
+                }
                 Err(Error::GuestExited { .. }) => return Err(lines.exited(needle)),
                 Err(e) => return Err(e),
             }
@@ -220,6 +230,15 @@ impl SerialLines {
         }
     }
 
+    /// What was read after the last complete line (a prompt), if anything.
+    fn partial(&self) -> Option<String> {
+        (!self.pending.is_empty()).then(|| {
+            String::from_utf8_lossy(&self.pending)
+                .trim_end_matches(['\n', '\r'])
+                .to_owned()
+        })
+    }
+
     /// A complete line from what was read, if there is one.
     fn complete_line(&mut self) -> Option<String> {
         let end = self.pending.iter().position(|&b| b == b'\n')?;
@@ -243,7 +262,17 @@ impl SerialLines {
     fn read_more(&mut self) -> Result<bool> {
         if self.file.is_none() {
             match File::open(&self.path) {
-                Ok(f) => self.file = Some(f),
+                Ok(mut f) => {
+                    // From where this run of QEMU began (the log is
+                    // appended across runs).
+                    let start = crate::launch::process::serial_start(&self.path);
+                    let len = f.metadata().map_err(|e| Error::io(&self.path, e))?.len();
+                    if start <= len {
+                        f.seek(SeekFrom::Start(start))
+                            .map_err(|e| Error::io(&self.path, e))?;
+                    }
+                    self.file = Some(f);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
                 Err(e) => return Err(Error::io(&self.path, e)),
             }

@@ -70,6 +70,28 @@ pub(crate) fn clean_runtime_files(p: &Paths) {
     }
 }
 
+/// Notes where QEMU's next run begins in the serial log (its length now),
+/// in `serial.start`: serial waits read from there, not the runs before.
+pub(crate) fn mark_serial_start(p: &Paths, perms: Perms) {
+    let f = p.files();
+    let len = fs::metadata(&f.serial_log).map_or(0, |m| m.len());
+    let mark = p.dir.join("serial.start");
+    let tmp = p.dir.join("serial.start.tmp");
+    if let Err(e) = perms.replace_file(&mark, &tmp, len.to_string().as_bytes()) {
+        tracing::warn!("{}: {e}", mark.display());
+    }
+}
+
+/// Where the current run begins in the serial log `log` (see
+/// [`mark_serial_start`]); 0 if not noted.
+pub(crate) fn serial_start(log: &Path) -> u64 {
+    let mark = log.with_file_name("serial.start");
+    fs::read_to_string(mark)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Gives the files QEMU made (sockets, serial log, pid file) the depot's
 /// file mode: QEMU makes sockets 0777 & !umask, and a daemonized QEMU sets
 /// its umask to 027 before it opens them. (The instance directory is 0700
@@ -111,6 +133,7 @@ pub(crate) fn spawn_detached(
 ) -> Result<Spawned> {
     let cfg = vm_config(p, r, accel, false);
     clean_runtime_files(p);
+    mark_serial_start(p, repo.perms);
     let lease = match r.disk {
         DiskMode::Lazy => {
             // This run's counts start from zero.

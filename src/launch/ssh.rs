@@ -6,8 +6,8 @@
 //! directory).
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,7 +35,9 @@ impl Depot {
         let dir = key.parent().expect("a key has a directory");
         self.perms().mkdir_all(dir)?;
         // One maker at a time: concurrent first launches get one key.
-        let _lock = self.perms().flock(&dir.join("lock"), FlockArg::LockExclusive)?;
+        let _lock = self
+            .perms()
+            .flock(&dir.join("lock"), FlockArg::LockExclusive)?;
         if key.is_file() && public.is_file() {
             return Ok(key);
         }

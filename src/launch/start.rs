@@ -179,6 +179,7 @@ impl Depot {
         } = self.prepare_start(reference)?;
         let cfg = vm_config(&p, &r, accel, true);
         clean_runtime_files(&p);
+        crate::launch::process::mark_serial_start(&p, self.perms());
         let disk_server = match r.disk {
             DiskMode::Lazy => {
                 // This run's counts start from zero.

@@ -19,6 +19,8 @@ pub fn bin() -> &'static str {
 /// that dir, first printing their logs if the test failed (see `guard.rs`).
 pub struct T {
     pub dir: tempfile::TempDir,
+    /// The depot's directory name in `dir`.
+    name: String,
 }
 
 impl Drop for T {
@@ -29,12 +31,21 @@ impl Drop for T {
 
 impl T {
     pub fn new() -> T {
+        T::in_dir(tempfile::tempdir_in(scratch()).unwrap(), "depot")
+    }
+    /// A fresh depot named `name` in its temp dir (instead of `depot`).
+    pub fn at(name: &str) -> T {
+        T::in_dir(tempfile::tempdir_in(scratch()).unwrap(), name)
+    }
+    /// The depot `name` in `dir`.
+    pub fn in_dir(dir: tempfile::TempDir, name: &str) -> T {
         T {
-            dir: tempfile::tempdir_in(scratch()).unwrap(),
+            dir,
+            name: name.to_owned(),
         }
     }
     pub fn depot(&self) -> PathBuf {
-        self.dir.path().join("depot")
+        self.dir.path().join(&self.name)
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

@@ -215,6 +215,11 @@ fn serial_lines_come_as_written_and_the_console_takes_input() {
         echo.ends_with("VMDEPOT-ECHO: hello from the harness"),
         "{echo}"
     );
+    // A prompt ends no line: it is found all the same.
+    vm.write_console(b"prompt-like:").unwrap();
+    let p = vm.wait_for_serial("prompt-like:", BOOT).unwrap();
+    assert!(p.ends_with("prompt-like:"), "{p}");
+    vm.write_console(b"\n").unwrap();
     // The handle holds the console: another client is told it is busy.
     t.refuses(&["instance", "console", vm.id()], 1, "is busy");
     vm.write_console(b"twice\n").unwrap();
@@ -242,6 +247,22 @@ fn serial_lines_come_as_written_and_the_console_takes_input() {
         }
     };
     assert!(matches!(e, Error::GuestExited { .. }), "{e:?}");
+    // Started again: its serial lines are those of the new run only.
+    depot.start_instance(vm.id()).unwrap();
+    let again = depot.instance_handle(vm.id()).unwrap();
+    let mut fresh = Vec::new();
+    for l in again.serial_lines() {
+        let l = l.unwrap();
+        if l.contains(READY) {
+            break;
+        }
+        fresh.push(l);
+    }
+    assert!(
+        fresh.iter().all(|l| !l.contains("VMDEPOT-ECHO")),
+        "{fresh:?}"
+    );
+    assert!(again.serial().unwrap().contains("VMDEPOT-ECHO: twice"));
 }
 
 #[test]

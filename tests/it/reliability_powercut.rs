@@ -183,9 +183,7 @@ fn power_cut_at(m: Moment) {
     let guest = test_guest();
     let work = tempfile::tempdir_in(scratch()).unwrap();
     let (img, orig) = new_fs(work.path(), "a");
-    let t = T {
-        dir: tempfile::tempdir_in(&orig.mnt).unwrap(),
-    };
+    let t = T::in_dir(tempfile::tempdir_in(&orig.mnt).unwrap(), "depot");
     let rel = t.dir.path().strip_prefix(&orig.mnt).unwrap().to_owned();
     t.import(guest, "tiny");
 
@@ -234,9 +232,7 @@ fn power_cut_at(m: Moment) {
         String::from_utf8_lossy(&o.stdout)
     );
     let cut = Loop::mount(&copy, work.path().join("b"));
-    let t2 = T {
-        dir: tempfile::tempdir_in(&cut.mnt).unwrap(),
-    };
+    let t2 = T::in_dir(tempfile::tempdir_in(&cut.mnt).unwrap(), "depot");
     std::fs::rename(cut.mnt.join(&rel).join("depot"), t2.depot()).unwrap();
     let depot = t2.depot();
 

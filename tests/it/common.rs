@@ -427,6 +427,18 @@ pub const READY: &str = "VMDEPOT-GUEST: ready";
 /// The test guest's serial line when it read its own disk.
 pub const DISK_MARKER: &str = "VMDEPOT-DISK: vmdepot test guest disk marker 7f3a";
 
+/// Kills the QEMU `pid` (SIGKILL) and waits until it is gone.
+pub fn kill_qemu(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the killed QEMU exits", Duration::from_secs(10), || {
+        !alive(pid as i64)
+    });
+}
+
 /// `instance run IMAGE --name NAME`, then waits until the guest is [`READY`].
 pub fn boot(t: &T, image: &str, name: &str) {
     t.ok(&["instance", "run", image, "--name", name, "-q"]);

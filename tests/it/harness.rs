@@ -227,14 +227,7 @@ fn serial_lines_come_as_written_and_the_console_takes_input() {
     vm.release_console();
     // QEMU gone: the iterator reads what is left, then ends.
     let pid = vm.info().pid.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until("the killed QEMU exits", Duration::from_secs(10), || {
-        !alive(pid as i64)
-    });
+    kill_qemu(pid);
     let rest: Vec<_> = vm.serial_lines().collect::<Result<_, _>>().unwrap();
     assert!(
         rest.iter().any(|l| l.contains("VMDEPOT-ECHO: twice")),

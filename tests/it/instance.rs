@@ -549,14 +549,7 @@ fn library_harness_launches_waits_and_drops() {
         let e = e.to_string();
         assert!(e.contains(vm.id()) && e.contains("timed out"), "{e}");
         // QEMU gone: told at once, apart from a timeout
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        wait_until("the killed QEMU exits", Duration::from_secs(10), || {
-            !alive(pid as i64)
-        });
+        kill_qemu(pid);
         let e = vm.wait_for_serial("never printed", BOOT).unwrap_err();
         assert!(matches!(e, vmdepot::Error::GuestExited { .. }), "{e:?}");
     } // dropped: QEMU killed, instance deleted

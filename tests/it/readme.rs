@@ -284,14 +284,7 @@ fn shown_flags(steps: &[Step]) -> HashMap<String, Vec<Tok>> {
     let mut shown = HashMap::new();
     for step in steps {
         let Step::Run(s) = step else { continue };
-        let words: Vec<String> = s
-            .toks
-            .iter()
-            .map_while(|t| match t {
-                Tok::Word(w) => Some(w.clone()),
-                _ => None,
-            })
-            .collect();
+        let words = lead_words(&s.toks);
         let flags: Vec<Tok> = s
             .toks
             .iter()
@@ -347,16 +340,20 @@ fn combos(toks: &[Tok], pass: Pass, looks: bool) -> Vec<Vec<Piece>> {
     out
 }
 
-/// The invocations of one synopsis in `pass`, in order.
-fn expand(s: &Synopsis, pass: Pass, shown: &HashMap<String, Vec<Tok>>) -> Result<Vec<Inv>, String> {
-    let lead: Vec<String> = s
-        .toks
-        .iter()
+/// The words a synopsis starts with (`vmdepot image list`), up to its
+/// first option group or placeholder.
+fn lead_words(toks: &[Tok]) -> Vec<String> {
+    toks.iter()
         .map_while(|t| match t {
             Tok::Word(w) => Some(w.clone()),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+/// The invocations of one synopsis in `pass`, in order.
+fn expand(s: &Synopsis, pass: Pass, shown: &HashMap<String, Vec<Tok>>) -> Result<Vec<Inv>, String> {
+    let lead = lead_words(&s.toks);
     let looks = LOOKS.contains(&key_of(&lead).as_str());
     let mut invs = Vec::new();
     for pieces in combos(&s.toks, pass, looks) {

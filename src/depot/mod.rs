@@ -202,20 +202,22 @@ impl Depot {
     /// Deletes the probes of [`Depot::ensure_imported`] that a process
     /// killed before it deleted them left (their names carry its lease).
     fn remove_stale_probes(&self) {
-        let Ok(images) = self.list_images() else {
+        // Catalog rows, not `list_images`: no usage figures computed.
+        let Ok(rows) = crate::catalog::list_images(&self.repo.conn) else {
             return;
         };
-        for i in images {
-            let Some(rest) = i.name.strip_prefix(PROBE_PREFIX) else {
+        for r in rows.iter().filter(|r| r.owner == self.account()) {
+            let Some(rest) = r.name.strip_prefix(PROBE_PREFIX) else {
                 continue;
             };
             let lease = rest
                 .rsplit_once('_')
                 .map_or("", |(l, _)| l)
                 .replace('_', " ");
-            if i.state != ImageState::Creating && crate::proc::lease_gone(&lease) {
-                if let Err(e) = self.delete_image(&i.id, true) {
-                    tracing::warn!("could not delete the stale probe image {}: {e}", i.name);
+            let creating = r.state == Some(crate::catalog::ImageState::Importing);
+            if !creating && crate::proc::lease_gone(&lease) {
+                if let Err(e) = self.delete_image(r.id.as_str(), true) {
+                    tracing::warn!("could not delete the stale probe image {}: {e}", r.name);
                 }
             }
         }

@@ -162,19 +162,6 @@ pub(crate) fn spawn_detached(
     })
 }
 
-/// Waits until an owned QEMU answers on QMP (it runs then), or it exits,
-/// or `timeout`.
-fn wait_owned(qmp: &Path, child: &OwnedChild, timeout: Duration) -> Result<Qmp> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Qmp::connect(qmp) {
-            Ok(q) => return Ok(q),
-            Err(e) if child.exited() || Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 /// Waits for a detached start: QEMU's pid once the VM runs (under KVM,
 /// once it survived [`watch_accel`]), or the message to record as the
 /// instance's error (QEMU's own words). An I/O error waiting is an error.
@@ -208,7 +195,8 @@ pub(crate) fn wait_detached(
         }
         Started::Owned(child, log) => {
             let pid = child.pid() as i32;
-            match wait_owned(&files.qmp, &child, Duration::from_secs(30)) {
+            // It runs once it answers on QMP.
+            match Qmp::connect_until(&files.qmp, Duration::from_secs(30), || child.exited()) {
                 Ok(q) => (pid, Some(q)),
                 Err(e) => {
                     kill(pid);

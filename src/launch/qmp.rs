@@ -122,11 +122,21 @@ impl Qmp {
 
     /// Retries while the socket is not there yet (QEMU starting).
     pub fn connect_retry(sock: &Path, timeout: Duration) -> Result<Qmp> {
+        Qmp::connect_until(sock, timeout, || false)
+    }
+
+    /// [`Qmp::connect_retry`] that gives up at once when `gone()` says
+    /// QEMU exited.
+    pub(crate) fn connect_until(
+        sock: &Path,
+        timeout: Duration,
+        gone: impl Fn() -> bool,
+    ) -> Result<Qmp> {
         let deadline = Instant::now() + timeout;
         loop {
             match Qmp::connect(sock) {
                 Ok(q) => return Ok(q),
-                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) if gone() || Instant::now() >= deadline => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }

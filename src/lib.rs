@@ -48,12 +48,14 @@
 //! `repo` (the context below the depot), `image` (import, export,
 //! sources), `maint` (gc, fsck, verify, stats, repair), `depot` (the
 //! public face and access rules), `launch` (QEMU, seeds, instances),
-//! `lifecycle` (capture, backup, restore, copy), `remote` (remote depots).
+//! `lifecycle` (capture, backup, restore, copy), `build` (images built
+//! from the distribution's packages), `remote` (remote depots).
 //! `error`, `ids`, `perms`, `progress` and `proc` are shared by all. The
 //! modules are private: the API is what this page lists, re-exported here.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod build;
 mod catalog;
 mod depot;
 mod digest;
@@ -73,6 +75,7 @@ mod remote;
 mod repo;
 mod store;
 
+pub use build::{check_package, BuildOptions, RECIPE_TAGS, SYSTEMS};
 pub use depot::access::Op;
 pub use depot::{
     check_account, Depot, DepotOptions, HistoryEntry, ImageInfo, ImageKind, ImageState, ImageType,

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use vmdepot::{
-    CaptureOptions, CopyReport, Depot, ExportFormat, HistoryEntry, ImageInfo, ImageKind, ImageType,
-    ImageUpdate, ImportOptions, Intent, Op, Progress, SourceFormat,
+    BuildOptions, CaptureOptions, CopyReport, Depot, ExportFormat, HistoryEntry, ImageInfo,
+    ImageKind, ImageType, ImageUpdate, ImportOptions, Intent, Op, Progress, SourceFormat,
 };
 
 use super::maint::print_verify;
@@ -30,6 +30,20 @@ pub enum ImageCmd {
   vmdepot image import /dev/vg/base --name base --tag os=debian --tag release=12
   vmdepot image import app.qcow2 --name app --type marketplace --vendor Acme --application shop --app-version 2.1")]
     Import(ImportArgs),
+    /// Build an OS image from the distribution's packages, or add packages to a built one
+    ///
+    /// debian-12 (or debian-13) from the mirror the host's apt uses: kernel, systemd, cloud-init
+    /// (NoCloud), openssh-server, sudo, DHCP, a serial console, the default user `debian` (its
+    /// password locked; cloud-init gives it the injected keys); boots with BIOS and with UEFI.
+    /// With --from, the packages are installed into a copy of that built image, so the depot
+    /// stores only what they add. The recipe is kept in the image's `build.*` tags. Needs root.
+    /// Downloaded packages are kept in --cache for the next build.
+    #[command(after_long_help = "Examples:
+  vmdepot image build debian-12
+  vmdepot image build debian-12 --name debian-12-big --size 8G --package curl
+  vmdepot image build debian-12 --from debian-12 --name web --package nginx-light --run setup.sh \\
+      --type marketplace --vendor nginx --application nginx --app-version 1.22")]
+    Build(BuildArgs),
     /// Create a custom image from an instance's disk
     ///
     /// Only what the instance changed is stored: the new image shares the rest with its parent.
@@ -281,6 +295,93 @@ pub struct ImportArgs {
     json: bool,
 }
 
+/// The flags of `vmdepot image build`.
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The system: debian-12 or debian-13
+    system: String,
+    /// The new image's name [default: the system's; required with --from]
+    #[arg(long)]
+    name: Option<String>,
+    /// The disk's size (e.g. 4G) [default: 3G]; an image built --from keeps its base's
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// A Debian package to install as well: NAME or NAME=VERSION (repeatable)
+    #[arg(long = "package", value_name = "PKG", value_parser = checked(vmdepot::check_package))]
+    packages: Vec<String>,
+    /// Build on a copy of this image (one that `image build` made): only the packages and the
+    /// script are added
+    #[arg(long, value_name = "IMAGE")]
+    from: Option<String>,
+    /// A script run in the image (chroot, /bin/sh -e) as the last step
+    #[arg(long, value_name = "SCRIPT")]
+    run: Option<PathBuf>,
+    /// The image's type: public, marketplace or custom [default: public; custom with --from]
+    #[arg(long = "type", value_name = "TYPE", value_parser = ImageType::parse)]
+    kind: Option<ImageType>,
+    /// A free-text description of the image
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "",
+        hide_default_value = true
+    )]
+    description: String,
+    /// The vendor of a marketplace image
+    #[arg(long, default_value = "", hide_default_value = true)]
+    vendor: String,
+    /// The application of a marketplace image
+    #[arg(long, default_value = "", hide_default_value = true)]
+    application: String,
+    /// The application's version of a marketplace image
+    #[arg(
+        long = "app-version",
+        value_name = "VERSION",
+        default_value = "",
+        hide_default_value = true
+    )]
+    app_version: String,
+    /// A tag KEY=VALUE (repeatable), beside the recipe's
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = tag)]
+    tags: Vec<(String, String)>,
+    /// The Debian mirror [default: the one the host's apt uses, else deb.debian.org]
+    #[arg(long, value_name = "URL")]
+    mirror: Option<String>,
+    /// Where downloaded packages are kept [default: /var/cache/vmdepot/build]
+    #[arg(long, value_name = "DIR", env = "VMDEPOT_BUILD_CACHE")]
+    cache: Option<PathBuf>,
+    /// Print the new image as a JSON object instead of its id
+    #[arg(long)]
+    json: bool,
+}
+
+impl BuildArgs {
+    fn into_options(self) -> (BuildOptions, bool) {
+        let mut o = BuildOptions::new(self.system);
+        o.name = self.name;
+        o.size = self.size;
+        o.packages = self.packages;
+        o.from = self.from;
+        o.run = self.run;
+        o.kind = self.kind;
+        o.description = self.description;
+        o.vendor = self.vendor;
+        o.application = self.application;
+        o.app_version = self.app_version;
+        o.tags = self.tags;
+        o.mirror = self.mirror;
+        o.cache = self.cache;
+        (o, self.json)
+    }
+}
+
+/// `--size`: a number with a unit K, M, G or T (binary), in bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    vmdepot::parse_memory(s)
+        .map(|mib| mib << 20)
+        .map_err(|_| format!("bad size {s:?}: use a size like 4G or 8192M"))
+}
+
 /// The flags of `vmdepot image list`.
 #[derive(Args)]
 pub struct ListArgs {
@@ -360,6 +461,11 @@ pub fn run(depot: &Depot, cmd: ImageCmd, progress: &dyn Progress) -> anyhow::Res
     let out = &mut std::io::stdout().lock();
     match cmd {
         ImageCmd::Import(a) => import(depot, a, progress, out),
+        ImageCmd::Build(a) => {
+            let (opts, json) = a.into_options();
+            let info = depot.build_image(&opts, progress)?;
+            print_new(out, &info, json)
+        }
         ImageCmd::Create {
             from_instance,
             name,

@@ -24,6 +24,26 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses, before long work, a name that [`check_name`] refuses or that
+/// an image of `owner` (or, for a public or marketplace `kind`, any
+/// public or marketplace image) already has. The catalog's unique indexes
+/// still decide at commit: this only spares the work.
+pub(crate) fn check_name_free(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    kind: &str,
+) -> Result<()> {
+    check_name(name)?;
+    let public = matches!(kind, "public" | "marketplace");
+    if catalog::name_holder(conn, owner, name)?.is_some()
+        || (public && catalog::public_name_holder(conn, name)?.is_some())
+    {
+        return Err(name_clash(conn, owner, name, kind));
+    }
+    Ok(())
+}
+
 /// The error for a name that the catalog's unique indexes refused for an
 /// image of `owner` and type `kind`: the account's own image of that name,
 /// else the public or marketplace image holding it (names are unique per

@@ -74,6 +74,9 @@ impl Depot {
         opts.vendor = row.vendor.clone();
         opts.application = row.application.clone();
         opts.app_version = row.app_version.clone();
+        opts.tags = catalog::images::tags_of(&self.repo.conn, row.id.as_str())?
+            .into_iter()
+            .collect();
         opts.parent = Some((row.id.to_string(), row.name.clone()));
         let mut report = None;
         let id = create_image(

@@ -261,6 +261,19 @@ pub fn debian_guest() -> &'static Path {
     DISK.get_or_init(|| fixture_script("build-debian-guest.sh", &[]))
 }
 
+/// The depot in which fixtures/build-debian-guest.sh built the Debian 12
+/// guest (`image build debian-12`): the image `debian-12` with its recipe.
+/// Tests copy from it; they do not change it.
+pub fn debian_depot() -> PathBuf {
+    debian_guest().parent().unwrap().join("depot")
+}
+
+/// The .deb cache of the fixture's builds (`VMDEPOT_BUILD_CACHE`), so a
+/// test's build downloads only what the fixture's did not.
+pub fn build_cache() -> PathBuf {
+    debian_guest().parent().unwrap().join("debs")
+}
+
 /// Runs a fixtures/ script; returns the path it prints.
 fn fixture_script(name: &str, args: &[&str]) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["depot"],
     &["launch"],
     &["lifecycle"],
+    &["build"],
     &["remote"],
 ];
 

@@ -2,6 +2,7 @@
 //! dir, real qemu-img, real Debian disk images and a real QEMU guest built
 //! by fixtures/. One test binary; one module per area.
 
+mod build;
 mod cli;
 mod common;
 mod exit_codes;

@@ -1,0 +1,380 @@
+//! The host side of a build: its work directory (under the depot's `tmp/`,
+//! locked while the build runs), the mounts made for the chroot (undone in
+//! reverse, also when the build fails or is interrupted), the external
+//! commands (their output into the build's log, a signal stops them), and
+//! the sweep of what a killed build left (mounts, processes, files).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{one_line, Error, IoContext, Result};
+
+/// The prefix of a build's work directory under the depot's `tmp/`.
+const PREFIX: &str = "build-";
+
+/// A build's work directory, its log, the mounts made and the signal
+/// watch; dropping it undoes the mounts and removes the directory.
+pub struct Work {
+    /// `DEPOT/tmp/build-HEX`.
+    pub dir: PathBuf,
+    /// The build's log: `DEPOT/tmp/build-HEX.log`, kept when the build fails.
+    pub log_path: PathBuf,
+    log: File,
+    _lock: Flock<File>,
+    mounts: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    signals: Vec<signal_hook::SigId>,
+    /// Keep the log when the build is dropped (it failed).
+    pub keep_log: bool,
+}
+
+impl Work {
+    /// Sweeps what killed builds left in `tmp`, then makes a new work
+    /// directory there.
+    pub fn create(tmp: &Path) -> Result<Work> {
+        sweep(tmp);
+        let dir = tmp.join(format!("{PREFIX}{}", crate::ids::random_hex(8)));
+        fs::DirBuilder::new().mode(0o700).create(&dir).at(&dir)?;
+        let lock = File::create(dir.join(".lock")).at(&dir)?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::io(&dir, e.into()))?;
+        let log_path = dir.with_extension("log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .at(&log_path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut signals = Vec::new();
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            signals.push(signal_hook::flag::register(s, stop.clone()).at("signal handler")?);
+        }
+        Ok(Work {
+            dir,
+            log_path,
+            log,
+            _lock: lock,
+            mounts: Vec::new(),
+            stop,
+            signals,
+            keep_log: true,
+        })
+    }
+
+    /// A line in the build's log.
+    pub fn note(&mut self, line: &str) {
+        let _ = writeln!(self.log, "vmdepot: {line}");
+    }
+
+    /// Fails when a signal asked the build to stop.
+    pub fn check_stop(&self) -> Result<()> {
+        match self.stop.load(Ordering::SeqCst) {
+            true => Err(interrupted()),
+            false => Ok(()),
+        }
+    }
+
+    /// Runs `cmd` (named `what` in errors), its output into the log, in
+    /// its own process group; a signal to vmdepot kills that group. Fails
+    /// with the command's last lines of output when it exits non-zero.
+    pub fn run(&mut self, what: &str, cmd: &mut Command) -> Result<()> {
+        self.check_stop()?;
+        self.note(&format!("$ {what}"));
+        let start = self.log.metadata().map(|m| m.len()).unwrap_or(0);
+        let out = self.log.try_clone().at(&self.log_path)?;
+        let err = self.log.try_clone().at(&self.log_path)?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::Tool {
+                tool: what.to_owned(),
+                detail: format!("cannot run it: {e} (is it installed? see .ci/setup)"),
+            })?;
+        let status = loop {
+            if let Some(s) = child.try_wait().at(&self.log_path)? {
+                break s;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                let pg = nix::unistd::Pid::from_raw(-(child.id() as i32));
+                let _ = nix::sys::signal::kill(pg, nix::sys::signal::SIGKILL);
+                let _ = child.wait();
+                return Err(interrupted());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if status.success() {
+            return Ok(());
+        }
+        Err(Error::Tool {
+            tool: what.to_owned(),
+            detail: format!(
+                "{status}: {} (the build's log: {})",
+                self.tail(start),
+                self.log_path.display()
+            ),
+        })
+    }
+
+    /// The last lines the log received since byte `start`, on one line.
+    fn tail(&self, start: u64) -> String {
+        let text = fs::read(&self.log_path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text[(start as usize).min(text.len())..]).into_owned();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        one_line(&lines[lines.len().saturating_sub(3)..].join(" / "))
+    }
+
+    /// `mount ARGS… TARGET`, undone when the work is dropped.
+    pub fn mount(&mut self, args: &[&str], target: &Path) -> Result<()> {
+        let mut cmd = Command::new("mount");
+        cmd.args(args).arg(target);
+        self.run(&format!("mount {}", target.display()), &mut cmd)?;
+        self.mounts.push(target.to_owned());
+        Ok(())
+    }
+
+    /// Unmounts what was mounted after the first `keep` mounts, in
+    /// reverse order, the processes in the chroot `root` killed first.
+    pub fn unmount_to(&mut self, root: &Path, keep: usize) -> Result<()> {
+        kill_rooted_under(root);
+        while self.mounts.len() > keep {
+            let m = self.mounts.pop().expect("len > keep");
+            let mut cmd = Command::new("umount");
+            cmd.arg(&m);
+            if let Err(e) = self.run(&format!("umount {}", m.display()), &mut cmd) {
+                std::thread::sleep(Duration::from_millis(500));
+                kill_rooted_under(root);
+                let mut again = Command::new("umount");
+                again.arg(&m);
+                if self
+                    .run(&format!("umount {}", m.display()), &mut again)
+                    .is_err()
+                {
+                    self.mounts.push(m);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        for id in self.signals.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+        let dir = self.dir.clone();
+        kill_rooted_under(&dir);
+        for m in self.mounts.drain(..).rev() {
+            unmount(&m);
+        }
+        if mounts_under(&dir).is_empty() {
+            let _ = fs::remove_dir_all(&dir);
+        } else {
+            tracing::warn!(dir = %dir.display(), "mounts remain under a build's work directory; the next build removes it");
+        }
+        if !self.keep_log {
+            let _ = fs::remove_file(&self.log_path);
+        }
+    }
+}
+
+fn interrupted() -> Error {
+    Error::Tool {
+        tool: "image build".into(),
+        detail: "interrupted by a signal: nothing was imported, and the build's mounts and files are removed".into(),
+    }
+}
+
+/// `umount TARGET`, lazily if it is busy.
+fn unmount(target: &Path) {
+    let quiet = |lazy: bool| {
+        let mut c = Command::new("umount");
+        if lazy {
+            c.arg("-l");
+        }
+        c.arg(target)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !quiet(false) {
+        std::thread::sleep(Duration::from_millis(300));
+        if !quiet(false) {
+            quiet(true);
+        }
+    }
+}
+
+/// Kills (SIGKILL) every process whose root directory is `dir` or under
+/// it: daemons that maintainer scripts started in the chroot despite
+/// policy-rc.d.
+pub fn kill_rooted_under(dir: &Path) {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(root) = fs::read_link(e.path().join("root")) {
+            if root.starts_with(dir) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// The mount points at or under `dir`, deepest last.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| p.components().count());
+    v
+}
+
+/// A mountinfo path: `\040` and the other octal escapes decoded.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let (b'\\', Some(d)) = (b[i], octal) {
+            let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+            if let Ok(v) = u8::try_from(v) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes the work directories of builds that no process runs any more
+/// (killed with -9, or the host lost power): their processes killed, their
+/// mounts undone, their files removed. A directory whose mounts do not go
+/// is left for the next sweep.
+pub fn sweep(tmp: &Path) {
+    let Ok(rd) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str() else { continue };
+        if !n.starts_with(PREFIX) || n.ends_with(".log") {
+            continue;
+        }
+        let dir = e.path();
+        let Ok(lock) = File::open(dir.join(".lock")) else {
+            continue;
+        };
+        if Flock::lock(lock, FlockArg::LockExclusiveNonblock).is_err() {
+            continue; // a running build's
+        }
+        kill_rooted_under(&dir);
+        for m in mounts_under(&dir).into_iter().rev() {
+            unmount(&m);
+        }
+        if mounts_under(&dir).is_empty() {
+            tracing::info!(dir = %dir.display(), "removed what an interrupted build left");
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The umask a system's files are made with (0022, as a distribution's
+/// installer runs), for as long as it lives; the depot's own (0077, see
+/// `perms`) comes back when it drops. Under the depot's, dpkg's
+/// maintainer scripts and our own writes would leave files that the
+/// guest's services, which do not run as root, cannot read (networkd's
+/// .network file). A build is single-threaded until its import.
+pub struct SystemUmask(nix::sys::stat::Mode);
+
+impl SystemUmask {
+    /// Sets 0022.
+    pub fn set() -> SystemUmask {
+        use nix::sys::stat::{umask, Mode};
+        SystemUmask(umask(Mode::from_bits_truncate(0o022)))
+    }
+}
+
+impl Drop for SystemUmask {
+    fn drop(&mut self) {
+        nix::sys::stat::umask(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mount(r"/tmp/a\040b"), "/tmp/a b");
+        assert_eq!(unescape_mount(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape_mount(r"/plain"), "/plain");
+        assert_eq!(unescape_mount(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn a_failing_command_names_itself_and_its_last_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = Work::create(tmp.path()).unwrap();
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo fine"]);
+        w.run("sh ok", &mut ok).unwrap();
+        let mut bad = Command::new("sh");
+        bad.args(["-c", "echo one; echo two >&2; exit 3"]);
+        let e = w.run("sh bad", &mut bad).unwrap_err().to_string();
+        assert!(e.starts_with("sh bad: exit status: 3: one / two"), "{e}");
+        assert!(e.contains(&w.log_path.display().to_string()), "{e}");
+        let missing = w
+            .run("nope", &mut Command::new("/nonexistent/tool"))
+            .unwrap_err();
+        assert!(missing.to_string().contains("cannot run it"), "{missing}");
+        let (dir, log) = (w.dir.clone(), w.log_path.clone());
+        w.keep_log = false;
+        drop(w);
+        assert!(!dir.exists() && !log.exists());
+    }
+
+    #[test]
+    fn sweep_removes_an_unlocked_work_dir_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = Work::create(tmp.path()).unwrap();
+        let dead = tmp.path().join("build-0123abcd");
+        fs::create_dir_all(dead.join("root/etc")).unwrap();
+        File::create(dead.join(".lock")).unwrap();
+        sweep(tmp.path());
+        assert!(!dead.exists());
+        assert!(live.dir.exists(), "a running build's directory stays");
+    }
+}

@@ -84,6 +84,7 @@ pub use depot::{
 pub use error::{Error, Result};
 pub use image::export::{export_file_mode, ExportFormat};
 pub use image::source::SourceFormat;
+pub use launch::firmware::{Firmware, FIRMWARE_TAG};
 pub use launch::instance::{
     console_attached, press_power_button, DiskMode, Foreground, Instance, InstanceInfo,
     InstanceState, LaunchOptions, Launched, SerialLines, SSH_USER_TAG, STOP_TIMEOUT,

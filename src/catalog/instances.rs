@@ -50,11 +50,13 @@ pub struct InstanceRow {
     pub owner_lease: Option<String>,
     /// The user to SSH in as (the image's `ssh-user` tag at launch).
     pub ssh_user: Option<String>,
+    /// The firmware it boots with: `bios` or `uefi`.
+    pub firmware: String,
 }
 
 const COLS: &str = "id, name, image, image_name, owner, state, disk, cpus, memory_mib, accel, \
                     accel_used, hostname, forwards, ssh_port, pid, created_at, error, \
-                    restricted_from, owner_lease, ssh_user";
+                    restricted_from, owner_lease, ssh_user, firmware";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -78,6 +80,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
         restricted_from: r.get(17)?,
         owner_lease: r.get(18)?,
         ssh_user: r.get(19)?,
+        firmware: r.get(20)?,
     })
 }
 
@@ -158,6 +161,8 @@ pub struct NewInstance<'a> {
     pub owner_lease: Option<&'a str>,
     /// The image's `ssh-user` tag.
     pub ssh_user: Option<&'a str>,
+    /// `bios` or `uefi`.
+    pub firmware: &'a str,
 }
 
 /// Enters the instances of one launch as `pending`, all or none. A name
@@ -167,9 +172,9 @@ pub fn insert_pending(conn: &Connection, rows: &[NewInstance<'_>]) -> Result<()>
         let mut ins = tx.prepare_cached(
             "INSERT INTO instances (id, name, image, image_name, owner, state, disk, cpus,
                      memory_mib, accel, hostname, created_at, restricted_from, owner_lease,
-                     ssh_user)
+                     ssh_user, firmware)
                      VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8, ?9, ?10, ?11, ?12,
-                             ?13, ?14)",
+                             ?13, ?14, ?15)",
         )?;
         for n in rows {
             let r = ins.execute(params![
@@ -186,7 +191,8 @@ pub fn insert_pending(conn: &Connection, rows: &[NewInstance<'_>]) -> Result<()>
                 n.created_at,
                 n.restricted_from,
                 n.owner_lease,
-                n.ssh_user
+                n.ssh_user,
+                n.firmware
             ]);
             match r {
                 Err(e)

@@ -398,6 +398,12 @@ CREATE TABLE partial_images (
 ALTER TABLE instances ADD COLUMN owner_lease TEXT;  -- ephemeral: 'BOOT_ID PID START_TICKS' of its owner
 ALTER TABLE instances ADD COLUMN ssh_user TEXT;     -- the image's ssh-user tag at launch
 "#,
+    // v12: the firmware each instance boots with (`instance run
+    // --firmware`), chosen at launch; instances made before boot BIOS.
+    r#"
+ALTER TABLE instances ADD COLUMN firmware TEXT NOT NULL DEFAULT 'bios'
+    CHECK (firmware IN ('bios', 'uefi'));
+"#,
 ];
 
 fn migrations() -> Migrations<'static> {

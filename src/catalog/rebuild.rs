@@ -153,16 +153,19 @@ pub struct RebuiltInstance {
     pub restricted_from: String,
     /// The pid of its QEMU, still running.
     pub pid: Option<i32>,
+    /// `uefi` if its directory holds a UEFI variable store, else `bios`.
+    pub firmware: &'static str,
 }
 
 /// An instance row, `running` if its QEMU is, else `stopped`, with 1 CPU,
-/// 1024 MiB and the `auto` accelerator (in the caller's write
+/// 1024 MiB and the `auto` accelerator, booting `i.firmware` (in the caller's write
 /// transaction; one that exists already is kept).
 pub fn insert_rebuilt_instance(tx: &Connection, i: &RebuiltInstance) -> Result<()> {
     tx.execute(
         "INSERT OR IGNORE INTO instances (id, name, image, image_name, owner, state, disk, cpus,
-                                    memory_mib, accel, hostname, created_at, restricted_from, pid)
-             VALUES (?1, ?1, ?2, ?3, ?4, ?9, ?5, 1, 1024, 'auto', ?6, ?7, ?8, ?10)",
+                                    memory_mib, accel, hostname, created_at, restricted_from, pid,
+                                    firmware)
+             VALUES (?1, ?1, ?2, ?3, ?4, ?9, ?5, 1, 1024, 'auto', ?6, ?7, ?8, ?10, ?11)",
         params![
             i.id,
             i.image,
@@ -177,7 +180,8 @@ pub fn insert_rebuilt_instance(tx: &Connection, i: &RebuiltInstance) -> Result<(
             } else {
                 "stopped"
             },
-            i.pid
+            i.pid,
+            i.firmware
         ],
     )?;
     Ok(())

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use vmdepot::{
-    check_account, console_attached, parse_memory, Accel, Depot, DiskMode, Forward, ImageInfo,
-    InstanceInfo, LaunchOptions, Op, Progress, MAX_COUNT, MAX_CPUS, MAX_SSH_KEY, MAX_USER_DATA,
-    STOP_TIMEOUT,
+    check_account, console_attached, parse_memory, Accel, Depot, DiskMode, Firmware, Forward,
+    ImageInfo, InstanceInfo, LaunchOptions, Op, Progress, MAX_COUNT, MAX_CPUS, MAX_SSH_KEY,
+    MAX_USER_DATA, STOP_TIMEOUT,
 };
 
 use super::input::read_file;
@@ -292,6 +292,10 @@ pub struct RunArgs {
     /// Acceleration: auto (KVM if it works here, else TCG), kvm or tcg
     #[arg(long, value_name = "ACCEL", default_value = "auto", value_parser = Accel::parse)]
     accel: Accel,
+    /// Firmware: auto (what the image's firmware tag names first; BIOS if it has none), bios
+    /// (SeaBIOS) or uefi (OVMF, from Debian's ovmf package)
+    #[arg(long, value_name = "FW", default_value = "auto", value_parser = Firmware::parse)]
+    firmware: Firmware,
     /// The guest's hostname (NoCloud local-hostname) [default: the instance name]
     #[arg(long)]
     hostname: Option<String>,
@@ -648,6 +652,7 @@ impl RunArgs {
         opts.memory_mib = self.memory;
         opts.disk = self.disk;
         opts.accel = self.accel;
+        opts.firmware = self.firmware;
         opts.hostname = self.hostname;
         opts.ssh_keys = self
             .ssh_keys

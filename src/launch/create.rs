@@ -23,6 +23,7 @@ use crate::ids::random_hex;
 use crate::image::bases::{self, base_flock};
 use crate::image::export::ExportFormat;
 use crate::launch::accel::{choose_accel, Accel};
+use crate::launch::firmware::{check_ovmf, choose_firmware, Firmware, FIRMWARE_TAG};
 use crate::launch::handle::Instance;
 use crate::launch::instance::{forwards_json, LaunchOptions, Launched, SSH_USER_TAG};
 use crate::launch::names::{check_hostname, check_name, hostname_from};
@@ -126,6 +127,15 @@ impl Depot {
         let lazy = opts.disk == DiskMode::Lazy;
         let (img, _) = self.usable_for(&opts.image, Op::Launch, lazy)?;
         let names = checked_names(opts, &img.name)?;
+        let tags = catalog::images::tags_of(&self.repo.conn, img.id.as_str())?;
+        let firmware = choose_firmware(
+            opts.firmware,
+            &img.name,
+            tags.get(FIRMWARE_TAG).map(String::as_str),
+        )?;
+        if firmware == Firmware::Uefi {
+            check_ovmf()?;
+        }
         let (accel, notice) =
             choose_accel(&qemu_bin, opts.accel, self.root(), self.perms().file())?;
         for d in ["instances", "bases"] {
@@ -136,7 +146,7 @@ impl Depot {
             ids: Vec::new(),
             locks: Vec::new(),
         };
-        let base = self.enter_instances(&img, opts, &names, &mut guard, progress)?;
+        let base = self.enter_instances(&img, opts, &names, firmware, &mut guard, progress)?;
         let mut ports_taken = HashSet::new();
         for id in &guard.ids {
             self.prepare_instance(id, &img, base.as_deref(), opts, &mut ports_taken, progress)?;
@@ -160,12 +170,13 @@ impl Depot {
     /// both recorded in `guard`), enters their rows as `pending`, and makes
     /// the shared base of an overlay launch: all under the base's lock, so
     /// that gc sees the base is in use before it could evict it. Returns
-    /// the base.
+    /// the base. The instances boot `firmware`.
     fn enter_instances(
         &self,
         img: &ImageRow,
         opts: &LaunchOptions,
         names: &[String],
+        firmware: Firmware,
         guard: &mut LaunchGuard<'_>,
         progress: &dyn Progress,
     ) -> Result<Option<PathBuf>> {
@@ -210,6 +221,7 @@ impl Depot {
                 restricted_from: &restricted_from,
                 owner_lease: owner_lease.as_deref(),
                 ssh_user: ssh_user.as_deref(),
+                firmware: firmware.as_str(),
             })
             .collect();
         instances::insert_pending(&self.repo.conn, &rows)?;

@@ -37,6 +37,7 @@ use crate::catalog::instances::{self, InstanceRow};
 use crate::depot::display::non_empty;
 use crate::depot::{Depot, Timestamp};
 use crate::error::{Error, Result};
+use crate::launch::firmware::Firmware;
 use crate::launch::qemu::{Accel, Forward};
 use crate::launch::qmp::{Qmp, RunState};
 
@@ -58,6 +59,8 @@ pub struct LaunchOptions {
     pub disk: DiskMode,
     /// The accelerator (default: auto).
     pub accel: Accel,
+    /// The firmware (default: auto, from the image's `firmware` tag).
+    pub firmware: Firmware,
     /// The guest's hostname (default: the instance name).
     pub hostname: Option<String>,
     /// Public keys (file contents) for the generated user-data.
@@ -98,6 +101,7 @@ impl LaunchOptions {
             memory_mib: 512,
             disk: DiskMode::Lazy,
             accel: Accel::Auto,
+            firmware: Firmware::Auto,
             hostname: None,
             ssh_keys: Vec::new(),
             user_data: None,
@@ -211,6 +215,8 @@ pub struct InstanceInfo {
     pub disk_error: Option<String>,
     /// The user to SSH in as: its image's `ssh-user` tag at launch.
     pub ssh_user: Option<String>,
+    /// The firmware it boots with (`bios` or `uefi`), chosen at launch.
+    pub firmware: Firmware,
     /// Whether it is ephemeral: tied to the process that launched it (see
     /// [`LaunchOptions::ephemeral`]).
     pub ephemeral: bool,
@@ -373,6 +379,8 @@ impl Depot {
                 .map(|s| s.remote_bytes_fetched),
             disk_error: stats.and_then(|s| non_empty(s.error)),
             ssh_user: r.ssh_user,
+            // (only `bios` and `uefi` are stored: the column's CHECK)
+            firmware: Firmware::parse(&r.firmware).unwrap_or(Firmware::Bios),
             ephemeral: r.owner_lease.is_some(),
         }
     }
@@ -455,11 +463,12 @@ mod tests {
             remote_bytes_fetched: None,
             disk_error: Some("read at offset 0 failed".into()),
             ssh_user: Some("debian".into()),
+            firmware: Firmware::Uefi,
             ephemeral: true,
         };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),
-            r#"{"id":"ins-0123456789abcdef","name":"web","image":"img-0123456789abcdef","image_name":"base","owner":"alice","state":"paused","run_state":"paused","accel":"kvm","pid":42,"ssh_port":null,"forwards":[{"addr":"127.0.0.1","host":8080,"guest":80}],"cpus":1,"memory_mib":512,"disk":"lazy","hostname":"web","created_at":"2023-11-14T22:13:20Z","dir":"/d/instances/ins-0123456789abcdef","serial_log":"/d/s.log","qmp_socket":"/d/qmp.sock","console_socket":"/d/console.sock","error":null,"store_bytes_read":4096,"remote_bytes_fetched":null,"disk_error":"read at offset 0 failed","ssh_user":"debian","ephemeral":true}"#
+            r#"{"id":"ins-0123456789abcdef","name":"web","image":"img-0123456789abcdef","image_name":"base","owner":"alice","state":"paused","run_state":"paused","accel":"kvm","pid":42,"ssh_port":null,"forwards":[{"addr":"127.0.0.1","host":8080,"guest":80}],"cpus":1,"memory_mib":512,"disk":"lazy","hostname":"web","created_at":"2023-11-14T22:13:20Z","dir":"/d/instances/ins-0123456789abcdef","serial_log":"/d/s.log","qmp_socket":"/d/qmp.sock","console_socket":"/d/console.sock","error":null,"store_bytes_read":4096,"remote_bytes_fetched":null,"disk_error":"read at offset 0 failed","ssh_user":"debian","firmware":"uefi","ephemeral":true}"#
         );
     }
 }

@@ -11,6 +11,7 @@ pub mod accel;
 pub(crate) mod control;
 pub(crate) mod create;
 pub mod disk;
+pub mod firmware;
 pub(crate) mod handle;
 pub mod instance;
 pub(crate) mod names;

@@ -1,10 +1,10 @@
 //! [`Paths`]: where an instance's files live. `DEPOT/instances/ID/` holds
 //! the disk (`disk.qcow2` overlay on the image's base, or a private sparse
 //! `disk.raw`), `seed.img` (NoCloud), QEMU's `qmp.sock`, `console.sock`,
-//! `serial.log`, `qemu.pid` and (foreground starts) `qemu.log`, the `lock`
-//! flocked by whoever changes the instance's state and, while a live
-//! capture has the guest paused, the `pause` lease (see
-//! [`super::pause::PauseLease`]).
+//! `serial.log`, `qemu.pid`, a UEFI instance's `efivars.fd` and
+//! (foreground starts) `qemu.log`, the `lock` flocked by whoever changes
+//! the instance's state and, while a live capture has the guest paused,
+//! the `pause` lease (see [`super::pause::PauseLease`]).
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,11 @@ impl Paths {
     /// The NoCloud seed.
     pub(crate) fn seed(&self) -> PathBuf {
         self.dir.join("seed.img")
+    }
+
+    /// A UEFI instance's variable store.
+    pub(crate) fn efivars(&self) -> PathBuf {
+        self.dir.join(crate::launch::firmware::VARS_FILE)
     }
 
     /// The lock whoever changes the instance's state holds.

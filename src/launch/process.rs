@@ -57,6 +57,17 @@ pub(crate) fn vm_config(p: &Paths, r: &InstanceRow, accel: Accel, foreground: bo
         seed: Some(p.seed()),
         forwards: forwards_of(r),
         files: p.files(),
+        efivars: (r.firmware == "uefi").then(|| p.efivars()),
+    }
+}
+
+/// Gives a UEFI instance its variable store if it has none yet (made at
+/// its first start, or again after it was removed: the guest then finds
+/// its boot loader on its disk's EFI system partition).
+pub(crate) fn prepare_firmware(p: &Paths, r: &InstanceRow, perms: Perms) -> Result<()> {
+    match r.firmware.as_str() {
+        "uefi" => crate::launch::firmware::ensure_vars(&p.efivars(), perms),
+        _ => Ok(()),
     }
 }
 
@@ -132,6 +143,7 @@ pub(crate) fn spawn_detached(
     repo: &crate::repo::Repo,
 ) -> Result<Spawned> {
     let cfg = vm_config(p, r, accel, false);
+    prepare_firmware(p, r, repo.perms)?;
     clean_runtime_files(p);
     mark_serial_start(p, repo.perms);
     let lease = match r.disk {

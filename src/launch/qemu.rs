@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use super::accel::Accel;
+use super::firmware::OVMF_CODE;
 use crate::error::{Error, IoContext, Result};
 
 /// The emulator binary: `VMDEPOT_QEMU` if set, else `qemu-system-x86_64`
@@ -186,6 +187,9 @@ pub struct VmConfig {
     pub seed: Option<PathBuf>,
     pub forwards: Vec<Forward>,
     pub files: VmFiles,
+    /// UEFI: the instance's variable store (OVMF's code is
+    /// [`OVMF_CODE`]); `None`: BIOS.
+    pub efivars: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -202,6 +206,19 @@ impl VmConfig {
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             _ => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        if let Some(vars) = &self.efivars {
+            push(&[
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    opt_value(Path::new(OVMF_CODE))
+                ),
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", opt_value(vars)),
+            ]);
         }
         push(&["-smp", &self.cpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
@@ -401,6 +418,7 @@ mod tests {
                 serial_log: "/d/serial.log".into(),
                 pidfile: "/d/qemu.pid".into(),
             },
+            efivars: None,
         };
         let a = c.args().join(" ");
         for want in [
@@ -414,6 +432,18 @@ mod tests {
             "file=/d/seed.img,format=raw,if=virtio,readonly=on",
             "hostfwd=tcp:127.0.0.1:2222-:22",
             "-display none",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        assert!(!a.contains("pflash"), "BIOS: no flash drives in {a}");
+        let uefi = VmConfig {
+            efivars: Some("/d/efivars.fd".into()),
+            ..c
+        };
+        let a = uefi.args().join(" ");
+        for want in [
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive if=pflash,format=raw,unit=1,file=/d/efivars.fd",
         ] {
             assert!(a.contains(want), "{want} missing from {a}");
         }
@@ -440,6 +470,7 @@ mod tests {
                 serial_log: d.join("serial.log"),
                 pidfile: d.join("qemu.pid"),
             },
+            efivars: Some(d.join("efivars.fd")),
         };
         let a = c.args();
         for want in [
@@ -447,6 +478,7 @@ mod tests {
             "socket,id=console,path=/dep,,ot x/console.sock,server=on,wait=off,logfile=/dep,,ot x/serial.log,logappend=on",
             "file=/dep,,ot x/disk.qcow2,format=qcow2,if=virtio,cache=writeback,discard=unmap",
             "file=/dep,,ot x/seed.img,format=raw,if=virtio,readonly=on",
+            "if=pflash,format=raw,unit=1,file=/dep,,ot x/efivars.fd",
             // a plain path, not an option string
             "/dep,ot x/qemu.pid",
         ] {

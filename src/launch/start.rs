@@ -25,8 +25,8 @@ use crate::launch::disk::InProcess;
 use crate::launch::instance::{forwards_json, forwards_of, Held, InstanceInfo};
 use crate::launch::paths::Paths;
 use crate::launch::process::{
-    clean_runtime_files, fix_runtime_modes, spawn_detached, vm_config, wait_detached, watch_accel,
-    QemuLog, Spawned,
+    clean_runtime_files, fix_runtime_modes, prepare_firmware, spawn_detached, vm_config,
+    wait_detached, watch_accel, QemuLog, Spawned,
 };
 use crate::launch::qemu;
 use crate::launch::qmp::Qmp;
@@ -66,6 +66,9 @@ impl Depot {
             self.root(),
             self.perms().file(),
         )?;
+        if h.r.firmware == "uefi" {
+            crate::launch::firmware::check_ovmf()?;
+        }
         self.refresh_forwards(&mut h.r)?;
         if h.r.disk == DiskMode::Overlay {
             self.check_start_base(&h.r)?;
@@ -178,6 +181,7 @@ impl Depot {
             notice,
         } = self.prepare_start(reference)?;
         let cfg = vm_config(&p, &r, accel, true);
+        prepare_firmware(&p, &r, self.perms())?;
         clean_runtime_files(&p);
         crate::launch::process::mark_serial_start(&p, self.perms());
         let disk_server = match r.disk {

@@ -417,6 +417,11 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
                 created_at,
                 restricted_from: restricted,
                 pid,
+                firmware: if d.join(crate::launch::firmware::VARS_FILE).exists() {
+                    "uefi"
+                } else {
+                    "bios"
+                },
             },
         )?;
         rep.instances.push(id);

@@ -4,7 +4,7 @@
 //! NoCloud seed, writes a file on its disk, and powers off on the ACPI power
 //! button.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -560,4 +560,113 @@ fn library_harness_launches_waits_and_drops() {
     );
     assert!(!inst_dir.exists());
     assert!(depot.list_instances().unwrap().is_empty());
+}
+
+/// `--firmware uefi` boots OVMF with a variable store of the instance's
+/// own (the depot's file mode, kept across restarts, named on QEMU's
+/// command line); `auto` follows the image's `firmware` tag (BIOS first,
+/// BIOS untagged), and a firmware the tag excludes is refused before
+/// anything is made.
+#[test]
+fn uefi_instances_boot_ovmf_with_their_own_variable_store() {
+    use std::os::unix::fs::MetadataExt;
+    let t = depot_with_guest();
+    t.ok(&["instance", "run", "tiny", "--name", "plain", "-q"]);
+    assert_eq!(
+        show(&t, "plain")["firmware"],
+        "bios",
+        "untagged: auto is BIOS"
+    );
+    t.ok(&["instance", "delete", "plain", "--force"]);
+
+    t.ok(&["image", "update", "tiny", "--tag", "firmware=bios"]);
+    t.refuses(
+        &[
+            "instance",
+            "run",
+            "tiny",
+            "--name",
+            "u",
+            "--firmware",
+            "uefi",
+        ],
+        2,
+        "image tiny boots with bios only",
+    );
+    t.refuses(
+        &[
+            "instance",
+            "run",
+            "tiny",
+            "--name",
+            "u",
+            "--firmware",
+            "efi",
+        ],
+        2,
+        "use auto, bios or uefi",
+    );
+    assert!(
+        instance_dirs(&t).is_empty(),
+        "a refused launch leaves nothing"
+    );
+    assert_eq!(
+        t.json(&["instance", "list", "--json"]),
+        serde_json::json!([])
+    );
+
+    t.ok(&["image", "update", "tiny", "--tag", "firmware=bios,uefi"]);
+    t.ok(&[
+        "instance",
+        "run",
+        "tiny",
+        "--name",
+        "u",
+        "--firmware",
+        "uefi",
+        "-q",
+    ]);
+    let info = show(&t, "u");
+    assert_eq!(info["firmware"], "uefi");
+    assert!(t
+        .ok(&["instance", "show", "u"])
+        .contains("firmware             uefi"));
+    // OVMF's boot manager speaks on the serial console (the tiny guest has
+    // no EFI system partition: it says what it could not boot).
+    wait_serial(&t, "u", "BdsDxe:");
+    let vars = Path::new(info["dir"].as_str().unwrap()).join("efivars.fd");
+    let meta = std::fs::metadata(&vars).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "{}", vars.display());
+    assert_eq!(
+        meta.len(),
+        std::fs::metadata("/usr/share/OVMF/OVMF_VARS_4M.fd")
+            .unwrap()
+            .len()
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", info["pid"])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+        ) && cmdline.contains(&format!("unit=1,file={}", vars.display())),
+        "{cmdline}"
+    );
+    t.ok(&["instance", "stop", "u", "--force"]);
+    t.ok(&["instance", "start", "u"]);
+    assert_eq!(
+        show(&t, "u")["firmware"],
+        "uefi",
+        "every start boots the same"
+    );
+    wait_serial_count(&t, "u", "BdsDxe:", 2);
+    assert_eq!(std::fs::metadata(&vars).unwrap().ino(), meta.ino(), "kept");
+
+    t.ok(&["instance", "run", "tiny", "--name", "b", "-q"]);
+    assert_eq!(show(&t, "b")["firmware"], "bios", "auto: the tag's first");
+    wait_serial(&t, "b", READY);
+    assert!(!Path::new(show(&t, "b")["dir"].as_str().unwrap())
+        .join("efivars.fd")
+        .exists());
+    t.ok(&["instance", "delete", "u", "--force"]);
+    t.ok(&["instance", "delete", "b", "--force"]);
 }

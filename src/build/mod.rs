@@ -29,11 +29,12 @@ use std::time::Instant;
 use crate::depot::access::{restriction_of, Op};
 use crate::depot::{Depot, ImageInfo, ImageType, ImportOptions};
 use crate::error::{Error, Result};
+use crate::launch::firmware::FIRMWARE_TAG;
 use crate::launch::instance::SSH_USER_TAG;
 use crate::progress::Progress;
 
 /// The tags a build records (its recipe), beside `os`, `release`,
-/// [`SSH_USER_TAG`] and `firmware`.
+/// [`SSH_USER_TAG`] and [`FIRMWARE_TAG`].
 pub const RECIPE_TAGS: &[&str] = &[
     "build.os",
     "build.suite",
@@ -241,7 +242,16 @@ impl Depot {
             Some(b) => {
                 let disk = work.dir.join("disk.raw");
                 progress.begin(&format!("copying {}", b.name), 0);
-                self.export(b.id.as_str(), &disk, crate::ExportFormat::Raw, progress)?;
+                // (into the depot's tmp/: the internal export; a user's
+                // export into the depot is refused)
+                crate::image::export::export_with_mode(
+                    &self.repo,
+                    b,
+                    &disk,
+                    crate::ExportFormat::Raw,
+                    self.perms().file(),
+                    progress,
+                )?;
                 progress.end();
                 debian::build_on(&mut work, &plan, disk, progress)?
             }
@@ -278,7 +288,7 @@ impl Depot {
             ("os", Some("debian".to_owned())),
             ("release", Some(release.to_owned())),
             (SSH_USER_TAG, Some("debian".to_owned())),
-            ("firmware", Some("bios,uefi".to_owned())),
+            (FIRMWARE_TAG, Some("bios,uefi".to_owned())),
             ("build.os", Some(system.to_owned())),
             ("build.suite", Some(suite.to_owned())),
             ("build.mirror", Some(plan.mirror.clone())),

@@ -31,7 +31,8 @@ use crate::image::input::Input;
 use crate::image::lazy::LazyImage;
 use crate::image::source::Reader;
 use crate::launch::create::make_disk;
-use crate::launch::instance::{Held, InstanceInfo, STOP_TIMEOUT};
+use crate::launch::firmware::FIRMWARE_TAG;
+use crate::launch::instance::{Held, InstanceInfo, SSH_USER_TAG, STOP_TIMEOUT};
 use crate::launch::paths::Paths;
 use crate::launch::pause::PauseLease;
 use crate::launch::qmp::{Qmp, RunState};
@@ -47,7 +48,8 @@ pub struct CaptureOptions {
     /// Capture a running instance: pause it (QMP `stop`, which flushes its
     /// disks), read, resume. Without it a running instance is refused.
     pub live: bool,
-    /// Tags (key, value) set on the new image.
+    /// Tags (key, value) set on the new image, over those it carries from
+    /// the instance's image (`os`, `release`, `ssh-user`, `firmware`).
     pub tags: Vec<(String, String)>,
 }
 
@@ -62,6 +64,23 @@ impl CaptureOptions {
             tags: Vec::new(),
         }
     }
+}
+
+/// The tags a capture (and a backup) carries from its instance's image,
+/// what the guest is and how it boots and is reached: `os`, `release`,
+/// `ssh-user` (else the user the instance recorded at launch) and
+/// `firmware`. The recipe (`build.*`) is not carried: the capture was not
+/// built from it. The caller's tags are set after these (and win).
+pub(crate) const CARRIED_TAGS: &[&str] = &["os", "release", SSH_USER_TAG, FIRMWARE_TAG];
+
+fn carried_tags(conn: &rusqlite::Connection, r: &InstanceRow) -> Result<Vec<(String, String)>> {
+    let mut tags = catalog::images::tags_of(conn, &r.image)?;
+    tags.retain(|k, _| CARRIED_TAGS.contains(&k.as_str()));
+    if let Some(u) = r.ssh_user.as_ref().filter(|u| !u.is_empty()) {
+        tags.entry(SSH_USER_TAG.to_owned())
+            .or_insert_with(|| u.clone());
+    }
+    Ok(tags.into_iter().collect())
 }
 
 /// Test-only hook: with `VMDEPOT_TEST_PAUSED_SLEEP_MS=N` in the
@@ -253,7 +272,8 @@ impl Depot {
         let mut io = ImportOptions::new(opts.name.clone());
         io.kind = ImageType::Custom;
         io.description = opts.description.clone();
-        io.tags = opts.tags.clone();
+        io.tags = carried_tags(&self.repo.conn, r)?;
+        io.tags.extend(opts.tags.iter().cloned());
         io.parent = Some((r.image.clone(), r.image_name.clone()));
         io.source_instance = Some(r.id.clone());
         io.restricted_from = restricted_from;

@@ -253,6 +253,12 @@ fn a_marketplace_build_on_the_base_serves_http_and_its_capture_boots_uefi() {
     ]);
     t.ok(&["instance", "stop", "w", "-q"]);
     t.ok(&capture_args("w", "web-2", &["-q"]));
+    // It carries what the guest is and how it boots, not the recipe.
+    let cap = t.json(&["image", "show", "web-2", "--json"]);
+    assert_eq!(tag(&cap, "ssh-user"), "debian");
+    assert_eq!(tag(&cap, "firmware"), "bios,uefi");
+    assert_eq!(tag(&cap, "os"), "debian");
+    assert!(cap["tags"].get("build.suite").is_none(), "{cap}");
 
     // The capture, with UEFI: the change is there.
     t.ok(&[

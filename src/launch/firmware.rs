@@ -113,8 +113,19 @@ pub fn check_ovmf() -> Result<()> {
 /// [`OVMF_VARS`], the depot's file mode) unless it has one: the boot
 /// entries its guest writes stay its own, across restarts.
 pub(crate) fn ensure_vars(vars: &Path, perms: Perms) -> Result<()> {
-    if vars.exists() {
-        return Ok(());
+    // QEMU opens the store read-write and follows links: only a regular
+    // file of the instance's own is handed to it.
+    match std::fs::symlink_metadata(vars) {
+        Ok(m) if m.file_type().is_file() => return Ok(()),
+        Ok(_) => {
+            return Err(Error::StoreDamaged(format!(
+                "{} is not a regular file: remove it (the instance gets a new, \
+                 empty UEFI variable store at its next start)",
+                vars.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).at(vars),
     }
     check_ovmf()?;
     let body = std::fs::read(OVMF_VARS).at(Path::new(OVMF_VARS))?;

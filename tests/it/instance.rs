@@ -660,6 +660,18 @@ fn uefi_instances_boot_ovmf_with_their_own_variable_store() {
     );
     wait_serial_count(&t, "u", "BdsDxe:", 2);
     assert_eq!(std::fs::metadata(&vars).unwrap().ino(), meta.ino(), "kept");
+    // A store that is a link is never handed to QEMU (it writes there).
+    t.ok(&["instance", "stop", "u", "--force"]);
+    let victim = t.path("victim");
+    std::fs::write(&victim, b"host file").unwrap();
+    std::fs::remove_file(&vars).unwrap();
+    std::os::unix::fs::symlink(&victim, &vars).unwrap();
+    t.refuses(
+        &["instance", "start", "u"],
+        5,
+        "efivars.fd is not a regular file",
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"host file");
 
     t.ok(&["instance", "run", "tiny", "--name", "b", "-q"]);
     assert_eq!(show(&t, "b")["firmware"], "bios", "auto: the tag's first");

@@ -67,7 +67,7 @@ pub struct BuildOptions {
     /// The new image's name (default: the system's, for a base build;
     /// required with `from`).
     pub name: Option<String>,
-    /// The disk's size in bytes (base builds; default [`DEFAULT_SIZE`]).
+    /// The disk's size in bytes (base builds; default 3 GiB).
     pub size: Option<u64>,
     /// Debian packages to install as well (`name` or `name=version`).
     pub packages: Vec<String>,

@@ -21,7 +21,7 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// The empty variable store each UEFI instance gets a copy of.
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// That copy's name in the instance's directory.
-pub const VARS_FILE: &str = "efivars.fd";
+pub const VARS_FILE: &str = crate::repo::orphans::EFIVARS_FILE;
 
 /// The firmware a guest boots with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -417,7 +417,7 @@ fn rebuild_instances(tx: &rusqlite::Connection, root: &Path, rep: &mut RepairRep
                 created_at,
                 restricted_from: restricted,
                 pid,
-                firmware: if d.join(crate::launch::firmware::VARS_FILE).exists() {
+                firmware: if d.join(crate::repo::orphans::EFIVARS_FILE).exists() {
                     "uefi"
                 } else {
                     "bios"

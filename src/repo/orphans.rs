@@ -15,6 +15,10 @@ use crate::catalog::instances;
 use crate::error::Result;
 use crate::repo::Repo;
 
+/// A UEFI instance's variable store in its directory (`launch::firmware`;
+/// a repair reads the firmware from its presence).
+pub(crate) const EFIVARS_FILE: &str = "efivars.fd";
+
 /// `DEPOT/instances/ID`: the directory of instance `id`.
 pub(crate) fn instance_dir(root: &Path, id: &str) -> PathBuf {
     root.join("instances").join(id)

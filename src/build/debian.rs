@@ -95,6 +95,17 @@ impl Root {
     }
 }
 
+/// `apt-get update` in the root, then the build's source date from the
+/// lists it fetched (0: unknown).
+fn apt_update(work: &mut Work, root: &mut Root) -> Result<()> {
+    work.run(
+        "apt-get update",
+        &mut root.cmd(&["apt-get", "-q", "update"]),
+    )?;
+    root.source_date = mirror_date(root).unwrap_or(0);
+    Ok(())
+}
+
 /// A base build: a new disk from nothing.
 pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Result<Built> {
     let _umask = SystemUmask::set();
@@ -153,11 +164,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
     configure_before_packages(&root, &uuid)?;
     progress.begin("packages", 0);
     let resolv = borrow_resolv(&root)?;
-    work.run(
-        "apt-get update",
-        &mut root.cmd(&["apt-get", "-q", "update"]),
-    )?;
-    root.source_date = mirror_date(&root).unwrap_or(0);
+    apt_update(work, &mut root)?;
     work.run(
         "apt-get dist-upgrade",
         &mut root.cmd(&["apt-get", "-y", "-q", "dist-upgrade"]),
@@ -242,11 +249,7 @@ pub fn build_on(
     progress.begin("packages", 0);
     write_policy_rc_d(&root)?;
     let resolv = borrow_resolv(&root)?;
-    work.run(
-        "apt-get update",
-        &mut root.cmd(&["apt-get", "-q", "update"]),
-    )?;
-    root.source_date = mirror_date(&root).unwrap_or(0);
+    apt_update(work, &mut root)?;
     if !plan.packages.is_empty() {
         let mut install: Vec<&str> = vec!["apt-get", "-y", "-q", "install"];
         install.extend(plan.packages.iter().map(String::as_str));

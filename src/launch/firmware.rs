@@ -4,7 +4,6 @@
 //! `ovmf` package, read-only, and a per-instance copy of its variable
 //! store (`efivars.fd`, the boot entries the guest writes).
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -129,17 +128,8 @@ pub(crate) fn ensure_vars(vars: &Path, perms: Perms) -> Result<()> {
     }
     check_ovmf()?;
     let body = std::fs::read(OVMF_VARS).at(Path::new(OVMF_VARS))?;
-    let tmp = vars.with_extension("fd.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = perms
-        .open_options()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .at(&tmp)?;
-    f.write_all(&body)
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, vars))
+    perms
+        .replace_file(vars, &vars.with_extension("fd.tmp"), &body)
         .at(vars)
 }
 

@@ -2,7 +2,6 @@
 //! [`Depot::restart_instance`], [`Depot::delete_instance`]), each under the
 //! instance's lock.
 
-use std::fs;
 use std::time::Duration;
 
 use tracing::instrument;
@@ -86,12 +85,7 @@ impl Depot {
         }
         let info = self.info(r.clone(), None);
         instances::delete_instance(&self.repo.conn, &r.id)?;
-        // A lazy disk's server may write its last counts into the
-        // directory as its QEMU disconnects: try again once.
-        if fs::remove_dir_all(&p.dir).is_err() {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            fs::remove_dir_all(&p.dir).at(&p.dir)?;
-        }
+        crate::repo::orphans::remove_instance_dir(&p.dir).at(&p.dir)?;
         Ok(info)
     }
 }

@@ -7,7 +7,7 @@
 //! it too).
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -309,7 +309,7 @@ impl Drop for LaunchGuard<'_> {
                 }
             }
             let _ = instances::delete_instance(&self.depot.repo.conn, id);
-            let _ = fs::remove_dir_all(&p.dir);
+            let _ = crate::repo::orphans::remove_instance_dir(&p.dir);
         }
         self.locks.clear();
     }

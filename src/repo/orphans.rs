@@ -24,6 +24,25 @@ pub(crate) fn instance_dir(root: &Path, id: &str) -> PathBuf {
     root.join("instances").join(id)
 }
 
+/// Removes an instance's directory. It is renamed first (to
+/// `instances/.removed-ID`, which repair ignores): a lazy disk's server
+/// that writes its last counts into `instances/ID/` by path as its QEMU
+/// disconnects then finds no directory, instead of making the removal fail
+/// with a file it made meanwhile.
+pub(crate) fn remove_instance_dir(dir: &Path) -> std::io::Result<()> {
+    let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+        return fs::remove_dir_all(dir);
+    };
+    let gone = dir.with_file_name(format!(".removed-{name}"));
+    // (what a removal that died left)
+    let _ = fs::remove_dir_all(&gone);
+    match fs::rename(dir, &gone) {
+        Ok(()) => fs::remove_dir_all(&gone),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes every ephemeral instance whose owner is gone; returns their
 /// ids. An instance whose lock another process holds (it is being acted
 /// on) is left for the next time.
@@ -52,10 +71,8 @@ pub(crate) fn reap(repo: &Repo) -> Result<Vec<String>> {
             }
         }
         instances::delete_instance(&repo.conn, &id)?;
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("could not remove {}: {e}", dir.display());
-            }
+        if let Err(e) = remove_instance_dir(&dir) {
+            tracing::warn!("could not remove {}: {e}", dir.display());
         }
         let owner = lease.split(' ').nth(2).unwrap_or("?");
         tracing::info!("removed ephemeral instance {id}: its owner (pid {owner}) is gone");

@@ -10,7 +10,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::host::{kill_rooted_under, SystemUmask, Work};
+use super::host::{SystemUmask, Work};
+use super::sandbox;
 use super::Plan;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
@@ -58,19 +59,35 @@ pub struct Built {
     pub source_date: i64,
 }
 
+/// The keys the mirror's release files are checked with.
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
 /// The chroot: where the root filesystem is mounted in the work directory.
 struct Root {
     dir: PathBuf,
     source_date: i64,
+    /// Its programs are the image's (a build `--from`), not the mirror's:
+    /// they run in the sandbox ([`sandbox`]), with a private /dev.
+    sandboxed: bool,
+    /// The root filesystem's device (`st_dev`).
+    dev: u64,
+    /// What errors name: `image NAME` (the `--from` image) or the new
+    /// disk (the work directory is gone when they are read).
+    label: PathBuf,
 }
 
 impl Root {
-    /// A command run in the chroot with a clean environment.
+    /// A command run in the chroot (or the sandbox) with a clean
+    /// environment.
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("chroot");
-        c.arg(&self.dir)
-            .arg("/usr/bin/env")
-            .arg("-i")
+        let mut c = if self.sandboxed {
+            sandbox::command(&self.dir, "/usr/bin/env")
+        } else {
+            let mut c = Command::new("chroot");
+            c.arg(&self.dir).arg("/usr/bin/env");
+            c
+        };
+        c.arg("-i")
             .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
             .arg("DEBIAN_FRONTEND=noninteractive")
             .arg("LANG=C.UTF-8")
@@ -80,29 +97,111 @@ impl Root {
         c
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.join(rel.trim_start_matches('/'))
+    /// `rel` (an absolute path in the image) on the host, its symbolic
+    /// links read as the image's own: relative to the image's root, never
+    /// out of it, never into another filesystem mounted in it (a link or
+    /// a mount that the image or a package planted cannot send a host-side
+    /// read, write, removal or mount elsewhere). A link as the last
+    /// component is followed only if `follow_last` (else it is what the
+    /// caller removes or replaces).
+    fn resolve(&self, rel: &str, follow_last: bool) -> Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        use std::path::Component;
+        let refuse = |at: &Path, why: &str| Error::BadInput {
+            file: self.label.clone(),
+            reason: format!(
+                "{rel} (/{}): {why}; refused (the image is damaged or hostile)",
+                at.display()
+            ),
+        };
+        let mut todo: Vec<std::ffi::OsString> = Vec::new();
+        let push = |todo: &mut Vec<std::ffi::OsString>, p: &Path| {
+            for c in p.components().rev() {
+                match c {
+                    Component::Normal(n) => todo.push(n.to_owned()),
+                    Component::ParentDir => todo.push("..".into()),
+                    _ => {}
+                }
+            }
+        };
+        push(&mut todo, Path::new(rel));
+        let mut cur = PathBuf::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop() {
+            if c == ".." {
+                cur.pop();
+                continue;
+            }
+            let next = cur.join(&c);
+            let host = self.dir.join(&next);
+            match fs::symlink_metadata(&host) {
+                Ok(m) if m.file_type().is_symlink() && (follow_last || !todo.is_empty()) => {
+                    links += 1;
+                    if links > 40 {
+                        return Err(refuse(&next, "more than 40 symbolic links"));
+                    }
+                    let target = fs::read_link(&host).at(&host)?;
+                    if target.is_absolute() {
+                        cur = PathBuf::new();
+                    }
+                    push(&mut todo, &target);
+                }
+                Ok(m) if m.dev() != self.dev => {
+                    return Err(refuse(&next, "another filesystem is mounted there"))
+                }
+                Ok(_) => cur = next,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => cur = next,
+                Err(e) => return Err(e).at(&host),
+            }
+        }
+        Ok(self.dir.join(cur))
+    }
+
+    /// `rel` to remove, rename or create (a link there is not followed).
+    fn path(&self, rel: &str) -> Result<PathBuf> {
+        self.resolve(rel, false)
+    }
+
+    /// `rel` to read (a link there is followed, in the image).
+    fn file(&self, rel: &str) -> Result<PathBuf> {
+        self.resolve(rel, true)
+    }
+
+    /// The directory `rel`, made if missing: a real directory of the root
+    /// filesystem (a mount point).
+    fn dir_at(&self, rel: &str) -> Result<PathBuf> {
+        let p = self.file(rel)?;
+        fs::create_dir_all(&p).at(&p)?;
+        // (made just now through resolved components only)
+        let p = self.file(rel)?;
+        if !fs::symlink_metadata(&p).at(&p)?.is_dir() {
+            return Err(Error::BadInput {
+                file: self.label.clone(),
+                reason: format!("{rel} is not a directory; refused"),
+            });
+        }
+        Ok(p)
     }
 
     fn write(&self, rel: &str, body: &str) -> Result<()> {
-        let p = self.path(rel);
+        let p = self.path(rel)?;
         if let Some(d) = p.parent() {
             fs::create_dir_all(d).at(d)?;
         }
         // A link planted by a package would send the write elsewhere.
         let _ = fs::remove_file(&p);
-        fs::write(&p, body).at(&p)
+        create_new(&p, 0o644)?.write_all(body.as_bytes()).at(&p)
     }
 }
 
 /// `apt-get update` in the root, then the build's source date from the
 /// lists it fetched (0: unknown).
-fn apt_update(work: &mut Work, root: &mut Root) -> Result<()> {
+fn apt_update(work: &mut Work, root: &mut Root, suite: &str) -> Result<()> {
     work.run(
         "apt-get update",
         &mut root.cmd(&["apt-get", "-q", "update"]),
     )?;
-    root.source_date = mirror_date(root).unwrap_or(0);
+    root.source_date = mirror_date(root, suite).unwrap_or(0);
     Ok(())
 }
 
@@ -118,6 +217,12 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
         "fstrim",
     ] {
         which(t)?;
+    }
+    if !Path::new(KEYRING).is_file() {
+        return Err(Error::Tool {
+            tool: "debootstrap".into(),
+            detail: format!("{KEYRING} is missing: apt-get install debian-archive-keyring"),
+        });
     }
     let disk = work.dir.join("disk.raw");
     let uuid = recipe_uuid(plan);
@@ -140,7 +245,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
         .arg(&disk)
         .arg(format!("{}k", root_bytes / 1024));
     work.run("mkfs.ext4", &mut mkfs)?;
-    let root = mount_root(work, &disk, root_bytes)?;
+    let root = mount_root(work, &disk, root_bytes, false, disk.clone())?;
 
     progress.begin(
         &format!("debootstrap {} from {}", plan.suite, plan.mirror),
@@ -151,7 +256,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
     let mut ds = Command::new("debootstrap");
     ds.arg("--variant=minbase")
         .arg(format!("--cache-dir={}", boot_cache.display()))
-        .arg("--keyring=/usr/share/keyrings/debian-archive-keyring.gpg")
+        .arg(format!("--keyring={KEYRING}"))
         .arg(plan.suite)
         .arg(&root.dir)
         .arg(&plan.mirror);
@@ -164,7 +269,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
     configure_before_packages(&root, &uuid)?;
     progress.begin("packages", 0);
     let resolv = borrow_resolv(&root)?;
-    apt_update(work, &mut root)?;
+    apt_update(work, &mut root, plan.suite)?;
     work.run(
         "apt-get dist-upgrade",
         &mut root.cmd(&["apt-get", "-y", "-q", "dist-upgrade"]),
@@ -174,7 +279,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
     first.extend(plan.packages.iter().map(String::as_str));
     work.run("apt-get install", &mut root.cmd(&first))?;
     append(
-        &root.path("/etc/initramfs-tools/modules"),
+        &root.file("/etc/initramfs-tools/modules")?,
         "virtio_pci\nvirtio_blk\nvirtio_scsi\nvirtio_net\nsd_mod\nsr_mod\nata_piix\nahci\nnvme\next4\ncrc32c_generic\n",
     )?;
     let mut last: Vec<&str> = vec!["apt-get", "-y", "-q", "install"];
@@ -192,8 +297,8 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
         &mut root.cmd(&["extlinux", "--install", "/boot/extlinux"]),
     )?;
     let efi = grub_efi_image(work, &root, &uuid)?;
-    let mbr_code = fs::read(root.path("/usr/lib/syslinux/mbr/mbr.bin"))
-        .at(root.path("/usr/lib/syslinux/mbr/mbr.bin"))?;
+    let mbr = root.file("/usr/lib/syslinux/mbr/mbr.bin")?;
+    let mbr_code = fs::read(&mbr).at(&mbr)?;
     if let Some((p, body)) = &plan.script {
         run_script(work, &root, p, body)?;
     }
@@ -227,29 +332,36 @@ pub fn build_on(
     work: &mut Work,
     plan: &Plan,
     disk: PathBuf,
+    label: PathBuf,
     progress: &dyn Progress,
 ) -> Result<Built> {
     let _umask = SystemUmask::set();
     for t in ["mount", "umount", "chroot", "fstrim"] {
         which(t)?;
     }
-    let (start, sectors) = root_partition(&disk)?;
+    let (start, sectors) = root_partition(&disk).map_err(|e| match e {
+        Error::BadInput { reason, .. } => Error::BadInput {
+            file: label.clone(),
+            reason,
+        },
+        e => e,
+    })?;
     if start != ROOT_START {
         return Err(Error::BadInput {
-            file: disk,
+            file: label,
             reason: format!(
                 "its root partition starts at sector {start}, not {ROOT_START}: not a layout that image build made"
             ),
         });
     }
-    let mut root = mount_root(work, &disk, sectors * 512)?;
+    let mut root = mount_root(work, &disk, sectors * 512, true, label)?;
     chroot_mounts(work, &root, plan)?;
     let uuid = fstab_uuid(&root)?;
     let before = kernel_of(&root)?;
     progress.begin("packages", 0);
     write_policy_rc_d(&root)?;
     let resolv = borrow_resolv(&root)?;
-    apt_update(work, &mut root)?;
+    apt_update(work, &mut root, plan.suite)?;
     if !plan.packages.is_empty() {
         let mut install: Vec<&str> = vec!["apt-get", "-y", "-q", "install"];
         install.extend(plan.packages.iter().map(String::as_str));
@@ -283,7 +395,7 @@ fn which(tool: &str) -> Result<()> {
         true => Ok(()),
         false => Err(Error::Tool {
             tool: tool.to_owned(),
-            detail: "not found on PATH: install it (apt-get install debootstrap e2fsprogs mount util-linux)".into(),
+            detail: "not found on PATH: install it (apt-get install debootstrap e2fsprogs mount util-linux debian-archive-keyring)".into(),
         }),
     }
 }
@@ -365,7 +477,13 @@ fn root_partition(disk: &Path) -> Result<(u64, u64)> {
 
 /// Mounts the root partition of `disk` (a loop device the kernel frees at
 /// the unmount) at `WORK/root`.
-fn mount_root(work: &mut Work, disk: &Path, bytes: u64) -> Result<Root> {
+fn mount_root(
+    work: &mut Work,
+    disk: &Path,
+    bytes: u64,
+    sandboxed: bool,
+    label: PathBuf,
+) -> Result<Root> {
     let dir = work.dir.join("root");
     fs::create_dir_all(&dir).at(&dir)?;
     let opts = format!("loop,offset={},sizelimit={bytes}", ROOT_START * 512);
@@ -373,29 +491,64 @@ fn mount_root(work: &mut Work, disk: &Path, bytes: u64) -> Result<Root> {
         &["-t", "ext4", "-o", &opts, &disk.display().to_string()],
         &dir,
     )?;
+    let dev = std::os::unix::fs::MetadataExt::dev(&fs::metadata(&dir).at(&dir)?);
     Ok(Root {
         dir,
         source_date: 0,
+        sandboxed,
+        dev,
+        label,
     })
 }
 
 /// proc, sys, dev, dev/pts, a tmpfs on run, and the package cache on
-/// /var/cache/apt/archives.
+/// /var/cache/apt/archives. A sandboxed root gets a private /dev instead
+/// of the host's, and its proc and sys are mounted by each command in its
+/// own namespace ([`sandbox`]).
 fn chroot_mounts(work: &mut Work, root: &Root, plan: &Plan) -> Result<()> {
     let apt = plan.debs.join("apt");
     fs::create_dir_all(apt.join("partial")).at(&apt)?;
     let apt_s = apt.display().to_string();
-    for (args, at) in [
-        (vec!["-t", "proc", "proc"], "/proc"),
-        (vec!["-t", "sysfs", "sysfs"], "/sys"),
-        (vec!["--bind", "/dev"], "/dev"),
-        (vec!["--bind", "/dev/pts"], "/dev/pts"),
+    let mut mounts = vec![];
+    if root.sandboxed {
+        for at in ["/proc", "/sys"] {
+            root.dir_at(at)?;
+        }
+        mounts.push((
+            vec!["-t", "tmpfs", "-o", "mode=755,nosuid,size=16m", "tmpfs"],
+            "/dev",
+        ));
+    } else {
+        mounts.extend([
+            (vec!["-t", "proc", "proc"], "/proc"),
+            (vec!["-t", "sysfs", "sysfs"], "/sys"),
+            (vec!["--bind", "/dev"], "/dev"),
+        ]);
+    }
+    mounts.extend([
         (vec!["-t", "tmpfs", "tmpfs"], "/run"),
         (vec!["--bind", apt_s.as_str()], "/var/cache/apt/archives"),
-    ] {
-        let target = root.path(at);
-        fs::create_dir_all(&target).at(&target)?;
+    ]);
+    for (args, at) in mounts {
+        let target = root.dir_at(at)?;
         work.mount(&args, &target)?;
+        // (inside the /dev just mounted: resolved there, not in the image)
+        let pts = target.join("pts");
+        if at == "/dev" && root.sandboxed {
+            sandbox::populate_dev(&target)?;
+            work.mount(
+                &[
+                    "-t",
+                    "devpts",
+                    "-o",
+                    "newinstance,ptmxmode=0666,mode=620",
+                    "devpts",
+                ],
+                &pts,
+            )?;
+        } else if at == "/dev" {
+            work.mount(&["--bind", "/dev/pts"], &pts)?;
+        }
     }
     Ok(())
 }
@@ -408,7 +561,7 @@ struct BorrowedResolv {
 }
 
 fn borrow_resolv(root: &Root) -> Result<BorrowedResolv> {
-    let path = root.path("/etc/resolv.conf");
+    let path = root.path("/etc/resolv.conf")?;
     let saved = path.with_extension("vmdepot-saved");
     let had = fs::symlink_metadata(&path).is_ok();
     if had {
@@ -439,7 +592,7 @@ impl Drop for BorrowedResolv {
 }
 
 fn write_policy_rc_d(root: &Root) -> Result<()> {
-    let p = root.path("/usr/sbin/policy-rc.d");
+    let p = root.path("/usr/sbin/policy-rc.d")?;
     root.write("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n")?;
     fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).at(&p)
 }
@@ -477,7 +630,7 @@ fn configure_apt(root: &Root, plan: &Plan) -> Result<()> {
         "/etc/apt/apt.conf.d/90-vmdepot",
         "APT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\nAcquire::Languages \"none\";\n",
     )?;
-    let _ = fs::remove_file(root.path("/etc/apt/sources.list"));
+    let _ = fs::remove_file(root.path("/etc/apt/sources.list")?);
     let suite = plan.suite;
     root.write(
         "/etc/apt/sources.list.d/debian.sources",
@@ -545,7 +698,7 @@ fn configure_system(work: &mut Work, root: &Root) -> Result<()> {
          # The boot loaders are extlinux and a GRUB EFI image, not Debian's GRUB.\n\
          grub_dpkg: {enabled: false}\n",
     )?;
-    let cfg = fs::read_to_string(root.path("/etc/cloud/cloud.cfg")).unwrap_or_default();
+    let cfg = fs::read_to_string(root.file("/etc/cloud/cloud.cfg")?).unwrap_or_default();
     if !cfg.contains("name: debian") {
         work.note("warning: cloud.cfg's default user is not debian");
     }
@@ -597,10 +750,10 @@ fn grub_efi_image(work: &mut Work, root: &Root, uuid: &str) -> Result<Vec<u8>> {
             "boot/grub/grub.cfg=/tmp/vmdepot-grub.cfg",
         ]),
     )?;
-    let p = root.path("/tmp/vmdepot-BOOTX64.EFI");
+    let p = root.path("/tmp/vmdepot-BOOTX64.EFI")?;
     let efi = fs::read(&p).at(&p)?;
     let _ = fs::remove_file(&p);
-    let _ = fs::remove_file(root.path("/tmp/vmdepot-grub.cfg"));
+    let _ = fs::remove_file(root.path("/tmp/vmdepot-grub.cfg")?);
     Ok(efi)
 }
 
@@ -643,14 +796,12 @@ fn write_esp(disk: &File, path: &Path, efi: &[u8], uuid: &str) -> Result<()> {
 /// directory /), then removes it.
 fn run_script(work: &mut Work, root: &Root, p: &Path, body: &[u8]) -> Result<()> {
     let inside = "/root/.vmdepot-run";
-    let at = root.path(inside);
+    let at = root.path(inside)?;
+    if let Some(d) = at.parent() {
+        fs::create_dir_all(d).at(d)?;
+    }
     let _ = fs::remove_file(&at);
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o700)
-        .open(&at)
-        .at(&at)?;
+    let mut f = create_new(&at, 0o700)?;
     f.write_all(body).at(&at)?;
     drop(f);
     let r = work.run(
@@ -684,7 +835,7 @@ fn check_installed(work: &mut Work, root: &Root) -> Result<()> {
         "lib/systemd/systemd-networkd",
         "usr/bin/sudo",
     ] {
-        if !root.dir.join(f).exists() {
+        if !root.file(f)?.exists() {
             return Err(Error::Tool {
                 tool: "image build".into(),
                 detail: format!("/{f} is missing in the image after the packages"),
@@ -696,7 +847,7 @@ fn check_installed(work: &mut Work, root: &Root) -> Result<()> {
 
 /// The newest kernel in the root, with its initrd.
 fn kernel_of(root: &Root) -> Result<String> {
-    let dir = root.path("/lib/modules");
+    let dir = root.file("/lib/modules")?;
     let mut v: Vec<String> = fs::read_dir(&dir)
         .at(&dir)?
         .flatten()
@@ -711,7 +862,7 @@ fn kernel_of(root: &Root) -> Result<String> {
         format!("/boot/vmlinuz-{k}"),
         format!("/boot/initrd.img-{k}"),
     ] {
-        if !root.path(&f).is_file() {
+        if !root.file(&f)?.is_file() {
             return Err(Error::Tool {
                 tool: "image build".into(),
                 detail: format!("kernel {k}: {f} is missing"),
@@ -749,7 +900,7 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// The root filesystem's UUID as /etc/fstab names it.
 fn fstab_uuid(root: &Root) -> Result<String> {
-    let p = root.path("/etc/fstab");
+    let p = root.file("/etc/fstab")?;
     let t = fs::read_to_string(&p).at(&p)?;
     t.lines()
         .filter_map(|l| l.split_whitespace().collect::<Vec<_>>().into())
@@ -757,27 +908,32 @@ fn fstab_uuid(root: &Root) -> Result<String> {
         .and_then(|w| w[0].strip_prefix("UUID=").map(str::to_owned))
         .filter(|u| u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
         .ok_or_else(|| Error::BadInput {
-            file: p,
-            reason: "no UUID= line for / (not an image that image build made)".into(),
+            file: root.label.clone(),
+            reason: "/etc/fstab has no UUID= line for / (not an image that image build made)"
+                .into(),
         })
 }
 
-/// The newest `Date:` of the mirror's release files apt fetched (the
-/// mirror state the build saw), as seconds since the epoch.
-fn mirror_date(root: &Root) -> Option<i64> {
-    let dir = root.path("/var/lib/apt/lists");
+/// The `Date:` of the suite's release file that apt fetched (the mirror
+/// state the build saw; not its -updates or -security, which change
+/// daily), as seconds since the epoch.
+fn mirror_date(root: &Root, suite: &str) -> Option<i64> {
+    let dir = root.file("/var/lib/apt/lists").ok()?;
+    let want = format!("_dists_{suite}_InRelease");
     let mut best = None;
     for e in fs::read_dir(dir).ok()?.flatten() {
-        let n = e.file_name();
-        if !n.to_string_lossy().ends_with("InRelease") {
+        if !e.file_name().to_string_lossy().ends_with(&want) {
             continue;
         }
         let mut head = String::new();
-        File::open(e.path())
-            .ok()?
-            .take(64 << 10)
-            .read_to_string(&mut head)
-            .ok()?;
+        let read = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(e.path())
+            .and_then(|f| f.take(64 << 10).read_to_string(&mut head));
+        if read.is_err() {
+            continue; // (another entry may do)
+        }
         if let Some(d) = head
             .lines()
             .find_map(|l| l.strip_prefix("Date: "))
@@ -815,16 +971,38 @@ fn parse_rfc2822(s: &str) -> Option<i64> {
     Some(days * 86400 + t[0] * 3600 + t[1] * 60 + t[2])
 }
 
-/// BLAKE3 of the installed packages and versions (`dpkg-query -W`):
+/// BLAKE3 of the installed packages, architectures and versions
+/// (`dpkg-query -W`, packages whose status is `installed` only, sorted):
 /// equal for two builds that installed the same.
 fn package_set(root: &Root) -> Result<String> {
     let out = root
-        .cmd(&["dpkg-query", "-W", "-f", "${Package} ${Version}\\n"])
+        .cmd(&[
+            "dpkg-query",
+            "-W",
+            "-f",
+            "${db:Status-Status} ${Package} ${Architecture} ${Version}\\n",
+        ])
         .output()
         .at("chroot dpkg-query")?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool: "dpkg-query".into(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                crate::error::one_line(&String::from_utf8_lossy(&out.stderr))
+            ),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("installed "))
+        .collect();
+    lines.sort_unstable();
     Ok(format!(
         "blake3:{}",
-        &blake3::hash(&out.stdout).to_hex()[..32]
+        &blake3::hash(lines.join("\n").as_bytes()).to_hex()[..32]
     ))
 }
 
@@ -833,9 +1011,12 @@ fn package_set(root: &Root) -> Result<String> {
 /// the free blocks trimmed (sparse in the file).
 fn finish(work: &mut Work, root: &Root) -> Result<()> {
     let r = &root.dir;
-    let _ = fs::remove_file(root.path("/usr/sbin/policy-rc.d"));
+    // Nothing runs in the root and nothing is mounted in it (but the root)
+    // while it is cleaned from the host.
+    work.unmount_to(r, 1)?;
+    let _ = fs::remove_file(root.path("/usr/sbin/policy-rc.d")?);
     root.write("/etc/machine-id", "")?;
-    let _ = fs::remove_file(root.path("/var/lib/dbus/machine-id"));
+    let _ = fs::remove_file(root.path("/var/lib/dbus/machine-id")?);
     for dir in [
         "/var/lib/cloud",
         "/var/lib/apt/lists",
@@ -844,9 +1025,9 @@ fn finish(work: &mut Work, root: &Root) -> Result<()> {
         "/usr/share/man",
         "/usr/share/info",
     ] {
-        clear_dir(&root.path(dir));
+        clear_dir(&root.file(dir)?);
     }
-    for e in fs::read_dir(root.path("/etc/ssh"))
+    for e in fs::read_dir(root.file("/etc/ssh")?)
         .into_iter()
         .flatten()
         .flatten()
@@ -856,21 +1037,18 @@ fn finish(work: &mut Work, root: &Root) -> Result<()> {
         }
     }
     for d in ["/var/cache/apt", "/var/cache/debconf", "/var/lib/dpkg"] {
-        for e in fs::read_dir(root.path(d)).into_iter().flatten().flatten() {
+        for e in fs::read_dir(root.file(d)?).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.ends_with(".bin") || n.ends_with("-old") {
                 let _ = fs::remove_file(e.path());
             }
         }
     }
-    truncate_logs(&root.path("/var/log"));
+    truncate_logs(&root.file("/var/log")?);
     if root.source_date > 0 {
         clamp_times(r, root.source_date);
     }
-    kill_rooted_under(r);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // Everything but the root itself, then trim, then the root.
-    work.unmount_to(r, 1)?;
+    // Then trim, then the root.
     work.run("sync", &mut Command::new("sync"))?;
     let mut trim = Command::new("fstrim");
     trim.arg(r);
@@ -878,8 +1056,8 @@ fn finish(work: &mut Work, root: &Root) -> Result<()> {
     work.unmount_to(r, 0)
 }
 
-/// Removes what `dir` holds (not crossing into other filesystems: the
-/// chroot's mounts are gone by then or are not under these).
+/// Removes what `dir` holds (nothing is mounted under it by then; links
+/// are removed, never followed).
 fn clear_dir(dir: &Path) {
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
@@ -901,7 +1079,11 @@ fn truncate_logs(dir: &Path) {
         match e.file_type() {
             Ok(t) if t.is_dir() => truncate_logs(&e.path()),
             Ok(t) if t.is_file() => {
-                let _ = OpenOptions::new().write(true).truncate(true).open(e.path());
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(e.path());
             }
             _ => {}
         }
@@ -955,9 +1137,25 @@ fn write_at(f: &File, buf: &[u8], offset: u64, path: &Path) -> Result<()> {
     f.write_all_at(buf, offset).at(path)
 }
 
+/// Appends to the file at `p` (a link there is refused, not followed).
 fn append(p: &Path, text: &str) -> Result<()> {
-    let mut f = OpenOptions::new().append(true).create(true).open(p).at(p)?;
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .at(p)?;
     f.write_all(text.as_bytes()).at(p)
+}
+
+/// A new file at `p` (nothing may be there, not even a link).
+fn create_new(p: &Path, mode: u32) -> Result<File> {
+    OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(mode)
+        .open(p)
+        .at(p)
 }
 
 #[cfg(test)]

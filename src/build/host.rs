@@ -10,8 +10,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -20,6 +20,10 @@ use crate::error::{one_line, Error, IoContext, Result};
 
 /// The prefix of a build's work directory under the depot's `tmp/`.
 const PREFIX: &str = "build-";
+
+/// How long a failed build's log is kept (the sweep of a later build
+/// removes it).
+const LOG_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A build's work directory, its log, the mounts made and the signal
 /// watch; dropping it undoes the mounts and removes the directory.
@@ -30,9 +34,10 @@ pub struct Work {
     pub log_path: PathBuf,
     log: File,
     _lock: Flock<File>,
+    /// The package cache's lock, while the build uses it.
+    cache_lock: Option<Flock<File>>,
     mounts: Vec<PathBuf>,
-    stop: Arc<AtomicBool>,
-    signals: Vec<signal_hook::SigId>,
+    catching: Option<Catching>,
     /// Keep the log when the build is dropped (it failed).
     pub keep_log: bool,
 }
@@ -42,11 +47,16 @@ impl Work {
     /// directory there.
     pub fn create(tmp: &Path) -> Result<Work> {
         sweep(tmp);
-        let dir = tmp.join(format!("{PREFIX}{}", crate::ids::random_hex(8)));
-        fs::DirBuilder::new().mode(0o700).create(&dir).at(&dir)?;
-        let lock = File::create(dir.join(".lock")).at(&dir)?;
+        let hex = crate::ids::random_hex(8);
+        // Made and locked under a name a sweep skips, then renamed: a
+        // concurrent sweep never finds it unlocked.
+        let new = tmp.join(format!(".new-{PREFIX}{hex}"));
+        fs::DirBuilder::new().mode(0o700).create(&new).at(&new)?;
+        let lock = File::create(new.join(".lock")).at(&new)?;
         let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| Error::io(&dir, e.into()))?;
+            .map_err(|(_, e)| Error::io(&new, e.into()))?;
+        let dir = tmp.join(format!("{PREFIX}{hex}"));
+        fs::rename(&new, &dir).at(&dir)?;
         let log_path = dir.with_extension("log");
         let log = OpenOptions::new()
             .create(true)
@@ -54,21 +64,68 @@ impl Work {
             .mode(0o600)
             .open(&log_path)
             .at(&log_path)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut signals = Vec::new();
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            signals.push(signal_hook::flag::register(s, stop.clone()).at("signal handler")?);
-        }
         Ok(Work {
             dir,
             log_path,
             log,
             _lock: lock,
+            cache_lock: None,
             mounts: Vec::new(),
-            stop,
-            signals,
+            catching: Some(Catching::start()?),
             keep_log: true,
         })
+    }
+
+    /// Whether SIGINT, SIGTERM and SIGHUP stop the build (while commands
+    /// run and mounts exist) or end the process (while a copy or the
+    /// import runs: nothing of them is mounted or committed before the
+    /// end, and the next build sweeps the directory). A signal caught
+    /// meanwhile fails the build when it catches them again.
+    pub fn catch_signals(&mut self, on: bool) -> Result<()> {
+        match (on, self.catching.is_some()) {
+            (true, false) => {
+                self.catching = Some(Catching::start()?);
+                self.check_stop()
+            }
+            (false, true) => {
+                self.check_stop()?;
+                self.catching = None;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes the package cache `dir` (made if missing) for this build:
+    /// another build that uses it is waited for, and named.
+    pub fn lock_cache(&mut self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).at(dir)?;
+        let p = dir.join(".lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .at(&p)?;
+        let lock = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((f, _)) => {
+                tracing::warn!(
+                    "waiting for the other build that uses the package cache {}",
+                    dir.display()
+                );
+                loop {
+                    self.check_stop()?;
+                    match Flock::lock(f.try_clone().at(&p)?, FlockArg::LockExclusiveNonblock) {
+                        Ok(l) => break l,
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                }
+            }
+        };
+        self.cache_lock = Some(lock);
+        Ok(())
     }
 
     /// A line in the build's log.
@@ -78,7 +135,7 @@ impl Work {
 
     /// Fails when a signal asked the build to stop.
     pub fn check_stop(&self) -> Result<()> {
-        match self.stop.load(Ordering::SeqCst) {
+        match stopped() {
             true => Err(interrupted()),
             false => Ok(()),
         }
@@ -101,13 +158,16 @@ impl Work {
             .spawn()
             .map_err(|e| Error::Tool {
                 tool: what.to_owned(),
-                detail: format!("cannot run it: {e} (is it installed? see .ci/setup)"),
+                detail: format!(
+                    "cannot run it: {e} (image build needs: apt-get install debootstrap \
+                     e2fsprogs mount util-linux debian-archive-keyring)"
+                ),
             })?;
         let status = loop {
             if let Some(s) = child.try_wait().at(&self.log_path)? {
                 break s;
             }
-            if self.stop.load(Ordering::SeqCst) {
+            if stopped() {
                 let pg = nix::unistd::Pid::from_raw(-(child.id() as i32));
                 let _ = nix::sys::signal::kill(pg, nix::sys::signal::SIGKILL);
                 let _ = child.wait();
@@ -173,12 +233,14 @@ impl Work {
 
 impl Drop for Work {
     fn drop(&mut self) {
-        for id in self.signals.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
         let dir = self.dir.clone();
         kill_rooted_under(&dir);
         for m in self.mounts.drain(..).rev() {
+            unmount(&m);
+        }
+        // (and one a signal interrupted after mount(2), before it was
+        // recorded)
+        for m in mounts_under(&dir).into_iter().rev() {
             unmount(&m);
         }
         if mounts_under(&dir).is_empty() {
@@ -189,6 +251,90 @@ impl Drop for Work {
         if !self.keep_log {
             let _ = fs::remove_file(&self.log_path);
         }
+    }
+}
+
+/// The signal hooks, installed by the first build of the process.
+struct Hooks {
+    /// Set by SIGINT, SIGTERM or SIGHUP while a build catches them.
+    stop: Arc<AtomicBool>,
+    /// Per signal: take its default action (the end of the process). True
+    /// while no build catches the signals, unless the process had its own
+    /// handler before the first build (that one is called instead).
+    default: Vec<Arc<AtomicBool>>,
+}
+
+static HOOKS: OnceLock<Hooks> = OnceLock::new();
+/// Builds that catch the signals now.
+static CATCHING: AtomicUsize = AtomicUsize::new(0);
+
+fn hooks() -> Result<&'static Hooks> {
+    static INIT: Mutex<()> = Mutex::new(());
+    if let Some(h) = HOOKS.get() {
+        return Ok(h);
+    }
+    let _once = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = HOOKS.get() {
+        return Ok(h);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut default = Vec::new();
+    for s in SIGNALS {
+        let own = had_handler(s);
+        let d = Arc::new(AtomicBool::new(true));
+        if !own {
+            signal_hook::flag::register_conditional_default(s, d.clone()).at("signal handler")?;
+        }
+        signal_hook::flag::register(s, stop.clone()).at("signal handler")?;
+        default.push(d);
+    }
+    Ok(HOOKS.get_or_init(|| Hooks { stop, default }))
+}
+
+/// Whether a signal asked the builds to stop.
+fn stopped() -> bool {
+    HOOKS.get().is_some_and(|h| h.stop.load(Ordering::SeqCst))
+}
+
+/// While it lives, SIGINT, SIGTERM and SIGHUP stop the build (its commands
+/// killed, its mounts undone) instead of ending the process; afterwards
+/// they do what they did before (signal-hook's handlers stay installed and
+/// take the default action: unregistering would leave them swallowing
+/// the signals).
+struct Catching;
+
+impl Catching {
+    fn start() -> Result<Catching> {
+        let h = hooks()?;
+        if CATCHING.fetch_add(1, Ordering::SeqCst) == 0 {
+            h.stop.store(false, Ordering::SeqCst);
+        }
+        for d in &h.default {
+            d.store(false, Ordering::SeqCst);
+        }
+        Ok(Catching)
+    }
+}
+
+impl Drop for Catching {
+    fn drop(&mut self) {
+        if CATCHING.fetch_sub(1, Ordering::SeqCst) == 1 {
+            for d in HOOKS.get().map(|h| &h.default[..]).unwrap_or_default() {
+                d.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Whether the process handles (or ignores) signal `s` itself.
+#[allow(unsafe_code)]
+fn had_handler(s: libc::c_int) -> bool {
+    // SAFETY: reads the disposition only (a null new action).
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(s, std::ptr::null(), &mut old) == 0 && old.sa_sigaction != libc::SIG_DFL
     }
 }
 
@@ -289,7 +435,18 @@ pub fn sweep(tmp: &Path) {
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(n) = name.to_str() else { continue };
-        if !n.starts_with(PREFIX) || n.ends_with(".log") {
+        if !n.starts_with(PREFIX) {
+            continue;
+        }
+        if n.ends_with(".log") {
+            // A failed build's log, a week on (its directory gone).
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > LOG_KEPT);
+            if old && !e.path().with_extension("").exists() {
+                let _ = fs::remove_file(e.path());
+            }
             continue;
         }
         let dir = e.path();

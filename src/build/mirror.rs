@@ -21,12 +21,25 @@ pub fn host_uri(suite: &str) -> Option<String> {
         if let Some(u) = std::fs::read_to_string(&f)
             .ok()
             .and_then(|t| deb822_uri(&t, suite))
+            .filter(|u| usable(u, &f))
         {
             return Some(u);
         }
     }
-    let list = std::fs::read_to_string("/etc/apt/sources.list").ok()?;
-    one_line_uri(&list, suite)
+    let list = Path::new("/etc/apt/sources.list");
+    one_line_uri(&std::fs::read_to_string(list).ok()?, suite).filter(|u| usable(u, list))
+}
+
+/// Whether a host source's URI can be the build's (`mirror+file:`,
+/// `cdrom:`, credentials are not: the default is used instead).
+fn usable(uri: &str, file: &Path) -> bool {
+    match check_uri(uri) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!("{}: not the build's mirror ({e})", file.display());
+            false
+        }
+    }
 }
 
 /// The first `URIs:` of a deb822 stanza of type `deb` whose `Suites:`
@@ -90,14 +103,25 @@ pub fn check_uri(uri: &str) -> Result<(), String> {
         .strip_prefix("http://")
         .or_else(|| uri.strip_prefix("https://"))
         .ok_or_else(|| format!("mirror {uri:?} is not an http:// or https:// URL"))?;
+    if rest
+        .split('/')
+        .next()
+        .is_some_and(|host| host.contains('@'))
+    {
+        return Err(format!(
+            "mirror {}: a user or password in the URL would be stored in the image's tags \
+             and apt sources; give a mirror that needs none (or a local proxy)",
+            uri.split_once('@').map(|(_, h)| h).unwrap_or(uri)
+        ));
+    }
     let ok = !rest.is_empty()
         && !rest.starts_with('/')
         && rest
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-._~:/%+@[]".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || "-._~:/%+[]".contains(c));
     if !ok {
         return Err(format!(
-            "mirror {uri:?}: only letters, digits and -._~:/%+@[] may follow http(s)://"
+            "mirror {uri:?}: only letters, digits and -._~:/%+[] may follow http(s)://"
         ));
     }
     Ok(())
@@ -150,5 +174,11 @@ mod tests {
         assert!(check_uri("http://x/ y").is_err());
         assert!(check_uri("http://x/$(reboot)").is_err());
         assert!(check_uri("http:///etc").is_err());
+        let e = check_uri("http://me:secret@mirror/debian").unwrap_err();
+        assert!(
+            e.contains("a user or password") && !e.contains("secret"),
+            "{e}"
+        );
+        assert!(check_uri("mirror+file:///etc/apt/mirrors/debian.list").is_err());
     }
 }

@@ -22,6 +22,7 @@
 mod debian;
 mod host;
 mod mirror;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -49,6 +50,21 @@ pub const RECIPE_TAGS: &[&str] = &[
     "build.seconds",
     "build.vmdepot",
 ];
+
+/// Refuses caller-set tags in the recipe's namespace (`build.*`): only
+/// [`Depot::build_image`] records them, so that `--from` can tell an image
+/// it built from one merely labelled so.
+pub(crate) fn check_caller_tags<'a>(keys: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    for k in keys {
+        if k.starts_with("build.") {
+            return Err(Error::Usage(format!(
+                "tag {k}: the build.* tags are the recipe that `vmdepot image build` records; \
+                 they are not set by hand (choose another key)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The systems `image build` makes: (name, Debian suite, release).
 pub const SYSTEMS: &[(&str, &str, &str)] = &[
@@ -90,8 +106,12 @@ pub struct BuildOptions {
     /// Tags set beside the recipe.
     pub tags: Vec<(String, String)>,
     /// The mirror (default: the one the host's apt uses for the suite,
-    /// else deb.debian.org).
+    /// else deb.debian.org). Base builds only: a build `--from` uses its
+    /// image's sources.
     pub mirror: Option<String>,
+    /// The security suite's mirror (default: the host's for
+    /// `SUITE-security`, else deb.debian.org/debian-security).
+    pub security_mirror: Option<String>,
     /// Where downloaded packages are kept between builds (default:
     /// `VMDEPOT_BUILD_CACHE`, else /var/cache/vmdepot/build).
     pub cache: Option<PathBuf>,
@@ -114,6 +134,7 @@ impl BuildOptions {
             app_version: String::new(),
             tags: Vec::new(),
             mirror: None,
+            security_mirror: None,
             cache: None,
         }
     }
@@ -184,6 +205,7 @@ impl Depot {
         for p in &opts.packages {
             check_package(p)?;
         }
+        check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
         let script = match &opts.run {
             Some(p) => Some((p.clone(), read_script(p)?)),
             None => None,
@@ -194,8 +216,16 @@ impl Depot {
                 mirror::host_uri(suite).unwrap_or_else(|| "http://deb.debian.org/debian".into())
             }
         };
-        let security = mirror::host_uri(&format!("{suite}-security"))
-            .unwrap_or_else(|| "http://deb.debian.org/debian-security".into());
+        if base.is_some() && (opts.mirror.is_some() || opts.security_mirror.is_some()) {
+            return Err(Error::Usage(
+                "image build --from uses its image's apt sources (its build.mirror tags): leave --mirror and --security-mirror out".into(),
+            ));
+        }
+        let security = match &opts.security_mirror {
+            Some(m) => m.clone(),
+            None => mirror::host_uri(&format!("{suite}-security"))
+                .unwrap_or_else(|| "http://deb.debian.org/debian-security".into()),
+        };
         for m in [&mirror, &security] {
             mirror::check_uri(m).map_err(Error::Usage)?;
         }
@@ -225,6 +255,8 @@ impl Depot {
             .clone()
             .or_else(|| std::env::var_os("VMDEPOT_BUILD_CACHE").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/var/cache/vmdepot/build"));
+        // (a bind mount's source, named in the log: absolute)
+        let cache = std::path::absolute(&cache).map_err(|e| Error::io(&cache, e))?;
         let plan = Plan {
             system,
             suite,
@@ -237,10 +269,12 @@ impl Depot {
         };
 
         let mut work = host::Work::create(&self.root().join("tmp"))?;
+        work.lock_cache(&plan.debs)?;
         let built = match &base {
             None => debian::build_base(&mut work, &plan, progress)?,
             Some(b) => {
                 let disk = work.dir.join("disk.raw");
+                work.catch_signals(false)?;
                 progress.begin(&format!("copying {}", b.name), 0);
                 // (into the depot's tmp/: the internal export; a user's
                 // export into the depot is refused)
@@ -253,7 +287,9 @@ impl Depot {
                     progress,
                 )?;
                 progress.end();
-                debian::build_on(&mut work, &plan, disk, progress)?
+                work.catch_signals(true)?;
+                let label = PathBuf::from(format!("image {} ({})", b.name, b.id));
+                debian::build_on(&mut work, &plan, disk, label, progress)?
             }
         };
 
@@ -291,8 +327,21 @@ impl Depot {
             (FIRMWARE_TAG, Some("bios,uefi".to_owned())),
             ("build.os", Some(system.to_owned())),
             ("build.suite", Some(suite.to_owned())),
-            ("build.mirror", Some(plan.mirror.clone())),
-            ("build.security-mirror", Some(plan.security.clone())),
+            // (a build --from keeps its image's sources, and their tags)
+            (
+                "build.mirror",
+                match &base {
+                    None => Some(plan.mirror.clone()),
+                    Some(_) => tags.get("build.mirror").cloned(),
+                },
+            ),
+            (
+                "build.security-mirror",
+                match &base {
+                    None => Some(plan.security.clone()),
+                    Some(_) => tags.get("build.security-mirror").cloned(),
+                },
+            ),
             ("build.packages", Some(packages).filter(|p| !p.is_empty())),
             ("build.from", from),
             ("build.run", run),
@@ -314,9 +363,12 @@ impl Depot {
         }
         let tags: Vec<(String, String)> = tags.into_iter().collect();
         io.tags = tags;
-        let info = self.import(&built.disk, &io, progress)?;
+        work.catch_signals(false)?;
+        // (not `Depot::import`: that refuses the recipe's tags)
+        let id =
+            crate::image::import::import(&self.repo, self.account(), &built.disk, &io, progress)?;
         work.keep_log = false;
-        Ok(info)
+        self.image(id.as_str())
     }
 
     fn image_tags(

@@ -347,6 +347,10 @@ pub struct BuildArgs {
     /// The Debian mirror [default: the one the host's apt uses, else deb.debian.org]
     #[arg(long, value_name = "URL")]
     mirror: Option<String>,
+    /// The mirror of the security suite [default: the host apt's for SUITE-security, else
+    /// deb.debian.org/debian-security]
+    #[arg(long, value_name = "URL")]
+    security_mirror: Option<String>,
     /// Where downloaded packages are kept [default: /var/cache/vmdepot/build]
     #[arg(long, value_name = "DIR", env = "VMDEPOT_BUILD_CACHE")]
     cache: Option<PathBuf>,
@@ -370,6 +374,7 @@ impl BuildArgs {
         o.app_version = self.app_version;
         o.tags = self.tags;
         o.mirror = self.mirror;
+        o.security_mirror = self.security_mirror;
         o.cache = self.cache;
         (o, self.json)
     }

@@ -292,8 +292,8 @@ pub struct RunArgs {
     /// Acceleration: auto (KVM if it works here, else TCG), kvm or tcg
     #[arg(long, value_name = "ACCEL", default_value = "auto", value_parser = Accel::parse)]
     accel: Accel,
-    /// Firmware: auto (what the image's firmware tag names first; BIOS if it has none), bios
-    /// (SeaBIOS) or uefi (OVMF, from Debian's ovmf package)
+    /// Firmware: auto (BIOS if the image's firmware tag lists it or there is none, else
+    /// UEFI), bios (SeaBIOS) or uefi (OVMF, from Debian's ovmf package)
     #[arg(long, value_name = "FW", default_value = "auto", value_parser = Firmware::parse)]
     firmware: Firmware,
     /// The guest's hostname (NoCloud local-hostname) [default: the instance name]

@@ -256,6 +256,9 @@ impl Depot {
             &p.disk(opts.disk),
             progress,
         )?;
+        // (a UEFI instance's variable store from the start: repair knows
+        // its firmware by it, started or not)
+        crate::launch::process::prepare_firmware(&p, &row, self.perms())?;
         let mut keys = opts.ssh_keys.clone();
         if opts.depot_key && opts.user_data.is_none() {
             match self.ssh_public_key() {

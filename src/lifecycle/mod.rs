@@ -69,8 +69,9 @@ impl CaptureOptions {
 /// The tags a capture (and a backup) carries from its instance's image,
 /// what the guest is and how it boots and is reached: `os`, `release`,
 /// `ssh-user` (else the user the instance recorded at launch) and
-/// `firmware`. The recipe (`build.*`) is not carried: the capture was not
-/// built from it. The caller's tags are set after these (and win).
+/// `firmware` (else `uefi` if the instance booted UEFI: the disk it
+/// captures boots so). The recipe (`build.*`) is not carried: the capture
+/// was not built from it. The caller's tags are set after these (and win).
 pub(crate) const CARRIED_TAGS: &[&str] = &["os", "release", SSH_USER_TAG, FIRMWARE_TAG];
 
 fn carried_tags(conn: &rusqlite::Connection, r: &InstanceRow) -> Result<Vec<(String, String)>> {
@@ -79,6 +80,10 @@ fn carried_tags(conn: &rusqlite::Connection, r: &InstanceRow) -> Result<Vec<(Str
     if let Some(u) = r.ssh_user.as_ref().filter(|u| !u.is_empty()) {
         tags.entry(SSH_USER_TAG.to_owned())
             .or_insert_with(|| u.clone());
+    }
+    if r.firmware == "uefi" {
+        tags.entry(FIRMWARE_TAG.to_owned())
+            .or_insert_with(|| "uefi".to_owned());
     }
     Ok(tags.into_iter().collect())
 }
@@ -177,6 +182,7 @@ impl Depot {
         opts: &CaptureOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
+        crate::build::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
         let Held { r, p, .. } = &self.hold(instance)?;
         // The parent, for its chunks: gone (deleted or unshared since)
         // means no shortcut.

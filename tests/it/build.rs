@@ -83,6 +83,31 @@ fn the_base_build_records_its_recipe_and_bad_recipes_are_refused() {
             "was not built by",
         ),
         (b(&["debian-12", "--from", "tiny"]), 2, "needs --name"),
+        // The recipe's tags are build's alone: a forged one would make
+        // any image a --from base.
+        (
+            vec!["image", "update", "tiny", "--tag", "build.suite=bookworm"],
+            2,
+            "not set by hand",
+        ),
+        (
+            vec![
+                "image",
+                "import",
+                test_guest().to_str().unwrap(),
+                "--name",
+                "forged",
+                "--tag",
+                "build.suite=bookworm",
+            ],
+            2,
+            "not set by hand",
+        ),
+        (
+            b(&["debian-12", "--tag", "build.from=x"]),
+            2,
+            "not set by hand",
+        ),
         (
             b(&["debian-12", "--from", "nope", "--name", "x"]),
             3,
@@ -90,6 +115,24 @@ fn the_base_build_records_its_recipe_and_bad_recipes_are_refused() {
         ),
         (b(&["debian-12", "--size", "100M"]), 2, "from 1G"),
         (b(&["debian-12", "--mirror", "file:///etc"]), 2, "http://"),
+        (
+            b(&["debian-12", "--mirror", "http://me:secret@h/debian"]),
+            2,
+            "a user or password",
+        ),
+        (
+            b(&[
+                "debian-12",
+                "--from",
+                "tiny",
+                "--name",
+                "x",
+                "--security-mirror",
+                "http://h/s",
+            ]),
+            2,
+            "leave --mirror and --security-mirror out",
+        ),
         (
             b(&["debian-12", "--mirror", "http://h/x y"]),
             2,
@@ -135,10 +178,32 @@ fn a_marketplace_build_on_the_base_serves_http_and_its_capture_boots_uefi() {
         "copy keeps the recipe"
     );
 
+    // The script runs in the sandbox (the build fails if it can mount,
+    // mknod, see a host disk or the host's processes, or write a sysctl),
+    // and plants links to host files that the host-side clean-up after it
+    // (logs emptied, caches and host keys removed) must not follow.
+    let victim = t.path("victim");
+    std::fs::create_dir_all(victim.join("dir")).unwrap();
+    std::fs::write(victim.join("file"), "host file\n").unwrap();
+    std::fs::write(victim.join("dir/kept"), "host file\n").unwrap();
+    let v = victim.display();
+    let up = "../".repeat(12);
     let script = t.path("setup.sh");
     std::fs::write(
         &script,
-        "set -e\necho 'vmdepot marketplace page' >/var/www/html/index.html\n",
+        format!(
+            "set -e\necho 'vmdepot marketplace page' >/var/www/html/index.html\n\
+             ! mount -t tmpfs none /mnt 2>/dev/null\n\
+             ! mknod /root/disk b 8 0 2>/dev/null\n\
+             ! ls /dev | grep -qE '^(sd|vd|loop|nvme|mem$|kmsg$)'\n\
+             [ \"$(ls /proc | grep -c '^[0-9]')\" -lt 10 ]\n\
+             ! echo 1 2>/dev/null >/proc/sys/kernel/sysrq\n\
+             ln -s {v}/file /var/log/vmdepot-evil.log\n\
+             ln -s {up}{v}/file /var/log/vmdepot-up.log\n\
+             ln -s {v}/dir /var/lib/cloud/evil\n\
+             ln -s {v}/file /etc/ssh/ssh_host_evil_key\n\
+             rm -rf /usr/share/info && ln -s {v}/dir /usr/share/info\n"
+        ),
     )
     .unwrap();
     let o = t
@@ -171,6 +236,16 @@ fn a_marketplace_build_on_the_base_serves_http_and_its_capture_boots_uefi() {
         .output()
         .unwrap();
     let web: Value = serde_json::from_str(&ok_stdout(o, "image build --from")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(victim.join("file")).unwrap(),
+        "host file\n"
+    );
+    assert!(victim.join("dir/kept").exists(), "a link was followed");
+    assert_eq!(
+        tag(&web, "build.mirror"),
+        tag(&base, "build.mirror"),
+        "the base's sources"
+    );
     assert_eq!(str_at(&web, "type"), "marketplace");
     assert_eq!(str_at(&web, "application"), "nginx");
     assert_eq!(str_at(&web, "parent"), str_at(&base, "id"));

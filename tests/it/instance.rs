@@ -679,6 +679,12 @@ fn uefi_instances_boot_ovmf_with_their_own_variable_store() {
     assert!(!Path::new(show(&t, "b")["dir"].as_str().unwrap())
         .join("efivars.fd")
         .exists());
+    // A capture boots as its instance did: a UEFI instance of an image
+    // without a firmware tag gives a capture tagged firmware=uefi.
+    t.ok(&["image", "update", "tiny", "--tag", "firmware="]);
+    t.ok(&capture_args("u", "ucap", &["-q"]));
+    let cap = t.json(&["image", "show", "ucap", "--json"]);
+    assert_eq!(cap["tags"]["firmware"], "uefi", "{cap}");
     t.ok(&["instance", "delete", "u", "--force"]);
     t.ok(&["instance", "delete", "b", "--force"]);
 }

@@ -1017,6 +1017,9 @@ fn finish(work: &mut Work, root: &Root) -> Result<()> {
     let _ = fs::remove_file(root.path("/usr/sbin/policy-rc.d")?);
     root.write("/etc/machine-id", "")?;
     let _ = fs::remove_file(root.path("/var/lib/dbus/machine-id")?);
+    // (ldconfig's cache of inode numbers and times: differs every build,
+    // remade when needed)
+    let _ = fs::remove_file(root.path("/var/cache/ldconfig/aux-cache")?);
     for dir in [
         "/var/lib/cloud",
         "/var/lib/apt/lists",

@@ -200,7 +200,7 @@ fn a_marketplace_build_on_the_base_serves_http_and_its_capture_boots_uefi() {
              ! echo 1 2>/dev/null >/proc/sys/kernel/sysrq\n\
              ln -s {v}/file /var/log/vmdepot-evil.log\n\
              ln -s {up}{v}/file /var/log/vmdepot-up.log\n\
-             ln -s {v}/dir /var/lib/cloud/evil\n\
+             mkdir -p /var/lib/cloud && ln -s {v}/dir /var/lib/cloud/evil\n\
              ln -s {v}/file /etc/ssh/ssh_host_evil_key\n\
              rm -rf /usr/share/info && ln -s {v}/dir /usr/share/info\n"
         ),

@@ -17,7 +17,7 @@
 //! host's. What it still reaches: the network (apt fetches from the
 //! mirror), the work directory's root filesystem and package cache.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -120,40 +120,31 @@ fn enter(
             flags,
             std::ptr::null(),
         ))?;
-        for p in [proc_sys, sysrq] {
-            if libc::access(p.as_ptr(), libc::F_OK) < 0 {
-                continue; // (a kernel without magic SysRq)
-            }
+        // A read-only bind of `src` at `dst`.
+        let ro_bind = |src: &CStr, dst: &CStr| {
             fail(libc::mount(
-                p.as_ptr(),
-                p.as_ptr(),
+                src.as_ptr(),
+                dst.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
                 std::ptr::null(),
             ))?;
             fail(libc::mount(
                 std::ptr::null(),
-                p.as_ptr(),
+                dst.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
                 std::ptr::null(),
-            ))?;
+            ))
+        };
+        for p in [proc_sys, sysrq] {
+            if libc::access(p.as_ptr(), libc::F_OK) < 0 {
+                continue; // (a kernel without magic SysRq)
+            }
+            ro_bind(p, p)?;
         }
-        // The host's sysfs (not its submounts), read-only in this mount.
-        fail(libc::mount(
-            c"/sys".as_ptr(),
-            sys_dir.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ))?;
-        fail(libc::mount(
-            std::ptr::null(),
-            sys_dir.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
-            std::ptr::null(),
-        ))?;
+        // The host's sysfs (not its submounts).
+        ro_bind(c"/sys", sys_dir)?;
         fail(libc::chroot(root.as_ptr()))?;
         fail(libc::chdir(c"/".as_ptr()))?;
         for cap in 0..=LAST_CAP {

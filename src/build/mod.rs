@@ -51,21 +51,6 @@ pub const RECIPE_TAGS: &[&str] = &[
     "build.vmdepot",
 ];
 
-/// Refuses caller-set tags in the recipe's namespace (`build.*`): only
-/// [`Depot::build_image`] records them, so that `--from` can tell an image
-/// it built from one merely labelled so.
-pub(crate) fn check_caller_tags<'a>(keys: impl IntoIterator<Item = &'a String>) -> Result<()> {
-    for k in keys {
-        if k.starts_with("build.") {
-            return Err(Error::Usage(format!(
-                "tag {k}: the build.* tags are the recipe that `vmdepot image build` records; \
-                 they are not set by hand (choose another key)"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The systems `image build` makes: (name, Debian suite, release).
 pub const SYSTEMS: &[(&str, &str, &str)] = &[
     ("debian-12", "bookworm", "12"),
@@ -205,7 +190,7 @@ impl Depot {
         for p in &opts.packages {
             check_package(p)?;
         }
-        check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
+        crate::catalog::images::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
         let script = match &opts.run {
             Some(p) => Some((p.clone(), read_script(p)?)),
             None => None,

@@ -9,13 +9,28 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The tags of an image, by key.
 pub fn tags_of(conn: &Connection, image: &str) -> Result<BTreeMap<String, String>> {
     let mut st = conn.prepare_cached("SELECT key, value FROM image_tags WHERE image = ?1")?;
     let rows = st.query_map([image], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Refuses caller-set tags in the recipe's namespace (`build.*`): only
+/// `Depot::build_image` records them, so that `--from` can tell an image
+/// it built from one merely labelled so.
+pub(crate) fn check_caller_tags<'a>(keys: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    for k in keys {
+        if k.starts_with("build.") {
+            return Err(Error::Usage(format!(
+                "tag {k}: the build.* tags are the recipe that `vmdepot image build` records; \
+                 they are not set by hand (choose another key)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Sets tags (in the caller's write transaction); an empty value removes

@@ -152,7 +152,7 @@ impl Depot {
         if let Some(n) = &u.name {
             crate::image::names::check_name(n)?;
         }
-        crate::build::check_caller_tags(u.tags.iter().map(|(k, _)| k))?;
+        crate::catalog::images::check_caller_tags(u.tags.iter().map(|(k, _)| k))?;
         for (k, _) in &u.tags {
             if k.is_empty() || k.contains('=') {
                 return Err(Error::Usage(format!(

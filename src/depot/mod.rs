@@ -112,7 +112,7 @@ impl Depot {
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
-        crate::build::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
+        crate::catalog::images::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
         let id =
             crate::image::import::import(&self.repo, &self.account, file.as_ref(), opts, progress)?;
         self.image(id.as_str())

@@ -182,7 +182,7 @@ impl Depot {
         opts: &CaptureOptions,
         progress: &dyn Progress,
     ) -> Result<ImageInfo> {
-        crate::build::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
+        crate::catalog::images::check_caller_tags(opts.tags.iter().map(|(k, _)| k))?;
         let Held { r, p, .. } = &self.hold(instance)?;
         // The parent, for its chunks: gone (deleted or unshared since)
         // means no shortcut.

@@ -71,6 +71,8 @@ struct Root {
     sandboxed: bool,
     /// The root filesystem's device (`st_dev`).
     dev: u64,
+    /// The disk file the root filesystem is on.
+    disk: PathBuf,
     /// What errors name: `image NAME` (the `--from` image) or the new
     /// disk (the work directory is gone when they are read).
     label: PathBuf,
@@ -215,6 +217,7 @@ pub fn build_base(work: &mut Work, plan: &Plan, progress: &dyn Progress) -> Resu
         "umount",
         "chroot",
         "fstrim",
+        "tune2fs",
     ] {
         which(t)?;
     }
@@ -336,7 +339,7 @@ pub fn build_on(
     progress: &dyn Progress,
 ) -> Result<Built> {
     let _umask = SystemUmask::set();
-    for t in ["mount", "umount", "chroot", "fstrim"] {
+    for t in ["mount", "umount", "chroot", "fstrim", "tune2fs"] {
         which(t)?;
     }
     let (start, sectors) = root_partition(&disk).map_err(|e| match e {
@@ -497,6 +500,7 @@ fn mount_root(
         source_date: 0,
         sandboxed,
         dev,
+        disk: disk.to_owned(),
         label,
     })
 }
@@ -1056,7 +1060,26 @@ fn finish(work: &mut Work, root: &Root) -> Result<()> {
     let mut trim = Command::new("fstrim");
     trim.arg(r);
     work.run("fstrim", &mut trim)?;
-    work.unmount_to(r, 0)
+    work.unmount_to(r, 0)?;
+    reset_journal(work, &root.disk)
+}
+
+/// Replaces the root filesystem's journal by a zeroed one: what the
+/// build's transactions left there would be stored (and, on a build
+/// `--from`, differ from its base) for nothing; zeros are not stored.
+fn reset_journal(work: &mut Work, disk: &Path) -> Result<()> {
+    let name = disk.file_name().unwrap_or_default().to_string_lossy();
+    // (e2fsprogs' `FILE?offset=N`; the name relative to the work
+    // directory: the depot's path might hold a `?`)
+    let spec = format!("{name}?offset={}", ROOT_START * 512);
+    for feature in ["^has_journal", "has_journal"] {
+        let mut c = Command::new("tune2fs");
+        c.current_dir(disk.parent().unwrap_or(Path::new("/")))
+            .args(["-O", feature])
+            .arg(&spec);
+        work.run(&format!("tune2fs -O {feature}"), &mut c)?;
+    }
+    Ok(())
 }
 
 /// Removes what `dir` holds (nothing is mounted under it by then; links

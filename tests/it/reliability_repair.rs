@@ -413,5 +413,11 @@ fn instances_are_rebuilt_from_their_directories() {
     let gc = t.json(&["gc", "--dry-run", "--json"]);
     assert_eq!(gc["bases_evicted"], 0, "{gc}");
     t.ok(&["instance", "delete", &id, "--force"]);
-    assert!(!alive(pid.as_i64().unwrap()));
+    // (killed and waited for until its /proc entry says it is gone; its
+    // exit may still be finishing at that moment)
+    wait_until(
+        "the adopted QEMU is killed by the delete",
+        std::time::Duration::from_secs(10),
+        || !alive(pid.as_i64().unwrap()),
+    );
 }

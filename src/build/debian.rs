@@ -339,7 +339,7 @@ pub fn build_on(
     progress: &dyn Progress,
 ) -> Result<Built> {
     let _umask = SystemUmask::set();
-    for t in ["mount", "umount", "chroot", "fstrim", "tune2fs"] {
+    for t in ["mount", "umount", "fstrim", "tune2fs"] {
         which(t)?;
     }
     let (start, sectors) = root_partition(&disk).map_err(|e| match e {

@@ -71,7 +71,7 @@ impl Work {
             _lock: lock,
             cache_lock: None,
             mounts: Vec::new(),
-            catching: Some(Catching::start()?),
+            catching: Some(Catching::start(true)?),
             keep_log: true,
         })
     }
@@ -84,7 +84,7 @@ impl Work {
     pub fn catch_signals(&mut self, on: bool) -> Result<()> {
         match (on, self.catching.is_some()) {
             (true, false) => {
-                self.catching = Some(Catching::start()?);
+                self.catching = Some(Catching::start(false)?);
                 self.check_stop()
             }
             (false, true) => {
@@ -304,9 +304,12 @@ fn stopped() -> bool {
 struct Catching;
 
 impl Catching {
-    fn start() -> Result<Catching> {
+    /// `fresh`: a new build (a signal before it, when no other build
+    /// caught it, is forgotten); else a build catching them again (one
+    /// caught meanwhile fails it).
+    fn start(fresh: bool) -> Result<Catching> {
         let h = hooks()?;
-        if CATCHING.fetch_add(1, Ordering::SeqCst) == 0 {
+        if CATCHING.fetch_add(1, Ordering::SeqCst) == 0 && fresh {
             h.stop.store(false, Ordering::SeqCst);
         }
         for d in &h.default {
